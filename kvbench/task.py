@@ -1,0 +1,127 @@
+"""What a benchmark hands the runner, and the prompt building every task shares.
+
+A task (one file in ``tasks/``) is a dataclass whose fields are its parameters. It has three methods:
+
+- ``samples(tokenizer, ctx) -> list[Sample]``: the samples, in a stable order with stable ids;
+- ``score(sample, prediction) -> dict[str, float]``: the per-sample metrics; the key ``"score"`` is the
+  headline number (0-100 for accuracy-like metrics);
+- ``summarize(records) -> dict``: the task's aggregate over the finished records (each record is a JSON
+  line of ``samples.jsonl``: ``id``, ``prediction``, ``scores``, ``meta``, ...). ``summarize_mean`` is the
+  default most tasks use.
+
+A ``Sample`` splits its prompt in two token lists: ``context_ids`` (what is compressed in the
+query-agnostic protocol, before the question is seen) and ``question_ids`` (appended after compression).
+``build_prompt`` makes that split from a prefix/suffix pair of strings, with middle truncation and the
+model's chat template.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+# A marker that never occurs in real text: the chat template is rendered once around it, then split.
+_SPLIT = "\u2063\u2063KVBENCH-SPLIT\u2063\u2063"
+
+
+class TaskError(Exception):
+    """A problem with a task's input that the user can fix; the CLI prints it as one line."""
+
+
+@dataclass
+class Turn:
+    """One follow-up query on a shared compressed context (SCBench multi-turn / multi-request)."""
+
+    question_ids: list[int]
+    answers: list[str]
+    max_new_tokens: int
+    answer_ids: list[int] | None = None  # golden answer tokens, appended after the turn in multi-turn mode
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Sample:
+    id: str
+    context_ids: list[int]
+    question_ids: list[int]
+    answers: list[str]
+    max_new_tokens: int
+    meta: dict[str, Any] = field(default_factory=dict)
+    # Follow-up turns after the first question (empty for single-query tasks).
+    turns: list[Turn] = field(default_factory=list)
+    # "multi-turn": each turn sees the earlier turns (and their answers) in the cache;
+    # "multi-request": each turn is answered independently on the compressed context alone.
+    turn_mode: str = "multi-turn"
+    # Teacher-forced continuation for the fidelity task (scored on logits, no decoding).
+    continuation_ids: list[int] | None = None
+    stop_at_newline: bool = False  # keep only the first line of the answer (LongBench trec/triviaqa/...)
+
+
+@dataclass
+class TaskContext:
+    """What the runner tells a task when asking for samples."""
+
+    max_context_tokens: int  # the model window minus room for generation
+    data: str | None = None  # --data PATH, if the user gave one
+    limit: int | None = None  # first N samples only
+    seed: int = 0
+
+
+class Task(Protocol):
+    name: str
+
+    def samples(self, tokenizer, ctx: TaskContext) -> list[Sample]: ...
+
+    def score(self, sample: Sample, prediction: str) -> dict[str, float]: ...
+
+    def summarize(self, records: list[dict]) -> dict: ...
+
+
+def summarize_mean(records: list[dict], group_by: str | None = None) -> dict:
+    """Mean of every score key over the records, optionally also per value of ``meta[group_by]``."""
+    out: dict[str, Any] = {"n": len(records)}
+    keys = sorted({k for r in records for k in r.get("scores", {})})
+    for k in keys:
+        vals = [r["scores"][k] for r in records if k in r.get("scores", {})]
+        out[k] = sum(vals) / len(vals) if vals else float("nan")
+    if group_by:
+        groups: dict[str, list[dict]] = {}
+        for r in records:
+            groups.setdefault(str(r.get("meta", {}).get(group_by)), []).append(r)
+        out["by_" + group_by] = {g: summarize_mean(rs) for g, rs in sorted(groups.items())}
+    return out
+
+
+def middle_truncate(ids: list[int], max_len: int) -> list[int]:
+    """LongBench's truncation: keep the first and the last halves when a prompt is too long."""
+    if len(ids) <= max_len:
+        return ids
+    half = max_len // 2
+    return ids[:half] + ids[len(ids) - (max_len - half):]
+
+
+def build_prompt(tokenizer, prefix: str, suffix: str, chat: bool, max_len: int | None = None,
+                 system: str | None = None) -> tuple[list[int], list[int]]:
+    """Token ids of ``prefix`` (the context part) and ``suffix`` (the question part) of one prompt.
+
+    The raw prompt ``prefix + suffix`` is middle-truncated to ``max_len`` tokens first (as LongBench does,
+    before any template), then wrapped in the chat template when ``chat`` is set. The split between the two
+    returned lists is where ``prefix`` ended; if truncation cut into the suffix, the split moves with it.
+    """
+    p_ids = tokenizer.encode(prefix, add_special_tokens=False)
+    s_ids = tokenizer.encode(suffix, add_special_tokens=False)
+    if max_len is not None and len(p_ids) + len(s_ids) > max_len:
+        ids = middle_truncate(p_ids + s_ids, max_len)
+        keep_tail = max_len - max_len // 2
+        # The suffix survives whole as long as it fits inside the kept tail.
+        n_suffix = min(len(s_ids), keep_tail)
+        p_ids, s_ids = ids[: len(ids) - n_suffix], ids[len(ids) - n_suffix:]
+        prefix, suffix = tokenizer.decode(p_ids), tokenizer.decode(s_ids)
+    if not chat or getattr(tokenizer, "chat_template", None) is None:
+        bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None else []
+        return bos + p_ids, s_ids
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prefix + _SPLIT + suffix}]
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    head, tail = rendered.split(_SPLIT, 1)
+    return (tokenizer.encode(head, add_special_tokens=False),
+            tokenizer.encode(tail, add_special_tokens=False))
