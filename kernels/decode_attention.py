@@ -266,6 +266,8 @@ def _ragged_reduce_kernel(
 
 # Launch configuration of the main kernel, by device type.  Tuned on an H100
 # (see NOTES.md); the interpreter ignores warps and stages.
+_POISON_SCRATCH = False  # set by the tests
+
 DECODE_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "items_per_sm": 4,
                  "max_chunk": 4096}
 
@@ -304,13 +306,16 @@ def ragged_attention_triton(
     *, chunk: Optional[int] = None, total_tokens: Optional[int] = None,
     block_n: Optional[int] = None, num_warps: Optional[int] = None,
     num_stages: Optional[int] = None,
+    out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Triton flash-decoding over the ragged store.  See module docstring.
 
     ``chunk`` forces the split size (slots per work item); by default it is
     chosen from ``total_tokens`` (default: ``S``, an upper bound on the valid
     slots, so pass the real total when the store has much spare capacity).
-    No host synchronisation; capturable in a CUDA graph.
+    No host synchronisation; capturable in a CUDA graph.  ``out`` / ``lse``
+    may be given (any strides, shapes ``[B, Hq, Tq, D]`` / ``[B, Hq, Tq]``);
+    every element is written.
     """
     B, Hq, Tq, D, hkv, G = _check_inputs(q, k, v, seg_start, seg_len)
     cfg = DECODE_CONFIG
@@ -322,8 +327,14 @@ def ragged_attention_triton(
     chunk = int(chunk)
     if chunk <= 0:
         raise ValueError("chunk must be positive")
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    elif out.shape != q.shape or out.device != q.device or out.stride(-1) != 1 and D > 1:
+        raise ValueError("out must have q's shape and device and a unit last stride")
+    if lse is None:
+        lse = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
+    elif lse.shape != (B, Hq, Tq) or lse.dtype != torch.float32 or lse.device != q.device:
+        raise ValueError("lse must be float32 [B, Hq, Tq] on q's device")
     if out.numel() == 0:
         return out, lse
     if seg_start.device != q.device:
@@ -341,6 +352,9 @@ def ragged_attention_triton(
     max_items = S // chunk + n_seg  # >= sum(ceil(len/chunk)) for disjoint segments
     op = torch.empty((max_items * n_rows * D,), dtype=torch.float32, device=q.device)
     lsep = torch.empty((max_items * n_rows,), dtype=torch.float32, device=q.device)
+    if _POISON_SCRATCH:  # tests: unwritten partials would show as NaN
+        op.fill_(float("nan"))
+        lsep.fill_(float("nan"))
     # Triton's interpreter (3.9) computes bf16 dots wrongly: upcast there.
     dot_f32 = _env_true("TRITON_INTERPRET") and k.dtype == torch.bfloat16
     precision = "ieee" if (k.dtype == torch.float32 or dot_f32) else "tf32"
@@ -378,7 +392,9 @@ def _gather_segments(x: torch.Tensor, seg_start: torch.Tensor, seg_len: torch.Te
     ar = torch.arange(lmax, device=x.device)
     mask = ar[None, :] < lens[:, None]
     idx = torch.where(mask, starts[:, None] + ar[None, :], torch.zeros_like(mask, dtype=torch.int64))
-    return x[idx].float(), mask, idx
+    g = x[idx].float()
+    g = torch.where(mask.view(*mask.shape, *([1] * (x.dim() - 1))), g, torch.zeros((), device=x.device))
+    return g, mask, idx
 
 
 def ragged_attention_reference(

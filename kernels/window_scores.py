@@ -199,13 +199,23 @@ def window_scores_triton(
     q_win: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, k_pos: torch.Tensor,
     seg_start: torch.Tensor, seg_len: torch.Tensor, scale: float, reduce: str = "mean",
     *, n_split: Optional[int] = None, block_n: Optional[int] = None,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Two-pass Triton window scores (no host synchronisation)."""
+    """Two-pass Triton window scores (no host synchronisation).
+
+    ``out``: optional float32 ``[S]`` buffer, written at the valid slots only
+    (the caller initialises the rest; by default a zero-filled tensor).
+    """
     B, Hq, w, D, hkv, G = _check(q_win, q_pos, k, k_pos, seg_start, seg_len, reduce)
     S = k.shape[0]
     dev = k.device
     n_seg = B * hkv
-    scores = torch.zeros(S, dtype=torch.float32, device=dev)
+    if out is None:
+        scores = torch.zeros(S, dtype=torch.float32, device=dev)
+    else:
+        if out.shape != (S,) or out.dtype != torch.float32 or out.device != dev:
+            raise ValueError("out must be float32 [S] on k's device")
+        scores = out
     if S == 0 or w == 0:
         return scores
     seg_start = seg_start.to(dev).contiguous()

@@ -1,0 +1,323 @@
+"""Triton kernels vs. their PyTorch references (kvbench.kernels).
+
+On a machine without CUDA the kernels run through Triton's interpreter: the
+module fixture below sets TRITON_INTERPRET=1 for these tests only (and removes
+it afterwards).  The kernels are jitted lazily at call time, so the setting
+takes effect whatever imported triton first.  With CUDA the same tests run
+compiled.  Inputs are drawn fresh for every test (the seed is printed in each
+failure message); outputs and scratch buffers are poisoned with NaN first.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # Before triton is first imported by this module (the kernels jit lazily,
+    # so a later switch works too; the fixture restores the environment).
+    _PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from kvbench.kernels import decode_attention as da  # noqa: E402
+from kvbench.kernels.decode_attention import (  # noqa: E402
+    merge_attention,
+    ragged_attention,
+    ragged_attention_reference,
+    ragged_attention_triton,
+)
+from kvbench.kernels.window_scores import (  # noqa: E402
+    pool_scores,
+    window_scores,
+    window_scores_reference,
+    window_scores_triton,
+)
+
+if not HAS_CUDA:  # only this module's import needed it so far
+    if _PREV_INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _PREV_INTERPRET
+
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+
+DEV = torch.device("cuda" if HAS_CUDA else "cpu")
+TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+LSE_ATOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-3}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter():
+    """Triton's interpreter for this module only, when there is no GPU."""
+    prev = os.environ.get("TRITON_INTERPRET")
+    if not HAS_CUDA:
+        os.environ["TRITON_INTERPRET"] = "1"
+    da._POISON_SCRATCH = True
+    yield
+    da._POISON_SCRATCH = False
+    if prev is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = prev
+
+
+def _fresh_gen():
+    seed = int.from_bytes(os.urandom(4), "little")
+    g = torch.Generator().manual_seed(seed)
+    return g, seed
+
+
+def _rel(a, b):
+    a = a.double()
+    b = b.double()
+    den = b.norm().item()
+    return (a - b).norm().item() / max(den, 1e-30)
+
+
+def make_store(lens, D, dtype, g, spare_max=7, poison_spare=True):
+    """Packed ragged store: segments in random order with spare capacity
+    (filled with NaN: never read).  Returns k, v, seg_start, seg_len."""
+    n = len(lens)
+    lens_t = torch.tensor(lens, dtype=torch.int64)
+    cap = lens_t + torch.randint(0, spare_max + 1, (n,), generator=g)
+    order = torch.randperm(n, generator=g)          # physical order of segments
+    starts = torch.empty(n, dtype=torch.int64)
+    off = int(torch.randint(0, 4, (1,), generator=g))  # a few unused slots at the front
+    for i in order.tolist():
+        starts[i] = off
+        off += int(cap[i])
+    S = off + int(torch.randint(0, 4, (1,), generator=g))
+    k = torch.randn(S, D, generator=g).to(dtype)
+    v = torch.randn(S, D, generator=g).to(dtype)
+    if poison_spare:
+        valid = torch.zeros(S, dtype=torch.bool)
+        for i in range(n):
+            valid[starts[i]: starts[i] + lens_t[i]] = True
+        k[~valid] = float("nan")
+        v[~valid] = float("nan")
+    seg_len = lens_t.to(torch.int32) if torch.randint(0, 2, (1,), generator=g).item() else lens_t
+    seg_start = starts if torch.randint(0, 2, (1,), generator=g).item() else starts.to(torch.int32)
+    return k.to(DEV), v.to(DEV), seg_start.to(DEV), seg_len.to(DEV)
+
+
+def ragged_lengths(n_seg, g, long_len):
+    """Random lengths with the edge cases: 0, 1, block multiples +-1, one long."""
+    others = [1, 15, 17, 31, 33, 63, 65, 97]
+    pick = torch.randperm(len(others), generator=g).tolist()
+    special = [0, long_len] + [others[i] for i in pick]
+    lens = torch.randint(0, 120, (n_seg,), generator=g).tolist()
+    pos = torch.randperm(n_seg, generator=g).tolist()
+    for j, p in enumerate(pos[: min(len(special), n_seg)]):
+        lens[p] = special[j]
+    return lens
+
+
+def _check_attention(q, k, v, ss, sl, scale, seed, **kw):
+    dtype = q.dtype
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full(q.shape[:3], float("nan"), dtype=torch.float32, device=q.device)
+    o, l = ragged_attention_triton(q, k, v, ss, sl, scale, out=out, lse=lse, **kw)
+    assert o.data_ptr() == out.data_ptr() and l.data_ptr() == lse.data_ptr()
+    ro, rl = ragged_attention_reference(q, k, v, ss, sl, scale)
+    assert o.dtype == dtype and l.dtype == torch.float32
+    assert not torch.isnan(o).any(), f"unwritten/NaN output (seed {seed})"
+    assert not torch.isnan(l).any(), f"unwritten/NaN lse (seed {seed})"
+    err = _rel(o, ro)
+    assert err < TOL[dtype], f"rel err {err:.3g} (seed {seed}, {kw})"
+    fin = torch.isfinite(rl)
+    assert torch.equal(fin, torch.isfinite(l)), f"-inf pattern differs (seed {seed})"
+    assert (l[~fin] == float("-inf")).all()
+    if fin.any():
+        lerr = (l[fin] - rl[fin]).abs().max().item()
+        assert lerr < LSE_ATOL[dtype] * max(1.0, rl[fin].abs().max().item()), f"lse err {lerr} (seed {seed})"
+    # empty segments: out exactly 0
+    assert (o[~fin] == 0).all()
+    return o, l
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("G", [1, 3, 4, 8])
+def test_ragged_attention_matches_reference(dtype, G):
+    g, seed = _fresh_gen()
+    B, Hkv, D = 2, 2, 64
+    n_seg = B * Hkv
+    long_len = 700 if not HAS_CUDA else 5000
+    lens = ragged_lengths(n_seg, g, long_len)
+    k, v, ss, sl = make_store(lens, D, dtype, g)
+    scale = D ** -0.5
+    for Tq in (1, 5):
+        q = torch.randn(B, Hkv * G, Tq, D, generator=g).to(dtype).to(DEV)
+        # forced small chunks and tiles: many chunks per segment, ragged tails
+        _check_attention(q, k, v, ss, sl, scale, seed, chunk=96, block_n=32)
+        if Tq == 1:  # default configuration (chunk chosen from S)
+            _check_attention(q, k, v, ss, sl, scale, seed)
+
+
+def test_ragged_attention_long_tq_and_row_tiles():
+    """Tq large enough that the G*Tq rows span several row tiles."""
+    g, seed = _fresh_gen()
+    B, Hkv, G, Tq, D = 1, 2, 4, 24, 32   # 96 rows -> 2 tiles of 64
+    lens = [0, 150]
+    for dtype in (torch.float32, torch.bfloat16):
+        k, v, ss, sl = make_store(lens, D, dtype, g)
+        q = torch.randn(B, Hkv * G, Tq, D, generator=g).to(dtype).to(DEV)
+        _check_attention(q, k, v, ss, sl, 0.3, seed, chunk=64, block_n=32)
+
+
+def test_ragged_attention_odd_head_dim_and_strided_q():
+    g, seed = _fresh_gen()
+    B, Hkv, G, Tq, D = 2, 2, 2, 3, 40
+    lens = ragged_lengths(B * Hkv, g, 200)
+    k, v, ss, sl = make_store(lens, D, torch.float32, g)
+    qbig = torch.randn(B, Tq, Hkv * G, D, generator=g).to(DEV)
+    q = qbig.transpose(1, 2)                       # non-contiguous [B, Hq, Tq, D]
+    _check_attention(q, k, v, ss, sl, 0.2, seed, chunk=64, block_n=16)
+
+
+def test_all_segments_empty():
+    g, seed = _fresh_gen()
+    k, v, ss, sl = make_store([0, 0, 0], 32, torch.float32, g)
+    q = torch.randn(3, 2, 1, 32, generator=g).to(DEV)  # B=3, Hkv=1, G=2
+    o, l = _check_attention(q, k, v, ss, sl, 0.5, seed)
+    assert (o == 0).all() and (l == float("-inf")).all()
+
+
+def test_dispatch(monkeypatch):
+    g, seed = _fresh_gen()
+    lens = [5, 0, 33, 70]
+    k, v, ss, sl = make_store(lens, 32, torch.float32, g)
+    q = torch.randn(2, 4, 1, 32, generator=g).to(DEV)
+    calls = []
+    real = da.ragged_attention_triton
+    monkeypatch.setattr(da, "ragged_attention_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.delenv("KVBENCH_TRITON", raising=False)
+    o1, l1 = ragged_attention(q, k, v, ss, sl, 0.3)
+    assert len(calls) == (1 if HAS_CUDA else 0)
+    monkeypatch.setenv("KVBENCH_TRITON", "1")
+    o2, l2 = ragged_attention(q, k, v, ss, sl, 0.3)
+    assert len(calls) == (2 if HAS_CUDA else 1)
+    assert _rel(o1, o2) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_attention(dtype):
+    """Attention over A u B equals merge(attention over A, attention over B)."""
+    g, seed = _fresh_gen()
+    B, Hkv, G, Tq, D = 2, 2, 3, 2, 32
+    lens = [0, 1, 90, 47]
+    k, v, ss, sl = make_store(lens, D, dtype, g, poison_spare=False)
+    q = torch.randn(B, Hkv * G, Tq, D, generator=g).to(dtype).to(DEV)
+    sl64 = sl.long()
+    # split every segment at a random point (A = prefix, B = the rest; some empty)
+    cut = torch.stack([torch.randint(0, int(n) + 1, (1,), generator=g)[0] for n in sl64.cpu()]).to(DEV)
+    cut[0] = 0
+    if int(sl64[2]) > 0:
+        cut[2] = sl64[2]            # B empty for this one
+    ss_a, sl_a = ss.long(), cut
+    ss_b, sl_b = ss.long() + cut, sl64 - cut
+    for fn in (ragged_attention_reference, ragged_attention_triton):
+        oa, la = fn(q, k, v, ss_a, sl_a, 0.25)
+        ob, lb = fn(q, k, v, ss_b, sl_b, 0.25)
+        om, lm = merge_attention(oa, la, ob, lb)
+        ro, rl = ragged_attention_reference(q, k, v, ss, sl, 0.25)
+        assert not torch.isnan(om).any() and not torch.isnan(lm).any()
+        assert _rel(om, ro) < TOL[dtype], f"merge via {fn.__name__} (seed {seed})"
+        fin = torch.isfinite(rl)
+        assert torch.equal(fin, torch.isfinite(lm))
+        assert (lm[fin] - rl[fin]).abs().max().item() < 1e-3
+        assert (om[~fin] == 0).all()
+    # both sides empty
+    e = torch.full((2, 3), float("-inf"))
+    om, lm = merge_attention(torch.zeros(2, 3, 4), e, torch.zeros(2, 3, 4), e)
+    assert (om == 0).all() and (lm == float("-inf")).all()
+
+
+# ----------------------------------------------------------------- windows
+
+def _window_inputs(g, B, Hkv, G, w, D, dtype, lens):
+    k, _, ss, sl = make_store(lens, D, dtype, g, poison_spare=True)
+    S = k.shape[0]
+    k_pos = torch.full((S,), 10**9, dtype=torch.int64)   # invalid slots: far future
+    ss_c, sl_c = ss.long().cpu(), sl.long().cpu()
+    for i in range(len(lens)):
+        n = int(sl_c[i])
+        k_pos[ss_c[i]: ss_c[i] + n] = torch.randperm(n, generator=g) + 3  # any slot order
+    prompt = max(max(lens), 1) + 3
+    q_pos = torch.stack([torch.arange(prompt - w, prompt) for _ in range(B)])
+    if B > 1:  # a batch element whose window starts before every key: rows see nothing
+        q_pos[1] = torch.arange(0, w)
+    q = torch.randn(B, Hkv * G, w, D, generator=g).to(dtype)
+    kp = k_pos.to(torch.int32) if torch.randint(0, 2, (1,), generator=g).item() else k_pos
+    return q.to(DEV), q_pos.to(DEV), k, kp.to(DEV), ss, sl
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduce", ["mean", "max"])
+def test_window_scores_matches_reference(dtype, reduce):
+    g, seed = _fresh_gen()
+    B, Hkv, G, w, D = 2, 2, 4 if reduce == "mean" else 3, 7, 32
+    lens = ragged_lengths(B * Hkv, g, 300 if not HAS_CUDA else 3000)
+    q, qp, k, kp, ss, sl = _window_inputs(g, B, Hkv, G, w, D, dtype, lens)
+    ref = window_scores_reference(q, qp, k, kp, ss, sl, 0.2, reduce)
+    in_seg = torch.zeros_like(ref, dtype=torch.bool)
+    for i in range(len(lens)):
+        s0, n = int(ss[i]), int(sl[i])
+        in_seg[s0: s0 + n] = True
+    for kw in ({"n_split": 3, "block_n": 32}, {}):
+        out = torch.zeros_like(ref)
+        out[in_seg] = float("nan")   # poison every valid slot (a 0 score is legal there)
+        got = window_scores_triton(q, qp, k, kp, ss, sl, 0.2, reduce, out=out, **kw)
+        assert not torch.isnan(got).any(), f"unwritten scores (seed {seed})"
+        err = _rel(got, ref)
+        assert err < TOL[dtype], f"rel err {err:.3g} (seed {seed}, {kw})"
+        assert (got[~in_seg] == 0).all()
+    assert (ref[~in_seg] == 0).all()
+
+
+def test_window_scores_large_window_and_dispatch(monkeypatch):
+    g, seed = _fresh_gen()
+    B, Hkv, G, w, D = 1, 2, 2, 40, 64        # G*w = 80 rows: 2 row tiles in pass 1
+    lens = [257, 130]
+    q, qp, k, kp, ss, sl = _window_inputs(g, B, Hkv, G, w, D, torch.float32, lens)
+    ref = window_scores_reference(q, qp, k, kp, ss, sl, 0.125, "mean")
+    got = window_scores_triton(q, qp, k, kp, ss, sl, 0.125, "mean", n_split=2, block_n=64)
+    assert _rel(got, ref) < 1e-4, f"seed {seed}"
+    # every window row sees every key here: each head's probabilities sum to w
+    assert abs(ref.sum().item() - Hkv * w) < 1e-3
+    monkeypatch.setenv("KVBENCH_TRITON", "1")
+    got2 = window_scores(q, qp, k, kp, ss, sl, 0.125, "mean")
+    assert _rel(got2, ref) < 1e-4
+
+
+def _pool_loop(scores, ss, sl, kernel, kind):
+    out = torch.zeros_like(scores)
+    pad = kernel // 2
+    for s0, n in zip(ss.tolist(), sl.tolist()):
+        x = scores[s0: s0 + n]
+        for j in range(n):
+            lo, hi = j - pad, j - pad + kernel
+            win = x[max(lo, 0): min(hi, n)]
+            if kind == "max":
+                out[s0 + j] = win.max()
+            else:
+                out[s0 + j] = win.sum() / kernel
+    return out
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("kernel", [1, 4, 7])
+def test_pool_scores(kind, kernel):
+    g, seed = _fresh_gen()
+    lens = [0, 1, 3, 12, 40]
+    ss = torch.tensor([50, 0, 5, 10, 25 + 50])   # arbitrary order, gaps between segments
+    sl = torch.tensor(lens)
+    S = 130
+    scores = torch.rand(S, generator=g) + 0.1
+    got = pool_scores(scores, ss, sl, kernel, kind)
+    want = _pool_loop(scores, ss, sl, kernel, kind)
+    assert torch.allclose(got, want, atol=1e-6), f"seed {seed}"
+    valid = torch.zeros(S, dtype=torch.bool)
+    for s0, n in zip(ss.tolist(), lens):
+        valid[s0: s0 + n] = True
+    assert (got[~valid] == 0).all()
