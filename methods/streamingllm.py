@@ -1,0 +1,23 @@
+"""``streamingllm``: attention sinks plus a recent window.
+
+Xiao et al., "Efficient Streaming Language Models with Attention Sinks" (ICLR 2024). Keeps the first
+``sinks`` tokens and the most recent ones, and evicts the oldest non-sink token as generation goes on.
+Choices: the budget counts the sinks; positions are the original token positions (no re-indexing of
+positions inside the cache, which the paper does for very long streams beyond the model's window).
+"""
+from dataclasses import dataclass
+
+import torch
+
+from kvbench.cache import LayerCall
+from kvbench.method import KEEP_ALWAYS, ScoredEviction
+
+
+@dataclass
+class StreamingLLM(ScoredEviction):
+    sinks: int = 4
+    evict_during_decoding: bool = True
+
+    def score(self, call: LayerCall) -> torch.Tensor:
+        pos = call.store.pos.float()
+        return torch.where((pos < self.sinks) & (pos >= 0), torch.full_like(pos, KEEP_ALWAYS), pos)
