@@ -82,7 +82,7 @@ class RaggedKV:
 
     def seq_nbytes(self) -> torch.Tensor:
         """[B] bytes held for each sequence (its slots, their per-slot state, its bookkeeping)."""
-        per_slot = sum(t.element_size() * (t[0].numel() if t.dim() > 1 else 1)
+        per_slot = sum(t.element_size() * t.shape[1:].numel()
                        for t in (self.k, self.v, self.pos, *self.extra.values()))
         per_seg = self.start.element_size() + self.length.element_size() + self.capacity.element_size()
         return (self.capacity * per_slot + per_seg).view(self.B, self.H).sum(dim=1)
@@ -241,10 +241,19 @@ class KVCache(Cache):
         self.final_chunk = False
         self.method_state: dict[str, Any] = {}  # cross-layer method state (e.g. an observation layer's picks)
         self.compress_seconds = 0.0
+        self._updated: set[int] = set()
 
     # transformers calls these -----------------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        # The keys are kept by ``attention`` below; remembering the call lets the runner prove that the
+        # model really attended through kvbench (``unattended_layers``), never around it.
+        self._updated.add(layer_idx)
         return key_states, value_states
+
+    def unattended_layers(self) -> set[int]:
+        """Layers whose keys reached ``update`` but whose attention did not come through kvbench."""
+        missed, self._updated = self._updated, set()
+        return missed
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return int(self.seen.max()) if self.seen.numel() else 0
@@ -262,6 +271,7 @@ class KVCache(Cache):
         self.seen = self.seen + positions.shape[1]
 
     def attention(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
+        self._updated.discard(layer)
         store = self.stores[layer]
         T = q.shape[2]
         if T == 1 and not self.compressing:
@@ -320,6 +330,7 @@ class KVCache(Cache):
         out.compressing, out.final_chunk = False, False
         out.method_state = {}
         out.compress_seconds = 0.0
+        out._updated = set()
         return out
 
     def clone(self) -> "KVCache":

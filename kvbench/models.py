@@ -59,7 +59,7 @@ PRESETS: dict[str, dict] = {
 for _family in SUPPORTED_TYPES:
     PRESETS[f"tiny-{_family}"] = dict(model_type=_family, hidden_size=64, intermediate_size=128,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      vocab_size=512, max_position_embeddings=4096, rope_theta=10000.0,
+                                      vocab_size=1024, max_position_embeddings=4096, rope_theta=10000.0,
                                       rms_norm_eps=1e-6, head_dim=16)
 
 
@@ -112,6 +112,7 @@ def smollm2_gguf() -> Path:
 
 def _from_pretrained(source: str, dtype, device, trust_remote_code: bool, local_only: bool, gguf_file: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    attention.register()
     kw = dict(trust_remote_code=trust_remote_code, local_files_only=local_only)
     if gguf_file:
         kw["gguf_file"] = gguf_file
@@ -146,6 +147,7 @@ def random_model(preset: str, dtype, device, seed: int = 0):
         raise ModelError(f"unknown preset '{preset}'; known: {', '.join(sorted(PRESETS))}")
     cfg = dict(PRESETS[preset])
     model_type = cfg.pop("model_type")
+    attention.register()
     config = AutoConfig.for_model(model_type, **cfg)
     config._attn_implementation = attention.NAME
     torch.manual_seed(seed)

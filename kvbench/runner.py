@@ -103,6 +103,9 @@ class Engine:
         cache.begin(positions, compress, final)
         out = self.model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True,
                          kvbench_cache=cache, logits_to_keep=0 if all_logits else 1)
+        if cache.unattended_layers():
+            raise RuntimeError("the model attended without kvbench's cache (attn_implementation was changed); "
+                               "refusing to report full attention as compressed")
         return out.logits
 
     def feed(self, cache: KVCache, ids: list[int], compress: bool, all_logits: bool = False) -> torch.Tensor | None:
