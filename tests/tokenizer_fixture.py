@@ -30,7 +30,9 @@ _CORPUS = [
 
 
 @lru_cache(maxsize=4)
-def make_tokenizer(chat_template: bool = True, vocab_size: int = 600):
+def make_tokenizer(chat_template: bool = True, vocab_size: int = 600, english_words: bool = False):
+    """``english_words``: also train on the wonderwords lists and numbered lists, with a larger vocabulary, so
+    that RULER-sized prompts take about as many tokens as with a real tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -41,7 +43,15 @@ def make_tokenizer(chat_template: bool = True, vocab_size: int = 600):
         vocab_size=vocab_size, show_progress=False,
         special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_CORPUS * 20, trainer)
+    corpus = _CORPUS * 20
+    if english_words:
+        from importlib import resources
+
+        for name in ("nounlist.txt", "adjectivelist.txt", "verblist.txt"):
+            words = (resources.files("wonderwords") / "assets" / name).read_text(encoding="utf-8").split()
+            corpus += [" ".join(f"{i}. {w}" for i, w in enumerate(words[j:j + 50], start=j))
+                       for j in range(0, len(words), 50)] * 3
+    tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     if chat_template:
         fast.chat_template = CHATML
