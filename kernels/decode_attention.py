@@ -32,6 +32,7 @@ writes ``out = 0, lse = -inf`` for empty segments.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Optional, Tuple
@@ -83,6 +84,49 @@ def _jit(fn):
         k = triton.jit(fn)
         _JIT_CACHE[key] = k
     return k
+
+
+_STDLIB_INTERP: dict = {}
+
+
+@contextlib.contextmanager
+def _interpreter_stdlib():
+    """Make triton.language's own jit functions (sum, max, cumsum, ...)
+    interpretable for the duration of a launch.
+
+    Triton decides compiler vs. interpreter for its standard library when it is
+    first imported.  If that happened before TRITON_INTERPRET=1 was set (e.g.
+    another module imported this one first), an interpreted kernel calling
+    ``tl.sum`` fails; this swaps in interpreted twins, and restores the
+    originals afterwards so compiled kernels in the same process are unaffected.
+    """
+    import triton.language as tlm
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    saved = {}
+    for name in ("sum", "max", "min", "cumsum", "zeros", "zeros_like"):
+        f = getattr(tlm, name, None)
+        if isinstance(f, JITFunction):
+            twin = _STDLIB_INTERP.get(name)
+            if twin is None:
+                twin = _STDLIB_INTERP[name] = InterpretedFunction(f.fn)
+            saved[name] = f
+            setattr(tlm, name, twin)
+    try:
+        yield
+    finally:
+        for name, f in saved.items():
+            setattr(tlm, name, f)
+
+
+def _launch(fn, grid, *args, **kwargs):
+    """Launch kernel ``fn`` (a plain function, jitted lazily) on ``grid``."""
+    k = _jit(fn)
+    if _env_true("TRITON_INTERPRET"):
+        with _interpreter_stdlib():
+            return k[grid](*args, **kwargs)
+    return k[grid](*args, **kwargs)
 
 
 _SM_COUNT: dict = {}
@@ -160,8 +204,8 @@ def _ragged_decode_kernel(
             q = q.to(K.dtype.element_ty)
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+        acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
 
         lo = c * chunk
         hi = tl.minimum(lo + chunk, seg_len)
@@ -233,8 +277,8 @@ def _ragged_reduce_kernel(
         offs_d = tl.arange(0, BLOCK_D)
         dmask = offs_d < HEAD_DIM
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+        acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
         for ci in range(0, n_c):
             p_row = (first + ci).to(tl.int64) * n_rows + rows
             lse_c = tl.load(LSEP + p_row, mask=rmask, other=0.0)
@@ -247,7 +291,7 @@ def _ragged_reduce_kernel(
             acc = acc * alpha[:, None] + w[:, None] * o_c
             m_i = m_new
         if n_c == 0:
-            out = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            out = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
             lse = tl.full([BLOCK_M], float("-inf"), tl.float32)
         else:
             out = acc / l_i[:, None]
@@ -361,8 +405,8 @@ def ragged_attention_triton(
     nw = int(num_warps or cfg["num_warps"])
     ns = int(num_stages or cfg["num_stages"])
 
-    main = _jit(_ragged_decode_kernel)
-    main[(max_items, n_mt)](
+    _launch(
+        _ragged_decode_kernel, (max_items, n_mt),
         q, k, v, seg_start, seg_len, out, lse, op, lsep,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -372,8 +416,8 @@ def ragged_attention_triton(
         HEAD_DIM=D, NSEG_P2=NSEG_P2, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         PRECISION=precision, DOT_F32=dot_f32, num_warps=nw, num_stages=ns,
     )
-    red = _jit(_ragged_reduce_kernel)
-    red[(n_seg, n_mt)](
+    _launch(
+        _ragged_reduce_kernel, (n_seg, n_mt),
         seg_len, out, lse, op, lsep,
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         lse.stride(0), lse.stride(1), lse.stride(2),

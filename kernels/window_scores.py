@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .decode_attention import _env_true, _jit, _next_pow2, _num_sms, use_triton, _gather_segments
+from .decode_attention import _env_true, _launch, _next_pow2, _num_sms, use_triton, _gather_segments
 
 try:
     import triton.language as tl
@@ -82,7 +82,7 @@ def _ws_lse_kernel(
     lo = split * per
     hi = tl.minimum(lo + per, seg_len)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
         n = n0 + offs_n
@@ -140,9 +140,9 @@ def _ws_score_kernel(
         if DOT_F32:
             kt = kt.to(tl.float32)
         kpos = tl.load(KPOS + slot, mask=nmask, other=0).to(tl.int64)
-        tot = tl.zeros([BLOCK_N], tl.float32)
+        tot = tl.full([BLOCK_N], 0.0, tl.float32)
         for g in range(0, group):
-            acc = tl.zeros([BLOCK_N], tl.float32)
+            acc = tl.full([BLOCK_N], 0.0, tl.float32)
             for t0 in range(0, w, BLOCK_W):
                 t = t0 + offs_w
                 tmask = t < w
@@ -243,7 +243,8 @@ def window_scores_triton(
               q_pos.stride(0), q_pos.stride(1), k.stride(0), k.stride(1))
 
     lsep = torch.empty((n_seg, split1, n_rows), dtype=torch.float32, device=dev)
-    _jit(_ws_lse_kernel)[(n_seg, n_mt, split1)](
+    _launch(
+        _ws_lse_kernel, (n_seg, n_mt, split1),
         q_win, q_pos, k, k_pos, seg_start, seg_len, lsep, *common,
         hkv, G, w, split1, qk_scale,
         HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
@@ -254,7 +255,8 @@ def window_scores_triton(
         lse2 = lsep.view(n_seg, n_rows)
     else:
         lse2 = (torch.logsumexp(lsep * _LN2, dim=1) * _LOG2E).contiguous()
-    _jit(_ws_score_kernel)[(n_seg, split2)](
+    _launch(
+        _ws_score_kernel, (n_seg, split2),
         q_win, q_pos, k, k_pos, seg_start, seg_len, lse2, scores, *common,
         hkv, G, w, split2, qk_scale, 1.0 / G,
         HEAD_DIM=D, BLOCK_W=BLOCK_W, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,

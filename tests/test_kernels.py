@@ -1,25 +1,26 @@
 """Triton kernels vs. their PyTorch references (kvbench.kernels).
 
 On a machine without CUDA the kernels run through Triton's interpreter: the
-module fixture below sets TRITON_INTERPRET=1 for these tests only (and removes
-it afterwards).  The kernels are jitted lazily at call time, so the setting
-takes effect whatever imported triton first.  With CUDA the same tests run
+module fixture below sets TRITON_INTERPRET=1 for these tests only (and restores
+the environment afterwards).  The kernels are jitted lazily at call time, so the
+setting takes effect whatever imported triton first.  With CUDA the same tests run
 compiled.  Inputs are drawn fresh for every test (the seed is printed in each
 failure message); outputs and scratch buffers are poisoned with NaN first.
 """
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    # Before triton is first imported by this module (the kernels jit lazily,
-    # so a later switch works too; the fixture restores the environment).
-    _PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
 
+# The kernels are jitted lazily at call time (and triton's own jit helpers are
+# swapped for interpreted twins during an interpreted launch), so the fixture
+# below can switch the interpreter on for this module only, whatever imported
+# triton first; see test_interpreter_after_triton_import.
 from kvbench.kernels import decode_attention as da  # noqa: E402
 from kvbench.kernels.decode_attention import (  # noqa: E402
     merge_attention,
@@ -33,12 +34,6 @@ from kvbench.kernels.window_scores import (  # noqa: E402
     window_scores_reference,
     window_scores_triton,
 )
-
-if not HAS_CUDA:  # only this module's import needed it so far
-    if _PREV_INTERPRET is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _PREV_INTERPRET
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
 
@@ -321,3 +316,30 @@ def test_pool_scores(kind, kernel):
     for s0, n in zip(ss.tolist(), lens):
         valid[s0: s0 + n] = True
     assert (got[~valid] == 0).all()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter-only concern")
+def test_interpreter_after_triton_import():
+    """TRITON_INTERPRET set after triton (and the kernels) were imported."""
+    code = (
+        "import triton, triton.language, os, torch\n"
+        "from kvbench.kernels.decode_attention import ragged_attention_triton, ragged_attention_reference\n"
+        "from kvbench.kernels.window_scores import window_scores_triton, window_scores_reference\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "q = torch.randn(1, 4, 1, 32); k = torch.randn(50, 32); v = torch.randn(50, 32)\n"
+        "ss = torch.tensor([0, 20]); sl = torch.tensor([20, 30])\n"
+        "o, l = ragged_attention_triton(q, k, v, ss, sl, 0.2, chunk=16, block_n=16)\n"
+        "r, rl = ragged_attention_reference(q, k, v, ss, sl, 0.2)\n"
+        "assert (o - r).abs().max() < 1e-4 and (l - rl).abs().max() < 1e-4\n"
+        "qp = torch.tensor([[48, 49]]); kp = torch.arange(50)\n"
+        "qw = torch.randn(1, 4, 2, 32)\n"
+        "a = window_scores_triton(qw, qp, k, kp, ss, sl, 0.2)\n"
+        "b = window_scores_reference(qw, qp, k, kp, ss, sl, 0.2)\n"
+        "assert (a - b).abs().max() < 1e-5\n"
+        "assert isinstance(triton.language.sum, triton.runtime.jit.JITFunction)  # restored\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
