@@ -207,6 +207,8 @@ class LongBench:
             try:
                 found[task] = _from_hub(self._config_name(task))
             except LookupError:
+                if not found:  # the first one failed: the hub is out of reach, do not try the others
+                    break
                 missing.append(task)
         if not found:
             raise TaskError(f"LongBench data not found: pass --data DIR with <task>.jsonl files, or make the "

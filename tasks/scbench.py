@@ -410,7 +410,8 @@ class SCBench:
 
                 found[task] = [dict(r) for r in datasets.load_dataset(HUB_REPO, task, split="test")]
             except Exception:
-                continue
+                if not found:  # the first one failed: the hub is out of reach, do not try the others
+                    break
         if not found:
             raise TaskError(f"SCBench data not found: pass --data DIR with <task>.jsonl files, or make the Hugging "
                             f"Face hub reachable for {HUB_REPO}")
