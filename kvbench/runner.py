@@ -188,8 +188,11 @@ class Engine:
             firsts.append(first)
             infos.append(info)
         prefill_peak = peak.read()
+        # Joining the per-sequence caches briefly holds both copies: its own phase, so no peak is missed.
+        peak = PeakMemory(self.device)
         batch = KVCache.concat(caches) if len(caches) > 1 else caches[0]
         del caches
+        batching_peak = peak.read()
         peak = PeakMemory(self.device)
         tokens, dinfo = self.decode(batch, torch.cat(firsts), [s.max_new_tokens for s in samples],
                                     [s.stop_at_newline for s in samples], trace_every)
@@ -202,7 +205,7 @@ class Engine:
                        batch_size=len(samples), decode_s=dinfo["decode_s"], decode_steps=dinfo["decode_steps"],
                        kv_layer_bytes_steps=dinfo["kv_layer_bytes_steps"] if len(samples) == 1 else {},
                        kv_bytes_end=dinfo["kv_seq_bytes_end"][b], kv_bytes_full_end=dinfo["kv_seq_full_end"][b],
-                       peak_prefill=prefill_peak, peak_decode=decode_peak)
+                       peak_prefill=prefill_peak, peak_batching=batching_peak, peak_decode=decode_peak)
             rec["kv_ratio_prefill"] = info["kv_bytes_prefill"] / max(info["kv_bytes_full_prefill"], 1)
             rec["kv_ratio_end"] = rec["kv_bytes_end"] / max(rec["kv_bytes_full_end"], 1)
             rec["ttft_s"] = info["prefill_s"]
