@@ -1,8 +1,9 @@
 """The method extension point.
 
 A method is a dataclass whose fields are its parameters (with its paper's defaults). The base class gives
-it three hooks, all optional:
+it four hooks, all optional:
 
+- ``prepare(lm)``: once per engine, with the loaded model (weights a method trained for that model);
 - ``new_store(layer, batch, heads, head_dim, dtype, device)``: the store a layer uses (``RaggedKV`` unless
   the method keeps something else: latents, references, another layer's store);
 - ``compress(call)``: after every context chunk of the prefill, with the layer's queries of that chunk;
@@ -41,6 +42,10 @@ def parse_budget(text: str | float | int) -> float | int:
 @dataclass
 class Method:
     budget: float | int = 1.0
+
+    def prepare(self, lm) -> None:
+        """Called by the engine with the loaded model before any cache is made (a trained method loads and
+        checks its weights here)."""
 
     def new_store(self, layer: int, batch: int, heads: int, head_dim: int, dtype, device):
         return RaggedKV(batch, heads, head_dim, dtype, device)

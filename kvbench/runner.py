@@ -91,6 +91,7 @@ class Engine:
             elif src:
                 eos.update(src)
         self.eos = eos
+        method.prepare(lm)
 
     def new_cache(self, batch: int = 1) -> KVCache:
         return KVCache(self.method, self.model.config, batch, self.dtype, self.device, self.rope)
