@@ -41,6 +41,7 @@ from . import decode_attention as da
 from . import window_scores as ws
 
 HQ, HKV, D = 32, 8, 128
+_CFG_KEYS = ("BLOCK_N", "num_warps", "num_stages", "items_per_sm", "max_chunk")
 L2_BYTES = 50 * 2**20
 ROTATE_BYTES = 256 * 2**20
 
@@ -273,16 +274,18 @@ def bench_decode(dev, batches, lengths, copy_bw, gen, reps, log):
     return rows
 
 
-def sweep_decode(dev, shapes, reps, log):
-    """Try launch configurations on a few shapes; returns (best cfg, results)."""
+def sweep_decode(dev, shapes, reps, log, gen):
+    """Try launch configurations on a few (B, L, ragged) shapes; returns
+    (best cfg by geometric-mean time, results)."""
     scale = D ** -0.5
     cands = []
-    for bn, nw, ns in [(32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 4, 3),
-                       (64, 8, 3), (128, 8, 3)]:
+    for bn, nw, ns in [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (32, 4, 4)]:
         for ips in (2, 4, 8):
-            cands.append({"BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "items_per_sm": ips})
+            for mc in (1024, 4096):
+                cands.append({"BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "items_per_sm": ips,
+                              "max_chunk": mc})
     data = []
-    for (B, L) in shapes:
+    for (B, L, ragged) in shapes:
         tokens = B * HKV * L
         n_sets = max(1, min(64, math.ceil(ROTATE_BYTES / (tokens * D * 4))))
         sets = []
@@ -290,25 +293,30 @@ def sweep_decode(dev, shapes, reps, log):
             k = torch.randn(tokens, D, device=dev, dtype=torch.bfloat16)
             v = torch.randn(tokens, D, device=dev, dtype=torch.bfloat16)
             q = torch.randn(B, HQ, 1, D, device=dev, dtype=torch.bfloat16)
-            sets.append((q, k, v))
-        ss = torch.arange(B * HKV, device=dev, dtype=torch.int64) * L
-        sl = torch.full((B * HKV,), L, device=dev, dtype=torch.int32)
-        data.append(((B, L), sets, ss, sl))
+            if ragged:
+                lens = ragged_lengths(B, L, 10.0, gen)
+                ss = (torch.cumsum(lens, 0) - lens).to(dev)
+                sl = lens.to(dev, torch.int32)
+            else:
+                ss = torch.arange(B * HKV, device=dev, dtype=torch.int64) * L
+                sl = torch.full((B * HKV,), L, device=dev, dtype=torch.int32)
+            sets.append((q, k, v, ss, sl))
+        data.append(((B, L, ragged), sets))
     results = []
     saved = dict(da.DECODE_CONFIG)
     for c in cands:
         da.DECODE_CONFIG.update(c)
         ts = []
         try:
-            for (shape, sets, ss, sl) in data:
-                calls = [(lambda q=q, k=k, v=v: da.ragged_attention_triton(q, k, v, ss, sl, scale))
-                         for (q, k, v) in sets]
+            for (shape, sets) in data:
+                calls = [(lambda q=q, k=k, v=v, ss=ss, sl=sl: da.ragged_attention_triton(q, k, v, ss, sl, scale))
+                         for (q, k, v, ss, sl) in sets]
                 ts.append(time_calls(calls, reps)[0] * 1e3)
         except Exception as e:  # noqa: BLE001
             log(f"  sweep {c}: failed {type(e).__name__}: {str(e)[:100]}")
             continue
         gm = math.exp(sum(math.log(t) for t in ts) / len(ts))
-        results.append({**c, "us": ts, "geomean_us": gm})
+        results.append({**c, "shapes": [list(d[0]) for d in data], "us": ts, "geomean_us": gm})
         log(f"  sweep {c}: " + " ".join(f"{t:.1f}" for t in ts) + f"  geomean {gm:.1f} us")
     da.DECODE_CONFIG.clear()
     da.DECODE_CONFIG.update(saved)
@@ -331,8 +339,8 @@ def sweep_windows(dev, reps, log, N=32768, w=128):
     q_pos = torch.arange(N - w, N, device=dev).view(1, w)
     saved = dict(ws.WS_CONFIG)
     results = []
-    for bn, bm, nw, ns in [(64, 64, 4, 2), (128, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2),
-                           (128, 128, 8, 2), (128, 64, 8, 3), (32, 64, 4, 3)]:
+    for bn, bm, nw, ns in [(128, 64, 4, 2), (128, 32, 4, 2), (128, 64, 4, 3), (64, 64, 4, 2),
+                           (256, 64, 8, 2), (128, 64, 8, 2)]:
         ws.WS_CONFIG.update({"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_W": bm, "num_warps": nw, "num_stages": ns})
         try:
             ms = time_calls([lambda: ws.window_scores_triton(q, q_pos, k, k_pos, ss, sl, scale)], reps,
@@ -508,10 +516,12 @@ def main(argv=None):
     best = None
     sweep_rows = []
     if args.sweep:
-        shapes = [(1, 131072), (8, 32768), (64, 4096), (32, 1024)] if not args.tiny else [(1, 64)]
-        best, sweep_rows = sweep_decode(dev, shapes, max(5, reps // 2), log)
+        shapes = ([(1, 4096, False), (1, 16384, True), (1, 131072, False), (8, 4096, True),
+                   (8, 131072, False), (32, 1024, False), (64, 4096, False)]
+                  if not args.tiny else [(1, 64, False), (2, 100, True)])
+        best, sweep_rows = sweep_decode(dev, shapes, max(5, reps // 2), log, gen)
         if best:
-            da.DECODE_CONFIG.update({k: best[k] for k in ("BLOCK_N", "num_warps", "num_stages", "items_per_sm")})
+            da.DECODE_CONFIG.update({k: best[k] for k in _CFG_KEYS})
             log(f"sweep best: {best}")
     info["decode_config"] = dict(da.DECODE_CONFIG)
     ws_sweep = []
@@ -525,8 +535,7 @@ def main(argv=None):
     decode_rows = bench_decode(dev, batches, lengths, copy_bw, gen, reps, log)
     win_rows = [] if args.skip_windows else bench_windows(dev, Ns, wl, reps, log)
 
-    table = fmt_table(info, decode_rows, win_rows, best and {k: best[k] for k in
-                                                              ("BLOCK_N", "num_warps", "num_stages", "items_per_sm")})
+    table = fmt_table(info, decode_rows, win_rows, best and {k: best[k] for k in _CFG_KEYS})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernels.md").write_text(table)

@@ -257,51 +257,57 @@ def _ragged_reduce_kernel(
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_lb, stride_lh, stride_lt,
     n_seg, n_kv_heads, group, tq, chunk,
-    HEAD_DIM: tl.constexpr, NSEG_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, NSEG_P2: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """One program per (segment, BLOCK_R query rows): merges the segment's
+    chunk partials BLOCK_C at a time (vector loads of BLOCK_C partials, not a
+    serial loop over chunks), or writes out = 0, lse = -inf if it is empty.
+    BLOCK_R = 1 on the GPU (parallelism); larger under the interpreter."""
     seg = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid_r = tl.program_id(1)
     segs = tl.arange(0, NSEG_P2)
     lens = tl.load(SEG_LEN + segs, mask=segs < n_seg, other=0).to(tl.int32)
     nch = (lens + chunk - 1) // chunk
     n_c = tl.sum(tl.where(segs == seg, nch, 0), 0)
     if n_c != 1:  # single-chunk segments were written by the main kernel
         first = tl.sum(tl.where(segs < seg, nch, 0), 0)
+        n_rows = group * tq
         b = seg // n_kv_heads
         h = seg % n_kv_heads
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        n_rows = group * tq
+        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = rows < n_rows
         g = rows // tq
         t = rows % tq
         offs_d = tl.arange(0, BLOCK_D)
         dmask = offs_d < HEAD_DIM
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.full([BLOCK_M], 0.0, tl.float32)
-        acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
-        for ci in range(0, n_c):
-            p_row = (first + ci).to(tl.int64) * n_rows + rows
-            lse_c = tl.load(LSEP + p_row, mask=rmask, other=0.0)
-            o_c = tl.load(OP + p_row[:, None] * HEAD_DIM + offs_d[None, :],
-                          mask=rmask[:, None] & dmask[None, :], other=0.0)
-            m_new = tl.maximum(m_i, lse_c)
-            alpha = tl.exp2(m_i - m_new)
-            w = tl.exp2(lse_c - m_new)
-            l_i = l_i * alpha + w
-            acc = acc * alpha[:, None] + w[:, None] * o_c
+        offs_c = tl.arange(0, BLOCK_C)
+        m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        l_i = tl.full([BLOCK_R], 0.0, tl.float32)
+        acc = tl.full([BLOCK_R, BLOCK_D], 0.0, tl.float32)
+        for c0 in range(0, n_c, BLOCK_C):
+            cc = c0 + offs_c
+            cr_mask = (cc < n_c)[:, None] & rmask[None, :]
+            p_row = (first + cc).to(tl.int64)[:, None] * n_rows + rows[None, :]      # [C, R]
+            lse_c = tl.load(LSEP + p_row, mask=cr_mask, other=float("-inf"))
+            o_c = tl.load(OP + p_row[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                          mask=cr_mask[:, :, None] & dmask[None, None, :], other=0.0)
+            m_new = tl.maximum(m_i, tl.max(lse_c, 0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            w = tl.exp2(lse_c - m_safe[None, :])
+            l_i = l_i * alpha + tl.sum(w, 0)
+            acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o_c, 0)
             m_i = m_new
-        if n_c == 0:
-            out = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
-            lse = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        else:
-            out = acc / l_i[:, None]
-            lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+        has = l_i > 0.0
+        out = acc / tl.where(has, l_i, 1.0)[:, None]
+        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
         o_off = (b.to(tl.int64) * stride_ob + (h * group + g).to(tl.int64) * stride_oh
                  + t.to(tl.int64) * stride_ot)
-        tl.store(O + o_off[:, None] + offs_d[None, :] * stride_od,
-                 out.to(O.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
-        l_off = b * stride_lb + (h * group + g) * stride_lh + t * stride_lt
-        tl.store(LSE + l_off, lse, mask=rmask)
+        tl.store(O + o_off[:, None] + offs_d[None, :] * stride_od, out.to(O.dtype.element_ty),
+                 mask=rmask[:, None] & dmask[None, :])
+        tl.store(LSE + b * stride_lb + (h * group + g) * stride_lh + t * stride_lt, lse, mask=rmask)
 
 
 # --------------------------------------------------------------------------
@@ -312,7 +318,7 @@ def _ragged_reduce_kernel(
 # (see NOTES.md); the interpreter ignores warps and stages.
 _POISON_SCRATCH = False  # set by the tests
 
-DECODE_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "items_per_sm": 4,
+DECODE_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "items_per_sm": 2,
                  "max_chunk": 4096}
 
 
@@ -416,13 +422,18 @@ def ragged_attention_triton(
         HEAD_DIM=D, NSEG_P2=NSEG_P2, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         PRECISION=precision, DOT_F32=dot_f32, num_warps=nw, num_stages=ns,
     )
+    if q.is_cuda:
+        BLOCK_R, BLOCK_C = 1, 32
+    else:  # interpreter: per-program overhead dominates, so fewer, wider programs
+        BLOCK_R, BLOCK_C = min(64, _next_pow2(n_rows)), 16
     _launch(
-        _ragged_reduce_kernel, (n_seg, n_mt),
+        _ragged_reduce_kernel, (n_seg, -(-n_rows // BLOCK_R)),
         seg_len, out, lse, op, lsep,
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         lse.stride(0), lse.stride(1), lse.stride(2),
         n_seg, hkv, G, Tq, chunk,
-        HEAD_DIM=D, NSEG_P2=NSEG_P2, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, num_warps=4, num_stages=1,
+        HEAD_DIM=D, NSEG_P2=NSEG_P2, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
+        num_warps=4, num_stages=2,
     )
     return out, lse
 

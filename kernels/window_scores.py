@@ -191,7 +191,7 @@ def _check(q_win, q_pos, k, k_pos, seg_start, seg_len, reduce):
     return B, Hq, w, D, hkv, Hq // hkv
 
 
-WS_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_W": 64, "num_warps": 4, "num_stages": 2,
+WS_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_W": 64, "num_warps": 4, "num_stages": 2,
              "lse_keys_per_split": 512, "progs_per_sm": 4}
 
 
