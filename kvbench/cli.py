@@ -81,10 +81,13 @@ def list_cmd(what):
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
 @click.option("--max-context", type=int, default=None, help="truncate prompts to this many tokens")
 @click.option("--out", default="results", show_default=True, help="results root")
+@click.option("--checkpoint", default=None, help="trained weights of a method that has them (deltakv): -m checkpoint=DIR")
 def run(method, task, budget, model, random_weights, method_arg, task_arg, query_aware, prefill_chunk, batch_size,
-        data, limit, seed, temperature, device, dtype, max_context, out):
+        data, limit, seed, temperature, device, dtype, max_context, out, checkpoint):
     """Run one method on one task; resumes if the same run was started before."""
     from kvbench.runner import RunConfig, run as run_one
+    if checkpoint is not None:
+        method_arg = method_arg + (f"checkpoint={checkpoint}",)
     if batch_size < 1:
         _fail("--batch-size must be at least 1")
     if prefill_chunk is not None and prefill_chunk < 1:
@@ -108,6 +111,68 @@ def run(method, task, budget, model, random_weights, method_arg, task_arg, query
     click.echo(f"results: {run_dir}")
 
 
+def _csv(text: str, kind=str, what: str = "") -> list:
+    try:
+        return [kind(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"{what} expects a comma-separated list of {kind.__name__}s, got '{text}'")
+
+
+@main.command()
+@click.argument("config", type=click.Path())
+def sweep(config):
+    """Run models x methods x budgets x tasks x protocols from a YAML file, skipping finished runs."""
+    from kvbench.sweep import run_sweep
+    try:
+        outcomes = run_sweep(config, echo=click.echo)
+    except _user_errors() as e:
+        _fail(str(e))
+    if any(o["status"] in ("oom", "crash") for o in outcomes):
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--preset", default=None, help="random-weight architecture (default: llama-3.1-8b on CUDA, tiny-llama on CPU)")
+@click.option("--model", default=None, help="a real model instead of a preset (HF id, directory, .gguf, alias)")
+@click.option("--contexts", default="32768", show_default=True, help="context lengths, comma-separated")
+@click.option("--batches", default="1,8", show_default=True, help="batch sizes, comma-separated")
+@click.option("--methods", default="full,snapkv", show_default=True)
+@click.option("--budgets", default="0.25", show_default=True, help="budgets of the compressing methods")
+@click.option("--new-tokens", type=int, default=256, show_default=True)
+@click.option("--largest-batch/--no-largest-batch", default=True, show_default=True,
+              help="find the largest batch that fits (CUDA)")
+@click.option("--peers", default="hf,kvpress", show_default=True, help="peers to run beside kvbench ('' for none)")
+@click.option("--kvpress-path", default=None, help="PYTHONPATH entry holding kvpress and transformers<5.3 "
+              "(default: $KVBENCH_KVPRESS_PATH)")
+@click.option("--chunked-prefill", type=int, default=None, help="also compare prefill peak memory at N tokens")
+@click.option("--prefill-chunk", type=int, default=4096, show_default=True)
+@click.option("--chunk-method", default="snapkv", show_default=True)
+@click.option("--chunk-budget", type=float, default=0.25, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--time-limit", type=float, default=None, help="seconds; later points are recorded as skipped")
+@click.option("--out", default=None, help="output directory (default results/bench/<model>-<device>)")
+def bench(preset, model, contexts, batches, methods, budgets, new_tokens, largest_batch, peers, kvpress_path,
+          chunked_prefill, prefill_chunk, chunk_method, chunk_budget, device, dtype, seed, time_limit, out):
+    """Throughput and memory: contexts x batches x methods x budgets, beside transformers and kvpress."""
+    from kvbench.bench import BenchConfig, BenchError, run_bench
+    if preset and model:
+        _fail("give either --preset (random weights) or --model (real weights), not both")
+    cfg = BenchConfig(model=model, preset=preset, contexts=_csv(contexts, int, "--contexts"),
+                      batches=_csv(batches, int, "--batches"), methods=_csv(methods, str, "--methods"),
+                      budgets=_csv(budgets, float, "--budgets"), new_tokens=new_tokens, largest_batch=largest_batch,
+                      peers=_csv(peers, str, "--peers"), kvpress_path=kvpress_path, chunked_prefill=chunked_prefill,
+                      prefill_chunk=prefill_chunk, chunk_method=chunk_method, chunk_budget=chunk_budget, device=device,
+                      dtype=dtype, seed=seed, time_limit=time_limit, out=out)
+    try:
+        out_dir, _records = run_bench(cfg, echo=click.echo)
+    except _user_errors() + (BenchError,) as e:
+        _fail(str(e))
+    click.echo((out_dir / "bench.md").read_text())
+    click.echo(f"results: {out_dir / 'bench.jsonl'}, {out_dir / 'bench.md'}")
+
+
 def _budget(text: str):
     from kvbench.method import BudgetError, parse_budget
     try:
@@ -119,6 +184,51 @@ def _budget(text: str):
 def _fail(message: str):
     click.echo(f"error: {message}", err=True)
     sys.exit(2)
+
+
+@main.group()
+def train():
+    """Train the learned parts of a method for one model."""
+
+
+@train.command("deltakv")
+@click.option("--model", required=True, help="HF id, local dir, .gguf file or alias")
+@click.option("--data", required=True, help="training text: a file, or a directory of .txt/.md files or man pages")
+@click.option("--out", required=True, help="checkpoint directory (safetensors + config.json)")
+@click.option("--steps", type=int, default=1000, show_default=True)
+@click.option("--batch", type=int, default=8, show_default=True, help="packed samples per step")
+@click.option("--seq-len", type=int, default=1024, show_default=True, help="tokens per packed sample")
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--latent-dim", type=int, default=None, help="r (default D/4)")
+@click.option("--intermediate", type=int, default=None, help="I of the SwiGLU down-projection (default 3D)")
+@click.option("--stride", type=int, default=10, show_default=True, help="s: one reference every s tokens")
+@click.option("--neighbors", type=int, default=4, show_default=True, help="k references per token")
+@click.option("--sinks", type=int, default=8, show_default=True)
+@click.option("--full-layers", default=None, help="comma-separated layers kept full (default: about 5 in 32)")
+@click.option("--max-minutes", type=float, default=None, help="stop after this much training time")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+@click.option("--seed", type=int, default=0, show_default=True)
+def train_deltakv_cmd(model, data, out, steps, batch, seq_len, lr, latent_dim, intermediate, stride, neighbors, sinks,
+                      full_layers, max_minutes, device, dtype, seed):
+    """Train DeltaKV's per-layer compressors (the base model stays frozen)."""
+    from kvbench.train_deltakv import train as train_deltakv
+    if min(steps, batch, seq_len) < 1:
+        _fail("--steps, --batch and --seq-len must be at least 1")
+    layers = None
+    if full_layers is not None:
+        try:
+            layers = [int(x) for x in full_layers.split(",") if x.strip()]
+        except ValueError:
+            _fail(f"--full-layers expects comma-separated layer numbers, got '{full_layers}'")
+    try:
+        path = train_deltakv(model, data, out, steps=steps, batch=batch, seq_len=seq_len, lr=lr, latent_dim=latent_dim,
+                             intermediate=intermediate, stride=stride, neighbors=neighbors, sinks=sinks,
+                             full_layers=layers, device=device, dtype=dtype, seed=seed, max_minutes=max_minutes,
+                             log=click.echo)
+    except _user_errors() as e:
+        _fail(str(e))
+    click.echo(f"checkpoint: {path}")
 
 
 if __name__ == "__main__":

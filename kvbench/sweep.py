@@ -1,0 +1,235 @@
+"""``kvbench sweep CONFIG.yaml``: the product of models x methods x budgets x tasks x protocols, one run each.
+
+The config (YAML; see ``results/sweep-smollm2-niah.yaml``)::
+
+    out: results                     # results root (runs land in OUT/runs/<id>/)
+    models: [smollm2-135m]           # model specs, as ``kvbench run --model`` takes them
+    methods: [full, snapkv, h2o]     # ``full`` runs once, at budget 1.0, whatever the budgets
+    budgets: [0.1, 0.25, 0.5]        # fractions kept, or token counts
+    tasks: {niah: {lengths: [1024, 2048]}}   # a list of names, or names mapped to task parameters
+    protocols: [query-agnostic]      # and/or query-aware
+    method_params: {snapkv: {window: 32}}    # optional, per method
+    data: {niah: ../shared/data/paul_graham_essays}   # optional, per task (or one path for all)
+    batch_size: 1, limit: null, seed: 0, temperature: 0.0, device: auto, dtype: auto,
+    prefill_chunk: null, max_context: null, trace_every: 64
+
+A point whose run already finished (its ``metrics.json`` says complete, for the same configuration) is
+skipped without loading anything; an unfinished one resumes where it stopped (the runner's resume). A point
+that fails is recorded and the sweep goes on: an out-of-memory error as ``oom``, anything else as
+``crash``, with its error, in ``error.json`` inside the run's directory (when the run got one) and in the
+sweep's ledger ``OUT/sweeps/<config name>.jsonl``, which lists every point's outcome and directory.
+"""
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from kvbench import registry, results
+from kvbench.runner import PROTOCOLS, RunConfig, resolve_device, resolve_dtype
+from kvbench.task import TaskError
+
+ERROR_FILE = "error.json"
+_LISTS = ("models", "methods", "budgets", "tasks", "protocols")
+_SCALARS = {f.name for f in fields(RunConfig)} - {"method", "task", "budget", "model", "method_params",
+                                                    "task_params", "protocol", "data", "out"}
+
+
+def load_config(path: str | Path) -> dict:
+    """The sweep config, checked: a ``TaskError`` names the first problem in one line."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no sweep config at {path}")
+    try:
+        cfg = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise TaskError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(cfg, dict):
+        raise TaskError(f"{path} must be a mapping of keys (models, methods, budgets, tasks, ...)")
+    known = set(_LISTS) | _SCALARS | {"out", "method_params", "data"}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise TaskError(f"{path}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
+    cfg.setdefault("models", ["smollm2-135m"])
+    cfg.setdefault("budgets", [1.0])
+    cfg.setdefault("protocols", ["query-agnostic"])
+    for key in ("methods", "tasks"):
+        if not cfg.get(key):
+            raise TaskError(f"{path}: '{key}' is missing or empty")
+    for key in _LISTS:
+        if isinstance(cfg[key], (str, int, float)):
+            cfg[key] = [cfg[key]]
+    if isinstance(cfg["tasks"], list):
+        cfg["tasks"] = {name: {} for name in cfg["tasks"]}
+    for proto in cfg["protocols"]:
+        if proto not in PROTOCOLS:
+            raise TaskError(f"{path}: unknown protocol '{proto}' (use {', '.join(PROTOCOLS)})")
+    method_params = cfg.get("method_params") or {}
+    if not isinstance(method_params, dict):
+        raise TaskError(f"{path}: 'method_params' maps method names to their parameters")
+    for m in cfg["methods"]:
+        registry.build_method(m, 1.0, method_params.get(m) or {})  # unknown names and parameters fail here
+    for t, params in cfg["tasks"].items():
+        registry.build_task(t, params or {})
+    from kvbench.method import parse_budget
+    cfg["budgets"] = [parse_budget(b) for b in cfg["budgets"]]
+    cfg["name"] = p.stem
+    return cfg
+
+
+def points(cfg: dict) -> list[RunConfig]:
+    """Every run of the sweep, in order: per model, per task, per protocol, per method, per budget."""
+    out = []
+    scalars = {k: cfg[k] for k in _SCALARS if k in cfg}
+    data = cfg.get("data")
+    for model in cfg["models"]:
+        for task, task_params in cfg["tasks"].items():
+            for protocol in cfg["protocols"]:
+                for method in cfg["methods"]:
+                    for budget in ([1.0] if method == "full" else cfg["budgets"]):
+                        out.append(RunConfig(
+                            method=method, task=task, budget=budget, model=str(model),
+                            method_params=dict((cfg.get("method_params") or {}).get(method) or {}),
+                            task_params=dict(task_params or {}), protocol=protocol,
+                            data=data.get(task) if isinstance(data, dict) else data,
+                            out=str(cfg.get("out", "results")), **scalars))
+    return out
+
+
+def _normal(obj) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+_MATCH = ("model", "random_weights", "method", "task", "budget", "protocol", "prefill_chunk", "batch_size", "seed",
+          "temperature", "data", "limit", "max_context", "trace_every")
+
+
+def identity(cfg: RunConfig) -> str:
+    """What makes two runs the same run, computed without loading the model (the runner's id needs it)."""
+    device = resolve_device(cfg.device)
+    key = {k: getattr(cfg, k) for k in _MATCH}
+    key.update(device=device.split(":")[0], dtype=str(resolve_dtype(cfg.dtype, device)).replace("torch.", ""),
+               method_params=asdict(registry.build_method(cfg.method, cfg.budget, cfg.method_params)),
+               task_params=asdict(registry.build_task(cfg.task, cfg.task_params)))
+    return _normal(key)
+
+
+def _config_identity(config: dict) -> str:
+    key = {k: config.get(k) for k in _MATCH}
+    key.update(device=config.get("device"), dtype=config.get("dtype"), method_params=config.get("method_params"),
+               task_params=config.get("task_params"))
+    return _normal(key)
+
+
+def existing_runs(out: str | Path) -> dict[str, Path]:
+    """identity -> run directory, for every run under ``out``."""
+    found = {}
+    for run_dir in results.iter_runs(Path(out)):
+        try:
+            config = json.loads((run_dir / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        found[_config_identity(config)] = run_dir
+    return found
+
+
+def is_finished(run_dir: Path | None) -> bool:
+    if run_dir is None or not (run_dir / "metrics.json").exists():
+        return False
+    try:
+        return bool(json.loads((run_dir / "metrics.json").read_text()).get("complete"))
+    except ValueError:
+        return False
+
+
+def _is_oom(err: BaseException) -> bool:
+    try:
+        import torch
+        if isinstance(err, torch.cuda.OutOfMemoryError):
+            return True
+    except ImportError:
+        pass
+    return "out of memory" in str(err).lower()
+
+
+def _free_device_memory() -> None:
+    import gc
+    import torch
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def label(cfg: RunConfig) -> str:
+    return f"{cfg.model} {cfg.task} {cfg.protocol} {cfg.method}@{cfg.budget}"
+
+
+def run_sweep(path: str | Path, echo: Callable[[str], None] = print, load_model: Callable | None = None,
+              progress: bool = True) -> list[dict]:
+    """Run (or finish) a sweep; returns one outcome per point. ``load_model(spec, dtype, device, seed)``
+    defaults to ``kvbench.models.load``."""
+    from kvbench import models
+    from kvbench.runner import run
+    cfg = load_config(path)
+    plan = points(cfg)
+    out = Path(cfg.get("out", "results"))
+    ledger = out / "sweeps" / f"{cfg['name']}.jsonl"
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    load_model = load_model or (lambda spec, dtype, device, seed: models.load(spec, dtype, device, seed=seed))
+    known = existing_runs(out)
+    outcomes, loaded = [], {}
+    echo(f"sweep {cfg['name']}: {len(plan)} runs; results under {out / 'runs'}")
+    for i, point in enumerate(plan, 1):
+        ident = identity(point)
+        prefix = f"[{i}/{len(plan)}] {label(point)}"
+        if is_finished(known.get(ident)):
+            outcome = {"status": "skipped", "run_dir": str(known[ident]), "note": "already finished"}
+            echo(f"{prefix}: already finished -> {known[ident]}")
+        else:
+            outcome = _run_point(point, ident, loaded, load_model, out, run, progress)
+            where = outcome.get("run_dir") or "(no run directory)"
+            detail = f" ({outcome['error']})" if outcome.get("error") else ""
+            echo(f"{prefix}: {outcome['status']}{detail} -> {where}")
+        record = {"point": {k: v for k, v in asdict(point).items() if k != "out"}, **outcome,
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        results.append_jsonl(ledger, record)
+        outcomes.append(record)
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        counts[o["status"]] = counts.get(o["status"], 0) + 1
+    echo("sweep done: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f"; ledger {ledger}")
+    return outcomes
+
+
+def _run_point(point: RunConfig, ident: str, loaded: dict, load_model, out: Path, run, progress: bool) -> dict:
+    device = resolve_device(point.device)
+    dtype = resolve_dtype(point.dtype, device)
+    started = time.perf_counter()
+    try:
+        key = (point.model, str(dtype), device)
+        if key not in loaded:
+            loaded.clear()  # one model in memory at a time
+            _free_device_memory()
+            loaded[key] = load_model(point.model, dtype, device, point.seed)
+        run_dir = run(point, lm=loaded[key], progress=progress)
+    except Exception as e:  # recorded, and the sweep goes on; Ctrl-C still stops it
+        status = "oom" if _is_oom(e) else "crash"
+        error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:500]}"
+        run_dir = existing_runs(out).get(ident)
+        if run_dir is not None:
+            results.write_json(run_dir / ERROR_FILE, {
+                "status": status, "error": error, "traceback": traceback.format_exc()[-4000:],
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        _free_device_memory()
+        return {"status": status, "error": error, "run_dir": str(run_dir) if run_dir else None,
+                "seconds": time.perf_counter() - started}
+    stale = run_dir / ERROR_FILE
+    if stale.exists():  # an earlier failure of this point, now finished
+        stale.unlink()
+    status = "done" if is_finished(run_dir) else "incomplete"
+    return {"status": status, "run_dir": str(run_dir), "seconds": time.perf_counter() - started}

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# How the committed GPU results were made, on the device machine (one H100 80GB; torch 2.11, transformers 5.17).
+# Three calls from the repository root, back to back while the machine stays warm:
+#   1. carry .carry/a         : bash results/run-gpu.sh assets
+#   2. carry .carry/b, .whl   : bash results/run-gpu.sh bench    -> $OUT/bench.jsonl, bench.md, bench.log
+#   3. carry .carry/pg        : bash results/run-gpu.sh sweeps   -> $OUT/runs.tar.gz, sweep.log
+# .carry/a and .carry/b come from ../shared/tools/prepare-device-carry (the SmolLM2 GGUF in two parts and the gguf
+# wheel); .whl holds transformers 5.2.0, kvpress 0.5.5 and the packages kvpress imports that the machine lacks;
+# .carry/pg holds the Paul Graham essays of ../shared/data/paul_graham_essays.
+set -uo pipefail
+root=$(pwd)
+assets=/tmp/kvbench-assets
+gguf=$assets/SmolLM2-135M-Instruct.Q4_1.gguf
+install_kvbench() { python3 -m pip install -q --no-deps --no-build-isolation -e "$root" 2>&1 | grep -v WARNING; }
+case "${1:-}" in
+assets)
+  mkdir -p $assets && cp .carry/a/* $assets/ && ls -la $assets ;;
+bench)
+  (cd $assets && cp "$root"/.carry/b/* . && cat smollm2.part00 smollm2.part01 > "$gguf" \
+    && echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $gguf" | sha256sum -c \
+    && python3 -m pip install -q --no-index --no-deps --target /tmp/kvbench-site gguf-*.whl) || echo "no SmolLM2 assets"
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/kvpress-site .whl/*.whl
+  install_kvbench
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  PYTHONUNBUFFERED=1 kvbench bench --preset llama-3.1-8b --contexts 32768 --batches 1,4,8 --methods full,snapkv \
+    --budgets 0.25 --new-tokens 256 --peers hf,kvpress --kvpress-path /tmp/kvpress-site --chunked-prefill 131072 \
+    --prefill-chunk 4096 --time-limit 470 --out /tmp/bench/h100-llama-3.1-8b 2>&1 | tee "$OUT/bench.log"
+  cp /tmp/bench/h100-llama-3.1-8b/bench.jsonl /tmp/bench/h100-llama-3.1-8b/bench.md "$OUT/" ;;
+sweeps)
+  export PYTHONPATH=/tmp/kvbench-site:${PYTHONPATH:-} KVBENCH_CACHE=/tmp/kvbcache PYTHONUNBUFFERED=1 CI=1
+  install_kvbench
+  for name in niah trace; do
+    sed -e "s#smollm2-135m#$gguf#" -e "s#../shared/data/paul_graham_essays#.carry/pg#" \
+      results/sweep-smollm2-$name.yaml > /tmp/sweep-smollm2-$name.yaml
+  done
+  timeout 420 kvbench sweep /tmp/sweep-smollm2-niah.yaml 2>&1 | tee "$OUT/sweep.log"
+  timeout 100 kvbench sweep /tmp/sweep-smollm2-trace.yaml 2>&1 | tee -a "$OUT/sweep.log"
+  tar czf "$OUT/runs.tar.gz" results/runs results/traces results/sweeps ;;
+*) echo "usage: bash results/run-gpu.sh assets|bench|sweeps"; exit 2 ;;
+esac
