@@ -3,8 +3,9 @@
 Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation" (NeurIPS 2024). The last
 ``window`` queries of the prompt vote for earlier tokens by their softmax attention, summed over the
 window and pooled along the sequence so neighbours of important tokens survive. Choices: scores are
-averaged over the query heads that share a KV head (GQA); the window tokens themselves are always kept
-and count in the budget; with chunked prefill each chunk's own last queries are the window.
+averaged over the query heads that share a KV head (GQA; the official code predates GQA); the window
+tokens themselves are always kept and count in the budget; with chunked prefill each chunk's own last
+queries are the window. Defaults as the official code: window 32, average pooling with kernel 5.
 """
 from dataclasses import dataclass
 
@@ -26,8 +27,8 @@ def observation_scores(call: LayerCall, window: int, reduce: str = "mean") -> to
 @dataclass
 class SnapKV(ScoredEviction):
     window: int = 32
-    kernel: int = 7
-    pooling: str = "max"
+    kernel: int = 5
+    pooling: str = "avg"
 
     def score(self, call: LayerCall) -> torch.Tensor:
         scores = observation_scores(call, self.window)
