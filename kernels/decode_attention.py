@@ -319,7 +319,8 @@ def _ragged_reduce_kernel(
 _POISON_SCRATCH = False  # set by the tests
 
 DECODE_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "items_per_sm": 2,
-                 "max_chunk": 4096}
+                 "max_chunk": 4096,
+                 "large": {"min_chunk": 2048, "BLOCK_N": 128, "num_stages": 3}}
 
 
 def _check_inputs(q, k, v, seg_start, seg_len):
@@ -339,12 +340,16 @@ def _check_inputs(q, k, v, seg_start, seg_len):
     return B, Hq, Tq, D, hkv, Hq // hkv
 
 
-def choose_chunk(total_tokens: int, device: torch.device, block_n: Optional[int] = None) -> int:
+def choose_chunk(total_tokens: int, device: torch.device, block_n: Optional[int] = None,
+                 n_seg: int = 0) -> int:
     """Chunk (slots per work item): about ``items_per_sm`` items per SM for the
-    given number of tokens, a multiple of BLOCK_N, at most ``max_chunk``."""
+    given number of tokens, less one item per segment for the ragged tails
+    (while that leaves at least half), a multiple of BLOCK_N, at most
+    ``max_chunk``."""
     cfg = DECODE_CONFIG
     bn = block_n or cfg["BLOCK_N"]
-    target = max(1, cfg["items_per_sm"] * _num_sms(device))
+    slots = max(1, cfg["items_per_sm"] * _num_sms(device))
+    target = max(slots - n_seg, (slots + 1) // 2)
     c = -(-max(int(total_tokens), 1) // target)
     c = -(-c // bn) * bn
     return int(min(max(c, bn), max(cfg["max_chunk"], bn)))
@@ -370,10 +375,18 @@ def ragged_attention_triton(
     B, Hq, Tq, D, hkv, G = _check_inputs(q, k, v, seg_start, seg_len)
     cfg = DECODE_CONFIG
     BLOCK_N = int(block_n or cfg["BLOCK_N"])
+    nw = int(num_warps or cfg["num_warps"])
+    ns = int(num_stages or cfg["num_stages"])
     S = k.shape[0]
     n_seg = B * hkv
     if chunk is None:
-        chunk = choose_chunk(total_tokens if total_tokens is not None else S, q.device, BLOCK_N)
+        chunk = choose_chunk(total_tokens if total_tokens is not None else S, q.device, BLOCK_N, n_seg)
+        large = cfg.get("large")
+        if large and block_n is None and chunk >= large["min_chunk"]:
+            # long chunks: wider tiles stream slightly better (H100 sweep, NOTES.md)
+            BLOCK_N = int(large["BLOCK_N"])
+            ns = int(num_stages or large["num_stages"])
+            chunk = -(-chunk // BLOCK_N) * BLOCK_N
     chunk = int(chunk)
     if chunk <= 0:
         raise ValueError("chunk must be positive")
@@ -408,8 +421,6 @@ def ragged_attention_triton(
     # Triton's interpreter (3.9) computes bf16 dots wrongly: upcast there.
     dot_f32 = _env_true("TRITON_INTERPRET") and k.dtype == torch.bfloat16
     precision = "ieee" if (k.dtype == torch.float32 or dot_f32) else "tf32"
-    nw = int(num_warps or cfg["num_warps"])
-    ns = int(num_stages or cfg["num_stages"])
 
     _launch(
         _ragged_decode_kernel, (max_items, n_mt),
@@ -423,7 +434,7 @@ def ragged_attention_triton(
         PRECISION=precision, DOT_F32=dot_f32, num_warps=nw, num_stages=ns,
     )
     if q.is_cuda:
-        BLOCK_R, BLOCK_C = 1, 32
+        BLOCK_R, BLOCK_C = 1, 64
     else:  # interpreter: per-program overhead dominates, so fewer, wider programs
         BLOCK_R, BLOCK_C = min(64, _next_pow2(n_rows)), 16
     _launch(

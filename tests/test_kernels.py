@@ -147,6 +147,8 @@ def test_ragged_attention_matches_reference(dtype, G):
         _check_attention(q, k, v, ss, sl, scale, seed, chunk=96, block_n=32)
         if Tq == 1:  # default configuration (chunk chosen from S)
             _check_attention(q, k, v, ss, sl, scale, seed)
+            # chunk chosen for a huge store: the long-chunk tier (BLOCK_N 128)
+            _check_attention(q, k, v, ss, sl, scale, seed, total_tokens=10**8)
 
 
 def test_ragged_attention_long_tq_and_row_tiles():
