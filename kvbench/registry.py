@@ -18,6 +18,7 @@ METHODS = {
     "h2o": "kvbench.methods.h2o:H2O",
     "tova": "kvbench.methods.tova:TOVA",
     "adakv": "kvbench.methods.adakv:AdaKV",
+    "deltakv": "kvbench.methods.deltakv:DeltaKV",
 }
 
 TASKS = {

@@ -1,0 +1,237 @@
+"""``kvbench train deltakv``: train DeltaKV's per-layer compressors for one model.
+
+The base model is frozen; only the compressors train. Every sample is a packed run of ``seq_len`` tokens
+of the corpus. In the forward pass every compressed layer replaces its keys and values by their DeltaKV
+reconstruction (references: the sinks and every ``s``-th token, exact; every other token: ``up(down(x) -
+down(ref)) + ref`` with ``ref`` the mean of its ``k`` nearest earlier references), so later layers see
+reconstructed attention, as at inference. Loss = next-token cross-entropy + the sum over compressed layers
+of the MSE between reconstructed and true (pre-RoPE key ++ value) vectors, as the paper trains. AdamW,
+linear warm-up then cosine decay, gradient clipping at 1.
+
+Choices the paper leaves open: the up-projection starts at zero (the first reconstruction is the reference
+mean, so training starts from a sane cache); the reference choice is not differentiated (a top-k);
+latents are trained unquantised (int8/int4 storage is an inference option); the last 2% of the corpus
+is held out and reported (cross-entropy with full and reconstructed KV). The checkpoint (safetensors + JSON)
+records the model, its signature and fingerprint, the layers, r, I, s, k, the corpus (path, files, bytes,
+sha256, tokens), the steps, the time and the final losses.
+
+Corpora: a text file, or a directory of ``.txt``/``.md`` files and manual pages (``*.N`` or ``*.N.gz``
+roff, turned into plain text by ``roff_to_text``).
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import math
+import re
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kvbench.methods.deltakv import (DeltaKV, is_reference, kv_from_tokens, model_fingerprint, model_signature,
+                                     nearest_references, save_checkpoint, tokens_from_kv, visible_references)
+from kvbench.task import TaskError
+
+_MAN_PAGE = re.compile(r"\.[0-9][a-z0-9]*(\.gz)?$")
+_ROFF_ESCAPES = [(re.compile(r"\\f(\[[^\]]*\]|\(..|.)"), ""), (re.compile(r"\\s[+-]?\d"), ""),
+                 (re.compile(r"\\\*(\[[^\]]*\]|\(..|.)"), ""), (re.compile(r"\\\(em|\\\(en"), "-"),
+                 (re.compile(r"\\\(.."), ""), (re.compile(r"\\[-]"), "-"), (re.compile(r"\\[&/,|^%]"), ""),
+                 (re.compile(r"\\e"), "\\\\"), (re.compile(r"\\ "), " ")]
+
+
+def roff_to_text(source: str) -> str:
+    """Plain text of a manual page: comments and macro lines dropped, the words of headings and of font
+    macros (``.B``, ``.I``, ``.BR`` ...) kept, inline escapes removed."""
+    out = []
+    for line in source.splitlines():
+        if line.startswith(('.\\"', "'\\\"", '.\\#')):
+            continue
+        if line.startswith((".", "'")):
+            name, _, rest = line[1:].partition(" ")
+            if name in ("SH", "SS", "B", "I", "BR", "BI", "IB", "IR", "RB", "RI", "IP", "TP", "Nm", "Nd"):
+                line = rest.replace('"', "")
+            else:
+                continue
+        for pattern, repl in _ROFF_ESCAPES:
+            line = pattern.sub(repl, line)
+        line = line.strip()
+        if line:
+            out.append(line)
+    return "\n".join(out)
+
+
+def _read_one(path: Path) -> str:
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    text = raw.decode("utf-8", errors="replace")
+    return roff_to_text(text) if _MAN_PAGE.search(path.name) else text
+
+
+def read_corpus(spec: str) -> tuple[str, dict]:
+    """The corpus text and its description (what the checkpoint records)."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file() and not f.is_symlink() and
+                       (f.suffix in (".txt", ".md") or _MAN_PAGE.search(f.name)))
+    else:
+        raise TaskError(f"no training text at {spec}: pass --data with a text file or a directory of text/man pages")
+    parts = [_read_one(f) for f in files]
+    text = "\n\n".join(p for p in parts if p.strip())
+    if not text.strip():
+        raise TaskError(f"no text found in {spec}")
+    return text, {"path": str(path), "files": len(files), "chars": len(text),
+                  "sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+class TrainingAttention:
+    """Stands in for the kvbench cache during training (``kvbench_cache=``): full layers attend exactly;
+    compressed layers attend over their DeltaKV reconstruction and record its MSE."""
+
+    def __init__(self, method: DeltaKV, rope, positions: torch.Tensor):
+        self.method, self.rope, self.positions = method, rope, positions
+        self.mse: list[torch.Tensor] = []
+
+    def attention(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
+        if layer in self.method.full_set:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        m = self.method
+        heads = k.shape[1]
+        x = tokens_from_kv(self.rope(k.float(), self.positions, inverse=True), v.float())  # [B, T, D]
+        x_hat, mse = reconstruct_training(x, m.compressor_for(layer), m.sinks, m.stride_, m.neighbors_)
+        self.mse.append(mse)
+        k_pre, v_hat = kv_from_tokens(x_hat, heads)
+        k_hat = self.rope(k_pre, self.positions)
+        return F.scaled_dot_product_attention(q, k_hat.to(q.dtype), v_hat.to(q.dtype), is_causal=True, scale=scale,
+                                              enable_gqa=True)
+
+
+def reconstruct_training(x: torch.Tensor, compressor, sinks: int, stride: int, k: int):
+    """Every non-reference token of ``x [B, T, D]`` replaced by its reconstruction; returns it and the MSE."""
+    T = x.shape[1]
+    pos = torch.arange(T, device=x.device)
+    ref = is_reference(pos, sinks, stride)
+    refs, lat = x[:, ref], x[:, ~ref]
+    with torch.no_grad():
+        nbr = nearest_references(lat, refs, visible_references(pos[~ref], sinks, stride), k)  # [B, n, k]
+    mean = torch.gather(refs[:, None].expand(-1, lat.shape[1], -1, -1), 2,
+                        nbr[..., None].expand(-1, -1, -1, x.shape[2])).mean(dim=2)
+    lat_hat = compressor.decode(compressor.encode(lat, mean), mean)
+    x_hat = x.clone()
+    x_hat[:, ~ref] = lat_hat
+    return x_hat, F.mse_loss(lat_hat, lat.detach())
+
+
+def train(model: str, data: str, out: str, steps: int = 1000, batch: int = 8, seq_len: int = 1024,
+          lr: float = 1e-3, latent_dim: int | None = None, intermediate: int | None = None, stride: int = 10,
+          neighbors: int = 4, sinks: int = 8, full_layers: list[int] | None = None, compressor: str = "swiglu",
+          device: str = "auto", dtype: str = "auto", seed: int = 0, max_minutes: float | None = None,
+          log=print) -> Path:
+    from kvbench import models
+    from kvbench.cache import rope_inverse_factory
+    from kvbench.runner import resolve_device, resolve_dtype
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    method = DeltaKV(latent_dim=latent_dim, intermediate=intermediate, stride=stride, neighbors=neighbors, sinks=sinks,
+                     full_layers=full_layers, compressor=compressor, seed=seed)  # validates before loading
+    text, corpus = read_corpus(data)
+    lm = models.load(model, torch_dtype, dev)
+    if lm.tokenizer is None:
+        raise models.ModelError("training needs a tokenizer: random-weight presets cannot train a compressor")
+    lm.model.requires_grad_(False)
+    method.prepare(lm)
+    comps = method.modules.float().requires_grad_(True).train()
+    for module in comps.values():
+        torch.nn.init.zeros_(module.up.weight)
+    rope = rope_inverse_factory(lm.model.model.rotary_emb)
+
+    ids = torch.tensor(lm.tokenizer.encode(text, add_special_tokens=False), dtype=torch.int64)
+    n_samples = len(ids) // seq_len
+    n_held = max(1, n_samples // 50)
+    if n_samples - n_held < batch:
+        raise TaskError(f"corpus too small: {len(ids)} tokens make {n_samples} samples of {seq_len}; need more than "
+                        f"{batch + n_held}")
+    samples = ids[: n_samples * seq_len].view(n_samples, seq_len)
+    train_set, held = samples[:-n_held], samples[-n_held:]
+    corpus.update(tokens=len(ids), train_samples=len(train_set), heldout_samples=len(held), seq_len=seq_len)
+    log(f"corpus: {corpus['files']} files, {len(ids)} tokens, {len(train_set)} samples of {seq_len}; "
+        f"compressed layers {sorted(int(x) for x in comps)}; r={method.latent_dim_} I={method.intermediate_}")
+
+    opt = torch.optim.AdamW(comps.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: (i + 1) / warmup if i < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * (i - warmup) / max(1, steps - warmup))))
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(train_set), generator=gen)
+    positions = torch.arange(seq_len, device=dev)[None, :].expand(batch, seq_len)
+    t0, step, cursor, history = time.perf_counter(), 0, 0, []
+    while step < steps:
+        if max_minutes is not None and time.perf_counter() - t0 > 60 * max_minutes:
+            log(f"stopping at step {step}: --max-minutes {max_minutes} reached")
+            break
+        if cursor + batch > len(order):
+            order, cursor = torch.randperm(len(train_set), generator=gen), 0
+        x = train_set[order[cursor: cursor + batch]].to(dev)
+        cursor += batch
+        ce, mse = _loss(lm.model, method, rope, x, positions)
+        loss = ce + mse
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(comps.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        history.append((ce.item(), mse.item()))
+        if step % 25 == 0 or step == 1:
+            log(f"step {step}: ce {history[-1][0]:.4f} mse(sum over layers) {history[-1][1]:.4f} "
+                f"({time.perf_counter() - t0:.0f} s)")
+    seconds = time.perf_counter() - t0
+    tail = history[-20:]
+    final = {"train_ce": sum(c for c, _ in tail) / len(tail), "train_mse_sum": sum(m for _, m in tail) / len(tail)}
+    final.update(_heldout(lm.model, method, rope, held.to(dev), min(batch, len(held))))
+    log(f"trained {step} steps in {seconds:.0f} s; final {final}")
+    comps.eval()
+    config = {"model": lm.name, "model_signature": model_signature(lm.model.config),
+              "model_fingerprint": model_fingerprint(lm.model), "full_layers": sorted(method.full_set),
+              "compressed_layers": sorted(int(x) for x in comps), "dim": 2 * method.heads * method.signature["head_dim"],
+              "latent_dim": method.latent_dim_, "intermediate": method.intermediate_, "compressor": method.kind_,
+              "stride": method.stride_, "neighbors": method.neighbors_, "sinks": method.sinks, "corpus": corpus,
+              "steps": step, "train_seconds": round(seconds, 1), "final_losses": final,
+              "training": {"batch": batch, "seq_len": seq_len, "lr": lr, "optimizer": "AdamW(0.9, 0.95)",
+                           "schedule": "linear warm-up 5%, cosine to 10%", "grad_clip": 1.0, "seed": seed,
+                           "dtype": str(torch_dtype).replace("torch.", ""), "device": dev}}
+    return save_checkpoint(out, comps, config)
+
+
+def _loss(model, method, rope, ids: torch.Tensor, positions: torch.Tensor, full_kv: bool = False):
+    attn = TrainingAttention(method, rope, positions[: ids.shape[0]])
+    if full_kv:
+        attn.method = _AllFull(method)
+    logits = model(input_ids=ids, position_ids=positions[: ids.shape[0]], use_cache=False, kvbench_cache=attn).logits
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+    mse = torch.stack(attn.mse).sum() if attn.mse else ce.new_zeros(())
+    return ce, mse
+
+
+class _AllFull:
+    """A view of the method with every layer full (the reference cross-entropy)."""
+
+    def __init__(self, method):
+        self.full_set = set(range(method.n_layers))
+
+
+@torch.no_grad()
+def _heldout(model, method, rope, held: torch.Tensor, batch: int) -> dict:
+    positions = torch.arange(held.shape[1], device=held.device)[None, :].expand(batch, -1)
+    sums = {"heldout_ce": 0.0, "heldout_mse_sum": 0.0, "heldout_ce_full_kv": 0.0}
+    n = 0
+    for s in range(0, len(held) - batch + 1, batch):
+        ce, mse = _loss(model, method, rope, held[s: s + batch], positions)
+        ce_full, _ = _loss(model, method, rope, held[s: s + batch], positions, full_kv=True)
+        sums["heldout_ce"] += ce.item()
+        sums["heldout_mse_sum"] += mse.item()
+        sums["heldout_ce_full_kv"] += ce_full.item()
+        n += 1
+    return {k: v / max(n, 1) for k, v in sums.items()}

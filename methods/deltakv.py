@@ -1,0 +1,668 @@
+"""``deltakv``: tokens stored as small residuals against similar earlier tokens, reconstructed sparsely.
+
+Hao et al., "DeltaKV" (arXiv 2602.08005; official code: CURRENTF/Sparse-vLLM). Per compressed layer the
+unit is one token's pre-RoPE key concatenated with its value over all KV heads (width ``D = 2 * H *
+head_dim``). A learned compressor per layer (down: SwiGLU ``D -> 2I``, ``silu(a) * b``, ``I -> r``; up:
+linear ``r -> D``; no biases) stores each token as ``z = down(x) - down(ref)`` where ``ref`` is the mean of
+its ``k`` nearest (L2, full vector) visible references, plus the reference indices; it is read back as
+``up(z) + ref``. References are the sink tokens and every ``s``-th token; they stay exact. The newest
+tokens stay raw in a window: when it reaches ``2W`` tokens its oldest whole multiples of ``W`` are
+compressed, during prefill chunks and during decoding alike. Some layers stay full; a full layer followed
+by compressed layers observes: at each decoding step it picks the tokens its own attention ranks highest
+(max over heads) and the following compressed layers reconstruct only those, plus the sinks, and attend
+to them together with the raw window. Reconstruction (gather references, mean, up-projection, add,
+rotate) is one Triton kernel (``kvbench.kernels.deltakv_reconstruct``).
+
+Choices the paper leaves open, made here:
+- The reference phase is global: after the ``sinks`` sink tokens, every position ``p`` with ``(p - sinks)
+  % s == 0`` is a reference. The density is the paper's (1 in ``s``); no positions need storing, since a
+  position's row (reference or latent) follows from arithmetic.
+- "Visible" references of a token are the references at earlier positions (the sinks included), as in
+  training, where a token's reconstruction must not depend on later tokens.
+- Multi-token queries (prefill chunks, a question fed after compression, the fidelity continuation)
+  reconstruct every compressed token: the official runtime's prefill top-k (``num_top_tokens_in_prefill``
+  = 8192) covers whole contexts of the sizes run here. The observation-layer selection applies to
+  single-token decoding steps.
+- The decode-time kept share ``keep`` (default 0.15, inside the paper's 0.11-0.17) is a fraction of the
+  compressed tokens of each sequence (a count when > 1), chosen per sequence, shared by the KV heads and
+  by the compressed layers up to the next full layer.
+- Observation scores are the attention probabilities of the current query, max over all query heads.
+- Stored dtypes are options: references in the model dtype; latents ``bfloat16`` (the paper), ``float32``,
+  ``int8`` or ``int4`` (symmetric, one float16 scale per ``quant_group`` dimensions, the official runtime's
+  4-bit group size 32); neighbour indices ``int32`` or ``int16``, relative to the sequence's first
+  reference. Every one of these tensors, the raw window, the sinks and all bookkeeping count in the
+  store's bytes. The compressors are model weights, not cache: they are reported apart.
+- Full layers, when neither a checkpoint nor ``full_layers`` names them: about 5 in 32 (the paper's
+  Llama-3.1-8B share), layers 0, 1, 2 first, then a quarter and half of the depth. Layer 0 is always full.
+- ``budget`` is not used: the memory follows from ``s``, ``k``, ``r``, ``W`` and the dtypes, and is measured.
+- Without a checkpoint the compressors are randomly initialised (seeded): for timing and tests only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvbench.cache import LayerCall, RaggedKV
+from kvbench.kernels.decode_attention import merge_attention, ragged_attention
+from kvbench.kernels.deltakv_reconstruct import dequantize_latents, quantize_latents, reconstruct
+from kvbench.kernels.window_scores import window_scores
+from kvbench.method import BudgetError, Method
+from kvbench.models import ModelError
+
+CHECKPOINT_FORMAT = "kvbench-deltakv/1"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "compressors.safetensors"
+LATENT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                 "int8": None, "int4": None}
+INDEX_DTYPES = {"int16": torch.int16, "int32": torch.int32}
+
+
+# ---------------------------------------------------------------------------------------------- compressor
+
+class SwiGLUDown(nn.Module):
+    """``D -> 2I``, ``silu(a) * b``, ``I -> r``, no biases (the paper's down-projection)."""
+
+    def __init__(self, dim: int, intermediate: int, latent_dim: int):
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * intermediate, bias=False)
+        self.out = nn.Linear(intermediate, latent_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.gate_up(x).chunk(2, dim=-1)
+        return self.out(F.silu(a) * b)
+
+
+class LayerCompressor(nn.Module):
+    """One compressed layer's codec: ``z = down(x) - down(ref)``, ``x_hat = up(z) + ref``.
+
+    ``kind="linear"`` (a plain ``D -> r`` down-projection, also offered by the official code) exists so
+    that an exact identity codec can be built (r = D, identity weights)."""
+
+    def __init__(self, dim: int, latent_dim: int, intermediate: int, kind: str = "swiglu"):
+        super().__init__()
+        self.kind = kind
+        self.down = SwiGLUDown(dim, intermediate, latent_dim) if kind == "swiglu" else \
+            nn.Linear(dim, latent_dim, bias=False)
+        self.up = nn.Linear(latent_dim, dim, bias=False)
+
+    def encode(self, x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        return self.down(x) - self.down(ref)
+
+    def decode(self, z: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        return self.up(z) + ref
+
+
+def build_compressors(layers: list[int], dim: int, latent_dim: int, intermediate: int, kind: str,
+                      seed: int = 0) -> nn.ModuleDict:
+    torch.manual_seed(seed)
+    return nn.ModuleDict({str(layer): LayerCompressor(dim, latent_dim, intermediate, kind) for layer in layers})
+
+
+# ---------------------------------------------------------------------------------------------- references
+
+def is_reference(pos: torch.Tensor, sinks: int, stride: int) -> torch.Tensor:
+    """Positions that are references: the sinks and every ``stride``-th position after them."""
+    return (pos < sinks) | ((pos - sinks) % stride == 0)
+
+
+def reference_row(pos: torch.Tensor, sinks: int, stride: int) -> torch.Tensor:
+    """Row of a reference position in its sequence's reference table."""
+    return torch.where(pos < sinks, pos, sinks + (pos - sinks) // stride)
+
+
+def latent_row(pos: torch.Tensor, sinks: int, stride: int) -> torch.Tensor:
+    """Row of a non-reference position in its sequence's latent table."""
+    c = pos - sinks
+    return c - c // stride - 1
+
+
+def visible_references(pos: torch.Tensor, sinks: int, stride: int) -> torch.Tensor:
+    """How many references lie before each (non-reference) position: rows ``[0, n)`` of its table."""
+    c = pos - sinks
+    return torch.where(pos <= sinks, torch.clamp(pos, max=sinks), sinks + (c - 1) // stride + 1)
+
+
+def nearest_references(x: torch.Tensor, refs: torch.Tensor, n_visible: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows of the ``k`` references nearest (L2) to each token among the first ``n_visible`` rows.
+
+    ``x [..., n, D]``, ``refs [..., R, D]``, ``n_visible [n]`` (at least ``k``) -> ``[..., n, k]`` int64."""
+    x, refs = x.float(), refs.float()
+    d = (x * x).sum(-1, keepdim=True) - 2 * x @ refs.transpose(-1, -2) + (refs * refs).sum(-1).unsqueeze(-2)
+    hidden = torch.arange(refs.shape[-2], device=x.device)[None, :] >= n_visible[:, None]
+    d = d.masked_fill(hidden, float("inf"))
+    return d.topk(k, dim=-1, largest=False).indices
+
+
+def tokens_from_kv(k_pre: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``[B, H, T, hd]`` pre-RoPE keys and values -> ``[B, T, 2*H*hd]`` (keys of all heads, then values)."""
+    B, H, T, hd = k_pre.shape
+    return torch.cat([k_pre.transpose(1, 2).reshape(B, T, H * hd), v.transpose(1, 2).reshape(B, T, H * hd)], -1)
+
+
+def kv_from_tokens(x: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of ``tokens_from_kv``."""
+    B, T, D = x.shape
+    hd = D // (2 * heads)
+    k = x[..., : heads * hd].reshape(B, T, heads, hd).transpose(1, 2)
+    v = x[..., heads * hd:].reshape(B, T, heads, hd).transpose(1, 2)
+    return k, v
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+def model_signature(config) -> dict:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return {"model_type": config.model_type, "num_hidden_layers": config.num_hidden_layers,
+            "hidden_size": config.hidden_size, "num_key_value_heads": config.num_key_value_heads,
+            "head_dim": head_dim, "vocab_size": config.vocab_size}
+
+
+def model_fingerprint(model) -> str:
+    """sha256 of the first 64 token embeddings rounded to bfloat16: tells two models of one shape apart,
+    and is the same whether the model was loaded in float32 or bfloat16, on any device."""
+    rows = model.get_input_embeddings().weight[:64].detach().to("cpu", torch.float32).to(torch.bfloat16)
+    return hashlib.sha256(rows.view(torch.int16).numpy().tobytes()).hexdigest()[:16]
+
+
+def save_checkpoint(directory: str | Path, compressors: nn.ModuleDict, config: dict) -> Path:
+    from safetensors.torch import save_file
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    # bfloat16 on disk halves the checkpoint; inference computes in float32 from these values.
+    tensors = {f"{layer}.{name}": p.detach().to("cpu", torch.bfloat16).contiguous()
+               for layer, module in compressors.items() for name, p in module.named_parameters()}
+    save_file(tensors, str(out / WEIGHTS_FILE))
+    (out / CONFIG_FILE).write_text(json.dumps({"format": CHECKPOINT_FORMAT, **config}, indent=2) + "\n")
+    return out
+
+
+def read_checkpoint_config(directory: str | Path) -> dict:
+    path = Path(directory).expanduser()
+    if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"no DeltaKV checkpoint at {directory} (expected {CONFIG_FILE} and {WEIGHTS_FILE}; "
+                                "make one with `kvbench train deltakv`)")
+    config = json.loads((path / CONFIG_FILE).read_text())
+    if config.get("format") != CHECKPOINT_FORMAT:
+        raise ModelError(f"{path / CONFIG_FILE} is not a {CHECKPOINT_FORMAT} checkpoint")
+    return config
+
+
+def load_checkpoint(directory: str | Path) -> tuple[dict, nn.ModuleDict]:
+    from safetensors.torch import load_file
+    config = read_checkpoint_config(directory)
+    modules = build_compressors(config["compressed_layers"], config["dim"], config["latent_dim"],
+                                config["intermediate"], config["compressor"])
+    state = load_file(str(Path(directory).expanduser() / WEIGHTS_FILE))
+    modules.load_state_dict({k: v.float() for k, v in state.items()})
+    return config, modules
+
+
+def default_full_layers(n_layers: int) -> list[int]:
+    n_full = max(1, round(n_layers * 5 / 32))
+    candidates = [0, 1, 2, n_layers // 4, n_layers // 2, 3 * n_layers // 4]
+    chosen: list[int] = []
+    for layer in candidates:
+        if layer not in chosen and layer < n_layers and len(chosen) < n_full:
+            chosen.append(layer)
+    return sorted(chosen)
+
+
+# ---------------------------------------------------------------------------------------------- stores
+
+class SegmentTable:
+    """Rows of B sequences packed in shared tensors: sequence b owns rows ``start[b] .. start[b] + cap[b]``,
+    the first ``length[b]`` valid. Several tensors share the layout (latents, scales, indices).
+    Bookkeeping lives on the device (counted in bytes) and is mirrored on the host (no syncs)."""
+
+    def __init__(self, batch: int, columns: dict[str, tuple[tuple[int, ...], torch.dtype]], device):
+        self.B, self.device = batch, device
+        self.t = {name: torch.empty((0, *shape), dtype=dtype, device=device) for name, (shape, dtype) in columns.items()}
+        self.h_start, self.h_len, self.h_cap = [0] * batch, [0] * batch, [0] * batch
+        self._sync_device()
+
+    def _sync_device(self) -> None:
+        self.start = torch.tensor(self.h_start, dtype=torch.int64, device=self.device)
+        self.length = torch.tensor(self.h_len, dtype=torch.int64, device=self.device)
+        self.capacity = torch.tensor(self.h_cap, dtype=torch.int64, device=self.device)
+
+    def row_bytes(self) -> int:
+        return sum(t.element_size() * t.shape[1:].numel() for t in self.t.values())
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.t.values(), self.start, self.length, self.capacity))
+
+    def seq_nbytes(self) -> list[int]:
+        return [cap * self.row_bytes() + 3 * 8 for cap in self.h_cap]
+
+    def rows(self, b: int, name: str) -> torch.Tensor:
+        s = self.h_start[b]
+        return self.t[name][s: s + self.h_len[b]]
+
+    def append(self, b: int, rows: dict[str, torch.Tensor], slack: int) -> None:
+        n = next(iter(rows.values())).shape[0]
+        if n == 0:
+            return
+        if self.h_len[b] + n > self.h_cap[b]:
+            caps = list(self.h_cap)
+            caps[b] = self.h_len[b] + n + slack
+            self._relayout(caps)
+        s = self.h_start[b] + self.h_len[b]
+        for name, r in rows.items():
+            self.t[name][s: s + n] = r.to(self.t[name].dtype)
+        self.h_len[b] += n
+        self._sync_device()
+
+    def _relayout(self, caps: list[int]) -> None:
+        starts = [0] * self.B
+        for b in range(1, self.B):
+            starts[b] = starts[b - 1] + caps[b - 1]
+        total = starts[-1] + caps[-1] if self.B else 0
+        new = {name: t.new_zeros((total, *t.shape[1:])) for name, t in self.t.items()}
+        for b in range(self.B):
+            n = self.h_len[b]
+            for name in self.t:
+                new[name][starts[b]: starts[b] + n] = self.t[name][self.h_start[b]: self.h_start[b] + n]
+        self.t, self.h_start, self.h_cap = new, starts, caps
+
+    @classmethod
+    def concat(cls, tables: list["SegmentTable"]) -> "SegmentTable":
+        out = cls.__new__(cls)
+        out.B, out.device = sum(t.B for t in tables), tables[0].device
+        out.t = {name: torch.cat([t.t[name] for t in tables]) for name in tables[0].t}
+        out.h_start, out.h_len, out.h_cap = [], [], []
+        offset = 0
+        for t in tables:
+            out.h_start += [s + offset for s in t.h_start]
+            out.h_len += list(t.h_len)
+            out.h_cap += list(t.h_cap)
+            offset += next(iter(t.t.values())).shape[0]
+        out._sync_device()
+        return out
+
+
+@dataclass
+class Plan:
+    """Which compressed-region tokens to reconstruct for one forward call, shared by the layers that use
+    it: token ``i`` is position ``pos[i]`` of sequence ``seq[i]``, grouped by sequence (``counts``)."""
+
+    seq: torch.Tensor
+    pos: torch.Tensor
+    counts: list[int]
+    cos: torch.Tensor
+    sin: torch.Tensor
+    dest: torch.Tensor
+    hstride: torch.Tensor
+    seg_start: torch.Tensor
+    seg_len: torch.Tensor
+    slots: int
+
+
+def make_plan(seq: torch.Tensor, pos: torch.Tensor, counts: list[int], heads: int, rotary) -> Plan:
+    device = pos.device
+    counts_t = torch.tensor(counts, dtype=torch.int64, device=device)
+    first = torch.zeros_like(counts_t)
+    first[1:] = torch.cumsum(counts_t, 0)[:-1]
+    index_in_seq = torch.arange(len(pos), device=device) - first[seq]
+    dest = heads * first[seq] + index_in_seq
+    hstride = counts_t[seq]
+    seg_start = (heads * first)[:, None] + torch.arange(heads, device=device)[None, :] * counts_t[:, None]
+    seg_len = counts_t[:, None].expand(len(counts), heads)
+    cos, sin = rotary(torch.empty(0, device=device, dtype=torch.float32), pos[None, :])
+    return Plan(seq, pos, counts, cos[0].float().contiguous(), sin[0].float().contiguous(), dest, hstride,
+                seg_start.reshape(-1).contiguous(), seg_len.reshape(-1).contiguous(), heads * len(pos))
+
+
+class DeltaKVStore:
+    """One compressed layer: a raw ``RaggedKV`` (the sinks until the first flush, then the recent window;
+    keys post-RoPE, as the model made them), a reference table (pre-RoPE ``[R, D]``: the sinks, then every
+    ``s``-th compressed token) and a latent table (latents, their scales, neighbour indices)."""
+
+    def __init__(self, method: "DeltaKV", layer: int, batch: int, heads: int, head_dim: int, dtype, device):
+        self.method, self.layer, self.B, self.H, self.hd, self.dtype = method, layer, batch, heads, head_dim, dtype
+        self.D = 2 * heads * head_dim
+        self.raw = RaggedKV(batch, heads, head_dim, dtype, device)
+        self.refs = SegmentTable(batch, {"x": ((self.D,), dtype)}, device)
+        self.latents = SegmentTable(batch, method.latent_columns(dtype), device)
+        self.n_seen = [0] * batch  # tokens appended, per sequence (host mirror: flush decisions need no sync)
+        self.n_comp = [0] * batch  # tokens moved out of the raw store (the sinks included)
+        self.plan: Plan | None = None  # set by the observation layer for the coming decoding step
+
+    # ---- what it holds ----
+    def nbytes(self) -> int:
+        return self.raw.nbytes() + self.refs.nbytes() + self.latents.nbytes()
+
+    def seq_nbytes(self) -> torch.Tensor:
+        extra = torch.tensor([a + b for a, b in zip(self.refs.seq_nbytes(), self.latents.seq_nbytes())],
+                             device=self.raw.length.device)
+        return self.raw.seq_nbytes() + extra
+
+    def breakdown(self) -> dict[str, int]:
+        """Bytes by kind: raw window, sinks, references, latents, scales, indices, bookkeeping."""
+        lat = self.latents
+        sink_rows = sum(min(self.method.sinks, n) for n in self.refs.h_len)
+        ref_item = self.D * self.refs.t["x"].element_size()
+        out = {"raw_window": self.raw.nbytes(), "sinks": sink_rows * ref_item,
+               "references": self.refs.t["x"].numel() * self.refs.t["x"].element_size() - sink_rows * ref_item,
+               "latents": lat.t["z"].numel() * lat.t["z"].element_size(),
+               "indices": lat.t["nbr"].numel() * lat.t["nbr"].element_size(),
+               "scales": lat.t["scale"].numel() * lat.t["scale"].element_size() if "scale" in lat.t else 0}
+        out["bookkeeping"] = self.nbytes() - sum(out.values())
+        return out
+
+    def token_counts(self) -> torch.Tensor:
+        comp = torch.tensor(self.n_comp, device=self.raw.length.device)
+        return self.raw.token_counts() + comp[:, None]
+
+    def num_tokens(self) -> int:
+        return sum(self.n_seen)
+
+    # ---- changing what it holds ----
+    def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        self.raw.append(k, v, pos)
+        self.n_seen = [n + k.shape[2] for n in self.n_seen]
+
+    def flush(self, rope, decoding: bool) -> None:
+        """Compress the oldest whole multiples of W once the window reaches 2W (the sinks go first)."""
+        m = self.method
+        moves = []
+        for b in range(self.B):
+            sinks_raw = min(m.sinks, self.n_seen[b]) if self.n_comp[b] == 0 else 0
+            window = self.n_seen[b] - self.n_comp[b] - sinks_raw
+            blocks = window // m.window - 1 if window >= 2 * m.window else 0
+            moves.append(sinks_raw + blocks * m.window if blocks > 0 else 0)
+        if not any(moves):
+            return
+        idx, valid = self.raw.slot_index()
+        lengths = self.raw.length.new_tensor(moves).repeat_interleave(self.H)
+        first = torch.arange(idx.shape[1], device=idx.device)[None, :] < lengths[:, None]
+        kept = valid & ~first
+        for b, n in enumerate(moves):
+            if n == 0:
+                continue
+            rows = idx[b * self.H:(b + 1) * self.H, :n]  # [H, n] slots of the oldest n tokens
+            positions = torch.arange(self.n_comp[b], self.n_comp[b] + n, device=idx.device)
+            k_pre = rope(self.raw.k[rows].float()[None], positions[None], inverse=True)
+            x = tokens_from_kv(k_pre, self.raw.v[rows].float()[None])[0]
+            self._compress_tokens(b, x, positions, decoding)
+            self.n_comp[b] += n
+        self.raw.keep(idx[kept], valid.sum(1) - lengths)
+
+    def _compress_tokens(self, b: int, x: torch.Tensor, positions: torch.Tensor, decoding: bool) -> None:
+        m = self.method
+        ref = is_reference(positions, m.sinks, m.stride_)
+        per_flush_refs = m.window // m.stride_ + 1
+        self.refs.append(b, {"x": x[ref]}, slack=max(per_flush_refs, self.refs.h_len[b] // 32) if decoding else 0)
+        n_refs = self.refs.h_len[b]
+        if m.index_dtype == "int16" and n_refs > torch.iinfo(torch.int16).max:
+            raise BudgetError(f"DeltaKV index_dtype int16 holds {torch.iinfo(torch.int16).max} references per "
+                              "sequence; this context needs more: use index_dtype=int32")
+        refs = self.refs.rows(b, "x")
+        compressor = m.compressor_for(self.layer)
+        lat_pos, lat_x = positions[~ref], x[~ref]
+        for s in range(0, len(lat_pos), 4096):  # bounded distance matrices on long prefills
+            p, xs = lat_pos[s: s + 4096], lat_x[s: s + 4096]
+            nbr = nearest_references(xs, refs, visible_references(p, m.sinks, m.stride_), m.neighbors_)
+            mean = refs[nbr].float().mean(dim=1)
+            z = compressor.encode(xs, mean)
+            values, scales = quantize_latents(z, m.latent_format, m.quant_group, m.latent_float_dtype)
+            rows = {"z": values, "nbr": nbr}
+            if scales is not None:
+                rows["scale"] = scales
+            self.latents.append(b, rows, slack=max(m.window, self.latents.h_len[b] // 32) if decoding else 0)
+
+    # ---- reading ----
+    def attend(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = self.raw.attend(q, scale)
+        plan, self.plan = self.plan, None
+        if not any(self.n_comp):
+            return out, lse
+        if plan is None or q.shape[2] != 1:
+            plan = self.full_plan()
+        k_buf, v_buf = self.materialize(plan)
+        out_c, lse_c = ragged_attention(q, k_buf, v_buf, plan.seg_start, plan.seg_len, scale)
+        return merge_attention(out_c, lse_c, out, lse)
+
+    def full_plan(self) -> Plan:
+        device = self.raw.length.device
+        seq = torch.repeat_interleave(torch.arange(self.B, device=device),
+                                      torch.tensor(self.n_comp, device=device))
+        pos = torch.cat([torch.arange(n, device=device) for n in self.n_comp])
+        return make_plan(seq, pos, list(self.n_comp), self.H, self.method.rotary)
+
+    def materialize(self, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (rotated) and values of the plan's tokens, packed as ragged (sequence, head) segments."""
+        m = self.method
+        ref = is_reference(plan.pos, m.sinks, m.stride_)
+        ref_base = self.refs.start[plan.seq]
+        lat_row = torch.where(ref, torch.full_like(plan.pos, -1),
+                              self.latents.start[plan.seq] + latent_row(plan.pos, m.sinks, m.stride_))
+        self_ref = torch.where(ref, ref_base + reference_row(plan.pos, m.sinks, m.stride_), torch.zeros_like(plan.pos))
+        k_buf = torch.empty(plan.slots, self.hd, dtype=self.dtype, device=plan.pos.device)
+        v_buf = torch.empty_like(k_buf)
+        lat = self.latents.t
+        reconstruct(lat["z"], lat.get("scale"), lat["nbr"], self.refs.t["x"], m.up_weight(self.layer), lat_row,
+                    self_ref, ref_base, plan.cos, plan.sin, plan.dest, plan.hstride, k_buf, v_buf, self.H,
+                    m.latent_format, m.quant_group)
+        return k_buf, v_buf
+
+    @classmethod
+    def concat(cls, stores: list["DeltaKVStore"]) -> "DeltaKVStore":
+        first = stores[0]
+        out = cls.__new__(cls)
+        out.method, out.layer, out.H, out.hd, out.dtype, out.D = \
+            first.method, first.layer, first.H, first.hd, first.dtype, first.D
+        out.B = sum(s.B for s in stores)
+        out.raw = RaggedKV.concat([s.raw for s in stores])
+        out.refs = SegmentTable.concat([s.refs for s in stores])
+        out.latents = SegmentTable.concat([s.latents for s in stores])
+        out.n_seen = [n for s in stores for n in s.n_seen]
+        out.n_comp = [n for s in stores for n in s.n_comp]
+        out.plan = None
+        return out
+
+    def clone(self) -> "DeltaKVStore":
+        out = DeltaKVStore.concat([self])
+        out.raw = self.raw.clone()
+        out.refs.t = {n: t.clone() for n, t in self.refs.t.items()}
+        out.latents.t = {n: t.clone() for n, t in self.latents.t.items()}
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- method
+
+@dataclass
+class DeltaKV(Method):
+    checkpoint: str | None = None
+    full_layers: list[int] | None = None
+    latent_dim: int | None = None  # r (default: the checkpoint's, else D/4 as the released 7B compressor)
+    intermediate: int | None = None  # I (default: the checkpoint's, else 3D as the released compressor)
+    compressor: str | None = None  # "swiglu" (the paper) or "linear"
+    stride: int | None = None  # s: one reference every s tokens (default: the checkpoint's, else 10)
+    neighbors: int | None = None  # k references per token (default: the checkpoint's, else 4)
+    sinks: int = 8
+    window: int = 128
+    keep: float = 0.15
+    latent_dtype: str = "bfloat16"
+    index_dtype: str = "int32"
+    quant_group: int = 32
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.latent_dtype not in LATENT_DTYPES:
+            raise BudgetError(f"latent_dtype '{self.latent_dtype}' unknown; use one of {', '.join(LATENT_DTYPES)}")
+        if self.index_dtype not in INDEX_DTYPES:
+            raise BudgetError(f"index_dtype '{self.index_dtype}' unknown; use int16 or int32")
+        if self.compressor not in (None, "swiglu", "linear"):
+            raise BudgetError(f"compressor '{self.compressor}' unknown; use swiglu or linear")
+        if self.window < 1 or self.sinks < 0 or self.keep <= 0:
+            raise BudgetError("DeltaKV needs window >= 1, sinks >= 0 and keep > 0")
+        for name in ("stride", "neighbors", "latent_dim", "intermediate"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise BudgetError(f"DeltaKV {name} must be a positive whole number, got {value!r}")
+        if self.checkpoint is not None:
+            read_checkpoint_config(self.checkpoint)  # fail before a model is loaded
+        self._prepared_for = None
+
+    # ---- binding to a model ----
+    def prepare(self, lm) -> None:
+        cfg = lm.model.config
+        signature = model_signature(cfg)
+        fingerprint = model_fingerprint(lm.model)
+        if self._prepared_for == (id(lm.model), fingerprint):
+            return
+        n_layers, heads, head_dim = cfg.num_hidden_layers, signature["num_key_value_heads"], signature["head_dim"]
+        dim = 2 * heads * head_dim
+        if self.checkpoint is not None:
+            ckpt, modules = load_checkpoint(self.checkpoint)
+            if ckpt["model_signature"] != signature or ckpt["model_fingerprint"] != fingerprint:
+                raise ModelError(f"DeltaKV checkpoint {self.checkpoint} was trained for {ckpt['model']} "
+                                 f"({_describe(ckpt['model_signature'])}, fingerprint {ckpt['model_fingerprint']}); "
+                                 f"this run uses {lm.name} ({_describe(signature)}, fingerprint {fingerprint}): "
+                                 "train one for this model with `kvbench train deltakv`")
+            for name in ("latent_dim", "intermediate", "compressor"):
+                if getattr(self, name) is not None and getattr(self, name) != ckpt[name]:
+                    raise BudgetError(f"DeltaKV {name}={getattr(self, name)} but checkpoint {self.checkpoint} "
+                                      f"was trained with {ckpt[name]}")
+            self.latent_dim_, self.intermediate_, self.kind_ = ckpt["latent_dim"], ckpt["intermediate"], ckpt["compressor"]
+            self.stride_ = self.stride or ckpt["stride"]
+            self.neighbors_ = self.neighbors or ckpt["neighbors"]
+            full = sorted(self.full_layers) if self.full_layers is not None else ckpt["full_layers"]
+            missing = [layer for layer in range(n_layers) if layer not in full and str(layer) not in modules]
+            if missing:
+                raise BudgetError(f"DeltaKV checkpoint {self.checkpoint} has no compressor for layers {missing}; "
+                                  f"keep them full (its full layers: {ckpt['full_layers']})")
+        else:
+            self.latent_dim_ = self.latent_dim or max(1, dim // 4)
+            self.intermediate_ = self.intermediate or 3 * dim
+            self.kind_ = self.compressor or "swiglu"
+            self.stride_ = self.stride or 10
+            self.neighbors_ = self.neighbors or 4
+            full = sorted(self.full_layers) if self.full_layers is not None else default_full_layers(n_layers)
+            modules = build_compressors([layer for layer in range(n_layers) if layer not in full], dim,
+                                        self.latent_dim_, self.intermediate_, self.kind_, self.seed)
+        if 0 not in full or any(not 0 <= layer < n_layers for layer in full):
+            raise BudgetError(f"DeltaKV full_layers {full} must include layer 0 (the first observer) and lie in "
+                              f"0..{n_layers - 1}")
+        if self.sinks < self.neighbors_:
+            raise BudgetError(f"DeltaKV needs sinks >= neighbors (every compressed token must see {self.neighbors_} "
+                              f"references); got sinks={self.sinks}")
+        if self.latent_format != "float" and self.latent_dim_ % (2 * self.quant_group if self.latent_format == "int4"
+                                                                  else self.quant_group):
+            raise BudgetError(f"latent_dim {self.latent_dim_} must be a multiple of "
+                              f"{'2 x ' if self.latent_format == 'int4' else ''}quant_group={self.quant_group} "
+                              f"for {self.latent_dtype} latents")
+        param = next(lm.model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.full_set = set(full)
+        self.n_layers, self.heads = n_layers, heads
+        self.modules = modules.to(self.device).eval().requires_grad_(False)
+        self._up = {layer: mod.up.weight.to(self.dtype).contiguous() for layer, mod in self.modules.items()}
+        self.rotary = lm.model.model.rotary_emb
+        self.model_name, self.signature, self.fingerprint = lm.name, signature, fingerprint
+        self._prepared_for = (id(lm.model), fingerprint)
+
+    @property
+    def latent_format(self) -> str:
+        return self.latent_dtype if self.latent_dtype in ("int8", "int4") else "float"
+
+    @property
+    def latent_float_dtype(self) -> torch.dtype:
+        return LATENT_DTYPES[self.latent_dtype] or torch.bfloat16
+
+    def latent_columns(self, dtype) -> dict:
+        r = self.latent_dim_
+        cols = {"nbr": ((self.neighbors_,), INDEX_DTYPES[self.index_dtype])}
+        if self.latent_format == "float":
+            cols["z"] = ((r,), self.latent_float_dtype)
+        else:
+            cols["z"] = ((r // 2,), torch.uint8) if self.latent_format == "int4" else ((r,), torch.int8)
+            cols["scale"] = ((r // self.quant_group,), torch.float16)
+        return cols
+
+    def compressor_for(self, layer: int) -> LayerCompressor:
+        return self.modules[str(layer)]
+
+    def up_weight(self, layer: int) -> torch.Tensor:
+        return self._up[str(layer)]
+
+    def compressor_nbytes(self) -> int:
+        """Bytes of the compressor weights (model weights, held once, not per sequence)."""
+        return sum(p.numel() * p.element_size() for p in self.modules.parameters())
+
+    # ---- the cache hooks ----
+    def new_store(self, layer: int, batch: int, heads: int, head_dim: int, dtype, device):
+        if self._prepared_for is None:
+            raise RuntimeError("DeltaKV.prepare(lm) must run before caches are made (the Engine calls it)")
+        if layer in self.full_set:
+            return RaggedKV(batch, heads, head_dim, dtype, device)
+        return DeltaKVStore(self, layer, batch, heads, head_dim, dtype, device)
+
+    def compress(self, call: LayerCall) -> None:
+        if call.layer not in self.full_set:
+            call.store.flush(call.cache.rope, decoding=False)
+
+    def on_decode(self, call: LayerCall) -> None:
+        if call.layer not in self.full_set:
+            call.store.flush(call.cache.rope, decoding=True)
+            return
+        followers = []
+        for layer in range(call.layer + 1, self.n_layers):
+            if layer in self.full_set:
+                break
+            followers.append(call.cache.stores[layer])
+        if followers:
+            plan = self.observe(call, followers[0])
+            for store in followers:
+                store.plan = plan
+
+    def observe(self, call: LayerCall, follower: DeltaKVStore) -> Plan:
+        """The tokens the following compressed layers reconstruct at this step: the sinks and the
+        compressed tokens this full layer's attention ranks highest (max over query heads)."""
+        store: RaggedKV = call.store
+        n_comp = follower.n_comp
+        device = store.k.device
+        B, width = len(n_comp), max(n_comp)
+        n_sinks = [min(self.sinks, n) for n in n_comp]
+        n_pick = [self._n_keep(n - s) for n, s in zip(n_comp, n_sinks)]
+        counts = [s + p for s, p in zip(n_sinks, n_pick)]
+        never = width + 1  # sorts after every real position
+        sink_cols = torch.arange(self.sinks, device=device)[None, :].expand(B, self.sinks)
+        sink_cols = torch.where(sink_cols < torch.tensor(n_sinks, device=device)[:, None], sink_cols, never)
+        columns = [sink_cols]
+        kmax = max(n_pick)
+        if kmax > 0:
+            slot = window_scores(call.queries[:, :, -1:], call.positions[:, -1:], store.k, store.pos, store.start,
+                                 store.length, call.scale, reduce="max")
+            seq = torch.repeat_interleave(torch.arange(B * store.H, device=device), store.capacity) // store.H
+            pos = store.pos.long()
+            limit = torch.tensor(n_comp, device=device)
+            inside = (pos >= self.sinks) & (pos < limit[seq])  # compressed, not sinks
+            scores = torch.full((B * width,), float("-inf"), device=device)
+            scores.scatter_reduce_(0, (seq * width + pos)[inside], slot[inside], reduce="amax")
+            top = scores.view(B, width).topk(kmax, dim=1).indices  # best first
+            chosen = torch.arange(kmax, device=device)[None, :] < torch.tensor(n_pick, device=device)[:, None]
+            columns.append(torch.sort(torch.where(chosen, top, never), dim=1).values)
+        table = torch.cat(columns, dim=1)
+        valid = table < never
+        seq_of = torch.arange(B, device=device)[:, None].expand_as(table)
+        return make_plan(seq_of[valid], table[valid], counts, self.heads, self.rotary)
+
+    def _n_keep(self, n_compressed: int) -> int:
+        if n_compressed <= 0:
+            return 0
+        if self.keep <= 1.0:
+            return min(n_compressed, math.ceil(self.keep * n_compressed))
+        return min(n_compressed, int(self.keep))
+
+
+def _describe(signature: dict) -> str:
+    return (f"{signature['model_type']}, {signature['num_hidden_layers']} layers, "
+            f"{signature['num_key_value_heads']} KV heads x {signature['head_dim']}")
