@@ -19,6 +19,8 @@ METHODS = {
     "tova": "kvbench.methods.tova:TOVA",
     "adakv": "kvbench.methods.adakv:AdaKV",
     "deltakv": "kvbench.methods.deltakv:DeltaKV",
+    "selectfit": "kvbench.methods.selectfit:SelectFit",
+    "kvsculpt": "kvbench.methods.kvsculpt:KVSculpt",
 }
 
 TASKS = {

@@ -1,0 +1,212 @@
+"""``kvsculpt``: KV compression as distillation (free keys by L-BFGS, values by least squares).
+
+Jiang and Jin, "KVSculpt: KV Cache Compression as Distillation" (arXiv 2603.27819; no official code).
+Instead of keeping original tokens, each (layer, KV head) gets a smaller set of unconstrained key/value
+pairs optimised so that the layer's attention behaves as with the whole cache: keys by L-BFGS in float32,
+values in closed form by least squares, alternating every few steps. ``adaptive=True`` first runs a short
+pilot optimisation per (layer, KV head) and redistributes the total budget in proportion to the pilot's
+error, within a floor and a cap, so heads hold ragged numbers of slots.
+
+Everything ``selectfit`` states holds here too (targets, selection, exact sinks and recent window, ridge,
+layers fitted together at the last layer); this method starts from Select+Fit's keys and values. Choices
+the paper leaves open:
+
+- Objective per (layer, KV head), over the target queries of all its grouped query heads:
+  ``mean |out' - out|^2 / mean |out|^2 + lse_weight * mean (lse' - lse)^2 + ridge penalty``, where
+  ``out'``/``lse'`` are the targets' attention over exact + free slots and ``out``/``lse`` over the whole
+  cache. Matching the log-sum-exp makes the cache weigh right against tokens appended after it (two
+  blocks merge by their log-sum-exps). Keys live in the rotated (post-RoPE) space: stored keys are never
+  re-rotated, so free keys need no position (stored with position -1).
+- Optimiser: L-BFGS batched over every problem of every layer (each problem its own history of
+  ``history`` pairs, its own step), Armijo backtracking per problem (halving, at most ``max_backtracks``
+  times; a step that never satisfies it is rejected and that problem's history reset), the first step
+  after a reset a steepest-descent move of ``initial_step`` x the keys' norm. Values are re-solved every
+  ``value_every`` key steps and at the end; the ridge is part of the objective, so key steps (accepted
+  only when they lower it) and value solves (its exact minimiser for fixed keys) both never raise it.
+- Adaptive budgets: the pilot is ``pilot_iterations`` key steps at the uniform budget; a head's difficulty
+  is its pilot objective times ``mean |out|^2`` (the absolute output error, as the paper's pilot MSE),
+  raised to ``allocation_power``; free slots are split in proportion to it, each head between
+  ``floor`` and ``cap`` times its uniform share (and at most its middle), the total of every sequence
+  conserved exactly (largest remainders). Heads whose uniform budget already covers their middle, and
+  the exact slots, are outside the redistribution.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvbench.method import BudgetError
+from kvbench.methods.selectfit import LayerPlan, LayerTargets, Problems, SelectFit, objective, solve_values
+
+
+class BatchedLBFGS:
+    """L-BFGS over P independent problems at once (x: [P, n]); each keeps its own history and step."""
+
+    def __init__(self, n_problems: int, n: int, history: int, initial_step: float, max_backtracks: int,
+                 device, armijo: float = 1e-4):
+        self.h, self.initial_step, self.max_backtracks, self.armijo = history, initial_step, max_backtracks, armijo
+        self.S = torch.zeros(n_problems, history, n, device=device)
+        self.Y = torch.zeros(n_problems, history, n, device=device)
+        self.rho = torch.zeros(n_problems, history, device=device)
+        self.count = torch.zeros(n_problems, dtype=torch.long, device=device)
+
+    def direction(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        q = g.clone()
+        alphas = []
+        for i in reversed(range(self.h)):
+            use = (i >= self.h - self.count).float()
+            a = use * self.rho[:, i] * (self.S[:, i] * q).sum(-1)
+            q -= a[:, None] * self.Y[:, i]
+            alphas.append(a)
+        s, y = self.S[:, -1], self.Y[:, -1]
+        gamma = (s * y).sum(-1) / (y * y).sum(-1).clamp(min=1e-30)
+        r = gamma[:, None] * q
+        for i, a in zip(range(self.h), reversed(alphas)):
+            use = (i >= self.h - self.count).float()
+            b = use * self.rho[:, i] * (self.Y[:, i] * r).sum(-1)
+            r += (a - b)[:, None] * self.S[:, i]
+        steepest = -g * (self.initial_step * x.norm(dim=-1) / g.norm(dim=-1).clamp(min=1e-30))[:, None]
+        return torch.where((self.count == 0)[:, None], steepest, -r)
+
+    def step(self, fn, x: torch.Tensor, f: torch.Tensor, g: torch.Tensor):
+        """One iteration. ``fn(idx, x_sub) -> (f_sub, g_sub)`` evaluates the problems ``idx``."""
+        d = self.direction(x, g)
+        slope = (g * d).sum(-1)
+        uphill = ~(slope < 0)
+        if bool(uphill.any()):  # stale curvature: restart those problems from steepest descent
+            self.count[uphill] = 0
+            d = self.direction(x, g)
+            slope = (g * d).sum(-1)
+        x_new, f_new, g_new = x.clone(), f.clone(), g.clone()
+        t = torch.ones_like(f)
+        todo = torch.arange(len(f), device=f.device)
+        for _ in range(self.max_backtracks + 1):
+            xt = x[todo] + t[todo, None] * d[todo]
+            ft, gt = fn(todo, xt)
+            ok = torch.isfinite(ft) & (ft <= f[todo] + self.armijo * t[todo] * slope[todo])
+            won = todo[ok]
+            x_new[won], f_new[won], g_new[won] = xt[ok], ft[ok], gt[ok]
+            todo = todo[~ok]
+            if len(todo) == 0:
+                break
+            t[todo] *= 0.5
+        self.count[todo] = 0  # rejected: x stays, history restarts
+        s, y = x_new - x, g_new - g
+        sy = (s * y).sum(-1)
+        push = sy > 1e-10 * s.norm(dim=-1) * y.norm(dim=-1)
+        if bool(push.any()):
+            self.S[push] = torch.cat([self.S[push, 1:], s[push, None]], dim=1)
+            self.Y[push] = torch.cat([self.Y[push, 1:], y[push, None]], dim=1)
+            self.rho[push] = torch.cat([self.rho[push, 1:], (1.0 / sy[push])[:, None]], dim=1)
+            self.count[push] = (self.count[push] + 1).clamp(max=self.h)
+        return x_new, f_new, g_new
+
+
+def sculpt(pb: Problems, keys: torch.Tensor, ridge: float, lse_weight: float, iterations: int,
+           value_every: int, history: int = 10, initial_step: float = 0.05, max_backtracks: int = 8):
+    """Alternating optimisation from ``keys`` [P, M, D]. Returns keys, values, objective [P] and the
+    objective after every key step and value solve ([steps, P]: never increasing)."""
+    P, M, D = keys.shape
+    values = solve_values(pb, keys, ridge)
+
+    def fn(idx: torch.Tensor | None, x: torch.Tensor):
+        sub, vals = (pb, values) if idx is None else (pb.select(idx), values[idx])
+        with torch.enable_grad():
+            k = x.detach().view(-1, M, D).requires_grad_(True)
+            f = objective(sub, k, vals, lse_weight)
+            (g,) = torch.autograd.grad(f.sum(), k)
+        return f.detach(), g.reshape(len(f), -1)
+
+    x = keys.reshape(P, -1).clone()
+    f, g = fn(None, x)
+    trace = [f]
+    opt = BatchedLBFGS(P, M * D, history, initial_step, max_backtracks, keys.device)
+    for it in range(iterations):
+        x, f, g = opt.step(lambda idx, xs: fn(idx if len(idx) < P else None, xs), x, f, g)
+        trace.append(f)
+        if (it + 1) % value_every == 0 or it == iterations - 1:
+            values = solve_values(pb, x.view(P, M, D), ridge)
+            f, g = fn(None, x)
+            trace.append(f)
+    return x.view(P, M, D), values, f, torch.stack(trace)
+
+
+def redistribute(difficulty: torch.Tensor, base: torch.Tensor, most: torch.Tensor, floor: float, cap: float,
+                 power: float = 1.0) -> torch.Tensor:
+    """Integer budgets in proportion to ``difficulty ** power``, each within ``[ceil(floor * base),
+    min(floor(cap * base), most)]``, summing to ``base.sum()`` exactly (1-D tensors of one sequence)."""
+    base_f = base.double()
+    lo = torch.ceil(floor * base_f)
+    hi = torch.minimum(torch.floor(cap * base_f), most.double()).clamp(min=lo)
+    total = base_f.sum()
+    w = difficulty.double().clamp(min=0) ** power
+    if not bool((w > 0).any()) or float(hi.sum()) < float(total) or float(lo.sum()) > float(total):
+        return base.clone()
+    lo_c, hi_c = 0.0, 1.0
+    while float(torch.clamp(hi_c * w, lo, hi).sum()) < float(total):
+        hi_c *= 2.0
+    for _ in range(200):  # bisection on the proportionality constant
+        mid = 0.5 * (lo_c + hi_c)
+        if float(torch.clamp(mid * w, lo, hi).sum()) < float(total):
+            lo_c = mid
+        else:
+            hi_c = mid
+    real = torch.clamp(hi_c * w, lo, hi)
+    counts = torch.floor(real).clamp(lo, hi)
+    deficit = int(round(float(total - counts.sum())))
+    if deficit > 0:
+        frac = torch.where(counts < hi, real - counts, torch.full_like(real, -1.0))
+        counts[torch.topk(frac, min(deficit, len(frac))).indices] += 1
+    elif deficit < 0:
+        frac = torch.where(counts > lo, real - counts, torch.full_like(real, 2.0))
+        counts[torch.topk(-frac, min(-deficit, len(frac))).indices] -= 1
+    return counts.round().long().to(base.device)
+
+
+@dataclass
+class KVSculpt(SelectFit):
+    lse_weight: float = 0.1
+    iterations: int = 30
+    value_every: int = 5
+    history: int = 10
+    initial_step: float = 0.05
+    max_backtracks: int = 8
+    adaptive: bool = False
+    pilot_iterations: int = 5
+    floor: float = 0.25
+    cap: float = 4.0
+    allocation_power: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.lse_weight < 0 or min(self.iterations, self.pilot_iterations) < 0:
+            raise BudgetError("lse_weight, iterations and pilot_iterations must be >= 0")
+        if min(self.value_every, self.history) < 1 or self.initial_step <= 0:
+            raise BudgetError("value_every and history must be >= 1 and initial_step > 0")
+        if not (0 < self.floor <= 1 <= self.cap):
+            raise BudgetError(f"adaptive budgets need 0 < floor <= 1 <= cap (got floor={self.floor}, cap={self.cap})")
+
+    def fit(self, pb: Problems, keys: torch.Tensor, iterations: int | None = None):
+        n = self.iterations if iterations is None else iterations
+        keys, values, loss, _ = sculpt(pb, keys, self.ridge, self.lse_weight, n, self.value_every,
+                                       self.history, self.initial_step, self.max_backtracks)
+        return keys, values, loss
+
+    def allocate(self, cache, plans: list[LayerPlan], pending: dict[int, LayerTargets]) -> None:
+        if not self.adaptive:
+            return
+        pilot = self.fit_plans(cache, plans, pending, iterations=self.pilot_iterations)
+        by_layer = {p.layer: p for p in plans}
+        pool = [(layer, seg, loss) for layer, (segs, _, _, losses) in pilot.items() for seg, loss in zip(segs, losses)]
+        if not pool:
+            return
+        H = cache.stores[plans[0].layer].H
+        for b in sorted({seg // H for _, seg, _ in pool}):
+            mine = [(layer, seg, loss) for layer, seg, loss in pool if seg // H == b]
+            base = torch.stack([by_layer[layer].free[seg] for layer, seg, _ in mine])
+            most = torch.stack([by_layer[layer].middle[seg].sum() for layer, seg, _ in mine])
+            difficulty = torch.tensor([loss for _, _, loss in mine], device=base.device)
+            counts = redistribute(difficulty, base, most, self.floor, self.cap, self.allocation_power)
+            for (layer, seg, _), c in zip(mine, counts):
+                by_layer[layer].free[seg] = c

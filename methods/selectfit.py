@@ -1,0 +1,341 @@
+"""``selectfit``: attention-score eviction, then a least-squares fit of the kept values.
+
+The Select+Fit baseline of Jiang and Jin, "KVSculpt: KV Cache Compression as Distillation" (arXiv
+2603.27819): keep the tokens the observation window attends to most (scored as SnapKV scores them), then
+replace the values of the kept tokens by the ridge least-squares solution that best reproduces, for a set
+of target queries, the attention output the whole cache gave them. Keys stay the selected original keys.
+
+Per (layer, KV head) the cache is split into an *exact* part (the first ``sinks`` tokens and the last
+``recent`` ones, kept untouched with their real positions) and a *free* part of ``m`` slots that replaces
+the rest (the middle). The fit is over the free values only, against the full output with the exact part
+held fixed: ``out'(q) = P_E(q) V_E + P_F(q) V'``, with the softmax over exact plus free slots.
+
+Choices the paper leaves open (shared with ``kvsculpt``, which starts from this method):
+
+- Targets: the queries of the compressed chunk, all grouped query heads of the KV head, at most
+  ``max_targets`` positions (evenly spaced; the first ``sinks`` positions are skipped, their queries only
+  ever saw themselves). ``targets="future"`` (default) re-rotates each query to a position just after the
+  context (``seen + u``, u uniform in ``[0, future_span)``, seeded), so that targets look at the cache from
+  where later tokens will; ``targets="prompt"`` keeps the queries at their own positions (they then attend
+  to keys after themselves, which they never did in the model). The target outputs and log-sum-exps are
+  the queries' attention over the whole uncompressed store, in float32.
+- Selection: SnapKV's observation-window scores (``window`` queries, max-pooled over ``kernel`` slots),
+  averaged over the query heads of the KV head; the ``m`` best middle tokens start the free part.
+- Ridge: the value solve minimises ``mean_q |out' - out|^2 / mean_q |out|^2 + c |V'|^2`` with ``c`` set once
+  per problem so that the ridge is ``ridge`` times the mean diagonal of the initial normal matrix; solved by
+  Cholesky in float64.
+- Budget: the kept fraction counts every slot a head holds (exact and free alike); a budget smaller than
+  ``sinks + recent`` shrinks the recent window first. A head whose budget covers its middle keeps it exact.
+- Layers: each layer's targets and scores are taken in its own ``compress`` call; the fits of all layers
+  run together (batched on the device) in the last layer's call, so until then the layers hold their full
+  chunk. With chunked prefill this repeats after every chunk; free slots of earlier chunks (position -1)
+  belong to the middle and are compressed again.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvbench.cache import LayerCall, RaggedKV, fraction_target
+from kvbench.kernels.decode_attention import ragged_attention_reference
+from kvbench.kernels.window_scores import pool_scores
+from kvbench.method import BudgetError, Method
+from kvbench.methods.snapkv import observation_scores
+from kvbench.registry import UnknownNameError
+
+TARGET_KINDS = ("future", "prompt")
+
+
+@dataclass
+class LayerTargets:
+    """What a layer's ``compress`` call leaves for the batched fit at the last layer."""
+
+    queries: torch.Tensor  # [B, Hq, R, D] float32, as the fit sees them (re-rotated for "future")
+    out: torch.Tensor  # [B, Hq, R, D] float32 attention output over the whole store
+    lse: torch.Tensor  # [B, Hq, R] float32
+    scores: torch.Tensor  # [S] selection scores of the store's slots
+    target: torch.Tensor  # [B] slots each head may hold
+    scale: float  # the layer's softmax scale
+
+
+@dataclass
+class Problems:
+    """A batch of P compression problems (one per (layer, sequence, KV head)), padded to common sizes.
+
+    Rows are target queries (R), free slots M, exact slots E. Everything is float32 except the masks."""
+
+    queries: torch.Tensor  # [P, R, D]
+    out: torch.Tensor  # [P, R, D]
+    lse: torch.Tensor  # [P, R]
+    exact_scores: torch.Tensor  # [P, R, E] scaled logits of the exact slots (-inf where padded)
+    exact_values: torch.Tensor  # [P, E, D]
+    free_mask: torch.Tensor  # [P, M] bool, valid free slots
+    out_scale: torch.Tensor  # [P] mean squared norm of the target outputs
+    scale: float
+    ridge: torch.Tensor | None = None  # [P] absolute ridge on the normal matrix, fixed by the first solve
+
+    def select(self, idx: torch.Tensor) -> "Problems":
+        return Problems(self.queries[idx], self.out[idx], self.lse[idx], self.exact_scores[idx],
+                        self.exact_values[idx], self.free_mask[idx], self.out_scale[idx], self.scale,
+                        None if self.ridge is None else self.ridge[idx])
+
+    @property
+    def free_counts(self) -> torch.Tensor:
+        return self.free_mask.sum(dim=1)
+
+
+def attend(pb: Problems, keys: torch.Tensor, values: torch.Tensor):
+    """Attention of the targets over exact + free slots: (out [P, R, D], lse [P, R], free probs [P, R, M])."""
+    free = torch.einsum("prd,pmd->prm", pb.queries, keys) * pb.scale
+    free = free.masked_fill(~pb.free_mask[:, None, :], float("-inf"))
+    lse = torch.logsumexp(torch.cat([pb.exact_scores, free], dim=-1), dim=-1)
+    p_exact = torch.exp(pb.exact_scores - lse[..., None])
+    p_free = torch.exp(free - lse[..., None])
+    out = torch.einsum("pre,ped->prd", p_exact, pb.exact_values) + torch.einsum("prm,pmd->prd", p_free, values)
+    return out, lse, p_free
+
+
+def objective(pb: Problems, keys: torch.Tensor, values: torch.Tensor, lse_weight: float) -> torch.Tensor:
+    """[P] relative output error + ``lse_weight`` x mean squared log-sum-exp error + ridge penalty."""
+    out, lse, _ = attend(pb, keys, values)
+    rows = pb.queries.shape[1]
+    err = ((out - pb.out) ** 2).sum(-1).mean(-1) / pb.out_scale
+    penalty = pb.ridge / (rows * pb.out_scale) * (values ** 2).sum(dim=(-1, -2))
+    f = err + penalty
+    if lse_weight:
+        f = f + lse_weight * ((lse - pb.lse) ** 2).mean(-1)
+    return f
+
+
+def solve_values(pb: Problems, keys: torch.Tensor, ridge: float) -> torch.Tensor:
+    """The free values minimising ``objective`` for fixed keys: the ridge normal equations, in float64.
+
+    The first call fixes each problem's ridge (``ridge`` x the mean diagonal of its normal matrix), so
+    the objective stays one function of the keys and values from then on."""
+    with torch.no_grad():
+        zero = torch.zeros(keys.shape, dtype=keys.dtype, device=keys.device)
+        fixed, _, p_free = attend(pb, keys, zero)  # output of the exact part alone
+        residual = pb.out - fixed
+        gram = torch.einsum("prm,prn->pmn", p_free, p_free).double()
+        rhs = torch.einsum("prm,prd->pmd", p_free, residual).double()
+        if pb.ridge is None:
+            diag_mean = gram.diagonal(dim1=-2, dim2=-1).sum(-1) / pb.free_counts.clamp(min=1)
+            pb.ridge = (ridge * diag_mean).clamp(min=1e-30).float()
+        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+        system = gram + pb.ridge.double()[:, None, None] * eye
+        chol, info = torch.linalg.cholesky_ex(system)
+        if bool((info > 0).any()):  # float64 with a positive ridge: only for a pathological problem
+            chol, _ = torch.linalg.cholesky_ex(system + 1e-8 * system.diagonal(dim1=-2, dim2=-1).amax(-1)[:, None, None] * eye)
+        values = torch.cholesky_solve(rhs, chol)
+        return values.float().masked_fill(~pb.free_mask[..., None], 0.0)
+
+
+def pack_columns(mask: torch.Tensor, order_key: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Columns of the True entries of ``mask [N, L]``, packed left (ascending ``order_key``, else slot
+    order): ``cols [N, W]`` and ``valid [N, W]`` with W the largest row count."""
+    width = int(mask.sum(1).max()) if mask.numel() else 0
+    if order_key is None:
+        order_key = torch.arange(mask.shape[1], device=mask.device, dtype=torch.float32).expand(mask.shape)
+    key = torch.where(mask, order_key.float(), torch.full_like(order_key.float(), float("inf")))
+    cols = torch.sort(key, dim=1, stable=True).indices[:, :width]
+    valid = torch.arange(width, device=mask.device)[None, :] < mask.sum(1, keepdim=True)
+    return cols, valid
+
+
+@dataclass
+class LayerPlan:
+    """How one layer's store splits: per segment the exact slots, the middle slots, and the free count."""
+
+    layer: int
+    idx: torch.Tensor  # [BH, L] slot numbers (padded view)
+    exact: torch.Tensor  # [BH, L] bool
+    middle: torch.Tensor  # [BH, L] bool
+    free: torch.Tensor  # [BH] free slots wanted (0: drop the middle; >= middle count: keep it exact)
+
+
+@dataclass
+class SelectFit(Method):
+    sinks: int = 4
+    recent: int = 32
+    window: int = 32
+    kernel: int = 7
+    targets: str = "future"
+    max_targets: int = 2048
+    future_span: int = 256
+    ridge: float = 1e-3
+    seed: int = 0
+    batch_elements: int = 2 ** 28
+
+    def __post_init__(self):
+        if self.targets not in TARGET_KINDS:
+            raise UnknownNameError(f"unknown targets '{self.targets}'; use one of {', '.join(TARGET_KINDS)}")
+        if self.ridge <= 0:
+            raise BudgetError(f"ridge must be positive (got {self.ridge}): the value solve needs it")
+        if min(self.sinks, self.recent) < 0 or min(self.max_targets, self.future_span, self.batch_elements) < 1:
+            raise BudgetError("sinks and recent must be >= 0; max_targets, future_span, batch_elements >= 1")
+
+    # ---- per layer: remember targets and scores -----------------------------------------------------------
+    def compress(self, call: LayerCall) -> None:
+        pending: dict[int, LayerTargets] = call.cache.method_state.setdefault("selectfit", {})
+        store: RaggedKV = call.store
+        target = fraction_target(self.budget, call.seen)
+        if bool((store.length > target.repeat_interleave(store.H)).any()):
+            pending[call.layer] = self.layer_targets(call, target)
+        if call.layer == call.n_layers - 1:
+            if pending:
+                self.compress_layers(call.cache, pending)
+            pending.clear()
+
+    def layer_targets(self, call: LayerCall, target: torch.Tensor) -> LayerTargets:
+        store: RaggedKV = call.store
+        q, positions = call.queries, call.positions
+        T = q.shape[2]
+        first = min(self.sinks, T - 1)
+        n = min(self.max_targets, T - first)
+        rows = torch.linspace(first, T - 1, n, device=q.device).round().long()
+        q = q[:, :, rows]
+        if self.targets == "future" and call.cache.rope is not None:
+            g = torch.Generator().manual_seed(self.seed)
+            offsets = torch.randint(0, self.future_span, (n,), generator=g).to(q.device)
+            future = call.seen[:, None] + offsets[None, :]
+            q = call.cache.rope(call.cache.rope(q.float(), positions[:, rows], inverse=True), future)
+        q = q.float()
+        out, lse = ragged_attention_reference(q, store.k.float(), store.v.float(), store.start, store.length,
+                                              call.scale)
+        scores = observation_scores(call, self.window)
+        if self.kernel > 1:
+            scores = pool_scores(scores, store.start, store.length, self.kernel, "max")
+        return LayerTargets(q, out.float(), lse, scores, target, call.scale)
+
+    # ---- all layers at once -----------------------------------------------------------------------------
+    def plan(self, layer: int, store: RaggedKV, target: torch.Tensor) -> LayerPlan:
+        """Exact and middle slots of every segment, and the free slots of a uniform budget."""
+        idx, valid = store.slot_index()
+        pos = torch.where(valid, store.pos[idx].long(), torch.full_like(idx, -1))
+        per_seg = target.repeat_interleave(store.H).to(idx.device)
+        sinks = per_seg.clamp(max=self.sinks)
+        recent = (per_seg - sinks).clamp(max=self.recent)
+        newest = pos.max(dim=1).values
+        exact = valid & (pos >= 0) & ((pos < sinks[:, None]) | (pos > (newest - recent)[:, None]))
+        middle = valid & ~exact
+        free = (per_seg - exact.sum(1)).clamp(min=0)
+        return LayerPlan(layer, idx, exact, middle, free)
+
+    def allocate(self, cache, plans: list[LayerPlan], pending: dict[int, LayerTargets]) -> None:
+        """Change ``plan.free`` across heads and layers before the fit (the adaptive variant does)."""
+
+    def compress_layers(self, cache, pending: dict[int, LayerTargets]) -> None:
+        plans = [self.plan(layer, cache.stores[layer], t.target) for layer, t in sorted(pending.items())]
+        self.allocate(cache, plans, pending)
+        fitted = self.fit_plans(cache, plans, pending)
+        for plan in plans:
+            self.write_back(cache.stores[plan.layer], plan, *fitted[plan.layer])
+
+    def problems_of(self, cache, plans: list[LayerPlan], pending: dict[int, LayerTargets]):
+        """(layer, segment) pairs to fit: those whose budget is smaller than their middle."""
+        out = []
+        for plan in plans:
+            n_mid = plan.middle.sum(1)
+            for seg in torch.nonzero((plan.free > 0) & (plan.free < n_mid)).flatten().tolist():
+                out.append((plan.layer, seg))
+        return out
+
+    def build(self, cache, plans: dict[int, LayerPlan], pending: dict[int, LayerTargets],
+              items: list[tuple[int, int]]) -> tuple[Problems, torch.Tensor]:
+        """The padded problem batch for ``items`` and its initial free keys [P, M, D] (the best-scored
+        middle tokens)."""
+        q_rows, outs, lses, e_keys, e_vals, e_masks, f_keys, f_masks = [], [], [], [], [], [], [], []
+        for layer, seg in items:
+            plan, t, store = plans[layer], pending[layer], cache.stores[layer]
+            b, h = divmod(seg, store.H)
+            G = t.queries.shape[1] // store.H
+            q_rows.append(t.queries[b, h * G:(h + 1) * G].reshape(-1, store.D))
+            outs.append(t.out[b, h * G:(h + 1) * G].reshape(-1, store.D))
+            lses.append(t.lse[b, h * G:(h + 1) * G].reshape(-1))
+            slots = plan.idx[seg]
+            e_slots = slots[plan.exact[seg]]
+            e_keys.append(store.k[e_slots].float())
+            e_vals.append(store.v[e_slots].float())
+            mid = slots[plan.middle[seg]]
+            best = torch.argsort(t.scores[mid].float(), descending=True, stable=True)[: int(plan.free[seg])]
+            f_keys.append(store.k[mid[best.sort().values]].float())
+        pad = torch.nn.utils.rnn.pad_sequence
+        ke, ve, kf = pad(e_keys, batch_first=True), pad(e_vals, batch_first=True), pad(f_keys, batch_first=True)
+        e_count = torch.tensor([len(k) for k in e_keys], device=ke.device)
+        f_count = torch.tensor([len(k) for k in f_keys], device=ke.device)
+        e_mask = torch.arange(ke.shape[1], device=ke.device)[None, :] < e_count[:, None]
+        f_mask = torch.arange(kf.shape[1], device=ke.device)[None, :] < f_count[:, None]
+        queries, out = torch.stack(q_rows), torch.stack(outs)
+        scale = pending[items[0][0]].scale
+        exact_scores = (torch.einsum("prd,ped->pre", queries, ke) * scale).masked_fill(~e_mask[:, None, :], float("-inf"))
+        out_scale = (out ** 2).sum(-1).mean(-1).clamp(min=1e-12)
+        return Problems(queries, out, torch.stack(lses), exact_scores, ve, f_mask, out_scale, scale), kf
+
+    def groups(self, sizes: list[tuple[int, int, int]]) -> list[list[int]]:
+        """Problem indices in batches of similar free size whose padded score tensors stay under
+        ``batch_elements`` (sizes: rows, exact, free of each problem)."""
+        order = sorted(range(len(sizes)), key=lambda i: sizes[i][2])
+        out, cur, widest = [], [], 0
+        for i in order:
+            rows, exact, free = sizes[i]
+            w = max(widest, rows * (exact + free))
+            if cur and (len(cur) + 1) * w > self.batch_elements:
+                out.append(cur)
+                cur, w = [], rows * (exact + free)
+            cur.append(i)
+            widest = w
+        if cur:
+            out.append(cur)
+        return out
+
+    def fit_plans(self, cache, plans: list[LayerPlan], pending: dict[int, LayerTargets],
+                  iterations: int | None = None):
+        """Fit every problem; returns per layer (items' segments, free keys list, free values list, final
+        objective per item). ``iterations`` overrides the key optimisation length (the adaptive pilot)."""
+        by_layer = {p.layer: p for p in plans}
+        items = self.problems_of(cache, plans, pending)
+        sizes = []
+        for layer, seg in items:
+            plan, t, store = by_layer[layer], pending[layer], cache.stores[layer]
+            rows = t.queries.shape[1] // store.H * t.queries.shape[2]
+            sizes.append((rows, int(plan.exact[seg].sum()), int(plan.free[seg])))
+        fitted = {p.layer: ([], [], [], []) for p in plans}
+        for group in self.groups(sizes):
+            chosen = [items[i] for i in group]
+            pb, keys = self.build(cache, by_layer, pending, chosen)
+            keys, values, loss = self.fit(pb, keys, iterations)
+            for j, (layer, seg) in enumerate(chosen):
+                n = int(pb.free_mask[j].sum())
+                segs, ks, vs, ls = fitted[layer]
+                segs.append(seg)
+                ks.append(keys[j, :n])
+                vs.append(values[j, :n])
+                ls.append(float(loss[j]) * float(pb.out_scale[j]))
+        return fitted
+
+    def fit(self, pb: Problems, keys: torch.Tensor, iterations: int | None = None):
+        """Select+Fit: the selected keys, the values solved once. Returns keys, values, objective [P]."""
+        values = solve_values(pb, keys, self.ridge)
+        return keys, values, objective(pb, keys, values, 0.0)
+
+    def write_back(self, store: RaggedKV, plan: LayerPlan, segs: list[int], keys: list[torch.Tensor],
+                   values: list[torch.Tensor], _loss: list[float]) -> None:
+        """Each segment holds its exact slots, then either its free slots (fitted segments), its whole
+        middle (budget covers it) or nothing more (budget of zero free slots)."""
+        n_mid = plan.middle.sum(1)
+        keep_middle = (plan.free >= n_mid)[:, None] & plan.middle
+        keep = plan.exact | keep_middle
+        seg_of = torch.arange(len(plan.free), device=keep.device)[:, None].expand_as(keep)
+        slots = plan.idx[keep]
+        k_parts, v_parts, pos_parts, seg_parts = [store.k[slots]], [store.v[slots]], [store.pos[slots]], [seg_of[keep]]
+        for seg, k, v in zip(segs, keys, values):
+            k_parts.append(k.to(store.k.dtype))
+            v_parts.append(v.to(store.v.dtype))
+            pos_parts.append(torch.full((len(k),), -1, dtype=store.pos.dtype, device=k.device))
+            seg_parts.append(torch.full((len(k),), seg, dtype=seg_of.dtype, device=k.device))
+        seg_ids = torch.cat(seg_parts)
+        order = torch.sort(seg_ids, stable=True).indices
+        counts = torch.bincount(seg_ids, minlength=len(plan.free))
+        store.replace(torch.cat(k_parts)[order], torch.cat(v_parts)[order], torch.cat(pos_parts)[order], counts)
+
