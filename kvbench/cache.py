@@ -70,6 +70,8 @@ class RaggedKV:
         self.length = torch.zeros(n, dtype=torch.int64, device=device)
         self.capacity = torch.zeros(n, dtype=torch.int64, device=device)
         self.extra: dict[str, torch.Tensor] = {}
+        # A host-side lower bound on min(capacity - length): appends need no device sync while it lasts.
+        self.free = 0
 
     # ---- what it holds -------------------------------------------------------------------------
     def nbytes(self) -> int:
@@ -118,6 +120,7 @@ class RaggedKV:
         self.k, self.v, self.pos = move(self.k), move(self.v), move(self.pos, -1)
         self.extra = {name: move(t) for name, t in self.extra.items()}
         self.start, self.length, self.capacity = new_start, counts.clone(), capacity.clone()
+        self.free = int((capacity - counts).min()) if len(counts) else 0
 
     def keep(self, slots: torch.Tensor, counts: torch.Tensor) -> None:
         """Keep only ``slots`` (flat slot numbers, grouped by segment, ``counts[i]`` for segment i), packed
@@ -139,7 +142,7 @@ class RaggedKV:
         """Append T new tokens to every segment: k, v [B, H, T, D], pos [B, T]."""
         B, H, T, D = k.shape
         need = self.length + T
-        if bool((need > self.capacity).any()):
+        if self.free < T and bool((need > self.capacity).any()):
             # Grow with a little slack (about 3%, at least 16 tokens) so decoding regrows rarely.
             slack = torch.clamp((need // 32 + 15) // 16 * 16, min=16)
             cap = torch.where(need > self.capacity, need + slack, self.capacity)
@@ -153,6 +156,7 @@ class RaggedKV:
         for t in self.extra.values():
             t[dest] = 0
         self.length += T
+        self.free = self.free - T if self.free >= T else int((self.capacity - self.length).min())
 
     def replace(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, counts: torch.Tensor) -> None:
         """Replace everything by new (possibly synthetic) slots: k, v [sum(counts), D], grouped by segment."""
@@ -162,6 +166,7 @@ class RaggedKV:
         self.k, self.v = k.to(self.k.dtype).contiguous(), v.to(self.v.dtype).contiguous()
         self.pos = pos.to(torch.int32)
         self.extra = {name: t.new_zeros(len(k)) for name, t in self.extra.items()}
+        self.free = 0
 
     @classmethod
     def concat(cls, stores: list["RaggedKV"]) -> "RaggedKV":
@@ -178,6 +183,7 @@ class RaggedKV:
         out.length = torch.cat([s.length for s in stores])
         out.capacity = torch.cat([s.capacity for s in stores])
         out.extra = {name: torch.cat([s.extra[name] for s in stores]) for name in first.extra}
+        out.free = min(s.free for s in stores)
         return out
 
     def clone(self) -> "RaggedKV":
@@ -317,13 +323,20 @@ class KVCache(Cache):
         return 2 * len(self.stores) * self.kv_heads * self.head_dim * itemsize * n
 
     @classmethod
-    def concat(cls, caches: list["KVCache"]) -> "KVCache":
+    def concat(cls, caches: list["KVCache"], consume: bool = False) -> "KVCache":
+        """One cache for a batch of sequences; with ``consume`` the inputs are emptied as it goes."""
         first = caches[0]
         out = cls.__new__(cls)
         Cache.__init__(out, layers=[])
         out.method, out.config, out.rope, out.dtype = first.method, first.config, first.rope, first.dtype
         out.head_dim, out.kv_heads = first.head_dim, first.kv_heads
-        out.stores = [type(first.stores[i]).concat([c.stores[i] for c in caches]) for i in range(len(first.stores))]
+        out.stores = []
+        for i in range(len(first.stores)):
+            # Layer by layer, dropping the parts as we go: peak memory is the batch plus one layer.
+            out.stores.append(type(first.stores[i]).concat([c.stores[i] for c in caches]))
+            if consume:
+                for c in caches:
+                    c.stores[i] = None
         out.batch = sum(c.batch for c in caches)
         out.positions = None
         out.seen = torch.cat([c.seen for c in caches])

@@ -26,6 +26,23 @@ METHODS = {
 TASKS = {
     "niah": "kvbench.tasks.niah:NIAH",
     "fidelity": "kvbench.tasks.fidelity:Fidelity",
+    "longbench": "kvbench.tasks.longbench:LongBench",
+    "scbench": "kvbench.tasks.scbench:SCBench",
+    "scbench_kv": "kvbench.tasks.scbench:ScbenchKv",
+    "scbench_prefix_suffix": "kvbench.tasks.scbench:ScbenchPrefixSuffix",
+    "scbench_vt": "kvbench.tasks.scbench:ScbenchVt",
+    "scbench_repoqa": "kvbench.tasks.scbench:ScbenchRepoqa",
+    "scbench_qa_eng": "kvbench.tasks.scbench:ScbenchQaEng",
+    "scbench_qa_chn": "kvbench.tasks.scbench:ScbenchQaChn",
+    "scbench_choice_eng": "kvbench.tasks.scbench:ScbenchChoiceEng",
+    "scbench_many_shot": "kvbench.tasks.scbench:ScbenchManyShot",
+    "scbench_summary": "kvbench.tasks.scbench:ScbenchSummary",
+    "scbench_mf": "kvbench.tasks.scbench:ScbenchMf",
+    "scbench_summary_with_needles": "kvbench.tasks.scbench:ScbenchSummaryWithNeedles",
+    "scbench_repoqa_and_kv": "kvbench.tasks.scbench:ScbenchRepoqaAndKv",
+    "ruler": "kvbench.tasks.ruler:Ruler",
+    "aime24": "kvbench.tasks.aime:AIME24",
+    "aime25": "kvbench.tasks.aime:AIME25",
 }
 
 
