@@ -189,9 +189,9 @@ class Engine:
             firsts.append(first)
             infos.append(info)
         prefill_peak = peak.read()
-        # Joining the per-sequence caches briefly holds both copies: its own phase, so no peak is missed.
+        # Joining the per-sequence caches holds one extra layer at a time: its own phase, so no peak is missed.
         peak = PeakMemory(self.device)
-        batch = KVCache.concat(caches) if len(caches) > 1 else caches[0]
+        batch = KVCache.concat(caches, consume=True) if len(caches) > 1 else caches[0]
         del caches
         batching_peak = peak.read()
         peak = PeakMemory(self.device)
@@ -327,7 +327,9 @@ def run(cfg: RunConfig, lm: LoadedModel | None = None, progress: bool = True) ->
     results.read_jsonl(run_dir / "trace.jsonl", repair=True)
     done = {r["id"] for r in done_records}
     todo = [s for s in samples if s.id not in done]
-    engine = Engine(lm, method, cfg.protocol, cfg.prefill_chunk, cfg.temperature, cfg.seed)
+    # A task may ask for sampling (AIME's pass@1 over n samples); the command line's --temperature wins.
+    temperature = cfg.temperature if cfg.temperature > 0 else float(getattr(task, "temperature", 0.0) or 0.0)
+    engine = Engine(lm, method, cfg.protocol, cfg.prefill_chunk, temperature, cfg.seed)
     bar = _progress(len(samples), len(done), f"{cfg.method}@{cfg.budget} {cfg.task}", progress)
     i = 0
     while i < len(todo):
