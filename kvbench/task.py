@@ -91,6 +91,16 @@ def summarize_mean(records: list[dict], group_by: str | None = None) -> dict:
     return out
 
 
+def hub_dataset(repo: str, config: str | None = None, split: str = "test") -> list[dict]:
+    """Rows of a Hugging Face dataset; fails at once (ConnectionError) when the hub is out of reach,
+    instead of waiting out the client's retries."""
+    from kvbench.models import hub_reachable
+    if not hub_reachable():
+        raise ConnectionError("the Hugging Face hub is not reachable")
+    import datasets
+    return [dict(r) for r in datasets.load_dataset(repo, config, split=split)]
+
+
 def middle_truncate(ids: list[int], max_len: int) -> list[int]:
     """LongBench's truncation: keep the first and the last halves when a prompt is too long."""
     if len(ids) <= max_len:
@@ -111,17 +121,16 @@ def build_prompt(tokenizer, prefix: str, suffix: str, chat: bool, max_len: int |
     s_ids = tokenizer.encode(suffix, add_special_tokens=False)
     if max_len is not None and len(p_ids) + len(s_ids) > max_len:
         ids = middle_truncate(p_ids + s_ids, max_len)
-        keep_tail = max_len - max_len // 2
         # The suffix survives whole as long as it fits inside the kept tail.
-        n_suffix = min(len(s_ids), keep_tail)
+        n_suffix = min(len(s_ids), max_len - max_len // 2)
         p_ids, s_ids = ids[: len(ids) - n_suffix], ids[len(ids) - n_suffix:]
-        prefix, suffix = tokenizer.decode(p_ids), tokenizer.decode(s_ids)
     if not chat or getattr(tokenizer, "chat_template", None) is None:
         bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None else []
         return bos + p_ids, s_ids
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": prefix + _SPLIT + suffix}]
+    # The template is rendered around a marker and tokenized apart from the prompt, so truncation stays
+    # exact in tokens (no decode/re-encode round trip).
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": _SPLIT}]
     rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     head, tail = rendered.split(_SPLIT, 1)
-    return (tokenizer.encode(head, add_special_tokens=False),
-            tokenizer.encode(tail, add_special_tokens=False))
+    return (tokenizer.encode(head, add_special_tokens=False) + p_ids,
+            s_ids + tokenizer.encode(tail, add_special_tokens=False))

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from kvbench.task import Sample, TaskContext, TaskError, build_prompt
+from kvbench.task import Sample, TaskContext, TaskError, build_prompt, hub_dataset
 
 from .longbench import find_file, read_records
 
@@ -127,9 +127,7 @@ class AIME:
         errors = []
         for repo, split in HUB_SOURCES[self.year]:
             try:
-                import datasets
-
-                return [dict(r) for r in datasets.load_dataset(repo, split=split)]
+                return hub_dataset(repo, None, split)
             except Exception as e:
                 errors.append(f"{repo}: {type(e).__name__}")
         sources = " or ".join(repo for repo, _ in HUB_SOURCES[self.year])

@@ -23,7 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar, Iterable
 
-from kvbench.task import Sample, TaskContext, TaskError, build_prompt
+from kvbench.task import Sample, TaskContext, TaskError, build_prompt, hub_dataset
 
 from .metrics import LONGBENCH_FIRST_LINE, longbench_score
 
@@ -131,10 +131,10 @@ def _from_hub(config: str) -> list[dict]:
     """One LongBench config from the hub: the datasets loader, else the repository's data.zip."""
     errors = []
     try:
-        import datasets
-
-        return [dict(r) for r in datasets.load_dataset(HUB_REPO, config, split="test")]
-    except Exception as e:  # scripts are not supported by recent `datasets`, or no network
+        return hub_dataset(HUB_REPO, config, "test")
+    except ConnectionError as e:  # the hub is out of reach: the zip would not come either
+        raise LookupError(f"{config}: {e}") from e
+    except Exception as e:  # scripts are not supported by recent `datasets`
         errors.append(e)
     try:
         import zipfile

@@ -47,7 +47,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
-from kvbench.task import Sample, TaskContext, TaskError, Turn, build_prompt
+from kvbench.task import Sample, TaskContext, TaskError, Turn, build_prompt, hub_dataset
 
 from .longbench import as_names, find_file, read_records
 from .metrics import f1_score, normalize_zh_answer, rouge_lsum_f, string_match_all
@@ -406,9 +406,7 @@ class SCBench:
             return found
         for task in self.tasks:
             try:
-                import datasets
-
-                found[task] = [dict(r) for r in datasets.load_dataset(HUB_REPO, task, split="test")]
+                found[task] = hub_dataset(HUB_REPO, task, "test")
             except Exception:
                 if not found:  # the first one failed: the hub is out of reach, do not try the others
                     break
