@@ -59,7 +59,8 @@ def list_cmd(what):
                     detail = f"  (cannot load: {e})"
             else:
                 detail = f"  {table[key]}"
-            click.echo(f"  {key}{detail}")
+            line = f"  {key}{detail}"
+            click.echo(line if len(line) <= 160 else line[:157] + "...")
 
 
 @main.command()
