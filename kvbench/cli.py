@@ -119,6 +119,61 @@ def _csv(text: str, kind=str, what: str = "") -> list:
         _fail(f"{what} expects a comma-separated list of {kind.__name__}s, got '{text}'")
 
 
+_RATIO = click.option("--ratio", default="prefill", show_default=True, type=click.Choice(["prefill", "end"]),
+                      help="measured KV ratio: when decoding starts, or at its end")
+
+
+@main.command()
+@click.option("--root", default="results", show_default=True, help="results root (runs under ROOT/runs)")
+@click.option("--out", default=None, help="where leaderboard.{md,csv,json,html} go (default: ROOT)")
+@click.option("--model", default=None, help="only models whose name contains this")
+@click.option("--task", default=None)
+@click.option("--protocol", default=None, type=click.Choice(["query-agnostic", "query-aware"]))
+@click.option("--budget", default=None, help="only these budgets, comma-separated (full always stays)")
+@click.option("--at", "levels", default=None, help="memory levels to rank at, comma-separated measured ratios")
+@_RATIO
+def leaderboard(root, out, model, task, protocol, budget, levels, ratio):
+    """Aggregate every run into one table, methods ranked at matched measured memory."""
+    from kvbench import leaderboard as lb
+    df = lb.select(lb.collect(root), model, task, protocol, _csv(budget, float, "--budget") if budget else None)
+    if df.empty:
+        _fail(f"no runs under {root}/runs match")
+    paths = lb.write(df, out or root, ratio, _csv(levels, float, "--at") if levels else None)
+    click.echo(lb.render_markdown(df, ratio, _csv(levels, float, "--at") if levels else None))
+    click.echo("written: " + ", ".join(map(str, paths)))
+
+
+@main.command()
+@click.option("--root", default="results", show_default=True)
+@click.option("--out", default=None, help="plot directory (default: ROOT/plots)")
+@click.option("--bench-root", default=None, help="kvbench bench results (default: ROOT/bench)")
+@click.option("--only", default=None, help="some of: score,niah,kv-steps,throughput,bench (default: all)")
+@_RATIO
+def plot(root, out, bench_root, only, ratio):
+    """Score vs measured KV, NIAH heatmaps, KV bytes over steps, throughput and memory (PNG and SVG)."""
+    from kvbench.plots import KINDS, make_all
+    kinds = tuple(_csv(only, str, "--only")) if only else KINDS
+    if set(kinds) - set(KINDS):
+        _fail(f"--only takes some of {','.join(KINDS)}")
+    paths = make_all(root, out, ratio, bench_root=bench_root, kinds=kinds)
+    if not paths:
+        _fail(f"nothing to plot under {root}")
+    click.echo(f"{len(paths)} files: " + ", ".join(str(p) for p in paths))
+
+
+@main.command()
+@click.option("--root", default="results", show_default=True)
+@click.option("--out", default=None, help="the HTML file (default: ROOT/report.html)")
+@click.option("--bench-root", default=None, help="kvbench bench results (default: ROOT/bench)")
+@click.option("--plots", "plots_dir", default=None, help="embed the plots already in this directory (no redrawing)")
+@_RATIO
+def report(root, out, bench_root, plots_dir, ratio):
+    """One self-contained HTML page: leaderboard, bench tables and every plot, embedded."""
+    from kvbench.report import build
+    path = build(root, out, plots_dir=plots_dir, make_plots=plots_dir is None, ratio=ratio, bench_root=bench_root)
+    click.echo(f"report: {path}")
+
+
 @main.command()
 @click.argument("config", type=click.Path())
 def sweep(config):

@@ -3,7 +3,7 @@
 # Three calls from the repository root, back to back while the machine stays warm:
 #   1. carry .carry/a         : bash results/run-gpu.sh assets
 #   2. carry .carry/b, .whl   : bash results/run-gpu.sh bench    -> $OUT/bench.jsonl, bench.md, bench.log
-#   3. carry .carry/pg        : bash results/run-gpu.sh sweeps   -> $OUT/runs.tar.gz, sweep.log
+#   3. carry .carry/pg        : bash results/run-gpu.sh sweeps   -> $OUT/runs.tar.gz, sweep.log, bench-b33.*
 # .carry/a and .carry/b come from ../shared/tools/prepare-device-carry (the SmolLM2 GGUF in two parts and the gguf
 # wheel); .whl holds transformers 5.2.0, kvpress 0.5.5 and the packages kvpress imports that the machine lacks;
 # .carry/pg holds the Paul Graham essays of ../shared/data/paul_graham_essays.
@@ -29,12 +29,17 @@ bench)
 sweeps)
   export PYTHONPATH=/tmp/kvbench-site:${PYTHONPATH:-} KVBENCH_CACHE=/tmp/kvbcache PYTHONUNBUFFERED=1 CI=1
   install_kvbench
-  for name in niah trace; do
+  for name in niah niah-aware trace; do
     sed -e "s#smollm2-135m#$gguf#" -e "s#../shared/data/paul_graham_essays#.carry/pg#" \
       results/sweep-smollm2-$name.yaml > /tmp/sweep-smollm2-$name.yaml
   done
-  timeout 420 kvbench sweep /tmp/sweep-smollm2-niah.yaml 2>&1 | tee "$OUT/sweep.log"
-  timeout 100 kvbench sweep /tmp/sweep-smollm2-trace.yaml 2>&1 | tee -a "$OUT/sweep.log"
+  timeout 270 kvbench sweep /tmp/sweep-smollm2-niah.yaml 2>&1 | tee "$OUT/sweep.log"
+  timeout 60 kvbench sweep /tmp/sweep-smollm2-trace.yaml 2>&1 | tee -a "$OUT/sweep.log"
+  # snapkv's largest batch: the bench call ran out of time after batch 35 ran out of memory
+  timeout 150 kvbench bench --preset llama-3.1-8b --contexts 32768 --batches 33 --methods snapkv --budgets 0.25 \
+    --new-tokens 256 --no-largest-batch --peers "" --out /tmp/bench/h100-llama-3.1-8b-snapkv-b33 2>&1 | tee "$OUT/bench-b33.log"
+  cp /tmp/bench/h100-llama-3.1-8b-snapkv-b33/bench.jsonl "$OUT/bench-b33.jsonl"
+  timeout 90 kvbench sweep /tmp/sweep-smollm2-niah-aware.yaml 2>&1 | tee -a "$OUT/sweep.log"
   tar czf "$OUT/runs.tar.gz" results/runs results/traces results/sweeps ;;
 *) echo "usage: bash results/run-gpu.sh assets|bench|sweeps"; exit 2 ;;
 esac

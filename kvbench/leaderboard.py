@@ -1,0 +1,303 @@
+"""``kvbench leaderboard``: every run under a results root, aggregated with pandas into one table.
+
+Sources, per run directory ``ROOT/runs/<id>/``: ``config.json`` (what ran), ``metrics.json`` (the task's
+summary and the run's mean measured KV ratio and throughput), ``samples.jsonl`` (finished samples: for a run
+that has no metrics yet, the samples done so far), ``trace.jsonl`` (peak memory) and ``error.json`` (a
+sweep point that failed: out of memory or a crash).
+
+Two tables come out, per model and protocol (protocols are never mixed: the query-agnostic and query-aware
+protocols measure different things, so no row, score or rank combines them):
+
+- *runs*: methods (with their budget) as rows; per task the headline score (the task's ``score``) and the
+  measured KV ratio; decode tokens/s and peak memory where measured.
+- *matched memory*: the methods ranked per task at the same measured memory, not at the same knob value
+  (a budget of 0.25 means a different memory for each method: per-slot state, protected windows, the
+  question appended after compression). Each method's scores are interpolated linearly along its own
+  measured KV ratios, at memory levels that default to the median measured ratio of each budget's runs;
+  a level outside a method's measured range (beyond a tolerance of 0.02) is left empty, never extrapolated.
+  A method's rank is its mean rank over the (task, level) cells it has.
+
+The measured ratio is ``kv_ratio_prefill`` by default: bytes the cache holds when decoding starts over the
+bytes a plain full cache would hold for the same tokens (``--ratio end``: at the end of decoding). The
+``full`` method's ratio is slightly above 1.0 (it also holds int32 positions and growth slack); it is the
+reference row, outside the ranking.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from kvbench import results
+
+TOLERANCE = 0.02
+RATIOS = ("prefill", "end")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def model_label(name: str | None) -> str:
+    """A short model name: the file or directory name of a path, the text before any parenthesis."""
+    if not name:
+        return "?"
+    name = name.split(" (")[0]
+    return Path(name).name if "/" in name and Path(name).suffix in (".gguf", "") and name.startswith(("/", ".")) \
+        else name
+
+
+def _peak_gib(trace: list[dict]) -> float | None:
+    best = None
+    for rec in trace:
+        for key, val in rec.items():
+            if key.startswith("peak_") and isinstance(val, dict):
+                v = val.get("allocated", val.get("rss"))
+                if v is not None:
+                    best = v if best is None else max(best, v)
+    return best / 1024 ** 3 if best is not None else None
+
+
+def collect(root: str | Path = "results") -> pd.DataFrame:
+    """One row per run directory under ``root`` (complete, incomplete or failed)."""
+    rows = []
+    for run_dir in results.iter_runs(Path(root)):
+        config = _read_json(run_dir / "config.json") or {}
+        metrics = _read_json(run_dir / "metrics.json")
+        error = _read_json(run_dir / "error.json")
+        samples = results.read_jsonl(run_dir / "samples.jsonl")
+        trace = results.read_jsonl(run_dir / "trace.jsonl")
+        summary = (metrics or {}).get("summary") or {}
+        if metrics is None and samples:  # unfinished: what its finished samples say
+            scores = [s["scores"]["score"] for s in samples if "score" in s.get("scores", {})]
+            summary = {"score": sum(scores) / len(scores)} if scores else {}
+
+        def mean(key):
+            vals = [s[key] for s in samples if isinstance(s.get(key), (int, float))]
+            return sum(vals) / len(vals) if vals else None
+
+        if error:
+            status = error.get("status", "crash")
+        elif metrics and metrics.get("complete"):
+            status = "complete"
+        else:
+            status = "incomplete"
+        rows.append({
+            "run_id": run_dir.name, "run_dir": str(run_dir), "status": status,
+            "model": model_label(config.get("model_name") or config.get("model")),
+            "task": config.get("task"), "method": config.get("method"), "budget": config.get("budget"),
+            "protocol": config.get("protocol"), "n_samples": len(samples),
+            "score": summary.get("score"),
+            "kv_ratio_prefill": (metrics or {}).get("kv_ratio_prefill", mean("kv_ratio_prefill")),
+            "kv_ratio_end": (metrics or {}).get("kv_ratio_end", mean("kv_ratio_end")),
+            "tokens_per_s": (metrics or {}).get("tokens_per_s", mean("tokens_per_s")),
+            "tpot_s": (metrics or {}).get("tpot_s", mean("tpot_s")),
+            "prefill_s": (metrics or {}).get("prefill_s", mean("prefill_s")),
+            "peak_gib": _peak_gib(trace), "batch_size": config.get("batch_size"),
+            "device": config.get("device"), "dtype": config.get("dtype"),
+            "method_params": json.dumps(config.get("method_params") or {}, sort_keys=True),
+            "task_params": json.dumps(config.get("task_params") or {}, sort_keys=True),
+            "error": (error or {}).get("error"),
+        })
+    columns = ["run_id", "run_dir", "status", "model", "task", "method", "budget", "protocol", "n_samples", "score",
+               "kv_ratio_prefill", "kv_ratio_end", "tokens_per_s", "tpot_s", "prefill_s", "peak_gib", "batch_size",
+               "device", "dtype", "method_params", "task_params", "error"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def select(df: pd.DataFrame, model: str | None = None, task: str | None = None, protocol: str | None = None,
+           budget: list[float] | None = None) -> pd.DataFrame:
+    """Filter by model (substring of its label), task, protocol and budgets (the full reference stays)."""
+    out = df
+    if model:
+        out = out[out["model"].str.contains(model, case=False, regex=False)]
+    if task:
+        out = out[out["task"] == task]
+    if protocol:
+        out = out[out["protocol"] == protocol]
+    if budget:
+        out = out[out["budget"].apply(lambda b: any(math.isclose(float(b), x) for x in budget))
+                  | (out["method"] == "full")]
+    return out
+
+
+def _complete(df: pd.DataFrame) -> pd.DataFrame:
+    return df[(df["status"] == "complete") & df["score"].notna()]
+
+
+def runs_table(df: pd.DataFrame, ratio: str = "prefill") -> pd.DataFrame:
+    """Per (model, protocol): methods x budgets as rows; per task score and measured KV ratio; throughput."""
+    col = f"kv_ratio_{ratio}"
+    done = _complete(df)
+    if done.empty:
+        return pd.DataFrame()
+    keys = ["model", "protocol", "method", "budget"]
+    scores = done.pivot_table(index=keys, columns="task", values="score", aggfunc="mean")
+    ratios = done.pivot_table(index=keys, columns="task", values=col, aggfunc="mean")
+    table = pd.concat({"score": scores, "kv ratio": ratios}, axis=1).swaplevel(0, 1, axis=1).sort_index(axis=1)
+    table.columns = [f"{task} {what}" for task, what in table.columns]
+    extra = done.groupby(keys).agg(tokens_per_s=("tokens_per_s", "mean"), peak_gib=("peak_gib", "max"))
+    table = table.join(extra.rename(columns={"tokens_per_s": "decode tok/s", "peak_gib": "peak GiB"}))
+    return table.reset_index().sort_values(["model", "protocol", "method", "budget"], kind="stable")
+
+
+def default_levels(group: pd.DataFrame, col: str) -> list[float]:
+    """The median measured ratio of each budget's runs (full excluded), rounded to 3 decimals."""
+    comp = group[group["method"] != "full"]
+    return sorted({round(float(v), 3) for v in comp.groupby("budget")[col].median().dropna()})
+
+
+def interpolate(points: list[tuple[float, float]], level: float, tolerance: float = TOLERANCE) -> float | None:
+    """Score at a measured ratio, linear between a method's own points; None outside their range."""
+    pts = sorted(points)
+    xs = [p[0] for p in pts]
+    if not pts or level < xs[0] - tolerance or level > xs[-1] + tolerance:
+        return None
+    if level <= xs[0]:
+        return pts[0][1]
+    if level >= xs[-1]:
+        return pts[-1][1]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= level <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (level - x0) / (x1 - x0)
+    return None
+
+
+def ranking(df: pd.DataFrame, ratio: str = "prefill", levels: list[float] | None = None) -> pd.DataFrame:
+    """Methods ranked at matched measured memory, separately for every (model, protocol)."""
+    col = f"kv_ratio_{ratio}"
+    done = _complete(df).dropna(subset=[col])
+    rows, order = [], []
+    for (model, protocol), group in done.groupby(["model", "protocol"], sort=True):
+        cells: dict[str, dict] = {}
+        for task, tgroup in group.groupby("task", sort=True):
+            lv = levels or default_levels(tgroup, col)
+            comp = tgroup[tgroup["method"] != "full"]
+            curves = {m: list(zip(g[col].astype(float), g["score"].astype(float))) for m, g in comp.groupby("method")}
+            for level in lv:
+                scores = {m: interpolate(pts, level) for m, pts in curves.items()}
+                scores = {m: s for m, s in scores.items() if s is not None}
+                ranks = pd.Series(scores, dtype=float).rank(ascending=False, method="average")
+                for m, s in scores.items():
+                    cells.setdefault(m, {})[f"{task} score@{level:g}"] = s
+                    cells[m].setdefault("_ranks", []).append(float(ranks[m]))
+            order += [c for c in [f"{task} score@{level:g}" for level in lv] + [f"{task} full (ratio, score)"]
+                      if c not in order]
+            for _, ref in tgroup[tgroup["method"] == "full"].iterrows():
+                cells.setdefault("full", {})[f"{task} full (ratio, score)"] = f"{ref[col]:.3g}, {ref['score']:.3g}"
+        for method, vals in cells.items():
+            ranks = vals.pop("_ranks", [])
+            rows.append({"model": model, "protocol": protocol, "method": method,
+                         "mean rank": sum(ranks) / len(ranks) if ranks else None, "cells ranked": len(ranks), **vals})
+    if not rows:
+        return pd.DataFrame()
+    out = pd.DataFrame(rows)
+    ranked = sorted((c for c in order if "score@" in c), key=lambda c: (c.split(" score@")[0], float(c.split("@")[1])))
+    refs = [c for c in order if "score@" not in c]
+    out = out[["model", "protocol", "method", "mean rank", "cells ranked"] + ranked + refs]
+    out["_ref"] = out["method"] == "full"
+    out = out.sort_values(["model", "protocol", "_ref", "mean rank", "method"], kind="stable",
+                          na_position="last").drop(columns="_ref")
+    return out.reset_index(drop=True)
+
+
+def failures(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["status"].isin(["oom", "crash"])][["model", "task", "protocol", "method", "budget", "status",
+                                                     "error", "run_dir"]]
+
+
+def _fmt_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    def fmt(v):
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "—"
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+    return frame.apply(lambda col: col.map(fmt))
+
+
+def to_markdown(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return "(none)"
+    f = _fmt_frame(frame)
+    header = "| " + " | ".join(map(str, f.columns)) + " |"
+    sep = "|" + "|".join("---" for _ in f.columns) + "|"
+    body = ["| " + " | ".join(v.replace("|", "/") for v in row) + " |" for row in f.astype(str).values.tolist()]
+    return "\n".join([header, sep, *body])
+
+
+def _sections(df: pd.DataFrame, ratio: str, levels):
+    """(title, ranking, runs) per (model, protocol)."""
+    rank, runs = ranking(df, ratio, levels), runs_table(df, ratio)
+    for (model, protocol), _ in _complete(df).groupby(["model", "protocol"], sort=True):
+        r = rank[(rank["model"] == model) & (rank["protocol"] == protocol)] if not rank.empty else rank
+        t = runs[(runs["model"] == model) & (runs["protocol"] == protocol)] if not runs.empty else runs
+        drop = ["model", "protocol"]
+        r = r.drop(columns=drop).dropna(axis=1, how="all") if not r.empty else r
+        t = t.drop(columns=drop).dropna(axis=1, how="all") if not t.empty else t
+        yield f"{model}, {protocol}", r, t
+
+
+def render_markdown(df: pd.DataFrame, ratio: str = "prefill", levels=None) -> str:
+    parts = ["# kvbench leaderboard", "",
+             f"Ranked at matched measured memory (KV ratio at {'the start of decoding' if ratio == 'prefill' else 'the end'}"
+             "; see `kvbench/leaderboard.py`): `score@r` is a method's score interpolated along its own measured "
+             "ratios at ratio r; `—` where r is outside what the method was measured at. `full` is the reference "
+             "(its ratio is slightly above 1: positions and growth slack). Protocols are never mixed."]
+    for title, r, t in _sections(df, ratio, levels):
+        parts += ["", f"## {title}", "", "### Matched memory", "", to_markdown(r), "", "### Runs", "", to_markdown(t)]
+    fails = failures(df)
+    if not fails.empty:
+        parts += ["", "## Failed points", "", to_markdown(fails)]
+    incomplete = df[df["status"] == "incomplete"]
+    if not incomplete.empty:
+        parts += ["", f"{len(incomplete)} unfinished run(s) are left out of the tables: "
+                      + ", ".join(incomplete["run_id"])]
+    return "\n".join(parts) + "\n"
+
+
+def render_html_tables(df: pd.DataFrame, ratio: str = "prefill", levels=None) -> str:
+    """The leaderboard as HTML fragments (no page around them): used by the report too."""
+    parts = []
+    for title, r, t in _sections(df, ratio, levels):
+        parts.append(f"<h2>{_esc(title)}</h2><h3>Matched memory</h3>")
+        parts.append(_fmt_frame(r).to_html(index=False, border=0, classes="board") if not r.empty else "<p>(none)</p>")
+        parts.append("<h3>Runs</h3>")
+        parts.append(_fmt_frame(t).to_html(index=False, border=0, classes="board") if not t.empty else "<p>(none)</p>")
+    fails = failures(df)
+    if not fails.empty:
+        parts.append("<h2>Failed points</h2>" + _fmt_frame(fails).to_html(index=False, border=0, classes="board"))
+    return "\n".join(parts)
+
+
+def _esc(text: str) -> str:
+    import html
+    return html.escape(str(text))
+
+
+PAGE_STYLE = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}"
+              "table.board{border-collapse:collapse;font-size:13px;margin:.5em 0 1.5em}"
+              "table.board th,table.board td{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}"
+              "table.board th{background:#f4f4f4}figure{margin:1em 0}img{max-width:100%}")
+
+
+def write(df: pd.DataFrame, out: str | Path = "results", ratio: str = "prefill", levels=None) -> list[Path]:
+    """leaderboard.md, .csv (one row per run), .json (runs, ranking) and .html under ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "leaderboard.md", out / "leaderboard.csv", out / "leaderboard.json", out / "leaderboard.html"]
+    paths[0].write_text(render_markdown(df, ratio, levels))
+    df.drop(columns=["run_dir"]).to_csv(paths[1], index=False)
+    rank = ranking(df, ratio, levels)
+    payload = {"ratio": ratio, "runs": json.loads(df.drop(columns=["run_dir"]).to_json(orient="records")),
+               "ranking": json.loads(rank.to_json(orient="records")) if not rank.empty else []}
+    paths[2].write_text(json.dumps(payload, indent=1))
+    paths[3].write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>kvbench leaderboard</title>"
+                        f"<style>{PAGE_STYLE}</style></head><body><h1>kvbench leaderboard</h1>"
+                        f"{render_html_tables(df, ratio, levels)}</body></html>\n")
+    return paths

@@ -1,0 +1,265 @@
+"""``kvbench plot``: the figures of a results root, as PNG and SVG (matplotlib, Agg backend: no display).
+
+- ``score-vs-kv-<model>-<protocol>-<task>``: the task's score against the measured KV ratio, a line per
+  method through its budgets (the ``full`` reference as a star);
+- ``niah-<model>-<protocol>-budget<b>``: needle-in-a-haystack score per (context length, depth), one
+  heatmap per method at that budget;
+- ``kv-steps-<model>-<task>``: the KV bytes the cache holds (all layers, as measured from the stores) at
+  the end of prefill (step 0) and every traced decoding step, a line per method (runs decoded at batch 1);
+- ``throughput-<model>``: decode tokens/s and peak device memory against context length, a line per
+  method at its budget (from the runs' per-sample traces), and ``bench-<name>`` from ``kvbench bench``
+  results: decode tokens/s and peak memory against context length per implementation and batch size.
+
+Each figure is titled with what it shows and the model, protocol and task it shows it for; axes carry
+their units; legends name methods with their budgets.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from kvbench import leaderboard, results  # noqa: E402
+
+GIB = 1024 ** 3
+FORMATS = ("png", "svg")
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-").lower()
+
+
+def _save(fig, out: Path, name: str) -> list[Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ext in FORMATS:
+        path = out / f"{name}.{ext}"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def _ratio_label(ratio: str) -> str:
+    when = "when decoding starts" if ratio == "prefill" else "at the end of decoding"
+    return f"measured KV ratio {when}\n(bytes held / bytes of a plain full cache)"
+
+
+def score_vs_ratio(df: pd.DataFrame, out: Path, ratio: str = "prefill") -> list[Path]:
+    col = f"kv_ratio_{ratio}"
+    done = df[(df["status"] == "complete") & df["score"].notna() & df[col].notna()]
+    paths = []
+    for (model, protocol, task), g in done.groupby(["model", "protocol", "task"], sort=True):
+        fig, ax = plt.subplots(figsize=(7.5, 5))
+        for method, mg in g[g["method"] != "full"].groupby("method", sort=True):
+            mg = mg.sort_values(col)
+            ax.plot(mg[col], mg["score"], marker="o", label=method)
+            for _, r in mg.iterrows():
+                ax.annotate(f"{r['budget']:g}", (r[col], r["score"]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points", alpha=0.7)
+        for _, r in g[g["method"] == "full"].iterrows():
+            ax.plot([r[col]], [r["score"]], marker="*", markersize=14, color="black", linestyle="none",
+                    label=f"full (reference, ratio {r[col]:.2f})")
+        ax.set_xlabel(_ratio_label(ratio))
+        ax.set_ylabel(f"{task} score (task's headline metric, 0-100)")
+        ax.set_title(f"{task}: score against measured KV memory\n{model}, {protocol} protocol "
+                     "(labels: each point's budget)")
+        ax.grid(alpha=0.3)
+        ax.legend(title="method", fontsize=8)
+        paths += _save(fig, out, f"score-vs-kv-{slug(model)}-{slug(protocol)}-{slug(task)}")
+    return paths
+
+
+def _niah_grid(run_dir: Path) -> list[dict]:
+    try:
+        metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return (metrics.get("summary") or {}).get("grid") or []
+
+
+def niah_heatmaps(df: pd.DataFrame, out: Path) -> list[Path]:
+    done = df[(df["status"] == "complete") & (df["task"] == "niah")]
+    paths = []
+    for (model, protocol), g in done.groupby(["model", "protocol"], sort=True):
+        budgets = sorted({float(b) for b in g[g["method"] != "full"]["budget"]}) or [1.0]
+        ref = g[g["method"] == "full"]
+        for budget in budgets:
+            runs = [r for _, r in ref.iterrows()] + [r for _, r in g[(g["method"] != "full") & (
+                g["budget"].astype(float) == budget)].sort_values("method").iterrows()]
+            grids = [(r, _niah_grid(r["run_dir"])) for r in runs]
+            grids = [(r, gr) for r, gr in grids if gr]
+            if not grids:
+                continue
+            cols = min(4, len(grids))
+            rows = -(-len(grids) // cols)
+            fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols + 1, 3.0 * rows + 1), squeeze=False,
+                                     layout="constrained")
+            image = None
+            for ax, (r, grid) in zip(axes.flat, grids):
+                cells = pd.DataFrame(grid).pivot_table(index="depth", columns="length", values="score", aggfunc="mean")
+                image = ax.imshow(cells.values, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto", origin="upper")
+                ax.set_xticks(range(len(cells.columns)), [str(c) for c in cells.columns], fontsize=7)
+                ax.set_yticks(range(len(cells.index)), [f"{d:.0%}" for d in cells.index], fontsize=7)
+                ax.set_xlabel("context length (tokens)", fontsize=8)
+                ax.set_ylabel("needle depth", fontsize=8)
+                label = "full" if r["method"] == "full" else f"{r['method']} @ {float(r['budget']):g}"
+                ax.set_title(f"{label} (KV ratio {r['kv_ratio_prefill']:.2f})", fontsize=9)
+                for (i, j), v in pd.DataFrame(cells.values).stack().items():
+                    ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=6)
+            for ax in list(axes.flat)[len(grids):]:
+                ax.axis("off")
+            fig.suptitle(f"Needle in a haystack, budget {budget:g}: score per length x depth\n{model}, {protocol} "
+                         "protocol (score: ROUGE-1 recall of the needle's answer, %)", fontsize=10)
+            fig.colorbar(image, ax=axes, shrink=0.8, label="score (%)")
+            paths += _save(fig, out, f"niah-{slug(model)}-{slug(protocol)}-budget{budget:g}")
+    return paths
+
+
+def _trace_series(run_dir: Path) -> list[tuple[int, float]] | None:
+    """(step, KV bytes held over all layers) of the run's first sample traced at batch size 1."""
+    for rec in results.read_jsonl(Path(run_dir) / "trace.jsonl"):
+        steps = rec.get("kv_layer_bytes_steps") or {}
+        if rec.get("kv_layer_bytes_prefill") and steps:
+            series = [(0, float(sum(rec["kv_layer_bytes_prefill"])))]
+            series += sorted((int(k), float(sum(v))) for k, v in steps.items())
+            return series
+    return None
+
+
+def kv_over_steps(df: pd.DataFrame, out: Path) -> list[Path]:
+    done = df[df["status"] == "complete"]
+    paths = []
+    for (model, task, protocol), g in done.groupby(["model", "task", "protocol"], sort=True):
+        series = [(r, _trace_series(r["run_dir"])) for _, r in g.sort_values(["method", "budget"]).iterrows()]
+        series = [(r, s) for r, s in series if s]
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(7.5, 5))
+        for r, s in series:
+            label = "full" if r["method"] == "full" else f"{r['method']} @ {float(r['budget']):g}"
+            ax.plot([x for x, _ in s], [y / 1024 ** 2 for _, y in s], marker=".", label=label)
+        ax.set_xlabel("decoding step (0: end of prefill)")
+        ax.set_ylabel("KV bytes held, all layers (MiB, measured from the stores)")
+        ax.set_title(f"KV memory while decoding: {task}, one sample at batch size 1\n{model}, {protocol} protocol")
+        ax.grid(alpha=0.3)
+        ax.legend(title="method @ budget", fontsize=8)
+        paths += _save(fig, out, f"kv-steps-{slug(model)}-{slug(task)}-{slug(protocol)}")
+    return paths
+
+
+def _per_context(run_dir: Path) -> pd.DataFrame:
+    rows = []
+    trace = {r["id"]: r for r in results.read_jsonl(Path(run_dir) / "trace.jsonl")}
+    for s in results.read_jsonl(Path(run_dir) / "samples.jsonl"):
+        t = trace.get(s["id"], {})
+        peak = t.get("peak_decode") or {}
+        rows.append({"length": (s.get("meta") or {}).get("length", s.get("context_tokens")),
+                     "tokens_per_s": s.get("tokens_per_s"), "batch": s.get("batch_size"),
+                     "peak": peak.get("allocated", peak.get("rss"))})
+    return pd.DataFrame(rows)
+
+
+def throughput(df: pd.DataFrame, out: Path) -> list[Path]:
+    done = df[(df["status"] == "complete") & (df["protocol"] == "query-agnostic")]
+    paths = []
+    for model, g in done.groupby("model", sort=True):
+        task = "niah" if (g["task"] == "niah").any() else sorted(g["task"])[0]
+        g = g[g["task"] == task]
+        lines = []
+        for _, r in g.sort_values(["method", "budget"]).iterrows():
+            pc = _per_context(r["run_dir"]).dropna(subset=["length", "tokens_per_s"])
+            if pc["length"].nunique() >= 2:
+                lines.append((r, pc.groupby("length").agg(tps=("tokens_per_s", "mean"), peak=("peak", "max"))))
+        if not lines:
+            continue
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 5), layout="constrained")
+        batch = sorted({int(b) for b in g["batch_size"].dropna()})
+        methods = sorted({r["method"] for r, _ in lines})
+        budgets = sorted({float(r["budget"]) for r, _ in lines if r["method"] != "full"})
+        styles = ["-", "--", ":", "-."]
+        for r, pc in lines:
+            # One color per method, one line style per budget: a reader can follow a method across budgets.
+            style = dict(color=plt.get_cmap("tab10")(methods.index(r["method"]) % 10), marker="o",
+                         linestyle="-" if r["method"] == "full" else styles[budgets.index(float(r["budget"])) % 4])
+            label = "full" if r["method"] == "full" else f"{r['method']} @ {float(r['budget']):g}"
+            a1.plot(pc.index, pc["tps"], label=label, **style)
+            if pc["peak"].notna().any():
+                a2.plot(pc.index, pc["peak"] / GIB, label=label, **style)
+        a1.set_xlabel("context length (tokens)")
+        a1.set_ylabel("decode tokens/s (all sequences of a batch)")
+        a1.set_title("decode throughput")
+        a2.set_xlabel("context length (tokens)")
+        a2.set_ylabel("peak memory while decoding (GiB)")
+        a2.set_title("peak memory (allocated on CUDA, resident on the CPU)")
+        for ax in (a1, a2):
+            ax.grid(alpha=0.3)
+            ax.legend(title="method @ budget", fontsize=7, ncol=2)
+        fig.suptitle(f"Throughput and memory against context length: {model}, {task} runs "
+                     f"(query-agnostic, batch size {', '.join(map(str, batch))})")
+        paths += _save(fig, out, f"throughput-{slug(model)}")
+    return paths
+
+
+def bench_plots(bench_root: Path, out: Path) -> list[Path]:
+    """From ``kvbench bench`` results: tokens/s and peak memory against context length (and batch)."""
+    paths = []
+    for jl in sorted(Path(bench_root).glob("*/bench.jsonl")):
+        recs = [json.loads(x) for x in jl.read_text().splitlines() if x.strip()]
+        env = next((r for r in recs if r.get("kind") == "env"), {})
+        pts = pd.DataFrame([r for r in recs if r.get("kind") in ("point", "largest_batch_result")
+                            and r.get("status") == "ok"])
+        if pts.empty:
+            continue
+        pts["peak_gib"] = pts["peak"].map(lambda p: (p.get("allocated", p.get("rss")) or 0) / GIB)
+        pts["series"] = pts.apply(lambda r: f"{r['impl']} {r['method']}" + (
+            "" if r["method"] == "full" else f"@{r['budget']:g}"), axis=1)
+        x_is_context = pts["context"].nunique() > 1
+        xcol, xlabel = ("context", "context length (tokens)") if x_is_context else ("batch", "batch size (sequences)")
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 5), layout="constrained")
+        for (series, other), g in pts.groupby(["series", "batch" if x_is_context else "context"], sort=True):
+            g = g.sort_values(xcol)
+            label = f"{series}, " + (f"batch {other}" if x_is_context else f"context {other}")
+            a1.plot(g[xcol], g["decode_tok_s"], marker="o", label=label)
+            a2.plot(g[xcol], g["peak_gib"], marker="o", label=label)
+        a1.set_xlabel(xlabel)
+        a1.set_ylabel("decode tokens/s (all sequences)")
+        a1.set_title("decode throughput")
+        a2.set_xlabel(xlabel)
+        a2.set_ylabel("peak memory (GiB; allocated on CUDA, resident on CPU)")
+        a2.set_title("peak memory")
+        for ax in (a1, a2):
+            ax.grid(alpha=0.3)
+        a1.legend(fontsize=7)
+        fig.suptitle(f"kvbench bench: {env.get('model', '?')} ({env.get('dtype', '?')}) on {env.get('device_name', '?')}, "
+                     f"{env.get('new_tokens', '?')} new tokens")
+        paths += _save(fig, out, f"bench-{slug(jl.parent.name)}")
+    return paths
+
+
+KINDS = ("score", "niah", "kv-steps", "throughput", "bench")
+
+
+def make_all(root: str | Path = "results", out: str | Path | None = None, ratio: str = "prefill",
+             df: pd.DataFrame | None = None, bench_root: str | Path | None = None,
+             kinds: tuple[str, ...] = KINDS) -> list[Path]:
+    """Every figure of ``kinds`` the results allow; returns the files written (PNG and SVG of each)."""
+    root = Path(root)
+    out = Path(out) if out else root / "plots"
+    df = leaderboard.collect(root) if df is None else df
+    makers = {"score": lambda: score_vs_ratio(df, out, ratio), "niah": lambda: niah_heatmaps(df, out),
+              "kv-steps": lambda: kv_over_steps(df, out), "throughput": lambda: throughput(df, out)}
+    paths = []
+    for kind in kinds:
+        if kind == "bench":
+            paths += bench_plots(Path(bench_root) if bench_root else root / "bench", out)
+        elif not df.empty:
+            paths += makers[kind]()
+    return paths

@@ -1,0 +1,71 @@
+"""``kvbench report``: one self-contained HTML page (the leaderboard, the bench tables and every plot).
+
+The page has no external reference: plots are embedded as base64 PNG (``<img src="data:...">``) and the
+style is inline, so it opens in any browser from anywhere (a mail attachment, a CI artifact). Each plot's
+``<figure>`` carries ``data-plot="<file stem>"`` so tools (and the tests) can check that every plot is there.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import time
+from pathlib import Path
+
+from kvbench import bench, leaderboard, plots
+
+
+def _figure(png: Path) -> str:
+    data = base64.b64encode(png.read_bytes()).decode("ascii")
+    title = png.stem.replace("-", " ")
+    return (f'<figure data-plot="{html.escape(png.stem)}"><img alt="{html.escape(title)}" '
+            f'src="data:image/png;base64,{data}"><figcaption>{html.escape(png.stem)} '
+            f"(also {html.escape(png.stem)}.svg)</figcaption></figure>")
+
+
+def _bench_section(bench_root: Path) -> str:
+    parts = []
+    for jl in sorted(bench_root.glob("*/bench.jsonl")):
+        recs = [json.loads(x) for x in jl.read_text().splitlines() if x.strip()]
+        env = next((r for r in recs if r.get("kind") == "env"), {})
+        rows = bench.table_rows(recs)
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in bench.TABLE_COLUMNS)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+        parts.append(f"<h2>kvbench bench: {html.escape(str(env.get('model')))} on "
+                     f"{html.escape(str(env.get('device_name')))}</h2>"
+                     f"<p>{html.escape(str(env.get('dtype')))}, {env.get('new_tokens')} new tokens; copy bandwidth "
+                     f"{(env.get('copy_bandwidth') or 0) / 1e9:.0f} GB/s; source {html.escape(str(jl))}</p>"
+                     f"<table class='board'><tr>{head}</tr>{body}</table>")
+        tg = next((r["rows"] for r in recs if r.get("kind") == "targets"), [])
+        if tg:
+            trs = "".join(f"<tr><td style='text-align:left'>{html.escape(t['what'])}</td><td>{t['value']:.3g}</td>"
+                          f"<td>{html.escape(t['target'])}</td><td>{ {True: 'yes', False: 'no'}.get(t.get('met'), '') }"
+                          "</td></tr>" for t in tg)
+            parts.append("<h3>Targets</h3><table class='board'><tr><th>comparison</th><th>measured</th>"
+                         f"<th>target</th><th>met</th></tr>{trs}</table>")
+    return "\n".join(parts)
+
+
+def build(root: str | Path = "results", out: str | Path | None = None, plots_dir: str | Path | None = None,
+          make_plots: bool = True, ratio: str = "prefill", bench_root: str | Path | None = None) -> Path:
+    """Write the report; returns its path. ``make_plots`` draws the plots first (into ``plots_dir``)."""
+    root = Path(root)
+    out = Path(out) if out else root / "report.html"
+    plots_dir = Path(plots_dir) if plots_dir else root / "plots"
+    bench_root = Path(bench_root) if bench_root else root / "bench"
+    df = leaderboard.collect(root)
+    if make_plots:
+        plots.make_all(root, plots_dir, ratio, df=df, bench_root=bench_root)
+    pngs = sorted(plots_dir.glob("*.png")) if plots_dir.is_dir() else []
+    runs = len(df)
+    body = [f"<h1>kvbench report</h1><p>{runs} runs under {html.escape(str(root))}; made "
+            f"{time.strftime('%Y-%m-%d %H:%M %Z')}. Scores are each task's headline metric; the KV ratio is "
+            "measured from the cache's stores (bytes held over the bytes of a plain full cache).</p>",
+            leaderboard.render_html_tables(df, ratio) if runs else "<p>No runs yet.</p>",
+            _bench_section(bench_root) if bench_root.is_dir() else ""]
+    if pngs:
+        body.append("<h2>Plots</h2>" + "\n".join(_figure(p) for p in pngs))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("<!doctype html><html lang='en'><head><meta charset='utf-8'><title>kvbench report</title>"
+                   f"<style>{leaderboard.PAGE_STYLE}</style></head><body>{''.join(body)}</body></html>\n")
+    return out
