@@ -413,12 +413,15 @@ class Bench:
         del ids
         engine = Engine(self.lm, registry.build_method(method, budget))
         engine.eos = set()  # exactly ``new`` tokens, like the peers' min_new_tokens
+        failure = None
         try:
             recs = engine.generate(samples, trace_every=0)
         except Exception as e:  # recorded (an out-of-memory error is a result), and the bench goes on
-            del engine
+            failure = {"status": "oom" if is_oom(e) else "error", "error": _error_text(e)}
+        if failure:  # outside the handler: the exception's frames (and their tensors) are gone by now
+            del engine, samples
             free_memory()
-            return {"status": "oom" if is_oom(e) else "error", "error": _error_text(e)}
+            return failure
         r = recs[0]
         steps = r["decode_steps"]
         phases = [r["peak_prefill"], r.get("peak_batching", {}), r["peak_decode"]]

@@ -220,13 +220,16 @@ def _run_point(point: RunConfig, ident: str, loaded: dict, load_model, out: Path
     except Exception as e:  # recorded, and the sweep goes on; Ctrl-C still stops it
         status = "oom" if _is_oom(e) else "crash"
         error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:500]}"
+        failure = {"status": status, "error": error, "traceback": traceback.format_exc()[-4000:]}
+    else:
+        failure = None
+    if failure:
+        # Freed outside the handler, once the exception's frames (and the tensors they hold) are gone.
+        _free_device_memory()
         run_dir = existing_runs(out).get(ident)
         if run_dir is not None:
-            results.write_json(run_dir / ERROR_FILE, {
-                "status": status, "error": error, "traceback": traceback.format_exc()[-4000:],
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-        _free_device_memory()
-        return {"status": status, "error": error, "run_dir": str(run_dir) if run_dir else None,
+            results.write_json(run_dir / ERROR_FILE, {**failure, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        return {"status": failure["status"], "error": failure["error"], "run_dir": str(run_dir) if run_dir else None,
                 "seconds": time.perf_counter() - started}
     stale = run_dir / ERROR_FILE
     if stale.exists():  # an earlier failure of this point, now finished
