@@ -158,6 +158,11 @@ class RaggedKV:
         self.length += T
         self.free = self.free - T if self.free >= T else int((self.capacity - self.length).min())
 
+    def reserve(self, n_tokens: int) -> None:
+        if self.free < n_tokens:
+            idx, valid = self.slot_index()
+            self._relayout(idx[valid], self.length, torch.maximum(self.capacity, self.length + n_tokens))
+
     def replace(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, counts: torch.Tensor) -> None:
         """Replace everything by new (possibly synthetic) slots: k, v [sum(counts), D], grouped by segment."""
         self.start = torch.zeros_like(counts)
@@ -274,7 +279,13 @@ class KVCache(Cache):
         chunk is context to compress (and whether it is the last chunk of the context)."""
         self.positions = positions
         self.compressing, self.final_chunk = compress, final
-        self.seen = self.seen + positions.shape[1]
+        self.seen.add_(positions.shape[1])  # in place: a captured decoding step replays it
+
+    def reserve(self, n_tokens: int) -> None:
+        """Room for ``n_tokens`` more tokens in every segment, so that decoding never relayouts a store
+        (what a CUDA-graph replay of the decoding step needs). The room is held memory and counts."""
+        for store in self.stores:
+            store.reserve(n_tokens)
 
     def attention(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
         self._updated.discard(layer)

@@ -59,6 +59,11 @@ class Method:
     def keeps_everything(self) -> bool:
         return isinstance(self.budget, float) and self.budget >= 1.0
 
+    def static_decode(self) -> bool:
+        """True when decoding only appends tokens (no decode-time hook changes the stores): the runner may
+        then replay the decoding step as a CUDA graph."""
+        return type(self).on_decode is Method.on_decode
+
 
 def segment_view(store: RaggedKV, per_slot: torch.Tensor, fill=float("-inf")) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-slot values as a padded [B*H, Lmax] tensor (``fill`` where invalid) and the slot numbers."""
@@ -105,6 +110,10 @@ class ScoredEviction(Method):
 
     def score(self, call: LayerCall) -> torch.Tensor:
         raise NotImplementedError
+
+    def static_decode(self) -> bool:
+        return type(self).on_decode is ScoredEviction.on_decode and (
+            not self.evict_during_decoding or self.keeps_everything())
 
     def layer_target(self, call: LayerCall, target: torch.Tensor) -> torch.Tensor:
         """Tokens per head for this layer, given the method's average target per sequence [B]."""

@@ -91,6 +91,7 @@ class Engine:
             elif src:
                 eos.update(src)
         self.eos = eos
+        self.cuda_graphs = os.environ.get("KVBENCH_CUDA_GRAPHS", "1") != "0"
         method.prepare(lm)
 
     def new_cache(self, batch: int = 1) -> KVCache:
@@ -149,10 +150,21 @@ class Engine:
     @torch.no_grad()
     def decode(self, cache: KVCache, first_logits: torch.Tensor, max_new: list[int],
                stop_at_newline: list[bool], trace_every: int = 64) -> tuple[list[list[int]], dict]:
-        """Batched greedy/sampled decoding until EOS or each sequence's limit."""
+        """Batched greedy/sampled decoding until EOS or each sequence's limit.
+
+        On CUDA, for methods whose decoding only appends (``method.static_decode()``), the decoding step is
+        captured once as a CUDA graph and replayed: the step's hundreds of kernel launches would otherwise
+        cost more host time than the GPU spends reading weights and KV. The stores reserve room for every
+        new token first (``KVCache.reserve``), so nothing moves while the graph replays.
+        """
         B = first_logits.shape[0]
         out: list[list[int]] = [[] for _ in range(B)]
         done = [m <= 0 for m in max_new]
+        use_graph = (self.cuda_graphs and self.device.type == "cuda" and self.method.static_decode()
+                     and max(max_new) > 2)
+        if use_graph:
+            cache.reserve(max(max_new))
+        graph = static_ids = static_logits = None
         nxt = self.pick(first_logits)
         steps, kv_trace = 0, {}
         t0 = time.perf_counter()
@@ -168,13 +180,27 @@ class Engine:
                     done[b] = True
             if all(done):
                 break
-            logits = self.forward(cache, nxt[:, None], compress=False)
+            if use_graph and graph is None and steps >= 1:  # the first step ran eagerly: warm-up
+                static_ids = nxt[:, None].clone()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    static_logits = self.forward(cache, static_ids, compress=False)
+            if graph is not None:
+                static_ids.copy_(nxt[:, None])
+                graph.replay()
+                logits = static_logits
+            else:
+                logits = self.forward(cache, nxt[:, None], compress=False)
             steps += 1
             if trace_every and steps % trace_every == 0:
                 kv_trace[steps] = cache.layer_nbytes()
             nxt = self.pick(logits[:, -1])
         sync(self.device)
+        if graph is not None:  # replays ran no Python: bring the host-side bookkeeping up to date
+            for store in cache.stores:
+                store.free = int((store.capacity - store.length).min())
         return out, {"decode_s": time.perf_counter() - t0, "decode_steps": steps, "kv_layer_bytes_steps": kv_trace,
+                     "cuda_graph": graph is not None,
                      "kv_bytes_end": cache.nbytes(), "kv_bytes_full_end": cache.full_nbytes(),
                      "kv_seq_bytes_end": cache.sequence_nbytes().tolist(),
                      "kv_seq_full_end": cache.sequence_full_nbytes().tolist()}

@@ -236,3 +236,18 @@ def test_killed_run_resumes_without_loss_or_repeat(tmp_path, monkeypatch):
     assert metrics["complete"] and metrics["n_samples"] == 3
     config = json.loads((run_dir / "config.json").read_text())
     assert config["method_params"]["window"] == 32 and config["versions"]["torch"]
+
+
+def test_static_decode_flags_and_reserve():
+    static = {n: registry.build_method(n, 0.25).static_decode() for n in ["full", *EVICTION]}
+    assert static == {"full": True, "random": True, "knorm": True, "streamingllm": False, "snapkv": True,
+                      "pyramidkv": True, "h2o": False, "tova": False, "adakv": True}
+    lm = tiny("llama")
+    eng = Engine(lm, registry.build_method("snapkv", 0.25))
+    cache, first, _ = eng.prefill(sample(prompt(120, 11), []))
+    before = [s.k.data_ptr() for s in cache.stores]
+    cache.reserve(20)
+    moved = [s.k.data_ptr() for s in cache.stores]
+    eng.decode(cache, first, [20], [False])
+    assert [s.k.data_ptr() for s in cache.stores] == moved != before  # room made once, nothing moved after
+    assert (cache.token_counts() == 30 + 19).all()
