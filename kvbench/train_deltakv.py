@@ -6,7 +6,8 @@ reconstruction (references: the sinks and every ``s``-th token, exact; every oth
 down(ref)) + ref`` with ``ref`` the mean of its ``k`` nearest earlier references), so later layers see
 reconstructed attention, as at inference. Loss = next-token cross-entropy + the sum over compressed layers
 of the MSE between reconstructed and true (pre-RoPE key ++ value) vectors, as the paper trains. AdamW,
-linear warm-up then cosine decay, gradient clipping at 1.
+linear warm-up then cosine decay (over the steps or the time limit, whichever ends first), gradient
+clipping at 1.
 
 Choices the paper leaves open: the up-projection starts at zero (the first reconstruction is the reference
 mean, so training starts from a sane cache); the reference choice is not differentiated (a top-k);
@@ -161,8 +162,6 @@ def train(model: str, data: str, out: str, steps: int = 1000, batch: int = 8, se
 
     opt = torch.optim.AdamW(comps.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: (i + 1) / warmup if i < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * (i - warmup) / max(1, steps - warmup))))
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(train_set), generator=gen)
     positions = torch.arange(seq_len, device=dev)[None, :].expand(batch, seq_len)
@@ -173,6 +172,10 @@ def train(model: str, data: str, out: str, steps: int = 1000, batch: int = 8, se
             break
         if cursor + batch > len(order):
             order, cursor = torch.randperm(len(train_set), generator=gen), 0
+        # Cosine over whichever ends first, the steps or the time limit, so a timed run still anneals.
+        done = max(step / steps, (time.perf_counter() - t0) / (60 * max_minutes) if max_minutes else 0.0)
+        for group in opt.param_groups:
+            group["lr"] = lr * ((step + 1) / warmup if step < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * done)))
         x = train_set[order[cursor: cursor + batch]].to(dev)
         cursor += batch
         ce, mse = _loss(lm.model, method, rope, x, positions)
@@ -181,7 +184,6 @@ def train(model: str, data: str, out: str, steps: int = 1000, batch: int = 8, se
         loss.backward()
         torch.nn.utils.clip_grad_norm_(comps.parameters(), 1.0)
         opt.step()
-        sched.step()
         step += 1
         history.append((ce.item(), mse.item()))
         if step % 25 == 0 or step == 1:
@@ -200,7 +202,7 @@ def train(model: str, data: str, out: str, steps: int = 1000, batch: int = 8, se
               "stride": method.stride_, "neighbors": method.neighbors_, "sinks": method.sinks, "corpus": corpus,
               "steps": step, "train_seconds": round(seconds, 1), "final_losses": final,
               "training": {"batch": batch, "seq_len": seq_len, "lr": lr, "optimizer": "AdamW(0.9, 0.95)",
-                           "schedule": "linear warm-up 5%, cosine to 10%", "grad_clip": 1.0, "seed": seed,
+                           "schedule": "linear warm-up 5% of steps, cosine to 10% over steps or --max-minutes", "grad_clip": 1.0, "seed": seed,
                            "dtype": str(torch_dtype).replace("torch.", ""), "device": dev}}
     return save_checkpoint(out, comps, config)
 

@@ -26,7 +26,10 @@ Choices the paper leaves open, made here:
 - The decode-time kept share ``keep`` (default 0.15, inside the paper's 0.11-0.17) is a fraction of the
   compressed tokens of each sequence (a count when > 1), chosen per sequence, shared by the KV heads and
   by the compressed layers up to the next full layer.
-- Observation scores are the attention probabilities of the current query, max over all query heads.
+- Observation scores are the attention probabilities of the current query, max over all query heads;
+  ``pool`` > 1 max-pools them along positions first (the official code's ``pool_kernel_size``, default 1),
+  so the neighbours of an attended token come along: an induction head in a later layer reads the token
+  *after* the one the observer attends to.
 - Stored dtypes are options: references in the model dtype; latents ``bfloat16`` (the paper), ``float32``,
   ``int8`` or ``int4`` (symmetric, one float16 scale per ``quant_group`` dimensions, the official runtime's
   4-bit group size 32); neighbour indices ``int32`` or ``int16``, relative to the sequence's first
@@ -245,18 +248,22 @@ class SegmentTable:
         s = self.h_start[b]
         return self.t[name][s: s + self.h_len[b]]
 
-    def append(self, b: int, rows: dict[str, torch.Tensor], slack: int) -> None:
-        n = next(iter(rows.values())).shape[0]
-        if n == 0:
-            return
-        if self.h_len[b] + n > self.h_cap[b]:
-            caps = list(self.h_cap)
-            caps[b] = self.h_len[b] + n + slack
+    def extend(self, rows: dict[int, dict[str, torch.Tensor]], slack) -> None:
+        """Append rows to several sequences (``rows[b][name]``), growing the tensors at most once; a sequence
+        that outgrows its capacity gets ``slack(b)`` spare rows."""
+        caps = list(self.h_cap)
+        for b, cols in rows.items():
+            need = self.h_len[b] + next(iter(cols.values())).shape[0]
+            if need > caps[b]:
+                caps[b] = need + slack(b)
+        if caps != self.h_cap:
             self._relayout(caps)
-        s = self.h_start[b] + self.h_len[b]
-        for name, r in rows.items():
-            self.t[name][s: s + n] = r.to(self.t[name].dtype)
-        self.h_len[b] += n
+        for b, cols in rows.items():
+            s = self.h_start[b] + self.h_len[b]
+            n = next(iter(cols.values())).shape[0]
+            for name, r in cols.items():
+                self.t[name][s: s + n] = r.to(self.t[name].dtype)
+            self.h_len[b] += n
         self._sync_device()
 
     def _relayout(self, caps: list[int]) -> None:
@@ -383,6 +390,7 @@ class DeltaKVStore:
         lengths = self.raw.length.new_tensor(moves).repeat_interleave(self.H)
         first = torch.arange(idx.shape[1], device=idx.device)[None, :] < lengths[:, None]
         kept = valid & ~first
+        new_refs, new_latents = {}, {}
         for b, n in enumerate(moves):
             if n == 0:
                 continue
@@ -390,32 +398,34 @@ class DeltaKVStore:
             positions = torch.arange(self.n_comp[b], self.n_comp[b] + n, device=idx.device)
             k_pre = rope(self.raw.k[rows].float()[None], positions[None], inverse=True)
             x = tokens_from_kv(k_pre, self.raw.v[rows].float()[None])[0]
-            self._compress_tokens(b, x, positions, decoding)
+            new_refs[b], new_latents[b] = self._compress_tokens(b, x, positions)
             self.n_comp[b] += n
+        per_flush = m.window // m.stride_ + 1
+        self.refs.extend(new_refs, lambda b: max(per_flush, self.refs.h_len[b] // 32) if decoding else 0)
+        self.latents.extend(new_latents, lambda b: max(m.window, self.latents.h_len[b] // 32) if decoding else 0)
         self.raw.keep(idx[kept], valid.sum(1) - lengths)
 
-    def _compress_tokens(self, b: int, x: torch.Tensor, positions: torch.Tensor, decoding: bool) -> None:
+    def _compress_tokens(self, b: int, x: torch.Tensor, positions: torch.Tensor):
+        """The new reference rows and latent rows of sequence b's tokens ``x [n, D]`` at ``positions``."""
         m = self.method
         ref = is_reference(positions, m.sinks, m.stride_)
-        per_flush_refs = m.window // m.stride_ + 1
-        self.refs.append(b, {"x": x[ref]}, slack=max(per_flush_refs, self.refs.h_len[b] // 32) if decoding else 0)
-        n_refs = self.refs.h_len[b]
-        if m.index_dtype == "int16" and n_refs > torch.iinfo(torch.int16).max:
+        new_refs = x[ref].to(self.dtype)  # stored as the cache stores them: distances and means use these values
+        refs = torch.cat([self.refs.rows(b, "x"), new_refs]).float()
+        if m.index_dtype == "int16" and len(refs) > torch.iinfo(torch.int16).max:
             raise BudgetError(f"DeltaKV index_dtype int16 holds {torch.iinfo(torch.int16).max} references per "
                               "sequence; this context needs more: use index_dtype=int32")
-        refs = self.refs.rows(b, "x")
         compressor = m.compressor_for(self.layer)
         lat_pos, lat_x = positions[~ref], x[~ref]
+        parts = []
         for s in range(0, len(lat_pos), 4096):  # bounded distance matrices on long prefills
             p, xs = lat_pos[s: s + 4096], lat_x[s: s + 4096]
             nbr = nearest_references(xs, refs, visible_references(p, m.sinks, m.stride_), m.neighbors_)
-            mean = refs[nbr].float().mean(dim=1)
-            z = compressor.encode(xs, mean)
+            z = compressor.encode(xs, refs[nbr].mean(dim=1))
             values, scales = quantize_latents(z, m.latent_format, m.quant_group, m.latent_float_dtype)
-            rows = {"z": values, "nbr": nbr}
-            if scales is not None:
-                rows["scale"] = scales
-            self.latents.append(b, rows, slack=max(m.window, self.latents.h_len[b] // 32) if decoding else 0)
+            parts.append({"z": values, "nbr": nbr, **({"scale": scales} if scales is not None else {})})
+        latents = {name: torch.cat([part[name] for part in parts]) for name in parts[0]} if parts else \
+            {name: t.new_zeros((0, *t.shape[1:])) for name, t in self.latents.t.items()}
+        return {"x": new_refs}, latents
 
     # ---- reading ----
     def attend(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -489,6 +499,7 @@ class DeltaKV(Method):
     sinks: int = 8
     window: int = 128
     keep: float = 0.15
+    pool: int = 1  # max-pooling width of the observation scores along positions (1: none)
     latent_dtype: str = "bfloat16"
     index_dtype: str = "int32"
     quant_group: int = 32
@@ -501,8 +512,8 @@ class DeltaKV(Method):
             raise BudgetError(f"index_dtype '{self.index_dtype}' unknown; use int16 or int32")
         if self.compressor not in (None, "swiglu", "linear"):
             raise BudgetError(f"compressor '{self.compressor}' unknown; use swiglu or linear")
-        if self.window < 1 or self.sinks < 0 or self.keep <= 0:
-            raise BudgetError("DeltaKV needs window >= 1, sinks >= 0 and keep > 0")
+        if self.window < 1 or self.sinks < 0 or self.keep <= 0 or self.pool < 1 or self.pool % 2 == 0:
+            raise BudgetError("DeltaKV needs window >= 1, sinks >= 0, keep > 0 and an odd pool >= 1")
         for name in ("stride", "neighbors", "latent_dim", "intermediate"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -647,7 +658,12 @@ class DeltaKV(Method):
             inside = (pos >= self.sinks) & (pos < limit[seq])  # compressed, not sinks
             scores = torch.full((B * width,), float("-inf"), device=device)
             scores.scatter_reduce_(0, (seq * width + pos)[inside], slot[inside], reduce="amax")
-            top = scores.view(B, width).topk(kmax, dim=1).indices  # best first
+            scores = scores.view(B, width)
+            if self.pool > 1:  # a token's neighbours share its score (the official code's pool_kernel_size)
+                scores = F.max_pool1d(scores[:, None], self.pool, stride=1, padding=self.pool // 2)[:, 0, :width]
+                at = torch.arange(width, device=device)[None, :]
+                scores = scores.masked_fill((at < self.sinks) | (at >= limit[:, None]), float("-inf"))
+            top = scores.topk(kmax, dim=1).indices  # best first
             chosen = torch.arange(kmax, device=device)[None, :] < torch.tensor(n_pick, device=device)[:, None]
             columns.append(torch.sort(torch.where(chosen, top, never), dim=1).values)
         table = torch.cat(columns, dim=1)

@@ -124,9 +124,10 @@ def test_identity_compressor_reproduces_full(family):
     assert cache.stores[1].n_comp[0] > 0, "the test must cross a flush"
 
 
-def test_observer_picks_sinks_and_top_attended():
+@pytest.mark.parametrize("pool", [1, 3])
+def test_observer_picks_sinks_and_top_attended(pool):
     lm = tiny("llama")
-    m = deltakv(lm, keep=0.25)
+    m = deltakv(lm, keep=0.25, pool=pool)
     engine = Engine(lm, m)
     cache, first, _ = engine.prefill(sample(prompt(100, 9), []))
     follower = cache.stores[1]
@@ -153,6 +154,10 @@ def test_observer_picks_sinks_and_top_attended():
     store = call.store
     per_pos = torch.full((int(store.pos.max()) + 1,), float("-inf"))
     per_pos.scatter_reduce_(0, store.pos.long()[store.pos >= 0], att[store.pos >= 0], reduce="amax")
+    per_pos[:4] = float("-inf")  # only compressed, non-sink tokens compete
+    per_pos[n_comp:] = float("-inf")
+    if pool > 1:
+        per_pos = torch.nn.functional.max_pool1d(per_pos[None, None], pool, stride=1, padding=pool // 2)[0, 0]
     best = torch.topk(per_pos[4:n_comp], n_pick).indices + 4
     assert sorted(plan.pos[4:].tolist()) == sorted(best.tolist())
 
