@@ -11,9 +11,10 @@ whole). It also prefills one NIAH context per length and reports DeltaKV's bytes
 raw window, sinks, references, latents, scales, indices, bookkeeping) and the index share.
 
 ``throughput`` prefills one random-token sequence of ``context`` tokens per method, joins copies of its
-cache into the largest batch that fits (stepping down 8% after an out-of-memory error), and times
-``steps`` decoding steps after ``warmup`` (with W=128 every 128 consecutive steps hold exactly one
-DeltaKV window flush, so the default 128 steps include one). Every sequence is the same prompt: decoding
+cache into the largest batch that fits (stepping down 8% after an out-of-memory error), decodes
+``warmup`` steps, then times ``steps`` more through ``Engine.decode`` (the runner's decoding, CUDA graph
+included where the method allows it; with W=128 every 128 consecutive steps hold exactly one DeltaKV
+window flush, so the default 128 steps include one). Every sequence is the same prompt: decoding
 cost depends on the shapes, not the values, and one prefill instead of dozens keeps the run short.
 """
 from __future__ import annotations
@@ -168,25 +169,21 @@ def _sync() -> None:
 
 
 def _decode_timing(engine, cache, first, batch: int, warmup: int, steps: int) -> dict:
+    """Two ``Engine.decode`` calls on one batch (the runner's path: a replayed CUDA graph for methods whose
+    decoding only appends): ``warmup`` steps (kernels compile), then ``steps`` timed ones, the whole call."""
     from kvbench.cache import KVCache
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     work = KVCache.concat([cache] * batch) if batch > 1 else cache.clone()
     held = work.nbytes()
-    nxt = first.argmax(-1).repeat(batch)
     try:
-        for _ in range(warmup):
-            nxt = engine.forward(work, nxt[:, None], compress=False)[:, -1].argmax(-1)
-        _sync()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            nxt = engine.forward(work, nxt[:, None], compress=False)[:, -1].argmax(-1)
-        _sync()
-        dt = time.perf_counter() - t0
+        engine.decode(work, first.repeat(batch, 1), [warmup + 1] * batch, [False] * batch, 0)
+        _, info = engine.decode(work, first.repeat(batch, 1), [steps + 1] * batch, [False] * batch, 0)
     finally:
         del work
-    return {"tokens_per_s": batch * steps / dt, "step_ms": 1000 * dt / steps, "steps": steps, "warmup": warmup,
-            "kv_bytes_batch": held,
+    dt, n = info["decode_s"], info["decode_steps"]
+    return {"tokens_per_s": batch * n / dt, "step_ms": 1000 * dt / n, "steps_timed": n, "warmup": warmup,
+            "cuda_graph": info.get("cuda_graph", False), "kv_bytes_batch": held,
             "peak_allocated": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
 
 
