@@ -3,29 +3,38 @@
 # printed by ../shared/tools/prepare-device-carry; carry .deltakv (the training corpus and the NIAH essays).
 #   results/deltakv-gpu.sh smollm2     # train the SmolLM2 compressor, NIAH 2k/4k + fidelity vs full and snapkv
 #   results/deltakv-gpu.sh throughput  # 32k decode tokens/s, llama-3.1-8b random weights, deltakv vs full
+#   results/deltakv-gpu.sh all [SECONDS] # both, the second one cut to what is left of SECONDS (default 580)
 # Writes under $OUT (logs, the checkpoint, the summaries); the runner's run directories stay in /tmp.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 KVBENCH_CACHE=/tmp/kvbcache PYTHONPATH=/tmp/kvbench-site:${PYTHONPATH:-}
-OUT=${OUT:-results/deltakv}
+export OUT=${OUT:-results/deltakv}
 mkdir -p "$OUT"
 pip install --no-deps --no-build-isolation -e . -q 2>&1 | tail -2
 GGUF=/tmp/kvbench-assets/SmolLM2-135M-Instruct.Q4_1.gguf
 CORPUS=.deltakv/debian-man-pages-man1578-no-gcloud.txt.gz
-case "${1:-smollm2}" in
-smollm2)
+smollm2() {
   nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
   python -m kvbench.cli train deltakv --model "$GGUF" --data "$CORPUS" --out "$OUT/ckpt" --steps 1000 --batch 8 --seq-len 1024 \
-    --latent-dim 64 --intermediate 192 --full-layers 0,8,17 --max-minutes 2.5 2>&1 | tee "$OUT/train.log"
+    --latent-dim 64 --intermediate 192 --full-layers 0,8,17 --max-minutes 2 2>&1 | tee "$OUT/train.log"
   python -m kvbench.deltakv_bench eval --model "$GGUF" --checkpoint "$OUT/ckpt" --haystack .deltakv/paul_graham_essays \
     --out /tmp/dkv-eval -m latent_dtype=int4 -m index_dtype=int16 2>&1 | grep -v "^Loading" | tee "$OUT/eval.log"
   cp /tmp/dkv-eval/deltakv-eval.json "$OUT/"
   # the paper's storage dtypes (bf16 latents, int32 indices), through the CLI
   python -m kvbench.cli run --method deltakv --checkpoint "$OUT/ckpt" --task niah -t 'lengths=[2048,4096]' --batch-size 5 \
     --model "$GGUF" --data .deltakv/paul_graham_essays --out /tmp/dkv-cli 2>&1 | grep -v "^Loading" | tee -a "$OUT/eval.log"
-  ;;
-throughput)
+}
+throughput() {
   nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
   python -m kvbench.deltakv_bench throughput --preset llama-3.1-8b --context 32768 --out "$OUT" \
     -m latent_dim=256 -m intermediate=3072 -m latent_dtype=int4 -m index_dtype=int16 2>&1 | tee "$OUT/throughput.log"
+}
+case "${1:-smollm2}" in
+smollm2) smollm2 ;;
+throughput) throughput ;;
+all)
+  smollm2
+  left=$(( ${2:-580} - SECONDS ))
+  echo "throughput gets ${left}s"
+  if [ "$left" -gt 60 ]; then export -f throughput; timeout "$left" bash -c throughput; fi
   ;;
 esac
