@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 
 import click
@@ -32,6 +33,9 @@ def _kv_pairs(items: tuple[str, ...], what: str) -> dict:
 @click.group()
 def main():
     """kvbench: compare KV-cache compression methods on one harness."""
+    # Stores are rebuilt at many sizes (compression, growth, batching): without expandable segments the
+    # CUDA caching allocator strands gigabytes between them. Set before CUDA starts; the user's value wins.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
 @main.command("list")
