@@ -347,8 +347,7 @@ def run(cfg: RunConfig, lm: LoadedModel | None = None, progress: bool = True) ->
     max_ctx = cfg.max_context or max(lm.window - 512, 256)
     samples = task.samples(lm.tokenizer, TaskContext(max_context_tokens=max_ctx, data=cfg.data, limit=cfg.limit,
                                                      seed=cfg.seed))
-    if cfg.limit:
-        samples = samples[: cfg.limit]
+    # ``limit`` is the task's to apply: multi-part tasks (LongBench, RULER) take it per part.
     done_records = results.read_jsonl(run_dir / "samples.jsonl", repair=True)
     results.read_jsonl(run_dir / "trace.jsonl", repair=True)
     done = {r["id"] for r in done_records}

@@ -57,7 +57,7 @@ class Fidelity:
         if self.context_len > ctx.max_context_tokens:
             raise TaskError(f"fidelity context_len {self.context_len} exceeds the usable context "
                             f"({ctx.max_context_tokens} tokens)")
-        n = min(self.n_samples, len(ids) // span)
+        n = min(self.n_samples if not ctx.limit else min(self.n_samples, ctx.limit), len(ids) // span)
         if n == 0:
             raise TaskError(f"text too short: {len(ids)} tokens, need {span} per sample")
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []

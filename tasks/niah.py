@@ -64,7 +64,7 @@ class NIAH:
                 out.append(Sample(id=f"niah-{length}-{depth:.2f}", context_ids=context, question_ids=question,
                                   answers=[self.answer], max_new_tokens=self.max_new_tokens,
                                   meta={"length": length, "depth": depth, "needle_token": at}))
-        return out
+        return out[: ctx.limit] if ctx.limit else out
 
     @staticmethod
     def _boundary(tokenizer, ids: list[int], at: int) -> int:

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The tasks' GPU numbers (issue 4), after the SmolLM2 assets are in place (prepare-device-carry's first
+# call); carry .carry/b and .carry/tasks (the shared LongBench files, RULER's essay json, the essays).
+set -uo pipefail
+root=$(pwd)
+assets=/tmp/kvbench-assets
+gguf=$assets/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ ! -f "$gguf" ]; then
+  (cd $assets && cp "$root"/.carry/b/* . && cat smollm2.part00 smollm2.part01 > "$gguf" \
+    && echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $gguf" | sha256sum -c \
+    && python3 -m pip install -q --no-index --no-deps --target /tmp/kvbench-site gguf-*.whl) || exit 1
+fi
+export PYTHONPATH=/tmp/kvbench-site:${PYTHONPATH:-} KVBENCH_CACHE=/tmp/kvbcache PYTHONUNBUFFERED=1 CI=1
+python3 -m pip install -q --no-deps --no-build-isolation -e "$root" 2>&1 | grep -v WARNING
+sed -e "s#smollm2-135m#$gguf#" -e "s#../shared/data/longbench#.carry/tasks/lb#" -e "s#^out: results#out: /tmp/tasks#" \
+    -e "s#../shared/data/paul_graham_essays#.carry/tasks/pg#" -e "s#../shared/data/ruler#.carry/tasks/ruler#" \
+    results/sweep-tasks-smollm2.yaml > /tmp/sweep-tasks.yaml
+/usr/bin/time -f "sweep: %e s wall" timeout 480 kvbench sweep /tmp/sweep-tasks.yaml > "$OUT/sweep.log" 2>&1
+tail -8 "$OUT/sweep.log"
+python3 - <<'PY' | tee "$OUT/tasks.md"
+import json, glob
+print("| task | method | budget | headline | per part | KV ratio prefill |")
+print("|---|---|---|---|---|---|")
+for m in sorted(glob.glob("/tmp/tasks/runs/*/metrics.json")):
+    d = json.load(open(m)); s = d["summary"]
+    parts = {k: v for k, v in s.items() if isinstance(v, dict)}
+    flat = {k: round(v, 2) for k, v in s.items() if isinstance(v, (int, float))}
+    def short(p):
+        return {k: (round(v.get("score", 0), 1) if isinstance(v, dict) else v) for k, v in p.items()}
+    print(f"| {d['task']} | {d['method']} | {d['budget']} | {flat} | {json.dumps({k: short(v) for k, v in parts.items()})[:600]} | {d['kv_ratio_prefill']:.3f} |")
+PY
+tar czf "$OUT/tasks-runs.tar.gz" -C /tmp tasks
