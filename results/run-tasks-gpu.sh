@@ -15,7 +15,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e "$root" 2>&1 | grep 
 sed -e "s#smollm2-135m#$gguf#" -e "s#../shared/data/longbench#.carry/tasks/lb#" -e "s#^out: results#out: /tmp/tasks#" \
     -e "s#../shared/data/paul_graham_essays#.carry/tasks/pg#" -e "s#../shared/data/ruler#.carry/tasks/ruler#" \
     results/sweep-tasks-smollm2.yaml > /tmp/sweep-tasks.yaml
-/usr/bin/time -f "sweep: %e s wall" timeout 480 kvbench sweep /tmp/sweep-tasks.yaml > "$OUT/sweep.log" 2>&1
+/usr/bin/time -f "sweep: %e s wall" timeout 420 kvbench sweep /tmp/sweep-tasks.yaml > "$OUT/sweep.log" 2>&1
 tail -8 "$OUT/sweep.log"
 python3 - <<'PY' | tee "$OUT/tasks.md"
 import json, glob
