@@ -30,21 +30,22 @@ def random_problems(P=3, R=96, E=6, M=12, D=8, seed=0, pad_last=4, N=None) -> tu
     free_mask = torch.ones(P, M, dtype=torch.bool)
     free_mask[-1, M - pad_last:] = False
     keys = km[:, :M].clone().masked_fill(~free_mask[..., None], 0.0)
-    pb = Problems(q, out, lse, torch.einsum("prd,ped->pre", q, ke) * scale, ve, free_mask,
+    prior = vm[:, :M].clone().masked_fill(~free_mask[..., None], 0.0)
+    pb = Problems(q, out, lse, torch.einsum("prd,ped->pre", q, ke) * scale, ve, free_mask, prior,
                   (out ** 2).sum(-1).mean(-1), scale)
     return pb, keys, (km, vm)
 
 
 def test_value_solve_matches_direct_least_squares():
     pb, keys, _ = random_problems()
-    values = solve_values(pb, keys, ridge=1e-2)
+    values = solve_values(pb, keys, ridge=0.3)
     fixed, _, p_free = attend(pb, keys, torch.zeros_like(keys))  # the exact part's share of the output
     for p in range(len(keys)):
         m = int(pb.free_mask[p].sum())
         A = p_free[p, :, :m].double()
         lam = float(pb.ridge[p])
         stacked = torch.cat([A, math.sqrt(lam) * torch.eye(m, dtype=A.dtype)])
-        rhs = torch.cat([(pb.out[p] - fixed[p]).double(), torch.zeros(m, pb.out.shape[-1], dtype=A.dtype)])
+        rhs = torch.cat([(pb.out[p] - fixed[p]).double(), math.sqrt(lam) * pb.prior_values[p, :m].double()])
         direct = torch.linalg.lstsq(stacked, rhs).solution
         torch.testing.assert_close(values[p, :m].double(), direct, rtol=1e-4, atol=1e-5)
         assert bool((values[p, m:] == 0).all())
