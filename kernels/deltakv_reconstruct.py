@@ -25,7 +25,8 @@ load.
 
 Grid: (token tiles, KV heads, 2): the last axis picks keys (rotated) or values. Each program computes the
 two halves of one head's key or value for ``BLOCK_T`` tokens with two ``tl.dot`` over the latent (so the
-rotation, which pairs dimension ``i`` with ``i + head_dim/2``, needs no shuffle), adds the neighbour mean
+rotation, which pairs dimension ``i`` with ``i + head_dim/2``, needs no shuffle; 64 tokens a program, so
+each slice of ``W_up`` read from L2 serves 64 tokens), adds the neighbour mean
 gathered for the same columns, rotates keys, and stores. The references of a sequence are re-read by many
 tokens and stay in L2. ``reconstruct`` dispatches to the Triton kernel on CUDA (or with
 ``KVBENCH_TRITON=1``, e.g. under ``TRITON_INTERPRET=1``) when the shapes suit ``tl.dot`` (half head dim
@@ -210,7 +211,7 @@ def triton_supports(head_dim: int, latent_dim: int, latent_format: str) -> bool:
 
 def reconstruct_triton(latents, scales, neighbours, refs, w_up, lat_row, self_ref, ref_base, cos, sin,
                        dest, hstride, k_out, v_out, heads: int, latent_format: str = "float",
-                       group: int = 32, block_t: int = 32, num_warps: int = 4) -> None:
+                       group: int = 32, block_t: int = 64, num_warps: int = 8) -> None:
     n = lat_row.numel()
     if n == 0:
         return

@@ -145,6 +145,8 @@ def throughput(args) -> dict:
                 rec["tries"].append({"batch": batch, "error": str(e).splitlines()[0][:160]})
                 _free_cuda()
                 batch = int(batch * 0.92)
+        if args.profile and name == "deltakv" and "batch" in rec:  # full replays one CUDA graph: nothing to split
+            _profile(engine, cache, first, rec["batch"], args.profile)
         print(json.dumps({name: rec}), flush=True)
         results["methods"][name] = rec
         del cache, first, engine
@@ -187,6 +189,22 @@ def _decode_timing(engine, cache, first, batch: int, warmup: int, steps: int) ->
             "peak_allocated": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
 
 
+def _profile(engine, cache, first, batch: int, steps: int) -> None:
+    """Where a decoding step's time goes: ``steps`` steps under the torch profiler, top kernels and ops."""
+    from torch.profiler import ProfilerActivity, profile
+    from kvbench.cache import KVCache
+    work = KVCache.concat([cache] * batch) if batch > 1 else cache.clone()
+    engine.decode(work, first.repeat(batch, 1), [3] * batch, [False] * batch, 0)  # compiled, warm
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        _, info = engine.decode(work, first.repeat(batch, 1), [steps + 1] * batch, [False] * batch, 0)
+    del work
+    print(f"profile: {info['decode_steps']} steps in {info['decode_s']:.3f} s", flush=True)
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60), flush=True)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -207,6 +225,7 @@ def main() -> None:
     t.add_argument("--warmup", type=int, default=8)
     t.add_argument("--steps", type=int, default=128)
     t.add_argument("--batch", type=int, default=None, help="a fixed batch (default: the largest that fits, CUDA)")
+    t.add_argument("--profile", type=int, default=0, help="then profile this many decoding steps of deltakv")
     t.add_argument("--out", required=True)
     t.add_argument("-m", "--method-arg", action="append", default=[])
     args = ap.parse_args()

@@ -441,8 +441,8 @@ class DeltaKVStore:
 
     def full_plan(self) -> Plan:
         device = self.raw.length.device
-        seq = torch.repeat_interleave(torch.arange(self.B, device=device),
-                                      torch.tensor(self.n_comp, device=device))
+        seq = torch.repeat_interleave(torch.arange(self.B, device=device), torch.tensor(self.n_comp, device=device),
+                                      output_size=sum(self.n_comp))
         pos = torch.cat([torch.arange(n, device=device) for n in self.n_comp])
         return make_plan(seq, pos, list(self.n_comp), self.H, self.method.rotary)
 
@@ -645,31 +645,38 @@ class DeltaKV(Method):
         n_pick = [self._n_keep(n - s) for n, s in zip(n_comp, n_sinks)]
         counts = [s + p for s, p in zip(n_sinks, n_pick)]
         never = width + 1  # sorts after every real position
-        sink_cols = torch.arange(self.sinks, device=device)[None, :].expand(B, self.sinks)
-        sink_cols = torch.where(sink_cols < torch.tensor(n_sinks, device=device)[:, None], sink_cols, never)
-        columns = [sink_cols]
+        columns = [torch.arange(self.sinks, device=device)[None, :].expand(B, self.sinks)]
         kmax = max(n_pick)
         if kmax > 0:
             slot = window_scores(call.queries[:, :, -1:], call.positions[:, -1:], store.k, store.pos, store.start,
                                  store.length, call.scale, reduce="max")
-            seq = torch.repeat_interleave(torch.arange(B * store.H, device=device), store.capacity) // store.H
+            seq = torch.repeat_interleave(torch.arange(B * store.H, device=device), store.capacity,
+                                          output_size=store.k.shape[0]) // store.H  # sized on the host: no sync
             pos = store.pos.long()
             limit = torch.tensor(n_comp, device=device)
             inside = (pos >= self.sinks) & (pos < limit[seq])  # compressed, not sinks
-            scores = torch.full((B * width,), float("-inf"), device=device)
-            scores.scatter_reduce_(0, (seq * width + pos)[inside], slot[inside], reduce="amax")
-            scores = scores.view(B, width)
+            scores = torch.full((B * width + 1,), float("-inf"), device=device)  # the last cell takes the rest
+            scores.scatter_reduce_(0, torch.where(inside, seq * width + pos, B * width), slot, reduce="amax")
+            scores = scores[:-1].view(B, width)
             if self.pool > 1:  # a token's neighbours share its score (the official code's pool_kernel_size)
                 scores = F.max_pool1d(scores[:, None], self.pool, stride=1, padding=self.pool // 2)[:, 0, :width]
                 at = torch.arange(width, device=device)[None, :]
                 scores = scores.masked_fill((at < self.sinks) | (at >= limit[:, None]), float("-inf"))
             top = scores.topk(kmax, dim=1).indices  # best first
             chosen = torch.arange(kmax, device=device)[None, :] < torch.tensor(n_pick, device=device)[:, None]
-            columns.append(torch.sort(torch.where(chosen, top, never), dim=1).values)
+            columns.append(torch.where(chosen, top, never))
         table = torch.cat(columns, dim=1)
-        valid = table < never
-        seq_of = torch.arange(B, device=device)[:, None].expand_as(table)
-        return make_plan(seq_of[valid], table[valid], counts, self.heads, self.rotary)
+        if self.sinks:
+            table[:, : self.sinks] = torch.where(table[:, : self.sinks] < torch.tensor(n_sinks, device=device)[:, None],
+                                                 table[:, : self.sinks], never)
+        table = torch.sort(table, dim=1).values  # each row: its valid positions in order, then ``never``
+        # the valid entries are a prefix of counts[b] per row: gather them with host-built indices (no sync)
+        counts_t = torch.tensor(counts, device=device)
+        total = sum(counts)
+        seq_of = torch.repeat_interleave(torch.arange(B, device=device), counts_t, output_size=total)
+        first = torch.cumsum(counts_t, 0) - counts_t
+        flat = seq_of * table.shape[1] + torch.arange(total, device=device) - first[seq_of]
+        return make_plan(seq_of, table.reshape(-1)[flat], counts, self.heads, self.rotary)
 
     def _n_keep(self, n_compressed: int) -> int:
         if n_compressed <= 0:
