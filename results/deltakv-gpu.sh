@@ -26,7 +26,7 @@ smollm2() {
 throughput() {
   nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
   python -m kvbench.deltakv_bench throughput --preset llama-3.1-8b --context 32768 --out "$OUT" \
-    -m latent_dim=256 -m intermediate=3072 -m latent_dtype=int4 -m index_dtype=int16 2>&1 | tee "$OUT/throughput.log"
+    -m latent_dim=256 -m intermediate=3072 -m latent_dtype=int4 -m index_dtype=int16 --profile 3 2>&1 | tee "$OUT/throughput.log"
 }
 case "${1:-smollm2}" in
 smollm2) smollm2 ;;
