@@ -73,6 +73,7 @@ def list_cmd(what):
 @click.option("--budget", default="1.0", show_default=True, help="fraction of the KV kept (0-1], or tokens per head")
 @click.option("--model", default="smollm2-135m", show_default=True, help="HF id, local dir, .gguf file or alias")
 @click.option("--random-weights", is_flag=True, help="untrained model of a preset's shape (kvbench list presets)")
+@click.option("--trust-remote-code", is_flag=True, help="allow a model's own Python code from the hub (off by default)")
 @click.option("--method-arg", "-m", multiple=True, help="method parameter key=value (repeatable)")
 @click.option("--task-arg", "-t", multiple=True, help="task parameter key=value (repeatable)")
 @click.option("--query-aware", is_flag=True, help="compress context and question together")
@@ -87,7 +88,7 @@ def list_cmd(what):
 @click.option("--max-context", type=int, default=None, help="truncate prompts to this many tokens")
 @click.option("--out", default="results", show_default=True, help="results root")
 @click.option("--checkpoint", default=None, help="trained weights of a method that has them (deltakv): -m checkpoint=DIR")
-def run(method, task, budget, model, random_weights, method_arg, task_arg, query_aware, prefill_chunk, batch_size,
+def run(method, task, budget, model, random_weights, trust_remote_code, method_arg, task_arg, query_aware, prefill_chunk, batch_size,
         data, limit, seed, temperature, device, dtype, max_context, out, checkpoint):
     """Run one method on one task; resumes if the same run was started before."""
     from kvbench.runner import RunConfig, run as run_one
@@ -98,6 +99,7 @@ def run(method, task, budget, model, random_weights, method_arg, task_arg, query
     if prefill_chunk is not None and prefill_chunk < 1:
         _fail("--prefill-chunk must be at least 1")
     cfg = RunConfig(method=method, task=task, budget=_budget(budget), model=model, random_weights=random_weights,
+                    trust_remote_code=trust_remote_code,
                     method_params=_kv_pairs(method_arg, "--method-arg"), task_params=_kv_pairs(task_arg, "--task-arg"),
                     protocol="query-aware" if query_aware else "query-agnostic", prefill_chunk=prefill_chunk,
                     batch_size=batch_size, seed=seed, temperature=temperature, dtype=dtype, device=device,

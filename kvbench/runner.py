@@ -32,6 +32,7 @@ class RunConfig:
     budget: float | int = 1.0
     model: str = "smollm2-135m"
     random_weights: bool = False
+    trust_remote_code: bool = False
     method_params: dict = field(default_factory=dict)
     task_params: dict = field(default_factory=dict)
     protocol: str = "query-agnostic"
@@ -329,7 +330,8 @@ def run(cfg: RunConfig, lm: LoadedModel | None = None, progress: bool = True) ->
     if cfg.protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol '{cfg.protocol}'; use one of {', '.join(PROTOCOLS)}")
     if lm is None:
-        lm = models.load(cfg.model, dtype, device, cfg.random_weights, seed=cfg.seed)
+        lm = models.load(cfg.model, dtype, device, cfg.random_weights, trust_remote_code=cfg.trust_remote_code,
+                         seed=cfg.seed)
     if lm.tokenizer is None:
         raise models.ModelError("tasks need a tokenizer: random-weight presets are for `kvbench bench`")
     torch.manual_seed(cfg.seed)
