@@ -19,6 +19,7 @@ Choices the paper leaves open (shared with ``kvsculpt``, which starts from this 
   that targets look at the cache from where later tokens will; ``targets="prompt"`` keeps the queries at
   their own positions (they then attend to keys after themselves, which they never did in the model). The
   target outputs and log-sum-exps are the queries' attention over the whole uncompressed store, in float32.
+  A model without rotary embeddings has nothing to re-rotate: its queries are used as they are.
   What worked (SmolLM2, layer-level error of the real continuation's queries, 1k contexts, r = 0.3): the last
   128 positions re-rotated; all prompt queries made the fit serve queries that spread over the whole middle,
   which the continuation's queries do not, and the fit was then worse than plain eviction in middle layers.
@@ -34,7 +35,8 @@ Choices the paper leaves open (shared with ``kvsculpt``, which starts from this 
 - Layers: each layer's targets and scores are taken in its own ``compress`` call; the fits of all layers
   run together (batched on the device) in the last layer's call, so until then the layers hold their full
   chunk. With chunked prefill this repeats after every chunk; free slots of earlier chunks (position -1)
-  belong to the middle and are compressed again.
+  belong to the middle and are compressed again. Problems are batched by similar free size, each batch's
+  padded score tensor under ``batch_elements`` entries.
 """
 from __future__ import annotations
 
