@@ -2,16 +2,7 @@
 # The spine's GPU numbers (issue 2), on the device machine, after the SmolLM2 assets are in place
 # (../shared/tools/prepare-device-carry's two calls). Carry .carry/b and .carry/pg with this call.
 set -uo pipefail
-root=$(pwd)
-assets=/tmp/kvbench-assets
-gguf=$assets/SmolLM2-135M-Instruct.Q4_1.gguf
-if [ ! -f "$gguf" ]; then
-  (cd $assets && cp "$root"/.carry/b/* . && cat smollm2.part00 smollm2.part01 > "$gguf" \
-    && echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $gguf" | sha256sum -c \
-    && python3 -m pip install -q --no-index --no-deps --target /tmp/kvbench-site gguf-*.whl) || exit 1
-fi
-export PYTHONPATH=/tmp/kvbench-site:${PYTHONPATH:-} KVBENCH_CACHE=/tmp/kvbcache PYTHONUNBUFFERED=1 CI=1
-python3 -m pip install -q --no-deps --no-build-isolation -e "$root" 2>&1 | grep -v WARNING
+source results/gpu-setup.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 for i in 1 2; do  # the first run converts the GGUF once; the second is the steady state a user sees
   /usr/bin/time -f "snapkv-niah run $i: %e s wall" kvbench run --method snapkv --task niah --budget 0.25 \

@@ -2,16 +2,7 @@
 # The tasks' GPU numbers (issue 4), after the SmolLM2 assets are in place (prepare-device-carry's first
 # call); carry .carry/b and .carry/tasks (the shared LongBench files, RULER's essay json, the essays).
 set -uo pipefail
-root=$(pwd)
-assets=/tmp/kvbench-assets
-gguf=$assets/SmolLM2-135M-Instruct.Q4_1.gguf
-if [ ! -f "$gguf" ]; then
-  (cd $assets && cp "$root"/.carry/b/* . && cat smollm2.part00 smollm2.part01 > "$gguf" \
-    && echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $gguf" | sha256sum -c \
-    && python3 -m pip install -q --no-index --no-deps --target /tmp/kvbench-site gguf-*.whl) || exit 1
-fi
-export PYTHONPATH=/tmp/kvbench-site:${PYTHONPATH:-} KVBENCH_CACHE=/tmp/kvbcache PYTHONUNBUFFERED=1 CI=1
-python3 -m pip install -q --no-deps --no-build-isolation -e "$root" 2>&1 | grep -v WARNING
+source results/gpu-setup.sh
 sed -e "s#smollm2-135m#$gguf#" -e "s#../shared/data/longbench#.carry/tasks/lb#" -e "s#^out: results#out: /tmp/tasks#" \
     -e "s#../shared/data/paul_graham_essays#.carry/tasks/pg#" -e "s#../shared/data/ruler#.carry/tasks/ruler#" \
     results/sweep-tasks-smollm2.yaml > /tmp/sweep-tasks.yaml
