@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The tasks' GPU numbers (issue 4), after the SmolLM2 assets are in place (prepare-device-carry's first
 # call); carry .carry/b and .carry/tasks (the shared LongBench files, RULER's essay json, the essays).
+# The device image lacks rouge, jieba, fuzzywuzzy and wonderwords: copy them from a local site-packages into
+# .carry/pylib, carry it too, and export PYTHONPATH=$PWD/.carry/pylib before running this script.
 set -uo pipefail
 source results/gpu-setup.sh
 sed -e "s#smollm2-135m#$gguf#" -e "s#../shared/data/longbench#.carry/tasks/lb#" -e "s#^out: results#out: /tmp/tasks#" \
