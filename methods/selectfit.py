@@ -288,16 +288,19 @@ class SelectFit(Method):
         return Problems(queries, out, torch.stack(lses), exact_scores, ve, f_mask, vf, out_scale, scale), kf
 
     def groups(self, sizes: list[tuple[int, int, int]]) -> list[list[int]]:
-        """Problem indices in batches of similar free size whose padded score tensors stay under
-        ``batch_elements`` (sizes: rows, exact, free of each problem)."""
+        """Problem indices in batches whose padded score tensors stay under ``batch_elements`` and whose free
+        sizes are within 2x of each other (ragged adaptive budgets would otherwise pad every problem to
+        the largest). ``sizes``: rows, exact, free of each problem."""
         order = sorted(range(len(sizes)), key=lambda i: sizes[i][2])
-        out, cur, widest = [], [], 0
+        out, cur, widest, smallest = [], [], 0, 0
         for i in order:
             rows, exact, free = sizes[i]
             w = max(widest, rows * (exact + free))
-            if cur and (len(cur) + 1) * w > self.batch_elements:
+            if cur and ((len(cur) + 1) * w > self.batch_elements or free > 2 * max(smallest, 1)):
                 out.append(cur)
                 cur, w = [], rows * (exact + free)
+            if not cur:
+                smallest = free
             cur.append(i)
             widest = w
         if cur:

@@ -199,3 +199,14 @@ def test_bad_parameters_are_one_line_errors(tmp_path):
         res = CliRunner().invoke(main, ["run", "--method", "kvsculpt", "--task", "niah", *args, "--out", str(tmp_path)])
         lines = [line for line in res.output.strip().splitlines() if line]
         assert res.exit_code == 2 and len(lines) == 1 and needle in lines[0], res.output
+
+
+def test_batches_bound_padding_and_memory():
+    method = registry.build_method("kvsculpt", 0.3, {"batch_elements": 10_000})
+    sizes = [(50, 4, f) for f in (3, 90, 7, 40, 5, 12, 100, 60, 1, 25)]
+    groups = method.groups(sizes)
+    assert sorted(i for g in groups for i in g) == list(range(len(sizes)))
+    for g in groups:
+        free = [sizes[i][2] for i in g]
+        assert max(free) <= 2 * max(min(free), 1)
+        assert len(g) * max(50 * (4 + f) for f in free) <= 10_000 or len(g) == 1
