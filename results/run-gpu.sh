@@ -3,11 +3,12 @@
 # Three calls from the repository root, back to back while the machine stays warm:
 #   1. carry .carry/a         : bash results/run-gpu.sh assets
 #   2. carry .carry/b, .whl   : bash results/run-gpu.sh bench    -> $OUT/bench.jsonl, bench.md, bench.log
-#   3. carry .carry/pg        : bash results/run-gpu.sh sweeps   -> $OUT/runs.tar.gz, sweep.log
+#   3. no carry               : bash results/run-gpu.sh sweeps   -> $OUT/runs.tar.gz, sweep.log
 #   4. no carry               : bash results/run-gpu.sh largest  -> $OUT/bench.jsonl, bench.md, bench.log
-# .carry/a and .carry/b come from ../shared/tools/prepare-device-carry (the SmolLM2 GGUF in two parts and the gguf
+# .carry/a and .carry/b: the SmolLM2 GGUF (from ../shared/tools/prepare-device-carry) in two parts, and the gguf
 # wheel); .whl holds transformers 5.2.0, kvpress 0.5.5 and the packages kvpress imports that the machine lacks;
-# .carry/pg holds the Paul Graham essays of ../shared/data/paul_graham_essays.
+# .carry/a also holds pg/ (the essays of ../shared/data/paul_graham_essays) and ruler/ (RULER's essay json): the
+# SmolLM2 GGUF is split so that each call stays under the 64 MiB a call may carry with the working tree.
 set -uo pipefail
 root=$(pwd)
 assets=/tmp/kvbench-assets
@@ -15,7 +16,7 @@ gguf=$assets/SmolLM2-135M-Instruct.Q4_1.gguf
 install_kvbench() { python3 -m pip install -q --no-deps --no-build-isolation -e "$root" 2>&1 | grep -v WARNING; }
 case "${1:-}" in
 assets)
-  mkdir -p $assets && cp .carry/a/* $assets/ && ls -la $assets ;;
+  mkdir -p $assets && cp -r .carry/a/* $assets/ && ls -la $assets ;;
 bench)
   (cd $assets && cp "$root"/.carry/b/* . && cat smollm2.part00 smollm2.part01 > "$gguf" \
     && echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $gguf" | sha256sum -c \
@@ -33,7 +34,7 @@ sweeps)
   export PYTHONPATH=/tmp/kvbench-site:${PYTHONPATH:-} KVBENCH_CACHE=/tmp/kvbcache PYTHONUNBUFFERED=1 CI=1
   install_kvbench
   for name in niah niah-aware trace; do
-    sed -e "s#smollm2-135m#$gguf#" -e "s#../shared/data/paul_graham_essays#.carry/pg#" \
+    sed -e "s#smollm2-135m#$gguf#" -e "s#../shared/data/paul_graham_essays#$assets/pg#" \
       results/sweep-smollm2-$name.yaml > /tmp/sweep-smollm2-$name.yaml
   done
   timeout 400 kvbench sweep /tmp/sweep-smollm2-niah.yaml 2>&1 | tee "$OUT/sweep.log" | grep -v "^Loading" | tail -40

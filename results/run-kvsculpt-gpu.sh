@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Issue 7's GPU numbers (results/kvsculpt/), on the device machine after `bash results/run-gpu.sh assets`
-# (carry .carry/a). Two calls back to back while the machine stays warm, each carrying .carry/b, .carry/pg
-# and .carry/tasks/ruler:
+# (carry .carry/a: the GGUF's first part, the essays and RULER's json). Two calls back to back while the
+# machine stays warm, the first carrying .carry/b (the GGUF's second part):
 #   bash results/run-kvsculpt-gpu.sh tune,table        (tuning on the essays, then the KL table)
 #   bash results/run-kvsculpt-gpu.sh 8k,niah,ruler     (8k compression time, NIAH 2k/4k, RULER 4k)
 # The second call reuses the first's choices and runs (/tmp/ksruns); $OUT gets the cumulative JSON/Markdown.
 set -uo pipefail
 source results/gpu-setup.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+export KS_ESSAYS=/tmp/kvbench-assets/pg KS_RULER=/tmp/kvbench-assets/ruler
 timeout 585 python3 results/kvsculpt_gpu.py "${2:-470}" "$1" > "$OUT/kvsculpt-$1.log" 2>&1
 grep -v "^Loading weights" "$OUT/kvsculpt-$1.log" | tail -60
 tar czf "$OUT/ksruns.tar.gz" -C /tmp ksruns
