@@ -24,6 +24,7 @@ reference row, outside the ranking.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -50,6 +51,19 @@ def model_label(name: str | None) -> str:
     name = name.split(" (")[0]
     return Path(name).name if "/" in name and Path(name).suffix in (".gguf", "") and name.startswith(("/", ".")) \
         else name
+
+
+def method_label(name: str | None, params: dict | None) -> str:
+    """The method's name, with the parameters a run set away from the method's current defaults
+    (``kvsculpt(adaptive=True)``), so variants of one method stay apart in every table."""
+    from kvbench import registry
+    try:
+        fields = dataclasses.fields(registry.load(registry.METHODS, "method", name))
+    except (registry.UnknownNameError, TypeError, ImportError):
+        return name or "?"
+    defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+    changed = {k: v for k, v in (params or {}).items() if k != "budget" and k in defaults and defaults[k] != v}
+    return name + ("(" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) + ")" if changed else "")
 
 
 def _peak_gib(trace: list[dict]) -> float | None:
@@ -90,7 +104,8 @@ def collect(root: str | Path = "results") -> pd.DataFrame:
         rows.append({
             "run_id": run_dir.name, "run_dir": str(run_dir), "status": status,
             "model": model_label(config.get("model_name") or config.get("model")),
-            "task": config.get("task"), "method": config.get("method"), "budget": config.get("budget"),
+            "task": config.get("task"), "method": method_label(config.get("method"), config.get("method_params")),
+            "budget": config.get("budget"),
             "protocol": config.get("protocol"), "n_samples": len(samples),
             "score": summary.get("score"),
             "kv_ratio_prefill": (metrics or {}).get("kv_ratio_prefill", mean("kv_ratio_prefill")),
@@ -198,7 +213,7 @@ def ranking(df: pd.DataFrame, ratio: str = "prefill", levels: list[float] | None
         return pd.DataFrame()
     out = pd.DataFrame(rows)
     ranked = sorted((c for c in order if "score@" in c), key=lambda c: (c.split(" score@")[0], float(c.split("@")[1])))
-    refs = [c for c in order if "score@" not in c]
+    refs = [c for c in order if "score@" not in c and c in out.columns]  # a task may have no full run
     out = out[["model", "protocol", "method", "mean rank", "cells ranked"] + ranked + refs]
     out["_ref"] = out["method"] == "full"
     out = out.sort_values(["model", "protocol", "_ref", "mean rank", "method"], kind="stable",

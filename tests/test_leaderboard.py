@@ -82,6 +82,21 @@ def test_collect_one_row_per_run_with_status(board):
     assert row["niah score"].item() == 55 and row["niah kv ratio"].item() == pytest.approx(0.3)
 
 
+def test_method_variants_stay_apart():
+    """A run that set a method's parameters away from its defaults is its own row, named by them."""
+    assert lb.method_label("kvsculpt", {"budget": 0.3}) == "kvsculpt"
+    assert lb.method_label("kvsculpt", {"budget": 0.3, "adaptive": True, "floor": 0.25}) == "kvsculpt(adaptive=True)"
+    assert lb.method_label("snapkv", {"window": 8, "kernel": 9}) == "snapkv(kernel=9,window=8)"
+    assert lb.method_label("alpha", {"x": 1}) == "alpha"  # not a registered method: its name as it is
+
+
+def test_a_task_without_full_is_still_ranked(tmp_path):
+    make_run(tmp_path, "alpha", 0.25, "query-agnostic", 50.0, 0.3)
+    make_run(tmp_path, "beta", 0.25, "query-agnostic", 60.0, 0.3)
+    ranks = lb.ranking(lb.collect(tmp_path))
+    assert list(ranks["method"]) == ["beta", "alpha"] and "niah full (ratio, score)" not in ranks.columns
+
+
 def test_interpolation_never_extrapolates():
     pts = [(0.2, 50.0), (0.4, 80.0)]
     assert lb.interpolate(pts, 0.3) == pytest.approx(65.0)
