@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # DeltaKV on the GPU machine (issue 6). Run from the repository root, after the two SmolLM2 asset calls
 # printed by ../shared/tools/prepare-device-carry; carry .deltakv (the training corpus and the NIAH essays).
-#   results/deltakv-gpu.sh smollm2     # train the SmolLM2 compressor, NIAH 2k/4k + fidelity vs full and snapkv
+#   results/deltakv-gpu.sh smollm2     # train the SmolLM2 compressor (DKV_MINUTES, DKV_STEPS), NIAH 2k/4k + fidelity vs full and snapkv
 #   results/deltakv-gpu.sh throughput  # 32k decode tokens/s, llama-3.1-8b random weights, deltakv vs full
 #   results/deltakv-gpu.sh all [SECONDS] # both, the second one cut to what is left of SECONDS (default 580)
 # Writes under $OUT (logs, the checkpoint, the summaries); the runner's run directories stay in /tmp.
@@ -14,8 +14,8 @@ GGUF=/tmp/kvbench-assets/SmolLM2-135M-Instruct.Q4_1.gguf
 CORPUS=.deltakv/debian-man-pages-man1578-no-gcloud.txt.gz
 smollm2() {
   nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
-  python -m kvbench.cli train deltakv --model "$GGUF" --data "$CORPUS" --out "$OUT/ckpt" --steps 1000 --batch 8 --seq-len 1024 \
-    --latent-dim 64 --intermediate 192 --full-layers 0,8,17 --max-minutes 2 2>&1 | tee "$OUT/train.log"
+  python -m kvbench.cli train deltakv --model "$GGUF" --data "$CORPUS" --out "$OUT/ckpt" --steps ${DKV_STEPS:-1000} --batch 8 --seq-len 1024 \
+    --latent-dim 64 --intermediate 192 --full-layers 0,8,17 --max-minutes ${DKV_MINUTES:-2} 2>&1 | tee "$OUT/train.log"
   python -m kvbench.deltakv_bench eval --model "$GGUF" --checkpoint "$OUT/ckpt" --haystack .deltakv/paul_graham_essays \
     --out /tmp/dkv-eval -m latent_dtype=int4 -m index_dtype=int16 2>&1 | grep -v "^Loading" | tee "$OUT/eval.log"
   cp /tmp/dkv-eval/deltakv-eval.json "$OUT/"
