@@ -29,12 +29,8 @@ its own targets. Choices the paper leaves open:
   after a reset a steepest-descent move of ``initial_step`` x the keys' norm. Values are re-solved every
   ``value_every`` key steps and at the end; the ridge is part of the objective, so key steps (accepted
   only when they lower it) and value solves (its exact minimiser for fixed keys) both never raise it.
-- Adaptive budgets: the pilot is ``pilot_iterations`` key steps at the uniform budget; a head's difficulty
-  is its pilot objective times ``mean |out|^2`` (the absolute output error, as the paper's pilot MSE),
-  raised to ``allocation_power``; free slots are split in proportion to it, each head between
-  ``floor`` and ``cap`` times its uniform share (and at most its middle), the total of every sequence
-  conserved exactly (largest remainders). Heads whose uniform budget already covers their middle, and
-  the exact slots, are outside the redistribution.
+- Adaptive budgets (``adaptive=True``, implemented in ``selectfit``): the pilot is ``pilot_iterations`` key
+  steps at the uniform budget (from Select+Fit's start); the rest as ``selectfit`` states.
 """
 from __future__ import annotations
 
@@ -43,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.method import BudgetError
-from kvbench.methods.selectfit import LayerPlan, LayerTargets, Problems, SelectFit, objective, solve_values
+from kvbench.methods.selectfit import Problems, SelectFit, objective, solve_values
 
 
 class BatchedLBFGS:
@@ -138,38 +134,6 @@ def sculpt(pb: Problems, keys: torch.Tensor, ridge: float, lse_weight: float, it
     return x.view(P, M, D), values, f, torch.stack(trace)
 
 
-def redistribute(difficulty: torch.Tensor, base: torch.Tensor, most: torch.Tensor, floor: float, cap: float,
-                 power: float = 1.0) -> torch.Tensor:
-    """Integer budgets in proportion to ``difficulty ** power``, each within ``[ceil(floor * base),
-    min(floor(cap * base), most)]``, summing to ``base.sum()`` exactly (1-D tensors of one sequence)."""
-    base_f = base.double()
-    lo = torch.ceil(floor * base_f)
-    hi = torch.minimum(torch.floor(cap * base_f), most.double()).clamp(min=lo)
-    total = base_f.sum()
-    w = difficulty.double().clamp(min=0) ** power
-    if not bool((w > 0).any()) or float(hi.sum()) < float(total) or float(lo.sum()) > float(total):
-        return base.clone()
-    lo_c, hi_c = 0.0, 1.0
-    while float(torch.clamp(hi_c * w, lo, hi).sum()) < float(total):
-        hi_c *= 2.0
-    for _ in range(200):  # bisection on the proportionality constant
-        mid = 0.5 * (lo_c + hi_c)
-        if float(torch.clamp(mid * w, lo, hi).sum()) < float(total):
-            lo_c = mid
-        else:
-            hi_c = mid
-    real = torch.clamp(hi_c * w, lo, hi)
-    counts = torch.floor(real).clamp(lo, hi)
-    deficit = int(round(float(total - counts.sum())))
-    if deficit > 0:
-        frac = torch.where(counts < hi, real - counts, torch.full_like(real, -1.0))
-        counts[torch.topk(frac, min(deficit, len(frac))).indices] += 1
-    elif deficit < 0:
-        frac = torch.where(counts > lo, real - counts, torch.full_like(real, 2.0))
-        counts[torch.topk(-frac, min(-deficit, len(frac))).indices] -= 1
-    return counts.round().long().to(base.device)
-
-
 @dataclass
 class KVSculpt(SelectFit):
     lse_weight: float = 0.1
@@ -179,41 +143,16 @@ class KVSculpt(SelectFit):
     history: int = 10
     initial_step: float = 0.05
     max_backtracks: int = 8
-    adaptive: bool = False
-    pilot_iterations: int = 5
-    floor: float = 0.25
-    cap: float = 4.0
-    allocation_power: float = 1.0
 
     def __post_init__(self):
         super().__post_init__()
-        if self.lse_weight < 0 or min(self.iterations, self.pilot_iterations) < 0:
-            raise BudgetError("lse_weight, iterations and pilot_iterations must be >= 0")
+        if self.lse_weight < 0 or self.iterations < 0:
+            raise BudgetError("lse_weight and iterations must be >= 0")
         if min(self.value_every, self.history) < 1 or self.initial_step <= 0:
             raise BudgetError("value_every and history must be >= 1 and initial_step > 0")
-        if not (0 < self.floor <= 1 <= self.cap):
-            raise BudgetError(f"adaptive budgets need 0 < floor <= 1 <= cap (got floor={self.floor}, cap={self.cap})")
 
     def fit(self, pb: Problems, keys: torch.Tensor, iterations: int | None = None):
         n = self.iterations if iterations is None else iterations
         keys, values, loss, _ = sculpt(pb, keys, self.ridge, self.lse_weight, n, self.value_every,
                                        self.history, self.initial_step, self.max_backtracks)
         return keys, values, loss
-
-    def allocate(self, cache, plans: list[LayerPlan], pending: dict[int, LayerTargets]) -> None:
-        if not self.adaptive:
-            return
-        pilot = self.fit_plans(cache, plans, pending, iterations=self.pilot_iterations)
-        by_layer = {p.layer: p for p in plans}
-        pool = [(layer, seg, loss) for layer, (segs, _, _, losses) in pilot.items() for seg, loss in zip(segs, losses)]
-        if not pool:
-            return
-        H = cache.stores[plans[0].layer].H
-        for b in sorted({seg // H for _, seg, _ in pool}):
-            mine = [(layer, seg, loss) for layer, seg, loss in pool if seg // H == b]
-            base = torch.stack([by_layer[layer].free[seg] for layer, seg, _ in mine])
-            most = torch.stack([by_layer[layer].middle[seg].sum() for layer, seg, _ in mine])
-            difficulty = torch.tensor([loss for _, _, loss in mine], device=base.device)
-            counts = redistribute(difficulty, base, most, self.floor, self.cap, self.allocation_power)
-            for (layer, seg, _), c in zip(mine, counts):
-                by_layer[layer].free[seg] = c

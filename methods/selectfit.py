@@ -34,6 +34,14 @@ Choices the paper leaves open (shared with ``kvsculpt``, which starts from this 
   worse than no fit at all; ``ridge = 1`` was the best of 0.01 to 10 in the same measurement.
 - Budget: the kept fraction counts every slot a head holds (exact and free alike); a budget smaller than
   ``sinks + recent`` shrinks the recent window first. A head whose budget covers its middle keeps it exact.
+- Adaptive budgets (``adaptive=True``; the KVSculpt paper's allocation, here for both methods, so its effect
+  can be told apart from the key optimisation's): a pilot fit per (layer, KV head) at the uniform budget
+  (``fit`` with ``pilot_iterations``: Select+Fit's pilot is its value solve); a head's difficulty is the
+  pilot objective times ``mean |out|^2`` (the absolute output error, as the paper's pilot MSE), raised to
+  ``allocation_power``; free slots are split in proportion to it, each head between ``floor`` and ``cap``
+  times its uniform share (and at most its middle), the total of every sequence conserved exactly (largest
+  remainders). Heads whose uniform budget already covers their middle, and the exact slots, are outside
+  the redistribution.
 - Layers: each layer's targets and scores are taken in its own ``compress`` call; the fits of all layers
   run together (batched on the device) in the last layer's call, so until then the layers hold their full
   chunk. With chunked prefill this repeats after every chunk; free slots of earlier chunks (position -1)
@@ -154,6 +162,38 @@ def pack_columns(mask: torch.Tensor, order_key: torch.Tensor | None = None) -> t
     return cols, valid
 
 
+def redistribute(difficulty: torch.Tensor, base: torch.Tensor, most: torch.Tensor, floor: float, cap: float,
+                 power: float = 1.0) -> torch.Tensor:
+    """Integer budgets in proportion to ``difficulty ** power``, each within ``[ceil(floor * base),
+    min(floor(cap * base), most)]``, summing to ``base.sum()`` exactly (1-D tensors of one sequence)."""
+    base_f = base.double()
+    lo = torch.ceil(floor * base_f)
+    hi = torch.minimum(torch.floor(cap * base_f), most.double()).clamp(min=lo)
+    total = base_f.sum()
+    w = difficulty.double().clamp(min=0) ** power
+    if not bool((w > 0).any()) or float(hi.sum()) < float(total) or float(lo.sum()) > float(total):
+        return base.clone()
+    lo_c, hi_c = 0.0, 1.0
+    while float(torch.clamp(hi_c * w, lo, hi).sum()) < float(total):
+        hi_c *= 2.0
+    for _ in range(200):  # bisection on the proportionality constant
+        mid = 0.5 * (lo_c + hi_c)
+        if float(torch.clamp(mid * w, lo, hi).sum()) < float(total):
+            lo_c = mid
+        else:
+            hi_c = mid
+    real = torch.clamp(hi_c * w, lo, hi)
+    counts = torch.floor(real).clamp(lo, hi)
+    deficit = int(round(float(total - counts.sum())))
+    if deficit > 0:
+        frac = torch.where(counts < hi, real - counts, torch.full_like(real, -1.0))
+        counts[torch.topk(frac, min(deficit, len(frac))).indices] += 1
+    elif deficit < 0:
+        frac = torch.where(counts > lo, real - counts, torch.full_like(real, 2.0))
+        counts[torch.topk(-frac, min(-deficit, len(frac))).indices] -= 1
+    return counts.round().long().to(base.device)
+
+
 @dataclass
 class LayerPlan:
     """How one layer's store splits: per segment the exact slots, the middle slots, and the free count."""
@@ -178,14 +218,23 @@ class SelectFit(Method):
     ridge: float = 1.0
     seed: int = 0
     batch_elements: int = 2 ** 28
+    adaptive: bool = False
+    pilot_iterations: int = 5
+    floor: float = 0.25
+    cap: float = 4.0
+    allocation_power: float = 1.0
 
     def __post_init__(self):
         if self.targets not in TARGET_KINDS:
             raise UnknownNameError(f"unknown targets '{self.targets}'; use one of {', '.join(TARGET_KINDS)}")
         if self.ridge <= 0:
             raise BudgetError(f"ridge must be positive (got {self.ridge}): the value solve needs it")
-        if min(self.sinks, self.recent) < 0 or min(self.max_targets, self.future_span, self.batch_elements) < 1:
-            raise BudgetError("sinks and recent must be >= 0; max_targets, future_span, batch_elements >= 1")
+        if min(self.sinks, self.recent, self.pilot_iterations) < 0 or min(self.max_targets, self.future_span,
+                                                                         self.batch_elements) < 1:
+            raise BudgetError("sinks, recent and pilot_iterations must be >= 0; max_targets, future_span, "
+                              "batch_elements >= 1")
+        if not (0 < self.floor <= 1 <= self.cap):
+            raise BudgetError(f"adaptive budgets need 0 < floor <= 1 <= cap (got floor={self.floor}, cap={self.cap})")
 
     # ---- per layer: remember targets and scores -----------------------------------------------------------
     def compress(self, call: LayerCall) -> None:
@@ -237,7 +286,25 @@ class SelectFit(Method):
         return LayerPlan(layer, idx, exact, middle, free)
 
     def allocate(self, cache, plans: list[LayerPlan], pending: dict[int, LayerTargets]) -> None:
-        """Change ``plan.free`` across heads and layers before the fit (the adaptive variant does)."""
+        """``adaptive``: move free slots across the heads and layers of each sequence, in proportion to a pilot
+        fit's error (the method's own ``fit`` with ``pilot_iterations``: for Select+Fit, its value solve)."""
+        if not self.adaptive:
+            return
+        pilot = self.fit_plans(cache, plans, pending, iterations=self.pilot_iterations)
+        by_layer = {p.layer: p for p in plans}
+        pool = [(layer, seg, loss) for layer, (segs, _, _, losses) in pilot.items() for seg, loss in zip(segs, losses)]
+        if not pool:
+            return
+        H = cache.stores[plans[0].layer].H
+        for b in sorted({seg // H for _, seg, _ in pool}):
+            mine = [(layer, seg, loss) for layer, seg, loss in pool if seg // H == b]
+            base = torch.stack([by_layer[layer].free[seg] for layer, seg, _ in mine])
+            most = torch.stack([by_layer[layer].middle[seg].sum() for layer, seg, _ in mine])
+            difficulty = torch.tensor([loss for _, _, loss in mine], device=base.device)
+            counts = redistribute(difficulty, base, most, self.floor, self.cap, self.allocation_power)
+            for (layer, seg, _), c in zip(mine, counts):
+                by_layer[layer].free[seg] = c
+
 
     def compress_layers(self, cache, pending: dict[int, LayerTargets]) -> None:
         plans = [self.plan(layer, cache.stores[layer], t.target) for layer, t in sorted(pending.items())]

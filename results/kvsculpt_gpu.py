@@ -113,6 +113,10 @@ for method, variants in (("selectfit", SF_VARIANTS), ("kvsculpt", KS_VARIANTS)) 
 best = {"selectfit": best.get("selectfit", {}), "kvsculpt": best.get("kvsculpt", {})}
 METHODS = [("snapkv", {}), ("selectfit", best["selectfit"]), ("kvsculpt", best["kvsculpt"]),
            ("kvsculpt", {**best["kvsculpt"], "adaptive": True})]
+BASELINES = [("full", {})]
+if "sfa" in PHASES:  # Select+Fit with the adaptive allocation alone: how much of the gain is the allocation's
+    METHODS, BASELINES = [("selectfit", {**best["selectfit"], "adaptive": True})], []
+    PHASES += ["table", "8k", "niah", "ruler"]
 # 1. the table: fidelity KL at 2048-token contexts (default text)
 for budget in (0.3, 0.5, 0.7) if "table" in PHASES else ():
     for method, params in METHODS:
@@ -122,10 +126,10 @@ for method, params in METHODS if "8k" in PHASES else ():
     go("fidelity-8k", method, params, "fidelity", 0.3, {"context_len": 7936, "n_samples": 1 if SMOKE else 2},
        max_context=7936)
 # 3. NIAH 2k/4k over the essays, and 4. RULER's synthetic tasks at 4k, next to full and snapkv
-for method, params in [("full", {})] + METHODS if "niah" in PHASES else ():
+for method, params in BASELINES + METHODS if "niah" in PHASES else ():
     go("niah", method, params, "niah", 0.3, {"lengths": [2048, 4096], "depths": [0.0, 0.25, 0.5, 0.75, 1.0]},
        data=ESSAYS, batch_size=5)
-for method, params in [("full", {})] + METHODS if "ruler" in PHASES else ():
+for method, params in BASELINES + METHODS if "ruler" in PHASES else ():
     go("ruler", method, params, "ruler", 0.3, {"lengths": [4096], "n_per_task": 2}, data=RULER_DATA, batch_size=11)
 
 print("\nskipped:", skipped or "nothing")

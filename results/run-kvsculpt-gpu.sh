@@ -5,6 +5,10 @@
 #   bash results/run-kvsculpt-gpu.sh tune,table        (tuning on the essays, then the KL table)
 #   bash results/run-kvsculpt-gpu.sh 8k,niah,ruler     (8k compression time, NIAH 2k/4k, RULER 4k)
 # The second call reuses the first's choices and runs (/tmp/ksruns); $OUT gets the cumulative JSON/Markdown.
+# RULER needs wonderwords (and NIAH/LongBench metrics rouge, fuzzywuzzy), absent on the device: copy them from a
+# local site-packages into .carry/pylite, carry it, and export PYTHONPATH=$PWD/.carry/pylite first.
+#   bash results/run-kvsculpt-gpu.sh sfa               (Select+Fit with adaptive budgets, every measurement;
+#                                                       the defaults are the tuned choices by then)
 set -uo pipefail
 source results/gpu-setup.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

@@ -9,8 +9,8 @@ from click.testing import CliRunner
 
 from kvbench import registry
 from kvbench.cli import main
-from kvbench.methods.kvsculpt import BatchedLBFGS, redistribute, sculpt
-from kvbench.methods.selectfit import Problems, attend, objective, solve_values
+from kvbench.methods.kvsculpt import BatchedLBFGS, sculpt
+from kvbench.methods.selectfit import Problems, attend, objective, redistribute, solve_values
 from kvbench.runner import Engine
 from tests.test_spine import prompt, sample, tiny
 
@@ -113,8 +113,6 @@ def test_full_middle_budget_reproduces_attention():
 @pytest.mark.parametrize("params", [{}, {"adaptive": True}])
 @pytest.mark.parametrize("name", ["selectfit", "kvsculpt"])
 def test_budget_one_equals_full(name, params):
-    if params and name == "selectfit":
-        pytest.skip("adaptive is a kvsculpt parameter")
     lm = tiny("llama")
     s = sample(prompt(90, 3), prompt(5, 4), new=10)
     full = Engine(lm, registry.build_method("full", 1.0))
@@ -143,10 +141,11 @@ def test_redistribute_conserves_and_respects_floor_and_cap():
     assert same.tolist() == [3, 4, 5, 6]
 
 
-def test_adaptive_heads_are_ragged_and_held_for_real():
+@pytest.mark.parametrize("name,params", [("kvsculpt", {"iterations": 6}), ("selectfit", {})])
+def test_adaptive_heads_are_ragged_and_held_for_real(name, params):
     lm = tiny("llama")
     ctx = prompt(200, 5)
-    eng = Engine(lm, registry.build_method("kvsculpt", 0.25, {"adaptive": True, "iterations": 6}))
+    eng = Engine(lm, registry.build_method(name, 0.25, {"adaptive": True, **params}))
     cache, _, info = eng.prefill(sample(ctx, []))
     counts = cache.token_counts()  # [layers, B, H]
     assert int(counts.sum()) == counts.numel() * 50  # ceil(0.25 * 200) per head on average, all conserved
