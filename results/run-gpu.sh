@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # How the committed GPU results were made, on the device machine (one H100 80GB; torch 2.11, transformers 5.17).
 # Three calls from the repository root, back to back while the machine stays warm:
-#   1. carry .carry/a         : bash results/run-gpu.sh assets
+#   1. carry .carry/a         : bash results/run-gpu.sh assets   (then carry .carry/a2: ... assets .carry/a2)
 #   2. carry .carry/b, .whl   : bash results/run-gpu.sh bench    -> $OUT/bench.jsonl, bench.md, bench.log
 #   3. no carry               : bash results/run-gpu.sh sweeps   -> $OUT/runs.tar.gz, sweep.log
 #   4. no carry               : bash results/run-gpu.sh largest  -> $OUT/bench.jsonl, bench.md, bench.log
-# .carry/a and .carry/b: the SmolLM2 GGUF (from ../shared/tools/prepare-device-carry) in two parts, and the gguf
+# .carry/a, .carry/a2 and .carry/b: the SmolLM2 GGUF (from ../shared/tools/prepare-device-carry) in three parts, the gguf
 # wheel); .whl holds transformers 5.2.0, kvpress 0.5.5 and the packages kvpress imports that the machine lacks;
-# .carry/a also holds pg/ (the essays of ../shared/data/paul_graham_essays) and ruler/ (RULER's essay json): the
-# SmolLM2 GGUF is split so that each call stays under the 64 MiB a call may carry with the working tree.
+# .carry/a also holds ruler/ (RULER's essay json), .carry/a2 pg/ (the essays of ../shared/data/paul_graham_essays):
+# the GGUF is split so that each call stays under the 64 MiB a call may carry with the working tree.
 set -uo pipefail
 root=$(pwd)
 assets=/tmp/kvbench-assets
@@ -16,9 +16,10 @@ gguf=$assets/SmolLM2-135M-Instruct.Q4_1.gguf
 install_kvbench() { python3 -m pip install -q --no-deps --no-build-isolation -e "$root" 2>&1 | grep -v WARNING; }
 case "${1:-}" in
 assets)
-  mkdir -p $assets && cp -r .carry/a/* $assets/ && ls -la $assets ;;
+  # one call per part: `assets` carries .carry/a, `assets .carry/a2` carries .carry/a2
+  mkdir -p $assets && cp -r "${2:-.carry/a}"/* $assets/ && ls -la $assets ;;
 bench)
-  (cd $assets && cp "$root"/.carry/b/* . && cat smollm2.part00 smollm2.part01 > "$gguf" \
+  (cd $assets && cp "$root"/.carry/b/* . && cat smollm2.part0* > "$gguf" \
     && echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $gguf" | sha256sum -c \
     && python3 -m pip install -q --no-index --no-deps --target /tmp/kvbench-site gguf-*.whl) || echo "no SmolLM2 assets"
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/kvpress-site .whl/*.whl

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 7's GPU numbers (results/kvsculpt/), on the device machine after `bash results/run-gpu.sh assets`
-# (carry .carry/a: the GGUF's first part, the essays and RULER's json). Two calls back to back while the
-# machine stays warm, the first carrying .carry/b (the GGUF's second part):
+# and `bash results/run-gpu.sh assets .carry/a2` (the GGUF's first parts, the essays, RULER's json). Two calls
+# back to back while the machine stays warm, the first carrying .carry/b (the GGUF's last part):
 #   bash results/run-kvsculpt-gpu.sh tune,table        (tuning on the essays, then the KL table)
 #   bash results/run-kvsculpt-gpu.sh 8k,niah,ruler     (8k compression time, NIAH 2k/4k, RULER 4k)
 # The second call reuses the first's choices and runs (/tmp/ksruns); $OUT gets the cumulative JSON/Markdown.
