@@ -30,7 +30,9 @@ its own targets. Choices the paper leaves open:
   ``value_every`` key steps and at the end; the ridge is part of the objective, so key steps (accepted
   only when they lower it) and value solves (its exact minimiser for fixed keys) both never raise it.
 - Adaptive budgets (``adaptive=True``, implemented in ``selectfit``): the pilot is ``pilot_iterations`` key
-  steps at the uniform budget (from Select+Fit's start); the rest as ``selectfit`` states.
+  steps at the uniform budget (from Select+Fit's start); the rest as ``selectfit`` states. Measured
+  (results/kvsculpt): most of the gain is the allocation's; the key optimisation adds 1.37x / 1.25x lower KL
+  at r = 0.3 / 0.5 over ``selectfit -m adaptive=true`` (none at 0.7) for about 10x its compression time.
 """
 from __future__ import annotations
 

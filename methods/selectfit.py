@@ -41,7 +41,8 @@ Choices the paper leaves open (shared with ``kvsculpt``, which starts from this 
   ``allocation_power``; free slots are split in proportion to it, each head between ``floor`` and ``cap``
   times its uniform share (and at most its middle), the total of every sequence conserved exactly (largest
   remainders). Heads whose uniform budget already covers their middle, and the exact slots, are outside
-  the redistribution.
+  the redistribution. Measured (SmolLM2, H100, results/kvsculpt): KL 3.6x / 2.9x / 2.1x lower than uniform at
+  r = 0.3 / 0.5 / 0.7, NIAH 2k+4k at 0.3 from 36.7 to 88.3, for 0.5-1 s per 2k-8k context.
 - Layers: each layer's targets and scores are taken in its own ``compress`` call; the fits of all layers
   run together (batched on the device) in the last layer's call, so until then the layers hold their full
   chunk. With chunked prefill this repeats after every chunk; free slots of earlier chunks (position -1)
