@@ -23,7 +23,8 @@ the low nibble holds dimension ``j``, the high nibble dimension ``j + r/2``, eac
 scale per group). ``quantize_latents``/``dequantize_latents`` define the formats; the kernel dequantises on
 load.
 
-Grid: (token tiles, KV heads, 2): the last axis picks keys (rotated) or values. Each program computes the
+Grid: token tiles x KV heads x 2 (keys, rotated, or values), flattened with the tile slowest so the programs
+of one tile share its gathered rows through L2. Each program computes the
 two halves of one head's key or value for ``BLOCK_T`` tokens with two ``tl.dot`` over the latent (so the
 rotation, which pairs dimension ``i`` with ``i + head_dim/2``, needs no shuffle; 64 tokens a program, so
 each slice of ``W_up`` read from L2 serves 64 tokens), adds the neighbour mean
@@ -114,9 +115,14 @@ def _reconstruct_kernel(
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, RP: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr,
     FORMAT: tl.constexpr, BLOCK_T: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
-    is_value = tl.program_id(2)
+    # One flat grid, (head, key/value) fastest: the 2 x heads programs of one token tile run side by side,
+    # so the tile's reference rows (all heads' columns), latents and rotary rows come from HBM once and the
+    # other programs find them in L2.
+    pid_all = tl.program_id(0)
+    per_tile = 2 * n_heads
+    pid = pid_all // per_tile
+    h = (pid_all % per_tile) // 2
+    is_value = pid_all % 2
     t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = t < n_tok
     lat_row = tl.load(LAT_ROW + t, mask=tmask, other=-1).to(tl.int64)
@@ -227,7 +233,7 @@ def reconstruct_triton(latents, scales, neighbours, refs, w_up, lat_row, self_re
     if scales is None:
         scales = latents.new_zeros((1, 1), dtype=torch.float16)
     dot_f32 = _env_true("TRITON_INTERPRET") or w_up.dtype == torch.float32
-    grid = (triton_cdiv(n, block_t), heads, 2)
+    grid = (triton_cdiv(n, block_t) * heads * 2,)
     _launch(
         _reconstruct_kernel, grid,
         latents, scales, neighbours, refs, w_up, lat_row, self_ref, ref_base, cos, sin, dest, hstride,
