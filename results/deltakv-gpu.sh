@@ -9,23 +9,23 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 KVBENCH_CACHE=/tmp/kvbcache PYTHONPATH=/tmp/kvbench-site:${PYTHONPATH:-}
 export OUT=${OUT:-results/deltakv}
 mkdir -p "$OUT"
-pip install --no-deps --no-build-isolation -e . -q 2>&1 | tail -2
+python3 -m pip install --no-deps --no-build-isolation -e . -q 2>&1 | grep -v WARNING | tail -2
 GGUF=/tmp/kvbench-assets/SmolLM2-135M-Instruct.Q4_1.gguf
 CORPUS=.deltakv/debian-man-pages-man1578-no-gcloud.txt.gz
 smollm2() {
   nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
-  python -m kvbench.cli train deltakv --model "$GGUF" --data "$CORPUS" --out "$OUT/ckpt" --steps ${DKV_STEPS:-1000} --batch 8 --seq-len 1024 \
+  python3 -m kvbench.cli train deltakv --model "$GGUF" --data "$CORPUS" --out "$OUT/ckpt" --steps ${DKV_STEPS:-1000} --batch 8 --seq-len 1024 \
     --latent-dim 64 --intermediate 192 --full-layers 0,8,17 --max-minutes ${DKV_MINUTES:-2} 2>&1 | tee "$OUT/train.log"
-  python -m kvbench.deltakv_bench eval --model "$GGUF" --checkpoint "$OUT/ckpt" --haystack .deltakv/paul_graham_essays \
+  python3 -m kvbench.deltakv_bench eval --model "$GGUF" --checkpoint "$OUT/ckpt" --haystack .deltakv/paul_graham_essays \
     --out /tmp/dkv-eval -m latent_dtype=int4 -m index_dtype=int16 2>&1 | grep -v "^Loading" | tee "$OUT/eval.log"
   cp /tmp/dkv-eval/deltakv-eval.json "$OUT/"
   # the paper's storage dtypes (bf16 latents, int32 indices), through the CLI
-  python -m kvbench.cli run --method deltakv --checkpoint "$OUT/ckpt" --task niah -t 'lengths=[2048,4096]' --batch-size 5 \
+  python3 -m kvbench.cli run --method deltakv --checkpoint "$OUT/ckpt" --task niah -t 'lengths=[2048,4096]' --batch-size 5 \
     --model "$GGUF" --data .deltakv/paul_graham_essays --out /tmp/dkv-cli 2>&1 | grep -v "^Loading" | tee -a "$OUT/eval.log"
 }
 throughput() {
   nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
-  python -m kvbench.deltakv_bench throughput --preset llama-3.1-8b --context 32768 --out "$OUT" \
+  python3 -m kvbench.deltakv_bench throughput --preset llama-3.1-8b --context 32768 --out "$OUT" \
     -m latent_dim=256 -m intermediate=3072 -m latent_dtype=int4 -m index_dtype=int16 --profile 3 2>&1 | tee "$OUT/throughput.log"
 }
 case "${1:-smollm2}" in
