@@ -61,6 +61,8 @@ def test_trace_fields_present_and_consistent(traced_runs):
             assert t["ttft_s"] == t["prefill_s"]
             assert t["new_tokens"] == NEW and s["decode_steps"] == NEW - 1
             assert t["tpot_s"] * s["decode_steps"] == pytest.approx(t["decode_s"])
+            # steady state: the steps after the first (warm-up) one, so never more time than all of them
+            assert 0 < t["tpot_steady_s"] * (s["decode_steps"] - 1) <= t["decode_s"]
             assert t["tokens_per_s"] == pytest.approx(NEW / t["decode_s"])
             for phase in ("peak_prefill", "peak_batching", "peak_decode"):
                 assert t[phase]["rss"] > 0  # on the CPU: resident memory
@@ -124,6 +126,8 @@ def test_bench_on_cpu_with_a_tiny_preset(tmp_path):
         assert r["decode_steps"] == 3 and r["prefill_s"] > 0 and r["decode_s"] > 0
         assert r["decode_tok_s"] == pytest.approx(r["batch"] * 3 / r["decode_s"])
         assert r["floor_s"] > 0 and r["x_floor"] == pytest.approx(r["tpot_s"] / r["floor_s"])
+        if r["impl"] == "kvbench":
+            assert r["x_floor_steady"] == pytest.approx(r["tpot_steady_s"] / r["floor_s"])
         assert r["peak"]["rss"] > 0 and r["kv_bytes_seq"] > 0
     snap = {r["batch"]: r for r in mine if r["method"] == "snapkv"}
     full = {r["batch"]: r for r in mine if r["method"] == "full"}
