@@ -5,6 +5,7 @@
 #   2. carry .carry/b, .whl   : bash results/run-gpu.sh bench    -> $OUT/bench.jsonl, bench.md, bench.log
 #   3. no carry               : bash results/run-gpu.sh sweeps   -> $OUT/runs.tar.gz, sweep.log
 #   4. no carry               : bash results/run-gpu.sh largest  -> $OUT/bench.jsonl, bench.md, bench.log
+#   5. carry .whl             : bash results/run-gpu.sh peak-b1  -> $OUT/bench.jsonl, bench.md, bench.log
 # .carry/a, .carry/a2 and .carry/b: the SmolLM2 GGUF (from ../shared/tools/prepare-device-carry) in three parts, the gguf
 # wheel); .whl holds transformers 5.2.0, kvpress 0.5.5 and the packages kvpress imports that the machine lacks;
 # .carry/a also holds ruler/ (RULER's essay json), .carry/a2 pg/ (the essays of ../shared/data/paul_graham_essays):
@@ -51,5 +52,14 @@ largest)
     --budgets 0.25 --new-tokens 256 --peers "" --time-limit 420 --out /tmp/bench/h100-llama-3.1-8b-largest 2>&1 \
     | tee "$OUT/bench.log" | tail -30
   cp /tmp/bench/h100-llama-3.1-8b-largest/bench.jsonl /tmp/bench/h100-llama-3.1-8b-largest/bench.md "$OUT/" ;;
-*) echo "usage: bash results/run-gpu.sh assets|bench|sweeps|largest"; exit 2 ;;
+peak-b1)
+  # snapkv@0.25 against kvpress's SnapKV at batch 1 after the store stopped copying the first prefill chunk
+  # (commit of that change); carry .whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/kvpress-site .whl/*.whl
+  install_kvbench
+  timeout 560 kvbench bench --preset llama-3.1-8b --contexts 32768 --batches 1 --methods snapkv --budgets 0.25 \
+    --new-tokens 256 --peers kvpress --kvpress-path /tmp/kvpress-site --no-largest-batch \
+    --out /tmp/bench/h100-llama-3.1-8b-peak-b1 2>&1 | tee "$OUT/bench.log" | tail -14
+  cp /tmp/bench/h100-llama-3.1-8b-peak-b1/bench.jsonl /tmp/bench/h100-llama-3.1-8b-peak-b1/bench.md "$OUT/" ;;
+*) echo "usage: bash results/run-gpu.sh assets|bench|sweeps|largest|peak-b1"; exit 2 ;;
 esac
