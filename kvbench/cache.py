@@ -141,9 +141,6 @@ class RaggedKV:
     def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
         """Append T new tokens to every segment: k, v [B, H, T, D], pos [B, T]."""
         B, H, T, D = k.shape
-        if self.k.shape[0] == 0 and k.dtype == self.k.dtype and v.dtype == self.v.dtype:
-            self._first_fill(k, v, pos)
-            return
         need = self.length + T
         if self.free < T and bool((need > self.capacity).any()):
             # Grow with a little slack (about 3%, at least 16 tokens) so decoding regrows rarely.
@@ -160,25 +157,6 @@ class RaggedKV:
             t[dest] = 0
         self.length += T
         self.free = self.free - T if self.free >= T else int((self.capacity - self.length).min())
-
-    def _first_fill(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
-        """An empty store takes the projection's own tensors, laid out as they come (no slack): the prefill
-        peak then holds one copy of a layer's keys less (and none where the values are contiguous too)."""
-        B, H, T, D = k.shape
-        n = B * H * T
-
-        def own(x: torch.Tensor) -> torch.Tensor:
-            rows = x.reshape(n, D)  # a view where x is contiguous, else a fresh copy
-            # never keep a larger buffer alive through a view of part of it (a fused qkv projection)
-            return rows if rows.untyped_storage().nbytes() == n * D * rows.element_size() else rows.clone()
-
-        self.k, self.v = own(k), own(v)
-        self.pos = pos[:, None, :].expand(B, H, T).reshape(-1).to(torch.int32)
-        self.start = torch.arange(B * H, device=k.device, dtype=torch.int64) * T
-        self.length = torch.full((B * H,), T, device=k.device, dtype=torch.int64)
-        self.capacity = self.length.clone()
-        self.extra = {name: t.new_zeros(n) for name, t in self.extra.items()}
-        self.free = 0
 
     def reserve(self, n_tokens: int) -> None:
         if self.free < n_tokens:
@@ -302,25 +280,6 @@ class KVCache(Cache):
         self.positions = positions
         self.compressing, self.final_chunk = compress, final
         self.seen.add_(positions.shape[1])  # in place: a captured decoding step replays it
-
-    def _first_fill(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
-        """An empty store takes the projection's own tensors, laid out as they come (no slack): the prefill
-        peak then holds one copy of a layer's keys less (and none where the values are contiguous too)."""
-        B, H, T, D = k.shape
-        n = B * H * T
-
-        def own(x: torch.Tensor) -> torch.Tensor:
-            rows = x.reshape(n, D)  # a view where x is contiguous, else a fresh copy
-            # never keep a larger buffer alive through a view of part of it (a fused qkv projection)
-            return rows if rows.untyped_storage().nbytes() == n * D * rows.element_size() else rows.clone()
-
-        self.k, self.v = own(k), own(v)
-        self.pos = pos[:, None, :].expand(B, H, T).reshape(-1).to(torch.int32)
-        self.start = torch.arange(B * H, device=k.device, dtype=torch.int64) * T
-        self.length = torch.full((B * H,), T, device=k.device, dtype=torch.int64)
-        self.capacity = self.length.clone()
-        self.extra = {name: t.new_zeros(n) for name, t in self.extra.items()}
-        self.free = 0
 
     def reserve(self, n_tokens: int) -> None:
         """Room for ``n_tokens`` more tokens in every segment, so that decoding never relayouts a store
