@@ -53,8 +53,7 @@ largest)
     | tee "$OUT/bench.log" | tail -30
   cp /tmp/bench/h100-llama-3.1-8b-largest/bench.jsonl /tmp/bench/h100-llama-3.1-8b-largest/bench.md "$OUT/" ;;
 peak-b1)
-  # snapkv@0.25 against kvpress's SnapKV at batch 1 after the store stopped copying the first prefill chunk
-  # (commit of that change); carry .whl
+  # snapkv@0.25 against kvpress's SnapKV at batch 1 (peak memory); carry .whl
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/kvpress-site .whl/*.whl
   install_kvbench
   timeout 560 kvbench bench --preset llama-3.1-8b --contexts 32768 --batches 1 --methods snapkv --budgets 0.25 \
