@@ -72,6 +72,14 @@ INDEX_DTYPES = {"int16": torch.int16, "int32": torch.int32}
 
 # ---------------------------------------------------------------------------------------------- compressor
 
+def ints_on(values: list[int], device) -> torch.Tensor:
+    """Host integers as an int64 device tensor without a device sync: a plain ``torch.tensor(list,
+    device=cuda)`` copies from pageable memory and waits for the GPU; the decoding step makes several of these
+    per observation layer, and each wait stalls the host's launches."""
+    t = torch.tensor(values, dtype=torch.int64, pin_memory=torch.device(device).type == "cuda")
+    return t.to(device, non_blocking=True)
+
+
 class SwiGLUDown(nn.Module):
     """``D -> 2I``, ``silu(a) * b``, ``I -> r``, no biases (the paper's down-projection)."""
 
@@ -234,9 +242,9 @@ class SegmentTable:
         self._sync_device()
 
     def _sync_device(self) -> None:
-        self.start = torch.tensor(self.h_start, dtype=torch.int64, device=self.device)
-        self.length = torch.tensor(self.h_len, dtype=torch.int64, device=self.device)
-        self.capacity = torch.tensor(self.h_cap, dtype=torch.int64, device=self.device)
+        self.start = ints_on(self.h_start, self.device)
+        self.length = ints_on(self.h_len, self.device)
+        self.capacity = ints_on(self.h_cap, self.device)
 
     def row_bytes(self) -> int:
         return sum(t.element_size() * t.shape[1:].numel() for t in self.t.values())
@@ -316,7 +324,7 @@ class Plan:
 
 def make_plan(seq: torch.Tensor, pos: torch.Tensor, counts: list[int], heads: int, rotary) -> Plan:
     device = pos.device
-    counts_t = torch.tensor(counts, dtype=torch.int64, device=device)
+    counts_t = ints_on(counts, device)
     first = torch.zeros_like(counts_t)
     first[1:] = torch.cumsum(counts_t, 0)[:-1]
     index_in_seq = torch.arange(len(pos), device=device) - first[seq]
@@ -444,7 +452,7 @@ class DeltaKVStore:
 
     def full_plan(self) -> Plan:
         device = self.raw.length.device
-        seq = torch.repeat_interleave(torch.arange(self.B, device=device), torch.tensor(self.n_comp, device=device),
+        seq = torch.repeat_interleave(torch.arange(self.B, device=device), ints_on(self.n_comp, device),
                                       output_size=sum(self.n_comp))
         pos = torch.cat([torch.arange(n, device=device) for n in self.n_comp])
         return make_plan(seq, pos, list(self.n_comp), self.H, self.method.rotary)
@@ -656,7 +664,7 @@ class DeltaKV(Method):
             seq = torch.repeat_interleave(torch.arange(B * store.H, device=device), store.capacity,
                                           output_size=store.k.shape[0]) // store.H  # sized on the host: no sync
             pos = store.pos.long()
-            limit = torch.tensor(n_comp, device=device)
+            limit = ints_on(n_comp, device)
             inside = (pos >= self.sinks) & (pos < limit[seq])  # compressed, not sinks
             scores = torch.full((B * width + 1,), float("-inf"), device=device)  # the last cell takes the rest
             scores.scatter_reduce_(0, torch.where(inside, seq * width + pos, B * width), slot, reduce="amax")
@@ -666,15 +674,15 @@ class DeltaKV(Method):
                 at = torch.arange(width, device=device)[None, :]
                 scores = scores.masked_fill((at < self.sinks) | (at >= limit[:, None]), float("-inf"))
             top = scores.topk(kmax, dim=1).indices  # best first
-            chosen = torch.arange(kmax, device=device)[None, :] < torch.tensor(n_pick, device=device)[:, None]
+            chosen = torch.arange(kmax, device=device)[None, :] < ints_on(n_pick, device)[:, None]
             columns.append(torch.where(chosen, top, never))
         table = torch.cat(columns, dim=1)
         if self.sinks:
-            table[:, : self.sinks] = torch.where(table[:, : self.sinks] < torch.tensor(n_sinks, device=device)[:, None],
+            table[:, : self.sinks] = torch.where(table[:, : self.sinks] < ints_on(n_sinks, device)[:, None],
                                                  table[:, : self.sinks], never)
         table = torch.sort(table, dim=1).values  # each row: its valid positions in order, then ``never``
         # the valid entries are a prefix of counts[b] per row: gather them with host-built indices (no sync)
-        counts_t = torch.tensor(counts, device=device)
+        counts_t = ints_on(counts, device)
         total = sum(counts)
         seq_of = torch.repeat_interleave(torch.arange(B, device=device), counts_t, output_size=total)
         first = torch.cumsum(counts_t, 0) - counts_t
