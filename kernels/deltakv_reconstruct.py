@@ -35,6 +35,9 @@ and the latent width at least 16), else to ``reconstruct_reference``.
 """
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 
 from .decode_attention import _env_true, _launch, _next_pow2, use_triton
@@ -113,7 +116,7 @@ def _reconstruct_kernel(
     n_tok, n_heads,
     stride_lat, stride_scale, stride_nbr, stride_ref, stride_w, stride_cos, stride_sin, stride_out,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, RP: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr,
-    FORMAT: tl.constexpr, BLOCK_T: tl.constexpr, DOT_F32: tl.constexpr,
+    FORMAT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     # One flat grid, (head, key/value) fastest: the 2 x heads programs of one token tile run side by side,
     # so the tile's reference rows (all heads' columns), latents and rotary rows come from HBM once and the
@@ -134,59 +137,65 @@ def _reconstruct_kernel(
     offs_h = tl.arange(0, HALF)
     col_a = col0 + offs_h
     col_b = col0 + HALF + offs_h
-    offs_r = tl.arange(0, RP)  # RP: latent values per row as stored (r, or r/2 bytes for int4)
 
+    # the up-projection, BLOCK_R stored latent columns at a time (RP: values per row as stored, r or r/2
+    # bytes for int4): small W slices per step keep shared memory low, so more programs fit on an SM
     lmask = has_lat[:, None]
-    if FORMAT == 2:  # int4: low nibble = dim j, high nibble = dim j + r/2
-        packed = tl.load(LAT + row[:, None] * stride_lat + offs_r[None, :], mask=lmask, other=0).to(tl.int32)
-        s_lo = tl.load(SCALE + row[:, None] * stride_scale + (offs_r // GROUP)[None, :], mask=lmask, other=0.0)
-        s_hi = tl.load(SCALE + row[:, None] * stride_scale + ((offs_r + RP) // GROUP)[None, :], mask=lmask,
-                       other=0.0)
-        z_lo = ((packed & 15) - 8).to(tl.float32) * s_lo.to(tl.float32)
-        z_hi = ((packed >> 4) - 8).to(tl.float32) * s_hi.to(tl.float32)
-        wa_lo = tl.load(W + col_a[None, :] * stride_w + offs_r[:, None])
-        wa_hi = tl.load(W + col_a[None, :] * stride_w + (offs_r + RP)[:, None])
-        wb_lo = tl.load(W + col_b[None, :] * stride_w + offs_r[:, None])
-        wb_hi = tl.load(W + col_b[None, :] * stride_w + (offs_r + RP)[:, None])
-        if DOT_F32:
-            acc_a = tl.dot(z_lo, wa_lo.to(tl.float32), input_precision="ieee") + \
-                tl.dot(z_hi, wa_hi.to(tl.float32), input_precision="ieee")
-            acc_b = tl.dot(z_lo, wb_lo.to(tl.float32), input_precision="ieee") + \
-                tl.dot(z_hi, wb_hi.to(tl.float32), input_precision="ieee")
+    acc_a = tl.zeros([BLOCK_T, HALF], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_T, HALF], dtype=tl.float32)
+    for c in range(0, RP, BLOCK_R):
+        offs_r = c + tl.arange(0, BLOCK_R)
+        if FORMAT == 2:  # int4: low nibble = dim j, high nibble = dim j + r/2
+            packed = tl.load(LAT + row[:, None] * stride_lat + offs_r[None, :], mask=lmask, other=0).to(tl.int32)
+            s_lo = tl.load(SCALE + row[:, None] * stride_scale + (offs_r // GROUP)[None, :], mask=lmask, other=0.0)
+            s_hi = tl.load(SCALE + row[:, None] * stride_scale + ((offs_r + RP) // GROUP)[None, :], mask=lmask,
+                           other=0.0)
+            z_lo = ((packed & 15) - 8).to(tl.float32) * s_lo.to(tl.float32)
+            z_hi = ((packed >> 4) - 8).to(tl.float32) * s_hi.to(tl.float32)
+            wa_lo = tl.load(W + col_a[None, :] * stride_w + offs_r[:, None])
+            wa_hi = tl.load(W + col_a[None, :] * stride_w + (offs_r + RP)[:, None])
+            wb_lo = tl.load(W + col_b[None, :] * stride_w + offs_r[:, None])
+            wb_hi = tl.load(W + col_b[None, :] * stride_w + (offs_r + RP)[:, None])
+            if DOT_F32:
+                acc_a += tl.dot(z_lo, wa_lo.to(tl.float32), input_precision="ieee") + \
+                    tl.dot(z_hi, wa_hi.to(tl.float32), input_precision="ieee")
+                acc_b += tl.dot(z_lo, wb_lo.to(tl.float32), input_precision="ieee") + \
+                    tl.dot(z_hi, wb_hi.to(tl.float32), input_precision="ieee")
+            else:
+                zl = z_lo.to(W.dtype.element_ty)
+                zh = z_hi.to(W.dtype.element_ty)
+                acc_a = tl.dot(zl, wa_lo, acc_a)
+                acc_a = tl.dot(zh, wa_hi, acc_a)
+                acc_b = tl.dot(zl, wb_lo, acc_b)
+                acc_b = tl.dot(zh, wb_hi, acc_b)
         else:
-            zl = z_lo.to(W.dtype.element_ty)
-            zh = z_hi.to(W.dtype.element_ty)
-            acc_a = tl.dot(zl, wa_lo) + tl.dot(zh, wa_hi)
-            acc_b = tl.dot(zl, wb_lo) + tl.dot(zh, wb_hi)
-    else:
-        z = tl.load(LAT + row[:, None] * stride_lat + offs_r[None, :], mask=lmask, other=0).to(tl.float32)
-        if FORMAT == 1:  # int8 with a scale per group
-            z = z * tl.load(SCALE + row[:, None] * stride_scale + (offs_r // GROUP)[None, :], mask=lmask,
-                            other=0.0).to(tl.float32)
-        wa = tl.load(W + col_a[None, :] * stride_w + offs_r[:, None])
-        wb = tl.load(W + col_b[None, :] * stride_w + offs_r[:, None])
-        if DOT_F32:
-            acc_a = tl.dot(z, wa.to(tl.float32), input_precision="ieee")
-            acc_b = tl.dot(z, wb.to(tl.float32), input_precision="ieee")
-        else:
-            zc = z.to(W.dtype.element_ty)
-            acc_a = tl.dot(zc, wa)
-            acc_b = tl.dot(zc, wb)
+            z = tl.load(LAT + row[:, None] * stride_lat + offs_r[None, :], mask=lmask, other=0).to(tl.float32)
+            if FORMAT == 1:  # int8 with a scale per group
+                z = z * tl.load(SCALE + row[:, None] * stride_scale + (offs_r // GROUP)[None, :], mask=lmask,
+                                other=0.0).to(tl.float32)
+            wa = tl.load(W + col_a[None, :] * stride_w + offs_r[:, None])
+            wb = tl.load(W + col_b[None, :] * stride_w + offs_r[:, None])
+            if DOT_F32:
+                acc_a += tl.dot(z, wa.to(tl.float32), input_precision="ieee")
+                acc_b += tl.dot(z, wb.to(tl.float32), input_precision="ieee")
+            else:
+                zc = z.to(W.dtype.element_ty)
+                acc_a = tl.dot(zc, wa, acc_a)
+                acc_b = tl.dot(zc, wb, acc_b)
 
-    # mean of the K neighbours (an exact token: K times itself)
+    # plus the mean of the K neighbours (an exact token: K times itself), summed straight into the
+    # accumulators (fewer live registers than separate sums)
     self_ref = tl.load(SELF_REF + t, mask=tmask, other=0).to(tl.int64)
     base = tl.load(REF_BASE + t, mask=tmask, other=0).to(tl.int64)
-    sum_a = tl.zeros([BLOCK_T, HALF], dtype=tl.float32)
-    sum_b = tl.zeros([BLOCK_T, HALF], dtype=tl.float32)
     for j in tl.static_range(K):
         nb = tl.load(NBR + row * stride_nbr + j, mask=has_lat, other=0).to(tl.int64)
         ref_row = tl.where(has_lat, base + nb, self_ref)
-        sum_a += tl.load(REFS + ref_row[:, None] * stride_ref + col_a[None, :], mask=tmask[:, None],
-                         other=0.0).to(tl.float32)
-        sum_b += tl.load(REFS + ref_row[:, None] * stride_ref + col_b[None, :], mask=tmask[:, None],
-                         other=0.0).to(tl.float32)
-    xa = acc_a + sum_a / K
-    xb = acc_b + sum_b / K
+        acc_a += tl.load(REFS + ref_row[:, None] * stride_ref + col_a[None, :], mask=tmask[:, None],
+                         other=0.0).to(tl.float32) * (1.0 / K)
+        acc_b += tl.load(REFS + ref_row[:, None] * stride_ref + col_b[None, :], mask=tmask[:, None],
+                         other=0.0).to(tl.float32) * (1.0 / K)
+    xa = acc_a
+    xb = acc_b
 
     dest = tl.load(DEST + t, mask=tmask, other=0).to(tl.int64) + \
         h * tl.load(HSTRIDE + t, mask=tmask, other=0).to(tl.int64)
@@ -217,7 +226,8 @@ def triton_supports(head_dim: int, latent_dim: int, latent_format: str) -> bool:
 
 def reconstruct_triton(latents, scales, neighbours, refs, w_up, lat_row, self_ref, ref_base, cos, sin,
                        dest, hstride, k_out, v_out, heads: int, latent_format: str = "float",
-                       group: int = 32, block_t: int = 64, num_warps: int = 8) -> None:
+                       group: int = 32, block_t: int = 64, block_r: int | None = None, num_warps: int = 8,
+                       num_stages: int | None = None) -> None:
     n = lat_row.numel()
     if n == 0:
         return
@@ -230,6 +240,9 @@ def reconstruct_triton(latents, scales, neighbours, refs, w_up, lat_row, self_re
         raise ValueError("k_out, v_out, w_up and refs need unit last strides (k_out and v_out alike)")
     fmt = LATENT_FORMATS.index(latent_format)
     stored = r // 2 if latent_format == "int4" else r
+    block_r = min(block_r or stored, stored)
+    if block_r < 16 or _next_pow2(block_r) != block_r:
+        raise ValueError(f"block_r must be a power of two >= 16 (got {block_r})")
     if scales is None:
         scales = latents.new_zeros((1, 1), dtype=torch.float16)
     dot_f32 = _env_true("TRITON_INTERPRET") or w_up.dtype == torch.float32
@@ -241,8 +254,16 @@ def reconstruct_triton(latents, scales, neighbours, refs, w_up, lat_row, self_re
         latents.stride(0), scales.stride(0), neighbours.stride(0), refs.stride(0), w_up.stride(0),
         cos.stride(0), sin.stride(0), k_out.stride(0),
         HEAD_DIM=hd, HALF=hd // 2, RP=stored, GROUP=group, K=neighbours.shape[1], FORMAT=fmt,
-        BLOCK_T=block_t, DOT_F32=dot_f32, num_warps=num_warps,
+        BLOCK_T=block_t, BLOCK_R=block_r, DOT_F32=dot_f32, num_warps=num_warps,
+        **({"num_stages": num_stages} if num_stages else {}),
     )
+
+
+def _tile_override() -> dict:
+    """``KVBENCH_RECONSTRUCT_TILE`` (JSON, e.g. ``{"block_t": 128, "block_r": 32}``): a tile to try in
+    place of the defaults, as ``reconstruct_bench`` reports them, without editing code."""
+    raw = os.environ.get("KVBENCH_RECONSTRUCT_TILE", "").strip()
+    return json.loads(raw) if raw else {}
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -260,7 +281,7 @@ def reconstruct(latents, scales, neighbours, refs, w_up, lat_row, self_ref, ref_
     head_dim]``."""
     if use_triton(refs) and triton_supports(k_out.shape[1], w_up.shape[1], latent_format):
         reconstruct_triton(latents, scales, neighbours, refs, w_up, lat_row, self_ref, ref_base, cos, sin,
-                           dest, hstride, k_out, v_out, heads, latent_format, group)
+                           dest, hstride, k_out, v_out, heads, latent_format, group, **_tile_override())
     else:
         reconstruct_reference(latents, scales, neighbours, refs, w_up, lat_row, self_ref, ref_base, cos, sin,
                               dest, hstride, k_out, v_out, heads, latent_format, group)

@@ -117,9 +117,13 @@ def throughput(args) -> dict:
     results = {"preset": args.preset, "context": args.context, "methods": {},
                "device": torch.cuda.get_device_name() if cuda else "cpu"}
     ids = torch.randint(10, lm.model.config.vocab_size, (args.context,), generator=torch.Generator().manual_seed(0))
-    for name in args.methods:
-        params = _params(args.method_arg) if name == "deltakv" else {}
-        method = registry.build_method(name, 1.0, params)
+    runs = [(name, {}) for name in args.methods if name != "deltakv"]
+    if "deltakv" in args.methods:  # one run per decode-time keep (a fraction, or a count of tokens when > 1)
+        keeps = args.keep or [None]
+        runs += [("deltakv" if k is None or len(keeps) == 1 else f"deltakv(keep={k:g})",
+                  {**_params(args.method_arg), **({"keep": k} if k is not None else {})}) for k in keeps]
+    for name, params in runs:
+        method = registry.build_method(name.split("(")[0], 1.0, params)
         engine = Engine(lm, method)
         engine.eos = set()  # every sequence decodes every step
         _free_cuda()
@@ -131,7 +135,7 @@ def throughput(args) -> dict:
         batch = args.batch or max(1, int(torch.cuda.mem_get_info()[0] * 0.97 // per_seq))
         rec = {"prefill_s": round(prefill_s, 2), "kv_bytes_per_seq": per_seq, "full_bytes_per_seq": cache.full_nbytes(),
                "kv_ratio": per_seq / cache.full_nbytes(), "tries": []}
-        if name == "deltakv":
+        if name.startswith("deltakv"):
             rec["compressor_weight_bytes"] = method.compressor_nbytes()
             rec["deltakv"] = {k: getattr(method, k) for k in ("sinks", "window", "keep", "latent_dtype", "index_dtype")}
             rec["deltakv"].update(r=method.latent_dim_, I=method.intermediate_, s=method.stride_, k=method.neighbors_,
@@ -145,16 +149,20 @@ def throughput(args) -> dict:
                 rec["tries"].append({"batch": batch, "error": str(e).splitlines()[0][:160]})
                 _free_cuda()
                 batch = int(batch * 0.92)
-        if args.profile and name == "deltakv" and "batch" in rec:  # full replays one CUDA graph: nothing to split
+        if args.profile and name.startswith("deltakv") and "batch" in rec:  # full replays one CUDA graph: nothing to split
             _profile(engine, cache, first, rec["batch"], args.profile)
         print(json.dumps({name: rec}), flush=True)
         results["methods"][name] = rec
         del cache, first, engine
         _free_cuda()
-    names = list(results["methods"])
-    if len(names) == 2 and all("tokens_per_s" in results["methods"][n] for n in names):
-        a, b = (results["methods"][n]["tokens_per_s"] for n in names)
-        results[f"ratio_{names[1]}_over_{names[0]}"] = b / a
+    timed = {n: m["tokens_per_s"] for n, m in results["methods"].items() if "tokens_per_s" in m}
+    if "full" in timed:
+        for n, tps in timed.items():
+            if n != "full":
+                results[f"ratio_{n}_over_full"] = tps / timed["full"]
+                print(f"{n}: {tps:.1f} tokens/s at batch {results['methods'][n]['batch']}, "
+                      f"{tps / timed['full']:.2f}x full's {timed['full']:.1f} (batch "
+                      f"{results['methods']['full']['batch']})", flush=True)
     return results
 
 
@@ -226,6 +234,8 @@ def main() -> None:
     t.add_argument("--steps", type=int, default=128)
     t.add_argument("--batch", type=int, default=None, help="a fixed batch (default: the largest that fits, CUDA)")
     t.add_argument("--profile", type=int, default=0, help="then profile this many decoding steps of deltakv")
+    t.add_argument("--keep", type=float, nargs="+", default=None,
+                   help="deltakv's decode-time keep, one run each (a fraction, or a token count when > 1)")
     t.add_argument("--out", required=True)
     t.add_argument("-m", "--method-arg", action="append", default=[])
     args = ap.parse_args()

@@ -2,7 +2,8 @@
 # DeltaKV on the GPU machine (issue 6). Run from the repository root, after the two SmolLM2 asset calls
 # printed by ../shared/tools/prepare-device-carry; carry .deltakv (the training corpus and the NIAH essays).
 #   results/deltakv-gpu.sh smollm2     # train the SmolLM2 compressor (DKV_MINUTES, DKV_STEPS), NIAH 2k/4k + fidelity vs full and snapkv
-#   results/deltakv-gpu.sh throughput  # 32k decode tokens/s, llama-3.1-8b random weights, deltakv vs full
+#   results/deltakv-gpu.sh throughput  # kernel tile sweep, then 32k decode tokens/s, llama-3.1-8b random weights,
+#                                      # deltakv (DKV_KEEP: kept tokens per step, default 2048 and 0.15) vs full
 #   results/deltakv-gpu.sh all [SECONDS] # both, the second one cut to what is left of SECONDS (default 580)
 # Writes under $OUT (logs, the checkpoint, the summaries); the runner's run directories stay in /tmp.
 set -uo pipefail
@@ -25,7 +26,12 @@ smollm2() {
 }
 throughput() {
   nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
-  python3 -m kvbench.deltakv_bench throughput --preset llama-3.1-8b --context 32768 --out "$OUT" \
+  # the reconstruction kernel's tile sweep at the throughput run's shapes (48 x 32k, the official throughput
+  # script's 2048 kept tokens), then the decode runs with the fastest tile (DKV_TILE overrides)
+  python3 -m kvbench.kernels.reconstruct_bench --batch 48 --context 32768 --keep 0.0625 --out "$OUT" 2>&1 | tee "$OUT/reconstruct-tiles.log"
+  export KVBENCH_RECONSTRUCT_TILE=${DKV_TILE:-$(python3 -c "import json; print(json.dumps(json.load(open('$OUT/reconstruct-tiles.json'))['best']))")}
+  echo "tile: $KVBENCH_RECONSTRUCT_TILE"
+  python3 -m kvbench.deltakv_bench throughput --preset llama-3.1-8b --context 32768 --out "$OUT" --keep ${DKV_KEEP:-2048 0.15} \
     -m latent_dim=256 -m intermediate=3072 -m latent_dtype=int4 -m index_dtype=int16 --profile 3 2>&1 | tee "$OUT/throughput.log"
 }
 case "${1:-smollm2}" in

@@ -290,7 +290,8 @@ def interpreter():
 
 @pytest.mark.parametrize("fmt", ["float", "int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_matches_reference(interpreter, fmt, dtype):
+@pytest.mark.parametrize("block_r", [None, 16])  # the whole latent in one step, or a loop over it
+def test_kernel_matches_reference(interpreter, fmt, dtype, block_r):
     seed = int.from_bytes(os.urandom(4), "little")
     g = torch.Generator().manual_seed(seed)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -310,7 +311,7 @@ def test_kernel_matches_reference(interpreter, fmt, dtype):
     args = [t.to(dev) if t is not None else None for t in (values, scales, nbr, refs, w_up, lat_row, self_ref, ref_base,
                                                            cos, sin, dest, hstride)]
     outs = [torch.full((n * H, hd), float("nan"), dtype=dtype, device=dev) for _ in range(4)]
-    reconstruct_triton(*args, outs[0], outs[1], H, fmt, 32)
+    reconstruct_triton(*args, outs[0], outs[1], H, fmt, 32, block_r=block_r)
     reconstruct_reference(*args, outs[2], outs[3], H, fmt, 32)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for got, want in ((outs[0], outs[2]), (outs[1], outs[3])):
