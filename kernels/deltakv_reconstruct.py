@@ -112,11 +112,12 @@ def reconstruct_reference(latents, scales, neighbours, refs, w_up, lat_row, self
 # ------------------------------------------------------------------ Triton
 
 def _reconstruct_kernel(
-    LAT, SCALE, NBR, REFS, W, LAT_ROW, SELF_REF, REF_BASE, COS, SIN, DEST, HSTRIDE, KOUT, VOUT,
+    LAT, SCALE, NBR, REFS, W, XUP, LAT_ROW, SELF_REF, REF_BASE, COS, SIN, DEST, HSTRIDE, KOUT, VOUT,
     n_tok, n_heads,
-    stride_lat, stride_scale, stride_nbr, stride_ref, stride_w, stride_cos, stride_sin, stride_out,
+    stride_lat, stride_scale, stride_nbr, stride_ref, stride_w, stride_xup, stride_cos, stride_sin, stride_out,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, RP: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr,
     FORMAT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, DOT_F32: tl.constexpr,
+    UP_DONE: tl.constexpr,
 ):
     # One flat grid, (head, key/value) fastest: the 2 x heads programs of one token tile run side by side,
     # so the tile's reference rows (all heads' columns), latents and rotary rows come from HBM once and the
@@ -141,47 +142,51 @@ def _reconstruct_kernel(
     # the up-projection, BLOCK_R stored latent columns at a time (RP: values per row as stored, r or r/2
     # bytes for int4): small W slices per step keep shared memory low, so more programs fit on an SM
     lmask = has_lat[:, None]
-    acc_a = tl.zeros([BLOCK_T, HALF], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK_T, HALF], dtype=tl.float32)
-    for c in range(0, RP, BLOCK_R):
-        offs_r = c + tl.arange(0, BLOCK_R)
-        if FORMAT == 2:  # int4: low nibble = dim j, high nibble = dim j + r/2
-            packed = tl.load(LAT + row[:, None] * stride_lat + offs_r[None, :], mask=lmask, other=0).to(tl.int32)
-            s_lo = tl.load(SCALE + row[:, None] * stride_scale + (offs_r // GROUP)[None, :], mask=lmask, other=0.0)
-            s_hi = tl.load(SCALE + row[:, None] * stride_scale + ((offs_r + RP) // GROUP)[None, :], mask=lmask,
-                           other=0.0)
-            z_lo = ((packed & 15) - 8).to(tl.float32) * s_lo.to(tl.float32)
-            z_hi = ((packed >> 4) - 8).to(tl.float32) * s_hi.to(tl.float32)
-            wa_lo = tl.load(W + col_a[None, :] * stride_w + offs_r[:, None])
-            wa_hi = tl.load(W + col_a[None, :] * stride_w + (offs_r + RP)[:, None])
-            wb_lo = tl.load(W + col_b[None, :] * stride_w + offs_r[:, None])
-            wb_hi = tl.load(W + col_b[None, :] * stride_w + (offs_r + RP)[:, None])
-            if DOT_F32:
-                acc_a += tl.dot(z_lo, wa_lo.to(tl.float32), input_precision="ieee") + \
-                    tl.dot(z_hi, wa_hi.to(tl.float32), input_precision="ieee")
-                acc_b += tl.dot(z_lo, wb_lo.to(tl.float32), input_precision="ieee") + \
-                    tl.dot(z_hi, wb_hi.to(tl.float32), input_precision="ieee")
+    if UP_DONE:  # the up-projection came from a matmul (``XUP [n, D]``, token order): read its columns
+        acc_a = tl.load(XUP + t[:, None] * stride_xup + col_a[None, :], mask=lmask, other=0.0).to(tl.float32)
+        acc_b = tl.load(XUP + t[:, None] * stride_xup + col_b[None, :], mask=lmask, other=0.0).to(tl.float32)
+    else:
+        acc_a = tl.zeros([BLOCK_T, HALF], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_T, HALF], dtype=tl.float32)
+        for c in range(0, RP, BLOCK_R):
+            offs_r = c + tl.arange(0, BLOCK_R)
+            if FORMAT == 2:  # int4: low nibble = dim j, high nibble = dim j + r/2
+                packed = tl.load(LAT + row[:, None] * stride_lat + offs_r[None, :], mask=lmask, other=0).to(tl.int32)
+                s_lo = tl.load(SCALE + row[:, None] * stride_scale + (offs_r // GROUP)[None, :], mask=lmask, other=0.0)
+                s_hi = tl.load(SCALE + row[:, None] * stride_scale + ((offs_r + RP) // GROUP)[None, :], mask=lmask,
+                               other=0.0)
+                z_lo = ((packed & 15) - 8).to(tl.float32) * s_lo.to(tl.float32)
+                z_hi = ((packed >> 4) - 8).to(tl.float32) * s_hi.to(tl.float32)
+                wa_lo = tl.load(W + col_a[None, :] * stride_w + offs_r[:, None])
+                wa_hi = tl.load(W + col_a[None, :] * stride_w + (offs_r + RP)[:, None])
+                wb_lo = tl.load(W + col_b[None, :] * stride_w + offs_r[:, None])
+                wb_hi = tl.load(W + col_b[None, :] * stride_w + (offs_r + RP)[:, None])
+                if DOT_F32:
+                    acc_a += tl.dot(z_lo, wa_lo.to(tl.float32), input_precision="ieee") + \
+                        tl.dot(z_hi, wa_hi.to(tl.float32), input_precision="ieee")
+                    acc_b += tl.dot(z_lo, wb_lo.to(tl.float32), input_precision="ieee") + \
+                        tl.dot(z_hi, wb_hi.to(tl.float32), input_precision="ieee")
+                else:
+                    zl = z_lo.to(W.dtype.element_ty)
+                    zh = z_hi.to(W.dtype.element_ty)
+                    acc_a = tl.dot(zl, wa_lo, acc_a)
+                    acc_a = tl.dot(zh, wa_hi, acc_a)
+                    acc_b = tl.dot(zl, wb_lo, acc_b)
+                    acc_b = tl.dot(zh, wb_hi, acc_b)
             else:
-                zl = z_lo.to(W.dtype.element_ty)
-                zh = z_hi.to(W.dtype.element_ty)
-                acc_a = tl.dot(zl, wa_lo, acc_a)
-                acc_a = tl.dot(zh, wa_hi, acc_a)
-                acc_b = tl.dot(zl, wb_lo, acc_b)
-                acc_b = tl.dot(zh, wb_hi, acc_b)
-        else:
-            z = tl.load(LAT + row[:, None] * stride_lat + offs_r[None, :], mask=lmask, other=0).to(tl.float32)
-            if FORMAT == 1:  # int8 with a scale per group
-                z = z * tl.load(SCALE + row[:, None] * stride_scale + (offs_r // GROUP)[None, :], mask=lmask,
-                                other=0.0).to(tl.float32)
-            wa = tl.load(W + col_a[None, :] * stride_w + offs_r[:, None])
-            wb = tl.load(W + col_b[None, :] * stride_w + offs_r[:, None])
-            if DOT_F32:
-                acc_a += tl.dot(z, wa.to(tl.float32), input_precision="ieee")
-                acc_b += tl.dot(z, wb.to(tl.float32), input_precision="ieee")
-            else:
-                zc = z.to(W.dtype.element_ty)
-                acc_a = tl.dot(zc, wa, acc_a)
-                acc_b = tl.dot(zc, wb, acc_b)
+                z = tl.load(LAT + row[:, None] * stride_lat + offs_r[None, :], mask=lmask, other=0).to(tl.float32)
+                if FORMAT == 1:  # int8 with a scale per group
+                    z = z * tl.load(SCALE + row[:, None] * stride_scale + (offs_r // GROUP)[None, :], mask=lmask,
+                                    other=0.0).to(tl.float32)
+                wa = tl.load(W + col_a[None, :] * stride_w + offs_r[:, None])
+                wb = tl.load(W + col_b[None, :] * stride_w + offs_r[:, None])
+                if DOT_F32:
+                    acc_a += tl.dot(z, wa.to(tl.float32), input_precision="ieee")
+                    acc_b += tl.dot(z, wb.to(tl.float32), input_precision="ieee")
+                else:
+                    zc = z.to(W.dtype.element_ty)
+                    acc_a = tl.dot(zc, wa, acc_a)
+                    acc_b = tl.dot(zc, wb, acc_b)
 
     # plus the mean of the K neighbours (an exact token: K times itself), summed straight into the
     # accumulators (fewer live registers than separate sums)
@@ -227,7 +232,10 @@ def triton_supports(head_dim: int, latent_dim: int, latent_format: str) -> bool:
 def reconstruct_triton(latents, scales, neighbours, refs, w_up, lat_row, self_ref, ref_base, cos, sin,
                        dest, hstride, k_out, v_out, heads: int, latent_format: str = "float",
                        group: int = 32, block_t: int = 64, block_r: int | None = None, num_warps: int = 8,
-                       num_stages: int | None = None) -> None:
+                       num_stages: int | None = None, split: bool = False) -> None:
+    """``split``: the up-projection as a separate matmul (latents dequantised, ``[n, r] @ W_up^T`` in
+    W_up's dtype, written out ``[n, D]``), the kernel adding the neighbour mean, rotating and scattering;
+    otherwise the kernel does the up-projection too, ``block_r`` stored latent columns per step."""
     n = lat_row.numel()
     if n == 0:
         return
@@ -246,15 +254,20 @@ def reconstruct_triton(latents, scales, neighbours, refs, w_up, lat_row, self_re
     if scales is None:
         scales = latents.new_zeros((1, 1), dtype=torch.float16)
     dot_f32 = _env_true("TRITON_INTERPRET") or w_up.dtype == torch.float32
+    x_up = w_up  # unused unless split
+    if split:
+        row = lat_row.clamp(min=0)  # exact tokens' rows are masked in the kernel
+        z = dequantize_latents(latents[row], scales[row] if latent_format != "float" else None, latent_format, group)
+        x_up = z.to(w_up.dtype) @ w_up.t()
     grid = (triton_cdiv(n, block_t) * heads * 2,)
     _launch(
         _reconstruct_kernel, grid,
-        latents, scales, neighbours, refs, w_up, lat_row, self_ref, ref_base, cos, sin, dest, hstride,
+        latents, scales, neighbours, refs, w_up, x_up, lat_row, self_ref, ref_base, cos, sin, dest, hstride,
         k_out, v_out, n, heads,
-        latents.stride(0), scales.stride(0), neighbours.stride(0), refs.stride(0), w_up.stride(0),
+        latents.stride(0), scales.stride(0), neighbours.stride(0), refs.stride(0), w_up.stride(0), x_up.stride(0),
         cos.stride(0), sin.stride(0), k_out.stride(0),
         HEAD_DIM=hd, HALF=hd // 2, RP=stored, GROUP=group, K=neighbours.shape[1], FORMAT=fmt,
-        BLOCK_T=block_t, BLOCK_R=block_r, DOT_F32=dot_f32, num_warps=num_warps,
+        BLOCK_T=block_t, BLOCK_R=block_r, DOT_F32=dot_f32, UP_DONE=split, num_warps=num_warps,
         **({"num_stages": num_stages} if num_stages else {}),
     )
 

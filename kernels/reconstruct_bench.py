@@ -105,8 +105,9 @@ def check(inputs: dict, n_check: int = 4096, **tile) -> float:
                                                                                       (outs[1], outs[3])))
 
 
-def traffic(inputs: dict, block_t: int) -> tuple[float, float]:
-    """(HBM bytes, L2 bytes) a call needs at least."""
+def traffic(inputs: dict, block_t: int, split: bool = False) -> tuple[float, float]:
+    """(HBM bytes, L2 bytes) a call needs at least (split: the matmul's output written and read back, and
+    no weight slices per tile)."""
     n = inputs["lat_row"].numel()
     lat = inputs["latents"]
     per_lat = lat.shape[1] * lat.element_size() + inputs["neighbours"].shape[1] * 2 + \
@@ -114,6 +115,8 @@ def traffic(inputs: dict, block_t: int) -> tuple[float, float]:
     D = inputs["refs"].shape[1]
     out = 2 * inputs["k_out"].numel() * 2
     hbm = n * per_lat + out + inputs["refs"].numel() * 2 * min(1.0, n / max(1, inputs["latents"].shape[0]) * 4)
+    if split:
+        return hbm + 2 * n * D * 2, n * inputs["neighbours"].shape[1] * D * 2
     l2 = n * inputs["neighbours"].shape[1] * D * 2 + -(-n // block_t) * inputs["w_up"].numel() * 2
     return hbm, l2
 
@@ -127,7 +130,7 @@ def sweep(inputs: dict, tiles: list[dict], reps: int = 10, log=print) -> list[di
         except Exception as e:  # a tile that does not compile or fit (shared memory) is skipped, with its reason
             log(f"  {tile}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
             continue
-        hbm, l2 = traffic(inputs, tile["block_t"])
+        hbm, l2 = traffic(inputs, tile["block_t"], tile.get("split", False))
         row = {**tile, "ms": round(ms, 3), "tokens_per_us": round(n / ms / 1000, 1),
                "hbm_GBps": round(hbm / ms / 1e6), "l2_GBps": round(l2 / ms / 1e6)}
         rows.append(row)
@@ -137,10 +140,11 @@ def sweep(inputs: dict, tiles: list[dict], reps: int = 10, log=print) -> list[di
 
 def default_tiles() -> list[dict]:
     tiles = [{"block_t": 64, "block_r": None, "num_warps": 8, "num_stages": None}]  # the whole latent at once
-    for block_t, block_r, warps, stages in itertools.product((64, 128), (32, 64), (4, 8), (2, 3)):
-        tiles.append({"block_t": block_t, "block_r": block_r, "num_warps": warps, "num_stages": stages})
-    tiles += [{"block_t": 32, "block_r": 64, "num_warps": 4, "num_stages": 2},
-              {"block_t": 256, "block_r": 32, "num_warps": 8, "num_stages": 2}]
+    for block_t, block_r, warps in ((64, 64, 4), (64, 32, 4), (64, 128, 4), (32, 64, 4), (32, 32, 2),
+                                    (128, 64, 8), (128, 32, 8)):
+        tiles.append({"block_t": block_t, "block_r": block_r, "num_warps": warps, "num_stages": 2})
+    for block_t, warps in itertools.product((16, 32, 64, 128), (2, 4, 8)):
+        tiles.append({"split": True, "block_t": block_t, "num_warps": warps})
     return tiles
 
 
@@ -151,7 +155,7 @@ def tune(batch: int = 48, context: int = 32768, keep: float = 0.15, reps: int = 
     log(f"reconstruct: {batch} sequences x {context} compressed tokens, keep {keep}: {n} tokens per call")
     rows = sweep(inputs, default_tiles(), reps, log)
     best = min(rows, key=lambda r: r["ms"])
-    tile = {k: best[k] for k in ("block_t", "block_r", "num_warps", "num_stages")}
+    tile = {k: best[k] for k in ("split", "block_t", "block_r", "num_warps", "num_stages") if k in best}
     err = check(inputs, **tile)
     log(f"fastest: {json.dumps(best)}; relative error against the reference {err:.2e}")
     del inputs

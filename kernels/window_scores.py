@@ -199,12 +199,15 @@ def window_scores_triton(
     q_win: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, k_pos: torch.Tensor,
     seg_start: torch.Tensor, seg_len: torch.Tensor, scale: float, reduce: str = "mean",
     *, n_split: Optional[int] = None, block_n: Optional[int] = None,
-    out: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Two-pass Triton window scores (no host synchronisation).
 
     ``out``: optional float32 ``[S]`` buffer, written at the valid slots only
     (the caller initialises the rest; by default a zero-filled tensor).
+    ``lse``: optional ``[B, Hq, w]`` natural-log normalisers of the window's
+    rows over these keys, when the caller has them (a decoding step's
+    attention returns them): the first pass is skipped.
     """
     B, Hq, w, D, hkv, G = _check(q_win, q_pos, k, k_pos, seg_start, seg_len, reduce)
     S = k.shape[0]
@@ -242,19 +245,24 @@ def window_scores_triton(
     common = (q_win.stride(0), q_win.stride(1), q_win.stride(2), q_win.stride(3),
               q_pos.stride(0), q_pos.stride(1), k.stride(0), k.stride(1))
 
-    lsep = torch.empty((n_seg, split1, n_rows), dtype=torch.float32, device=dev)
-    _launch(
-        _ws_lse_kernel, (n_seg, n_mt, split1),
-        q_win, q_pos, k, k_pos, seg_start, seg_len, lsep, *common,
-        hkv, G, w, split1, qk_scale,
-        HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-        PRECISION=precision, DOT_F32=dot_f32,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
-    if split1 == 1:
-        lse2 = lsep.view(n_seg, n_rows)
+    if lse is not None:
+        if lse.shape != (B, Hq, w):
+            raise ValueError(f"lse must be [B, Hq, w] = {(B, Hq, w)}, got {tuple(lse.shape)}")
+        lse2 = (lse.float() * _LOG2E).reshape(n_seg, n_rows).contiguous()
     else:
-        lse2 = (torch.logsumexp(lsep * _LN2, dim=1) * _LOG2E).contiguous()
+        lsep = torch.empty((n_seg, split1, n_rows), dtype=torch.float32, device=dev)
+        _launch(
+            _ws_lse_kernel, (n_seg, n_mt, split1),
+            q_win, q_pos, k, k_pos, seg_start, seg_len, lsep, *common,
+            hkv, G, w, split1, qk_scale,
+            HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+            PRECISION=precision, DOT_F32=dot_f32,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        if split1 == 1:
+            lse2 = lsep.view(n_seg, n_rows)
+        else:
+            lse2 = (torch.logsumexp(lsep * _LN2, dim=1) * _LOG2E).contiguous()
     _launch(
         _ws_score_kernel, (n_seg, split2),
         q_win, q_pos, k, k_pos, seg_start, seg_len, lse2, scores, *common,

@@ -146,10 +146,10 @@ def visible_references(pos: torch.Tensor, sinks: int, stride: int) -> torch.Tens
 def nearest_references(x: torch.Tensor, refs: torch.Tensor, n_visible: torch.Tensor, k: int) -> torch.Tensor:
     """Rows of the ``k`` references nearest (L2) to each token among the first ``n_visible`` rows.
 
-    ``x [..., n, D]``, ``refs [..., R, D]``, ``n_visible [n]`` (at least ``k``) -> ``[..., n, k]`` int64."""
+    ``x [..., n, D]``, ``refs [..., R, D]``, ``n_visible [..., n]`` (at least ``k``) -> ``[..., n, k]``."""
     x, refs = x.float(), refs.float()
     d = (x * x).sum(-1, keepdim=True) - 2 * x @ refs.transpose(-1, -2) + (refs * refs).sum(-1).unsqueeze(-2)
-    hidden = torch.arange(refs.shape[-2], device=x.device)[None, :] >= n_visible[:, None]
+    hidden = torch.arange(refs.shape[-2], device=x.device) >= n_visible[..., None]
     d = d.masked_fill(hidden, float("inf"))
     return d.topk(k, dim=-1, largest=False).indices
 
@@ -402,41 +402,78 @@ class DeltaKVStore:
         first = torch.arange(idx.shape[1], device=idx.device)[None, :] < lengths[:, None]
         kept = valid & ~first
         new_refs, new_latents = {}, {}
+        # sequences that move the same number of tokens are compressed together (in lockstep decoding that
+        # is all of them): a few batched passes instead of one small pass per sequence. A pass holds its
+        # sequences' references in float32, padded: at most about 256 MB of them.
+        groups: dict[int, list[int]] = {}
         for b, n in enumerate(moves):
-            if n == 0:
-                continue
-            rows = idx[b * self.H:(b + 1) * self.H, :n]  # [H, n] slots of the oldest n tokens
-            positions = torch.arange(self.n_comp[b], self.n_comp[b] + n, device=idx.device)
-            k_pre = rope(self.raw.k[rows].float()[None], positions[None], inverse=True)
-            x = tokens_from_kv(k_pre, self.raw.v[rows].float()[None])[0]
-            new_refs[b], new_latents[b] = self._compress_tokens(b, x, positions)
+            if n:
+                groups.setdefault(n, []).append(b)
+        for n, members in groups.items():
+            refs_after = max(self.refs.h_len[b] for b in members) + n // m.stride_ + m.sinks + 1
+            per_pass = max(1, (256 << 20) // (refs_after * self.D * 4))
+            for i in range(0, len(members), per_pass):
+                bs = members[i: i + per_pass]
+                rows = idx.view(self.B, self.H, -1)[ints_on(bs, idx.device), :, :n]  # [G, H, n] oldest n
+                positions = ints_on([self.n_comp[b] for b in bs], idx.device)[:, None] + \
+                    torch.arange(n, device=idx.device)[None, :]
+                k_pre = rope(self.raw.k[rows].float(), positions, inverse=True)
+                refs, latents = self._compress_group(bs, tokens_from_kv(k_pre, self.raw.v[rows].float()))
+                new_refs.update(refs)
+                new_latents.update(latents)
+        for b, n in enumerate(moves):
             self.n_comp[b] += n
         per_flush = m.window // m.stride_ + 1
         self.refs.extend(new_refs, lambda b: max(per_flush, self.refs.h_len[b] // 32) if decoding else 0)
         self.latents.extend(new_latents, lambda b: max(m.window, self.latents.h_len[b] // 32) if decoding else 0)
         self.raw.keep(idx[kept], valid.sum(1) - lengths)
 
-    def _compress_tokens(self, b: int, x: torch.Tensor, positions: torch.Tensor):
-        """The new reference rows and latent rows of sequence b's tokens ``x [n, D]`` at ``positions``."""
-        m = self.method
-        ref = is_reference(positions, m.sinks, m.stride_)
-        new_refs = x[ref].to(self.dtype)  # stored as the cache stores them: distances and means use these values
-        refs = torch.cat([self.refs.rows(b, "x"), new_refs]).float()
-        if m.index_dtype == "int16" and len(refs) > torch.iinfo(torch.int16).max:
+    def _compress_group(self, bs: list[int], x: torch.Tensor):
+        """New reference rows and latent rows of sequences ``bs``, whose next ``n`` tokens to compress are
+        ``x [G, n, D]`` (float32, pre-RoPE keys then values). Which tokens are references follows from
+        positions, known on the host: no device syncs."""
+        m, dev = self.method, x.device
+        G, n, D = x.shape
+        pos = torch.tensor([self.n_comp[b] for b in bs])[:, None] + torch.arange(n)[None, :]  # host
+        is_ref = is_reference(pos, m.sinks, m.stride_)
+        old = torch.tensor([self.refs.h_len[b] for b in bs])
+        r_max = int((old + is_ref.sum(1)).max())
+        if m.index_dtype == "int16" and r_max > torch.iinfo(torch.int16).max:
             raise BudgetError(f"DeltaKV index_dtype int16 holds {torch.iinfo(torch.int16).max} references per "
                               "sequence; this context needs more: use index_dtype=int32")
+        # each sequence's references, padded to r_max rows: the table's, then the new ones (stored values:
+        # distances and means use what the cache holds)
+        ar = torch.arange(r_max, device=dev)
+        in_old = ar[None, :] < ints_on(old.tolist(), dev)[:, None]
+        slot = ints_on([self.refs.h_start[b] for b in bs], dev)[:, None] + ar[None, :]
+        table = self.refs.t["x"]
+        refs = table[torch.where(in_old, slot, 0)].float() * in_old[..., None] if len(table) else \
+            torch.zeros((G, r_max, D), device=dev)
+        g_new, j_new = is_ref.nonzero(as_tuple=True)
+        row_new = old[g_new] + torch.cumsum(is_ref.long(), 1)[g_new, j_new] - 1
+        gn, jn = ints_on(g_new.tolist(), dev), ints_on(j_new.tolist(), dev)
+        new_x = x[gn, jn].to(self.dtype)
+        refs[gn, ints_on(row_new.tolist(), dev)] = new_x.float()
+        # the k nearest visible references of every token (bounded distance matrices), then the latents
+        visible = ints_on(visible_references(pos, m.sinks, m.stride_).flatten().tolist(), dev).view(G, n)
+        step = max(64, 8192 // G)
+        nbr = torch.cat([nearest_references(x[:, s: s + step], refs, visible[:, s: s + step], m.neighbors_)
+                         for s in range(0, n, step)], dim=1)
+        g_lat, j_lat = (~is_ref).nonzero(as_tuple=True)
         compressor = m.compressor_for(self.layer)
-        lat_pos, lat_x = positions[~ref], x[~ref]
         parts = []
-        for s in range(0, len(lat_pos), 4096):  # bounded distance matrices on long prefills
-            p, xs = lat_pos[s: s + 4096], lat_x[s: s + 4096]
-            nbr = nearest_references(xs, refs, visible_references(p, m.sinks, m.stride_), m.neighbors_)
-            z = compressor.encode(xs, refs[nbr].mean(dim=1))
+        for s in range(0, len(g_lat), 8192):
+            gi, ji = ints_on(g_lat[s: s + 8192].tolist(), dev), ints_on(j_lat[s: s + 8192].tolist(), dev)
+            nb = nbr[gi, ji]  # [N, k] rows relative to the sequence's first reference
+            z = compressor.encode(x[gi, ji], refs[gi[:, None], nb].mean(dim=1))
             values, scales = quantize_latents(z, m.latent_format, m.quant_group, m.latent_float_dtype)
-            parts.append({"z": values, "nbr": nbr, **({"scale": scales} if scales is not None else {})})
-        latents = {name: torch.cat([part[name] for part in parts]) for name in parts[0]} if parts else \
+            parts.append({"z": values, "nbr": nb, **({"scale": scales} if scales is not None else {})})
+        cols = {name: torch.cat([part[name] for part in parts]) for name in parts[0]} if parts else \
             {name: t.new_zeros((0, *t.shape[1:])) for name, t in self.latents.t.items()}
-        return {"x": new_refs}, latents
+        lat_split = {name: torch.split(t, (~is_ref).sum(1).tolist()) for name, t in cols.items()}
+        ref_split = torch.split(new_x, is_ref.sum(1).tolist())
+        return ({b: {"x": ref_split[g]} for g, b in enumerate(bs)},
+                {b: {name: parts[g] for name, parts in lat_split.items()} for g, b in enumerate(bs)})
 
     # ---- reading ----
     def attend(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -659,8 +696,10 @@ class DeltaKV(Method):
         columns = [torch.arange(self.sinks, device=device)[None, :].expand(B, self.sinks)]
         kmax = max(n_pick)
         if kmax > 0:
+            # this step's attention already normalised the query over the store: its lse saves a pass
+            lse = call.lse[:, :, -1:] if call.lse is not None else None
             slot = window_scores(call.queries[:, :, -1:], call.positions[:, -1:], store.k, store.pos, store.start,
-                                 store.length, call.scale, reduce="max")
+                                 store.length, call.scale, reduce="max", lse=lse)
             seq = torch.repeat_interleave(torch.arange(B * store.H, device=device), store.capacity,
                                           output_size=store.k.shape[0]) // store.H  # sized on the host: no sync
             pos = store.pos.long()

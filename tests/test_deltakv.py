@@ -198,6 +198,33 @@ def test_flush_boundaries_in_decoding():
     assert all(s - c == 8 for s, c in flushes)
 
 
+def test_batched_flushes_match_one_sequence_at_a_time():
+    """Sequences that flush together (equal and unequal counts, different positions) get the tables each
+    would get alone."""
+    lm = tiny("llama")
+    m = deltakv(lm, latent_dim=16, intermediate=24, latent_dtype="float32")
+    engine = Engine(lm, m)
+    from kvbench.cache import KVCache
+    samples = [sample(prompt(23, 40), []), sample(prompt(23, 41), []), sample(prompt(30, 42), [])]
+    alone = []
+    for s in samples:
+        cache, first, _ = engine.prefill(s)
+        alone.append((cache, first))
+    batch = KVCache.concat([c.clone() for c, _ in alone])
+    firsts = torch.cat([f for _, f in alone])
+    engine.decode(batch, firsts, [37] * 3, [False] * 3, 0)
+    for b, (cache, first) in enumerate(alone):
+        engine.decode(cache, first, [37], [False], 0)
+        for layer, store in enumerate(cache.stores):
+            if not isinstance(store, DeltaKVStore):
+                continue
+            got = batch.stores[layer]
+            assert got.n_comp[b] == store.n_comp[0] > 0
+            torch.testing.assert_close(got.refs.rows(b, "x"), store.refs.rows(0, "x"))
+            assert torch.equal(got.latents.rows(b, "nbr"), store.latents.rows(0, "nbr"))
+            torch.testing.assert_close(got.latents.rows(b, "z"), store.latents.rows(0, "z"), rtol=1e-4, atol=1e-5)
+
+
 def test_memory_is_what_the_store_holds():
     lm = tiny("llama")
     sizes = {}
@@ -290,7 +317,7 @@ def interpreter():
 
 @pytest.mark.parametrize("fmt", ["float", "int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("block_r", [None, 16])  # the whole latent in one step, or a loop over it
+@pytest.mark.parametrize("block_r", [None, 16, "split"])  # whole latent, a loop over it, a separate matmul
 def test_kernel_matches_reference(interpreter, fmt, dtype, block_r):
     seed = int.from_bytes(os.urandom(4), "little")
     g = torch.Generator().manual_seed(seed)
@@ -311,7 +338,8 @@ def test_kernel_matches_reference(interpreter, fmt, dtype, block_r):
     args = [t.to(dev) if t is not None else None for t in (values, scales, nbr, refs, w_up, lat_row, self_ref, ref_base,
                                                            cos, sin, dest, hstride)]
     outs = [torch.full((n * H, hd), float("nan"), dtype=dtype, device=dev) for _ in range(4)]
-    reconstruct_triton(*args, outs[0], outs[1], H, fmt, 32, block_r=block_r)
+    tile = {"split": True} if block_r == "split" else {"block_r": block_r}
+    reconstruct_triton(*args, outs[0], outs[1], H, fmt, 32, **tile)
     reconstruct_reference(*args, outs[2], outs[3], H, fmt, 32)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for got, want in ((outs[0], outs[2]), (outs[1], outs[3])):
