@@ -48,7 +48,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -320,6 +320,7 @@ class Plan:
     seg_start: torch.Tensor
     seg_len: torch.Tensor
     slots: int
+    rows: dict = field(default_factory=dict)  # table rows of the tokens, per table layout (shared by layers)
 
 
 def make_plan(seq: torch.Tensor, pos: torch.Tensor, counts: list[int], heads: int, rotary) -> Plan:
@@ -497,11 +498,17 @@ class DeltaKVStore:
     def materialize(self, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (rotated) and values of the plan's tokens, packed as ragged (sequence, head) segments."""
         m = self.method
-        ref = is_reference(plan.pos, m.sinks, m.stride_)
-        ref_base = self.refs.start[plan.seq]
-        lat_row = torch.where(ref, torch.full_like(plan.pos, -1),
-                              self.latents.start[plan.seq] + latent_row(plan.pos, m.sinks, m.stride_))
-        self_ref = torch.where(ref, ref_base + reference_row(plan.pos, m.sinks, m.stride_), torch.zeros_like(plan.pos))
+        # the compressed layers of one observer usually share their tables' layout: compute the rows once
+        layout = (tuple(self.refs.h_start), tuple(self.latents.h_start))
+        if layout not in plan.rows:
+            ref = is_reference(plan.pos, m.sinks, m.stride_)
+            ref_base = self.refs.start[plan.seq]
+            lat_row = torch.where(ref, torch.full_like(plan.pos, -1),
+                                  self.latents.start[plan.seq] + latent_row(plan.pos, m.sinks, m.stride_))
+            self_ref = torch.where(ref, ref_base + reference_row(plan.pos, m.sinks, m.stride_),
+                                   torch.zeros_like(plan.pos))
+            plan.rows[layout] = lat_row, self_ref, ref_base
+        lat_row, self_ref, ref_base = plan.rows[layout]
         k_buf = torch.empty(plan.slots, self.hd, dtype=self.dtype, device=plan.pos.device)
         v_buf = torch.empty_like(k_buf)
         lat = self.latents.t

@@ -26,11 +26,14 @@ smollm2() {
 }
 throughput() {
   nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
-  # the reconstruction kernel's tile sweep at the throughput run's shapes (48 x 32k, the official throughput
-  # script's 2048 kept tokens), then the decode runs with the fastest tile (DKV_TILE overrides)
-  python3 -m kvbench.kernels.reconstruct_bench --batch 48 --context 32768 --keep 0.0625 --out "$OUT" 2>&1 | tee "$OUT/reconstruct-tiles.log"
-  export KVBENCH_RECONSTRUCT_TILE=${DKV_TILE:-$(python3 -c "import json; print(json.dumps(json.load(open('$OUT/reconstruct-tiles.json'))['best']))")}
-  echo "tile: $KVBENCH_RECONSTRUCT_TILE"
+  # DKV_SWEEP=1: first the reconstruction kernel's tile sweep at the throughput run's shapes (48 x 32k, the
+  # official throughput script's 2048 kept tokens), and the decode runs use its fastest tile (DKV_TILE: a
+  # given tile; neither: the kernel's DEFAULT_TILE)
+  if [ -n "${DKV_SWEEP:-}" ]; then
+    python3 -m kvbench.kernels.reconstruct_bench --batch 48 --context 32768 --keep 0.0625 --out "$OUT" 2>&1 | tee "$OUT/reconstruct-tiles.log"
+    DKV_TILE=${DKV_TILE:-$(python3 -c "import json; print(json.dumps(json.load(open('$OUT/reconstruct-tiles.json'))['best']))")}
+  fi
+  [ -n "${DKV_TILE:-}" ] && export KVBENCH_RECONSTRUCT_TILE=$DKV_TILE && echo "tile: $DKV_TILE"
   python3 -m kvbench.deltakv_bench throughput --preset llama-3.1-8b --context 32768 --out "$OUT" --keep ${DKV_KEEP:-2048 0.15} \
     -m latent_dim=256 -m intermediate=3072 -m latent_dtype=int4 -m index_dtype=int16 --profile 3 2>&1 | tee "$OUT/throughput.log"
 }
