@@ -12,7 +12,8 @@ export OUT=${OUT:-results/deltakv}
 mkdir -p "$OUT"
 python3 -m pip install --no-deps --no-build-isolation -e . -q 2>&1 | grep -v WARNING | tail -2
 GGUF=/tmp/kvbench-assets/SmolLM2-135M-Instruct.Q4_1.gguf
-CORPUS=.deltakv/debian-man-pages-man1578-no-gcloud.txt.gz
+# results/deltakv-corpus.py builds the general-English corpus (the first checkpoint used the man pages alone)
+CORPUS=${DKV_CORPUS:-.deltakv/general-english.txt.gz}
 smollm2() {
   nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
   python3 -m kvbench.cli train deltakv --model "$GGUF" --data "$CORPUS" --out "$OUT/ckpt" --steps ${DKV_STEPS:-1000} --batch 8 --seq-len 1024 \
