@@ -149,6 +149,8 @@ def throughput(args) -> dict:
                 rec["tries"].append({"batch": batch, "error": str(e).splitlines()[0][:160]})
                 _free_cuda()
                 batch = int(batch * 0.92)
+        if args.cprofile and name.startswith("deltakv") and "batch" in rec:
+            _host_profile(engine, cache, first, rec["batch"], args.cprofile)
         if args.profile and name.startswith("deltakv") and "batch" in rec:  # full replays one CUDA graph: nothing to split
             _profile(engine, cache, first, rec["batch"], args.profile)
         print(json.dumps({name: rec}), flush=True)
@@ -197,6 +199,23 @@ def _decode_timing(engine, cache, first, batch: int, warmup: int, steps: int) ->
             "peak_allocated": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
 
 
+def _host_profile(engine, cache, first, batch: int, steps: int) -> None:
+    """Where the host's time goes in ``steps`` eager decoding steps (cProfile, top functions by own time)."""
+    import cProfile
+    import pstats
+    from kvbench.cache import KVCache
+    work = KVCache.concat([cache] * batch) if batch > 1 else cache.clone()
+    engine.decode(work, first.repeat(batch, 1), [3] * batch, [False] * batch, 0)
+    prof = cProfile.Profile()
+    prof.enable()
+    engine.decode(work, first.repeat(batch, 1), [steps + 1] * batch, [False] * batch, 0)
+    prof.disable()
+    del work
+    stats = pstats.Stats(prof)
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumulative").print_stats(40)
+
+
 def _profile(engine, cache, first, batch: int, steps: int) -> None:
     """Where a decoding step's time goes: ``steps`` steps under the torch profiler, top kernels and ops."""
     from torch.profiler import ProfilerActivity, profile
@@ -234,6 +253,7 @@ def main() -> None:
     t.add_argument("--steps", type=int, default=128)
     t.add_argument("--batch", type=int, default=None, help="a fixed batch (default: the largest that fits, CUDA)")
     t.add_argument("--profile", type=int, default=0, help="then profile this many decoding steps of deltakv")
+    t.add_argument("--cprofile", type=int, default=0, help="then profile the host over this many decoding steps")
     t.add_argument("--keep", type=float, nargs="+", default=None,
                    help="deltakv's decode-time keep, one run each (a fraction, or a token count when > 1)")
     t.add_argument("--out", required=True)

@@ -269,11 +269,19 @@ class SegmentTable:
                 caps[b] = need + slack(b)
         if caps != self.h_cap:
             self._relayout(caps)
-        for b, cols in rows.items():
-            s = self.h_start[b] + self.h_len[b]
-            n = next(iter(cols.values())).shape[0]
-            for name, r in cols.items():
-                self.t[name][s: s + n] = r.to(self.t[name].dtype)
+        # one indexed copy per column for all the sequences (a copy per sequence and column cost the
+        # decoding step's flushes thousands of launches at large batches)
+        order = list(rows)
+        if not order:
+            return
+        counts = [next(iter(rows[b].values())).shape[0] for b in order]
+        first = torch.tensor([self.h_start[b] + self.h_len[b] for b in order])
+        dest = torch.repeat_interleave(first - torch.cumsum(torch.tensor([0] + counts[:-1]), 0),
+                                       torch.tensor(counts)) + torch.arange(sum(counts))
+        dest = ints_on(dest.tolist(), self.device)
+        for name, t in self.t.items():
+            t.index_copy_(0, dest, torch.cat([rows[b][name] for b in order]).to(t.dtype))
+        for b, n in zip(order, counts):
             self.h_len[b] += n
         self._sync_device()
 
