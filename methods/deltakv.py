@@ -11,7 +11,8 @@ compressed, during prefill chunks and during decoding alike. Some layers stay fu
 by compressed layers observes: at each decoding step it picks the tokens its own attention ranks highest
 (max over heads) and the following compressed layers reconstruct only those, plus the sinks, and attend
 to them together with the raw window. Reconstruction (gather references, mean, up-projection, add,
-rotate) is one Triton kernel (``kvbench.kernels.deltakv_reconstruct``).
+rotate) runs on the GPU as a latent-dequantising Triton kernel, one matmul for the up-projection and a Triton
+kernel for the rest, as the official runtime splits it (``kvbench.kernels.deltakv_reconstruct``).
 
 Choices the paper leaves open, made here:
 - The reference phase is global: after the ``sinks`` sink tokens, every position ``p`` with ``(p - sinks)
@@ -23,9 +24,10 @@ Choices the paper leaves open, made here:
   reconstruct every compressed token: the official runtime's prefill top-k (``num_top_tokens_in_prefill``
   = 8192) covers whole contexts of the sizes run here. The observation-layer selection applies to
   single-token decoding steps.
-- The decode-time kept share ``keep`` (default 0.15, inside the paper's 0.11-0.17) is a fraction of the
-  compressed tokens of each sequence (a count when > 1), chosen per sequence, shared by the KV heads and
-  by the compressed layers up to the next full layer.
+- The decode-time kept share ``keep`` (default 0.15, inside the 0.11-0.17 of the official quality scripts) is
+  a fraction of the compressed tokens of each sequence, or a count when > 1 (the official throughput script
+  keeps 2048), chosen per sequence, shared by the KV heads and by the compressed layers up to the next full
+  layer.
 - Observation scores are the attention probabilities of the current query, max over all query heads;
   ``pool`` > 1 max-pools them along positions first (the official code's ``pool_kernel_size``, default 1),
   so the neighbours of an attended token come along: an induction head in a later layer reads the token
