@@ -2,6 +2,7 @@
 # DeltaKV on the GPU machine (issue 6). Run from the repository root, after the two SmolLM2 asset calls
 # printed by ../shared/tools/prepare-device-carry; carry .deltakv (the training corpus and the NIAH essays).
 #   results/deltakv-gpu.sh smollm2     # train the SmolLM2 compressor (DKV_MINUTES, DKV_STEPS), NIAH 2k/4k + fidelity vs full and snapkv
+#                                      # (or the two halves in two calls: train, then evaluate)
 #   results/deltakv-gpu.sh throughput  # kernel tile sweep, then 32k decode tokens/s, llama-3.1-8b random weights,
 #                                      # deltakv (DKV_KEEP: kept tokens per step, default 2048 and 0.15) vs full
 #   results/deltakv-gpu.sh all [SECONDS] # both, the second one cut to what is left of SECONDS (default 580)
@@ -14,10 +15,15 @@ python3 -m pip install --no-deps --no-build-isolation -e . -q 2>&1 | grep -v WAR
 GGUF=/tmp/kvbench-assets/SmolLM2-135M-Instruct.Q4_1.gguf
 # results/deltakv-corpus.py builds the general-English corpus (the first checkpoint used the man pages alone)
 CORPUS=${DKV_CORPUS:-.deltakv/general-english.txt.gz}
-smollm2() {
+smollm2() { train; evaluate; }
+train() {
   nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
   python3 -m kvbench.cli train deltakv --model "$GGUF" --data "$CORPUS" --out "$OUT/ckpt" --steps ${DKV_STEPS:-1000} --batch 8 --seq-len 1024 \
     --latent-dim 64 --intermediate 192 --full-layers 0,8,17 --max-minutes ${DKV_MINUTES:-2} 2>&1 | tee "$OUT/train.log"
+  rm -rf /tmp/dkv-ckpt && cp -r "$OUT/ckpt" /tmp/dkv-ckpt  # for an evaluate call on the same machine
+}
+evaluate() {
+  [ -d "$OUT/ckpt" ] || cp -r /tmp/dkv-ckpt "$OUT/ckpt"
   python3 -m kvbench.deltakv_bench eval --model "$GGUF" --checkpoint "$OUT/ckpt" --haystack .deltakv/paul_graham_essays \
     --out /tmp/dkv-eval -m latent_dtype=int4 -m index_dtype=int16 2>&1 | grep -v "^Loading" | tee "$OUT/eval.log"
   cp /tmp/dkv-eval/deltakv-eval.json "$OUT/"
@@ -40,6 +46,8 @@ throughput() {
 }
 case "${1:-smollm2}" in
 smollm2) smollm2 ;;
+train) train ;;        # the checkpoint stays in /tmp/dkv-ckpt for:
+evaluate) evaluate ;;  # NIAH + fidelity of that checkpoint, on the same (still warm) machine
 throughput) throughput ;;
 all)
   smollm2
