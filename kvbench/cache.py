@@ -158,6 +158,10 @@ class RaggedKV:
         self.length += T
         self.free = self.free - T if self.free >= T else int((self.capacity - self.length).min())
 
+    def replayed(self, steps: int) -> None:
+        """``steps`` decoding steps ran as graph replays (no Python ran): the host mirror follows."""
+        self.free -= steps
+
     def reserve(self, n_tokens: int) -> None:
         if self.free < n_tokens:
             idx, valid = self.slot_index()
@@ -286,6 +290,11 @@ class KVCache(Cache):
         (what a CUDA-graph replay of the decoding step needs). The room is held memory and counts."""
         for store in self.stores:
             store.reserve(n_tokens)
+
+    def replayed(self, steps: int) -> None:
+        """``steps`` decoding steps ran as replays of a captured graph: host-side mirrors catch up."""
+        for store in self.stores:
+            store.replayed(steps)
 
     def attention(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
         self._updated.discard(layer)

@@ -14,6 +14,8 @@ kept), and optionally ``layer_target``/``head_counts`` to shape the budget acros
 """
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +65,13 @@ class Method:
         """True when decoding only appends tokens (no decode-time hook changes the stores): the runner may
         then replay the decoding step as a CUDA graph."""
         return type(self).on_decode is Method.on_decode
+
+    def decode_epoch(self, cache) -> Hashable | None:
+        """When the runner may replay a captured decoding step: a key that stays the same while every
+        layout and host-side size the step uses stays fixed (a graph captured at one key replays while the
+        key holds), or None: the coming step must run eagerly. By default one key for ever when decoding
+        only appends."""
+        return () if self.static_decode() else None
 
 
 def segment_view(store: RaggedKV, per_slot: torch.Tensor, fill=float("-inf")) -> tuple[torch.Tensor, torch.Tensor]:

@@ -153,19 +153,21 @@ class Engine:
                stop_at_newline: list[bool], trace_every: int = 64) -> tuple[list[list[int]], dict]:
         """Batched greedy/sampled decoding until EOS or each sequence's limit.
 
-        On CUDA, for methods whose decoding only appends (``method.static_decode()``), the decoding step is
-        captured once as a CUDA graph and replayed: the step's hundreds of kernel launches would otherwise
-        cost more host time than the GPU spends reading weights and KV. The stores reserve room for every
-        new token first (``KVCache.reserve``), so nothing moves while the graph replays.
+        On CUDA the decoding step is captured as a CUDA graph and replayed while the method's
+        ``decode_epoch`` key holds (for methods whose decoding only appends, for ever; DeltaKV between its
+        flushes): the step's hundreds of kernel launches would otherwise cost more host time than the GPU
+        spends reading weights and KV. A step whose key is None runs eagerly; a new key is captured after
+        one eager step at it (which warms every lazily built index). The stores reserve room for the new
+        tokens before a capture (``KVCache.reserve``), so nothing moves while the graph replays.
         """
         B = first_logits.shape[0]
         out: list[list[int]] = [[] for _ in range(B)]
         done = [m <= 0 for m in max_new]
-        use_graph = (self.cuda_graphs and self.device.type == "cuda" and self.method.static_decode()
-                     and max(max_new) > 2)
-        if use_graph:
+        use_graph = self.cuda_graphs and self.device.type == "cuda" and max(max_new) > 2
+        if use_graph and self.method.decode_epoch(cache) is not None:
             cache.reserve(max(max_new))
-        graph = static_ids = static_logits = None
+        graph = graph_key = eager_key = static_ids = static_logits = None
+        captures = 0
         nxt = self.pick(first_logits)
         steps, kv_trace, steady = 0, {}, None
         t0 = time.perf_counter()
@@ -181,35 +183,41 @@ class Engine:
                     done[b] = True
             if all(done):
                 break
-            if use_graph and graph is None and steps >= 1:  # the first step ran eagerly: warm-up
+            key = self.method.decode_epoch(cache) if use_graph else None
+            if graph is not None and key != graph_key:  # the layout changed: this graph is stale
+                graph = static_ids = static_logits = None
+            fresh = False
+            if key is not None and graph is None and key == eager_key:  # one eager step ran at this key
+                cache.reserve(max(max_new) - steps)
                 static_ids = nxt[:, None].clone()
-                graph = torch.cuda.CUDAGraph()
+                graph, graph_key, fresh = torch.cuda.CUDAGraph(), key, True
                 with torch.cuda.graph(graph):
                     static_logits = self.forward(cache, static_ids, compress=False)
+                captures += 1
             if steps == 1 and steady is None:  # one-time costs (warm-up step, graph capture) end here
                 sync(self.device)
                 steady = (time.perf_counter(), steps)
             if graph is not None:
                 static_ids.copy_(nxt[:, None])
                 graph.replay()
+                if not fresh:  # the capture ran the step's Python once already
+                    cache.replayed(1)
                 logits = static_logits
             else:
                 logits = self.forward(cache, nxt[:, None], compress=False)
+                eager_key = key
             steps += 1
             if trace_every and steps % trace_every == 0:
                 kv_trace[steps] = cache.layer_nbytes()
             nxt = self.pick(logits[:, -1])
         sync(self.device)
         t_end = time.perf_counter()
-        if graph is not None:  # replays ran no Python: bring the host-side bookkeeping up to date
-            for store in cache.stores:
-                store.free = int((store.capacity - store.length).min())
         # Steady-state time per step: after the eager warm-up step and the graph capture (a server pays
         # those once, not per request); decode_s / decode_steps keeps them in.
         steady_tpot = (t_end - steady[0]) / (steps - steady[1]) if steady and steps > steady[1] else None
         return out, {"decode_s": t_end - t0, "decode_steps": steps, "tpot_steady_s": steady_tpot,
                      "kv_layer_bytes_steps": kv_trace,
-                     "cuda_graph": graph is not None,
+                     "cuda_graph": captures > 0, "graph_captures": captures,
                      "kv_bytes_end": cache.nbytes(), "kv_bytes_full_end": cache.full_nbytes(),
                      "kv_seq_bytes_end": cache.sequence_nbytes().tolist(),
                      "kv_seq_full_end": cache.sequence_full_nbytes().tolist()}

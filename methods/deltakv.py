@@ -333,9 +333,10 @@ class Plan:
     rows: dict = field(default_factory=dict)  # table rows of the tokens, per table layout (shared by layers)
 
 
-def make_plan(seq: torch.Tensor, pos: torch.Tensor, counts: list[int], heads: int, rotary) -> Plan:
+def make_plan(seq: torch.Tensor, pos: torch.Tensor, counts: list[int], heads: int, rotary,
+              counts_t: torch.Tensor | None = None) -> Plan:
     device = pos.device
-    counts_t = ints_on(counts, device)
+    counts_t = ints_on(counts, device) if counts_t is None else counts_t
     first = torch.zeros_like(counts_t)
     first[1:] = torch.cumsum(counts_t, 0)[:-1]
     index_in_seq = torch.arange(len(pos), device=device) - first[seq]
@@ -397,15 +398,35 @@ class DeltaKVStore:
         self.raw.append(k, v, pos)
         self.n_seen = [n + k.shape[2] for n in self.n_seen]
 
+    def _moves(self, n_seen: list[int]) -> list[int]:
+        """Tokens each sequence moves out of the raw store at a flush after ``n_seen`` tokens."""
+        m, moves = self.method, []
+        for b in range(self.B):
+            sinks_raw = min(m.sinks, n_seen[b]) if self.n_comp[b] == 0 else 0
+            window = n_seen[b] - self.n_comp[b] - sinks_raw
+            blocks = window // m.window - 1 if window >= 2 * m.window else 0
+            moves.append(sinks_raw + blocks * m.window if blocks > 0 else 0)
+        return moves
+
+    def steps_to_flush(self) -> int:
+        """Decoding steps until the one that flushes (1: the coming step flushes)."""
+        for ahead in range(1, 2 * self.method.window + self.method.sinks + 2):
+            if any(self._moves([n + ahead for n in self.n_seen])):
+                return ahead
+        return 2 * self.method.window + self.method.sinks + 2
+
+    def reserve(self, n_tokens: int) -> None:
+        """Room in the raw store for the tokens the coming steps append before the next flush."""
+        self.raw.reserve(min(n_tokens, self.steps_to_flush()))
+
+    def replayed(self, steps: int) -> None:
+        self.n_seen = [n + steps for n in self.n_seen]
+        self.raw.replayed(steps)
+
     def flush(self, rope, decoding: bool) -> None:
         """Compress the oldest whole multiples of W once the window reaches 2W (the sinks go first)."""
         m = self.method
-        moves = []
-        for b in range(self.B):
-            sinks_raw = min(m.sinks, self.n_seen[b]) if self.n_comp[b] == 0 else 0
-            window = self.n_seen[b] - self.n_comp[b] - sinks_raw
-            blocks = window // m.window - 1 if window >= 2 * m.window else 0
-            moves.append(sinks_raw + blocks * m.window if blocks > 0 else 0)
+        moves = self._moves(self.n_seen)
         if not any(moves):
             return
         idx, valid = self.raw.slot_index()
@@ -644,6 +665,7 @@ class DeltaKV(Method):
         self.rotary = lm.model.model.rotary_emb
         self.model_name, self.signature, self.fingerprint = lm.name, signature, fingerprint
         self._prepared_for = (id(lm.model), fingerprint)
+        self._ints_cache: dict[tuple, torch.Tensor] = {}
 
     @property
     def latent_format(self) -> str:
@@ -720,7 +742,7 @@ class DeltaKV(Method):
             seq = torch.repeat_interleave(torch.arange(B * store.H, device=device), store.capacity,
                                           output_size=store.k.shape[0]) // store.H  # sized on the host: no sync
             pos = store.pos.long()
-            limit = ints_on(n_comp, device)
+            limit = self._ints(n_comp)
             inside = (pos >= self.sinks) & (pos < limit[seq])  # compressed, not sinks
             scores = torch.full((B * width + 1,), float("-inf"), device=device)  # the last cell takes the rest
             scores.scatter_reduce_(0, torch.where(inside, seq * width + pos, B * width), slot, reduce="amax")
@@ -730,20 +752,41 @@ class DeltaKV(Method):
                 at = torch.arange(width, device=device)[None, :]
                 scores = scores.masked_fill((at < self.sinks) | (at >= limit[:, None]), float("-inf"))
             top = scores.topk(kmax, dim=1).indices  # best first
-            chosen = torch.arange(kmax, device=device)[None, :] < ints_on(n_pick, device)[:, None]
+            chosen = torch.arange(kmax, device=device)[None, :] < self._ints(n_pick)[:, None]
             columns.append(torch.where(chosen, top, never))
         table = torch.cat(columns, dim=1)
         if self.sinks:
-            table[:, : self.sinks] = torch.where(table[:, : self.sinks] < ints_on(n_sinks, device)[:, None],
+            table[:, : self.sinks] = torch.where(table[:, : self.sinks] < self._ints(n_sinks)[:, None],
                                                  table[:, : self.sinks], never)
         table = torch.sort(table, dim=1).values  # each row: its valid positions in order, then ``never``
         # the valid entries are a prefix of counts[b] per row: gather them with host-built indices (no sync)
-        counts_t = ints_on(counts, device)
+        counts_t = self._ints(counts)
         total = sum(counts)
         seq_of = torch.repeat_interleave(torch.arange(B, device=device), counts_t, output_size=total)
         first = torch.cumsum(counts_t, 0) - counts_t
         flat = seq_of * table.shape[1] + torch.arange(total, device=device) - first[seq_of]
-        return make_plan(seq_of, table.reshape(-1)[flat], counts, self.heads, self.rotary)
+        return make_plan(seq_of, table.reshape(-1)[flat], counts, self.heads, self.rotary, counts_t)
+
+    def _ints(self, values: list[int]) -> torch.Tensor:
+        """Host integers on the device, kept per value list: between flushes a decoding step asks for the
+        same ones, so a captured step finds them made (a copy made during capture would read freed host
+        memory at replay)."""
+        key = tuple(values)
+        if key not in self._ints_cache:
+            if len(self._ints_cache) > 256:
+                self._ints_cache.clear()
+            self._ints_cache[key] = ints_on(values, self.device)
+        return self._ints_cache[key]
+
+    def decode_epoch(self, cache) -> tuple | None:
+        """Steps between flushes change no layout and no host-side size (the kept count is fixed once a
+        sequence has that many compressed tokens): one captured graph replays them. The step that
+        flushes runs eagerly."""
+        stores = [s for s in cache.stores if isinstance(s, DeltaKVStore)]
+        if any(s.steps_to_flush() == 1 for s in stores):
+            return None
+        return tuple((tuple(s.n_comp), tuple(s.refs.h_start), tuple(s.latents.h_start), s.refs.t["x"].data_ptr())
+                     for s in stores[:1])
 
     def _n_keep(self, n_compressed: int) -> int:
         if n_compressed <= 0:

@@ -225,6 +225,36 @@ def test_batched_flushes_match_one_sequence_at_a_time():
             torch.testing.assert_close(got.latents.rows(b, "z"), store.latents.rows(0, "z"), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("keep", [6, 0.3])
+def test_cuda_graph_decoding_matches_eager(keep):
+    """Between flushes the decoding step replays a captured graph; a flush runs eagerly and the next
+    layout is captured anew. Tokens and stores must match an all-eager run."""
+    from kvbench.cache import KVCache
+    lm = tiny("llama")
+    lm.model.to("cuda")
+    m = registry.build_method("deltakv", 1.0, {**SMALL, "keep": keep})
+    engine = Engine(lm, m)
+    samples = [sample(prompt(23, 40), []), sample(prompt(31, 41), [])]
+    runs = []
+    for graphs in (False, True):
+        engine.cuda_graphs = graphs
+        parts = [engine.prefill(s) for s in samples]
+        cache = KVCache.concat([c for c, _, _ in parts])
+        out, info = engine.decode(cache, torch.cat([f for _, f, _ in parts]), [60, 60], [False, False], 0)
+        runs.append((out, info, cache))
+    (out_e, info_e, cache_e), (out_g, info_g, cache_g) = runs
+    assert info_e["graph_captures"] == 0 and info_g["graph_captures"] > 2, info_g
+    assert out_g == out_e
+    for a, b in zip(cache_e.stores, cache_g.stores):
+        if isinstance(a, DeltaKVStore):
+            assert a.n_seen == b.n_seen and a.n_comp == b.n_comp
+            assert torch.equal(a.latents.t["nbr"], b.latents.t["nbr"])
+            a, b = a.raw, b.raw
+        assert torch.equal(a.length, b.length)
+        assert b.free == int((b.capacity - b.length).min()), "the host mirror lost count of replayed steps"
+
+
 def test_memory_is_what_the_store_holds():
     lm = tiny("llama")
     sizes = {}
