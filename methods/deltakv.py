@@ -783,7 +783,7 @@ class DeltaKV(Method):
         sequence has that many compressed tokens): one captured graph replays them. The step that
         flushes runs eagerly."""
         stores = [s for s in cache.stores if isinstance(s, DeltaKVStore)]
-        if any(s.steps_to_flush() == 1 for s in stores):
+        if any(any(s._moves([n + 1 for n in s.n_seen])) for s in stores):
             return None
         return tuple((tuple(s.n_comp), tuple(s.refs.h_start), tuple(s.latents.h_start), s.refs.t["x"].data_ptr())
                      for s in stores[:1])
