@@ -151,7 +151,7 @@ def throughput(args) -> dict:
                 batch = int(batch * 0.92)
         if args.cprofile and name.startswith("deltakv") and "batch" in rec:
             _host_profile(engine, cache, first, rec["batch"], args.cprofile)
-        if args.profile and name.startswith("deltakv") and "batch" in rec:  # full replays one CUDA graph: nothing to split
+        if args.profile and name.startswith("deltakv") and "batch" in rec:  # replayed steps show as kernels only
             _profile(engine, cache, first, rec["batch"], args.profile)
         print(json.dumps({name: rec}), flush=True)
         results["methods"][name] = rec
@@ -181,8 +181,8 @@ def _sync() -> None:
 
 
 def _decode_timing(engine, cache, first, batch: int, warmup: int, steps: int) -> dict:
-    """Two ``Engine.decode`` calls on one batch (the runner's path: a replayed CUDA graph for methods whose
-    decoding only appends): ``warmup`` steps (kernels compile), then ``steps`` timed ones, the whole call."""
+    """Two ``Engine.decode`` calls on one batch (the runner's path: CUDA graphs replayed while the method's
+    ``decode_epoch`` holds): ``warmup`` steps (kernels compile), then ``steps`` timed ones, the whole call."""
     from kvbench.cache import KVCache
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

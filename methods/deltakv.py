@@ -43,6 +43,8 @@ Choices the paper leaves open, made here:
   layers 17-24 copy the needle, layer 17's own attention already ranks the copied token first, while
   layer 16 ranked it 100-700th and the answer's likelihood collapsed with 16 as the observer.
 - ``budget`` is not used: the memory follows from ``s``, ``k``, ``r``, ``W`` and the dtypes, and is measured.
+- Decoding on CUDA: between two flushes nothing the step sizes changes, so the runner replays one captured
+  CUDA graph (``decode_epoch``); the step that flushes runs eagerly and the layout after it is captured anew.
 - Without a checkpoint the compressors are randomly initialised (seeded): for timing and tests only.
 """
 from __future__ import annotations
