@@ -150,7 +150,7 @@ def throughput(args) -> dict:
                 _free_cuda()
                 batch = int(batch * 0.92)
         if args.cprofile and name.startswith("deltakv") and "batch" in rec:
-            _host_profile(engine, cache, first, rec["batch"], args.cprofile)
+            _profile(engine, cache, first, rec["batch"], args.cprofile, host=True)
         if args.profile and name.startswith("deltakv") and "batch" in rec:  # replayed steps show as kernels only
             _profile(engine, cache, first, rec["batch"], args.profile)
         print(json.dumps({name: rec}), flush=True)
@@ -199,34 +199,26 @@ def _decode_timing(engine, cache, first, batch: int, warmup: int, steps: int) ->
             "peak_allocated": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
 
 
-def _host_profile(engine, cache, first, batch: int, steps: int) -> None:
-    """Where the host's time goes in ``steps`` eager decoding steps (cProfile, top functions by own time)."""
+def _profile(engine, cache, first, batch: int, steps: int, host: bool = False) -> None:
+    """Where ``steps`` decoding steps' time goes, after a warm-up call: the torch profiler's top kernels and
+    ops, or (``host``) cProfile's top Python functions."""
     import cProfile
     import pstats
-    from kvbench.cache import KVCache
-    work = KVCache.concat([cache] * batch) if batch > 1 else cache.clone()
-    engine.decode(work, first.repeat(batch, 1), [3] * batch, [False] * batch, 0)
-    prof = cProfile.Profile()
-    prof.enable()
-    engine.decode(work, first.repeat(batch, 1), [steps + 1] * batch, [False] * batch, 0)
-    prof.disable()
-    del work
-    stats = pstats.Stats(prof)
-    stats.sort_stats("tottime").print_stats(30)
-    stats.sort_stats("cumulative").print_stats(40)
-
-
-def _profile(engine, cache, first, batch: int, steps: int) -> None:
-    """Where a decoding step's time goes: ``steps`` steps under the torch profiler, top kernels and ops."""
     from torch.profiler import ProfilerActivity, profile
     from kvbench.cache import KVCache
     work = KVCache.concat([cache] * batch) if batch > 1 else cache.clone()
     engine.decode(work, first.repeat(batch, 1), [3] * batch, [False] * batch, 0)  # compiled, warm
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as prof:
+    prof = cProfile.Profile() if host else profile(activities=activities)
+    with prof:
         _, info = engine.decode(work, first.repeat(batch, 1), [steps + 1] * batch, [False] * batch, 0)
     del work
     print(f"profile: {info['decode_steps']} steps in {info['decode_s']:.3f} s", flush=True)
+    if host:
+        stats = pstats.Stats(prof)
+        stats.sort_stats("tottime").print_stats(30)
+        stats.sort_stats("cumulative").print_stats(40)
+        return
     sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60), flush=True)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60), flush=True)
