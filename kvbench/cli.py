@@ -88,12 +88,16 @@ def list_cmd(what):
 @click.option("--max-context", type=int, default=None, help="truncate prompts to this many tokens")
 @click.option("--out", default="results", show_default=True, help="results root")
 @click.option("--checkpoint", default=None, help="trained weights of a method that has them (deltakv): -m checkpoint=DIR")
+@click.option("--artifact", default=None,
+              help="what `kvbench train/calibrate METHOD` made for this model (compresskv, kvcar): -m artifact=DIR")
 def run(method, task, budget, model, random_weights, trust_remote_code, method_arg, task_arg, query_aware, prefill_chunk, batch_size,
-        data, limit, seed, temperature, device, dtype, max_context, out, checkpoint):
+        data, limit, seed, temperature, device, dtype, max_context, out, checkpoint, artifact):
     """Run one method on one task; resumes if the same run was started before."""
     from kvbench.runner import RunConfig, run as run_one
     if checkpoint is not None:
         method_arg = method_arg + (f"checkpoint={checkpoint}",)
+    if artifact is not None:
+        method_arg = method_arg + (f"artifact={artifact}",)
     if batch_size < 1:
         _fail("--batch-size must be at least 1")
     if prefill_chunk is not None and prefill_chunk < 1:
@@ -251,6 +255,11 @@ def _fail(message: str):
 @main.group()
 def train():
     """Train the learned parts of a method for one model."""
+
+
+@main.group()
+def calibrate():
+    """Measure what a method calibrates for one model (head scores, layer budgets); writes an artifact."""
 
 
 @train.command("deltakv")

@@ -1,0 +1,138 @@
+"""Method artifacts: what a method learns or calibrates for one model (weights, head scores, layer budgets).
+
+An artifact is a directory holding ``artifact.json`` and, when the method has tensors, ``tensors.safetensors``.
+The JSON records the format, the method, the model it was made for (name, signature: the shapes that must
+match, fingerprint: which weights), the sha256 of the tensor file and whatever the method adds (its settings,
+the data it was made from, timings). ``save`` writes into a temporary sibling directory and renames it into
+place, so a killed ``kvbench train``/``kvbench calibrate`` leaves the old artifact or none, never half of one;
+``load`` checks the checksum before any tensor is used, and ``check_model`` refuses an artifact made for
+another model with one line that says which.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+FORMAT = "kvbench-artifact/1"
+META_FILE = "artifact.json"
+TENSOR_FILE = "tensors.safetensors"
+
+
+class ArtifactError(ValueError):
+    """An artifact that is missing, corrupt, or made for another method or model (the message says which)."""
+
+
+def model_signature(config) -> dict:
+    """The shapes an artifact depends on."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return {"model_type": config.model_type, "num_hidden_layers": config.num_hidden_layers,
+            "hidden_size": config.hidden_size, "num_attention_heads": config.num_attention_heads,
+            "num_key_value_heads": config.num_key_value_heads, "head_dim": head_dim,
+            "vocab_size": config.vocab_size}
+
+
+def model_fingerprint(model) -> str:
+    """sha256 of the first 64 token embeddings rounded to bfloat16: tells two models of one shape apart,
+    and is the same whether the model was loaded in float32 or bfloat16, on any device."""
+    rows = model.get_input_embeddings().weight[:64].detach().to("cpu", torch.float32).to(torch.bfloat16)
+    return hashlib.sha256(rows.view(torch.int16).numpy().tobytes()).hexdigest()[:16]
+
+
+def model_identity(lm) -> dict:
+    """What an artifact records of the model it was made for (``lm``: a loaded kvbench model)."""
+    return {"model": lm.name, "model_signature": model_signature(lm.model.config),
+            "model_fingerprint": model_fingerprint(lm.model)}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save(directory: str | Path, method: str, identity: dict, meta: dict,
+         tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write an artifact atomically (a temporary sibling directory renamed over ``directory``)."""
+    from safetensors.torch import save_file
+    out = Path(directory).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        record = {"format": FORMAT, "method": method, **identity, **meta}
+        if tensors:
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(staging / TENSOR_FILE))
+            record["tensors_sha256"] = _sha256(staging / TENSOR_FILE)
+        (staging / META_FILE).write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+        for path in staging.iterdir():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            staging.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def read_meta(directory: str | Path, method: str) -> dict:
+    """The artifact's JSON, checked to be a ``method`` artifact (cheap: call it before loading a model)."""
+    path = Path(directory).expanduser()
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        raise ArtifactError(f"no {method} artifact at {directory} (expected {META_FILE}); "
+                            f"make one with `kvbench train {method}` or `kvbench calibrate {method}`")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{meta_path} is not valid JSON ({e}); make the artifact again") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ArtifactError(f"{meta_path} is not a {FORMAT} file; make the artifact again")
+    if meta.get("method") != method:
+        raise ArtifactError(f"{directory} holds a {meta.get('method')} artifact, not a {method} one")
+    if "tensors_sha256" in meta and not (path / TENSOR_FILE).is_file():
+        raise ArtifactError(f"{path / TENSOR_FILE} is missing; make the artifact again")
+    return meta
+
+
+def load(directory: str | Path, method: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The artifact's JSON and tensors, the tensor file's checksum verified first."""
+    from safetensors.torch import load_file
+    meta = read_meta(directory, method)
+    if "tensors_sha256" not in meta:
+        return meta, {}
+    tensor_path = Path(directory).expanduser() / TENSOR_FILE
+    if _sha256(tensor_path) != meta["tensors_sha256"]:
+        raise ArtifactError(f"{tensor_path} does not match the checksum in {META_FILE} (corrupt or replaced); "
+                            "make the artifact again")
+    return meta, load_file(str(tensor_path))
+
+
+def describe(signature: dict) -> str:
+    return (f"{signature.get('model_type')}, {signature.get('num_hidden_layers')} layers, "
+            f"{signature.get('num_key_value_heads')} KV heads x {signature.get('head_dim')}")
+
+
+def check_model(meta: dict, lm, directory: str | Path) -> None:
+    """Refuse an artifact made for another model (other shapes, or other weights of the same shapes)."""
+    identity = model_identity(lm)
+    if (meta.get("model_signature") != identity["model_signature"]
+            or meta.get("model_fingerprint") != identity["model_fingerprint"]):
+        raise ArtifactError(
+            f"{meta.get('method')} artifact {directory} was made for {meta.get('model')} "
+            f"({describe(meta.get('model_signature') or {})}, fingerprint {meta.get('model_fingerprint')}); "
+            f"this run uses {lm.name} ({describe(identity['model_signature'])}, fingerprint "
+            f"{identity['model_fingerprint']}): make one for this model with `kvbench calibrate/train "
+            f"{meta.get('method')} --model {lm.name}`")
