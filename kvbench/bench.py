@@ -140,6 +140,7 @@ def _hf_point(model, ids, new_tokens: int, cuda: bool) -> dict:
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
 
+    from kvbench.models import output_cache
     from kvbench.runner import PeakMemory
 
     class FirstToken(LogitsProcessor):
@@ -167,7 +168,7 @@ def _hf_point(model, ids, new_tokens: int, cuda: bool) -> dict:
     t_end = time.perf_counter()
     decode_peak = first.peak.read()
     produced = out.sequences.shape[1] - ids.shape[1]
-    kv = _dynamic_cache_bytes(out.past_key_values) / ids.shape[0]
+    kv = _dynamic_cache_bytes(output_cache(out)) / ids.shape[0]
     return _peer_record(ids, first.t - t0, t_end - first.t, produced - 1, first.prefill_peak, decode_peak, kv)
 
 
@@ -195,6 +196,7 @@ def _kvpress_point(model, press, ids, new_tokens: int, cuda: bool) -> dict:
     import torch
     from transformers import DynamicCache
 
+    from kvbench.models import cache_argument
     from kvbench.runner import PeakMemory
     peak = PeakMemory(ids.device)
     context, last = ids[:, :-1], ids[:, -1:]
@@ -203,16 +205,16 @@ def _kvpress_point(model, press, ids, new_tokens: int, cuda: bool) -> dict:
     with torch.no_grad():
         cache = DynamicCache()
         with press(model):
-            model.model(input_ids=context, past_key_values=cache)
+            model.model(input_ids=context, **cache_argument(model.model, cache))
         position = torch.full((ids.shape[0], 1), n, device=ids.device)
-        logits = model(input_ids=last, past_key_values=cache, position_ids=position, logits_to_keep=1).logits
+        logits = model(input_ids=last, **cache_argument(model, cache), position_ids=position, logits_to_keep=1).logits
         nxt = logits[:, -1].argmax(-1, keepdim=True)
         _sync(cuda)
         t_first = time.perf_counter()
         prefill_peak = peak.read()
         peak = PeakMemory(ids.device)
         for i in range(new_tokens - 1):
-            logits = model(input_ids=nxt, past_key_values=cache, position_ids=position + 1 + i).logits
+            logits = model(input_ids=nxt, **cache_argument(model, cache), position_ids=position + 1 + i).logits
             nxt = logits[:, -1].argmax(-1, keepdim=True)
         _sync(cuda)
     t_end = time.perf_counter()

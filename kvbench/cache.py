@@ -2,7 +2,7 @@
 
 How it hooks into transformers (public extension points only):
 
-- ``KVCache`` is a ``transformers.Cache`` subclass passed as ``past_key_values``. Its ``update`` keeps
+- ``KVCache`` is a ``transformers.Cache`` subclass passed as the model's cache argument (``cache``, ``past_key_values`` before transformers 5.24). Its ``update`` keeps
   nothing itself; it hands back the new keys and values so the model never builds a dense cache.
 - The model is loaded with ``attn_implementation="kvbench"`` (``kvbench.attention``), registered in
   transformers' ``AttentionInterface``. The runner passes the cache as the forward kwarg

@@ -7,7 +7,9 @@ user's cache dir), so the default works with no hub at all.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import os
 import subprocess
 import sys
@@ -69,6 +71,22 @@ class LoadedModel:
     tokenizer: object
     name: str  # what was loaded (resolved path or id)
     window: int  # the model's context window in tokens
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(forward) -> str:
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def cache_argument(module, cache) -> dict:
+    """``{keyword: cache}`` for a model's forward: transformers 5.24 renamed ``past_key_values`` to ``cache``
+    (the old name warns, and goes in 5.40); the releases before only know ``past_key_values``."""
+    return {_cache_keyword(type(module).forward): cache}
+
+
+def output_cache(output):
+    """The cache a forward or ``generate`` returned, under either name (see ``cache_argument``)."""
+    return output.cache if hasattr(type(output), "cache") else output.past_key_values
 
 
 def cache_dir() -> Path:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from kvbench import registry, results
 from kvbench.cache import KVCache, rope_inverse_factory
-from kvbench.models import LoadedModel
+from kvbench.models import LoadedModel, cache_argument
 from kvbench.task import Sample, TaskContext
 
 PROTOCOLS = ("query-agnostic", "query-aware")
@@ -104,7 +104,7 @@ class Engine:
         B, T = ids.shape
         positions = cache.seen[:, None] + torch.arange(T, device=self.device)[None, :]
         cache.begin(positions, compress, final)
-        out = self.model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True,
+        out = self.model(input_ids=ids, position_ids=positions, **cache_argument(self.model, cache), use_cache=True,
                          kvbench_cache=cache, logits_to_keep=0 if all_logits else 1)
         if cache.unattended_layers():
             raise RuntimeError("the model attended without kvbench's cache (attn_implementation was changed); "
