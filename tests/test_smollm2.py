@@ -37,7 +37,7 @@ def answers(smollm2, samples, method, budget, protocol="query-agnostic"):
 def test_full_finds_every_needle(smollm2, needles):
     task, samples = needles
     for s, pred in zip(samples, answers(smollm2, samples, "full", 1.0)):
-        assert task.score(s, pred)["contains"] == 100, (s.id, pred)
+        assert task.score(s, pred)["found"] == 100, (s.id, pred)
 
 
 def test_streamingllm_small_budget_misses_mid_context(smollm2, needles):
