@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine (device tool), from the repository root, the Qwen2.5-Coder-1.5B-Instruct work:
+#   0. here: ../shared/tools/prepare-device-carry qwen2.5-coder-1.5b   (fills .carry/pNN and .carry/whl)
+#            mkdir -p .carry/data && cp -r ../shared/data/{paul_graham_essays,ruler,longbench} .carry/data/
+#   1. one call per part, carry [".carry/pNN"]:  bash scripts/gpu/qwen.sh part .carry/pNN
+#   2. carry [".carry/whl", ".carry/data"]:       bash scripts/gpu/qwen.sh setup   (joins, checks, converts once)
+#   3. then, while the machine stays warm:        bash scripts/gpu/qwen.sh sweep results/sweep-qwen-niah.yaml [SECONDS]
+# Each sweep call leaves $OUT/runs.tar.gz (every run folder so far) and $OUT/sweep.log; a sweep cut by its time
+# limit resumes at the next call on the same machine (the runner's resume).
+set -uo pipefail
+root=$(pwd)
+assets=/tmp/kvbench-assets
+name=qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
+sha=cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046
+export KVBENCH_CACHE=/tmp/kvbench-cache PYTHONPATH=/tmp/kvbench-site:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+install_kvbench() { python3 -m pip install -q --no-deps --no-build-isolation -e "$root" 2>&1 | grep -v WARNING; }
+shared_data() {  # the sweep configs read ../shared/data, which does not travel: point it at the carried copy
+  [ -d /tmp/kvbench-data ] && mkdir -p "$root/../shared" && ln -sfn /tmp/kvbench-data "$root/../shared/data"; }
+case "${1:-}" in
+part)
+  mkdir -p $assets/parts && cp "$2"/* $assets/parts/ && ls $assets/parts | wc -l ;;
+setup)
+  cd $assets && { [ -f $name ] || cat $(ls -v parts/part*) > $name; } && echo "$sha  $name" | sha256sum -c \
+    && rm -rf parts && python3 -m pip install -q --no-index --no-deps --target /tmp/kvbench-site "$root"/.carry/whl/*.whl
+  cd "$root" && rm -rf /tmp/kvbench-data && cp -r .carry/data /tmp/kvbench-data
+  mkdir -p $KVBENCH_CACHE/gguf && ln -f $assets/$name $KVBENCH_CACHE/gguf/$name
+  install_kvbench
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
+  time python3 -c "from kvbench import models; lm = models.load('qwen2.5-coder-1.5b'); print(lm.name, lm.window)" 2>&1 | grep -v "^Loading" ;;
+sweep)
+  shared_data; install_kvbench >/dev/null
+  timeout "${3:-540}" kvbench sweep "$2" 2>&1 | grep -v "^Loading" | tee -a "$OUT/sweep.log" | tail -60
+  tar czf "$OUT/runs.tar.gz" results/runs results/sweeps 2>/dev/null; ls -la "$OUT" ;;
+*) echo "usage: $0 part DIR | setup | sweep CONFIG [SECONDS]" >&2; exit 2 ;;
+esac
