@@ -25,6 +25,7 @@ import torch
 from kvbench.cache import LayerCall
 from kvbench.method import KEEP_ALWAYS, ScoredEviction, segment_view
 from kvbench.methods.snapkv import SnapKV
+from kvbench.registry import UnknownNameError
 
 
 @dataclass
@@ -35,7 +36,7 @@ class AdaKV(ScoredEviction):
 
     def __post_init__(self):
         if self.allocation not in ("official", "kvpress"):
-            raise ValueError(f"adakv allocation '{self.allocation}' is unknown: use 'official' or 'kvpress'")
+            raise UnknownNameError(f"adakv allocation '{self.allocation}' is unknown: use 'official' or 'kvpress'")
 
     def score(self, call: LayerCall) -> torch.Tensor:
         return self.scorer.score(call)

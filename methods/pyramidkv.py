@@ -23,6 +23,7 @@ import torch
 
 from kvbench.cache import LayerCall
 from kvbench.methods.snapkv import SnapKV
+from kvbench.registry import UnknownNameError
 
 
 def official_kept(T: int, n: int, window: int, beta: float, layer: int, n_layers: int) -> int:
@@ -59,7 +60,7 @@ class PyramidKV(SnapKV):
 
     def __post_init__(self):
         if self.schedule not in ("official", "kvpress"):
-            raise ValueError(f"pyramidkv schedule '{self.schedule}' is unknown: use 'official' or 'kvpress'")
+            raise UnknownNameError(f"pyramidkv schedule '{self.schedule}' is unknown: use 'official' or 'kvpress'")
 
     def layer_target(self, call: LayerCall, target: torch.Tensor) -> torch.Tensor:
         w = min(self.window, call.queries.shape[2])

@@ -100,6 +100,40 @@ def test_kept_positions_match_reference(case):
     assert not wrong, f"{case['reference']}: (layer, head, positions kept by only one side): {wrong}"
 
 
+@pytest.mark.parametrize("pin", [False, True])
+def test_tova_keeps_one_set_per_layer_while_decoding(pin):
+    lm = parity_model()
+    engine = Engine(lm, registry.build_method("tova", 24, {"pin_newest": pin}))
+    ids = fixture()["contexts"]["96"]
+    cache, first, _ = engine.prefill(Sample("tova", ids, [], [], 0))
+    engine.decode(cache, first, [12], [False])
+    for store in cache.stores:
+        idx, valid = store.slot_index()
+        heads = [store.pos[idx[s][valid[s]]].tolist() for s in range(store.H)]
+        assert all(h == heads[0] for h in heads) and len(heads[0]) == 24
+        if pin:
+            assert 96 + 11 - 1 in heads[0]  # the newest token fed to the model is held
+
+
+@pytest.mark.parametrize("name,params", [("h2o", {"recent_ratio": 0.0, "mean_over_queries": True}),
+                                         ("pyramidkv", {"schedule": "kvpress", "window": 8, "beta": 2}),
+                                         ("adakv", {"allocation": "kvpress"})])
+def test_kvpress_options_hold_the_budget(name, params):
+    lm = parity_model()
+    engine = Engine(lm, registry.build_method(name, 0.25, params), prefill_chunk=48)
+    cache, first, _ = engine.prefill(Sample("opt", fixture()["contexts"]["127"], [], [], 0))
+    counts = cache.token_counts()  # [layers, B, H]
+    assert abs(counts.float().mean().item() - int(0.25 * 127)) <= 1
+    tokens, _ = engine.decode(cache, first, [6], [False])
+    assert len(tokens[0]) == 6
+
+
+@pytest.mark.parametrize("name,params", [("pyramidkv", {"schedule": "paper"}), ("adakv", {"allocation": "x"})])
+def test_unknown_option_is_one_clear_error(name, params):
+    with pytest.raises(registry.UnknownNameError, match="use 'official' or 'kvpress'"):
+        registry.build_method(name, 0.5, params)
+
+
 def identical_fraction(case: dict, lenient: bool = False) -> float:
     got, want = kvbench_kept(case, lenient), case["kept"]
     pairs = [(g, w) for gl, wl in zip(got, want) for g, w in zip(gl, wl)]
