@@ -100,6 +100,16 @@ def test_kept_positions_match_reference(case):
     assert not wrong, f"{case['reference']}: (layer, head, positions kept by only one side): {wrong}"
 
 
+def test_fixtures_cover_every_eviction_method_at_both_roundings():
+    from test_spine import EVICTION
+    cases = fixture()["cases"]
+    assert {c["method"] for c in cases} == set(EVICTION)
+    for method in EVICTION:
+        mine = [c for c in cases if c["method"] == method]
+        assert any(int(c["context"] * c["budget"]) != -(-c["context"] * c["budget"] // 1) for c in mine)
+        assert all(len(c["kept"]) == 4 and all(len(h) == 2 for h in c["kept"]) for c in mine)
+
+
 @pytest.mark.parametrize("pin", [False, True])
 def test_tova_keeps_one_set_per_layer_while_decoding(pin):
     lm = parity_model()
