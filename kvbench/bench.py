@@ -34,7 +34,6 @@ the decoding.
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -369,9 +368,10 @@ class Bench:
     def kept_tokens(self, method: str, budget, context: int) -> int:
         if method == "full":
             return context
-        if isinstance(budget, float) and budget <= 1.0:
-            return math.ceil(context * budget)
-        return min(context, int(budget))
+        import torch
+
+        from kvbench.cache import fraction_target
+        return int(fraction_target(budget, torch.tensor([context]))[0])
 
     def floor_s(self, method: str, budget, context: int, batch: int, bandwidth: float) -> float:
         kv = batch * self.kv_token_bytes * (self.kept_tokens(method, budget, context) + (self.cfg.new_tokens - 1) / 2)

@@ -408,9 +408,14 @@ def rope_inverse_factory(rotary_emb) -> Callable:
 
 
 def fraction_target(budget: float | int, seen: torch.Tensor) -> torch.Tensor:
-    """Tokens to keep per sequence: a fraction of those seen (0 < budget <= 1), or a count (budget > 1)."""
+    """Tokens to keep per sequence [B]: a kept fraction of those seen (0 < budget <= 1), or a count.
+
+    The kept-fraction convention, the same for every method: ``max(1, int(seen * budget))`` tokens per
+    head, i.e. the fraction rounded down but never below one token. This is kvpress's (``compute_n_kept``
+    in kvpress/utils.py: ``max(1, int(k_len * (1 - compression_ratio)))``), which most published numbers
+    use; kvbench's budget is kvpress's ``1 - compression_ratio``. A count (budget > 1) keeps
+    ``min(budget, seen)``. Methods that shape the budget over layers or heads (PyramidKV, AdaKV) start
+    from this number."""
     if isinstance(budget, float) and budget <= 1.0:
-        return torch.clamp(torch.ceil(seen.double() * budget).long(), min=1)
+        return torch.clamp((seen.double() * budget).long(), min=1)
     return torch.full_like(seen, int(budget)).minimum(seen)
-
-

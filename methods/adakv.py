@@ -1,11 +1,22 @@
 """``adakv``: head-wise budget allocation over any scorer, with real per-head memory.
 
 Feng et al., "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation for Efficient LLM
-Inference" (2024). The layer's total budget (heads x per-head budget) goes to the globally best-scoring
-tokens across the layer's KV heads, so concentrated heads keep few tokens and dispersed heads many;
-a floor of ``alpha`` x the per-head budget protects every head (the paper's safeguard, alpha = 0.2).
-Choices: the default scorer is SnapKV's (``scorer`` names any scored method); scores are normalised per
-head by their sum before the global ranking; each head's tokens are really freed (ragged segments).
+Inference" (2024). Reference code: FFY0/AdaKV, adaptive_snapkv/monkeypatch/snapkv_utils.py
+(``AdaptiveSnapKVCluster.update_kv_gqa``). The layer's budget goes preferentially to the heads whose
+scores are highest, so concentrated heads keep few tokens and dispersed heads many; a floor of ``alpha``
+x the per-head budget protects every head (the paper's safeguard, alpha = 0.2).
+
+``allocation="official"`` (default), as the reference: with ``B = n - pinned`` tokens per head to choose
+(``n`` the per-head budget, ``pinned`` the tokens the scorer always keeps: SnapKV's window), the layer's
+``H * B`` best raw scores give each head a count ``c``; the head keeps its top
+``round(c * (1 - alpha) + int(B * alpha))`` and its pinned tokens (so the layer total can fall short of
+the budget by rounding, as in the reference).
+
+``allocation="kvpress"``, kvpress 0.5.5's ``AdaKVPress``: each head's top ``max(1, int(n * alpha))``
+scores are protected, then the layer keeps its ``H * n`` best (protected and pinned first).
+
+Choices: the default scorer is SnapKV's (``scorer`` names any scored method); each head's tokens are
+really freed (ragged segments).
 """
 from dataclasses import dataclass, field
 
@@ -14,12 +25,18 @@ import torch
 from kvbench.cache import LayerCall
 from kvbench.method import KEEP_ALWAYS, ScoredEviction, segment_view
 from kvbench.methods.snapkv import SnapKV
+from kvbench.registry import UnknownNameError
 
 
 @dataclass
 class AdaKV(ScoredEviction):
     alpha: float = 0.2
+    allocation: str = "official"
     scorer: ScoredEviction = field(default_factory=SnapKV)
+
+    def __post_init__(self):
+        if self.allocation not in ("official", "kvpress"):
+            raise UnknownNameError(f"adakv allocation '{self.allocation}' is unknown: use 'official' or 'kvpress'")
 
     def score(self, call: LayerCall) -> torch.Tensor:
         return self.scorer.score(call)
@@ -27,23 +44,28 @@ class AdaKV(ScoredEviction):
     def head_counts(self, call: LayerCall, scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         store = call.store
         B, H = store.B, store.H
-        vals, _ = segment_view(store, scores.float())  # [B*H, L]
-        finite = torch.where(torch.isfinite(vals), vals, torch.zeros_like(vals)).clamp(min=0)
-        norm = finite / finite.sum(dim=1, keepdim=True).clamp(min=1e-30)
-        norm = torch.where(vals == KEEP_ALWAYS, torch.full_like(norm, 2.0), norm)  # protected first
-        norm = torch.where(vals == float("-inf"), torch.full_like(norm, -1.0), norm)
-        per_head = target.repeat_interleave(H)
-        floor = torch.minimum((per_head.double() * self.alpha).ceil().long(), store.length)
-        # Each head keeps its top `floor`; the rest of the layer's budget goes to the best of the remainder.
-        ranked = torch.sort(norm, dim=1, descending=True).values
+        vals, _ = segment_view(store, scores.float())  # [B*H, L], -inf past each segment's end
+        per_head = torch.minimum(target.repeat_interleave(H), store.length)
+        pinned = (vals == KEEP_ALWAYS).sum(dim=1)
+        if self.allocation == "official":
+            choose = (per_head - pinned).clamp(min=0)
+            floor = (choose.double() * self.alpha).long()
+            ranked = torch.where(vals == KEEP_ALWAYS, torch.full_like(vals, float("-inf")), vals)
+        else:
+            choose = per_head
+            floor = (per_head.double() * self.alpha).long().clamp(min=1 if self.alpha > 0 else 0)
+            ranked = vals
+        ranked = torch.sort(ranked, dim=1, descending=True).values
         col = torch.arange(ranked.shape[1], device=ranked.device)[None, :]
-        rest = torch.where(col >= floor[:, None], ranked, torch.full_like(ranked, -2.0)).view(B, -1)
-        extra_total = (per_head - floor).view(B, H).sum(dim=1)
-        counts = floor.clone()
+        if self.allocation == "kvpress":  # the protected floor ranks first
+            ranked = torch.where(col < floor[:, None], torch.full_like(ranked, KEEP_ALWAYS), ranked)
+        counts = torch.zeros_like(per_head)
+        flat = ranked.view(B, -1)
+        total = choose.view(B, H).sum(dim=1)
         for b in range(B):
-            k = int(min(extra_total[b], int((rest[b] > -1.0).sum())))
-            if k <= 0:
-                continue
-            top = torch.topk(rest[b], k).indices // ranked.shape[1]
-            counts.view(B, H)[b] += torch.bincount(top, minlength=H)
+            k = min(int(total[b]), int((flat[b] > float("-inf")).sum()))
+            picks = torch.topk(flat[b], k).indices // ranked.shape[1]
+            counts.view(B, H)[b] = torch.bincount(picks, minlength=H)
+        if self.allocation == "official":
+            counts = torch.round(counts.double() * (1 - self.alpha) + floor).long() + pinned
         return torch.minimum(counts, store.length)

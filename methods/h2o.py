@@ -1,11 +1,17 @@
 """``h2o``: heavy hitters (accumulated attention) plus a recent window, held during decoding.
 
 Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models"
-(NeurIPS 2023). Every token's attention is accumulated over all queries so far; the cache keeps the
-heaviest tokens and the most recent ones, evicting one token per generated token. Choices: the budget
-splits half heavy, half recent (the paper's 50/50); prompt scores are the column sums of the whole
-chunk's attention (all its queries: exact, computed without the [T, T] matrix), averaged over the query
-heads of each KV head; the accumulator is kept per slot in the store and counted in its bytes.
+(NeurIPS 2023). Reference code: FMInference/H2O, h2o_hf/utils_real_drop/modify_llama.py
+(``H2OKVCache_LayerWise``). Every token's attention is summed over all queries so far; the cache keeps
+the ``recent`` newest tokens and the heaviest of the others, evicting one token per generated token.
+Choices: the budget splits ``recent = int(n * recent_ratio)`` recent and the rest heavy (the paper's
+50/50); prompt scores are the column sums of the whole chunk's attention (all its queries: exact,
+computed without the [T, T] matrix), averaged over the query heads of each KV head (the reference is
+MHA only); the accumulator is kept per slot in the store and counted in its bytes.
+
+kvpress 0.5.5's ``ObservedAttentionPress`` (its H2O) differs in two ways, both offered: it keeps no
+recent window (``recent_ratio=0``) and divides each key's sum by the number of queries that saw it
+(``mean_over_queries=True``), so late tokens are not handicapped by having been seen less.
 """
 from dataclasses import dataclass
 
@@ -19,6 +25,7 @@ from kvbench.method import ScoredEviction, protect_recent
 @dataclass
 class H2O(ScoredEviction):
     recent_ratio: float = 0.5
+    mean_over_queries: bool = False
     evict_during_decoding: bool = True
 
     def _accumulate(self, call: LayerCall) -> None:
@@ -39,6 +46,12 @@ class H2O(ScoredEviction):
         super().on_decode(call)
 
     def score(self, call: LayerCall) -> torch.Tensor:
+        store = call.store
+        scores = store.extra["acc"].clone()
+        if self.mean_over_queries:  # queries that saw a key: itself and every later token
+            seg = torch.repeat_interleave(torch.arange(store.B * store.H, device=scores.device), store.capacity)
+            seen = call.seen.to(scores.device)[seg // store.H]
+            scores = scores / (seen - store.pos.long()).clamp(min=1)
         target = self.layer_target(call, fraction_target(self.budget, call.seen))
         n_recent = (target.double() * self.recent_ratio).long()
-        return protect_recent(call.store, call.store.extra["acc"].clone(), n_recent)
+        return protect_recent(store, scores, n_recent)

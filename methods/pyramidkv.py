@@ -1,11 +1,21 @@
 """``pyramidkv``: SnapKV's scores with layer budgets shaped as a pyramid.
 
 Cai et al., "PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information Funneling" (2024).
-Lower layers spread attention widely and get more tokens; upper layers get fewer, on a linear schedule
-whose mean over layers equals the budget. Choices: as the official code, the observation window sits
-outside the schedule; the top layer gets (budget - window) / beta, the bottom layer
-2 * (budget - window) - that; a layer's budget is clipped to what it holds (so on short prompts the mean
-can fall below the budget; the measured ratio is recorded either way).
+Reference code: Zefan-Cai/KVCache-Factory, pyramidkv/pyramidkv_utils.py (``PyramidKVCluster``, its GQA
+path ``_update_kv_kv_head``). Lower layers spread attention widely and get more tokens, upper layers
+fewer, on a linear schedule; every layer keeps its observation window on top of its share.
+
+``schedule="official"`` (default), the reference's integer arithmetic with ``n`` the kept tokens per head
+(kvbench's kept-fraction convention, window included) and ``base = n - window``:
+``min = base // beta``, ``max = 2 * base - min``; when ``max >= T - window`` it is clipped there and
+``min = 2 * base - max``; ``steps = (max - min) // (layers - 1)``; layer ``l`` keeps
+``max - l * steps`` tokens before the window plus the window, except that it keeps ``base`` plus the
+window (SnapKV's uniform budget) when ``T < 2 * base``. The whole budget, windows included, is spread.
+
+``schedule="kvpress"``: kvpress 0.5.5's ``PyramidKVPress.get_layer_budget``, in floats with
+``X = T * budget``: ``min = X / beta``, ``max = 2X - min`` (clipped as above); layer ``l`` keeps
+``round(max - l * (max - min) / (layers - 1))`` tokens, window included; uniform ``max(1, round(X))``
+when not ``T >= max >= min >= window`` (so whenever ``X / beta < window``).
 """
 from dataclasses import dataclass
 
@@ -13,17 +23,52 @@ import torch
 
 from kvbench.cache import LayerCall
 from kvbench.methods.snapkv import SnapKV
+from kvbench.registry import UnknownNameError
+
+
+def official_kept(T: int, n: int, window: int, beta: float, layer: int, n_layers: int) -> int:
+    base = n - window
+    if T < n or base <= 0:
+        return n
+    if T < base * 2:
+        return base + window
+    min_num = base // beta
+    max_num = base * 2 - min_num
+    if max_num >= T - window:
+        max_num = T - window
+        min_num = base * 2 - max_num
+    steps = (max_num - min_num) // max(n_layers - 1, 1)
+    return int(max_num - layer * steps) + window
+
+
+def kvpress_kept(T: int, x: float, window: int, beta: float, layer: int, n_layers: int) -> int:
+    min_num = x / beta
+    max_num = x * 2 - min_num
+    if max_num >= T - window:
+        max_num = T - window
+        min_num = x * 2 - max_num
+    if not (T >= max_num >= min_num >= window):
+        return max(1, round(x))
+    steps = (max_num - min_num) / (n_layers - 1) if n_layers > 1 else 0.0
+    return round(max_num - layer * steps)
 
 
 @dataclass
 class PyramidKV(SnapKV):
     beta: float = 20.0
+    schedule: str = "official"
+
+    def __post_init__(self):
+        if self.schedule not in ("official", "kvpress"):
+            raise UnknownNameError(f"pyramidkv schedule '{self.schedule}' is unknown: use 'official' or 'kvpress'")
 
     def layer_target(self, call: LayerCall, target: torch.Tensor) -> torch.Tensor:
         w = min(self.window, call.queries.shape[2])
-        avg = (target - w).clamp(min=0).double()
-        low = avg / self.beta
-        high = 2 * avg - low
-        frac = call.layer / max(call.n_layers - 1, 1)
-        layer = torch.round(high - (high - low) * frac).long() + w
-        return torch.minimum(layer.clamp(min=1), call.seen)
+        kept = []
+        for T, n in zip(call.seen.tolist(), target.tolist()):
+            if self.schedule == "official":
+                kept.append(official_kept(T, n, w, self.beta, call.layer, call.n_layers))
+            else:
+                x = T * self.budget if isinstance(self.budget, float) else float(n)
+                kept.append(kvpress_kept(T, x, w, self.beta, call.layer, call.n_layers))
+        return torch.minimum(torch.tensor(kept, device=target.device).clamp(min=1), call.seen)

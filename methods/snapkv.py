@@ -1,11 +1,18 @@
 """``snapkv``: observation-window attention, pooled.
 
-Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation" (NeurIPS 2024). The last
-``window`` queries of the prompt vote for earlier tokens by their softmax attention, summed over the
-window and pooled along the sequence so neighbours of important tokens survive. Choices: scores are
-averaged over the query heads that share a KV head (GQA; the official code predates GQA); the window
-tokens themselves are always kept and count in the budget; with chunked prefill each chunk's own last
-queries are the window. Defaults as the official code: window 32, average pooling with kernel 5.
+Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation" (NeurIPS 2024). Reference code:
+FasterDecoding/SnapKV, snapkv/monkeypatch/snapkv_utils.py (``SnapKVCluster.update_kv``). The last
+``window`` queries of the prompt vote for the tokens before the window by their softmax attention (over
+every key they see), summed over the window; the votes are pooled along the sequence so neighbours of
+important tokens survive; the best ``budget - window`` tokens before the window are kept, and the window
+itself. As the official code, the window's own columns are cut before pooling (they neither get pooled
+scores nor lend them to the tokens just before the window). kvpress 0.5.5's ``SnapKVPress`` follows the
+same rule (it averages over the window instead of summing: the same ranking).
+
+Choices: scores are averaged over the query heads that share a KV head (GQA; the official code predates
+GQA and repeats the KV heads: SnapKV issue #22, kvpress and KVCache-Factory's GQA path average); the
+window counts in the budget; with chunked prefill each chunk's own last queries are the window.
+Defaults as the official code: window 32, average pooling with kernel 5.
 """
 from dataclasses import dataclass
 
@@ -31,7 +38,11 @@ class SnapKV(ScoredEviction):
     pooling: str = "avg"
 
     def score(self, call: LayerCall) -> torch.Tensor:
-        scores = observation_scores(call, self.window)
+        store = call.store
+        w = min(self.window, call.queries.shape[2])
+        scores = observation_scores(call, w)
         if self.kernel > 1:
-            scores = pool_scores(scores, call.store.start, call.store.length, self.kernel, self.pooling)
-        return protect_recent(call.store, scores, min(self.window, call.queries.shape[2]))
+            # The window is the last ``w`` slots of each segment: pool only the slots before it.
+            before = (store.length - w).clamp(min=0)
+            scores = pool_scores(scores, store.start, before, self.kernel, self.pooling)
+        return protect_recent(store, scores, w)

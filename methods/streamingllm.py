@@ -1,7 +1,9 @@
 """``streamingllm``: attention sinks plus a recent window.
 
-Xiao et al., "Efficient Streaming Language Models with Attention Sinks" (ICLR 2024). Keeps the first
-``sinks`` tokens and the most recent ones, and evicts the oldest non-sink token as generation goes on.
+Xiao et al., "Efficient Streaming Language Models with Attention Sinks" (ICLR 2024). Reference code:
+mit-han-lab/streaming-llm, streaming_llm/kv_cache.py (``StartRecentKVCache``), and kvpress 0.5.5's
+``StreamingLLMPress`` (kvpress/presses/streaming_llm_press.py), which keep the same tokens: the first
+``sinks`` tokens and the most recent ones; the oldest non-sink token is evicted as generation goes on.
 Choices: the budget counts the sinks; positions are the original token positions (no re-indexing of
 positions inside the cache, which the paper does for very long streams beyond the model's window).
 """

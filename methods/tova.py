@@ -1,9 +1,14 @@
 """``tova``: evict the token the current query attends to least, every step.
 
-Oren et al., "Transformers are Multi-State RNNs" (TOVA, 2024). At the end of the prompt the cache is cut
-to the budget by the last prompt token's attention; then each generated token is added and the
-lowest-attention token evicted. Choices: attention is averaged over the query heads sharing a KV head
-(the paper averages over heads of a layer; with GQA the KV head is the unit that holds memory).
+Oren et al., "Transformers are Multi-State RNNs" (TOVA, 2024). Reference code: schwartz-lab-NLP/TOVA,
+src/tova_cache.py (``TOVACache.reduce``). At the end of the prompt the cache is cut to the budget by the
+last prompt token's attention; then each generated token is added and the lowest-attention token
+evicted. As the reference, the attention of the last query is averaged over all query heads of the layer,
+so a layer keeps one set of positions for all its KV heads, and every key competes, the newest included
+(the reference does not pin it; its own attention is usually high).
+
+``pin_newest=True`` is kvpress 0.5.5's ``TOVAPress`` choice: the newest token is always kept and the
+others ranked without it.
 """
 from dataclasses import dataclass
 
@@ -11,16 +16,30 @@ import torch
 
 from kvbench.cache import LayerCall
 from kvbench.kernels.window_scores import window_scores
-from kvbench.method import ScoredEviction
+from kvbench.method import ScoredEviction, protect_recent, segment_view
 
 
 @dataclass
 class TOVA(ScoredEviction):
     evict_during_decoding: bool = True
+    pin_newest: bool = False
 
     def score(self, call: LayerCall) -> torch.Tensor:
-        if call.decoding:
-            return call.slot_attention()
         store = call.store
-        return window_scores(call.queries[:, :, -1:], call.positions[:, -1:], store.k, store.pos,
-                             store.start, store.length, call.scale, reduce="mean")
+        if call.decoding:
+            per_group = call.slot_attention()
+        else:
+            per_group = window_scores(call.queries[:, :, -1:], call.positions[:, -1:], store.k, store.pos,
+                                      store.start, store.length, call.scale, reduce="mean")
+        # The mean over the KV heads of the group means is the mean over all query heads; it needs the
+        # heads of a sequence to hold the same positions in the same slot order (TOVA keeps them so).
+        idx, valid = store.slot_index()
+        B, H = store.B, store.H
+        pos = store.pos[idx].view(B, H, -1)
+        if bool((pos != pos[:, :1]).any()):
+            raise RuntimeError("tova: the KV heads of a layer hold different positions; TOVA keeps one set per layer")
+        vals, _ = segment_view(store, per_group, fill=0.0)
+        layer = vals.view(B, H, -1).mean(dim=1, keepdim=True).expand(B, H, -1).reshape(B * H, -1)
+        scores = torch.zeros_like(per_group)
+        scores[idx[valid]] = layer[valid]
+        return protect_recent(store, scores, 1) if self.pin_newest else scores

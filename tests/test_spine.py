@@ -109,13 +109,15 @@ def test_budget_holds_what_it_claims(name):
     eng = Engine(lm, registry.build_method(name, 0.25))
     cache, _, info = eng.prefill(sample(ctx, []))
     counts = cache.token_counts()  # [layers, B, H]
-    target = 50  # ceil(0.25 * 200)
+    target = 50  # int(0.25 * 200)
     if name == "pyramidkv":
         per_layer = counts.float().mean(dim=(1, 2))
         assert per_layer[0] > per_layer[-1]
         assert abs(per_layer.mean().item() - target) <= 2
     elif name == "adakv":
-        assert (counts.sum(dim=2) == 2 * target).all()  # the layer's total is the budget
+        # The layer's total is the budget, less what the reference's per-head rounding drops (< 1 a head).
+        total = counts.sum(dim=2)
+        assert ((total <= 2 * target) & (total >= 2 * target - 2)).all()
         assert (counts[..., 0] != counts[..., 1]).any(), "head-wise budgets should differ between heads"
     else:
         assert (counts == target).all()
@@ -164,8 +166,8 @@ def test_query_aware_differs_from_agnostic_in_what_is_compressed():
     s = sample(prompt(120, 8), prompt(20, 9))
     agn, _, a = Engine(lm, registry.build_method("snapkv", 0.25)).prefill(s)
     awr, _, b = Engine(lm, registry.build_method("snapkv", 0.25), protocol="query-aware").prefill(s)
-    assert (agn.token_counts() == 30 + 20).all()  # ceil(0.25 * 120) kept, then the question appended whole
-    assert (awr.token_counts() == 35).all()  # ceil(0.25 * 140)
+    assert (agn.token_counts() == 30 + 20).all()  # int(0.25 * 120) kept, then the question appended whole
+    assert (awr.token_counts() == 35).all()  # int(0.25 * 140)
 
 
 def test_cli_errors_are_one_line(tmp_path):
