@@ -277,11 +277,20 @@ class Engine:
 
     @torch.no_grad()
     def multi_turn(self, sample: Sample, own_answers: bool = False, trace_every: int = 64) -> list[dict]:
-        """SCBench-style turns on one compressed context. Returns one result per turn (first included)."""
-        context = Sample(sample.id, sample.context_ids, [], sample.answers, 0)
-        cache, last_logits, info = self.prefill(context)
-        base = cache.clone() if sample.turn_mode == "multi-request" else None
-        turns = [(sample.question_ids, sample.answers, sample.max_new_tokens, None)]
+        """SCBench-style turns on one compressed context. Returns one result per turn (first included).
+
+        multi-turn: the context and the first question are prefilled as ``prefill`` does for any sample (under
+        the engine's protocol; SCBench's official first turn puts its question in ``context_ids``); each later
+        turn is appended uncompressed. multi-request: the context alone is prefilled, every turn starts from it.
+        ``own_answers`` (SCBench's disable_golden_context): the answer stays in the cache as the official loop
+        leaves it: ended on EOS, every answer token fed and not the EOS; cut at the limit, its last token not
+        fed and EOS fed instead.
+        """
+        multi_request = sample.turn_mode == "multi-request"
+        first = Sample(sample.id, sample.context_ids, [] if multi_request else sample.question_ids, sample.answers, 0)
+        cache, last_logits, info = self.prefill(first)
+        base = cache.clone() if multi_request else None
+        turns = [(sample.question_ids if multi_request else [], sample.answers, sample.max_new_tokens, None)]
         turns += [(t.question_ids, t.answers, t.max_new_tokens, t.answer_ids) for t in sample.turns]
         outs = []
         for i, (q_ids, _answers, max_new, gold_ids) in enumerate(turns):
@@ -292,11 +301,11 @@ class Engine:
             answer_cache = work if (own_answers or base is not None) else work.clone()
             tokens, dinfo = self.decode(answer_cache, logits, [max_new], [sample.stop_at_newline], trace_every)
             if base is None:
-                answer = tokens[0] if own_answers else (gold_ids or [])
-                if own_answers and answer:  # the last generated token was never fed
-                    last_logits = self.feed(work, answer[-1:], compress=False)[:, -1]
-                elif answer:
-                    last_logits = self.feed(work, answer, compress=False)[:, -1]
+                if own_answers:  # decode fed every answer token, except the last one of an answer cut at its limit
+                    cut = len(tokens[0]) >= max_new and self.tok.eos_token_id is not None
+                    last_logits = self.feed(work, [self.tok.eos_token_id], compress=False)[:, -1] if cut else None
+                elif gold_ids:
+                    last_logits = self.feed(work, gold_ids, compress=False)[:, -1]
             rec = dict(info, prediction=self.tok.decode(tokens[0], skip_special_tokens=True), turn=i,
                        new_tokens=len(tokens[0]), decode_s=dinfo["decode_s"], decode_steps=dinfo["decode_steps"],
                        turn_s=time.perf_counter() - t0, kv_bytes_end=dinfo["kv_bytes_end"],
