@@ -75,7 +75,8 @@ def _coerce(cls, params: dict) -> dict:
                 try:
                     value = json.loads(value)
                 except json.JSONDecodeError:
-                    pass
+                    if value.startswith("[") and value.endswith("]"):  # [a, b] as typed, without JSON quotes
+                        value = [v.strip().strip("'\"") for v in value[1:-1].split(",") if v.strip()]
         out[key] = value
     return out
 

@@ -142,7 +142,13 @@ class Engine:
                 "kv_layer_bytes_prefill": cache.layer_nbytes()}
         return cache, logits[:, -1], info
 
-    def pick(self, logits: torch.Tensor) -> torch.Tensor:
+    def pick(self, logits: torch.Tensor, banned: list[set[int]] | None = None) -> torch.Tensor:
+        """The next token of each row; ``banned[b]``: ids row b may not take now (EOS before min_new_tokens)."""
+        if banned and any(banned):
+            logits = logits.clone()
+            for b, ids in enumerate(banned):
+                if ids:
+                    logits[b, list(ids)] = float("-inf")
         if self.temperature <= 0:
             return logits.argmax(dim=-1)
         probs = torch.softmax(logits.float() / self.temperature, dim=-1)
@@ -150,8 +156,11 @@ class Engine:
 
     @torch.no_grad()
     def decode(self, cache: KVCache, first_logits: torch.Tensor, max_new: list[int],
-               stop_at_newline: list[bool], trace_every: int = 64) -> tuple[list[list[int]], dict]:
-        """Batched greedy/sampled decoding until EOS or each sequence's limit.
+               stop_at_newline: list[bool], trace_every: int = 64, stop_ids: list[list[int]] | None = None,
+               min_new: list[int] | None = None) -> tuple[list[list[int]], dict]:
+        """Batched greedy/sampled decoding until EOS (or one of the row's ``stop_ids``) or each sequence's limit.
+
+        Before a row has ``min_new`` tokens, EOS and its stop ids are banned (transformers' ``min_length``).
 
         On CUDA the decoding step is captured as a CUDA graph and replayed while the method's
         ``decode_epoch`` key holds (for methods whose decoding only appends, for ever; DeltaKV between its
@@ -168,14 +177,20 @@ class Engine:
             cache.reserve(max(max_new))
         graph = graph_key = eager_key = static_ids = static_logits = None
         captures = 0
-        nxt = self.pick(first_logits)
+        ends = [self.eos | set(stop_ids[b] if stop_ids else ()) for b in range(B)]
+        min_new = min_new or [0] * B
+
+        def banned() -> list[set[int]]:
+            return [ends[b] if len(out[b]) < min_new[b] else set() for b in range(B)]
+
+        nxt = self.pick(first_logits, banned())
         steps, kv_trace, steady = 0, {}, None
         t0 = time.perf_counter()
         while True:
             for b, token in enumerate(nxt.tolist()):
                 if done[b]:
                     continue
-                if token in self.eos:
+                if token in ends[b]:
                     done[b] = True
                     continue
                 out[b].append(token)
@@ -209,7 +224,7 @@ class Engine:
             steps += 1
             if trace_every and steps % trace_every == 0:
                 kv_trace[steps] = cache.layer_nbytes()
-            nxt = self.pick(logits[:, -1])
+            nxt = self.pick(logits[:, -1], banned())
         sync(self.device)
         t_end = time.perf_counter()
         # Steady-state time per step: after the eager warm-up step and the graph capture (a server pays
@@ -239,7 +254,8 @@ class Engine:
         batching_peak = peak.read()
         peak = PeakMemory(self.device)
         tokens, dinfo = self.decode(batch, torch.cat(firsts), [s.max_new_tokens for s in samples],
-                                    [s.stop_at_newline for s in samples], trace_every)
+                                    [s.stop_at_newline for s in samples], trace_every,
+                                    [s.stop_token_ids for s in samples], [s.min_new_tokens for s in samples])
         decode_peak = peak.read()
         results_ = []
         for b, (s, info) in enumerate(zip(samples, infos)):
@@ -261,11 +277,20 @@ class Engine:
 
     @torch.no_grad()
     def multi_turn(self, sample: Sample, own_answers: bool = False, trace_every: int = 64) -> list[dict]:
-        """SCBench-style turns on one compressed context. Returns one result per turn (first included)."""
-        context = Sample(sample.id, sample.context_ids, [], sample.answers, 0)
-        cache, last_logits, info = self.prefill(context)
-        base = cache.clone() if sample.turn_mode == "multi-request" else None
-        turns = [(sample.question_ids, sample.answers, sample.max_new_tokens, None)]
+        """SCBench-style turns on one compressed context. Returns one result per turn (first included).
+
+        multi-turn: the context and the first question are prefilled as ``prefill`` does for any sample (under
+        the engine's protocol; SCBench's official first turn puts its question in ``context_ids``); each later
+        turn is appended uncompressed. multi-request: the context alone is prefilled, every turn starts from it.
+        ``own_answers`` (SCBench's disable_golden_context): the answer stays in the cache as the official loop
+        leaves it: ended on EOS, every answer token fed and not the EOS; cut at the limit, its last token not
+        fed and EOS fed instead.
+        """
+        multi_request = sample.turn_mode == "multi-request"
+        first = Sample(sample.id, sample.context_ids, [] if multi_request else sample.question_ids, sample.answers, 0)
+        cache, last_logits, info = self.prefill(first)
+        base = cache.clone() if multi_request else None
+        turns = [(sample.question_ids if multi_request else [], sample.answers, sample.max_new_tokens, None)]
         turns += [(t.question_ids, t.answers, t.max_new_tokens, t.answer_ids) for t in sample.turns]
         outs = []
         for i, (q_ids, _answers, max_new, gold_ids) in enumerate(turns):
@@ -276,11 +301,11 @@ class Engine:
             answer_cache = work if (own_answers or base is not None) else work.clone()
             tokens, dinfo = self.decode(answer_cache, logits, [max_new], [sample.stop_at_newline], trace_every)
             if base is None:
-                answer = tokens[0] if own_answers else (gold_ids or [])
-                if own_answers and answer:  # the last generated token was never fed
-                    last_logits = self.feed(work, answer[-1:], compress=False)[:, -1]
-                elif answer:
-                    last_logits = self.feed(work, answer, compress=False)[:, -1]
+                if own_answers:  # decode fed every answer token, except the last one of an answer cut at its limit
+                    cut = len(tokens[0]) >= max_new and self.tok.eos_token_id is not None
+                    last_logits = self.feed(work, [self.tok.eos_token_id], compress=False)[:, -1] if cut else None
+                elif gold_ids:
+                    last_logits = self.feed(work, gold_ids, compress=False)[:, -1]
             rec = dict(info, prediction=self.tok.decode(tokens[0], skip_special_tokens=True), turn=i,
                        new_tokens=len(tokens[0]), decode_s=dinfo["decode_s"], decode_steps=dinfo["decode_steps"],
                        turn_s=time.perf_counter() - t0, kv_bytes_end=dinfo["kv_bytes_end"],
@@ -365,7 +390,8 @@ def run(cfg: RunConfig, lm: LoadedModel | None = None, progress: bool = True) ->
 
     max_ctx = cfg.max_context or max(lm.window - 512, 256)
     samples = task.samples(lm.tokenizer, TaskContext(max_context_tokens=max_ctx, data=cfg.data, limit=cfg.limit,
-                                                     seed=cfg.seed))
+                                                     seed=cfg.seed, window=lm.window,
+                                                     max_context_set=cfg.max_context is not None))
     # ``limit`` is the task's to apply: multi-part tasks (LongBench, RULER) take it per part.
     done_records = results.read_jsonl(run_dir / "samples.jsonl", repair=True)
     results.read_jsonl(run_dir / "trace.jsonl", repair=True)

@@ -54,6 +54,10 @@ class Sample:
     # Teacher-forced continuation for the fidelity task (scored on logits, no decoding).
     continuation_ids: list[int] | None = None
     stop_at_newline: bool = False  # keep only the first line of the answer (LongBench trec/triviaqa/...)
+    # Token ids that end the answer like EOS (not kept), e.g. LongBench samsum's newline token.
+    stop_token_ids: list[int] = field(default_factory=list)
+    # New tokens generated before EOS or a stop token may end the answer (generate()'s min_length - prompt).
+    min_new_tokens: int = 0
 
 
 @dataclass
@@ -64,6 +68,8 @@ class TaskContext:
     data: str | None = None  # --data PATH, if the user gave one
     limit: int | None = None  # first N samples only
     seed: int = 0
+    window: int | None = None  # the model's context window, for tasks with their own default length rule
+    max_context_set: bool = False  # max_context_tokens came from the user (--max-context), not the default
 
 
 class Task(Protocol):

@@ -7,9 +7,12 @@ the problem, ``question_ids`` the instruction and the generation prompt. The pro
 what a KV-cache method meets on this task is the long generated reasoning, so the split matters little; putting
 the problem in the context keeps ``context_ids`` non-empty for every tokenizer.
 
-Answer check: the content of the last ``\\boxed{...}`` (balanced braces) of the prediction, compared with the
-reference as integers (leading zeros ignored: "025" == "25"); when ``math_verify`` is importable its verdict is
-accepted too.
+Answer check, as Qwen2.5-Math's evaluation (``evaluation/parser.py`` ``extract_answer``, then an equivalence
+check): the answer is the content of the last ``\\boxed{...}`` (balanced braces); without one, what follows the
+last "the answer is" (or "final answer is"); without that, the last number of the prediction. It is compared
+with the reference as integers (leading zeros ignored: "025" == "25"), else by ``math-verify`` (a dependency),
+which accepts ``\\boxed{x=25}``, ``25^\\circ``, ``\\dfrac{50}{2}``, ``25 \\text{ degrees}`` and the like.
+The scores say where the answer came from (``boxed``, ``unboxed_answer``).
 
 Sampling: ``temperature`` and the sample index are in ``Sample.meta`` (``temperature``, ``sample_index``);
 with ``n_samples`` > 1 every problem appears n times (ids ``<problem>#<k>``), and pass@1 is the mean
@@ -74,20 +77,51 @@ def to_int(answer: str | int | None) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def is_correct(prediction: str, reference: str) -> bool:
+_LAST_NUMBER = re.compile(r"-?\d*\.?\d+")
+
+
+def extract_answer(prediction: str) -> tuple[str, str]:
+    """(answer text, where it came from: "boxed", "answer is", "last number" or "none"), in Qwen2.5-Math's order."""
     boxed = last_boxed(prediction)
-    pred_int, ref_int = to_int(boxed), to_int(reference)
-    if pred_int is not None and ref_int is not None and pred_int == ref_int:
-        return True
-    if boxed is None:
-        return False
-    try:  # optional: symbolic equivalence when math_verify is installed
-        from math_verify import parse, verify
-    except ImportError:
-        return False
+    if boxed is not None:
+        return boxed, "boxed"
+    for marker in ("he answer is", "final answer is"):
+        if marker in prediction:
+            return _clean(prediction.split(marker)[-1]), "answer is"
+    numbers = _LAST_NUMBER.findall(prediction.replace(",", ""))
+    return (numbers[-1], "last number") if numbers else ("", "none")
+
+
+def _clean(text: str) -> str:
+    """Qwen2.5-Math's clean-up of an extracted answer: newlines out, a leading ':' and a trailing '.' or '/' off."""
+    text = re.sub(r"\n\s*", "", text.strip())
+    if text.startswith(":"):
+        text = text[1:]
+    if text.endswith((".", "/")):
+        text = text[:-1]
+    return text.strip()
+
+
+def _math_verify():
     try:
-        return bool(verify(parse(f"${reference}$"), parse(f"$\\boxed{{{boxed}}}$")))
-    except Exception:
+        from math_verify import parse, verify
+    except ImportError as e:
+        raise TaskError("AIME scoring needs math-verify: pip install 'math-verify[antlr4_13_2]'") from e
+    return parse, verify
+
+
+def is_correct(prediction: str, reference: str) -> bool:
+    answer, source = extract_answer(prediction)
+    if source == "none":
+        return False
+    pred_int, ref_int = to_int(answer), to_int(reference)
+    if pred_int is not None and ref_int is not None:
+        return pred_int == ref_int
+    parse, verify = _math_verify()
+    text = f"$\\boxed{{{answer}}}$" if source == "boxed" else (answer if "$" in answer else f"${answer}$")
+    try:
+        return bool(verify(parse(f"${reference}$"), parse(text)))
+    except Exception:  # an answer math-verify cannot read is wrong, not a crash of the run
         return False
 
 
@@ -109,6 +143,7 @@ class AIME:
             raise TaskError(f"AIME year must be 2024 or 2025, not {self.year}")
         if self.n_samples < 1:
             raise TaskError("n_samples must be at least 1")
+        _math_verify()  # the scorer's dependency, checked before any slow work
 
     @property
     def tag(self) -> str:
@@ -161,8 +196,10 @@ class AIME:
 
     def score(self, sample: Sample, prediction: str) -> dict[str, float]:
         ok = is_correct(prediction, sample.answers[0])
+        source = extract_answer(prediction)[1]
         return {"score": 100.0 if ok else 0.0, "correct": 1.0 if ok else 0.0,
-                "boxed": 1.0 if last_boxed(prediction) is not None else 0.0}
+                "boxed": 1.0 if source == "boxed" else 0.0,
+                "unboxed_answer": 1.0 if source in ("answer is", "last number") else 0.0}
 
     def summarize(self, records: list[dict]) -> dict:
         per_problem: dict[str, list[float]] = {}

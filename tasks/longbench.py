@@ -1,14 +1,24 @@
 """LongBench v1 (THUDM/LongBench): the 21 tasks, and LongBench-E (the length-balanced 13).
 
 Official facts kept: the per-task prompt templates and max new tokens (embedded from the official config files
-in ``longbench_config.json``, the current prompt file with its "asconcisely" typo), middle truncation of the
-raw prompt (before any chat template) to the model's window, no chat template for trec, triviaqa, samsum, lsht,
-lcc and repobench-p, first-line cutting of the prediction for trec, triviaqa, samsum and lsht, the per-task
-metrics (``metrics.LONGBENCH_METRICS``, max over the references, x100), LongBench-E's 0-4k / 4-8k / 8k+ buckets
-on the sample's ``length`` field.
+in ``longbench_config.json``, the current prompt file with its "asconcisely" typo), the prompt built as the
+official ``pred.py`` builds it (``official_prompt``: the whole raw prompt tokenized at once; when longer than
+``max_length`` the first and last ``int(max_length/2)`` tokens are decoded and their texts joined, so an odd
+``max_length`` keeps ``max_length - 1`` tokens; the chat template then wrapped around that text and the result
+tokenized again), no chat template for trec, triviaqa, samsum, lsht, lcc and repobench-p, samsum's generation
+(at least one new token, stop on the newline token), first-line cutting of the prediction for trec, triviaqa,
+samsum and lsht, the per-task metrics (``metrics.LONGBENCH_METRICS``, max over the references, x100),
+LongBench-E's 0-4k / 4-8k / 8k+ buckets on the sample's ``length`` field.
 
-The prompt is split for the query-agnostic protocol at the end of the context: the template text up to and
-including ``{context}`` is the compressed part; the rest (with the question) is appended afterwards.
+``max_length`` defaults to the official per-model table (``config/model2maxlen.json``: 3500 for the 4k model,
+7500 for the 8k ones, 15500 for 16k, 31500 for 32k). Its rule, applied to every model: the window rounded down
+to thousands, minus 500 (``official_max_length``). ``--max-context`` or the task parameter ``max_length`` wins.
+Where pred.py leaves the tokenizer call to a model-specific ``build_chat``, kvbench uses the model's chat template
+and tokenizes the rendered text without adding a second BOS when the template already wrote one.
+
+The token ids are exactly the official ones; the query-agnostic protocol splits them (never re-tokenizes) at the
+token where the context ended in the final text: what comes before is compressed, the rest (the question and
+the template's tail) is appended afterwards.
 
 Data: ``--data DIR`` with ``<task>.jsonl`` files (``<task>_e.jsonl`` for LongBench-E; a ``data/`` folder
 inside DIR is also looked at) in the official schema (input, context, answers, length, dataset, language,
@@ -23,7 +33,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar, Iterable
 
-from kvbench.task import Sample, TaskContext, TaskError, build_prompt, hub_dataset
+from kvbench.task import Sample, TaskContext, TaskError, hub_dataset
 
 from .metrics import LONGBENCH_FIRST_LINE, longbench_score
 
@@ -47,6 +57,14 @@ ENGLISH_16: tuple[str, ...] = (
 # "chat models are better off without build prompts on these tasks" (official pred.py).
 NO_CHAT_TEMPLATE: tuple[str, ...] = ("trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p")
 BUCKETS: tuple[str, ...] = ("0-4k", "4-8k", "8k+")
+# The official config/model2maxlen.json (prompt tokens kept before generation). ``official_max_length`` states
+# its rule, which every row follows (chatglm2-6b has a 32k window).
+MODEL2MAXLEN: dict[str, int] = {
+    "llama2-7b-chat-4k": 3500, "longchat-v1.5-7b-32k": 31500, "xgen-7b-8k": 7500, "internlm-7b-8k": 7500,
+    "chatglm2-6b": 31500, "chatglm2-6b-32k": 31500, "chatglm3-6b-32k": 31500, "vicuna-v1.5-7b-16k": 15500,
+}
+# Marks the end of the context inside the rendered chat template (never in real text).
+_MARK = "\u2063\u2063KVBENCH-CONTEXT-END\u2063\u2063"
 
 
 @lru_cache(maxsize=1)
@@ -76,6 +94,63 @@ def split_template(template: str) -> tuple[str, str]:
     """(prefix, suffix) of a template, cut right after ``{context}``."""
     cut = template.index("{context}") + len("{context}")
     return template[:cut], template[cut:]
+
+
+def official_max_length(window: int) -> int:
+    """The official table's rule: a model with a ``window``-token context keeps ``1000 * (window // 1000) - 500``
+    prompt tokens (4096 -> 3500, 8192 -> 7500, 16384 -> 15500, 32768 -> 31500, as ``MODEL2MAXLEN``)."""
+    return 1000 * (window // 1000) - 500
+
+
+def _surviving_tail(text: str, suffix: str) -> int:
+    """How many trailing characters of ``suffix`` end ``text`` (all of it unless truncation cut into it)."""
+    for k in range(len(suffix), 0, -1):
+        if text.endswith(suffix[-k:]):
+            return k
+    return 0
+
+
+def official_prompt(tokenizer, template: str, fields: dict, max_length: int | None,
+                    chat: bool) -> tuple[list[int], int, str]:
+    """(token ids, number of context tokens, final text) of one prompt, built as the official pred.py does.
+
+    The ids are what pred.py feeds the model; the first ``n`` of them end where the context ended (the token
+    that straddles that point, if any, counts as context).
+    """
+    prompt = template.format(**fields)
+    question = prompt[len(split_template(template)[0].format(**fields)):]
+    ids = tokenizer(prompt, truncation=False).input_ids
+    if max_length is not None and len(ids) > max_length:
+        half = int(max_length / 2)
+        prompt = (tokenizer.decode(ids[:half], skip_special_tokens=True)
+                  + tokenizer.decode(ids[len(ids) - half:], skip_special_tokens=True))
+    cut = len(prompt) - _surviving_tail(prompt, question)
+    add_special = True
+    if chat and getattr(tokenizer, "chat_template", None) is not None:
+        def render(content: str) -> str:
+            return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                 add_generation_prompt=True)
+        rendered = render(prompt)
+        marked = render(prompt[:cut] + _MARK + prompt[cut:])
+        at = marked.find(_MARK)
+        if at >= 0 and marked.replace(_MARK, "", 1) == rendered:
+            cut = at
+        else:  # a template that rewrites its content (trims it, say): find the question part in the output
+            tail = prompt[cut:]
+            at = rendered.rfind(tail) if tail else -1
+            cut = at if at >= 0 else len(rendered)
+        prompt = rendered
+        bos = getattr(tokenizer, "bos_token", None)
+        add_special = not (bos and prompt.startswith(bos))  # the template wrote the BOS already
+    enc = tokenizer(prompt, truncation=False, add_special_tokens=add_special,
+                    return_offsets_mapping=bool(getattr(tokenizer, "is_fast", False)))
+    ids = list(enc.input_ids)
+    if "offset_mapping" in enc:  # the first token that starts at or after the cut (added specials have (0, 0))
+        n = next((i for i, (start, end) in enumerate(enc["offset_mapping"]) if start >= cut and end > start),
+                 len(ids))
+    else:
+        n = min(len(tokenizer(prompt[:cut], add_special_tokens=add_special).input_ids), len(ids))
+    return ids, n, prompt
 
 
 def as_names(value: Any) -> tuple[str, ...]:
@@ -162,11 +237,15 @@ class LongBench:
 
     subsets: tuple[str, ...] = LONGBENCH_TASKS  # which tasks; with e=True the default means the 13 E tasks
     e: bool = False  # LongBench-E: the <task>_e data, scored per length bucket too
+    # prompt tokens kept (pred.py's max_length); None: --max-context if given, else the official table's rule
+    max_length: int | None = None
 
     def __post_init__(self):
         self.subsets = as_names(self.subsets)
         if isinstance(self.e, str):
             self.e = self.e.strip().lower() in ("1", "true", "yes", "on")
+        if self.max_length is not None and int(self.max_length) < 2:
+            raise TaskError(f"LongBench max_length must be at least 2 tokens (got {self.max_length})")
         unknown = [s for s in self.subsets if s not in LONGBENCH_TASKS]
         if unknown:
             raise TaskError(f"unknown LongBench task(s) {', '.join(unknown)}; known: {', '.join(LONGBENCH_TASKS)}")
@@ -215,10 +294,22 @@ class LongBench:
                             f"Hugging Face hub reachable for {HUB_REPO}")
         return found, missing
 
+    def prompt_length(self, ctx: TaskContext) -> int:
+        """pred.py's max_length: the task parameter, else --max-context, else the official rule for the window."""
+        if self.max_length is not None:
+            return int(self.max_length)
+        if ctx.window is not None and not ctx.max_context_set:
+            return official_max_length(ctx.window)
+        return ctx.max_context_tokens
+
     # -- the Task protocol ----------------------------------------------------------------------------------
     def samples(self, tokenizer, ctx: TaskContext) -> list[Sample]:
         found, missing = self.load(ctx.data)
         templates, maxlens = prompts(), max_new_tokens()
+        max_length = self.prompt_length(ctx)
+        # pred.py on samsum: generate(min_length=prompt+1, eos_token_id=[eos, the "\n" token]) ("prevent illegal
+        # output on samsum"): never an empty answer, and the answer ends at its first newline token.
+        samsum_stop = {"stop_token_ids": tokenizer.encode("\n", add_special_tokens=False)[-1:], "min_new_tokens": 1}
         out: list[Sample] = []
         for task in self.subsets:
             rows = found.get(task)
@@ -226,12 +317,11 @@ class LongBench:
                 continue
             if ctx.limit is not None:
                 rows = rows[: ctx.limit]  # the limit applies to each task
-            prefix_t, suffix_t = split_template(templates[task])
             for i, row in enumerate(rows):
                 fields = {"context": row.get("context", ""), "input": row.get("input", "")}
-                context_ids, question_ids = build_prompt(
-                    tokenizer, prefix_t.format(**fields), suffix_t.format(**fields),
-                    chat=task not in NO_CHAT_TEMPLATE, max_len=ctx.max_context_tokens)
+                ids, n_context, _ = official_prompt(tokenizer, templates[task], fields, max_length,
+                                                    chat=task not in NO_CHAT_TEMPLATE)
+                context_ids, question_ids = ids[:n_context], ids[n_context:]
                 length = row.get("length")
                 out.append(Sample(
                     id=f"{self._config_name(task)}/{row.get('_id') or i}",
@@ -249,6 +339,7 @@ class LongBench:
                         "missing_subsets": missing,
                     },
                     stop_at_newline=task in LONGBENCH_FIRST_LINE,
+                    **(samsum_stop if task == "samsum" else {}),
                 ))
         return out
 

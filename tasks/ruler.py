@@ -1,12 +1,23 @@
 """RULER's synthetic tasks (NVIDIA/RULER), generated with the model's own tokenizer at the requested lengths.
 
-Tasks and their settings are RULER's ``synthetic.yaml``: niah_single_1/2/3, niah_multikey_1/2/3, niah_multivalue,
-niah_multiquery, vt (variable tracking), cwe (common words extraction), fwe (frequent words extraction); the QA
-tasks are not included (they need SQuAD/HotpotQA files). Templates, answer prefixes, tokens to generate,
+Tasks and their settings are RULER's ``synthetic.yaml``, all 13: niah_single_1/2/3, niah_multikey_1/2/3,
+niah_multivalue, niah_multiquery, vt (variable tracking), cwe (common words extraction), fwe (frequent words
+extraction), qa_1 (SQuAD) and qa_2 (HotpotQA); the score is the average over the tasks run. Templates, answer prefixes, tokens to generate,
 needle format ("One of the special magic {type_needle_v} for {key} is: {value}."), the three haystacks (the
 repeated noise sentences, Paul Graham's essays, distractor needles), the 40 insertion depths, the key/value
-generators (wonderwords adjective-noun pairs, 7-digit numbers, UUIDs) and the metric (string_match_all for
-all of these tasks; string_match_part is RULER's metric for QA only) follow RULER's code.
+generators (wonderwords adjective-noun pairs, 7-digit numbers, UUIDs) and the metric (string_match_all; for the
+QA tasks string_match_part) follow RULER's code.
+
+QA (RULER's ``qa.py``): the question's own documents (and, for SQuAD, the other paragraphs of its article first)
+plus documents drawn from the rest of the dataset, shuffled with the fixed seed, as "Document i:\n..." blocks;
+the number of documents is the largest that fits (binary search, step 10); sample i asks the dataset's i-th
+question (SQuAD: answerable questions only). Data in the official files' schema, named as RULER's
+``download_qa_dataset.sh`` names them: ``squad.json`` (SQuAD 2.0 dev, ``dev-v2.0.json``) and ``hotpotqa.json``
+(HotpotQA dev distractor, ``hotpot_dev_distractor_v1.json``; both names are looked for), in the ``--data``
+folder.
+
+cwe's few-shot example is wrapped in the model's chat template with its answer, then the task in its own chat
+turn, as RULER's ``prepare.py`` does (it formats every example with the model template plus answer prefix).
 
 A sample's length L counts the whole prompt (chat template included) plus the task's tokens to generate, as
 RULER's ``max_seq_length`` does: the haystack size is the largest that fits, found by binary search with the
@@ -32,7 +43,7 @@ import re
 import string
 import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -41,12 +52,15 @@ from typing import Any, Callable, ClassVar
 from kvbench.task import Sample, TaskContext, TaskError, build_prompt
 
 from .longbench import as_names
-from .metrics import string_match_all
+from .metrics import string_match_all, string_match_part
 
 RULER_TASKS: tuple[str, ...] = (
     "niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2", "niah_multikey_3",
-    "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe",
+    "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa_1", "qa_2",
 )
+QA_DATASETS = {"qa_1": "squad", "qa_2": "hotpotqa"}  # synthetic.yaml
+# RULER's download_qa_dataset.sh saves them as <name>.json; the original file names are accepted too.
+QA_FILES = {"squad": ("squad.json", "dev-v2.0.json"), "hotpotqa": ("hotpotqa.json", "hotpot_dev_distractor_v1.json")}
 
 # synthetic.yaml
 NIAH_CONFIG: dict[str, dict[str, Any]] = {
@@ -94,6 +108,14 @@ TEMPLATES: dict[str, dict[str, Any]] = {
                     "above list?",
         "answer_prefix": " Answer: The top 10 words that appear most often in the list are:",
     },
+    "qa": {
+        "tokens_to_generate": 32,
+        "template": "Answer the question based on the given documents. Only give me the answer and do not output any "
+                    "other words.\n\nThe following are given documents.\n\n{context}\n\nAnswer the question based "
+                    "on the given documents. Only give me the answer and do not output any other words.\n\n"
+                    "Question: {query}",
+        "answer_prefix": " Answer:",
+    },
     "freq_words_extraction": {
         "tokens_to_generate": 50,
         "template": "Read the following coded text and track the frequency of each coded word. Find the three most "
@@ -104,7 +126,8 @@ TEMPLATES: dict[str, dict[str, Any]] = {
     },
 }
 CATEGORY = {**{t: "niah" for t in NIAH_CONFIG}, "vt": "variable_tracking", "cwe": "common_words_extraction",
-            "fwe": "freq_words_extraction"}
+            "fwe": "freq_words_extraction", "qa_1": "qa", "qa_2": "qa"}
+DOCUMENT = "Document {i}:\n{document}"
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
@@ -159,6 +182,62 @@ def _essay_words(path: str) -> tuple[str, ...]:
     return tuple(re.sub(r"\s+", " ", essay).split(" "))
 
 
+def find_qa_file(data: str | None, dataset: str) -> Path | None:
+    if not data:
+        return None
+    root = Path(data)
+    if root.is_file():
+        return root if root.name in QA_FILES[dataset] else None
+    for folder in (root, root / "ruler", root / "json"):
+        for name in QA_FILES[dataset]:
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+@dataclass(frozen=True)
+class QAData:
+    qas: tuple[dict, ...]  # {"query", "outputs", "context": [doc ids], "more_context": [doc ids]}
+    docs: tuple[str, ...]
+
+
+def _bad_qa(path: Path, e: Exception) -> TaskError:
+    return TaskError(f"{path} is not in the official schema of its dataset ({type(e).__name__}: {e}); RULER's "
+                     f"download_qa_dataset.sh gets SQuAD dev-v2.0.json and HotpotQA hotpot_dev_distractor_v1.json")
+
+
+@lru_cache(maxsize=4)
+def read_qa(path: str, dataset: str) -> QAData:
+    """RULER's read_squad / read_hotpotqa: the questions and the sorted set of distinct documents."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    try:
+        if dataset == "squad":
+            docs = sorted({p["context"] for d in data["data"] for p in d["paragraphs"]})
+            index = {c: i for i, c in enumerate(docs)}
+            qas = []
+            for d in data["data"]:
+                article = [index[p["context"]] for p in d["paragraphs"]]
+                for p in d["paragraphs"]:
+                    own = index[p["context"]]
+                    for qa in p["qas"]:
+                        if not qa.get("is_impossible", False):
+                            qas.append({"query": qa["question"], "outputs": [a["text"] for a in qa["answers"]],
+                                        "context": [own], "more_context": [i for i in article if i != own]})
+        else:
+            def doc(title, sentences):
+                return f"{title}\n{''.join(sentences)}"
+            docs = sorted({doc(t, p) for d in data for t, p in d["context"]})
+            index = {c: i for i, c in enumerate(docs)}
+            qas = [{"query": d["question"], "outputs": [d["answer"]],
+                    "context": [index[doc(t, p)] for t, p in d["context"]], "more_context": []} for d in data]
+    except (KeyError, TypeError, ValueError) as e:
+        raise _bad_qa(Path(path), e) from e
+    if not qas:
+        raise _bad_qa(Path(path), ValueError("no answerable question"))
+    return QAData(tuple(qas), tuple(docs))
+
+
 def split_sentences(text: str) -> list[str]:
     """Sentences of a whitespace-normalised text (stand-in for NLTK's ``sent_tokenize``)."""
     return [s for s in _SENT_SPLIT.split(text.strip()) if s]
@@ -169,6 +248,19 @@ def zeta(s: float, terms: int = 1000) -> float:
     n = terms
     head = math.fsum(k ** -s for k in range(1, n))
     return head + n ** (1 - s) / (s - 1) + 0.5 * n ** -s + s * n ** (-s - 1) / 12
+
+
+_MARK = "\u2063\u2063KVBENCH-RULER\u2063\u2063"
+
+
+def _chat_wrap(tokenizer) -> tuple[str, str]:
+    """(head, tail) of one user turn plus the generation prompt in the model's chat template ('', '' without one)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return "", ""
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": _MARK}], add_generation_prompt=True,
+                                             tokenize=False)
+    head, tail = rendered.split(_MARK, 1)
+    return head, tail
 
 
 def _random_value(rng: random.Random, kind: str) -> str:
@@ -193,6 +285,9 @@ class Draft:
     answer_prefix: str  # after the generation prompt
     answers: list[str]
     meta: dict
+    # Worked examples (user message, answer) before the task, each in its own chat turn (cwe); the answer
+    # follows the answer prefix, and a newline each example, as RULER's prepare.py writes them.
+    shots: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _split(template: str, **fmt) -> tuple[str, str]:
@@ -335,11 +430,10 @@ def gen_cwe(n: int, rng: random.Random, length: int, seed: int) -> Draft:
         shots = [_cwe_example(rng, words, 40, 10, 3, c["num_cw"]) for _ in range(c["num_fewshot"])]
         context, answer = _cwe_example(rng, words, n, c["freq_cw"], c["freq_ucw"], c["num_cw"])
     t = TEMPLATES["common_words_extraction"]
-    full_template = t["template"] + t["answer_prefix"]
-    shot_text = "\n".join(full_template.format(context=ctx) + " " + " ".join(f"{i + 1}. {w}" for i, w in enumerate(ans))
-                          for ctx, ans in shots)
+    listed = [(t["template"].format(context=ctx), " ".join(f"{i + 1}. {w}" for i, w in enumerate(ans)))
+              for ctx, ans in shots]
     prefix, suffix = _split(t["template"], context=context)
-    return Draft(shot_text + "\n" + prefix, suffix, t["answer_prefix"], answer, {})
+    return Draft(prefix, suffix, t["answer_prefix"], answer, {}, shots=listed)
 
 
 def gen_fwe(n: int, rng: random.Random, length: int) -> Draft:
@@ -362,6 +456,28 @@ def gen_fwe(n: int, rng: random.Random, length: int) -> Draft:
     return Draft(prefix, suffix, t["answer_prefix"], vocab[1:4], {"vocab_size": vocab_size})
 
 
+def gen_qa(num_docs: int, index: int, rng: random.Random, data: QAData, seed: int) -> Draft:
+    """RULER's qa.py generate_input_output: the question's documents plus others, shuffled with the fixed seed."""
+    qa = data.qas[index % len(data.qas)]
+    own, more = list(qa["context"]), list(qa["more_context"])
+    if num_docs < len(data.docs):
+        if num_docs - len(own) > len(more):
+            taken = set(own + more)
+            others = [i for i in range(len(data.docs)) if i not in taken]
+            chosen = own + more + rng.sample(others, max(0, num_docs - len(own) - len(more)))
+        else:
+            chosen = own + rng.sample(more, max(0, num_docs - len(own)))
+        docs = [data.docs[i] for i in chosen]
+    else:
+        docs = (list(data.docs) * (num_docs // len(data.docs) + 1))[:num_docs]
+    random.Random(seed).shuffle(docs)
+    context = "\n\n".join(DOCUMENT.format(i=i + 1, document=d) for i, d in enumerate(docs))
+    t = TEMPLATES["qa"]
+    prefix, suffix = _split(t["template"], context=context, query=qa["query"])
+    return Draft(prefix, suffix, t["answer_prefix"], list(qa["outputs"]),
+                 {"question_index": index % len(data.qas), "num_docs": len(docs)})
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the task
 # ---------------------------------------------------------------------------------------------------------
@@ -372,7 +488,7 @@ class Ruler:
 
     name: ClassVar[str] = "ruler"
 
-    tasks: tuple[str, ...] = RULER_TASKS  # which of the 11 synthetic tasks
+    tasks: tuple[str, ...] = RULER_TASKS  # which of the 13 tasks
     lengths: tuple[int, ...] = (4096,)  # total lengths L in tokens (prompt + tokens to generate)
     n_per_task: int = 25  # samples per task and length
     seed: int = 42  # RULER's default random seed
@@ -392,8 +508,17 @@ class Ruler:
     @staticmethod
     def _build(tokenizer, d: Draft) -> tuple[list[int], list[int]]:
         """(context_ids, question_ids) of a draft: chat template, answer prefix after the generation prompt."""
-        context_ids, question_ids = build_prompt(tokenizer, d.prefix, d.suffix, chat=True)
-        return context_ids, question_ids + tokenizer.encode(d.answer_prefix, add_special_tokens=False)
+        answer_ids = tokenizer.encode(d.answer_prefix, add_special_tokens=False)
+        if not d.shots:
+            context_ids, question_ids = build_prompt(tokenizer, d.prefix, d.suffix, chat=True)
+            return context_ids, question_ids + answer_ids
+        head, tail = _chat_wrap(tokenizer)
+        shots = "".join(head + user + tail + d.answer_prefix + " " + answer + "\n" for user, answer in d.shots)
+        if not head and not tail:  # no chat template: the plain text, with the tokenizer's own BOS
+            context_ids, question_ids = build_prompt(tokenizer, shots + d.prefix, d.suffix, chat=False)
+            return context_ids, question_ids + answer_ids
+        return (tokenizer.encode(shots + head + d.prefix, add_special_tokens=False),
+                tokenizer.encode(d.suffix + tail, add_special_tokens=False) + answer_ids)
 
     @classmethod
     def _count(cls, tokenizer, d: Draft) -> int:
@@ -440,7 +565,7 @@ class Ruler:
     def _incremental(task: str, L: int, budget: int) -> int:
         """RULER's haystack step per task type (also the step down when a sample comes out too long)."""
         kind = NIAH_CONFIG.get(task, {}).get("type_haystack", task)
-        step = {"essay": 500, "noise": 25, "needle": 25, "vt": 10, "cwe": 10, "fwe": 10}[kind]
+        step = {"essay": 500, "noise": 25, "needle": 25, "vt": 10, "cwe": 10, "fwe": 10, "qa_1": 10, "qa_2": 10}[kind]
         if kind in ("noise", "needle", "vt") and L < 4096:
             step = 5
         return max(1, min(step, budget // 8))
@@ -456,6 +581,16 @@ class Ruler:
                                 f"shipped: pass --data pointing at RULER's {ESSAY_FILE} (or a folder holding it), "
                                 f"or choose the noise tasks (niah_single_1, niah_multikey_2/3, vt, cwe, fwe)")
             essay = _essay_words(str(path))
+        qa_data: dict[str, QAData] = {}
+        for task in self.tasks:
+            if task in QA_DATASETS:
+                dataset = QA_DATASETS[task]
+                path = find_qa_file(ctx.data, dataset)
+                if path is None:
+                    raise TaskError(f"RULER {task} needs the {dataset} file, which is not shipped: pass --data with a "
+                                    f"folder holding {' or '.join(QA_FILES[dataset])} (RULER's "
+                                    f"download_qa_dataset.sh fetches it), or leave {task} out of tasks=")
+                qa_data[task] = read_qa(str(path), dataset)
         n_samples = self.n_per_task if ctx.limit is None else min(self.n_per_task, ctx.limit)
         biggest_gen = max(TEMPLATES[CATEGORY[t]]["tokens_to_generate"] for t in self.tasks)
         lengths = [L for L in self.lengths if L - biggest_gen <= ctx.max_context_tokens]
@@ -474,7 +609,7 @@ class Ruler:
             for L in lengths:
                 budget = L - to_gen
                 step = self._incremental(task, L, budget)
-                make_for = self._maker(task, L, essay, icl)
+                make_for = self._maker(task, L, essay, icl, qa_data.get(task))
                 n0 = self._fit(make_for(0), count, budget, step, f"{task} at length {L}")
                 for i in range(n_samples):
                     make, n = make_for(i), n0
@@ -485,9 +620,12 @@ class Ruler:
                     out.append(self._to_sample(tokenizer, task, L, i, n, d, to_gen, skipped))
         return out
 
-    def _maker(self, task: str, L: int, essay, icl: str) -> Callable[[int], Callable[[int], Draft]]:
+    def _maker(self, task: str, L: int, essay, icl: str,
+               qa: QAData | None = None) -> Callable[[int], Callable[[int], Draft]]:
         def for_index(i: int) -> Callable[[int], Draft]:
             seed = f"{self.seed}:{task}:{L}:{i}"
+            if qa is not None:
+                return lambda n: gen_qa(n, i, random.Random(seed), qa, self.seed)
             if task in NIAH_CONFIG:
                 return lambda n: gen_niah(task, n, random.Random(seed), essay)
             if task == "vt":
@@ -512,7 +650,8 @@ class Ruler:
                       max_new_tokens=to_gen, meta=meta)
 
     def score(self, sample: Sample, prediction: str) -> dict[str, float]:
-        return {"score": 100.0 * string_match_all(prediction.strip(), sample.answers)}
+        match = string_match_part if sample.meta.get("category") == "qa" else string_match_all
+        return {"score": 100.0 * match(prediction.strip(), sample.answers)}
 
     def summarize(self, records: list[dict]) -> dict:
         table: dict[str, dict[int, list[float]]] = {}

@@ -7,13 +7,18 @@ choice_eng; ``name``/``lang``/``repo`` for repoqa; ``task`` per turn for the two
 Two modes, as in the official ``run_scbench.py``:
 
 - ``mode="multi-turn"`` (the default): one conversation. The first turn's prompt is the official
-  ``multiturn_templates`` entry; every follow-up is a new user message after the previous turn's GOLDEN answer
+  ``multiturn_templates`` entry: the context and the first question in one prompt, prefilled (and so
+  compressed) together as the official ``GreedySearch.test`` does, so a query-aware compressor sees turn 1's
+  question (``Sample.context_ids`` holds the whole first prompt). ``query_agnostic=True`` compresses the
+  context alone and appends the first question afterwards (then the runner's ``--protocol`` decides, as for
+  single-query tasks). Every follow-up is a new user message after the previous turn's GOLDEN answer
   as the assistant message (``{pre_ans}`` in the official follow-up templates). Here each follow-up's
   ``question_ids`` begins with the previous golden answer and the chat template's end-of-turn text, so the
   runner must drop what it generated for a turn before feeding the next turn (``Turn.answer_ids`` stays None:
   the first turn's golden answer has no such slot in ``Sample``). With ``own_answers=True`` (the official
   ``--disable_golden_context``) the follow-ups carry no answer and the runner keeps its own generation
-  (``sample.meta["own_answers"]``).
+  (``sample.meta["own_answers"]``): an answer that ended on EOS stays as generated (EOS not fed), an answer
+  cut at its token limit is followed by EOS, in place of its last token, which the official loop never feeds.
 - ``mode="multi-request"`` (official ``--same_context_different_query``): every query is answered on the
   (compressed) shared context alone, with the official SCDQ templates (the query continues the context's user
   message, joined without a separator as the official code does).
@@ -22,20 +27,30 @@ Metrics (official ``compute_scores.py``), each turn scored 0-100:
 kv, prefix_suffix: the answer is a substring of the prediction; vt: RULER's string_match_all (rounded to
 2 decimals as the official); repoqa: the predicted code (first fenced block) is BLEU-closest (nltk's
 sentence BLEU, smoothing method 4, whitespace tokens) to the right function among the example's functions,
-with similarity >= 0.8 (pass@1 at threshold 0.8); qa_eng and many_shot: the answer, uppercased, is a substring
-of the uppercased prediction; qa_chn: character-level F1 after Chinese normalisation; choice_eng:
+with similarity >= 0.8 (pass@1 at threshold 0.8), the candidates being every function asked about in the run for
+the same repository (``meta["repo_needles"]``) (the official ``needle_by_repo``, over all examples and turns); qa_eng: the answer,
+uppercased, is a substring of the uppercased prediction; many_shot: the same, over the official label; qa_chn:
+character-level F1 after Chinese normalisation, max over the official label; choice_eng:
 InfiniteBench's multiple-choice matcher on [option text, letter]; mf: the first number of the prediction
 equals the answer; summary: ROUGE-Lsum F; summary_with_needles: summary turns ROUGE-Lsum, passkey turns first
 integer match; repoqa_and_kv: repoqa turns as repoqa, kv turns as kv.
 
-Deliberate deviations, all documented: the official code iterates over a plain-string answer character by
-character for qa_chn and many_shot (their label is not wrapped in a list as qa_eng's is); here a string answer
-is one reference. Tree-sitter function extraction in repoqa is not used (the first fenced code block is taken,
-the official fallback). In chat mode the official mf follow-ups all reuse the LAST turn's "What is ...?" prefix
+qa_chn and many_shot: the official code iterates over a plain-string answer character by character (the label
+is not wrapped in a list as qa_eng's is): qa_chn's F1 is the best over single characters of the answer, and
+many_shot passes when any one character of the answer is in the prediction. That official metric is the default
+(``official_metric=True``: scores compare with published ones); ``official_metric=False`` takes the answer as
+one reference. Both are recorded for every sample (``score_official``, ``score_whole_answer``).
+
+Deliberate deviations, all documented: Tree-sitter function extraction in repoqa is not used (the first fenced
+code block is taken, the official fallback). With own answers, a follow-up starts with the chat template's text
+between an assistant message and the next user message, less its end-of-turn token (the official renders the
+user message alone and strips an empty system message, which for templates with a default system prompt puts
+that prompt in the middle of the conversation). In chat mode the official mf follow-ups all reuse the LAST turn's "What is ...?" prefix
 (a leaked loop variable); here each turn uses its own.
 
 Context length: the context is middle-truncated so that the whole conversation (context, every query, and in
-multi-turn mode every golden answer) fits ``ctx.max_context_tokens``.
+multi-turn mode every golden answer) fits ``ctx.max_context_tokens``. ``max_turns`` defaults to 5, as the
+official ``--max_turns``.
 """
 from __future__ import annotations
 
@@ -264,6 +279,18 @@ def repoqa_match(prediction: str, name: str, needles: list[tuple[str, str]], thr
     return best_name == name and best_sim >= threshold
 
 
+CHAR_LOOP_TASKS = ("scbench_qa_chn", "scbench_many_shot")
+
+
+def official_labels(task: str, turn: dict) -> list[str]:
+    """What the official scorer iterates over: a string answer of qa_chn or many_shot, character by character
+    (``get_ground_truth`` leaves it unwrapped); otherwise the references as ``_refs`` gives them."""
+    ans = turn.get("answer")
+    if task in CHAR_LOOP_TASKS and isinstance(ans, str):
+        return list(ans)
+    return _refs(task, turn)
+
+
 def turn_score(task: str, subtask: str, prediction: str, refs: list[str], name: str | None = None,
                needles: list[tuple[str, str]] | None = None) -> float:
     """One turn's score in 0-100. ``subtask`` is the turn's own task for the mixed tasks (else = task)."""
@@ -366,7 +393,11 @@ class SCBench:
     tasks: tuple[str, ...] = SCBENCH_TASKS  # which of the 12 tasks
     mode: str = "multi-turn"  # or "multi-request" (official --same_context_different_query)
     own_answers: bool = False  # multi-turn: the model's own answers stay in context instead of the golden ones
-    max_turns: int | None = None  # keep the first N turns of each example (official --max_turns)
+    max_turns: int | None = 5  # keep the first N turns of each example (official --max_turns, default 5); None: all
+    # multi-turn: compress the context alone, before turn 1's question (the official prefills them together)
+    query_agnostic: bool = False
+    # qa_chn and many_shot: the official character-loop metric as the headline score (False: whole answer)
+    official_metric: bool = True
 
     def __post_init__(self):
         self.tasks = as_names(self.tasks)
@@ -379,10 +410,15 @@ class SCBench:
         self.mode = mode
         if isinstance(self.own_answers, str):
             self.own_answers = self.own_answers.strip().lower() in ("1", "true", "yes", "on")
+        for flag in ("query_agnostic", "official_metric"):
+            if isinstance(getattr(self, flag), str):
+                setattr(self, flag, getattr(self, flag).strip().lower() in ("1", "true", "yes", "on"))
         if self.own_answers and self.mode == "multi-request":
             raise TaskError("own_answers applies to multi-turn mode only")
         if self.max_turns is not None:
             self.max_turns = int(self.max_turns)
+            if self.max_turns < 1:
+                raise TaskError(f"SCBench max_turns must be at least 1 (got {self.max_turns}); omit it for all turns")
 
     # -- data ---------------------------------------------------------------------------------------------
     def load(self, data: str | None) -> dict[str, list[dict]]:
@@ -492,6 +528,9 @@ class SCBench:
             raise TaskError(f"{task}: the window ({ctx.max_context_tokens} tokens) cannot hold the queries "
                             f"and answers of one example ({extra + len(first_raw)} tokens)")
         context_ids, question_ids = build_prompt(tokenizer, prefix, first, chat=chat, max_len=budget)
+        with_context = self.mode == "multi-turn" and not self.query_agnostic
+        if with_context:  # the official first turn: context and question prefilled (compressed) as one prompt
+            context_ids, question_ids = context_ids + question_ids, []
 
         sample_turns = []
         for k, (ids, n_answer) in enumerate(follow_ids, start=1):
@@ -500,6 +539,7 @@ class SCBench:
                 question_ids=ids, answers=_refs(task, turns[k]), max_new_tokens=_max_new(task, sub),
                 answer_ids=None, meta={"turn": k, "task": sub, "golden_answer_tokens": n_answer}))
         names = [t.get("name") for t in turns]
+        labels = [official_labels(task, t) for t in turns] if task in CHAR_LOOP_TASKS else None
         return Sample(
             id=f"{task}/{eg.get('id', index)}",
             context_ids=context_ids,
@@ -508,7 +548,8 @@ class SCBench:
             max_new_tokens=_max_new(task, subtasks[0]),
             meta={"task": task, "turn_tasks": subtasks, "turn_names": names, "n_turns": len(turns),
                   "mode": self.mode, "own_answers": self.own_answers, "golden_context": not self.own_answers
-                  and self.mode == "multi-turn", "repo": eg.get("repo"), "lang": eg.get("lang")},
+                  and self.mode == "multi-turn", "repo": eg.get("repo"), "lang": eg.get("lang"),
+                  "first_question_with_context": with_context, "official_labels": labels},
             turns=sample_turns,
             turn_mode=self.mode,
         )
@@ -523,7 +564,10 @@ class SCBench:
                 continue
             if ctx.limit is not None:
                 rows = rows[: ctx.limit]
-            out.extend(self._sample(task, i, eg, tokenizer, ctx) for i, eg in enumerate(rows))
+            samples = [self._sample(task, i, eg, tokenizer, ctx) for i, eg in enumerate(rows)]
+            if task in ("scbench_repoqa", "scbench_repoqa_and_kv"):
+                _attach_repo_needles(samples)
+            out.extend(samples)
         return out
 
     def score(self, sample: Sample, prediction: str | list[str]) -> dict[str, float]:
@@ -535,16 +579,24 @@ class SCBench:
         refs = [sample.answers] + [t.answers for t in sample.turns]
         subtasks = sample.meta.get("turn_tasks") or [task] * len(refs)
         names = sample.meta.get("turn_names") or [None] * len(refs)
-        needles = [(names[k], refs[k][0]) for k in range(len(refs))
-                   if subtasks[k] == "scbench_repoqa" and names[k] is not None]
+        needles = [tuple(n) for n in sample.meta.get("repo_needles") or []] or _needles(sample)
+        labels = sample.meta.get("official_labels")
         out: dict[str, float] = {}
         by_sub: dict[str, list[float]] = {}
+        official, whole = [], []
         for k, pred in enumerate(preds[: len(refs)]):
             s = turn_score(task, subtasks[k], pred or "", refs[k], name=names[k], needles=needles)
+            if labels is not None:
+                whole.append(s)
+                official.append(turn_score(task, subtasks[k], pred or "", labels[k]))
+                s = official[-1] if self.official_metric else s
             out[f"turn_{k}"] = s
             by_sub.setdefault(subtasks[k], []).append(s)
         vals = [out[f"turn_{k}"] for k in range(min(len(preds), len(refs)))]
         out["score"] = sum(vals) / len(vals) if vals else 0.0
+        if labels is not None and official:
+            out["score_official"] = sum(official) / len(official)
+            out["score_whole_answer"] = sum(whole) / len(whole)
         if task in ("scbench_summary_with_needles", "scbench_repoqa_and_kv"):
             for sub, v in by_sub.items():
                 out[sub.replace("scbench_", "")] = sum(v) / len(v)
@@ -560,6 +612,25 @@ class SCBench:
         heads = [v["score"] for v in per_task.values() if "score" in v]
         return {"n": len(records), "mode": self.mode, "own_answers": self.own_answers,
                 "score": sum(heads) / len(heads) if heads else float("nan"), "per_task": per_task}
+
+
+def _needles(sample: Sample) -> list[tuple[str, str]]:
+    """(function name, code) of every repoqa turn of one sample."""
+    refs = [sample.answers] + [t.answers for t in sample.turns]
+    subtasks = sample.meta.get("turn_tasks") or [sample.meta["task"]] * len(refs)
+    names = sample.meta.get("turn_names") or [None] * len(refs)
+    return [(names[k], refs[k][0]) for k in range(len(refs)) if subtasks[k] == "scbench_repoqa" and names[k]]
+
+
+def _attach_repo_needles(samples: list[Sample]) -> None:
+    """The official repoqa candidates: every function asked about in the run for the sample's repository."""
+    by_repo: dict[Any, list[tuple[str, str]]] = {}
+    for s in samples:
+        by_repo.setdefault(s.meta.get("repo"), []).extend(_needles(s))
+    for s in samples:
+        repo = s.meta.get("repo")
+        needles = by_repo[repo] if repo is not None else _needles(s)  # no repository named: its own turns
+        s.meta["repo_needles"] = [list(n) for n in dict.fromkeys(needles)]
 
 
 def _single(task: str) -> type:

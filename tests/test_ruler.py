@@ -13,6 +13,7 @@ from kvbench.tasks import ruler as rl  # noqa: E402
 from kvbench.tasks.ruler import Ruler  # noqa: E402
 
 SHARED = Path(__file__).parents[1] / ".." / "shared" / "data"
+QA_FIXTURES = Path(__file__).parent / "fixtures" / "ruler"
 HEAD = "<|im_start|>user\n"
 NOISE_TASKS = "niah_single_1,niah_multikey_2,niah_multikey_3"
 
@@ -62,9 +63,9 @@ def check_needles(t, s):
 
 
 def test_tables_match_ruler():
-    assert len(rl.RULER_TASKS) == 11
+    assert len(rl.RULER_TASKS) == 13 and rl.RULER_TASKS[-2:] == ("qa_1", "qa_2")
     assert rl.DEPTHS[:5] == [0, 3, 5, 8, 10] and rl.DEPTHS[-1] == 100 and len(rl.DEPTHS) == 40
-    assert {rl.TEMPLATES[c]["tokens_to_generate"] for c in rl.TEMPLATES} == {128, 30, 120, 50}
+    assert {rl.TEMPLATES[c]["tokens_to_generate"] for c in rl.TEMPLATES} == {128, 30, 120, 50, 32}
     assert rl.NIAH_CONFIG["niah_multikey_3"]["type_needle_k"] == "uuids"
     assert rl.NIAH_CONFIG["niah_single_1"]["type_haystack"] == "noise"
     assert rl.zeta(2.0) == pytest.approx(1.6449340668482264, rel=1e-12)
@@ -200,4 +201,78 @@ def test_scores_summary_and_skipped_lengths():
     with pytest.raises(TaskError):
         Ruler(tasks="niah_single_1", lengths=(65536,)).samples(t, TaskContext(max_context_tokens=4000))
     with pytest.raises(TaskError):
-        Ruler(tasks="qa_1")
+        Ruler(tasks="qa_3")
+
+
+def test_qa_readers_follow_ruler():
+    squad = rl.read_qa(str(QA_FIXTURES / "squad.json"), "squad")
+    assert [q["query"] for q in squad.qas] == ["What does the osprey eat?", "Where do ospreys spend the winter?",
+                                               "What is granite mostly made of?", "Where was the Pharos?"]  # no impossible
+    assert len(squad.docs) == 7 and list(squad.docs) == sorted(squad.docs)
+    first = squad.qas[0]
+    assert first["outputs"] == ["fish", "fish-eating"]
+    assert squad.docs[first["context"][0]].startswith("The osprey is a fish-eating bird")
+    assert [squad.docs[i] for i in first["more_context"]] == [
+        "Ospreys migrate to South America in the winter and return to the north in spring."]
+    hotpot = rl.read_qa(str(QA_FIXTURES / "hotpotqa.json"), "hotpotqa")
+    assert len(hotpot.qas) == 3 and len(hotpot.docs) == 10  # the shared "Difference Engine" document once
+    assert hotpot.docs[hotpot.qas[0]["context"][1]] == ("Ada Lovelace\nAda Lovelace wrote the first program for the "
+                                                        "Analytical Engine. She was a mathematician.")
+
+
+@pytest.mark.parametrize("task", ["qa_1", "qa_2"])
+def test_qa_samples_in_the_official_format(task):
+    t = tok()
+    samples = Ruler(tasks=task, lengths=(1024, 512), n_per_task=3).samples(
+        t, TaskContext(max_context_tokens=8192, data=str(QA_FIXTURES)))
+    assert [s.id for s in samples] == [f"{task}/{L}/{i}" for L in (1024, 512) for i in range(3)]
+    data = rl.read_qa(str(QA_FIXTURES / ("squad.json" if task == "qa_1" else "hotpotqa.json")), rl.QA_DATASETS[task])
+    for s in samples:
+        assert s.max_new_tokens == 32 and len(s.context_ids) + len(s.question_ids) + 32 <= s.meta["length"]
+        qa = data.qas[s.meta["question_index"]]
+        assert s.answers == qa["outputs"]
+        body = prefix_of(t, s)
+        assert body.startswith("Answer the question based on the given documents. Only give me the answer and do not "
+                               "output any other words.\n\nThe following are given documents.\n\nDocument 1:\n")
+        for i in qa["context"]:  # the question's own documents are always there
+            assert data.docs[i] in body
+        assert body.count("Document ") == s.meta["num_docs"]
+        q = t.decode(s.question_ids)
+        assert q.startswith("\n\nAnswer the question based on the given documents.")
+        assert q.endswith(f"Question: {qa['query']}<|im_end|>\n<|im_start|>assistant\n Answer:")
+    # sample i asks the i-th question; a longer length holds more documents (up to repeating the dataset)
+    assert [s.meta["question_index"] for s in samples[:3]] == [0, 1, 2]
+    assert samples[0].meta["num_docs"] > samples[3].meta["num_docs"]
+    # RULER's string_match_part for QA: any one reference
+    s = samples[0]
+    assert Ruler().score(s, f"It is {s.answers[-1]}.")["score"] == 100.0
+    assert Ruler().score(s, "no idea")["score"] == 0.0
+
+
+def test_qa_needs_its_file_and_the_average_is_over_thirteen(tmp_path):
+    with pytest.raises(TaskError) as e:
+        Ruler(tasks="qa_1").samples(tok(), TaskContext(max_context_tokens=8192, data=str(tmp_path)))
+    assert "squad.json" in str(e.value) and "\n" not in str(e.value)
+    (tmp_path / "hotpotqa.json").write_text('{"not": "a list"}', encoding="utf-8")
+    with pytest.raises(TaskError) as e:
+        Ruler(tasks="qa_2").samples(tok(), TaskContext(max_context_tokens=8192, data=str(tmp_path)))
+    assert "official schema" in str(e.value)
+    records = [{"scores": {"score": float(i)}, "meta": {"task": t, "length": 4096}}
+               for i, t in enumerate(rl.RULER_TASKS)]
+    out = Ruler().summarize(records)
+    assert len(out["per_task"]) == 13 and out["score"] == pytest.approx(sum(range(13)) / 13)
+
+
+def test_cwe_shot_in_its_own_chat_turn():
+    t = tok()
+    s = Ruler(tasks="cwe", lengths=(2048,), n_per_task=1).samples(t, TaskContext(max_context_tokens=8192))[0]
+    text = t.decode(s.context_ids + s.question_ids)
+    turns = text.split("<|im_start|>user\n")
+    assert turns[0] == "" and len(turns) == 3  # the worked example's turn, then the task's
+    shot = turns[1]
+    assert shot.startswith("Below is a numbered list of words.")
+    assert "<|im_end|>\n<|im_start|>assistant\n Answer: The top 10 words that appear most often in the list are: 1. " \
+        in shot and shot.endswith("\n")
+    assert turns[2].endswith("<|im_end|>\n<|im_start|>assistant\n Answer: The top 10 words that appear most often "
+                             "in the list are:")
+    assert len(s.context_ids) + len(s.question_ids) + 120 <= 2048

@@ -41,7 +41,7 @@ def test_all_twelve_fixtures_load_in_both_modes():
 
 
 def test_multi_turn_chat_golden_answers_between_turns():
-    tok, task, samples = make({"tasks": "scbench_kv"})
+    tok, task, samples = make({"tasks": "scbench_kv", "query_agnostic": True})
     s = samples[0]
     eg = rows("scbench_kv")[0]
     t0, t1 = eg["multi_turns"]
@@ -74,7 +74,7 @@ def test_multi_turn_own_answers_and_no_chat_template():
     assert q == "\n<|im_start|>user\nQuestion: How many crew members did Mara save?\nAnswer:" + END + GEN
     assert own[0].meta["own_answers"] and not own[0].meta["golden_context"]
     plain = make_tokenizer(chat_template=False)
-    _, _, golden = make({"tasks": "scbench_qa_eng"}, tok=plain)
+    _, _, golden = make({"tasks": "scbench_qa_eng", "query_agnostic": True}, tok=plain)
     s = golden[0]
     assert plain.decode(s.context_ids).startswith("Read the book and answer the question. Be very concise")
     assert plain.decode(s.question_ids) == "\n\nQuestion: What is the name of Mara's cat?\nAnswer:"
@@ -98,7 +98,7 @@ def test_multi_request_shares_the_context():
 
 
 def test_mf_list_context_and_prefix():
-    tok, task, samples = make({"tasks": "scbench_mf"})
+    tok, task, samples = make({"tasks": "scbench_mf", "query_agnostic": True})
     s = samples[0]
     head = tok.decode(s.context_ids)
     assert head == "<|im_start|>user\nWhat is the largest number of the list?\n\n[17, 3, 92, 45, 8, 61]"
@@ -110,7 +110,8 @@ def test_mf_list_context_and_prefix():
 
 
 def test_summary_follow_up_is_primed_and_mixed_tasks_max_tokens():
-    tok, task, samples = make({"tasks": "scbench_summary,scbench_summary_with_needles,scbench_repoqa_and_kv"})
+    tok, task, samples = make({"tasks": "scbench_summary,scbench_summary_with_needles,scbench_repoqa_and_kv",
+                               "query_agnostic": True})
     summ, needles, rkv = samples
     assert tok.decode(summ.turns[0].question_ids).endswith(GEN + "This paper")
     assert not tok.decode(summ.question_ids).endswith("This paper")
@@ -123,8 +124,8 @@ def test_summary_follow_up_is_primed_and_mixed_tasks_max_tokens():
 
 def test_context_truncated_so_the_conversation_fits():
     tok = make_tokenizer()
-    _, _, full = make({"tasks": "scbench_repoqa"}, tok=tok)
-    _, _, cut = make({"tasks": "scbench_repoqa"}, ctx_tokens=300, tok=tok)
+    _, _, full = make({"tasks": "scbench_repoqa", "query_agnostic": True}, tok=tok)
+    _, _, cut = make({"tasks": "scbench_repoqa", "query_agnostic": True}, ctx_tokens=300, tok=tok)
     s = cut[0]
     total = len(s.context_ids) + len(s.question_ids) + sum(len(t.question_ids) for t in s.turns)
     assert len(full[0].context_ids) > len(s.context_ids)
@@ -210,3 +211,139 @@ def test_parquet_hub_layout(tmp_path):
     tok = make_tokenizer()
     samples = SCBench(tasks="scbench_vt").samples(tok, TaskContext(max_context_tokens=4096, data=str(tmp_path)))
     assert samples[0].answers == ["QWERT", "ASDFG", "ZXCVB"]
+
+
+class _EosTokenizer:
+    """The engine's tokenizer for id-level tests: decode shows the ids; EOS is chosen per test."""
+
+    def __init__(self, eos):
+        self.eos_token_id = eos
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def _engine(eos, protocol="query-agnostic", method="full", budget=1.0):
+    from tests.test_spine import tiny
+
+    from kvbench import registry
+    from kvbench.models import LoadedModel
+    from kvbench.runner import Engine
+    lm = tiny("llama")
+    return Engine(LoadedModel(lm.model, _EosTokenizer(eos), lm.name, lm.window), registry.build_method(method, budget),
+                  protocol=protocol)
+
+
+def _two_turns(max_new=6):
+    from tests.test_spine import prompt
+
+    from kvbench.task import Sample, Turn
+    return Sample("s", prompt(40, 1), prompt(5, 2), [], max_new, turns=[Turn(prompt(4, 3), [], max_new)])
+
+
+def _cached_tokens(rec) -> float:
+    per_token = rec["kv_bytes_full_prefill"] / (rec["context_tokens"] + rec["question_tokens"])
+    return rec["kv_bytes_full_end"] / per_token
+
+
+def test_own_answers_feed_an_answer_once_and_eos_only_after_a_cut():
+    s = _two_turns()
+    free = _engine(None).multi_turn(s, own_answers=True)
+    g = [int(t) for t in free[0]["prediction"].split()]
+    assert len(g) == 6 and g[2] not in g[:2]
+    base = 40 + 5 + 4  # context, first question, second question
+    # ends on EOS after two tokens: both in the cache once, EOS not fed (the old runner fed the last one twice)
+    ended = _engine(g[2]).multi_turn(s, own_answers=True)
+    assert ended[0]["prediction"].split() == [str(t) for t in g[:2]]
+    n1 = ended[1]["new_tokens"]
+    assert _cached_tokens(ended[1]) == base + 2 + (n1 if n1 < 6 else n1 - 1)
+    # cut at the limit (an EOS id never generated): its last token not fed, EOS fed instead (official loop)
+    never = next(t for t in range(3, 1000) if t not in g)
+    s3 = _two_turns(max_new=3)
+    cut = _engine(never).multi_turn(s3, own_answers=True)
+    assert cut[0]["new_tokens"] == 3
+    n1 = cut[1]["new_tokens"]
+    assert _cached_tokens(cut[1]) == base + (3 - 1) + 1 + (n1 if n1 < 3 else n1 - 1)
+
+
+def test_first_question_is_compressed_with_the_context_by_default():
+    tok = make_tokenizer()
+    _, _, official = make({"tasks": "scbench_kv"}, tok=tok)
+    _, _, agnostic = make({"tasks": "scbench_kv", "query_agnostic": True}, tok=tok)
+    o, a = official[0], agnostic[0]
+    assert o.question_ids == [] and o.context_ids == a.context_ids + a.question_ids and a.question_ids
+    assert o.meta["first_question_with_context"] and not a.meta["first_question_with_context"]
+    assert [t.question_ids for t in o.turns] == [t.question_ids for t in a.turns]
+    # multi-request keeps the context alone (official SCDQ); the first query is answered on it like the others
+    _, _, req = make({"tasks": "scbench_kv", "mode": "multi-request"}, tok=tok)
+    assert req[0].question_ids and not req[0].meta["first_question_with_context"]
+
+
+def test_runner_compresses_the_first_question_with_the_context():
+    from tests.test_spine import prompt
+
+    from kvbench.task import Sample, Turn
+    turns = [Turn(prompt(4, 3), [], 2)]
+    ctx, q = prompt(120, 1), prompt(20, 2)
+    official = Sample("o", ctx + q, [], [], 2, turns=turns)
+    agnostic = Sample("a", ctx, q, [], 2, turns=turns)
+    rec_o = _engine(None, method="snapkv", budget=0.25).multi_turn(official)[0]
+    rec_a = _engine(None, method="snapkv", budget=0.25).multi_turn(agnostic)[0]
+    assert rec_o["kv_bytes_compressed"] == pytest.approx(rec_a["kv_bytes_compressed"] * 35 / 30, rel=0.02)
+    # query-aware protocol on the query-agnostic split compresses context and question together too
+    rec_qa = _engine(None, protocol="query-aware", method="snapkv", budget=0.25).multi_turn(agnostic)[0]
+    assert rec_qa["kv_bytes_compressed"] == rec_o["kv_bytes_compressed"]
+
+
+def test_max_turns_defaults_to_five():
+    assert SCBench().max_turns == 5
+    eg = {"id": 0, "context": "abc " * 50, "multi_turns": [{"input": f"q{i}", "answer": f"a{i}"} for i in range(7)]}
+    s = SCBench(tasks="scbench_kv")._sample("scbench_kv", 0, eg, make_tokenizer(), TaskContext(4096))
+    assert s.meta["n_turns"] == 5 and len(s.turns) == 4
+    assert len(SCBench(tasks="scbench_kv", max_turns=None)._sample(
+        "scbench_kv", 0, eg, make_tokenizer(), TaskContext(4096)).turns) == 6
+    with pytest.raises(TaskError):
+        SCBench(max_turns=0)
+
+
+def test_qa_chn_and_many_shot_official_character_loop_metric():
+    tok = make_tokenizer()
+    _, task, (chn,) = make({"tasks": "scbench_qa_chn"}, tok=tok)
+    ans = rows("scbench_qa_chn")[0]["multi_turns"][0]["answer"]
+    assert isinstance(ans, str) and len(ans) > 1
+    pred = ans[0]  # one right character
+    out = task.score(chn, [pred])
+    # official: the best F1 over single characters of the answer (1.0 for a one-character prediction found there)
+    assert out["score"] == out["score_official"] == 100.0
+    assert out["score_whole_answer"] == pytest.approx(100 * sc.qa_f1_zh_chars(pred, ans))
+    whole = SCBench(tasks="scbench_qa_chn", official_metric=False)
+    assert whole.score(chn, [pred])["score"] == out["score_whole_answer"] < 100.0
+    _, task, (shot,) = make({"tasks": "scbench_many_shot"}, tok=tok)
+    label = rows("scbench_many_shot")[0]["multi_turns"][0]["answer"]
+    other = next(c for c in "QXZJ#@" if c.upper() not in str(label).upper())
+    wrong = other + str(label)[-1]  # shares one character with the answer, not the answer
+    out = task.score(shot, [wrong])
+    assert out["score_official"] == 100.0 and out["score_whole_answer"] == 0.0 and out["score"] == 100.0
+
+
+def test_repoqa_candidates_are_the_whole_repos_functions():
+    tok = make_tokenizer()
+    fn_a = "def alpha(x):\n    return x + 1\n"
+    fn_b = "def beta(y):\n    return y * 2\n"
+    fn_c = "def gamma(z):\n    return z - 3\n"
+    egs = [{"id": 0, "context": "code " * 30, "repo": "r", "lang": "python",
+            "multi_turns": [{"input": "Find alpha", "answer": fn_a, "name": "alpha"}]},
+           {"id": 1, "context": "code " * 30, "repo": "r", "lang": "python",
+            "multi_turns": [{"input": "Find beta", "answer": fn_b, "name": "beta"}]},
+           {"id": 2, "context": "code " * 30, "repo": "other", "lang": "python",
+            "multi_turns": [{"input": "Find gamma", "answer": fn_c, "name": "gamma"}]}]
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, "scbench_repoqa.jsonl").write_text("\n".join(json.dumps(e) for e in egs), encoding="utf-8")
+        task = SCBench(tasks="scbench_repoqa")
+        s0, s1, s2 = task.samples(tok, TaskContext(4096, data=d))
+    assert sorted(n for n, _ in s0.meta["repo_needles"]) == ["alpha", "beta"]
+    assert [n for n, _ in s2.meta["repo_needles"]] == ["gamma"]
+    # answering beta's code to alpha's question: the repo has beta, so it is the best match, and wrong
+    assert task.score(s0, ["```python\n" + fn_b + "```"])["score"] == 0.0
+    assert task.score(s0, ["```python\n" + fn_a + "```"])["score"] == 100.0
