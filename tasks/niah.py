@@ -30,6 +30,12 @@ def load_texts(path: str | Path) -> str:
     raise TaskError(f"no text found at {path}: pass --data with a directory of .txt files or a text file")
 
 
+def _depth_id(depth: float) -> str:
+    """Two decimals as before (stable ids for resumed runs), more where the depth has more (0.501)."""
+    short = f"{depth:.2f}"
+    return short if float(short) == depth else repr(float(depth))
+
+
 @dataclass
 class NIAH:
     name: str = "niah"
@@ -61,7 +67,7 @@ class NIAH:
                 at = self._boundary(tokenizer, body, int(room * depth))
                 ids = body[:at] + needle + body[at:]
                 context, question = build_prompt(tokenizer, "Document:\n" + tokenizer.decode(ids), suffix, chat=True)
-                out.append(Sample(id=f"niah-{length}-{depth:.2f}", context_ids=context, question_ids=question,
+                out.append(Sample(id=f"niah-{length}-{_depth_id(depth)}", context_ids=context, question_ids=question,
                                   answers=[self.answer], max_new_tokens=self.max_new_tokens,
                                   meta={"length": length, "depth": depth, "needle_token": at}))
         return out[: ctx.limit] if ctx.limit else out

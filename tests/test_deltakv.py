@@ -20,7 +20,7 @@ from kvbench.runner import Engine
 from kvbench.train_deltakv import reconstruct_training, roff_to_text
 from tests.test_spine import prompt, sample, tiny
 
-SMALL = {"window": 8, "sinks": 4, "stride": 3, "neighbors": 2}
+SMALL = {"window": 8, "sinks": 4, "stride": 3, "neighbors": 2, "random_init": True}
 
 
 def deltakv(lm, **params):
