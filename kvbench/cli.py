@@ -32,7 +32,24 @@ def _kv_pairs(items: tuple[str, ...], what: str) -> dict:
     return out
 
 
-@click.group()
+class _OneLineErrors(click.Group):
+    """Usage mistakes (a missing option, a value of the wrong type) as one ``error:`` line, exit 2, like every
+    other mistake kvbench reports; ``--help`` says the rest."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else "kvbench"
+            _fail(f"{e.format_message()} (see `{where} --help`)")
+        except click.ClickException as e:
+            _fail(e.format_message())
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_OneLineErrors)
 def main():
     """kvbench: compare KV-cache compression methods on one harness."""
     # Stores are rebuilt at many sizes (compression, growth, batching): without expandable segments the
@@ -146,14 +163,16 @@ _RATIO = click.option("--ratio", default="prefill", show_default=True, type=clic
 def leaderboard(root, out, model, task, protocol, budget, levels, ratio):
     """Aggregate every run into one table, methods ranked at matched measured memory."""
     from kvbench import leaderboard as lb
+    budgets = _csv(budget, float, "--budget") if budget else None
+    at = _csv(levels, float, "--at") if levels else None
     everything = lb.collect(root)
-    df = lb.select(everything, model, task, protocol, _csv(budget, float, "--budget") if budget else None)
+    df = lb.select(everything, model, task, protocol, budgets)
     for _, bad in everything[everything["status"] == "unreadable"].iterrows():
         click.echo(f"warning: {bad['error']}", err=True)
     if df.empty:
         _fail(f"no runs under {root}/runs match")
-    paths = lb.write(df, out or root, ratio, _csv(levels, float, "--at") if levels else None)
-    click.echo(lb.render_markdown(df, ratio, _csv(levels, float, "--at") if levels else None))
+    paths = lb.write(df, out or root, ratio, at)
+    click.echo(lb.render_markdown(df, ratio, at))
     click.echo("written: " + ", ".join(map(str, paths)))
 
 

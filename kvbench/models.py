@@ -134,7 +134,9 @@ def smollm2_gguf() -> Path:
 
 def _from_pretrained(source: str, dtype, device, trust_remote_code: bool, local_only: bool, gguf_file: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
     attention.register()
+    hf_logging.disable_progress_bar()  # kvbench shows its own progress; stderr stays for what went wrong
     kw = dict(trust_remote_code=trust_remote_code, local_files_only=local_only)
     if gguf_file:
         kw["gguf_file"] = gguf_file
