@@ -318,11 +318,14 @@ class Bench:
                 raise BenchError(f"unknown peer '{p}'; peers are hf and kvpress")
         from kvbench import registry
         for m in cfg.methods + ([cfg.chunk_method] if cfg.chunked_prefill else []):
-            registry.build_method(m, 0.5 if m != "full" else 1.0)  # unknown names fail here, before loading
+            registry.build_for_timing(m, 0.5 if m != "full" else 1.0)  # unknown names fail here, before loading
         name = self.preset or Path(cfg.model).name
         self.out = Path(cfg.out or f"results/bench/{name}-{self.device.split(':')[0]}")
         self.out.mkdir(parents=True, exist_ok=True)
-        self.records_path = self.out / "bench.jsonl"
+        # Records go to a partial file, renamed over bench.jsonl when the bench ends: a bench that is killed
+        # or fails leaves the previous bench.jsonl whole.
+        self.final_path = self.out / "bench.jsonl"
+        self.records_path = self.out / "bench.jsonl.partial"
         self.records_path.write_text("")
         self.started = time.perf_counter()
         if cfg.model is None:
@@ -413,7 +416,7 @@ class Bench:
         ids = prompt_ids(self.cfg.seed, context, batch, self.vocab)
         samples = [Sample(f"b{i}", ids[i].tolist(), [], [], new) for i in range(batch)]
         del ids
-        engine = Engine(self.lm, registry.build_method(method, budget))
+        engine = Engine(self.lm, registry.build_for_timing(method, budget))
         engine.eos = set()  # exactly ``new`` tokens, like the peers' min_new_tokens
         failure = None
         try:
@@ -472,6 +475,7 @@ class Bench:
         largest = self.largest_batches(points, bw) if cfg.largest_batch else []
         records = [env] + points + peer_recs + largest + chunked
         records.append(self.emit({"kind": "targets", "rows": targets(records)}))
+        os.replace(self.records_path, self.final_path)
         write_table(self.out / "bench.md", records)
         return records
 
@@ -511,7 +515,7 @@ class Bench:
         method_params = {}
         for m, _ in compressing:
             from kvbench import registry
-            params = asdict(registry.build_method(m, 0.5))
+            params = asdict(registry.build_for_timing(m, 0.5))
             method_params[m] = {k: v for k, v in params.items() if not isinstance(v, (dict, list))}
         spec_base = {"device": self.device, "dtype": str(self.dtype).replace("torch.", ""), "seed": cfg.seed,
                      "new_tokens": cfg.new_tokens, "prompts": str(prompts), "warmup_tokens": min(cfg.contexts[0], 512),
@@ -617,7 +621,7 @@ class Bench:
                 out.append(self.emit({**base, "status": "skipped", "error": "time limit reached"}))
                 continue
             self.echo(f"prefill {n} tokens: {method}@{budget}, chunk {chunk} ...")
-            engine = Engine(self.lm, registry.build_method(method, budget), prefill_chunk=chunk)
+            engine = Engine(self.lm, registry.build_for_timing(method, budget), prefill_chunk=chunk)
             peak = PeakMemory(self.device)
             try:
                 cache, _, info = engine.prefill(sample)
@@ -787,7 +791,8 @@ def render(records: list[dict]) -> str:
 
 
 def write_table(path: Path, records: list[dict]) -> None:
-    path.write_text(render(records))
+    from kvbench import results
+    results.write_text(path, render(records))
 
 
 def read_records(path: Path) -> list[dict]:

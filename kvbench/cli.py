@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -15,9 +16,10 @@ USER_ERRORS: tuple[type[BaseException], ...] = ()
 def _user_errors() -> tuple[type[BaseException], ...]:
     from kvbench.method import BudgetError
     from kvbench.models import ModelError
-    from kvbench.registry import UnknownNameError
+    from kvbench.registry import ParameterError, UnknownNameError
+    from kvbench.results import ResultsError
     from kvbench.task import TaskError
-    return (BudgetError, ModelError, UnknownNameError, TaskError, FileNotFoundError)
+    return (BudgetError, ModelError, UnknownNameError, ParameterError, TaskError, ResultsError, FileNotFoundError)
 
 
 def _kv_pairs(items: tuple[str, ...], what: str) -> dict:
@@ -30,7 +32,24 @@ def _kv_pairs(items: tuple[str, ...], what: str) -> dict:
     return out
 
 
-@click.group()
+class _OneLineErrors(click.Group):
+    """Usage mistakes (a missing option, a value of the wrong type) as one ``error:`` line, exit 2, like every
+    other mistake kvbench reports; ``--help`` says the rest."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else "kvbench"
+            _fail(f"{e.format_message()} (see `{where} --help`)")
+        except click.ClickException as e:
+            _fail(e.format_message())
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_OneLineErrors)
 def main():
     """kvbench: compare KV-cache compression methods on one harness."""
     # Stores are rebuilt at many sizes (compression, growth, batching): without expandable segments the
@@ -93,15 +112,17 @@ def list_cmd(what):
 def run(method, task, budget, model, random_weights, trust_remote_code, method_arg, task_arg, query_aware, prefill_chunk, batch_size,
         data, limit, seed, temperature, device, dtype, max_context, out, checkpoint, artifact):
     """Run one method on one task; resumes if the same run was started before."""
-    from kvbench.runner import RunConfig, run as run_one
+    from kvbench.runner import RunConfig, check_config, run as run_one
     if checkpoint is not None:
         method_arg = method_arg + (f"checkpoint={checkpoint}",)
     if artifact is not None:
         method_arg = method_arg + (f"artifact={artifact}",)
-    if batch_size < 1:
-        _fail("--batch-size must be at least 1")
-    if prefill_chunk is not None and prefill_chunk < 1:
-        _fail("--prefill-chunk must be at least 1")
+    for option, value in (("--batch-size", batch_size), ("--prefill-chunk", prefill_chunk), ("--limit", limit),
+                          ("--max-context", max_context)):
+        if value is not None and value < 1:
+            _fail(f"{option} must be at least 1, got {value}")
+    if not 0 <= temperature < float("inf"):
+        _fail(f"--temperature must be a finite number >= 0, got {temperature}")
     cfg = RunConfig(method=method, task=task, budget=_budget(budget), model=model, random_weights=random_weights,
                     trust_remote_code=trust_remote_code,
                     method_params=_kv_pairs(method_arg, "--method-arg"), task_params=_kv_pairs(task_arg, "--task-arg"),
@@ -109,6 +130,7 @@ def run(method, task, budget, model, random_weights, trust_remote_code, method_a
                     batch_size=batch_size, seed=seed, temperature=temperature, dtype=dtype, device=device,
                     data=data, limit=limit, max_context=max_context, out=out)
     try:
+        check_config(cfg)
         registry.build_method(method, cfg.budget, cfg.method_params)  # validate before loading a model
         registry.build_task(task, cfg.task_params)
         run_dir = run_one(cfg)
@@ -116,7 +138,7 @@ def run(method, task, budget, model, random_weights, trust_remote_code, method_a
         _fail(str(e))
     import json
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    summary = {k: v for k, v in metrics["summary"].items() if isinstance(v, (int, float))}
+    summary = {k: v for k, v in metrics["summary"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     click.echo(f"{method} budget={budget} on {task}: " + ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
     click.echo(f"measured KV ratio: prefill {metrics['kv_ratio_prefill']:.3f}, end {metrics['kv_ratio_end']:.3f}")
     click.echo(f"results: {run_dir}")
@@ -145,11 +167,16 @@ _RATIO = click.option("--ratio", default="prefill", show_default=True, type=clic
 def leaderboard(root, out, model, task, protocol, budget, levels, ratio):
     """Aggregate every run into one table, methods ranked at matched measured memory."""
     from kvbench import leaderboard as lb
-    df = lb.select(lb.collect(root), model, task, protocol, _csv(budget, float, "--budget") if budget else None)
+    budgets = _csv(budget, float, "--budget") if budget else None
+    at = _csv(levels, float, "--at") if levels else None
+    everything = lb.collect(root)
+    df = lb.select(everything, model, task, protocol, budgets)
+    for _, bad in everything[everything["status"] == "unreadable"].iterrows():
+        click.echo(f"warning: {bad['error']}", err=True)
     if df.empty:
         _fail(f"no runs under {root}/runs match")
-    paths = lb.write(df, out or root, ratio, _csv(levels, float, "--at") if levels else None)
-    click.echo(lb.render_markdown(df, ratio, _csv(levels, float, "--at") if levels else None))
+    paths = lb.write(df, out or root, ratio, at)
+    click.echo(lb.render_markdown(df, ratio, at))
     click.echo("written: " + ", ".join(map(str, paths)))
 
 
@@ -180,7 +207,10 @@ def plot(root, out, bench_root, only, ratio):
 def report(root, out, bench_root, plots_dir, ratio):
     """One self-contained HTML page: leaderboard, bench tables and every plot, embedded."""
     from kvbench.report import build
-    path = build(root, out, plots_dir=plots_dir, make_plots=plots_dir is None, ratio=ratio, bench_root=bench_root)
+    draw_into = plots_dir
+    if plots_dir is None and out is not None:  # a report elsewhere draws its plots beside it, not into ROOT/plots
+        draw_into = str(Path(out).with_name(Path(out).stem + "-plots"))
+    path = build(root, out, plots_dir=draw_into, make_plots=plots_dir is None, ratio=ratio, bench_root=bench_root)
     click.echo(f"report: {path}")
 
 
@@ -193,7 +223,7 @@ def sweep(config):
         outcomes = run_sweep(config, echo=click.echo)
     except _user_errors() as e:
         _fail(str(e))
-    if any(o["status"] in ("oom", "crash") for o in outcomes):
+    if any(o["status"] in ("oom", "crash", "busy") for o in outcomes):
         sys.exit(1)
 
 

@@ -123,7 +123,7 @@ def throughput(args) -> dict:
         runs += [("deltakv" if k is None or len(keeps) == 1 else f"deltakv(keep={k:g})",
                   {**_params(args.method_arg), **({"keep": k} if k is not None else {})}) for k in keeps]
     for name, params in runs:
-        method = registry.build_method(name.split("(")[0], 1.0, params)
+        method = registry.build_for_timing(name.split("(")[0], 1.0, params)
         engine = Engine(lm, method)
         engine.eos = set()  # every sequence decodes every step
         _free_cuda()

@@ -25,6 +25,7 @@ reference row, outside the ranking.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -77,15 +78,54 @@ def _peak_gib(trace: list[dict]) -> float | None:
     return best / 1024 ** 3 if best is not None else None
 
 
+# What two runs may differ in and still be compared: the method and its parameters, and what does not
+# change a number (when and where a run was made, where it was written). Everything else is the run's
+# *setting*: the task and its parameters, --limit, the data, the model and the exact weights it read
+# (provenance), the protocol, context, batching, seed, temperature, device and dtype.
+NOT_SETTING = ("method", "method_params", "budget", "run_id", "created", "versions", "git_commit", "out",
+               "device_name", "trace_every", "model", "model_name")
+
+
+def setting_of(config: dict) -> dict:
+    """The comparability key of a run: its config without the method, its parameters and volatile fields."""
+    key = {k: v for k, v in sorted(config.items()) if k not in NOT_SETTING}
+    key["model"] = model_label(config.get("model_name") or config.get("model"))
+    return key
+
+
+def _setting_text(key: dict) -> str:
+    return ", ".join(f"{k}={json.dumps(v, sort_keys=True, default=str)}" for k, v in key.items()
+                     if v not in (None, {}, [], False) or k in ("limit",))
+
+
+def _unreadable(run_dir: Path, why: str) -> dict:
+    return {"run_id": run_dir.name, "run_dir": str(run_dir), "status": "unreadable", "model": "?",
+            "error": f"{run_dir.name}: {why}"}
+
+
 def collect(root: str | Path = "results") -> pd.DataFrame:
-    """One row per run directory under ``root`` (complete, incomplete or failed)."""
+    """One row per run directory under ``root`` (complete, incomplete, failed, or unreadable: a corrupt
+    config.json, metrics.json or JSON-lines record is listed as an error, never left out silently)."""
     rows = []
     for run_dir in results.iter_runs(Path(root)):
-        config = _read_json(run_dir / "config.json") or {}
+        config = _read_json(run_dir / "config.json")
+        if not isinstance(config, dict):
+            rows.append(_unreadable(run_dir, "config.json is corrupt (not a JSON object); rerun it or delete the "
+                                             "directory"))
+            continue
         metrics = _read_json(run_dir / "metrics.json")
+        if (run_dir / "metrics.json").exists() and not isinstance(metrics, dict):
+            rows.append(_unreadable(run_dir, "metrics.json is corrupt; delete it and rerun the same command "
+                                             "(the finished samples are kept)"))
+            continue
         error = _read_json(run_dir / "error.json")
-        samples = results.read_jsonl(run_dir / "samples.jsonl")
-        trace = results.read_jsonl(run_dir / "trace.jsonl")
+        try:
+            samples = results.read_jsonl(run_dir / "samples.jsonl")
+            trace = results.read_jsonl(run_dir / "trace.jsonl")
+        except results.CorruptRecordError as e:
+            rows.append(_unreadable(run_dir, str(e)))
+            continue
+        setting = setting_of(config)
         summary = (metrics or {}).get("summary") or {}
         if metrics is None and samples:  # unfinished: what its finished samples say
             scores = [s["scores"]["score"] for s in samples if "score" in s.get("scores", {})]
@@ -117,11 +157,15 @@ def collect(root: str | Path = "results") -> pd.DataFrame:
             "device": config.get("device"), "dtype": config.get("dtype"),
             "method_params": json.dumps(config.get("method_params") or {}, sort_keys=True),
             "task_params": json.dumps(config.get("task_params") or {}, sort_keys=True),
+            "limit": config.get("limit"), "provenance": config.get("model_provenance"),
+            "setting": hashlib.sha256(json.dumps(setting, sort_keys=True, default=str).encode()).hexdigest()[:8],
+            "settings": _setting_text(setting),
             "error": (error or {}).get("error"),
         })
     columns = ["run_id", "run_dir", "status", "model", "task", "method", "budget", "protocol", "n_samples", "score",
                "kv_ratio_prefill", "kv_ratio_end", "tokens_per_s", "tpot_s", "prefill_s", "peak_gib", "batch_size",
-               "device", "dtype", "method_params", "task_params", "error"]
+               "device", "dtype", "method_params", "task_params", "limit", "provenance", "setting", "settings",
+               "error"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -151,14 +195,14 @@ def runs_table(df: pd.DataFrame, ratio: str = "prefill") -> pd.DataFrame:
     done = _complete(df)
     if done.empty:
         return pd.DataFrame()
-    keys = ["model", "protocol", "method", "budget"]
+    keys = ["model", "protocol", "setting", "method", "budget"]
     scores = done.pivot_table(index=keys, columns="task", values="score", aggfunc="mean")
     ratios = done.pivot_table(index=keys, columns="task", values=col, aggfunc="mean")
     table = pd.concat({"score": scores, "kv ratio": ratios}, axis=1).swaplevel(0, 1, axis=1).sort_index(axis=1)
     table.columns = [f"{task} {what}" for task, what in table.columns]
     extra = done.groupby(keys).agg(tokens_per_s=("tokens_per_s", "mean"), peak_gib=("peak_gib", "max"))
     table = table.join(extra.rename(columns={"tokens_per_s": "decode tok/s", "peak_gib": "peak GiB"}))
-    return table.reset_index().sort_values(["model", "protocol", "method", "budget"], kind="stable")
+    return table.reset_index().sort_values(["model", "protocol", "setting", "method", "budget"], kind="stable")
 
 
 def default_levels(group: pd.DataFrame, col: str) -> list[float]:
@@ -184,11 +228,12 @@ def interpolate(points: list[tuple[float, float]], level: float, tolerance: floa
 
 
 def ranking(df: pd.DataFrame, ratio: str = "prefill", levels: list[float] | None = None) -> pd.DataFrame:
-    """Methods ranked at matched measured memory, separately for every (model, protocol)."""
+    """Methods ranked at matched measured memory, separately for every setting (model, protocol, task and
+    everything else but the method: ``setting_of``)."""
     col = f"kv_ratio_{ratio}"
     done = _complete(df).dropna(subset=[col])
     rows, order = [], []
-    for (model, protocol), group in done.groupby(["model", "protocol"], sort=True):
+    for (model, protocol, setting), group in done.groupby(["model", "protocol", "setting"], sort=True):
         cells: dict[str, dict] = {}
         for task, tgroup in group.groupby("task", sort=True):
             lv = levels or default_levels(tgroup, col)
@@ -207,23 +252,24 @@ def ranking(df: pd.DataFrame, ratio: str = "prefill", levels: list[float] | None
                 cells.setdefault("full", {})[f"{task} full (ratio, score)"] = f"{ref[col]:.3g}, {ref['score']:.3g}"
         for method, vals in cells.items():
             ranks = vals.pop("_ranks", [])
-            rows.append({"model": model, "protocol": protocol, "method": method,
+            rows.append({"model": model, "protocol": protocol, "setting": setting, "method": method,
                          "mean rank": sum(ranks) / len(ranks) if ranks else None, "cells ranked": len(ranks), **vals})
     if not rows:
         return pd.DataFrame()
     out = pd.DataFrame(rows)
     ranked = sorted((c for c in order if "score@" in c), key=lambda c: (c.split(" score@")[0], float(c.split("@")[1])))
     refs = [c for c in order if "score@" not in c and c in out.columns]  # a task may have no full run
-    out = out[["model", "protocol", "method", "mean rank", "cells ranked"] + ranked + refs]
+    out = out[["model", "protocol", "setting", "method", "mean rank", "cells ranked"] + ranked + refs]
     out["_ref"] = out["method"] == "full"
-    out = out.sort_values(["model", "protocol", "_ref", "mean rank", "method"], kind="stable",
+    out = out.sort_values(["model", "protocol", "setting", "_ref", "mean rank", "method"], kind="stable",
                           na_position="last").drop(columns="_ref")
     return out.reset_index(drop=True)
 
 
 def failures(df: pd.DataFrame) -> pd.DataFrame:
-    return df[df["status"].isin(["oom", "crash"])][["model", "task", "protocol", "method", "budget", "status",
-                                                     "error", "run_dir"]]
+    """Failed points and unreadable run directories (corrupt files), as errors."""
+    return df[df["status"].isin(["oom", "crash", "unreadable"])][["model", "task", "protocol", "method", "budget",
+                                                                   "status", "error", "run_dir"]]
 
 
 def _fmt_frame(frame: pd.DataFrame) -> pd.DataFrame:
@@ -247,15 +293,17 @@ def to_markdown(frame: pd.DataFrame) -> str:
 
 
 def _sections(df: pd.DataFrame, ratio: str, levels):
-    """(title, ranking, runs) per (model, protocol)."""
+    """(title, shared settings, ranking, runs) per setting: only runs that differ in nothing but the method
+    and its parameters share a table."""
     rank, runs = ranking(df, ratio, levels), runs_table(df, ratio)
-    for (model, protocol), _ in _complete(df).groupby(["model", "protocol"], sort=True):
-        r = rank[(rank["model"] == model) & (rank["protocol"] == protocol)] if not rank.empty else rank
-        t = runs[(runs["model"] == model) & (runs["protocol"] == protocol)] if not runs.empty else runs
-        drop = ["model", "protocol"]
-        r = r.drop(columns=drop).dropna(axis=1, how="all") if not r.empty else r
-        t = t.drop(columns=drop).dropna(axis=1, how="all") if not t.empty else t
-        yield f"{model}, {protocol}", r, t
+    for (model, protocol, setting), g in _complete(df).groupby(["model", "protocol", "setting"], sort=True):
+        def part(frame):
+            if frame.empty:
+                return frame
+            mine = frame[(frame["model"] == model) & (frame["protocol"] == protocol) & (frame["setting"] == setting)]
+            return mine.drop(columns=["model", "protocol", "setting"]).dropna(axis=1, how="all")
+        tasks = ", ".join(sorted(set(g["task"].astype(str))))
+        yield f"{model}, {protocol}, {tasks} [{setting}]", g["settings"].iloc[0], part(rank), part(runs)
 
 
 def render_markdown(df: pd.DataFrame, ratio: str = "prefill", levels=None) -> str:
@@ -264,11 +312,12 @@ def render_markdown(df: pd.DataFrame, ratio: str = "prefill", levels=None) -> st
              "; see `kvbench/leaderboard.py`): `score@r` is a method's score interpolated along its own measured "
              "ratios at ratio r; `—` where r is outside what the method was measured at. `full` is the reference "
              "(its ratio is slightly above 1: positions and growth slack). Protocols are never mixed."]
-    for title, r, t in _sections(df, ratio, levels):
-        parts += ["", f"## {title}", "", "### Matched memory", "", to_markdown(r), "", "### Runs", "", to_markdown(t)]
+    for title, shared, r, t in _sections(df, ratio, levels):
+        parts += ["", f"## {title}", "", f"Shared settings: {shared}", "", "### Matched memory", "", to_markdown(r),
+                  "", "### Runs", "", to_markdown(t)]
     fails = failures(df)
     if not fails.empty:
-        parts += ["", "## Failed points", "", to_markdown(fails)]
+        parts += ["", "## Failed points and unreadable runs", "", to_markdown(fails)]
     incomplete = df[df["status"] == "incomplete"]
     if not incomplete.empty:
         parts += ["", f"{len(incomplete)} unfinished run(s) are left out of the tables: "
@@ -279,14 +328,14 @@ def render_markdown(df: pd.DataFrame, ratio: str = "prefill", levels=None) -> st
 def render_html_tables(df: pd.DataFrame, ratio: str = "prefill", levels=None) -> str:
     """The leaderboard as HTML fragments (no page around them): used by the report too."""
     parts = []
-    for title, r, t in _sections(df, ratio, levels):
-        parts.append(f"<h2>{_esc(title)}</h2><h3>Matched memory</h3>")
+    for title, shared, r, t in _sections(df, ratio, levels):
+        parts.append(f"<h2>{_esc(title)}</h2><p>Shared settings: {_esc(shared)}</p><h3>Matched memory</h3>")
         parts.append(_fmt_frame(r).to_html(index=False, border=0, classes="board") if not r.empty else "<p>(none)</p>")
         parts.append("<h3>Runs</h3>")
         parts.append(_fmt_frame(t).to_html(index=False, border=0, classes="board") if not t.empty else "<p>(none)</p>")
     fails = failures(df)
     if not fails.empty:
-        parts.append("<h2>Failed points</h2>" + _fmt_frame(fails).to_html(index=False, border=0, classes="board"))
+        parts.append("<h2>Failed points and unreadable runs</h2>" + _fmt_frame(fails).to_html(index=False, border=0, classes="board"))
     return "\n".join(parts)
 
 
@@ -306,13 +355,13 @@ def write(df: pd.DataFrame, out: str | Path = "results", ratio: str = "prefill",
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "leaderboard.md", out / "leaderboard.csv", out / "leaderboard.json", out / "leaderboard.html"]
-    paths[0].write_text(render_markdown(df, ratio, levels))
-    df.drop(columns=["run_dir"]).to_csv(paths[1], index=False)
+    results.write_text(paths[0], render_markdown(df, ratio, levels))
+    results.write_text(paths[1], df.drop(columns=["run_dir"]).to_csv(index=False))
     rank = ranking(df, ratio, levels)
     payload = {"ratio": ratio, "runs": json.loads(df.drop(columns=["run_dir"]).to_json(orient="records")),
                "ranking": json.loads(rank.to_json(orient="records")) if not rank.empty else []}
-    paths[2].write_text(json.dumps(payload, indent=1))
-    paths[3].write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>kvbench leaderboard</title>"
+    results.write_text(paths[2], json.dumps(payload, indent=1))
+    results.write_text(paths[3], f"<!doctype html><html><head><meta charset='utf-8'><title>kvbench leaderboard</title>"
                         f"<style>{PAGE_STYLE}</style></head><body><h1>kvbench leaderboard</h1>"
                         f"{render_html_tables(df, ratio, levels)}</body></html>\n")
     return paths

@@ -14,6 +14,7 @@ kept), and optionally ``layer_target``/``head_counts`` to shape the budget acros
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable
 
 from dataclasses import dataclass
@@ -31,7 +32,13 @@ class BudgetError(ValueError):
 
 def parse_budget(text: str | float | int) -> float | int:
     """``0.25`` -> keep a quarter of the tokens; ``512`` -> keep 512 tokens per head."""
-    value = float(text)
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise BudgetError(f"budget '{text}' is not a number: give a fraction in (0, 1] such as 0.25, "
+                          "or a token count such as 512") from None
+    if not math.isfinite(value):
+        raise BudgetError(f"budget {text} is not a finite number: give a fraction in (0, 1] or a token count >= 1")
     if value <= 0:
         raise BudgetError(f"budget {text} is impossible: give a fraction in (0, 1] or a token count >= 1")
     if value <= 1.0:

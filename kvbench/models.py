@@ -91,6 +91,28 @@ class LoadedModel:
     tokenizer: object
     name: str  # what was loaded (resolved path or id)
     window: int  # the model's context window in tokens
+    provenance: str = ""  # which bytes: a GGUF's sha256, a directory's file digest, a hub revision
+
+
+def weights_fingerprint(model) -> str:
+    """sha256 of the first 64 token embeddings rounded to bfloat16: tells two models of one shape apart
+    (a GGUF-dequantised model from its original weights), the same in float32 or bfloat16, on any device."""
+    rows = model.get_input_embeddings().weight[:64].detach().to("cpu", torch.float32).to(torch.bfloat16)
+    return hashlib.sha256(rows.view(torch.int16).numpy().tobytes()).hexdigest()[:16]
+
+
+def _dir_digest(path: Path) -> str:
+    """A quick digest of a model directory: config.json, and each weight file's name, size, head and tail."""
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.name == "config.json" or f.suffix in (".safetensors", ".bin", ".gguf"):
+            size = f.stat().st_size
+            h.update(f"{f.name}:{size}".encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(1 << 20))
+                fh.seek(max(0, size - (1 << 20)))
+                h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=None)
@@ -158,7 +180,9 @@ def wheel_gguf(source: WheelGGUF) -> Path:
 
 def _from_pretrained(source: str, dtype, device, trust_remote_code: bool, local_only: bool, gguf_file: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
     attention.register()
+    hf_logging.disable_progress_bar()  # kvbench shows its own progress; stderr stays for what went wrong
     kw = dict(trust_remote_code=trust_remote_code, local_files_only=local_only)
     if gguf_file:
         kw["gguf_file"] = gguf_file
@@ -167,15 +191,58 @@ def _from_pretrained(source: str, dtype, device, trust_remote_code: bool, local_
     return model.to(device), tok
 
 
+def _local(what: str, load):
+    """Run ``load`` on local files; anything it raises (a corrupt or half-written file) becomes one line."""
+    try:
+        return load()
+    except ModelError:
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ModelError(f"cannot load {what} ({type(e).__name__}: {first}); the files look corrupt or "
+                         "incomplete: copy or convert the model again") from e
+
+
+def check_model_dir(path: Path, trust_remote_code: bool) -> None:
+    """What a model directory's config.json says, checked before any weight is read."""
+    import json
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path / 'config.json'} is not valid JSON ({e}); the model directory is corrupt") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{path / 'config.json'} is not a model config (a JSON object)")
+    if config.get("auto_map") and not trust_remote_code:
+        raise ModelError(f"{path} ships its own Python code (auto_map in config.json), which kvbench does not run "
+                         "unless you pass --trust-remote-code")
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_TYPES:
+        raise ModelError(f"model type '{model_type}' of {path} is not supported by kvbench's cache interface "
+                         f"(supported: {', '.join(SUPPORTED_TYPES)})")
+
+
+def check_gguf(path: Path) -> None:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelError(f"{path} is not a GGUF file (it does not start with the GGUF header)")
+
+
+def _converted_dir(path: Path) -> Path:
+    return cache_dir() / "converted" / (path.stem + "-" + _sha256(path)[:12])
+
+
 def _load_gguf(path: Path, dtype, device, trust_remote_code: bool):
     """GGUF weights are dequantised once and cached as safetensors next to the GGUF (loading GGUF is slow)."""
-    converted = cache_dir() / "converted" / (path.stem + "-" + _sha256(path)[:12])
+    check_gguf(path)
+    converted = _converted_dir(path)
     if not (converted / "config.json").exists():
         try:
             import gguf  # noqa: F401
         except ImportError as e:
             raise ModelError("loading a .gguf model needs the `gguf` package: pip install gguf") from e
-        model, tok = _from_pretrained(str(path.parent), torch.float32, "cpu", trust_remote_code, True, path.name)
+        model, tok = _local(f"the GGUF file {path}", lambda: _from_pretrained(
+            str(path.parent), torch.float32, "cpu", trust_remote_code, True, path.name))
         # The weights are dequantised already; drop the GGUF marker so they save as plain safetensors.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -184,7 +251,38 @@ def _load_gguf(path: Path, dtype, device, trust_remote_code: bool):
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         tmp.replace(converted) if not converted.exists() else None
-    return _from_pretrained(str(converted), dtype, device, trust_remote_code, True)
+    return _local(f"the model converted from {path} (in {converted})",
+                  lambda: _from_pretrained(str(converted), dtype, device, trust_remote_code, True))
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A spec the user meant as a file or directory: never a hub id (``org/name``)."""
+    return (spec.startswith(("/", "./", "../", "~", ".\\")) or spec in (".", "..") or spec.count("/") > 1
+            or Path(spec).suffix in (".gguf", ".safetensors", ".bin", ".json"))
+
+
+def tokenizer_only(spec: str, trust_remote_code: bool = False):
+    """(tokenizer, context window) of a model whose files are on this machine, without reading its
+    weights, so a task's data is checked before the slow load; None when only the full load can tell."""
+    from transformers import AutoConfig, AutoTokenizer
+    path = Path(spec).expanduser()
+    source = None
+    if path.suffix == ".gguf" and path.is_file():
+        check_gguf(path)
+        converted = _converted_dir(path)
+        source = converted if (converted / "config.json").exists() else None
+    elif path.is_dir() and (path / "config.json").exists():
+        check_model_dir(path, trust_remote_code)
+        source = path
+    elif spec in ALIASES and (cache_dir() / "smollm2" / SMOLLM2_GGUF).is_file() and spec == "smollm2-135m":
+        converted = _converted_dir(cache_dir() / "smollm2" / SMOLLM2_GGUF)
+        source = converted if (converted / "config.json").exists() else None
+    if source is None:
+        return None
+    kw = dict(trust_remote_code=trust_remote_code, local_files_only=True)
+    tok = _local(f"the tokenizer of {spec}", lambda: AutoTokenizer.from_pretrained(str(source), **kw))
+    config = _local(f"the config of {spec}", lambda: AutoConfig.from_pretrained(str(source), **kw))
+    return tok, int(getattr(config, "max_position_embeddings", 0) or 4096)
 
 
 def random_model(preset: str, dtype, device, seed: int = 0):
@@ -207,20 +305,33 @@ def load(spec: str, dtype=torch.float32, device="cpu", random_weights: bool = Fa
     attention.register()
     if random_weights:
         model, tok = random_model(spec, dtype, device, seed)
-        name = f"random:{spec}"
+        name = provenance = f"random:{spec} seed {seed}"
     else:
         model, tok, name = _resolve(spec, dtype, device, trust_remote_code)
+        provenance = _provenance(spec, name, model)
     check_drivable(model)
     model.eval()
     window = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
-    return LoadedModel(model, tok, name, window)
+    return LoadedModel(model, tok, name, window, provenance)
+
+
+def _provenance(spec: str, name: str, model) -> str:
+    path = Path(name.split(" (")[0]).expanduser()
+    if "GGUF" in name and "(" in name:  # the alias's fallback: the wheel's checked GGUF
+        return f"gguf sha256:{SMOLLM2_SHA256[:16]}"
+    if path.suffix == ".gguf" and path.is_file():
+        return f"gguf sha256:{_sha256(path)[:16]}"
+    if path.is_dir():
+        return f"dir digest:{_dir_digest(path)}"
+    revision = getattr(model.config, "_commit_hash", None)
+    return f"hub {name}@{revision or 'unknown revision'}"
 
 
 def _resolve(spec: str, dtype, device, trust_remote_code: bool):
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
-        if not path.exists():
-            raise ModelError(f"no such GGUF file: {spec}")
+        if not path.is_file():
+            raise ModelError(f"no such GGUF file: {spec} does not exist")
         model, tok = _load_gguf(path, dtype, device, trust_remote_code)
         return model, tok, str(path)
     if path.is_dir():
@@ -230,8 +341,13 @@ def _resolve(spec: str, dtype, device, trust_remote_code: bool):
                 model, tok = _load_gguf(ggufs[0], dtype, device, trust_remote_code)
                 return model, tok, str(ggufs[0])
             raise ModelError(f"{spec} has no config.json: not a model directory")
-        model, tok = _from_pretrained(str(path), dtype, device, trust_remote_code, True)
+        check_model_dir(path, trust_remote_code)
+        model, tok = _local(f"the model in {spec}",
+                            lambda: _from_pretrained(str(path), dtype, device, trust_remote_code, True))
         return model, tok, str(path)
+    if _looks_like_path(spec):
+        raise ModelError(f"{spec} does not exist: give an existing model directory or .gguf file, a Hugging Face "
+                         "id (org/name) or one of: " + ", ".join(ALIASES))
     hub_id = ALIASES.get(spec, spec)
     errors = []
     for local_only in (True, False):

@@ -41,7 +41,8 @@ def _save(fig, out: Path, name: str) -> list[Path]:
     paths = []
     for ext in FORMATS:
         path = out / f"{name}.{ext}"
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+        with results.atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight", format=ext)
         paths.append(path)
     plt.close(fig)
     return paths

@@ -4,7 +4,10 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import math
+import types
 import typing
+from typing import Any
 
 from kvbench.method import parse_budget
 
@@ -50,6 +53,10 @@ class UnknownNameError(ValueError):
     pass
 
 
+class ParameterError(ValueError):
+    """A method or task parameter of the wrong type or outside its range; the CLI prints it as one line."""
+
+
 def load(table: dict, kind: str, name: str):
     if name not in table:
         raise UnknownNameError(f"unknown {kind} '{name}'; run `kvbench list {kind}s` (known: {', '.join(sorted(table))})")
@@ -57,38 +64,176 @@ def load(table: dict, kind: str, name: str):
     return getattr(importlib.import_module(module), attr)
 
 
-def _coerce(cls, params: dict) -> dict:
-    """Turn CLI strings into the types of the dataclass fields (numbers, booleans, lists as JSON)."""
+# ---------------------------------------------------------------------------------------------------------
+# parameter checking: every field of a method or task dataclass, against its declared type and range
+# ---------------------------------------------------------------------------------------------------------
+#
+# A field declares its range next to it: ``window: int = field(default=32, metadata=at_least(1))`` or
+# ``metadata={"range": (0.0, 1.0)}`` (inclusive bounds, None for open; ``"choices": (...)`` for strings).
+# Without a declaration a number must be finite and >= 0 (sizes, counts, fractions, weights, seeds): a
+# field that may be negative says so with ``metadata={"range": (None, None)}``. Numbers inside lists and
+# tuples are held to the same range.
+
+def at_least(lo, hi=None) -> dict:
+    return {"range": (lo, hi)}
+
+
+_DEFAULT_RANGE = (0, None)
+
+
+def _parse_text(value: str, hint) -> Any:
+    """A command-line string as the field's type: numbers, booleans and lists (JSON or comma-separated)."""
+    if _accepts(hint, str):
+        return value
+    low = value.strip().lower()
+    if low in ("true", "false") and _accepts(hint, bool):
+        return low == "true"
+    if low in ("none", "null") and _accepts(hint, type(None)):
+        return None
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        pass
+    item = _sequence_item(hint)
+    if item is not None and value.strip().startswith("[") and value.strip().endswith("]"):
+        # [a, b] as users type it, without JSON's quotes
+        value = value.strip()[1:-1]
+        return [_parse_text(v.strip().strip("'\""), item) for v in value.split(",") if v.strip()]
+    if item is not None and "," in value:
+        return [_parse_text(v.strip(), item) for v in value.split(",") if v.strip()]
+    return value
+
+
+def _options(hint) -> tuple:
+    """The alternatives of a union hint (``int | None`` -> (int, NoneType)), else (hint,)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def _accepts(hint, kind) -> bool:
+    return any(opt is kind or typing.get_origin(opt) is kind for opt in _options(hint))
+
+
+def _sequence_item(hint):
+    for opt in _options(hint):
+        if typing.get_origin(opt) in (list, tuple) and typing.get_args(opt):
+            return typing.get_args(opt)[0]
+    return None
+
+
+def _type_name(hint) -> str:
+    names = {int: "a whole number", float: "a number", bool: "true or false", str: "text", type(None): "none",
+             dict: "a mapping"}
+    parts = []
+    for opt in _options(hint):
+        item = typing.get_args(opt)[0] if typing.get_origin(opt) in (list, tuple) and typing.get_args(opt) else None
+        if item is not None:
+            parts.append(f"a list of {names.get(item, getattr(item, '__name__', str(item))).split(' ', 1)[-1]}s"
+                         if item in (int, float) else "a list")
+        else:
+            parts.append(names.get(opt, getattr(opt, "__name__", str(opt))))
+    return " or ".join(parts)
+
+
+def _matches(value, hint) -> bool:
+    if hint is typing.Any or hint is object:
+        return True
+    for opt in _options(hint):
+        origin = typing.get_origin(opt) or opt
+        if opt is type(None) and value is None:
+            return True
+        if opt is bool:
+            if isinstance(value, bool):
+                return True
+        elif opt is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return True
+        elif opt is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return True
+        elif origin in (list, tuple):
+            args = [a for a in typing.get_args(opt) if a is not Ellipsis]
+            if isinstance(value, (list, tuple)) and all(_matches(v, args[0]) for v in value) if args else \
+                    isinstance(value, (list, tuple)):
+                return True
+            if args and args[0] is str and isinstance(value, str):  # "a,b" is split by the class itself
+                return True
+        elif isinstance(origin, type) and isinstance(value, origin):
+            return True
+        elif origin is typing.Literal and value in typing.get_args(opt):
+            return True
+    return False
+
+
+def _numbers(value) -> list:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, (int, float)):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [n for v in value for n in _numbers(v)]
+    return []
+
+
+def check_params(cls, params: dict, owner: str | None = None) -> dict:
+    """``params`` (strings from the command line, or values from a sweep file) as the types of ``cls``'s
+    fields, checked against each field's type and range; ``ParameterError`` names the first bad one."""
     hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    owner = owner or cls.__name__
     out = {}
     for key, value in params.items():
         if key not in fields:
             raise UnknownNameError(f"{cls.__name__} has no parameter '{key}' (it has: {', '.join(sorted(fields))})")
+        hint = hints.get(key, typing.Any)
         if isinstance(value, str):
-            hint = str(hints.get(key, ""))
-            if hint == "<class 'str'>" or hint == "str":
-                pass
-            elif value.lower() in ("true", "false"):
-                value = value.lower() == "true"
-            else:
-                try:
-                    value = json.loads(value)
-                except json.JSONDecodeError:
-                    if value.startswith("[") and value.endswith("]"):  # [a, b] as typed, without JSON quotes
-                        value = [v.strip().strip("'\"") for v in value[1:-1].split(",") if v.strip()]
+            value = _parse_text(value, hint)
+        if isinstance(value, int) and not isinstance(value, bool) and _accepts(hint, float) \
+                and not _accepts(hint, int):
+            value = float(value)
+        if isinstance(value, float) and value.is_integer() and _accepts(hint, int) and not _accepts(hint, float):
+            value = int(value)
+        if not _matches(value, hint):
+            raise ParameterError(f"{owner} parameter {key}={value!r}: expected {_type_name(hint)}")
+        meta = fields[key].metadata
+        choices = meta.get("choices")
+        if choices is not None and value not in choices:
+            raise ParameterError(f"{owner} parameter {key}={value!r}: use one of {', '.join(map(str, choices))}")
+        lo, hi = meta.get("range", _DEFAULT_RANGE)
+        for n in _numbers(value):
+            if not math.isfinite(n) and (lo is not None or hi is not None):
+                raise ParameterError(f"{owner} parameter {key}={value!r}: must be a finite number")
+            if (lo is not None and n < lo) or (hi is not None and n > hi):
+                span = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in [{lo}, {hi}]"
+                raise ParameterError(f"{owner} parameter {key}={value!r}: must be {span}")
         out[key] = value
     return out
 
 
 def build_method(name: str, budget, params: dict | None = None):
     cls = load(METHODS, "method", name)
-    params = _coerce(cls, dict(params or {}))
-    if "scorer" in params and isinstance(params["scorer"], str):
-        params["scorer"] = build_method(params["scorer"], budget)
+    params = dict(params or {})
+    if "budget" in params:
+        raise ParameterError(f"{name}: give the budget with --budget (or the sweep's budgets), not as a parameter")
+    scorer = params.pop("scorer", None)
+    params = check_params(cls, params, name)
+    if isinstance(scorer, str):  # a method named by the user: built (and checked) like any other
+        params["scorer"] = build_method(scorer, budget)
+    elif scorer is not None:
+        params["scorer"] = scorer
     return cls(budget=parse_budget(budget), **params)
 
 
 def build_task(name: str, params: dict | None = None):
     cls = load(TASKS, "task", name)
-    return cls(**_coerce(cls, dict(params or {})))
+    return cls(**check_params(cls, dict(params or {}), name))
+
+
+def build_for_timing(name: str, budget, params: dict | None = None):
+    """A method for speed and memory measurements only (``kvbench bench``): a method with trained parts
+    runs on random ones there (its ``random_init``), since weights change no timing or byte count."""
+    cls = load(METHODS, "method", name)
+    extra = {"random_init": True} if "random_init" in {f.name for f in dataclasses.fields(cls)} else {}
+    return build_method(name, budget, {**extra, **(params or {})})
+

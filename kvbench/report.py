@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from kvbench import bench, leaderboard, plots
+from kvbench import bench, leaderboard, plots, results
 
 
 def _figure(png: Path) -> str:
@@ -65,7 +65,6 @@ def build(root: str | Path = "results", out: str | Path | None = None, plots_dir
             _bench_section(bench_root) if bench_root.is_dir() else ""]
     if pngs:
         body.append("<h2>Plots</h2>" + "\n".join(_figure(p) for p in pngs))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("<!doctype html><html lang='en'><head><meta charset='utf-8'><title>kvbench report</title>"
+    results.write_text(out, "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>kvbench report</title>"
                    f"<style>{leaderboard.PAGE_STYLE}</style></head><body>{''.join(body)}</body></html>\n")
     return out

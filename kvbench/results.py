@@ -1,18 +1,41 @@
 """Where runs land: ``results/runs/<id>/`` with config.json, samples.jsonl, trace.jsonl, metrics.json.
 
-Whole files are written atomically (a temporary file, then a rename). JSON lines are appended one
-complete line at a time and flushed; on resume a torn last line (a run killed mid-write) is dropped, so
-a rerun of the same command repeats nothing and loses nothing.
+Whole files are written atomically (a temporary file in the same directory, then a rename): a reader
+sees the old file or the new one, never half of one. JSON lines are appended one complete line at a time
+and flushed; on resume a torn *last* line (a run killed mid-write) is trimmed, so a rerun of the same
+command repeats nothing and loses nothing. A corrupt line anywhere else is not a torn write: it is
+reported with its file and line number and nothing is deleted.
+
+A run directory is locked while a run works in it (``.lock``: an exclusive ``flock`` on a file that
+names the owner's pid). The kernel drops the lock when its owner dies, even by ``kill -9``, so a stale
+lock file never blocks a rerun; a second live run of the same configuration is refused.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
+import socket
+import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 VOLATILE = ("versions", "git_commit", "created", "device_name", "out", "limit")
+LOCK_FILE = ".lock"
+
+
+class ResultsError(Exception):
+    """A results file that cannot be used as it is (corrupt record, run directory in use); one line."""
+
+
+class CorruptRecordError(ResultsError):
+    pass
+
+
+class RunLockedError(ResultsError):
+    pass
 
 
 def run_id(config: dict) -> str:
@@ -23,14 +46,30 @@ def run_id(config: dict) -> str:
     return f"{config['task']}-{config['method']}-{budget}-{digest}"
 
 
-def write_json(path: Path, data: Any) -> None:
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path next to ``path`` to write to; renamed over ``path`` when the block succeeds, removed
+    when it fails. For writers that want a file name (matplotlib, safetensors, pandas)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, default=_jsonable)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, default=_jsonable))
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -42,23 +81,78 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 
 def read_jsonl(path: Path, repair: bool = False) -> list[dict]:
-    """Complete records of a JSON-lines file; with ``repair`` a torn tail is cut off the file."""
+    """The records of a JSON-lines file.
+
+    A last line without its newline that does not parse is a write cut off by a kill: it is skipped (with
+    ``repair``, trimmed off the file). Any other line that does not parse raises ``CorruptRecordError``
+    naming the file and the line; nothing is deleted. With ``repair``, a complete last record whose newline
+    was lost gets it back, so the next append starts on a line of its own.
+    """
+    path = Path(path)
     if not path.exists():
         return []
-    records, good_bytes = [], 0
-    with open(path, "rb") as f:
-        for raw in f:
-            try:
-                if not raw.endswith(b"\n"):
-                    raise ValueError("torn line")
-                records.append(json.loads(raw))
-                good_bytes += len(raw)
-            except ValueError:
-                break
-    if repair and good_bytes != path.stat().st_size:
-        with open(path, "r+b") as f:
-            f.truncate(good_bytes)
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline
+    records = []
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        records.append(_parse(raw, path, number))
+    if tail.strip():
+        try:
+            records.append(_record(tail))
+        except ValueError:  # torn by a kill mid-append
+            if repair:
+                with open(path, "r+b") as f:
+                    f.truncate(len(data) - len(tail))
+        else:
+            if repair:
+                with open(path, "ab") as f:
+                    f.write(b"\n")
     return records
+
+
+def _record(raw: bytes) -> dict:
+    rec = json.loads(raw)
+    if not isinstance(rec, dict):
+        raise ValueError("not an object")
+    return rec
+
+
+def _parse(raw: bytes, path: Path, number: int) -> dict:
+    try:
+        return _record(raw)
+    except ValueError:
+        raise CorruptRecordError(f"{path} line {number} is not a JSON record (the lines after it are intact); "
+                                 "fix or delete that line, then rerun") from None
+
+
+@contextlib.contextmanager
+def lock_run(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir``'s lock for the block; ``RunLockedError`` when a live process holds it."""
+    import fcntl
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    f = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            f.seek(0)
+            owner = f.read().strip() or "another process"
+            raise RunLockedError(f"{run_dir} is in use by {owner}: the same run is already going; wait for it "
+                                 "to finish (a rerun then resumes or skips it)") from None
+        # The lock is ours; whatever the file says is a dead owner's (stale) and is replaced.
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # releases the flock
 
 
 def iter_runs(root: Path) -> Iterable[Path]:

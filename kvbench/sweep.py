@@ -31,7 +31,7 @@ from typing import Callable
 import yaml
 
 from kvbench import registry, results
-from kvbench.runner import PROTOCOLS, RunConfig, resolve_device, resolve_dtype
+from kvbench.runner import PROTOCOLS, RunConfig, check_config, resolve_device, resolve_dtype
 from kvbench.task import TaskError
 
 ERROR_FILE = "error.json"
@@ -76,9 +76,17 @@ def load_config(path: str | Path) -> dict:
         registry.build_method(m, 1.0, method_params.get(m) or {})  # unknown names and parameters fail here
     for t, params in cfg["tasks"].items():
         registry.build_task(t, params or {})
-    from kvbench.method import parse_budget
-    cfg["budgets"] = [parse_budget(b) for b in cfg["budgets"]]
+    from kvbench.method import BudgetError, parse_budget
+    try:
+        cfg["budgets"] = [parse_budget(b) for b in cfg["budgets"]]
+    except BudgetError as e:
+        raise TaskError(f"{path}: {e}") from None
     cfg["name"] = p.stem
+    for point in points(cfg):  # limit, batch size, temperature, ... of every point, before anything runs
+        try:
+            check_config(point)
+        except TaskError as e:
+            raise TaskError(f"{path}: {e}") from None
     return cfg
 
 
@@ -105,7 +113,7 @@ def _normal(obj) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
 
 
-_MATCH = ("model", "random_weights", "method", "task", "budget", "protocol", "prefill_chunk", "batch_size", "seed",
+_MATCH = ("model", "random_weights", "trust_remote_code", "method", "task", "budget", "protocol", "prefill_chunk", "batch_size", "seed",
           "temperature", "data", "limit", "max_context", "trace_every")
 
 
@@ -142,9 +150,10 @@ def is_finished(run_dir: Path | None) -> bool:
     if run_dir is None or not (run_dir / "metrics.json").exists():
         return False
     try:
-        return bool(json.loads((run_dir / "metrics.json").read_text()).get("complete"))
-    except ValueError:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
         return False
+    return isinstance(metrics, dict) and metrics.get("complete") is True
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -180,7 +189,9 @@ def run_sweep(path: str | Path, echo: Callable[[str], None] = print, load_model:
     out = Path(cfg.get("out", "results"))
     ledger = out / "sweeps" / f"{cfg['name']}.jsonl"
     ledger.parent.mkdir(parents=True, exist_ok=True)
-    load_model = load_model or (lambda spec, dtype, device, seed: models.load(spec, dtype, device, seed=seed))
+    # The points' own model options: random weights and remote code are loaded as each point says.
+    load_model = load_model or (lambda spec, dtype, device, seed, random_weights=False, trust_remote_code=False:
+                                models.load(spec, dtype, device, random_weights, trust_remote_code, seed=seed))
     known = existing_runs(out)
     outcomes, loaded = [], {}
     echo(f"sweep {cfg['name']}: {len(plan)} runs; results under {out / 'runs'}")
@@ -211,12 +222,16 @@ def _run_point(point: RunConfig, ident: str, loaded: dict, load_model, out: Path
     dtype = resolve_dtype(point.dtype, device)
     started = time.perf_counter()
     try:
-        key = (point.model, str(dtype), device)
+        key = (point.model, str(dtype), device, point.random_weights, point.trust_remote_code, point.seed)
         if key not in loaded:
             loaded.clear()  # one model in memory at a time
             _free_device_memory()
-            loaded[key] = load_model(point.model, dtype, device, point.seed)
+            options = {k: v for k, v in (("random_weights", point.random_weights),
+                                         ("trust_remote_code", point.trust_remote_code)) if v}
+            loaded[key] = load_model(point.model, dtype, device, point.seed, **options)
         run_dir = run(point, lm=loaded[key], progress=progress)
+    except results.RunLockedError as e:  # the same point is being run right now by another process
+        return {"status": "busy", "error": str(e), "run_dir": None, "seconds": time.perf_counter() - started}
     except Exception as e:  # recorded, and the sweep goes on; Ctrl-C still stops it
         status = "oom" if _is_oom(e) else "crash"
         error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:500]}"

@@ -136,7 +136,8 @@ def train(model: str, data: str, out: str, steps: int = 1000, batch: int = 8, se
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     method = DeltaKV(latent_dim=latent_dim, intermediate=intermediate, stride=stride, neighbors=neighbors, sinks=sinks,
-                     full_layers=full_layers, compressor=compressor, seed=seed)  # validates before loading
+                     full_layers=full_layers, compressor=compressor, seed=seed,
+                     random_init=True)  # validates before loading; training starts from random compressors
     text, corpus = read_corpus(data)
     lm = models.load(model, torch_dtype, dev)
     if lm.tokenizer is None:

@@ -45,7 +45,12 @@ Choices the paper leaves open, made here:
 - ``budget`` is not used: the memory follows from ``s``, ``k``, ``r``, ``W`` and the dtypes, and is measured.
 - Decoding on CUDA: between two flushes nothing the step sizes changes, so the runner replays one captured
   CUDA graph (``decode_epoch``); the step that flushes runs eagerly and the layout after it is captured anew.
-- Without a checkpoint the compressors are randomly initialised (seeded): for timing and tests only.
+- Without a checkpoint the run is refused: random compressors reconstruct noise, and their scores are not
+  DeltaKV's. ``random_init=true`` asks for them explicitly (seeded; for timing and tests only); the
+  leaderboard labels such runs ``deltakv(random_init=True)``.
+- A checkpoint is a directory of ``config.json`` (with the sha256 of the weights) and
+  ``compressors.safetensors``; it is written weights first, config last, each atomically, and its weights
+  are checked against the checksum and the config's dimensions on every load.
 """
 from __future__ import annotations
 
@@ -183,32 +188,68 @@ def model_signature(config) -> dict:
 
 
 def model_fingerprint(model) -> str:
-    """sha256 of the first 64 token embeddings rounded to bfloat16: tells two models of one shape apart,
-    and is the same whether the model was loaded in float32 or bfloat16, on any device."""
-    rows = model.get_input_embeddings().weight[:64].detach().to("cpu", torch.float32).to(torch.bfloat16)
-    return hashlib.sha256(rows.view(torch.int16).numpy().tobytes()).hexdigest()[:16]
+    from kvbench.models import weights_fingerprint
+    return weights_fingerprint(model)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save_checkpoint(directory: str | Path, compressors: nn.ModuleDict, config: dict) -> Path:
+    """Weights first, then the config that names their checksum, each written atomically: a save cut short
+    leaves the old checkpoint whole, or new weights that the old config's checksum refuses."""
     from safetensors.torch import save_file
+
+    from kvbench import results
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
     # bfloat16 on disk halves the checkpoint; inference computes in float32 from these values.
     tensors = {f"{layer}.{name}": p.detach().to("cpu", torch.bfloat16).contiguous()
                for layer, module in compressors.items() for name, p in module.named_parameters()}
-    save_file(tensors, str(out / WEIGHTS_FILE))
-    (out / CONFIG_FILE).write_text(json.dumps({"format": CHECKPOINT_FORMAT, **config}, indent=2) + "\n")
+    with results.atomic_path(out / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp))
+        digest = _file_sha256(tmp)
+    config = {"format": CHECKPOINT_FORMAT, **config, "weights_sha256": digest}
+    results.write_text(out / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     return out
 
 
+_CONFIG_KEYS = {"model": str, "model_signature": dict, "model_fingerprint": str, "full_layers": list,
+                "compressed_layers": list, "dim": int, "latent_dim": int, "intermediate": int, "compressor": str,
+                "stride": int, "neighbors": int, "weights_sha256": str}
+
+
 def read_checkpoint_config(directory: str | Path) -> dict:
+    """A checkpoint's config, checked (format, keys, dimensions, the weights' checksum) before any model is
+    loaded; a ``ModelError`` in one line for anything wrong."""
     path = Path(directory).expanduser()
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"no DeltaKV checkpoint at {directory} (expected {CONFIG_FILE} and {WEIGHTS_FILE}; "
                                 "make one with `kvbench train deltakv`)")
-    config = json.loads((path / CONFIG_FILE).read_text())
-    if config.get("format") != CHECKPOINT_FORMAT:
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except ValueError as e:
+        raise ModelError(f"{path / CONFIG_FILE} is not valid JSON ({e}): the checkpoint is corrupt") from None
+    if not isinstance(config, dict) or config.get("format") != CHECKPOINT_FORMAT:
         raise ModelError(f"{path / CONFIG_FILE} is not a {CHECKPOINT_FORMAT} checkpoint")
+    for key, kind in _CONFIG_KEYS.items():
+        if not isinstance(config.get(key), kind) or isinstance(config.get(key), bool):
+            raise ModelError(f"{path / CONFIG_FILE}: '{key}' is missing or not {kind.__name__}; the checkpoint is "
+                             "corrupt or was not made by `kvbench train deltakv`")
+    sig = config["model_signature"]
+    want_dim = 2 * int(sig.get("num_key_value_heads", 0)) * int(sig.get("head_dim", 0))
+    if config["dim"] != want_dim:
+        raise ModelError(f"{path / CONFIG_FILE}: dim {config['dim']} does not match its model "
+                         f"(2 x {sig.get('num_key_value_heads')} KV heads x head_dim {sig.get('head_dim')} = {want_dim})")
+    actual = _file_sha256(path / WEIGHTS_FILE)
+    if actual != config["weights_sha256"]:
+        raise ModelError(f"{path / WEIGHTS_FILE} does not match the checksum in its {CONFIG_FILE} (sha256 "
+                         f"{actual[:12]}..., expected {config['weights_sha256'][:12]}...): the weights are corrupt "
+                         "or half-written; train or copy the checkpoint again")
     return config
 
 
@@ -217,8 +258,13 @@ def load_checkpoint(directory: str | Path) -> tuple[dict, nn.ModuleDict]:
     config = read_checkpoint_config(directory)
     modules = build_compressors(config["compressed_layers"], config["dim"], config["latent_dim"],
                                 config["intermediate"], config["compressor"])
-    state = load_file(str(Path(directory).expanduser() / WEIGHTS_FILE))
-    modules.load_state_dict({k: v.float() for k, v in state.items()})
+    path = Path(directory).expanduser() / WEIGHTS_FILE
+    try:
+        state = load_file(str(path))
+        modules.load_state_dict({k: v.float() for k, v in state.items()})
+    except Exception as e:  # the checksum matched: the config's dimensions do not fit these weights
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise ModelError(f"{path} does not fit the dimensions in its {CONFIG_FILE} ({type(e).__name__}: {first})") from e
     return config, modules
 
 
@@ -592,6 +638,7 @@ class DeltaKV(Method):
     index_dtype: str = "int32"
     quant_group: int = 32
     seed: int = 0
+    random_init: bool = False  # no checkpoint: random compressors, asked for explicitly (timing and tests only)
 
     def __post_init__(self):
         if self.latent_dtype not in LATENT_DTYPES:
@@ -606,6 +653,11 @@ class DeltaKV(Method):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise BudgetError(f"DeltaKV {name} must be a positive whole number, got {value!r}")
+        if self.checkpoint is None and not self.random_init:
+            raise BudgetError("deltakv needs trained compressors: pass --checkpoint DIR (make one with `kvbench train "
+                              "deltakv`), or -m random_init=true for random ones (timing and tests only)")
+        if self.checkpoint is not None and self.random_init:
+            raise BudgetError("deltakv: give either a checkpoint or random_init=true, not both")
         if self.checkpoint is not None:
             read_checkpoint_config(self.checkpoint)  # fail before a model is loaded
         self._prepared_for = None

@@ -166,6 +166,9 @@ def as_names(value: Any) -> tuple[str, ...]:
 # reading data files (shared with the other task modules)
 # ---------------------------------------------------------------------------------------------------------
 
+SCHEMA = {"context": str, "input": str, "answers": list}  # the fields a prompt and its score are made of
+
+
 def read_records(path: str | Path) -> list[dict]:
     """The rows of a ``.jsonl``, ``.json`` (a list) or ``.parquet`` file, as dicts."""
     path = Path(path)
@@ -174,11 +177,42 @@ def read_records(path: str | Path) -> list[dict]:
 
         frame = pd.read_parquet(path)
         return [_plain(r) for r in frame.to_dict(orient="records")]
-    with open(path, encoding="utf-8") as f:
-        if path.suffix == ".json":
-            data = json.load(f)
-            return list(data) if isinstance(data, list) else [data]
-        return [json.loads(line) for line in f if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.suffix == ".json":
+                data = json.load(f)
+                rows = list(data) if isinstance(data, list) else [data]
+            else:
+                rows = [_json_line(line, path, number) for number, line in enumerate(f, 1) if line.strip()]
+    except UnicodeDecodeError as e:
+        raise TaskError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise TaskError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise TaskError(f"{path}: record {bad + 1} is not a JSON object")
+    return rows
+
+
+def _json_line(line: str, path: Path, number: int) -> dict:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise TaskError(f"{path} line {number} is not valid JSON ({e.msg}, column {e.colno}); fix or remove "
+                        "that line") from None
+
+
+def check_schema(path: Path, rows: list[dict], required: dict[str, type]) -> list[dict]:
+    """The rows of a data file, refused with the file and record number when one lacks a field of the
+    official schema (a wrong-schema row would become an empty prompt scored 0) or the file has none."""
+    if not rows:
+        raise TaskError(f"{path} has no records")
+    for i, row in enumerate(rows, 1):
+        for key, kind in required.items():
+            if not isinstance(row.get(key), kind):
+                raise TaskError(f"{path} record {i} has no '{key}' of type {kind.__name__} (LongBench's schema: "
+                                f"{', '.join(required)}); is this LongBench data?")
+    return rows
 
 
 def _plain(value: Any) -> Any:
@@ -270,12 +304,12 @@ class LongBench:
                 stem = root.name.split(".")[0]
                 task = stem[:-2] if self.e and stem.endswith("_e") else stem
                 if task in self.subsets and stem == self._config_name(task):
-                    found[task] = read_records(root)
+                    found[task] = check_schema(root, read_records(root), SCHEMA)
             elif root.is_dir():
                 for task in self.subsets:
                     path = find_file(root, self._config_name(task))
                     if path is not None:
-                        found[task] = read_records(path)
+                        found[task] = check_schema(path, read_records(path), SCHEMA)
             missing = [t for t in self.subsets if t not in found]
             if not found:
                 names = ", ".join(f"{self._config_name(t)}.jsonl" for t in self.subsets[:3])

@@ -63,6 +63,12 @@ def chat_split(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
             tokenizer.encode(rest, add_special_tokens=False))
 
 
+def _depth_id(depth: float) -> str:
+    """Two decimals as before (stable ids for resumed runs), more where the depth has more (0.501)."""
+    short = f"{depth:.2f}"
+    return short if float(short) == depth else repr(float(depth))
+
+
 @dataclass
 class NIAH:
     name: str = "niah"
@@ -101,7 +107,7 @@ class NIAH:
                 at = self._boundary(tokenizer, body, int(room * depth))
                 ids = body[:at] + needle + body[at:]
                 context, question = build_prompt(tokenizer, "Document:\n" + tokenizer.decode(ids), suffix, chat=True)
-                out.append(Sample(id=f"niah-{length}-{depth:.2f}", context_ids=context, question_ids=question,
+                out.append(Sample(id=f"niah-{length}-{_depth_id(depth)}", context_ids=context, question_ids=question,
                                   answers=[self.answer], max_new_tokens=self.max_new_tokens,
                                   meta={"length": length, "depth": depth, "needle_token": at}))
         return out[: ctx.limit] if ctx.limit else out
@@ -137,7 +143,7 @@ class NIAH:
                         at -= 1
                 ids = context[:at] + needle + context[at:]
                 body = tokenizer.encode(tokenizer.decode(ids), add_special_tokens=False)
-                out.append(Sample(id=f"niah-original-{length}-{depth:.4g}", context_ids=head + body, question_ids=rest,
+                out.append(Sample(id=f"niah-original-{length}-{_depth_id(depth)}", context_ids=head + body, question_ids=rest,
                                   answers=[self.answer], max_new_tokens=self.max_new_tokens,
                                   meta={"length": length, "depth": depth, "needle_token": len(head) + at}))
         return out

@@ -439,7 +439,7 @@ class SCBench:
             if not found:
                 raise TaskError(f"SCBench data not found in {data}: pass --data DIR with <task>.jsonl files "
                                 f"(e.g. scbench_kv.jsonl), or make the Hugging Face hub reachable for {HUB_REPO}")
-            return found
+            return self._whole(found, data)
         for task in self.tasks:
             try:
                 found[task] = hub_dataset(HUB_REPO, task, "test")
@@ -449,6 +449,15 @@ class SCBench:
         if not found:
             raise TaskError(f"SCBench data not found: pass --data DIR with <task>.jsonl files, or make the Hugging "
                             f"Face hub reachable for {HUB_REPO}")
+        return self._whole(found, HUB_REPO)
+
+    def _whole(self, found: dict[str, list[dict]], where: str) -> dict[str, list[dict]]:
+        """All the tasks asked for, or a refusal: an average over some of them is not that average."""
+        missing = [t for t in self.tasks if not found.get(t)]
+        if missing:
+            raise TaskError(f"SCBench data for {len(missing)} of the {len(self.tasks)} tasks asked for is missing or "
+                            f"empty in {where} ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); "
+                            f"add it, or run only what is there: -t tasks={','.join(t for t in self.tasks if found.get(t))}")
         return found
 
     # -- prompts ------------------------------------------------------------------------------------------

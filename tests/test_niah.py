@@ -21,7 +21,7 @@ def test_original_style_follows_kamradt(tmp_path):
     (tmp_path / "b.txt").write_text("Here we go. There and back again. ")
     task = NIAH(style="original", lengths=[600, 900], depths=[0.0, 0.5, 1.0], haystack=str(tmp_path))
     samples = task.samples(tok, TaskContext(4096))
-    assert [s.id for s in samples] == [f"niah-original-{n}-{d}" for n in (600, 900) for d in ("0", "0.5", "1")]
+    assert [s.id for s in samples] == [f"niah-original-{n}-{d}" for n in (600, 900) for d in ("0.00", "0.50", "1.00")]
     for s in samples:
         text = tok.decode(s.context_ids)
         # the system prompt, then the context in its own user turn; the question in the next one

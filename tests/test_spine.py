@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from kvbench import models, registry
 from kvbench.cache import KVCache
+from kvbench.models import cache_argument
 from kvbench.cli import main
 from kvbench.models import LoadedModel
 from kvbench.runner import Engine
@@ -56,13 +57,13 @@ def sample(ctx: list[int], q: list[int], new: int = 8, sid: str = "s") -> Sample
 def hf_greedy(twin, ids: list[int], new: int) -> tuple[list[int], torch.Tensor]:
     cache = DynamicCache(config=twin.config)
     x = torch.tensor([ids])
-    logits = twin(input_ids=x, past_key_values=cache, use_cache=True).logits[:, -1]
+    logits = twin(input_ids=x, **cache_argument(twin, cache), use_cache=True).logits[:, -1]
     first = logits.clone()
     out = []
     for _ in range(new):
         nxt = logits.argmax(-1)
         out.append(int(nxt))
-        logits = twin(input_ids=nxt[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = twin(input_ids=nxt[:, None], **cache_argument(twin, cache), use_cache=True).logits[:, -1]
     return out, first
 
 
