@@ -33,6 +33,7 @@ from pathlib import Path
 import pandas as pd
 
 from kvbench import results
+from kvbench.stats import bootstrap_interval, interval_ranks
 
 TOLERANCE = 0.02
 RATIOS = ("prefill", "end")
@@ -127,6 +128,8 @@ def collect(root: str | Path = "results") -> pd.DataFrame:
             continue
         setting = setting_of(config)
         summary = (metrics or {}).get("summary") or {}
+        sample_scores = [s["scores"]["score"] for s in samples if isinstance(s.get("scores", {}).get("score"), (int, float))]
+        score_lo, score_hi = bootstrap_interval(sample_scores)
         if metrics is None and samples:  # unfinished: what its finished samples say
             scores = [s["scores"]["score"] for s in samples if "score" in s.get("scores", {})]
             summary = {"score": sum(scores) / len(scores)} if scores else {}
@@ -147,7 +150,7 @@ def collect(root: str | Path = "results") -> pd.DataFrame:
             "task": config.get("task"), "method": method_label(config.get("method"), config.get("method_params")),
             "budget": config.get("budget"),
             "protocol": config.get("protocol"), "n_samples": len(samples),
-            "score": summary.get("score"),
+            "score": summary.get("score"), "score_lo": score_lo, "score_hi": score_hi,
             "kv_ratio_prefill": (metrics or {}).get("kv_ratio_prefill", mean("kv_ratio_prefill")),
             "kv_ratio_end": (metrics or {}).get("kv_ratio_end", mean("kv_ratio_end")),
             "tokens_per_s": (metrics or {}).get("tokens_per_s", mean("tokens_per_s")),
@@ -163,7 +166,7 @@ def collect(root: str | Path = "results") -> pd.DataFrame:
             "error": (error or {}).get("error"),
         })
     columns = ["run_id", "run_dir", "status", "model", "task", "method", "budget", "protocol", "n_samples", "score",
-               "kv_ratio_prefill", "kv_ratio_end", "tokens_per_s", "tpot_s", "prefill_s", "peak_gib", "batch_size",
+               "score_lo", "score_hi", "kv_ratio_prefill", "kv_ratio_end", "tokens_per_s", "tpot_s", "prefill_s", "peak_gib", "batch_size",
                "device", "dtype", "method_params", "task_params", "limit", "provenance", "setting", "settings",
                "error"]
     return pd.DataFrame(rows, columns=columns)
@@ -197,12 +200,36 @@ def runs_table(df: pd.DataFrame, ratio: str = "prefill") -> pd.DataFrame:
         return pd.DataFrame()
     keys = ["model", "protocol", "setting", "method", "budget"]
     scores = done.pivot_table(index=keys, columns="task", values="score", aggfunc="mean")
+    done = done.assign(ci=[_interval_text(lo, hi, n) for lo, hi, n in
+                           zip(done["score_lo"], done["score_hi"], done["n_samples"])])
+    intervals = done.pivot_table(index=keys, columns="task", values="ci", aggfunc="first")
     ratios = done.pivot_table(index=keys, columns="task", values=col, aggfunc="mean")
-    table = pd.concat({"score": scores, "kv ratio": ratios}, axis=1).swaplevel(0, 1, axis=1).sort_index(axis=1)
+    table = pd.concat({"score": scores, "score 95% CI": intervals, "kv ratio": ratios},
+                      axis=1).swaplevel(0, 1, axis=1).sort_index(axis=1)
     table.columns = [f"{task} {what}" for task, what in table.columns]
     extra = done.groupby(keys).agg(tokens_per_s=("tokens_per_s", "mean"), peak_gib=("peak_gib", "max"))
     table = table.join(extra.rename(columns={"tokens_per_s": "decode tok/s", "peak_gib": "peak GiB"}))
     return table.reset_index().sort_values(["model", "protocol", "setting", "method", "budget"], kind="stable")
+
+
+def _interval_text(lo, hi, n) -> str:
+    if lo is None or hi is None or (isinstance(lo, float) and math.isnan(lo)):
+        return "—"
+    return f"[{lo:.3g}, {hi:.3g}] n={int(n)}"
+
+
+def budget_table(df: pd.DataFrame, task: str, model: str | None = None, protocol: str | None = None) -> pd.DataFrame:
+    """Methods x kept fractions for one task (the layout of kvpress's leaderboard): each cell the score with
+    its 95% bootstrap interval and n; the newest complete run of each configuration."""
+    done = _complete(select(df, model=model, task=task, protocol=protocol))
+    if done.empty:
+        return pd.DataFrame()
+    done = done.assign(cell=[f"{s:.3g} [{lo:.3g}, {hi:.3g}] n={int(n)}" if not math.isnan(lo) else f"{s:.3g}"
+                             for s, lo, hi, n in zip(done["score"], done["score_lo"].astype(float),
+                                                     done["score_hi"].astype(float), done["n_samples"])])
+    done = done.assign(kept=["full" if m == "full" else f"{b:g}" for m, b in zip(done["method"], done["budget"])])
+    table = done.pivot_table(index="method", columns="kept", values="cell", aggfunc="last")
+    return table.reindex(columns=sorted(table.columns, key=lambda c: (c == "full", c))).reset_index()
 
 
 def default_levels(group: pd.DataFrame, col: str) -> list[float]:
@@ -238,16 +265,22 @@ def ranking(df: pd.DataFrame, ratio: str = "prefill", levels: list[float] | None
         for task, tgroup in group.groupby("task", sort=True):
             lv = levels or default_levels(tgroup, col)
             comp = tgroup[tgroup["method"] != "full"]
-            curves = {m: list(zip(g[col].astype(float), g["score"].astype(float))) for m, g in comp.groupby("method")}
+            curves = {m: {what: list(zip(g[col].astype(float), g[what].astype(float)))
+                          for what in ("score", "score_lo", "score_hi")} for m, g in comp.groupby("method")}
             for level in lv:
-                scores = {m: interpolate(pts, level) for m, pts in curves.items()}
-                scores = {m: s for m, s in scores.items() if s is not None}
-                ranks = pd.Series(scores, dtype=float).rank(ascending=False, method="average")
-                for m, s in scores.items():
+                found = {m: tuple(interpolate(c[what], level) for what in ("score", "score_lo", "score_hi"))
+                         for m, c in curves.items()}
+                found = {m: v for m, v in found.items() if v[0] is not None}
+                # ties: two methods share a rank unless one's interval lies wholly above the other's
+                ranks = interval_ranks({m: (v[0], v[1] if v[1] is not None else v[0],
+                                            v[2] if v[2] is not None else v[0]) for m, v in found.items()})
+                for m, (s, lo, hi) in found.items():
                     cells.setdefault(m, {})[f"{task} score@{level:g}"] = s
+                    cells[m][f"{task} rank@{level:g}"] = ("=" if list(ranks.values()).count(ranks[m]) > 1 else "") \
+                        + str(ranks[m]) + (f" [{lo:.3g}, {hi:.3g}]" if lo is not None and not math.isnan(lo) else "")
                     cells[m].setdefault("_ranks", []).append(float(ranks[m]))
-            order += [c for c in [f"{task} score@{level:g}" for level in lv] + [f"{task} full (ratio, score)"]
-                      if c not in order]
+            order += [c for level in lv for c in (f"{task} score@{level:g}", f"{task} rank@{level:g}")
+                      if c not in order] + [c for c in [f"{task} full (ratio, score)"] if c not in order]
             for _, ref in tgroup[tgroup["method"] == "full"].iterrows():
                 cells.setdefault("full", {})[f"{task} full (ratio, score)"] = f"{ref[col]:.3g}, {ref['score']:.3g}"
         for method, vals in cells.items():
@@ -257,8 +290,9 @@ def ranking(df: pd.DataFrame, ratio: str = "prefill", levels: list[float] | None
     if not rows:
         return pd.DataFrame()
     out = pd.DataFrame(rows)
-    ranked = sorted((c for c in order if "score@" in c), key=lambda c: (c.split(" score@")[0], float(c.split("@")[1])))
-    refs = [c for c in order if "score@" not in c and c in out.columns]  # a task may have no full run
+    ranked = sorted((c for c in order if "score@" in c or "rank@" in c),
+                    key=lambda c: (c.rsplit(" ", 1)[0], float(c.split("@")[1]), "rank@" in c))
+    refs = [c for c in order if "@" not in c and c in out.columns]  # a task may have no full run
     out = out[["model", "protocol", "setting", "method", "mean rank", "cells ranked"] + ranked + refs]
     out["_ref"] = out["method"] == "full"
     out = out.sort_values(["model", "protocol", "setting", "_ref", "mean rank", "method"], kind="stable",
