@@ -98,8 +98,9 @@ def split_template(template: str) -> tuple[str, str]:
 
 def official_max_length(window: int) -> int:
     """The official table's rule: a model with a ``window``-token context keeps ``1000 * (window // 1000) - 500``
-    prompt tokens (4096 -> 3500, 8192 -> 7500, 16384 -> 15500, 32768 -> 31500, as ``MODEL2MAXLEN``)."""
-    return 1000 * (window // 1000) - 500
+    prompt tokens (4096 -> 3500, 8192 -> 7500, 16384 -> 15500, 32768 -> 31500, as ``MODEL2MAXLEN``); a window
+    under 2000 tokens (no such model in the table) keeps half of it."""
+    return 1000 * (window // 1000) - 500 if window >= 2000 else window // 2
 
 
 def _surviving_tail(text: str, suffix: str) -> int:

@@ -142,6 +142,7 @@ def test_prompts_identical_to_official_pred_py(max_length, dataset):
 def test_official_max_length_rule():
     assert lb.official_max_length(4096) == 3500 and lb.official_max_length(8192) == 7500
     assert lb.official_max_length(16384) == 15500 and lb.official_max_length(32768) == 31500
+    assert lb.official_max_length(2048) == 1500 and lb.official_max_length(1024) == 512
     windows = {"4k": 4096, "8k": 8192, "16k": 16384, "32k": 32768, "chatglm2-6b": 32768}
     for name, value in lb.MODEL2MAXLEN.items():
         window = next(w for k, w in windows.items() if name.endswith(k) or name == k)
