@@ -11,7 +11,6 @@ PACKAGE_DIRS = ("kvbench", "methods", "kernels", "tasks")
 # Imported only inside a guarded block, for an optional feature; each says why it is not required.
 OPTIONAL = {
     "kvpress": "the peer that `kvbench bench` compares against when it is installed",
-    "math_verify": "tasks/aime.py's symbolic check, used when installed",
 }
 
 
