@@ -235,3 +235,22 @@ def test_grid_parsing():
     assert d.depths == [0, 11, 22, 33, 44, 56, 67, 78, 89, 100]
     with pytest.raises(CompressKVError, match="is not 'lengths="):
         Grid.parse("sizes=1", 8192)
+
+
+# ---- the committed SmolLM2 calibration ------------------------------------------------------------------
+@pytest.mark.slow
+def test_committed_smollm2_calibration_runs():
+    """checkpoints/compresskv-smollm2-135m was made by `kvbench calibrate compresskv` for this very model."""
+    root = Path(__file__).resolve().parents[1] / "checkpoints" / "compresskv-smollm2-135m"
+    try:
+        lm = models.load("smollm2-135m")
+    except models.ModelError as e:
+        pytest.skip(f"SmolLM2 not available here: {e}")
+    meta = artifact.read_meta(root, "compresskv")
+    assert meta["counted_tests"] >= 1 and meta["layer_scores"] is not None
+    method = registry.build_method("compresskv", 64, {"artifact": str(root)})
+    eng = Engine(lm, method)
+    ctx = lm.tokenizer.encode("The grass is green. The sky is blue. " * 60, add_special_tokens=False)
+    cache, _, _ = eng.prefill(Sample("s", ctx, [], [], 1))
+    want = method.layer_budgets(64, lm.model.config.num_hidden_layers)
+    assert cache.token_counts()[:, 0, 0].tolist() == want and sum(want) == 64 * len(want)
