@@ -254,3 +254,51 @@ def test_committed_smollm2_calibration_runs():
     cache, _, _ = eng.prefill(Sample("s", ctx, [], [], 1))
     want = method.layer_budgets(64, lm.model.config.num_hidden_layers)
     assert cache.token_counts()[:, 0, 0].tolist() == want and sum(want) == 64 * len(want)
+
+
+def test_progress_resumes_only_the_same_calibration(tmp_path):
+    from kvbench.methods.compresskv.calibrate import Progress
+    out = tmp_path / "ckv"
+    p = Progress(out, {"grid": [1]})
+    p.add({"key": "0/1000/0", "recall": 100.0})
+    p.add({"key": "0/1000/50", "recall": 0.0})
+    with open(p.path, "a") as f:
+        f.write('{"key": "0/1000/10')  # a line cut by a kill
+    again = Progress(out, {"grid": [1]})
+    assert sorted(again.done) == ["0/1000/0", "0/1000/50"]
+    assert len(again.path.read_text().splitlines()) == 3  # header + 2: the torn line is gone
+    assert Progress(out, {"grid": [2]}).done == {}  # another grid starts over
+    again.finish()
+    assert not again.path.exists()
+
+
+def test_layer_error_probe_drops_what_compresskv_drops():
+    from kvbench.methods.compresskv.calibrate import LayerErrorProbe
+    lm = tiny(0)
+    heads = [torch.tensor(h[:2]) for h in read_official_head_ranking(HEAD_IDX)]
+    g = torch.Generator().manual_seed(7)
+    ctx = torch.randint(3, 1000, (70,), generator=g).tolist()
+    probe = LayerErrorProbe(budget=1.0, heads=heads, probe_budget=32)
+    eng = Engine(lm, probe)
+    cache = eng.new_cache(1)
+    eng.feed(cache, ctx, compress=True)
+    for _ in range(3):
+        eng.forward(cache, torch.tensor([[5]]), compress=False)
+    assert all(e > 0 for e in probe.errors)
+    # what the probe marked as dropped is what CompressKV at 32 tokens a layer (uniform) evicts
+    ckv = Engine(lm, CompressKV(budget=32, head_idx=HEAD_IDX, uniform=True, first_k=2))
+    kept_cache = ckv.new_cache(1)
+    ckv.feed(kept_cache, ctx, compress=True)
+    for layer in range(2):
+        store, kept = cache.stores[layer], kept_cache.stores[layer]
+        for h in range(store.H):
+            seg = slice(int(store.start[h]), int(store.start[h] + store.length[h]))
+            keep_pos = store.pos[seg][store.extra["dropped"][seg] == 0].tolist()
+            assert keep_pos == kept.pos[int(kept.start[h]): int(kept.start[h] + kept.length[h])].tolist() + [70, 71, 72]
+    # nothing dropped (a prompt within the probe budget): no error
+    short = LayerErrorProbe(budget=1.0, heads=heads, probe_budget=32)
+    eng = Engine(lm, short)
+    cache = eng.new_cache(1)
+    eng.feed(cache, ctx[:30], compress=True)
+    eng.forward(cache, torch.tensor([[5]]), compress=False)
+    assert short.errors == [0.0, 0.0]

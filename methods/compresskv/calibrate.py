@@ -388,6 +388,8 @@ def calibrate(model: str, out: str, grid: str | None = None, haystack: str | Non
         raise CompressKVError(f"no haystack at {haystack}: pass a directory of .txt files (or part1..3 folders)")
     if longbench is not None and not Path(longbench).expanduser().exists():
         raise CompressKVError(f"no LongBench data at {longbench}: pass a directory of <task>.jsonl files")
+    if grid:
+        Grid.parse(grid, 1 << 30)  # the syntax, before the model loads (lengths are checked against its window below)
     dev = resolve_device(device)
     lm = models.load(model, resolve_dtype(dtype, dev), dev, random_weights=random_weights,
                      trust_remote_code=trust_remote_code)
