@@ -302,3 +302,18 @@ def test_layer_error_probe_drops_what_compresskv_drops():
     eng.feed(cache, ctx[:30], compress=True)
     eng.forward(cache, torch.tensor([[5]]), compress=False)
     assert short.errors == [0.0, 0.0]
+
+
+def test_calibrate_command_bad_input_is_one_line(tmp_path):
+    from click.testing import CliRunner
+    from kvbench.cli import main
+    cases = [
+        (["--grid", "sizes=1"], "is not 'lengths="),
+        (["--haystack", str(tmp_path / "none")], "no haystack at"),
+        (["--layer-samples", "0"], "at least 1"),
+    ]
+    for args, needle in cases:
+        res = CliRunner().invoke(main, ["calibrate", "compresskv", "--model", "smollm2-135m",
+                                        "--out", str(tmp_path / "a"), *args])
+        lines = [line for line in res.output.strip().splitlines() if line]
+        assert res.exit_code == 2 and len(lines) == 1 and needle in lines[0], (args, res.output)
