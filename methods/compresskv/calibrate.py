@@ -1,17 +1,17 @@
 """``kvbench calibrate compresskv``: semantic-retrieval-head scores and layer errors for one model.
 
 Head scores (official ``Retrieval_Head_Identification/semantic_retrieval_head_detection.py``): three
-needle/question pairs (the official ``haystack_for_detect/needles.jsonl``), each in its own haystack, on a
-grid of context lengths (20 evenly spaced from 1000 to the model's window) x depths (10 from 0 to 100%). The
-context is the haystack cut to the length less a 200-token buffer with the needle put in after the sentence
-end at or before the depth; the prompt is the context followed by "Based on the content of the book,
-Question: ...\\nAnswer:" (no chat template, as the official script for Llama-3.1 and Mistral-v0.3). The
-model decodes greedily up to 50 tokens (stopping at EOS or at the end of the answer's first line). At each
-step, the query that predicts the token attends over the cache; for every needle-span position holding the
-predicted token, every (layer, query head) adds its attention mass on the whole span (the probabilities are
-computed here from the cached keys, the step's query and the log-sum-exp the attention returned). A test counts when the answer's
-ROUGE-1 recall of the needle's answer is above 50; a head's score is its mean over counted tests, and heads
-are ranked per layer.
+needle/question pairs (the official ``haystack_for_detect/needles.jsonl``), each in its own haystack, on a grid
+of context lengths (20 evenly spaced from 1000 to the model's window) x depths (10 from 0 to 100%). The context
+is the haystack cut to the length less a 200-token buffer with the needle put in after the sentence end at or
+before the depth; the prompt is the context followed by "Based on the content of the book, Question:
+...\\nAnswer:" (no chat template, as the official script for Llama-3.1 and Mistral-v0.3). The model decodes
+greedily up to 50 tokens (stopping at EOS or at the end of the answer's first line). At each step, the query
+that predicts the token attends over the cache; for every needle-span position holding the predicted token,
+every (layer, query head) adds its attention mass on the whole span (the probabilities are computed here from
+the cached keys, the step's query and the log-sum-exp the attention returned). A test counts when the answer's
+ROUGE-1 recall of the needle's answer is above 50; a head's score is its mean over counted tests, and heads are
+ranked per layer.
 
 Layer errors (official ``longbench/model/modeling_llama_new.py``, ``pred_get_importance_score.py``): on each
 calibration prompt the model decodes with its full cache; at every decoding step each layer's attention
@@ -21,12 +21,16 @@ normalised to sum 1. Prompts: LongBench files when given (``--longbench DIR``: t
 generation lengths, scores normalised per task and averaged, as the official "avg_score"), otherwise a
 spread of the needle prompts of the grid (recorded in the artifact).
 
-Choices: ROUGE-1 recall is kvbench's (no stemming; the official uses rouge_score with a stemmer); decoding
-stops at EOS and after the answer's first line (the official stops at a newline token of Llama-2/Mistral's
-vocabulary, so with Llama-3's it always runs 50 tokens; newlines before the answer are skipped here); a haystack directory with ``part1``..``part3``
-subdirectories is used as the three haystacks (the official layout), any other directory's files are dealt
-round-robin into three. Progress is appended to a ``.progress.jsonl`` beside the output: a killed calibration
-resumes where it stopped; the artifact is written atomically at the end.
+Choices: a step earns its heads' span mass once per needle-span position holding the predicted token (as the
+official loop; a token that occurs twice in the span counts twice); the haystack and needle are encoded
+without special tokens (the official encodes each with the tokenizer's BOS, which then lands inside the
+context as text with Llama tokenizers), the whole prompt with them; ROUGE-1 recall is kvbench's (no stemming;
+the official uses rouge_score with a stemmer); decoding stops at EOS and after the answer's first line (the
+official stops at a newline token of Llama-2/Mistral's vocabulary, so with Llama-3's it always runs 50 tokens;
+newlines before the answer are skipped here); a haystack directory with ``part1``..``part3`` subdirectories is
+used as the three haystacks (the official layout), any other directory's files are dealt round-robin into
+three. Progress is appended to a ``.progress.jsonl`` beside the output: a killed calibration resumes where it
+stopped; the artifact is written atomically at the end.
 """
 from __future__ import annotations
 
@@ -405,7 +409,8 @@ def calibrate(model: str, out: str, grid: str | None = None, haystack: str | Non
     header = {"identity": identity, "grid": [g.lengths, g.depths], "haystack": source, "settings": SETTINGS}
     progress = Progress(out_dir, header)
     log(f"compresskv calibration of {lm.name}: {len(NEEDLES)} needles x {len(g.lengths)} lengths x "
-        f"{len(g.depths)} depths, haystack {source}" + (f", resuming {len(progress.done)} done" if progress.done else ""))
+        f"{len(g.depths)} depths, haystack {source}"
+        + (f", resuming {len(progress.done)} done" if progress.done else ""))
     t0 = time.perf_counter()
     heads = head_scores(lm, g, texts, progress, prefill_chunk, log)
     t_heads = time.perf_counter() - t0
@@ -421,7 +426,8 @@ def calibrate(model: str, out: str, grid: str | None = None, haystack: str | Non
                  "default": grid is None},
         "haystack": source,
         "counted_tests": heads["counted"],
-        "tests": [{k: r[k] for k in ("needle", "length", "depth", "tokens", "recall", "counted")} for r in heads["tests"]],
+        "tests": [{k: r[k] for k in ("needle", "length", "depth", "tokens", "recall", "counted")}
+                  for r in heads["tests"]],
         "head_ranking": heads["ranking"],
         "head_scores": [[round(float(x), 6) for x in row] for row in heads["scores"]],
         "layer_data": (f"longbench:{Path(longbench).name} ({layer_samples} per task)" if longbench

@@ -93,7 +93,8 @@ def read_official_head_ranking(path: str | Path) -> list[list[int]]:
     except FileNotFoundError:
         raise CompressKVError(f"no head-index file at {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CompressKVError(f"{path} is not valid JSON ({e}); expected the official {{layer: [heads]}} file") from None
+        raise CompressKVError(f"{path} is not valid JSON ({e}); expected the official {{layer: [heads]}} "
+                              "file") from None
     if not isinstance(data, dict) or sorted(data, key=lambda k: int(k) if str(k).isdigit() else -1) != [
             str(i) for i in range(len(data))]:
         raise CompressKVError(f"{path}: expected an object with keys \"0\"..\"L-1\" (one per layer), "
