@@ -317,3 +317,40 @@ def test_calibrate_command_bad_input_is_one_line(tmp_path):
                                         "--out", str(tmp_path / "a"), *args])
         lines = [line for line in res.output.strip().splitlines() if line]
         assert res.exit_code == 2 and len(lines) == 1 and needle in lines[0], (args, res.output)
+
+
+def test_calibration_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
+    """The whole calibration on a tiny random model with a real (tiny BPE) tokenizer: a model that answers no
+    needle is refused in one line (its tests kept for a rerun); with every test counted, the artifact holds a
+    ranking and layer scores that the method loads for this model."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tokenizer_fixture import make_tokenizer
+    from kvbench.methods.compresskv import calibrate as cal
+    lm = tiny(0)
+    lm.tokenizer = make_tokenizer()
+    hay = tmp_path / "hay.txt"
+    hay.write_text("The grass is green. The sky is blue. The sun is yellow. Here we go. " * 80)
+    out = tmp_path / "ckv"
+    args = dict(grid="lengths=300,depths=0,100", haystack=str(hay), layer_samples=2, log=lambda *_: None)
+    with pytest.raises(CompressKVError, match="no needle test was answered"):
+        cal.calibrate_model(lm, str(out), **args)
+    assert len(progress_lines(out)) == 1 + 6  # header + 3 needles x 1 length x 2 depths, kept for a rerun
+    monkeypatch.setattr(cal, "score_test", lambda *a, **k: pytest.fail("finished tests must not run again"))
+    with pytest.raises(CompressKVError, match="no needle test"):  # resumed from the kept records
+        cal.calibrate_model(lm, str(out), **args)
+    monkeypatch.undo()
+    # every answer counts (the wiring, not the model); other settings: the kept tests are not reused
+    monkeypatch.setitem(cal.SETTINGS, "recall_threshold", -1.0)
+    path = cal.calibrate_model(lm, str(out), **args)
+    meta = artifact.read_meta(path, "compresskv")
+    assert meta["counted_tests"] == 6 and meta["grid"]["lengths"] == [300]
+    assert len(meta["head_ranking"]) == 2 and sorted(meta["head_ranking"][0]) == [0, 1, 2, 3]
+    assert meta["layer_scores"] == pytest.approx(meta["layer_scores_by_data"]["niah"])
+    assert sum(meta["layer_scores"]) == pytest.approx(1)
+    CompressKV(budget=64, artifact=str(path)).prepare(lm)
+    assert not list(tmp_path.glob(".ckv.progress.jsonl"))
+
+
+def progress_lines(out: Path) -> list[str]:
+    return (out.parent / f".{out.name}.progress.jsonl").read_text().splitlines()

@@ -381,13 +381,14 @@ def layer_errors(lm, ranking: list[list[int]], prompts, prefill_chunk, log) -> d
 
 def calibrate(model: str, out: str, grid: str | None = None, haystack: str | None = None,
               longbench: str | None = None, layer_samples: int = 8, device: str = "auto", dtype: str = "auto",
-              prefill_chunk: int | None = None, random_weights: bool = False, trust_remote_code: bool = False,
-              log=print) -> Path:
+              prefill_chunk: int | None = None, trust_remote_code: bool = False, log=print) -> Path:
     """Make a CompressKV artifact for ``model`` at ``out``; returns its directory."""
     from kvbench import models
-    from kvbench.runner import git_commit, resolve_device, resolve_dtype
+    from kvbench.runner import resolve_device, resolve_dtype
     if layer_samples < 1:
         raise CompressKVError("--layer-samples must be at least 1")
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise CompressKVError("--prefill-chunk must be at least 1")
     if haystack is not None and not Path(haystack).expanduser().exists():
         raise CompressKVError(f"no haystack at {haystack}: pass a directory of .txt files (or part1..3 folders)")
     if longbench is not None and not Path(longbench).expanduser().exists():
@@ -395,8 +396,14 @@ def calibrate(model: str, out: str, grid: str | None = None, haystack: str | Non
     if grid:
         Grid.parse(grid, 1 << 30)  # the syntax, before the model loads (lengths are checked against its window below)
     dev = resolve_device(device)
-    lm = models.load(model, resolve_dtype(dtype, dev), dev, random_weights=random_weights,
-                     trust_remote_code=trust_remote_code)
+    lm = models.load(model, resolve_dtype(dtype, dev), dev, trust_remote_code=trust_remote_code)
+    return calibrate_model(lm, out, grid, haystack, longbench, layer_samples, prefill_chunk, log)
+
+
+def calibrate_model(lm, out: str, grid: str | None = None, haystack: str | None = None, longbench: str | None = None,
+                    layer_samples: int = 8, prefill_chunk: int | None = None, log=print) -> Path:
+    """``calibrate`` on a loaded model."""
+    from kvbench.runner import git_commit
     g = Grid.parse(grid, lm.window) if grid else Grid.default(lm.window)
     too_long = [n for n in g.lengths if n > lm.window]
     too_short = [n for n in g.lengths if n < SETTINGS["buffer"] + 64]
