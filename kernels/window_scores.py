@@ -3,7 +3,9 @@
 ``window_scores(q_win, q_pos, k, k_pos, seg_start, seg_len, scale, reduce)``
 returns, for every slot of ``k: [S, D]``, the attention probability that the
 last ``w`` prompt queries put on it, summed over the ``w`` queries and reduced
-("mean" or "max") over the ``G`` query heads of the slot's KV head.  Each query
+("mean" or "max") over the ``G`` query heads of the slot's KV head, or, with
+reduce "none", kept per query head: ``[S, G]`` (column g: query head
+``h * G + g`` of the slot's KV head h; CompressKV ranks by chosen heads).  Each query
 takes a softmax over the keys of its segment that it may see: key visible iff
 ``k_pos[slot] <= q_pos[b, t]`` (causal by position; slots may be in any order).
 Slots outside every valid range score 0.
@@ -113,7 +115,7 @@ def _ws_score_kernel(
     n_kv_heads, group, w, n_split, qk_scale, inv_group,
     HEAD_DIM: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
-    REDUCE_MAX: tl.constexpr,
+    REDUCE_MAX: tl.constexpr, REDUCE_NONE: tl.constexpr,
 ):
     seg = tl.program_id(0)
     split = tl.program_id(1)
@@ -163,13 +165,16 @@ def _ws_score_kernel(
                        & (lse2 > float("-inf"))[:, None])
                 p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
                 acc += tl.sum(p, 0)
-            if REDUCE_MAX:
+            if REDUCE_NONE:
+                tl.store(SCORES + slot * group + g, acc, mask=nmask)
+            elif REDUCE_MAX:
                 tot = tl.maximum(tot, acc)
             else:
                 tot += acc
-        if not REDUCE_MAX:
-            tot = tot * inv_group
-        tl.store(SCORES + slot, tot, mask=nmask)
+        if not REDUCE_NONE:
+            if not REDUCE_MAX:
+                tot = tot * inv_group
+            tl.store(SCORES + slot, tot, mask=nmask)
 
 
 def _check(q_win, q_pos, k, k_pos, seg_start, seg_len, reduce):
@@ -186,8 +191,8 @@ def _check(q_win, q_pos, k, k_pos, seg_start, seg_len, reduce):
     hkv = n_seg // B
     if Hq % hkv != 0:
         raise ValueError(f"Hq={Hq} is not a multiple of Hkv={hkv}")
-    if reduce not in ("mean", "max"):
-        raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
+    if reduce not in ("mean", "max", "none"):
+        raise ValueError(f"reduce must be 'mean', 'max' or 'none', got {reduce!r}")
     return B, Hq, w, D, hkv, Hq // hkv
 
 
@@ -203,7 +208,7 @@ def window_scores_triton(
 ) -> torch.Tensor:
     """Two-pass Triton window scores (no host synchronisation).
 
-    ``out``: optional float32 ``[S]`` buffer, written at the valid slots only
+    ``out``: optional float32 ``[S]`` (reduce "none": ``[S, G]``) buffer, written at the valid slots only
     (the caller initialises the rest; by default a zero-filled tensor).
     ``lse``: optional ``[B, Hq, w]`` natural-log normalisers of the window's
     rows over these keys, when the caller has them (a decoding step's
@@ -213,11 +218,12 @@ def window_scores_triton(
     S = k.shape[0]
     dev = k.device
     n_seg = B * hkv
+    shape = (S, G) if reduce == "none" else (S,)
     if out is None:
-        scores = torch.zeros(S, dtype=torch.float32, device=dev)
+        scores = torch.zeros(shape, dtype=torch.float32, device=dev)
     else:
-        if out.shape != (S,) or out.dtype != torch.float32 or out.device != dev:
-            raise ValueError("out must be float32 [S] on k's device")
+        if out.shape != shape or out.dtype != torch.float32 or out.device != dev or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous float32 {list(shape)} tensor on k's device")
         scores = out
     if S == 0 or w == 0:
         return scores
@@ -268,7 +274,7 @@ def window_scores_triton(
         q_win, q_pos, k, k_pos, seg_start, seg_len, lse2, scores, *common,
         hkv, G, w, split2, qk_scale, 1.0 / G,
         HEAD_DIM=D, BLOCK_W=BLOCK_W, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-        PRECISION=precision, DOT_F32=dot_f32, REDUCE_MAX=(reduce == "max"),
+        PRECISION=precision, DOT_F32=dot_f32, REDUCE_MAX=(reduce == "max"), REDUCE_NONE=(reduce == "none"),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return scores
@@ -282,7 +288,7 @@ def window_scores_reference(
     """PyTorch oracle: materialises the [B, Hq, w, Lmax] probabilities in fp32."""
     B, Hq, w, D, hkv, G = _check(q_win, q_pos, k, k_pos, seg_start, seg_len, reduce)
     S = k.shape[0]
-    scores = torch.zeros(S, dtype=torch.float32, device=k.device)
+    scores = torch.zeros((S, G) if reduce == "none" else (S,), dtype=torch.float32, device=k.device)
     if S == 0 or w == 0 or seg_len.numel() == 0:
         return scores
     kp, mask, idx = _gather_segments(k, seg_start, seg_len)        # [n_seg, L, D]
@@ -297,8 +303,11 @@ def window_scores_reference(
     s = s.masked_fill(~vis, float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)                   # rows with no visible key -> 0
     p = p.sum(dim=3)                                               # [B, hkv, G, L]
-    red = p.amax(dim=2) if reduce == "max" else p.mean(dim=2)     # [B, hkv, L]
-    red = red.reshape(B * hkv, L)
+    if reduce == "none":
+        red = p.permute(0, 1, 3, 2).reshape(B * hkv, L, G)
+    else:
+        red = p.amax(dim=2) if reduce == "max" else p.mean(dim=2)  # [B, hkv, L]
+        red = red.reshape(B * hkv, L)
     scores[idx[mask]] = red[mask]
     return scores
 
@@ -308,7 +317,7 @@ def window_scores(
     seg_start: torch.Tensor, seg_len: torch.Tensor, scale: float, reduce: str = "mean",
     **kw,
 ) -> torch.Tensor:
-    """Float32 ``[S]`` window scores; Triton on CUDA or with KVBENCH_TRITON=1."""
+    """Float32 ``[S]`` window scores (``[S, G]`` with reduce "none"); Triton on CUDA or with KVBENCH_TRITON=1."""
     if use_triton(q_win):
         return window_scores_triton(q_win, q_pos, k, k_pos, seg_start, seg_len, scale, reduce, **kw)
     return window_scores_reference(q_win, q_pos, k, k_pos, seg_start, seg_len, scale, reduce)

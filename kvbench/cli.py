@@ -332,5 +332,31 @@ def train_deltakv_cmd(model, data, out, steps, batch, seq_len, lr, latent_dim, i
     click.echo(f"checkpoint: {path}")
 
 
+@calibrate.command("compresskv")
+@click.option("--model", required=True, help="HF id, local dir, .gguf file or alias")
+@click.option("--out", required=True, help="artifact directory (use it with `kvbench run --method compresskv --artifact DIR`)")
+@click.option("--grid", default=None,
+              help="lengths=N,N,...,depths=P,P,... (tokens; percent). Default: 20 lengths from 1000 to the window x 10 depths")
+@click.option("--haystack", default=None, help="haystack texts: a directory of .txt files (or part1..3 folders), or a file")
+@click.option("--longbench", default=None, help="LongBench <task>.jsonl directory for the layer errors (default: needle prompts)")
+@click.option("--layer-samples", type=int, default=8, show_default=True, help="layer-error prompts (per LongBench task)")
+@click.option("--prefill-chunk", type=int, default=None, help="prefill N tokens at a time (bounds memory)")
+@click.option("--trust-remote-code", is_flag=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+def calibrate_compresskv_cmd(model, out, grid, haystack, longbench, layer_samples, prefill_chunk, trust_remote_code,
+                             device, dtype):
+    """CompressKV: semantic-retrieval-head scores (needle tests) and error-aware layer scores."""
+    from kvbench.artifact import ArtifactError
+    from kvbench.methods.compresskv.calibrate import calibrate as calibrate_compresskv
+    try:
+        path = calibrate_compresskv(model, out, grid=grid, haystack=haystack, longbench=longbench,
+                                    layer_samples=layer_samples, device=device, dtype=dtype, prefill_chunk=prefill_chunk,
+                                    trust_remote_code=trust_remote_code, log=click.echo)
+    except _user_errors() + (ArtifactError,) as e:
+        _fail(str(e))
+    click.echo(f"artifact: {path}")
+
+
 if __name__ == "__main__":
     main()

@@ -24,6 +24,7 @@ METHODS = {
     "deltakv": "kvbench.methods.deltakv:DeltaKV",
     "selectfit": "kvbench.methods.selectfit:SelectFit",
     "kvsculpt": "kvbench.methods.kvsculpt:KVSculpt",
+    "compresskv": "kvbench.methods.compresskv:CompressKV",
 }
 
 TASKS = {
