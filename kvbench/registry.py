@@ -21,6 +21,7 @@ METHODS = {
     "deltakv": "kvbench.methods.deltakv:DeltaKV",
     "selectfit": "kvbench.methods.selectfit:SelectFit",
     "kvsculpt": "kvbench.methods.kvsculpt:KVSculpt",
+    "kvcar": "kvbench.methods.kvcar:KVCAR",
 }
 
 TASKS = {
@@ -81,6 +82,9 @@ def _coerce(cls, params: dict) -> dict:
 
 
 def build_method(name: str, budget, params: dict | None = None):
+    if "+" in name:  # an eviction method composed with a per-token codec (kvbench.compose)
+        from kvbench import compose
+        return compose.build(name.split("+"), budget, dict(params or {}), build_method)
     cls = load(METHODS, "method", name)
     params = _coerce(cls, dict(params or {}))
     if "scorer" in params and isinstance(params["scorer"], str):
