@@ -307,7 +307,7 @@ def train_deltakv_cmd(model, data, out, steps, batch, seq_len, lr, latent_dim, i
 @click.option("--data", required=True, help="training text (general English, never evaluation text): a file or a directory")
 @click.option("--out", required=True, help="artifact directory (safetensors + artifact.json)")
 @click.option("--latent-dim", type=int, default=None, help="latent width per head (default head_dim/2)")
-@click.option("--hidden", type=int, default=None, help="hidden width of encoder and decoder (default head_dim)")
+@click.option("--hidden", type=int, default=None, help="hidden width of encoder and decoder (default 2 x latent: starts from PCA)")
 @click.option("--rope-keys", default="pre", show_default=True, type=click.Choice(["pre", "post"]),
               help="code keys before or after RoPE")
 @click.option("--reuse-threshold", default="0.9", show_default=True,

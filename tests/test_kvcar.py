@@ -8,7 +8,7 @@ from test_spine import prompt, sample, tiny
 from kvbench import artifact, registry
 from kvbench.cache import KVCache
 from kvbench.methods.kvcar import KVCAR, LayerCodec, choose_reuse
-from kvbench.methods.kvcar.codec import HeadAutoencoder, make_identity
+from kvbench.methods.kvcar.codec import HeadAutoencoder, make_identity, pca_init_
 from kvbench.runner import Engine
 
 
@@ -62,6 +62,20 @@ def test_folded_batchnorm_equals_unfolded():
     torch.testing.assert_close(folded.decode(z), ae.decode(z), atol=1e-5, rtol=1e-5)
     # a single head picked out of the stack computes that head's codec
     torch.testing.assert_close(folded.decode(z[1:], torch.tensor([1])), ae.decode(z)[1:], atol=1e-5, rtol=1e-5)
+
+
+def test_pca_start_is_the_best_affine_code():
+    torch.manual_seed(0)
+    x = torch.randn(2, 400, 16) @ torch.randn(16, 16) + torch.randn(16) * 3
+    x[..., 8:] *= 0.01  # eight directions carry (nearly) everything
+    ae = pca_init_(HeadAutoencoder(2, 16, 16, 8), x)
+    for mode in (ae.eval, ae.train):
+        mode()
+        assert ((ae(x) - x) ** 2).mean() < 1e-3 * (x ** 2).mean()
+    folded = ae.eval().fold()
+    torch.testing.assert_close(folded.decode(folded.encode(x)), ae(x), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="hidden = 2"):
+        pca_init_(HeadAutoencoder(2, 16, 20, 8), x)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

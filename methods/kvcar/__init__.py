@@ -18,8 +18,11 @@ Choices the paper leaves open, made here:
   have separate autoencoders with the same ``latent`` (and ``hidden``) width.
 - Keys are coded before RoPE (``rope_keys="pre"``, the default): a position-free autoencoder sees the
   same distribution at every position, and pre-RoPE keys are known to be far lower-rank than rotated
-  ones; the decoded keys are rotated to their positions on read (positions are stored, 4 bytes a slot,
-  counted). ``rope_keys="post"`` codes the rotated keys (train with ``--rope-keys post``).
+  ones (measured on SmolLM2: results/kvcar/README.md); the decoded keys are rotated to their positions
+  on read (positions are stored, 4 bytes a slot, counted). ``rope_keys="post"`` codes the rotated keys (train with ``--rope-keys post``).
+- ``hidden`` defaults to ``2 x latent``: then training starts from the principal components of
+  calibration vectors (an exact construction through the LeakyReLU, ``codec.pca_init_``), so a short
+  training budget starts from the best linear code rather than from noise.
 - BatchNorm uses batch statistics over the tokens of a training batch in stage 1, and its running
   statistics (frozen; scale and shift still trained) in stage 2, so stage 2 optimises exactly the function
   inference computes; at inference it is folded into the linear layer before it. LeakyReLU slope 0.01.
@@ -129,7 +132,7 @@ class KVCAR(Method):
             reuse = choose_reuse(meta["similarity"], threshold) if self.reuse and meta.get("similarity") else {}
         else:
             self.latent_dim_ = self.latent_dim or max(1, head_dim // 2)
-            self.hidden_ = self.hidden or head_dim
+            self.hidden_ = self.hidden or 2 * self.latent_dim_
             self.rope_keys_ = self.rope_keys
             torch.manual_seed(self.seed)
             modules = codecs_from_tensors({}, n_layers, heads, head_dim, self.hidden_, self.latent_dim_)

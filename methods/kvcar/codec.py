@@ -155,3 +155,36 @@ def make_identity(ae: HeadAutoencoder) -> HeadAutoencoder:
         bn.running_mean.zero_()
         bn.running_var.fill_(1.0 - EPS)
     return ae
+
+
+@torch.no_grad()
+def pca_init_(ae: HeadAutoencoder, x: torch.Tensor) -> HeadAutoencoder:
+    """Start an autoencoder with ``hidden == 2 * latent`` at the best affine code of ``x [H, N, d]`` (its
+    principal components): the latent is ``P^T (x - mean)``, the output ``P z + mean``. The hidden layers
+    carry ``[z, -z]`` (the LeakyReLU is undone as in ``make_identity``) and BatchNorm's scale is the hidden
+    unit's standard deviation on ``x``, so it starts (nearly) as the identity on such data in both modes."""
+    r = ae.latent
+    if ae.hidden != 2 * r:
+        raise ValueError(f"a PCA start needs hidden = 2 * latent = {2 * r}, got {ae.hidden}")
+    x = x.float()
+    mean = x.mean(dim=1)  # [H, d]
+    basis = torch.linalg.svd(x - mean[:, None], full_matrices=False).Vh[:, :r].transpose(1, 2)  # [H, d, r]
+    eye = torch.eye(r, device=x.device).expand(ae.heads, r, r)
+    split = torch.cat([eye, -eye], dim=2)  # z -> [z, -z]
+    merge = torch.cat([eye, -eye], dim=1) / (1 + SLOPE)  # leaky([z, -z]) -> z
+    shift = torch.einsum("hd,hdr->hr", mean, basis)
+    ae.enc1.weight.copy_(torch.cat([basis, -basis], dim=2))
+    ae.enc1.bias.copy_(torch.cat([-shift, shift], dim=1))
+    ae.enc2.weight.copy_(merge)
+    ae.enc2.bias.zero_()
+    ae.dec1.weight.copy_(split)
+    ae.dec1.bias.zero_()
+    ae.dec2.weight.copy_(torch.cat([basis, -basis], dim=2).transpose(1, 2) / (1 + SLOPE))
+    ae.dec2.bias.copy_(mean)
+    z = torch.baddbmm(ae.enc1.bias[:, None], x, ae.enc1.weight)  # the encoder's hidden units, [z, -z]
+    for bn in (ae.enc_bn, ae.dec_bn):
+        bn.running_mean.copy_(z.mean(dim=1))
+        bn.running_var.copy_(z.var(dim=1))
+        bn.weight.copy_(torch.sqrt(bn.running_var + EPS))
+        bn.bias.copy_(bn.running_mean)
+    return ae

@@ -1,5 +1,8 @@
 """``kvbench train kvcar``: reuse calibration, then the two training stages, written as one artifact.
 
+0. The autoencoders start (when ``hidden == 2 * latent``, the default) as the best affine code of the
+   keys and values of the first calibration samples (their principal components; ``codec.pca_init_``),
+   so even a short run starts from a sane cache; otherwise from PyTorch's default random init.
 1. Reuse calibration: the base model runs on the first ``calib_samples`` training samples; for every
    (layer >= 1, KV head) the similarity to the same head of the previous layer is the lower of the mean
    token cosine of the keys and of the values. Heads at or above ``reuse_threshold`` are reused.
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 
 from kvbench import artifact as artifacts
 from kvbench.methods.kvcar import NAME, ROPE_KEYS, LayerCodec, choose_reuse
+from kvbench.methods.kvcar.codec import pca_init_
 from kvbench.task import TaskError
 
 HELDOUT_EVAL = 32  # held-out samples evaluated at the end
@@ -159,12 +163,13 @@ def train(model: str, data: str, out: str, latent_dim: int | None = None, hidden
     sig = artifacts.model_signature(lm.model.config)
     heads, head_dim, n_layers = sig["num_key_value_heads"], sig["head_dim"], sig["num_hidden_layers"]
     latent = latent_dim or head_dim // 2
-    width = hidden or head_dim
+    width = hidden or 2 * latent
     if not 1 <= latent <= head_dim:
         raise TaskError(f"--latent-dim must be in 1..{head_dim} (the head dimension), got {latent}")
     lm.model.requires_grad_(False)
     rope = rope_inverse_factory(lm.model.model.rotary_emb)
     pre = rope_keys == "pre"
+    positions = torch.arange(seq_len, device=dev)[None].expand(batch, -1)
 
     ids = torch.tensor(lm.tokenizer.encode(text, add_special_tokens=False), dtype=torch.int64)
     n_samples = len(ids) // seq_len
@@ -189,8 +194,18 @@ def train(model: str, data: str, out: str, latent_dim: int | None = None, hidden
     torch.manual_seed(seed)
     codecs = torch.nn.ModuleDict({str(layer): LayerCodec(heads, head_dim, width, latent)
                                   for layer in range(n_layers)}).to(dev).float()
+    init = "pca" if width == 2 * latent else "random"
+    if init == "pca":  # every autoencoder starts as the best affine code of its calibration vectors
+        x = train_set[:min(batch, calib_samples)]
+        cap = Capture(rope, positions[: len(x)], pre)
+        with torch.no_grad():
+            lm.model(input_ids=x, position_ids=positions[: len(x)], use_cache=False, kvbench_cache=cap)
+        for layer in range(n_layers):
+            for ae, t in ((codecs[str(layer)].k, cap.k[layer]), (codecs[str(layer)].v, cap.v[layer])):
+                pca_init_(ae, t.transpose(0, 1).reshape(heads, -1, head_dim))
+        del cap
+    log(f"autoencoders start {'from the calibration vectors principal components' if init == 'pca' else 'random'}")
     gen = torch.Generator().manual_seed(seed)
-    positions = torch.arange(seq_len, device=dev)[None].expand(batch, -1)
     minutes1 = max_minutes * recon_share if max_minutes else None
     minutes2 = max_minutes * (1 - recon_share) if max_minutes else None
 
@@ -220,7 +235,7 @@ def train(model: str, data: str, out: str, latent_dim: int | None = None, hidden
     final.update(_heldout(lm.model, codecs, reuse, rope, held[:HELDOUT_EVAL], min(batch, len(held)), pre))
     seconds = time.perf_counter() - t_all
     log(f"trained {steps1} + {steps2} steps in {seconds:.0f} s; {final}")
-    meta = {"latent_dim": latent, "hidden": width, "rope_keys": rope_keys, "head_dim": head_dim,
+    meta = {"latent_dim": latent, "hidden": width, "rope_keys": rope_keys, "head_dim": head_dim, "init": init,
             "reuse_threshold": reuse_threshold, "reuse_pairs": pairs, "similarity": sim,
             "calibration": {"samples": calib_samples, "seq_len": seq_len, "source": "first training samples"},
             "corpus": corpus, "steps": {"reconstruction": steps1, "lm": steps2},
