@@ -358,5 +358,48 @@ def calibrate_compresskv_cmd(model, out, grid, haystack, longbench, layer_sample
     click.echo(f"artifact: {path}")
 
 
+@train.command("kvcar")
+@click.option("--model", required=True, help="HF id, local dir, .gguf file or alias")
+@click.option("--data", required=True, help="training text (general English, never evaluation text): a file or a directory")
+@click.option("--out", required=True, help="artifact directory (safetensors + artifact.json)")
+@click.option("--latent-dim", type=int, default=None, help="latent width per head (default head_dim/2)")
+@click.option("--hidden", type=int, default=None, help="hidden width of encoder and decoder (default 2 x latent: starts from PCA)")
+@click.option("--rope-keys", default="pre", show_default=True, type=click.Choice(["pre", "post"]),
+              help="code keys before or after RoPE")
+@click.option("--reuse-threshold", default="0.9", show_default=True,
+              help="heads at or above this similarity to the previous layer store nothing ('none': no reuse)")
+@click.option("--recon-steps", type=int, default=1000, show_default=True, help="stage 1 (reconstruction) steps")
+@click.option("--lm-steps", type=int, default=1000, show_default=True, help="stage 2 (LM loss, base frozen) steps")
+@click.option("--batch", type=int, default=8, show_default=True, help="packed samples per step")
+@click.option("--seq-len", type=int, default=512, show_default=True, help="tokens per packed sample")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="stage 1 learning rate")
+@click.option("--lm-lr", type=float, default=2e-4, show_default=True, help="stage 2 learning rate")
+@click.option("--calib-samples", type=int, default=16, show_default=True, help="samples for the reuse calibration")
+@click.option("--max-minutes", type=float, default=None, help="stop training after this much time (both stages)")
+@click.option("--recon-share", type=float, default=0.4, show_default=True, help="share of --max-minutes for stage 1")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+@click.option("--seed", type=int, default=0, show_default=True)
+def train_kvcar_cmd(model, data, out, latent_dim, hidden, rope_keys, reuse_threshold, recon_steps, lm_steps, batch,
+                    seq_len, lr, lm_lr, calib_samples, max_minutes, recon_share, device, dtype, seed):
+    """Train KV-CAR's autoencoders and calibrate its reused heads (writes one artifact)."""
+    from kvbench.methods.kvcar.train import train as train_kvcar
+    if reuse_threshold.lower() == "none":
+        threshold = None
+    else:
+        try:
+            threshold = float(reuse_threshold)
+        except ValueError:
+            _fail(f"--reuse-threshold takes a number or 'none', got '{reuse_threshold}'")
+    try:
+        path = train_kvcar(model, data, out, latent_dim=latent_dim, hidden=hidden, rope_keys=rope_keys,
+                           reuse_threshold=threshold, recon_steps=recon_steps, lm_steps=lm_steps, batch=batch,
+                           seq_len=seq_len, lr=lr, lm_lr=lm_lr, calib_samples=calib_samples, max_minutes=max_minutes,
+                           recon_share=recon_share, device=device, dtype=dtype, seed=seed, log=click.echo)
+    except _user_errors() as e:
+        _fail(str(e))
+    click.echo(f"artifact: {path}")
+
+
 if __name__ == "__main__":
     main()

@@ -25,6 +25,7 @@ METHODS = {
     "selectfit": "kvbench.methods.selectfit:SelectFit",
     "kvsculpt": "kvbench.methods.kvsculpt:KVSculpt",
     "compresskv": "kvbench.methods.compresskv:CompressKV",
+    "kvcar": "kvbench.methods.kvcar:KVCAR",
 }
 
 TASKS = {
@@ -213,6 +214,9 @@ def check_params(cls, params: dict, owner: str | None = None) -> dict:
 
 
 def build_method(name: str, budget, params: dict | None = None):
+    if "+" in name:  # an eviction method composed with a per-token codec (kvbench.compose)
+        from kvbench import compose
+        return compose.build(name.split("+"), budget, dict(params or {}), build_method)
     cls = load(METHODS, "method", name)
     params = dict(params or {})
     if "budget" in params:

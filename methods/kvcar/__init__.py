@@ -1,0 +1,199 @@
+"""``kvcar``: keys and values stored as autoencoder latents, some heads read from the layer before.
+
+Roy, Sridharan, Selvam, Raghunathan, "KV-CAR: KV Cache Compression using Autoencoders and KV Reuse in
+Large Language Models" (arXiv 2512.06727). No reference code is public; this is built from the paper.
+
+Per layer, an autoencoder along the embedding dimension codes each token's key and each token's value
+(encoder ``Linear(d, hidden) -> BatchNorm -> LeakyReLU -> Linear(hidden, latent)``, decoder mirrored); the
+cache holds the latents and decodes them before attention (``codec.py``, ``store.py``). Separately, a head
+whose keys and values are close to the same head's in the previous layer (cosine on calibration text)
+stores nothing and reads that layer's entries. Training (``train.py``, ``kvbench train kvcar``): first
+reconstruction, then the language-model loss through the decoded cache with the base model frozen.
+
+Choices the paper leaves open, made here:
+- The "embedding dimension" of a layer's keys is ``KV heads x head_dim``; the layer's autoencoder is
+  block-diagonal over its KV heads (one small autoencoder per head, computed together as batched matmuls).
+  A dense autoencoder over all heads would tie the heads of a token together, so neither a reused head
+  nor a token an eviction method drops from one head only could be left out of the cache. Keys and values
+  have separate autoencoders with the same ``latent`` (and ``hidden``) width.
+- Keys are coded before RoPE (``rope_keys="pre"``, the default): a position-free autoencoder sees the
+  same distribution at every position, and pre-RoPE keys are known to be far lower-rank than rotated
+  ones (measured on SmolLM2: results/kvcar/README.md); the decoded keys are rotated to their positions
+  on read (positions are stored, 4 bytes a slot, counted). ``rope_keys="post"`` codes the rotated keys (train with ``--rope-keys post``).
+- ``hidden`` defaults to ``2 x latent``: then training starts from the principal components of
+  calibration vectors (an exact construction through the LeakyReLU, ``codec.pca_init_``), so a short
+  training budget starts from the best linear code rather than from noise.
+- BatchNorm uses batch statistics over the tokens of a training batch in stage 1, and its running
+  statistics (frozen; scale and shift still trained) in stage 2, so stage 2 optimises exactly the function
+  inference computes; at inference it is folded into the linear layer before it. LeakyReLU slope 0.01.
+- Losses: stage 1, the mean over layers of each autoencoder's MSE relative to its input's mean square (so
+  layers with large key norms do not dominate); stage 2, next-token cross-entropy alone. AdamW, linear
+  warm-up, cosine decay over the steps or the time limit.
+- In stage 2 every key and value is replaced by its reconstruction (the worst case, as in decoding); at
+  inference a prefill chunk attends exactly to its own tokens and to the decoded past (the cache
+  interface's exact prefill).
+- Reuse: similarity of head ``h`` of layer ``l`` is the lower of the mean token cosine of its keys and of
+  its values against head ``h`` of layer ``l-1``, on the first calibration samples of the training corpus
+  (cosine is the same before and after RoPE: both layers rotate a token by the same angle). A head at or
+  above ``reuse_threshold`` is reused; chains resolve to the nearest earlier layer that stores the head.
+  Layer 0 stores everything. The artifact keeps the whole similarity matrix, so ``-m reuse_threshold=X``
+  re-chooses the pairs at run time (stage 2 trained with the artifact's pairs), and ``-m reuse=false``
+  turns reuse off (every head has an autoencoder: reused heads' are trained by stage 1 only).
+- A layer that reuses heads decodes their owner's codes for those heads when it attends (no second copy
+  is held; one layer's decoded keys and values exist at a time, plus the reused heads' for that layer).
+- Latents are stored in the model's dtype (bfloat16 on GPU). ``budget`` is not used: the memory follows from
+  ``latent / head_dim`` and the reuse, and is measured. The autoencoder weights are model weights, not
+  cache, and are reported apart (``codec_nbytes``).
+- Without an artifact the autoencoders are randomly initialised (seeded), with no reuse: for timing only.
+
+Composition: ``--method snapkv+kvcar`` (any eviction method + this codec; ``kvbench.compose``) lets the
+eviction method choose the tokens from the decoded cache and keeps their codes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from kvbench import artifact as artifacts
+from kvbench.method import BudgetError, Method
+from kvbench.methods.kvcar.codec import FoldedAutoencoder, LayerCodec
+
+NAME = "kvcar"
+ROPE_KEYS = ("pre", "post")
+
+
+def codecs_from_tensors(tensors: dict[str, torch.Tensor], n_layers: int, heads: int, head_dim: int, hidden: int,
+                        latent: int) -> torch.nn.ModuleDict:
+    modules = torch.nn.ModuleDict({str(layer): LayerCodec(heads, head_dim, hidden, latent) for layer in range(n_layers)})
+    if tensors:
+        modules.load_state_dict({k: v.float() for k, v in tensors.items()})
+    return modules
+
+
+def choose_reuse(similarity: list[list[float]], threshold: float | None) -> dict[int, dict[int, int]]:
+    """Reused heads per layer: ``{layer: {head: owner layer}}``; a head at or above the threshold reads the
+    previous layer's entries, resolved to the nearest earlier layer that stores the head."""
+    out: dict[int, dict[int, int]] = {}
+    if threshold is None:
+        return out
+    for layer in range(1, len(similarity)):
+        for head, sim in enumerate(similarity[layer]):
+            if sim is not None and sim >= threshold:
+                owner = out.get(layer - 1, {}).get(head, layer - 1)
+                out.setdefault(layer, {})[head] = owner
+    return out
+
+
+@dataclass
+class KVCAR(Method):
+    token_codec: ClassVar[bool] = True  # its stores offer ``decoded_view``: an eviction method may compose with it
+
+    artifact: str | None = None
+    reuse: bool = True
+    reuse_threshold: float | None = None  # re-choose the reused heads from the artifact's similarities
+    latent_dim: int | None = None  # without an artifact only (random codec, for timing)
+    hidden: int | None = None
+    rope_keys: str = "pre"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.rope_keys not in ROPE_KEYS:
+            raise BudgetError(f"kvcar rope_keys '{self.rope_keys}' unknown; use pre or post")
+        for name in ("latent_dim", "hidden"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise BudgetError(f"kvcar {name} must be a positive whole number, got {value!r}")
+        self._meta = None
+        if self.artifact is not None:
+            self._meta = artifacts.read_meta(self.artifact, NAME)  # fail before a model is loaded
+            for name in ("latent_dim", "hidden"):
+                if getattr(self, name) is not None and getattr(self, name) != self._meta[name]:
+                    raise BudgetError(f"kvcar {name}={getattr(self, name)} but artifact {self.artifact} was trained "
+                                      f"with {self._meta[name]}")
+        self._prepared_for = None
+
+    # ---- binding to a model ----
+    def prepare(self, lm) -> None:
+        from kvbench.cache import rope_inverse_factory
+        key = (id(lm.model), artifacts.model_fingerprint(lm.model))
+        if self._prepared_for == key:
+            return
+        cfg = lm.model.config
+        sig = artifacts.model_signature(cfg)
+        n_layers, heads, head_dim = sig["num_hidden_layers"], sig["num_key_value_heads"], sig["head_dim"]
+        if self.artifact is not None:
+            meta, tensors = artifacts.load(self.artifact, NAME)
+            artifacts.check_model(meta, lm, self.artifact)
+            self.latent_dim_, self.hidden_, self.rope_keys_ = meta["latent_dim"], meta["hidden"], meta["rope_keys"]
+            modules = codecs_from_tensors(tensors, n_layers, heads, head_dim, self.hidden_, self.latent_dim_)
+            threshold = self.reuse_threshold if self.reuse_threshold is not None else meta.get("reuse_threshold")
+            reuse = choose_reuse(meta["similarity"], threshold) if self.reuse and meta.get("similarity") else {}
+        else:
+            self.latent_dim_ = self.latent_dim or max(1, head_dim // 2)
+            self.hidden_ = self.hidden or 2 * self.latent_dim_
+            self.rope_keys_ = self.rope_keys
+            torch.manual_seed(self.seed)
+            modules = codecs_from_tensors({}, n_layers, heads, head_dim, self.hidden_, self.latent_dim_)
+            reuse = {}
+        self.bind(lm, modules.eval(), reuse)
+        self._prepared_for = key
+
+    def bind(self, lm, modules: torch.nn.ModuleDict, reuse: dict[int, dict[int, int]]) -> None:
+        """Use these (trained) codecs and reused heads for ``lm`` (the trainer evaluates through this too)."""
+        from kvbench.cache import rope_inverse_factory
+        param = next(lm.model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.n_layers = lm.model.config.num_hidden_layers
+        self.reuse_ = reuse
+        self.codecs = {int(layer): (mod.k.fold(self.dtype), mod.v.fold(self.dtype))
+                       for layer, mod in modules.to(self.device).items()}
+        self.rope = rope_inverse_factory(lm.model.model.rotary_emb)
+        self._building: dict[int, object] = {}
+
+    def own_heads(self, layer: int) -> list[int]:
+        heads = self.codecs[layer][0].w1.shape[0]
+        return [h for h in range(heads) if h not in self.reuse_.get(layer, {})]
+
+    def codec_nbytes(self) -> int:
+        """Bytes of the autoencoders' weights (model weights, held once, not per sequence)."""
+        return sum(k.nbytes() + v.nbytes() for k, v in self.codecs.values())
+
+    # ---- coding ----
+    def encode(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, heads: torch.Tensor):
+        """k, v [B, n, T, d] (keys post-RoPE) of heads ``heads`` -> latents [B, n, T, latent]."""
+        if self.rope_keys_ == "pre":
+            k = self.rope(k, pos, inverse=True)
+        ck, cv = self.codecs[layer]
+        B, n, T, d = k.shape
+
+        def code(ae: FoldedAutoencoder, x):
+            z = ae.encode(x.transpose(0, 1).reshape(n, B * T, d), heads)
+            return z.reshape(n, B, T, -1).transpose(0, 1)
+
+        return code(ck, k), code(cv, v)
+
+    def decode(self, layer: int, zk: torch.Tensor, zv: torch.Tensor, pos: torch.Tensor, heads: torch.Tensor):
+        """Latents [n, N, latent] of heads ``heads`` at positions ``pos [n, N]`` -> keys (post-RoPE) and values
+        [n, N, d]."""
+        ck, cv = self.codecs[layer]
+        k, v = ck.decode(zk, heads), cv.decode(zv, heads)
+        if self.rope_keys_ == "pre":
+            n, N, d = k.shape
+            k = self.rope(k.reshape(1, 1, n * N, d), pos.reshape(1, n * N).long()).reshape(n, N, d)
+        return k, v
+
+    # ---- the cache hooks ----
+    def new_store(self, layer: int, batch: int, heads: int, head_dim: int, dtype, device):
+        from kvbench.methods.kvcar.store import KVCARStore
+        if self._prepared_for is None and not hasattr(self, "codecs"):
+            raise RuntimeError("KVCAR.prepare(lm) must run before caches are made (the Engine calls it)")
+        if layer == 0:  # a new cache: its stores are made in layer order
+            self._building = {}
+        sources = {h: self._building[owner] for h, owner in self.reuse_.get(layer, {}).items()}
+        store = KVCARStore(self, layer, batch, heads, head_dim, dtype, device, sources)
+        self._building[layer] = store
+        if layer == self.n_layers - 1:
+            self._building = {}
+        return store

@@ -1,0 +1,219 @@
+"""KV-CAR's store: latent codes per (sequence, KV head) decoded on read, and heads read from another layer.
+
+``KVCARStore`` keeps the codes of the heads its layer stores in a ``RaggedKV`` whose ``k``/``v`` are the key
+and value *latents* (``[S, latent]``), so the packing, growth, batching and eviction machinery of the
+ragged store applies to codes unchanged (``keep``/``remove_one`` move codes, an evicting method may
+compose with it). A head the layer reuses from an earlier layer keeps nothing: the store holds a pointer
+to that layer's store and decodes its codes for that head when it attends. Bytes: the codes, their
+positions and bookkeeping (``RaggedKV.nbytes``); a reused head's entries are counted once, by their owner.
+
+Reading (``attend``): the codes of every slot of a head are gathered into a padded ``[heads, N, latent]``
+tensor (the gather indices depend only on the layout and are kept until it changes), decoded by the
+layer's batched autoencoder (two ``baddbmm``), keys rotated to their positions (pre-RoPE codes), and the
+decoded heads of this layer and of its sources are attended in one ragged attention call. Only one
+layer's decoded keys and values exist at a time, and only during its attention.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from kvbench.cache import RaggedKV
+from kvbench.kernels.decode_attention import ragged_attention
+
+
+class KVCARStore:
+    def __init__(self, method, layer: int, batch: int, heads: int, head_dim: int, dtype, device,
+                 sources: dict[int, "KVCARStore"]):
+        self.method, self.layer, self.B, self.H, self.hd = method, layer, batch, heads, head_dim
+        self.own: list[int] = method.own_heads(layer)  # heads whose codes this store keeps, ascending
+        self.sources = sources  # reused head -> the store that owns its entries
+        self.own_t = torch.tensor(self.own, dtype=torch.int64, device=device)
+        self.codes = RaggedKV(batch, len(self.own), method.latent_dim_, dtype, device)
+        self._layout_key = None
+        self._layout = None
+        self._int_cache: dict[tuple, torch.Tensor] = {}
+        self._copy = None  # weakref to this store's copy while a cache is being concatenated or cloned
+
+    # ---- what it holds ----
+    def nbytes(self) -> int:
+        return self.codes.nbytes() if self.own else 0
+
+    def seq_nbytes(self) -> torch.Tensor:
+        if not self.own:
+            return torch.zeros(self.B, dtype=torch.int64, device=self.codes.length.device)
+        return self.codes.seq_nbytes()
+
+    def head_lengths(self, head: int) -> torch.Tensor:
+        """[B] tokens held for one head (own or reused)."""
+        if head in self.sources:
+            return self.sources[head].head_lengths(head)
+        return self.codes.length.view(self.B, len(self.own))[:, self.own.index(head)]
+
+    def token_counts(self) -> torch.Tensor:
+        """[B, H] tokens per (sequence, KV head); a reused head reports its owner's."""
+        return torch.stack([self.head_lengths(h) for h in range(self.H)], dim=1)
+
+    @property
+    def length(self) -> torch.Tensor:
+        """Tokens per segment (what ``store_has_tokens`` asks); a layer reusing every head reports its
+        sources'."""
+        if self.own:
+            return self.codes.length
+        return self.token_counts().reshape(-1)
+
+    # ---- changing what it holds ----
+    def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        """k, v [B, H, T, d] as the model made them (keys post-RoPE); only this layer's own heads are coded."""
+        if not self.own:
+            return
+        zk, zv = self.method.encode(self.layer, k[:, self.own_t], v[:, self.own_t], pos, self.own_t)
+        self.codes.append(zk, zv, pos)
+
+    def reserve(self, n_tokens: int) -> None:
+        if self.own:
+            self.codes.reserve(n_tokens)
+
+    def replayed(self, steps: int) -> None:
+        if self.own:
+            self.codes.replayed(steps)
+
+    # ---- reading ----
+    def _gather_index(self):
+        """Per own head: the slots of its segments, all sequences in order, padded to one width.
+
+        Returns ``perm [n_own, N]`` (slot numbers; padding points at slot 0), ``valid [n_own, N]`` and
+        ``first [B, n_own]`` (where each sequence's segment starts in its head's row). Depends only on
+        ``start``/``capacity``, which change only when the codes are relaid out."""
+        c = self.codes
+        key = (id(c.start), id(c.capacity), c.k.shape[0])
+        if self._layout_key == key:
+            return self._layout
+        n_own = len(self.own)
+        cap = c.capacity.view(self.B, n_own)
+        first = torch.cumsum(cap, 0) - cap  # [B, n_own]
+        per_head = cap.sum(0)
+        width = int(per_head.max()) if per_head.numel() else 0
+        S = c.k.shape[0]
+        seg = torch.repeat_interleave(torch.arange(self.B * n_own, device=cap.device), c.capacity, output_size=S)
+        head, seq = seg % n_own, seg // n_own
+        col = first[seq, head] + torch.arange(S, device=cap.device) - c.start[seg]
+        perm = torch.zeros(n_own, max(width, 1), dtype=torch.int64, device=cap.device)
+        valid = torch.zeros_like(perm, dtype=torch.bool)
+        perm[head, col] = torch.arange(S, device=cap.device)
+        valid[head, col] = True
+        self._layout_key, self._layout = key, (perm, valid, first)
+        self._layout_ref = (c.start, c.capacity)  # keeps the ids in the key from being reused
+        return self._layout
+
+    def _ints(self, values: list[int]) -> torch.Tensor:
+        """Head lists as device tensors, made once (a decoding step captured as a CUDA graph must not copy
+        from the host)."""
+        key = tuple(values)
+        if key not in self._int_cache:
+            self._int_cache[key] = torch.tensor(values, dtype=torch.int64, device=self.codes.k.device)
+        return self._int_cache[key]
+
+    def decode_heads(self, heads: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decoded keys (post-RoPE) and values of some own heads: ``k, v [n*N, d]`` (head ``i``'s slots in
+        row block ``i``) and ``start, length [B, n]`` of each (sequence, head) segment in them."""
+        perm, _valid, first = self._gather_index()
+        cols = [self.own.index(h) for h in heads]
+        idx = self._ints(cols)
+        slots = perm[idx]  # [n, N]
+        k, v = self.method.decode(self.layer, self.codes.k[slots], self.codes.v[slots], self.codes.pos[slots],
+                                  self.own_t[idx])
+        n, width = slots.shape
+        start = first[:, idx] + (torch.arange(n, device=perm.device) * width)[None, :]
+        length = self.codes.length.view(self.B, len(self.own))[:, idx]
+        return k.reshape(n * width, -1), v.reshape(n * width, -1), start, length
+
+    def decoded(self):
+        """Every head's decoded keys and values (own and reused) as one ragged layout: ``k, v [S', d]``,
+        ``start, length [B*H]``."""
+        groups: dict[int, tuple[KVCARStore, list[int]]] = {}
+        for h in range(self.H):
+            owner = self.sources.get(h, self)
+            groups.setdefault(id(owner), (owner, []))[1].append(h)
+        ks, vs = [], []
+        start = torch.zeros(self.B, self.H, dtype=torch.int64, device=self.codes.k.device)
+        length = torch.zeros_like(start)
+        offset = 0
+        for owner, heads in groups.values():
+            k, v, s, n = owner.decode_heads(heads)
+            cols = self._ints(heads)
+            start[:, cols] = s + offset
+            length[:, cols] = n
+            ks.append(k)
+            vs.append(v)
+            offset += k.shape[0]
+        cat = (lambda xs: xs[0]) if len(ks) == 1 else torch.cat
+        return cat(ks), cat(vs), start.reshape(-1), length.reshape(-1)
+
+    def attend(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v, start, length = self.decoded()
+        return ragged_attention(q, k.to(q.dtype), v.to(q.dtype), start, length, scale)
+
+    def decoded_view(self) -> "DecodedView":
+        """This layer's tokens decoded in the codes' own slot layout, for an evicting method to score; its
+        ``keep``/``remove_one`` act on the codes (what a composed ``evictor+kvcar`` uses)."""
+        if self.sources:
+            raise ValueError("an evicting method cannot compose with reused heads: run kvcar with -m reuse=false")
+        return DecodedView(self)
+
+    # ---- batching and copies ----
+    @classmethod
+    def concat(cls, stores: list["KVCARStore"]) -> "KVCARStore":
+        first = stores[0]
+        out = cls.__new__(cls)
+        out.method, out.layer, out.H, out.hd, out.own = first.method, first.layer, first.H, first.hd, first.own
+        out.own_t = first.own_t
+        out.B = sum(s.B for s in stores)
+        out.codes = RaggedKV.concat([s.codes for s in stores]) if first.own else \
+            RaggedKV(out.B, 0, first.codes.D, first.codes.k.dtype, first.codes.k.device)
+        # The caches are joined layer by layer in order, so every source (an earlier layer) has its copy.
+        out.sources = {h: src._copy() for h, src in first.sources.items()}
+        if any(s is None for s in out.sources.values()):
+            raise RuntimeError("KV-CAR stores must be joined in layer order (a reused head's owner first)")
+        out._layout_key = out._layout = None
+        out._int_cache = {}
+        out._copy = None
+        for s in stores:
+            s._copy = weakref.ref(out)
+        return out
+
+    def clone(self) -> "KVCARStore":
+        out = KVCARStore.concat([self])
+        out.codes = self.codes.clone() if self.own else out.codes
+        return out
+
+
+class DecodedView(RaggedKV):
+    """A ``RaggedKV`` over a KV-CAR store's slots with decoded keys and values: what an eviction method
+    scores. It shares the codes' layout, positions and per-slot state; evictions are applied to the codes."""
+
+    def __init__(self, store: KVCARStore):
+        c = store.codes
+        self.store, self.B, self.H, self.D = store, c.B, c.H, store.hd
+        self.pos, self.start, self.length, self.capacity, self.extra = c.pos, c.start, c.length, c.capacity, c.extra
+        self.free = c.free
+        perm, valid, _ = store._gather_index()
+        k, v, _, _ = store.decode_heads(store.own)
+        n, width = perm.shape
+        self.k = k.new_zeros(c.k.shape[0], k.shape[1])
+        self.v = torch.zeros_like(self.k)
+        flat = valid.reshape(-1)
+        self.k[perm.reshape(-1)[flat]] = k[flat]
+        self.v[perm.reshape(-1)[flat]] = v.reshape(n * width, -1)[flat]
+
+    def keep(self, slots: torch.Tensor, counts: torch.Tensor) -> None:
+        self.store.codes.keep(slots, counts)
+
+    def remove_one(self, victim: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        self.store.codes.remove_one(victim, mask)
+
+    def _unsupported(self, *args, **kwargs):
+        raise ValueError("a method that writes new keys and values (kvsculpt) cannot compose with a codec")
+
+    append = replace = reserve = _relayout = _unsupported

@@ -1,0 +1,271 @@
+"""``kvbench train kvcar``: reuse calibration, then the two training stages, written as one artifact.
+
+0. The autoencoders start (when ``hidden == 2 * latent``, the default) as the best affine code of the
+   keys and values of the first calibration samples (their principal components; ``codec.pca_init_``),
+   so even a short run starts from a sane cache; otherwise from PyTorch's default random init.
+1. Reuse calibration: the base model runs on the first ``calib_samples`` training samples; for every
+   (layer >= 1, KV head) the similarity to the same head of the previous layer is the lower of the mean
+   token cosine of the keys and of the values. Heads at or above ``reuse_threshold`` are reused.
+2. Stage 1, reconstruction: the base model runs (no gradient) and every layer's keys (pre-RoPE unless
+   ``rope_keys="post"``) and values train their autoencoders, every head's, reused or not; loss: the mean
+   over layers, keys and values of the MSE relative to the input's mean square; BatchNorm on batch
+   statistics.
+3. Stage 2, language modelling: every layer attends over reconstructed keys and values (reused heads read
+   the owner layer's reconstruction), BatchNorm frozen to its running statistics, base model frozen;
+   loss: next-token cross-entropy.
+
+AdamW; each stage has linear warm-up and cosine decay over its steps or its share of ``--max-minutes``
+(``recon_share`` for stage 1), whichever ends first. The last 2% of the corpus samples are held out and
+reported (cross-entropy with the full and the decoded cache, and their relative perplexity increase, on
+at most ``HELDOUT_EVAL`` of them, so the report costs seconds). The
+artifact (``kvbench.artifact``: safetensors + JSON, model fingerprint, checksum, atomic) holds the
+unfolded autoencoders, the similarity matrix, the threshold and the chosen pairs, the corpus description,
+the settings, the steps, the times and the losses.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kvbench import artifact as artifacts
+from kvbench.methods.kvcar import NAME, ROPE_KEYS, LayerCodec, choose_reuse
+from kvbench.methods.kvcar.codec import pca_init_
+from kvbench.task import TaskError
+
+HELDOUT_EVAL = 32  # held-out samples evaluated at the end
+
+
+class Capture:
+    """Stands in for the kvbench cache (``kvbench_cache=``): exact attention, and every layer's keys
+    (pre- or post-RoPE) and values kept, ``[B, H, T, d]``."""
+
+    def __init__(self, rope, positions, pre_rope: bool):
+        self.rope, self.positions, self.pre = rope, positions, pre_rope
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+
+    def attention(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
+        self.k[layer] = (self.rope(k, self.positions, inverse=True) if self.pre else k).detach().float()
+        self.v[layer] = v.detach().float()
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+
+
+class Reconstructed:
+    """Every layer attends over its keys and values passed through its autoencoders (reused heads: the
+    owner layer's reconstruction)."""
+
+    def __init__(self, codecs, reuse: dict[int, dict[int, int]], rope, positions, pre_rope: bool):
+        self.codecs, self.reuse, self.rope, self.positions, self.pre = codecs, reuse, rope, positions, pre_rope
+        self.k_hat: dict[int, torch.Tensor] = {}
+        self.v_hat: dict[int, torch.Tensor] = {}
+
+    def attention(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
+        codec = self.codecs[str(layer)]
+        x = self.rope(k.float(), self.positions, inverse=True) if self.pre else k.float()
+        k_hat, v_hat = head_major(codec.k, x), head_major(codec.v, v.float())
+        reused = self.reuse.get(layer, {})
+        if reused:
+            k_hat = torch.stack([self.k_hat[reused[h]][:, h] if h in reused else k_hat[:, h]
+                                 for h in range(k_hat.shape[1])], dim=1)
+            v_hat = torch.stack([self.v_hat[reused[h]][:, h] if h in reused else v_hat[:, h]
+                                 for h in range(v_hat.shape[1])], dim=1)
+        self.k_hat[layer], self.v_hat[layer] = k_hat, v_hat
+        k_out = self.rope(k_hat, self.positions) if self.pre else k_hat
+        return F.scaled_dot_product_attention(q, k_out.to(q.dtype), v_hat.to(q.dtype), is_causal=True, scale=scale,
+                                              enable_gqa=True)
+
+
+def head_major(ae, x: torch.Tensor) -> torch.Tensor:
+    """An autoencoder's reconstruction of ``x [B, H, T, d]`` (tokens of each head as one batch)."""
+    B, H, T, d = x.shape
+    y = ae(x.transpose(0, 1).reshape(H, B * T, d))
+    return y.reshape(H, B, T, d).transpose(0, 1)
+
+
+@torch.no_grad()
+def similarity(model, samples: torch.Tensor, rope, batch: int) -> list[list[float | None]]:
+    """[layer][head]: min(mean key cosine, mean value cosine) against the same head of the layer before
+    (None for layer 0)."""
+    sums, n = None, 0
+    for s in range(0, len(samples), batch):
+        ids = samples[s: s + batch]
+        positions = torch.arange(ids.shape[1], device=ids.device)[None].expand(len(ids), -1)
+        cap = Capture(rope, positions, pre_rope=False)
+        model(input_ids=ids, position_ids=positions, use_cache=False, kvbench_cache=cap)
+        layers = sorted(cap.k)
+        cos = torch.stack([torch.stack([F.cosine_similarity(t[layer], t[layer - 1], dim=-1).mean(dim=(0, 2))
+                                        for t in (cap.k, cap.v)]) for layer in layers[1:]])  # [L-1, 2, H]
+        sums = cos * len(ids) if sums is None else sums + cos * len(ids)
+        n += len(ids)
+    sim = (sums / n).min(dim=1).values  # [L-1, H]
+    heads = sim.shape[1]
+    return [[None] * heads] + [[round(float(x), 5) for x in row] for row in sim]
+
+
+def _schedule(opt, lr: float, step: int, steps: int, started: float, minutes: float | None, warmup: int) -> None:
+    done = max(step / steps, (time.perf_counter() - started) / (60 * minutes) if minutes else 0.0)
+    factor = (step + 1) / warmup if step < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * min(done, 1.0)))
+    for group in opt.param_groups:
+        group["lr"] = lr * factor
+
+
+def _stage(name: str, codecs, loss_fn, train_set, batch: int, steps: int, lr: float, minutes: float | None,
+           gen: torch.Generator, log) -> tuple[int, float, list[float]]:
+    """One training stage: AdamW over the codecs' parameters; returns steps, seconds, losses."""
+    params = [p for p in codecs.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    warmup = max(1, min(steps // 20, 50))
+    order, cursor, step, losses = torch.randperm(len(train_set), generator=gen), 0, 0, []
+    t0 = time.perf_counter()
+    while step < steps:
+        if minutes is not None and time.perf_counter() - t0 > 60 * minutes:
+            log(f"{name}: stopping at step {step}: its {minutes:.2f} minutes are up")
+            break
+        if cursor + batch > len(order):
+            order, cursor = torch.randperm(len(train_set), generator=gen), 0
+        _schedule(opt, lr, step, steps, t0, minutes, warmup)
+        loss = loss_fn(train_set[order[cursor: cursor + batch]])
+        cursor += batch
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        losses.append(loss.item())
+        if step % 25 == 0 or step == 1:
+            log(f"{name} step {step}: loss {losses[-1]:.4f} ({time.perf_counter() - t0:.0f} s)")
+    return step, time.perf_counter() - t0, losses
+
+
+def train(model: str, data: str, out: str, latent_dim: int | None = None, hidden: int | None = None,
+          rope_keys: str = "pre", reuse_threshold: float | None = 0.9, recon_steps: int = 1000,
+          lm_steps: int = 1000, batch: int = 8, seq_len: int = 512, lr: float = 1e-3, lm_lr: float = 2e-4,
+          calib_samples: int = 16, max_minutes: float | None = None, recon_share: float = 0.4,
+          device: str = "auto", dtype: str = "auto", seed: int = 0, log=print) -> Path:
+    from kvbench import models
+    from kvbench.cache import rope_inverse_factory
+    from kvbench.runner import resolve_device, resolve_dtype
+    from kvbench.train_deltakv import read_corpus
+    if rope_keys not in ROPE_KEYS:
+        raise TaskError(f"--rope-keys must be pre or post, got {rope_keys}")
+    if min(recon_steps, lm_steps) < 0 or min(batch, seq_len, calib_samples) < 1 or not 0 < recon_share < 1:
+        raise TaskError("steps must be >= 0, batch, seq-len and calib-samples >= 1, recon-share in (0, 1)")
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    text, corpus = read_corpus(data)
+    lm = models.load(model, torch_dtype, dev)
+    if lm.tokenizer is None:
+        raise models.ModelError("training needs a tokenizer: random-weight presets cannot train a codec")
+    sig = artifacts.model_signature(lm.model.config)
+    heads, head_dim, n_layers = sig["num_key_value_heads"], sig["head_dim"], sig["num_hidden_layers"]
+    latent = latent_dim or head_dim // 2
+    width = hidden or 2 * latent
+    if not 1 <= latent <= head_dim:
+        raise TaskError(f"--latent-dim must be in 1..{head_dim} (the head dimension), got {latent}")
+    lm.model.requires_grad_(False)
+    rope = rope_inverse_factory(lm.model.model.rotary_emb)
+    pre = rope_keys == "pre"
+    positions = torch.arange(seq_len, device=dev)[None].expand(batch, -1)
+
+    ids = torch.tensor(lm.tokenizer.encode(text, add_special_tokens=False), dtype=torch.int64)
+    n_samples = len(ids) // seq_len
+    n_held = max(1, n_samples // 50)
+    if n_samples - n_held < max(batch, calib_samples):
+        raise TaskError(f"corpus too small: {len(ids)} tokens make {n_samples} samples of {seq_len}; need more than "
+                        f"{max(batch, calib_samples) + n_held}")
+    samples = ids[: n_samples * seq_len].view(n_samples, seq_len)
+    train_set, held = samples[:-n_held].to(dev), samples[-n_held:].to(dev)
+    corpus.update(tokens=len(ids), train_samples=len(train_set), heldout_samples=len(held), seq_len=seq_len)
+    log(f"corpus: {corpus['files']} files, {len(ids)} tokens, {len(train_set)} samples of {seq_len}; "
+        f"{n_layers} layers x {heads} KV heads x {head_dim}; latent {latent}, hidden {width}, keys {rope_keys}-RoPE")
+
+    t_all = time.perf_counter()
+    sim = similarity(lm.model, train_set[:calib_samples], rope, batch)
+    reuse = choose_reuse(sim, reuse_threshold)
+    pairs = [{"layer": layer, "head": head, "owner": owner, "similarity": sim[layer][head]}
+             for layer, row in sorted(reuse.items()) for head, owner in sorted(row.items())]
+    log(f"reuse: {len(pairs)} of {(n_layers - 1) * heads} heads at threshold {reuse_threshold} "
+        f"(similarity max {max(x for row in sim[1:] for x in row):.3f}); {calib_samples} calibration samples")
+
+    torch.manual_seed(seed)
+    codecs = torch.nn.ModuleDict({str(layer): LayerCodec(heads, head_dim, width, latent)
+                                  for layer in range(n_layers)}).to(dev).float()
+    init = "pca" if width == 2 * latent else "random"
+    if init == "pca":  # every autoencoder starts as the best affine code of its calibration vectors
+        x = train_set[:min(batch, calib_samples)]
+        cap = Capture(rope, positions[: len(x)], pre)
+        with torch.no_grad():
+            lm.model(input_ids=x, position_ids=positions[: len(x)], use_cache=False, kvbench_cache=cap)
+        for layer in range(n_layers):
+            for ae, t in ((codecs[str(layer)].k, cap.k[layer]), (codecs[str(layer)].v, cap.v[layer])):
+                pca_init_(ae, t.transpose(0, 1).reshape(heads, -1, head_dim))
+        del cap
+    log(f"autoencoders start {'from the calibration vectors principal components' if init == 'pca' else 'random'}")
+    gen = torch.Generator().manual_seed(seed)
+    minutes1 = max_minutes * recon_share if max_minutes else None
+    minutes2 = max_minutes * (1 - recon_share) if max_minutes else None
+
+    def recon_loss(x):
+        cap = Capture(rope, positions[: len(x)], pre)
+        with torch.no_grad():
+            lm.model(input_ids=x, position_ids=positions[: len(x)], use_cache=False, kvbench_cache=cap)
+        terms = []
+        for layer in range(n_layers):
+            for ae, t in ((codecs[str(layer)].k, cap.k[layer]), (codecs[str(layer)].v, cap.v[layer])):
+                terms.append(F.mse_loss(head_major(ae, t), t) / t.pow(2).mean().clamp_min(1e-8))
+        return torch.stack(terms).mean()
+
+    codecs.train()
+    steps1, secs1, losses1 = _stage("stage 1 (reconstruction)", codecs, recon_loss, train_set, batch, recon_steps, lr,
+                                    minutes1, gen, log)
+
+    def lm_loss(x):
+        attn = Reconstructed(codecs, reuse, rope, positions[: len(x)], pre)
+        logits = lm.model(input_ids=x, position_ids=positions[: len(x)], use_cache=False, kvbench_cache=attn).logits
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
+
+    codecs.eval()  # BatchNorm on its running statistics from here on (what inference folds)
+    steps2, secs2, losses2 = _stage("stage 2 (LM loss)", codecs, lm_loss, train_set, batch, lm_steps, lm_lr,
+                                    minutes2, gen, log) if lm_steps else (0, 0.0, [])
+    final = {"recon_rel_mse": _tail(losses1), "lm_ce": _tail(losses2)}
+    final.update(_heldout(lm.model, codecs, reuse, rope, held[:HELDOUT_EVAL], min(batch, len(held)), pre))
+    seconds = time.perf_counter() - t_all
+    log(f"trained {steps1} + {steps2} steps in {seconds:.0f} s; {final}")
+    meta = {"latent_dim": latent, "hidden": width, "rope_keys": rope_keys, "head_dim": head_dim, "init": init,
+            "reuse_threshold": reuse_threshold, "reuse_pairs": pairs, "similarity": sim,
+            "calibration": {"samples": calib_samples, "seq_len": seq_len, "source": "first training samples"},
+            "corpus": corpus, "steps": {"reconstruction": steps1, "lm": steps2},
+            "train_seconds": {"reconstruction": round(secs1, 1), "lm": round(secs2, 1), "total": round(seconds, 1)},
+            "final_losses": final,
+            "training": {"batch": batch, "seq_len": seq_len, "lr": lr, "lm_lr": lm_lr, "optimizer": "AdamW(0.9, 0.95)",
+                         "schedule": "per stage: linear warm-up, cosine to 10% over its steps or its share of "
+                                     "--max-minutes", "recon_share": recon_share, "grad_clip": 1.0, "seed": seed,
+                         "dtype": str(torch_dtype).replace("torch.", ""), "device": dev}}
+    tensors = {k: v for k, v in codecs.state_dict().items()}
+    return artifacts.save(out, NAME, artifacts.model_identity(lm), meta, tensors)
+
+
+def _tail(losses: list[float]) -> float | None:
+    tail = losses[-20:]
+    return sum(tail) / len(tail) if tail else None
+
+
+@torch.no_grad()
+def _heldout(model, codecs, reuse, rope, held: torch.Tensor, batch: int, pre: bool) -> dict:
+    positions = torch.arange(held.shape[1], device=held.device)[None].expand(batch, -1)
+    ce = {"heldout_ce_full": 0.0, "heldout_ce_kvcar": 0.0}
+    n = 0
+    for s in range(0, len(held) - batch + 1, batch):
+        x = held[s: s + batch]
+        for key, attn in (("heldout_ce_full", Capture(rope, positions, pre)),
+                          ("heldout_ce_kvcar", Reconstructed(codecs, reuse, rope, positions, pre))):
+            logits = model(input_ids=x, position_ids=positions, use_cache=False, kvbench_cache=attn).logits
+            ce[key] += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1)).item()
+        n += 1
+    out = {k: v / max(n, 1) for k, v in ce.items()}
+    out["heldout_ppl_increase"] = math.exp(out["heldout_ce_kvcar"] - out["heldout_ce_full"]) - 1
+    return out
