@@ -32,5 +32,13 @@ sweep)
   shared_data; install_kvbench >/dev/null
   timeout "${3:-540}" kvbench sweep "$2" 2>&1 | grep -v "^Loading" | tee -a "$OUT/sweep.log" | tail -60
   tar czf "$OUT/runs.tar.gz" results/runs results/sweeps 2>/dev/null; ls -la "$OUT" ;;
-*) echo "usage: $0 part DIR | setup | sweep CONFIG [SECONDS]" >&2; exit 2 ;;
+calibrate)
+  # CompressKV's calibration of Qwen2.5-Coder-1.5B (GRID as `kvbench calibrate compresskv --grid` takes it); resumes
+  # when cut by its time limit; the artifact is copied into checkpoints/ (for the sweep) and to $OUT (to commit).
+  shared_data; install_kvbench >/dev/null
+  timeout "${3:-300}" kvbench calibrate compresskv --model qwen2.5-coder-1.5b --out /tmp/compresskv-qwen2.5-coder-1.5b \
+    --grid "$2" --haystack ../shared/data/paul_graham_essays --layer-samples 8 --dtype bfloat16 2>&1 | grep -v "^Loading" | tail -20
+  [ -d /tmp/compresskv-qwen2.5-coder-1.5b ] && cp -r /tmp/compresskv-qwen2.5-coder-1.5b checkpoints/ \
+    && cp /tmp/compresskv-qwen2.5-coder-1.5b/artifact.json "$OUT/compresskv-qwen2.5-coder-1.5b.json" ;;
+*) echo "usage: $0 part DIR | setup | sweep CONFIG [SECONDS] | calibrate GRID [SECONDS]" >&2; exit 2 ;;
 esac
