@@ -215,6 +215,13 @@ def _looks_like_path(spec: str) -> bool:
             or Path(spec).suffix in (".gguf", ".safetensors", ".bin", ".json"))
 
 
+def check_exists(spec: str) -> None:
+    """A spec written as a path (not a hub id or alias) must exist; a ``ModelError`` says so at once."""
+    if _looks_like_path(spec) and not Path(spec).expanduser().exists():
+        raise ModelError(f"{spec} does not exist: give an existing model directory or .gguf file, a Hugging Face "
+                         "id (org/name) or one of: " + ", ".join(ALIASES))
+
+
 def tokenizer_only(spec: str, trust_remote_code: bool = False):
     """(tokenizer, context window) of a model whose files are on this machine, without reading its
     weights, so a task's data is checked before the slow load; None when only the full load can tell."""
@@ -299,9 +306,7 @@ def _resolve(spec: str, dtype, device, trust_remote_code: bool):
         model, tok = _local(f"the model in {spec}",
                             lambda: _from_pretrained(str(path), dtype, device, trust_remote_code, True))
         return model, tok, str(path)
-    if _looks_like_path(spec):
-        raise ModelError(f"{spec} does not exist: give an existing model directory or .gguf file, a Hugging Face "
-                         "id (org/name) or one of: " + ", ".join(ALIASES))
+    check_exists(spec)
     hub_id = ALIASES.get(spec, spec)
     errors = []
     for local_only in (True, False):

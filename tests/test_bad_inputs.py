@@ -144,6 +144,10 @@ def _bad_data(root: Path) -> dict[str, Path]:
     d.mkdir()
     (d / "qasper.jsonl").write_text("")
     out["lb-empty"] = d
+    d = root / "lb-parquet"
+    d.mkdir()
+    (d / "qasper.parquet").write_bytes(b"PAR1 not really parquet")
+    out["lb-parquet"] = d
     d = root / "scbench-partial"
     d.mkdir()
     (d / "scbench_kv.jsonl").write_text(json.dumps({"id": 0, "context": "x", "multi_turns": []}) + "\n")
@@ -231,6 +235,7 @@ def test_bad_inputs_are_one_clear_line(tmp_path, tiny_dir, haystack):
         (lb_run + ["--data", bad_data["lb-schema"]], "record 1 has no 'context'"),
         (lb_run + ["--data", bad_data["lb-empty"]], "has no records"),
         (lb_run + ["--data", tmp_path / "nothing-here"], "LongBench data not found"),
+        (lb_run + ["--data", bad_data["lb-parquet"]], "is not a readable parquet file"),
         (["run", "--method", "snapkv", "--task", "scbench", "--model", tiny_dir, "--data", bad_data["scbench-partial"],
           "--out", out], "SCBench data for 11 of the 12 tasks"),
         (base[:-2] + snap + ["--data", tmp_path / "no-haystack", "--out", out], "no text found"),
@@ -247,6 +252,8 @@ def test_bad_inputs_are_one_clear_line(tmp_path, tiny_dir, haystack):
         (["sweep", _yaml(tmp_path, "param", sweep_head + "method_params: {snapkv: {window: abc}}\n")],
          "snapkv parameter window='abc'"),
         (["sweep", _yaml(tmp_path, "random", sweep_head + "random_weights: true\n")], "tasks need a tokenizer"),
+        (["sweep", _yaml(tmp_path, "no-model", sweep_head.replace(str(tiny_dir), str(tmp_path / "gone" / "m")))],
+         "does not exist"),
         # the other commands
         (["leaderboard", "--root", tmp_path / "empty-root"], "no runs under"),
         (["leaderboard", "--root", tmp_path, "--at", "abc"], "comma-separated list of floats"),
