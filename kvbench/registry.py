@@ -68,15 +68,11 @@ def load(table: dict, kind: str, name: str):
 # parameter checking: every field of a method or task dataclass, against its declared type and range
 # ---------------------------------------------------------------------------------------------------------
 #
-# A field declares its range next to it: ``window: int = field(default=32, metadata=at_least(1))`` or
-# ``metadata={"range": (0.0, 1.0)}`` (inclusive bounds, None for open; ``"choices": (...)`` for strings).
+# A field declares its range next to it: ``window: int = field(default=32, metadata=in_range(1))`` or
+# ``metadata=in_range(0.0, 1.0)`` (inclusive bounds, None for open; ``{"choices": (...)}`` for strings).
 # Without a declaration a number must be finite and >= 0 (sizes, counts, fractions, weights, seeds): a
-# field that may be negative says so with ``metadata={"range": (None, None)}``. Numbers inside lists and
-# tuples are held to the same range.
-
-def at_least(lo, hi=None) -> dict:
-    return {"range": (lo, hi)}
-
+# field that may be negative says so with ``in_range(None, None)``. Numbers inside lists and tuples are
+# held to the same range.
 
 _DEFAULT_RANGE = (0, None)
 

@@ -229,6 +229,8 @@ def test_bad_inputs_are_one_clear_line(tmp_path, tiny_dir, haystack):
          "tasks need a tokenizer"),
         # deltakv without trained compressors
         (base + ["--method", "deltakv"], "needs trained compressors"),
+        (base + ["--method", "deltakv", "-m", "random_init=true", "-m", "window=0"],
+         "deltakv parameter window=0: must be >= 1"),  # a range declared next to the field
         (base + ["--method", "deltakv", "--checkpoint", tmp_path / "none"], "no DeltaKV checkpoint"),
         # data: file and line, schema, emptiness, partial suites, all before the model is loaded
         (lb_run + ["--data", bad_data["lb-malformed"]], "qasper.jsonl line 3 is not valid JSON"),
