@@ -201,10 +201,16 @@ def _load_gguf(path: Path, dtype, device, trust_remote_code: bool):
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        tmp = converted.with_name(converted.name + ".partial")
+        # Written aside under this process's own name, then renamed: a conversion cut short or running
+        # twice at once never leaves a half-written model where a later run would load it.
+        tmp = converted.with_name(f"{converted.name}.partial{os.getpid()}")
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        tmp.replace(converted) if not converted.exists() else None
+        try:
+            tmp.rename(converted)
+        except OSError:  # another process finished the same conversion first
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
     return _local(f"the model converted from {path} (in {converted})",
                   lambda: _from_pretrained(str(converted), dtype, device, trust_remote_code, True))
 
