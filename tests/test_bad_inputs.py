@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -535,3 +536,26 @@ def test_report_elsewhere_does_not_draw_into_root(tmp_path):
 
 def test_deltakv_random_init_is_labelled():
     assert lb.method_label("deltakv", {"random_init": True}) == "deltakv(random_init=True)"
+
+
+def test_out_of_memory_mid_run_is_one_line_and_keeps_the_finished(tmp_path, tiny_dir, haystack, monkeypatch):
+    from kvbench.runner import Engine
+    real, calls = Engine.generate, []
+
+    def runs_out(self, samples, *a, **k):
+        calls.append(len(samples))
+        if len(calls) == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, samples, *a, **k)
+    monkeypatch.setattr(Engine, "generate", runs_out)
+    with warnings.catch_warnings():  # transformers' deprecation of past_key_values is not kvbench's output
+        warnings.simplefilter("ignore", FutureWarning)
+        res = cli(*run_args(tiny_dir, haystack, tmp_path))
+    one_line_error(res, "out of memory")
+    run_dir = the_run(tmp_path)
+    kept = lines(run_dir / "samples.jsonl")
+    assert len(kept) == 2 and json.loads((run_dir / "error.json").read_text())["status"] == "crash"
+    monkeypatch.setattr(Engine, "generate", real)
+    assert cli(*run_args(tiny_dir, haystack, tmp_path)).exit_code == 0
+    after = lines(run_dir / "samples.jsonl")
+    assert after[:2] == kept and len(after) == 4 and not (run_dir / "error.json").exists()
