@@ -136,6 +136,11 @@ def run(method, task, budget, model, random_weights, trust_remote_code, method_a
         run_dir = run_one(cfg)
     except _user_errors() as e:
         _fail(str(e))
+    except RuntimeError as e:  # out of memory is the user's to fix; anything else is a bug and shows its traceback
+        if "out of memory" not in str(e).lower():
+            raise
+        _fail(f"out of memory ({str(e).splitlines()[0][:120]}); the finished samples are kept: rerun with a smaller "
+              "--batch-size or --max-context, or on a larger device")
     import json
     metrics = json.loads((run_dir / "metrics.json").read_text())
     summary = {k: v for k, v in metrics["summary"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -48,6 +48,12 @@ def parse_budget(text: str | float | int) -> float | int:
     return int(value)
 
 
+def in_range(lo=None, hi=None) -> dict:
+    """Field metadata: the inclusive range of a numeric parameter (None: open), checked with every other
+    parameter's type when a method or task is built from user input (``kvbench.registry.check_params``)."""
+    return {"range": (lo, hi)}
+
+
 @dataclass
 class Method:
     budget: float | int = 1.0

@@ -247,10 +247,16 @@ def _load_gguf(path: Path, dtype, device, trust_remote_code: bool):
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        tmp = converted.with_name(converted.name + ".partial")
+        # Written aside under this process's own name, then renamed: a conversion cut short or running
+        # twice at once never leaves a half-written model where a later run would load it.
+        tmp = converted.with_name(f"{converted.name}.partial{os.getpid()}")
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        tmp.replace(converted) if not converted.exists() else None
+        try:
+            tmp.rename(converted)
+        except OSError:  # another process finished the same conversion first
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
     return _local(f"the model converted from {path} (in {converted})",
                   lambda: _from_pretrained(str(converted), dtype, device, trust_remote_code, True))
 
@@ -259,6 +265,13 @@ def _looks_like_path(spec: str) -> bool:
     """A spec the user meant as a file or directory: never a hub id (``org/name``)."""
     return (spec.startswith(("/", "./", "../", "~", ".\\")) or spec in (".", "..") or spec.count("/") > 1
             or Path(spec).suffix in (".gguf", ".safetensors", ".bin", ".json"))
+
+
+def check_exists(spec: str) -> None:
+    """A spec written as a path (not a hub id or alias) must exist; a ``ModelError`` says so at once."""
+    if _looks_like_path(spec) and not Path(spec).expanduser().exists():
+        raise ModelError(f"{spec} does not exist: give an existing model directory or .gguf file, a Hugging Face "
+                         "id (org/name) or one of: " + ", ".join(ALIASES))
 
 
 def tokenizer_only(spec: str, trust_remote_code: bool = False):
@@ -346,9 +359,7 @@ def _resolve(spec: str, dtype, device, trust_remote_code: bool):
         model, tok = _local(f"the model in {spec}",
                             lambda: _from_pretrained(str(path), dtype, device, trust_remote_code, True))
         return model, tok, str(path)
-    if _looks_like_path(spec):
-        raise ModelError(f"{spec} does not exist: give an existing model directory or .gguf file, a Hugging Face "
-                         "id (org/name) or one of: " + ", ".join(ALIASES))
+    check_exists(spec)
     hub_id = ALIASES.get(spec, spec)
     errors = []
     for local_only in (True, False):

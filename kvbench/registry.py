@@ -70,15 +70,11 @@ def load(table: dict, kind: str, name: str):
 # parameter checking: every field of a method or task dataclass, against its declared type and range
 # ---------------------------------------------------------------------------------------------------------
 #
-# A field declares its range next to it: ``window: int = field(default=32, metadata=at_least(1))`` or
-# ``metadata={"range": (0.0, 1.0)}`` (inclusive bounds, None for open; ``"choices": (...)`` for strings).
+# A field declares its range next to it: ``window: int = field(default=32, metadata=in_range(1))`` or
+# ``metadata=in_range(0.0, 1.0)`` (inclusive bounds, None for open; ``{"choices": (...)}`` for strings).
 # Without a declaration a number must be finite and >= 0 (sizes, counts, fractions, weights, seeds): a
-# field that may be negative says so with ``metadata={"range": (None, None)}``. Numbers inside lists and
-# tuples are held to the same range.
-
-def at_least(lo, hi=None) -> dict:
-    return {"range": (lo, hi)}
-
+# field that may be negative says so with ``in_range(None, None)``. Numbers inside lists and tuples are
+# held to the same range.
 
 _DEFAULT_RANGE = (0, None)
 
@@ -124,46 +120,42 @@ def _sequence_item(hint):
     return None
 
 
+_NAMES = {int: "a whole number", float: "a number", bool: "true or false", str: "text", type(None): "none",
+          dict: "a mapping"}
+
+
 def _type_name(hint) -> str:
-    names = {int: "a whole number", float: "a number", bool: "true or false", str: "text", type(None): "none",
-             dict: "a mapping"}
     parts = []
     for opt in _options(hint):
-        item = typing.get_args(opt)[0] if typing.get_origin(opt) in (list, tuple) and typing.get_args(opt) else None
-        if item is not None:
-            parts.append(f"a list of {names.get(item, getattr(item, '__name__', str(item))).split(' ', 1)[-1]}s"
-                         if item in (int, float) else "a list")
+        item = _sequence_item(opt)
+        if typing.get_origin(opt) in (list, tuple):
+            parts.append({int: "a list of whole numbers", float: "a list of numbers"}.get(item, "a list"))
         else:
-            parts.append(names.get(opt, getattr(opt, "__name__", str(opt))))
+            parts.append(_NAMES.get(opt, getattr(opt, "__name__", str(opt))))
     return " or ".join(parts)
 
 
 def _matches(value, hint) -> bool:
+    """Whether ``value`` has the type ``hint`` declares (bool is not a number here; ints pass as floats)."""
     if hint is typing.Any or hint is object:
         return True
     for opt in _options(hint):
         origin = typing.get_origin(opt) or opt
-        if opt is type(None) and value is None:
-            return True
-        if opt is bool:
-            if isinstance(value, bool):
-                return True
-        elif opt is int:
-            if isinstance(value, int) and not isinstance(value, bool):
-                return True
-        elif opt is float:
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return True
+        if opt is type(None):
+            ok = value is None
+        elif opt is bool:
+            ok = isinstance(value, bool)
+        elif opt in (int, float):
+            ok = isinstance(value, int if opt is int else (int, float)) and not isinstance(value, bool)
         elif origin in (list, tuple):
-            args = [a for a in typing.get_args(opt) if a is not Ellipsis]
-            if isinstance(value, (list, tuple)) and all(_matches(v, args[0]) for v in value) if args else \
-                    isinstance(value, (list, tuple)):
-                return True
-            if args and args[0] is str and isinstance(value, str):  # "a,b" is split by the class itself
-                return True
-        elif isinstance(origin, type) and isinstance(value, origin):
-            return True
-        elif origin is typing.Literal and value in typing.get_args(opt):
+            item = _sequence_item(opt)
+            ok = isinstance(value, (list, tuple)) and (item is None or all(_matches(v, item) for v in value))
+            ok = ok or (item is str and isinstance(value, str))  # "a,b": the class splits it itself
+        elif origin is typing.Literal:
+            ok = value in typing.get_args(opt)
+        else:
+            ok = isinstance(origin, type) and isinstance(value, origin)
+        if ok:
             return True
     return False
 

@@ -7,6 +7,7 @@ over their concatenated stores.
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -495,6 +496,9 @@ def _run_locked(cfg: RunConfig, lm: LoadedModel, method, task, samples: list[Sam
     metrics = {"task": cfg.task, "method": cfg.method, "budget": cfg.budget, "protocol": cfg.protocol,
                "model": lm.name, "n_samples": len(ordered), "complete": len(ordered) == len(samples),
                "summary": task.summarize(ordered), **_run_stats(ordered)}
+    stored = json.loads(config_path.read_text()) if config_path.exists() else config
+    if stored.get("limit") != cfg.limit:  # the same run resumed with another --limit: the config says which
+        results.write_json(config_path, {**stored, "limit": cfg.limit})
     results.write_json(run_dir / "metrics.json", metrics)
 
 

@@ -72,6 +72,9 @@ def load_config(path: str | Path) -> dict:
     method_params = cfg.get("method_params") or {}
     if not isinstance(method_params, dict):
         raise TaskError(f"{path}: 'method_params' maps method names to their parameters")
+    from kvbench.models import check_exists
+    for spec in cfg["models"]:
+        check_exists(str(spec))  # a path that is not there fails now, not once per point
     for m in cfg["methods"]:
         registry.build_method(m, 1.0, method_params.get(m) or {})  # unknown names and parameters fail here
     for t, params in cfg["tasks"].items():

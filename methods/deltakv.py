@@ -68,7 +68,7 @@ from kvbench.cache import LayerCall, RaggedKV
 from kvbench.kernels.decode_attention import merge_attention, ragged_attention
 from kvbench.kernels.deltakv_reconstruct import dequantize_latents, quantize_latents, reconstruct
 from kvbench.kernels.window_scores import window_scores
-from kvbench.method import BudgetError, Method
+from kvbench.method import BudgetError, Method, in_range
 from kvbench.models import ModelError
 
 CHECKPOINT_FORMAT = "kvbench-deltakv/1"
@@ -631,12 +631,12 @@ class DeltaKV(Method):
     stride: int | None = None  # s: one reference every s tokens (default: the checkpoint's, else 10)
     neighbors: int | None = None  # k references per token (default: the checkpoint's, else 4)
     sinks: int = 8
-    window: int = 128
+    window: int = field(default=128, metadata=in_range(1))
     keep: float = 0.15
-    pool: int = 1  # max-pooling width of the observation scores along positions (1: none)
+    pool: int = field(default=1, metadata=in_range(1))  # max-pooling width of the observation scores along positions (1: none)
     latent_dtype: str = "bfloat16"
     index_dtype: str = "int32"
-    quant_group: int = 32
+    quant_group: int = field(default=32, metadata=in_range(1))
     seed: int = 0
     random_init: bool = False  # no checkpoint: random compressors, asked for explicitly (timing and tests only)
 

@@ -176,7 +176,11 @@ def read_records(path: str | Path) -> list[dict]:
     if path.suffix == ".parquet":
         import pandas as pd
 
-        frame = pd.read_parquet(path)
+        try:
+            frame = pd.read_parquet(path)
+        except Exception as e:  # pyarrow's errors have no common base
+            raise TaskError(f"{path} is not a readable parquet file ({type(e).__name__}: "
+                            f"{(str(e).splitlines() or [''])[0][:160]})") from None
         return [_plain(r) for r in frame.to_dict(orient="records")]
     try:
         with open(path, encoding="utf-8") as f:

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -144,6 +145,10 @@ def _bad_data(root: Path) -> dict[str, Path]:
     d.mkdir()
     (d / "qasper.jsonl").write_text("")
     out["lb-empty"] = d
+    d = root / "lb-parquet"
+    d.mkdir()
+    (d / "qasper.parquet").write_bytes(b"PAR1 not really parquet")
+    out["lb-parquet"] = d
     d = root / "scbench-partial"
     d.mkdir()
     (d / "scbench_kv.jsonl").write_text(json.dumps({"id": 0, "context": "x", "multi_turns": []}) + "\n")
@@ -225,12 +230,15 @@ def test_bad_inputs_are_one_clear_line(tmp_path, tiny_dir, haystack):
          "tasks need a tokenizer"),
         # deltakv without trained compressors
         (base + ["--method", "deltakv"], "needs trained compressors"),
+        (base + ["--method", "deltakv", "-m", "random_init=true", "-m", "window=0"],
+         "deltakv parameter window=0: must be >= 1"),  # a range declared next to the field
         (base + ["--method", "deltakv", "--checkpoint", tmp_path / "none"], "no DeltaKV checkpoint"),
         # data: file and line, schema, emptiness, partial suites, all before the model is loaded
         (lb_run + ["--data", bad_data["lb-malformed"]], "qasper.jsonl line 3 is not valid JSON"),
         (lb_run + ["--data", bad_data["lb-schema"]], "record 1 has no 'context'"),
         (lb_run + ["--data", bad_data["lb-empty"]], "has no records"),
         (lb_run + ["--data", tmp_path / "nothing-here"], "LongBench data not found"),
+        (lb_run + ["--data", bad_data["lb-parquet"]], "is not a readable parquet file"),
         (["run", "--method", "snapkv", "--task", "scbench", "--model", tiny_dir, "--data", bad_data["scbench-partial"],
           "--out", out], "SCBench data for 11 of the 12 tasks"),
         (base[:-2] + snap + ["--data", tmp_path / "no-haystack", "--out", out], "no text found"),
@@ -247,6 +255,8 @@ def test_bad_inputs_are_one_clear_line(tmp_path, tiny_dir, haystack):
         (["sweep", _yaml(tmp_path, "param", sweep_head + "method_params: {snapkv: {window: abc}}\n")],
          "snapkv parameter window='abc'"),
         (["sweep", _yaml(tmp_path, "random", sweep_head + "random_weights: true\n")], "tasks need a tokenizer"),
+        (["sweep", _yaml(tmp_path, "no-model", sweep_head.replace(str(tiny_dir), str(tmp_path / "gone" / "m")))],
+         "does not exist"),
         # the other commands
         (["leaderboard", "--root", tmp_path / "empty-root"], "no runs under"),
         (["leaderboard", "--root", tmp_path, "--at", "abc"], "comma-separated list of floats"),
@@ -526,3 +536,26 @@ def test_report_elsewhere_does_not_draw_into_root(tmp_path):
 
 def test_deltakv_random_init_is_labelled():
     assert lb.method_label("deltakv", {"random_init": True}) == "deltakv(random_init=True)"
+
+
+def test_out_of_memory_mid_run_is_one_line_and_keeps_the_finished(tmp_path, tiny_dir, haystack, monkeypatch):
+    from kvbench.runner import Engine
+    real, calls = Engine.generate, []
+
+    def runs_out(self, samples, *a, **k):
+        calls.append(len(samples))
+        if len(calls) == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, samples, *a, **k)
+    monkeypatch.setattr(Engine, "generate", runs_out)
+    with warnings.catch_warnings():  # transformers' deprecation of past_key_values is not kvbench's output
+        warnings.simplefilter("ignore", FutureWarning)
+        res = cli(*run_args(tiny_dir, haystack, tmp_path))
+    one_line_error(res, "out of memory")
+    run_dir = the_run(tmp_path)
+    kept = lines(run_dir / "samples.jsonl")
+    assert len(kept) == 2 and json.loads((run_dir / "error.json").read_text())["status"] == "crash"
+    monkeypatch.setattr(Engine, "generate", real)
+    assert cli(*run_args(tiny_dir, haystack, tmp_path)).exit_code == 0
+    after = lines(run_dir / "samples.jsonl")
+    assert after[:2] == kept and len(after) == 4 and not (run_dir / "error.json").exists()
