@@ -153,6 +153,39 @@ def test_decoding_with_reuse_runs_batched(tmp_path):
     assert all(r["new_tokens"] == 10 for r in got)
 
 
+@pytest.mark.parametrize("rope_keys", ["pre", "post"])
+def test_decoding_reads_what_training_trains(rope_keys):
+    """Token by token, every key and value the model attends to is decoded from the store: the logits are
+    those of the trainer's reconstructed forward pass (folded vs unfolded BatchNorm, RoPE, reuse)."""
+    from kvbench.cache import rope_inverse_factory
+    from kvbench.methods.kvcar.train import Reconstructed
+    lm = tiny("llama")
+    cfg = lm.model.config
+    H, d = cfg.num_key_value_heads, cfg.head_dim
+    torch.manual_seed(0)
+    codecs = torch.nn.ModuleDict({str(i): LayerCodec(H, d, d, d // 2) for i in range(cfg.num_hidden_layers)})
+    for mod in codecs.values():
+        for ae in (mod.k, mod.v):
+            ae(torch.randn(H, 64, d) * 2)  # BatchNorm statistics away from (0, 1)
+    codecs.eval()
+    reuse = {1: {0: 0}}
+    method = KVCAR(rope_keys=rope_keys)
+    method.rope_keys_ = rope_keys
+    method.latent_dim_ = d // 2
+    method.bind(lm, codecs, reuse)
+    eng = Engine(lm, method)
+    x = torch.tensor([prompt(24, 7)])
+    cache = eng.new_cache(1)
+    got = [eng.forward(cache, x[:, t: t + 1], compress=False) for t in range(x.shape[1])]
+    positions = torch.arange(x.shape[1])[None]
+    attn = Reconstructed(codecs, reuse, rope_inverse_factory(lm.model.model.rotary_emb), positions,
+                         rope_keys == "pre")
+    with torch.no_grad():
+        want = lm.model(input_ids=x, position_ids=positions, use_cache=False, kvbench_cache=attn).logits
+    torch.testing.assert_close(torch.cat(got, dim=1), want, atol=2e-4, rtol=2e-4)
+    assert cache.stores[1].sources[0] is cache.stores[0]
+
+
 def test_artifact_refused_for_another_model(tmp_path):
     path = save_codec(tiny("llama"), tmp_path / "c")
     with pytest.raises(artifact.ArtifactError, match="was made for tiny-llama"):

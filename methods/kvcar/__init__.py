@@ -116,7 +116,6 @@ class KVCAR(Method):
 
     # ---- binding to a model ----
     def prepare(self, lm) -> None:
-        from kvbench.cache import rope_inverse_factory
         key = (id(lm.model), artifacts.model_fingerprint(lm.model))
         if self._prepared_for == key:
             return
@@ -138,7 +137,6 @@ class KVCAR(Method):
             modules = codecs_from_tensors({}, n_layers, heads, head_dim, self.hidden_, self.latent_dim_)
             reuse = {}
         self.bind(lm, modules.eval(), reuse)
-        self._prepared_for = key
 
     def bind(self, lm, modules: torch.nn.ModuleDict, reuse: dict[int, dict[int, int]]) -> None:
         """Use these (trained) codecs and reused heads for ``lm`` (the trainer evaluates through this too)."""
@@ -151,6 +149,7 @@ class KVCAR(Method):
                        for layer, mod in modules.to(self.device).items()}
         self.rope = rope_inverse_factory(lm.model.model.rotary_emb)
         self._building: dict[int, object] = {}
+        self._prepared_for = (id(lm.model), artifacts.model_fingerprint(lm.model))
 
     def own_heads(self, layer: int) -> list[int]:
         heads = self.codecs[layer][0].w1.shape[0]
@@ -187,7 +186,7 @@ class KVCAR(Method):
     # ---- the cache hooks ----
     def new_store(self, layer: int, batch: int, heads: int, head_dim: int, dtype, device):
         from kvbench.methods.kvcar.store import KVCARStore
-        if self._prepared_for is None and not hasattr(self, "codecs"):
+        if self._prepared_for is None:
             raise RuntimeError("KVCAR.prepare(lm) must run before caches are made (the Engine calls it)")
         if layer == 0:  # a new cache: its stores are made in layer order
             self._building = {}
