@@ -153,8 +153,8 @@ def test_decoding_with_reuse_runs_batched(tmp_path):
     assert all(r["new_tokens"] == 10 for r in got)
 
 
-@pytest.mark.parametrize("rope_keys", ["pre", "post"])
-def test_decoding_reads_what_training_trains(rope_keys):
+@pytest.mark.parametrize("rope_keys,latent_v", [("pre", None), ("post", None), ("pre", 12)])
+def test_decoding_reads_what_training_trains(rope_keys, latent_v):
     """Token by token, every key and value the model attends to is decoded from the store: the logits are
     those of the trainer's reconstructed forward pass (folded vs unfolded BatchNorm, RoPE, reuse)."""
     from kvbench.cache import rope_inverse_factory
@@ -163,7 +163,8 @@ def test_decoding_reads_what_training_trains(rope_keys):
     cfg = lm.model.config
     H, d = cfg.num_key_value_heads, cfg.head_dim
     torch.manual_seed(0)
-    codecs = torch.nn.ModuleDict({str(i): LayerCodec(H, d, d, d // 2) for i in range(cfg.num_hidden_layers)})
+    codecs = torch.nn.ModuleDict({str(i): LayerCodec(H, d, d, d // 2, latent_v=latent_v)
+                                  for i in range(cfg.num_hidden_layers)})
     for mod in codecs.values():
         for ae in (mod.k, mod.v):
             ae(torch.randn(H, 64, d) * 2)  # BatchNorm statistics away from (0, 1)
@@ -171,8 +172,8 @@ def test_decoding_reads_what_training_trains(rope_keys):
     reuse = {1: {0: 0}}
     method = KVCAR(rope_keys=rope_keys)
     method.rope_keys_ = rope_keys
-    method.latent_dim_ = d // 2
     method.bind(lm, codecs, reuse)
+    assert method.code_width_ == (d // 2 + (latent_v or d // 2)) // 2
     eng = Engine(lm, method)
     x = torch.tensor([prompt(24, 7)])
     cache = eng.new_cache(1)

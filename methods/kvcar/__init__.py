@@ -15,7 +15,8 @@ Choices the paper leaves open, made here:
   block-diagonal over its KV heads (one small autoencoder per head, computed together as batched matmuls).
   A dense autoencoder over all heads would tie the heads of a token together, so neither a reused head
   nor a token an eviction method drops from one head only could be left out of the cache. Keys and values
-  have separate autoencoders with the same ``latent`` (and ``hidden``) width.
+  have separate autoencoders; the values' latent may differ (``--latent-dim-v``: values are far less
+  low-rank than pre-RoPE keys), a slot holding ``[zk, zv]`` split in halves over the store's two tensors.
 - Keys are coded before RoPE (``rope_keys="pre"``, the default): a position-free autoencoder sees the
   same distribution at every position, and pre-RoPE keys are known to be far lower-rank than rotated
   ones (measured on SmolLM2: results/kvcar/README.md); the decoded keys are rotated to their positions
@@ -65,8 +66,9 @@ ROPE_KEYS = ("pre", "post")
 
 
 def codecs_from_tensors(tensors: dict[str, torch.Tensor], n_layers: int, heads: int, head_dim: int, hidden: int,
-                        latent: int) -> torch.nn.ModuleDict:
-    modules = torch.nn.ModuleDict({str(layer): LayerCodec(heads, head_dim, hidden, latent) for layer in range(n_layers)})
+                        latent: int, hidden_v: int, latent_v: int) -> torch.nn.ModuleDict:
+    modules = torch.nn.ModuleDict({str(layer): LayerCodec(heads, head_dim, hidden, latent, hidden_v, latent_v)
+                                   for layer in range(n_layers)})
     if tensors:
         modules.load_state_dict({k: v.float() for k, v in tensors.items()})
     return modules
@@ -93,7 +95,7 @@ class KVCAR(Method):
     artifact: str | None = None
     reuse: bool = True
     reuse_threshold: float | None = None  # re-choose the reused heads from the artifact's similarities
-    latent_dim: int | None = None  # without an artifact only (random codec, for timing)
+    latent_dim: int | None = None  # without an artifact only (random codec, for timing; values alike)
     hidden: int | None = None
     rope_keys: str = "pre"
     seed: int = 0
@@ -125,16 +127,18 @@ class KVCAR(Method):
         if self.artifact is not None:
             meta, tensors = artifacts.load(self.artifact, NAME)
             artifacts.check_model(meta, lm, self.artifact)
-            self.latent_dim_, self.hidden_, self.rope_keys_ = meta["latent_dim"], meta["hidden"], meta["rope_keys"]
-            modules = codecs_from_tensors(tensors, n_layers, heads, head_dim, self.hidden_, self.latent_dim_)
+            self.rope_keys_ = meta["rope_keys"]
+            modules = codecs_from_tensors(tensors, n_layers, heads, head_dim, meta["hidden"], meta["latent_dim"],
+                                          meta.get("hidden_v", meta["hidden"]),
+                                          meta.get("latent_dim_v", meta["latent_dim"]))
             threshold = self.reuse_threshold if self.reuse_threshold is not None else meta.get("reuse_threshold")
             reuse = choose_reuse(meta["similarity"], threshold) if self.reuse and meta.get("similarity") else {}
         else:
-            self.latent_dim_ = self.latent_dim or max(1, head_dim // 2)
-            self.hidden_ = self.hidden or 2 * self.latent_dim_
+            latent = self.latent_dim or max(1, head_dim // 2)
+            hidden = self.hidden or 2 * latent
             self.rope_keys_ = self.rope_keys
             torch.manual_seed(self.seed)
-            modules = codecs_from_tensors({}, n_layers, heads, head_dim, self.hidden_, self.latent_dim_)
+            modules = codecs_from_tensors({}, n_layers, heads, head_dim, hidden, latent, hidden, latent)
             reuse = {}
         self.bind(lm, modules.eval(), reuse)
 
@@ -145,6 +149,12 @@ class KVCAR(Method):
         self.device, self.dtype = param.device, param.dtype
         self.n_layers = lm.model.config.num_hidden_layers
         self.reuse_ = reuse
+        first = modules["0"]
+        self.latent_dim_, self.latent_v_ = first.k.latent, first.v.latent
+        if (self.latent_dim_ + self.latent_v_) % 2:
+            raise BudgetError(f"kvcar key and value latents {self.latent_dim_} + {self.latent_v_} must sum to an even "
+                              "number (a slot holds both codes, half in each of the store's two tensors)")
+        self.code_width_ = (self.latent_dim_ + self.latent_v_) // 2
         self.codecs = {int(layer): (mod.k.fold(self.dtype), mod.v.fold(self.dtype))
                        for layer, mod in modules.to(self.device).items()}
         self.rope = rope_inverse_factory(lm.model.model.rotary_emb)
@@ -171,12 +181,19 @@ class KVCAR(Method):
             z = ae.encode(x.transpose(0, 1).reshape(n, B * T, d), heads)
             return z.reshape(n, B, T, -1).transpose(0, 1)
 
-        return code(ck, k), code(cv, v)
+        zk, zv = code(ck, k), code(cv, v)
+        if self.latent_v_ == self.latent_dim_:
+            return zk, zv
+        z = torch.cat([zk, zv], dim=-1)  # other widths: the slot's two tensors hold halves of [zk, zv]
+        return z[..., : self.code_width_], z[..., self.code_width_:]
 
     def decode(self, layer: int, zk: torch.Tensor, zv: torch.Tensor, pos: torch.Tensor, heads: torch.Tensor):
         """Latents [n, N, latent] of heads ``heads`` at positions ``pos [n, N]`` -> keys (post-RoPE) and values
         [n, N, d]."""
         ck, cv = self.codecs[layer]
+        if self.latent_v_ != self.latent_dim_:
+            z = torch.cat([zk, zv], dim=-1)
+            zk, zv = z[..., : self.latent_dim_], z[..., self.latent_dim_:]
         k, v = ck.decode(zk, heads), cv.decode(zv, heads)
         if self.rope_keys_ == "pre":
             n, N, d = k.shape
