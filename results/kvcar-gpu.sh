@@ -4,7 +4,8 @@
 # Carry the training corpus (results/deltakv-corpus.py OUT.txt.gz; KVCAR_CORPUS, default
 # .deltakv/general-english.txt.gz) and, for NIAH, the essays (KVCAR_HAYSTACK, default .deltakv/paul_graham_essays).
 #   results/kvcar-gpu.sh train smollm2 "32"        # one artifact per latent size (per head; smollm2 head_dim 64:
-#                                                  # 48/32/16 = 25/50/75% smaller; qwen head_dim 128: 96/64/32),
+#                                                  # 48/32/16 = 25/50/75% smaller; qwen head_dim 128: 96/64/32;
+#                                                  # K:V gives keys and values their own widths, e.g. 16:48),
 #                                                  # KVCAR_MINUTES of training each (default 1.5), in /tmp/kvcar-art
 #   results/kvcar-gpu.sh eval smollm2 "32"         # fidelity (KL and perplexity against full on held-out prose: the
 #                                                  # stdlib docstrings, never trained on), NIAH 4k, measured KV bytes:
@@ -37,10 +38,10 @@ train() {  # train MODEL "LATENTS"
   nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
   for L in $2; do
     timeout ${KVCAR_TRAIN_TIMEOUT:-420} python3 -m kvbench.cli train kvcar --model "$M" --data "$CORPUS" \
-      --out "$ART/$m-l$L" --latent-dim "$L" --batch ${KVCAR_BATCH:-16} --seq-len ${KVCAR_SEQ:-1024} \
+      --out "$ART/$m-l${L/:/v}" --latent-dim "${L%%:*}" --latent-dim-v "${L##*:}" --batch ${KVCAR_BATCH:-16} --seq-len ${KVCAR_SEQ:-1024} \
       --recon-steps 100000 --lm-steps 100000 --max-minutes ${KVCAR_MINUTES:-1.5} --dtype bfloat16 2>&1 \
-      | grep -v "^Loading" | tee "$OUT/train-$m-l$L.log"
-    cp "$ART/$m-l$L/artifact.json" "$OUT/artifact-$m-l$L.json"
+      | grep -v "^Loading" | tee "$OUT/train-$m-l${L/:/v}.log"
+    cp "$ART/$m-l${L/:/v}/artifact.json" "$OUT/artifact-$m-l${L/:/v}.json"
   done
 }
 
@@ -54,7 +55,7 @@ evaluate() {  # evaluate MODEL "LATENTS"
   local m=$1 M; M=$(model_path "$1")
   run "eval-$m" --method snapkv --budget 0.25 --task niah -t 'lengths=[4096]' --data "$HAY" --batch-size 5 --model "$M"
   for L in $2; do
-    A="$ART/$m-l$L"
+    A="$ART/$m-l${L/:/v}"
     run "eval-$m" --method kvcar --artifact "$A" --task fidelity --model "$M"
     run "eval-$m" --method kvcar --artifact "$A" -m reuse=false --task fidelity --model "$M"
     run "eval-$m" --method kvcar --artifact "$A" -m reuse_threshold=0.0 --task fidelity --model "$M"
@@ -73,8 +74,8 @@ ruler() {  # ruler MODEL "LATENTS"
   R=(--task ruler -t "lengths=$lengths" -t n_per_task=5 --data "$RULER_DATA" --batch-size 8 --model "$M")
   run "ruler-$m" --method snapkv --budget 0.25 "${R[@]}"
   for L in $2; do
-    run "ruler-$m" --method kvcar --artifact "$ART/$m-l$L" "${R[@]}"
-    run "ruler-$m" --method snapkv+kvcar --budget 0.5 --artifact "$ART/$m-l$L" -m reuse=false "${R[@]}"
+    run "ruler-$m" --method kvcar --artifact "$ART/$m-l${L/:/v}" "${R[@]}"
+    run "ruler-$m" --method snapkv+kvcar --budget 0.5 --artifact "$ART/$m-l${L/:/v}" -m reuse=false "${R[@]}"
   done
   summary | tee "$OUT/summary.md"
 }
