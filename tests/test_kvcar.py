@@ -227,3 +227,27 @@ def test_composition_refuses_what_does_not_compose():
     with pytest.raises(registry.UnknownNameError, match="compose exactly two"):
         registry.build_method("snapkv+kvcar+kvcar", 0.5)
     assert registry.build_method("snapkv+kvcar", 0.5, {"kvcar.seed": 3}).codec.seed == 3
+
+
+def test_reserved_decoding_moves_no_codes(tmp_path):
+    """What a CUDA-graph replay of the decoding step needs: after ``reserve`` nothing is relaid out."""
+    lm = tiny("llama")
+    eng = Engine(lm, registry.build_method("kvcar", 1.0, {"artifact": str(save_codec(lm, tmp_path / "c"))}))
+    assert eng.method.static_decode() and eng.method.decode_epoch(None) == ()
+    cache, first, _ = eng.prefill(sample(prompt(60, 3), []))
+    cache.reserve(12)
+    moved = [s.codes.k.data_ptr() for s in cache.stores]
+    layouts = [s._gather_index()[0].data_ptr() for s in cache.stores]
+    eng.decode(cache, first, [12], [False])
+    assert [s.codes.k.data_ptr() for s in cache.stores] == moved
+    assert [s._gather_index()[0].data_ptr() for s in cache.stores] == layouts
+    assert (cache.token_counts() == 60 + 11).all()
+
+
+def test_train_command_checks_its_options_first(tmp_path):
+    from click.testing import CliRunner
+
+    from kvbench.cli import main
+    out = CliRunner().invoke(main, ["train", "kvcar", "--model", "smollm2-135m", "--data", str(tmp_path),
+                                    "--out", str(tmp_path / "a"), "--reuse-threshold", "high"])
+    assert out.exit_code == 2 and "--reuse-threshold takes a number or 'none'" in out.output
