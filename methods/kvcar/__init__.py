@@ -20,7 +20,7 @@ Choices the paper leaves open, made here:
 - Keys are coded before RoPE (``rope_keys="pre"``, the default): a position-free autoencoder sees the
   same distribution at every position, and pre-RoPE keys are known to be far lower-rank than rotated
   ones (measured on SmolLM2: results/kvcar/README.md); the decoded keys are rotated to their positions
-  on read (positions are stored, 4 bytes a slot, counted). ``rope_keys="post"`` codes the rotated keys (train with ``--rope-keys post``).
+  on read (positions are stored, 4 bytes a slot, counted). ``--rope-keys post`` trains on rotated keys.
 - ``hidden`` defaults to ``2 x latent``: then training starts from the principal components of
   calibration vectors (an exact construction through the LeakyReLU, ``codec.pca_init_``), so a short
   training budget starts from the best linear code rather than from noise.
@@ -36,19 +36,22 @@ Choices the paper leaves open, made here:
 - Reuse: similarity of head ``h`` of layer ``l`` is the lower of the mean token cosine of its keys and of
   its values against head ``h`` of layer ``l-1``, on the first calibration samples of the training corpus
   (cosine is the same before and after RoPE: both layers rotate a token by the same angle). A head at or
-  above ``reuse_threshold`` is reused; chains resolve to the nearest earlier layer that stores the head.
+  above ``reuse_threshold`` (training's default 0.9; the paper gives no value) is reused; chains resolve to the nearest earlier layer that stores the head.
   Layer 0 stores everything. The artifact keeps the whole similarity matrix, so ``-m reuse_threshold=X``
   re-chooses the pairs at run time (stage 2 trained with the artifact's pairs), and ``-m reuse=false``
   turns reuse off (every head has an autoencoder: reused heads' are trained by stage 1 only).
 - A layer that reuses heads decodes their owner's codes for those heads when it attends (no second copy
   is held; one layer's decoded keys and values exist at a time, plus the reused heads' for that layer).
+- Decoding: every step decodes all of a layer's codes (two ``baddbmm`` per autoencoder, the heads
+  batched), then runs the shared ragged attention kernel; no fused decode-in-attention kernel yet.
 - Latents are stored in the model's dtype (bfloat16 on GPU). ``budget`` is not used: the memory follows from
   ``latent / head_dim`` and the reuse, and is measured. The autoencoder weights are model weights, not
   cache, and are reported apart (``codec_nbytes``).
 - Without an artifact the autoencoders are randomly initialised (seeded), with no reuse: for timing only.
 
 Composition: ``--method snapkv+kvcar`` (any eviction method + this codec; ``kvbench.compose``) lets the
-eviction method choose the tokens from the decoded cache and keeps their codes.
+eviction method choose the tokens from the decoded cache and keeps their codes. It needs reuse off
+(``-m reuse=false``): an eviction method scores every KV head of a layer.
 """
 from __future__ import annotations
 
