@@ -13,7 +13,7 @@
 #                                                  # snapkv+kvcar@0.5 (equal memory at latent = head_dim/2)
 #   results/kvcar-gpu.sh ruler smollm2 "32"        # RULER 4k (qwen: 4k and 16k), kvcar / snapkv / snapkv+kvcar
 #   results/kvcar-gpu.sh bench smollm2             # decode tokens/s, kvcar vs full, batch 1 and 16 and each one's largest
-#   results/kvcar-gpu.sh quick                     # the smallest useful set: train smollm2 latent 32, eval it (~5 min)
+#   results/kvcar-gpu.sh quick                     # the smallest useful set: train smollm2 latents 16:48, eval it (~5 min)
 # Every command is bounded (timeout); the summaries land in $OUT (default results/kvcar), run dirs in /tmp.
 set -uo pipefail
 source results/gpu-setup.sh
@@ -110,6 +110,6 @@ eval) evaluate "${2:-smollm2}" "${3:-32}" ;;
 ruler) ruler "${2:-smollm2}" "${3:-32}" ;;
 bench) bench "${2:-smollm2}" ;;
 summary) summary ;;
-quick) train smollm2 32; evaluate smollm2 32 ;;
+quick) train smollm2 16:48; evaluate smollm2 16:48 ;;
 *) echo "usage: $0 train|eval|ruler|bench|summary|quick [smollm2|qwen] [\"LATENTS\"]" >&2; exit 2 ;;
 esac
