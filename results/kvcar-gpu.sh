@@ -96,10 +96,13 @@ for path in sorted(glob.glob(f"{sys.argv[1]}/runs/*/metrics.json")):
     d = json.load(open(path))
     cfg = json.load(open(path.replace("metrics.json", "config.json")))
     mp = cfg.get("method_params") or {}
-    shown = {k: v for k, v in mp.get("codec", mp).items() if k in ("reuse", "reuse_threshold")}
+    codec = mp.get("codec", mp)
+    shown = {k: v for k, v in codec.items() if k in ("reuse", "reuse_threshold")}
+    if codec.get("artifact"):
+        shown["artifact"] = codec["artifact"].rstrip("/").split("/")[-1]
     s = d["summary"]
     num = lambda k: (f"{s[k]:.4g}" if isinstance(s.get(k), (int, float)) else "")
-    print(f"| {d['model'].split('/')[-1]} | {d['task']} | {d['method']} | {shown} | {d['budget']} | {num('score')} | "
+    print(f"| {d['model'].split(' (')[0].split('/')[-1]} | {d['task']} | {d['method']} | {shown} | {d['budget']} | {num('score')} | "
           f"{num('kl')} | {num('ppl_full')} | {num('ppl')} | {d.get('kv_ratio_prefill', float('nan')):.3f} |")
 PY
 }
