@@ -368,6 +368,7 @@ def calibrate_compresskv_cmd(model, out, grid, haystack, longbench, layer_sample
 @click.option("--data", required=True, help="training text (general English, never evaluation text): a file or a directory")
 @click.option("--out", required=True, help="artifact directory (safetensors + artifact.json)")
 @click.option("--latent-dim", type=int, default=None, help="latent width per head (default head_dim/2)")
+@click.option("--latent-dim-v", type=int, default=None, help="latent width of the values per head (default --latent-dim)")
 @click.option("--hidden", type=int, default=None, help="hidden width of encoder and decoder (default 2 x latent: starts from PCA)")
 @click.option("--rope-keys", default="pre", show_default=True, type=click.Choice(["pre", "post"]),
               help="code keys before or after RoPE")
@@ -385,7 +386,7 @@ def calibrate_compresskv_cmd(model, out, grid, haystack, longbench, layer_sample
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
 @click.option("--seed", type=int, default=0, show_default=True)
-def train_kvcar_cmd(model, data, out, latent_dim, hidden, rope_keys, reuse_threshold, recon_steps, lm_steps, batch,
+def train_kvcar_cmd(model, data, out, latent_dim, latent_dim_v, hidden, rope_keys, reuse_threshold, recon_steps, lm_steps, batch,
                     seq_len, lr, lm_lr, calib_samples, max_minutes, recon_share, device, dtype, seed):
     """Train KV-CAR's autoencoders and calibrate its reused heads (writes one artifact)."""
     from kvbench.methods.kvcar.train import train as train_kvcar
@@ -397,7 +398,8 @@ def train_kvcar_cmd(model, data, out, latent_dim, hidden, rope_keys, reuse_thres
         except ValueError:
             _fail(f"--reuse-threshold takes a number or 'none', got '{reuse_threshold}'")
     try:
-        path = train_kvcar(model, data, out, latent_dim=latent_dim, hidden=hidden, rope_keys=rope_keys,
+        path = train_kvcar(model, data, out, latent_dim=latent_dim, latent_dim_v=latent_dim_v, hidden=hidden,
+                           rope_keys=rope_keys,
                            reuse_threshold=threshold, recon_steps=recon_steps, lm_steps=lm_steps, batch=batch,
                            seq_len=seq_len, lr=lr, lm_lr=lm_lr, calib_samples=calib_samples, max_minutes=max_minutes,
                            recon_share=recon_share, device=device, dtype=dtype, seed=seed, log=click.echo)

@@ -153,6 +153,40 @@ def test_decoding_with_reuse_runs_batched(tmp_path):
     assert all(r["new_tokens"] == 10 for r in got)
 
 
+@pytest.mark.parametrize("rope_keys,latent_v", [("pre", None), ("post", None), ("pre", 12)])
+def test_decoding_reads_what_training_trains(rope_keys, latent_v):
+    """Token by token, every key and value the model attends to is decoded from the store: the logits are
+    those of the trainer's reconstructed forward pass (folded vs unfolded BatchNorm, RoPE, reuse)."""
+    from kvbench.cache import rope_inverse_factory
+    from kvbench.methods.kvcar.train import Reconstructed
+    lm = tiny("llama")
+    cfg = lm.model.config
+    H, d = cfg.num_key_value_heads, cfg.head_dim
+    torch.manual_seed(0)
+    codecs = torch.nn.ModuleDict({str(i): LayerCodec(H, d, d, d // 2, latent_v=latent_v)
+                                  for i in range(cfg.num_hidden_layers)})
+    for mod in codecs.values():
+        for ae in (mod.k, mod.v):
+            ae(torch.randn(H, 64, d) * 2)  # BatchNorm statistics away from (0, 1)
+    codecs.eval()
+    reuse = {1: {0: 0}}
+    method = KVCAR(rope_keys=rope_keys)
+    method.rope_keys_ = rope_keys
+    method.bind(lm, codecs, reuse)
+    assert method.code_width_ == (d // 2 + (latent_v or d // 2)) // 2
+    eng = Engine(lm, method)
+    x = torch.tensor([prompt(24, 7)])
+    cache = eng.new_cache(1)
+    got = [eng.forward(cache, x[:, t: t + 1], compress=False) for t in range(x.shape[1])]
+    positions = torch.arange(x.shape[1])[None]
+    attn = Reconstructed(codecs, reuse, rope_inverse_factory(lm.model.model.rotary_emb), positions,
+                         rope_keys == "pre")
+    with torch.no_grad():
+        want = lm.model(input_ids=x, position_ids=positions, use_cache=False, kvbench_cache=attn).logits
+    torch.testing.assert_close(torch.cat(got, dim=1), want, atol=2e-4, rtol=2e-4)
+    assert cache.stores[1].sources[0] is cache.stores[0]
+
+
 def test_artifact_refused_for_another_model(tmp_path):
     path = save_codec(tiny("llama"), tmp_path / "c")
     with pytest.raises(artifact.ArtifactError, match="was made for tiny-llama"):
@@ -193,3 +227,27 @@ def test_composition_refuses_what_does_not_compose():
     with pytest.raises(registry.UnknownNameError, match="compose exactly two"):
         registry.build_method("snapkv+kvcar+kvcar", 0.5)
     assert registry.build_method("snapkv+kvcar", 0.5, {"kvcar.seed": 3}).codec.seed == 3
+
+
+def test_reserved_decoding_moves_no_codes(tmp_path):
+    """What a CUDA-graph replay of the decoding step needs: after ``reserve`` nothing is relaid out."""
+    lm = tiny("llama")
+    eng = Engine(lm, registry.build_method("kvcar", 1.0, {"artifact": str(save_codec(lm, tmp_path / "c"))}))
+    assert eng.method.static_decode() and eng.method.decode_epoch(None) == ()
+    cache, first, _ = eng.prefill(sample(prompt(60, 3), []))
+    cache.reserve(12)
+    moved = [s.codes.k.data_ptr() for s in cache.stores]
+    layouts = [s._gather_index()[0].data_ptr() for s in cache.stores]
+    eng.decode(cache, first, [12], [False])
+    assert [s.codes.k.data_ptr() for s in cache.stores] == moved
+    assert [s._gather_index()[0].data_ptr() for s in cache.stores] == layouts
+    assert (cache.token_counts() == 60 + 11).all()
+
+
+def test_train_command_checks_its_options_first(tmp_path):
+    from click.testing import CliRunner
+
+    from kvbench.cli import main
+    out = CliRunner().invoke(main, ["train", "kvcar", "--model", "smollm2-135m", "--data", str(tmp_path),
+                                    "--out", str(tmp_path / "a"), "--reuse-threshold", "high"])
+    assert out.exit_code == 2 and "--reuse-threshold takes a number or 'none'" in out.output

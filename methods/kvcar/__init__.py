@@ -15,11 +15,12 @@ Choices the paper leaves open, made here:
   block-diagonal over its KV heads (one small autoencoder per head, computed together as batched matmuls).
   A dense autoencoder over all heads would tie the heads of a token together, so neither a reused head
   nor a token an eviction method drops from one head only could be left out of the cache. Keys and values
-  have separate autoencoders with the same ``latent`` (and ``hidden``) width.
+  have separate autoencoders; the values' latent may differ (``--latent-dim-v``: values are far less
+  low-rank than pre-RoPE keys), a slot holding ``[zk, zv]`` split in halves over the store's two tensors.
 - Keys are coded before RoPE (``rope_keys="pre"``, the default): a position-free autoencoder sees the
   same distribution at every position, and pre-RoPE keys are known to be far lower-rank than rotated
   ones (measured on SmolLM2: results/kvcar/README.md); the decoded keys are rotated to their positions
-  on read (positions are stored, 4 bytes a slot, counted). ``rope_keys="post"`` codes the rotated keys (train with ``--rope-keys post``).
+  on read (positions are stored, 4 bytes a slot, counted). ``--rope-keys post`` trains on rotated keys.
 - ``hidden`` defaults to ``2 x latent``: then training starts from the principal components of
   calibration vectors (an exact construction through the LeakyReLU, ``codec.pca_init_``), so a short
   training budget starts from the best linear code rather than from noise.
@@ -35,19 +36,22 @@ Choices the paper leaves open, made here:
 - Reuse: similarity of head ``h`` of layer ``l`` is the lower of the mean token cosine of its keys and of
   its values against head ``h`` of layer ``l-1``, on the first calibration samples of the training corpus
   (cosine is the same before and after RoPE: both layers rotate a token by the same angle). A head at or
-  above ``reuse_threshold`` is reused; chains resolve to the nearest earlier layer that stores the head.
+  above ``reuse_threshold`` (training's default 0.9; the paper gives no value) is reused; chains resolve to the nearest earlier layer that stores the head.
   Layer 0 stores everything. The artifact keeps the whole similarity matrix, so ``-m reuse_threshold=X``
   re-chooses the pairs at run time (stage 2 trained with the artifact's pairs), and ``-m reuse=false``
   turns reuse off (every head has an autoencoder: reused heads' are trained by stage 1 only).
 - A layer that reuses heads decodes their owner's codes for those heads when it attends (no second copy
   is held; one layer's decoded keys and values exist at a time, plus the reused heads' for that layer).
+- Decoding: every step decodes all of a layer's codes (two ``baddbmm`` per autoencoder, the heads
+  batched), then runs the shared ragged attention kernel; no fused decode-in-attention kernel yet.
 - Latents are stored in the model's dtype (bfloat16 on GPU). ``budget`` is not used: the memory follows from
   ``latent / head_dim`` and the reuse, and is measured. The autoencoder weights are model weights, not
   cache, and are reported apart (``codec_nbytes``).
 - Without an artifact the autoencoders are randomly initialised (seeded), with no reuse: for timing only.
 
 Composition: ``--method snapkv+kvcar`` (any eviction method + this codec; ``kvbench.compose``) lets the
-eviction method choose the tokens from the decoded cache and keeps their codes.
+eviction method choose the tokens from the decoded cache and keeps their codes. It needs reuse off
+(``-m reuse=false``): an eviction method scores every KV head of a layer.
 """
 from __future__ import annotations
 
@@ -65,8 +69,9 @@ ROPE_KEYS = ("pre", "post")
 
 
 def codecs_from_tensors(tensors: dict[str, torch.Tensor], n_layers: int, heads: int, head_dim: int, hidden: int,
-                        latent: int) -> torch.nn.ModuleDict:
-    modules = torch.nn.ModuleDict({str(layer): LayerCodec(heads, head_dim, hidden, latent) for layer in range(n_layers)})
+                        latent: int, hidden_v: int, latent_v: int) -> torch.nn.ModuleDict:
+    modules = torch.nn.ModuleDict({str(layer): LayerCodec(heads, head_dim, hidden, latent, hidden_v, latent_v)
+                                   for layer in range(n_layers)})
     if tensors:
         modules.load_state_dict({k: v.float() for k, v in tensors.items()})
     return modules
@@ -93,7 +98,7 @@ class KVCAR(Method):
     artifact: str | None = None
     reuse: bool = True
     reuse_threshold: float | None = None  # re-choose the reused heads from the artifact's similarities
-    latent_dim: int | None = None  # without an artifact only (random codec, for timing)
+    latent_dim: int | None = None  # without an artifact only (random codec, for timing; values alike)
     hidden: int | None = None
     rope_keys: str = "pre"
     seed: int = 0
@@ -116,7 +121,6 @@ class KVCAR(Method):
 
     # ---- binding to a model ----
     def prepare(self, lm) -> None:
-        from kvbench.cache import rope_inverse_factory
         key = (id(lm.model), artifacts.model_fingerprint(lm.model))
         if self._prepared_for == key:
             return
@@ -126,19 +130,20 @@ class KVCAR(Method):
         if self.artifact is not None:
             meta, tensors = artifacts.load(self.artifact, NAME)
             artifacts.check_model(meta, lm, self.artifact)
-            self.latent_dim_, self.hidden_, self.rope_keys_ = meta["latent_dim"], meta["hidden"], meta["rope_keys"]
-            modules = codecs_from_tensors(tensors, n_layers, heads, head_dim, self.hidden_, self.latent_dim_)
+            self.rope_keys_ = meta["rope_keys"]
+            modules = codecs_from_tensors(tensors, n_layers, heads, head_dim, meta["hidden"], meta["latent_dim"],
+                                          meta.get("hidden_v", meta["hidden"]),
+                                          meta.get("latent_dim_v", meta["latent_dim"]))
             threshold = self.reuse_threshold if self.reuse_threshold is not None else meta.get("reuse_threshold")
             reuse = choose_reuse(meta["similarity"], threshold) if self.reuse and meta.get("similarity") else {}
         else:
-            self.latent_dim_ = self.latent_dim or max(1, head_dim // 2)
-            self.hidden_ = self.hidden or 2 * self.latent_dim_
+            latent = self.latent_dim or max(1, head_dim // 2)
+            hidden = self.hidden or 2 * latent
             self.rope_keys_ = self.rope_keys
             torch.manual_seed(self.seed)
-            modules = codecs_from_tensors({}, n_layers, heads, head_dim, self.hidden_, self.latent_dim_)
+            modules = codecs_from_tensors({}, n_layers, heads, head_dim, hidden, latent, hidden, latent)
             reuse = {}
         self.bind(lm, modules.eval(), reuse)
-        self._prepared_for = key
 
     def bind(self, lm, modules: torch.nn.ModuleDict, reuse: dict[int, dict[int, int]]) -> None:
         """Use these (trained) codecs and reused heads for ``lm`` (the trainer evaluates through this too)."""
@@ -147,10 +152,17 @@ class KVCAR(Method):
         self.device, self.dtype = param.device, param.dtype
         self.n_layers = lm.model.config.num_hidden_layers
         self.reuse_ = reuse
+        first = modules["0"]
+        self.latent_dim_, self.latent_v_ = first.k.latent, first.v.latent
+        if (self.latent_dim_ + self.latent_v_) % 2:
+            raise BudgetError(f"kvcar key and value latents {self.latent_dim_} + {self.latent_v_} must sum to an even "
+                              "number (a slot holds both codes, half in each of the store's two tensors)")
+        self.code_width_ = (self.latent_dim_ + self.latent_v_) // 2
         self.codecs = {int(layer): (mod.k.fold(self.dtype), mod.v.fold(self.dtype))
                        for layer, mod in modules.to(self.device).items()}
         self.rope = rope_inverse_factory(lm.model.model.rotary_emb)
         self._building: dict[int, object] = {}
+        self._prepared_for = (id(lm.model), artifacts.model_fingerprint(lm.model))
 
     def own_heads(self, layer: int) -> list[int]:
         heads = self.codecs[layer][0].w1.shape[0]
@@ -172,12 +184,19 @@ class KVCAR(Method):
             z = ae.encode(x.transpose(0, 1).reshape(n, B * T, d), heads)
             return z.reshape(n, B, T, -1).transpose(0, 1)
 
-        return code(ck, k), code(cv, v)
+        zk, zv = code(ck, k), code(cv, v)
+        if self.latent_v_ == self.latent_dim_:
+            return zk, zv
+        z = torch.cat([zk, zv], dim=-1)  # other widths: the slot's two tensors hold halves of [zk, zv]
+        return z[..., : self.code_width_], z[..., self.code_width_:]
 
     def decode(self, layer: int, zk: torch.Tensor, zv: torch.Tensor, pos: torch.Tensor, heads: torch.Tensor):
         """Latents [n, N, latent] of heads ``heads`` at positions ``pos [n, N]`` -> keys (post-RoPE) and values
         [n, N, d]."""
         ck, cv = self.codecs[layer]
+        if self.latent_v_ != self.latent_dim_:
+            z = torch.cat([zk, zv], dim=-1)
+            zk, zv = z[..., : self.latent_dim_], z[..., self.latent_dim_:]
         k, v = ck.decode(zk, heads), cv.decode(zv, heads)
         if self.rope_keys_ == "pre":
             n, N, d = k.shape
@@ -187,7 +206,7 @@ class KVCAR(Method):
     # ---- the cache hooks ----
     def new_store(self, layer: int, batch: int, heads: int, head_dim: int, dtype, device):
         from kvbench.methods.kvcar.store import KVCARStore
-        if self._prepared_for is None and not hasattr(self, "codecs"):
+        if self._prepared_for is None:
             raise RuntimeError("KVCAR.prepare(lm) must run before caches are made (the Engine calls it)")
         if layer == 0:  # a new cache: its stores are made in layer order
             self._building = {}

@@ -127,12 +127,13 @@ class FoldedAutoencoder:
 
 
 class LayerCodec(nn.Module):
-    """A layer's key and value autoencoders, for the heads the layer stores itself."""
+    """A layer's key and value autoencoders (values may have their own widths)."""
 
-    def __init__(self, heads: int, dim: int, hidden: int, latent: int):
+    def __init__(self, heads: int, dim: int, hidden: int, latent: int, hidden_v: int | None = None,
+                 latent_v: int | None = None):
         super().__init__()
         self.k = HeadAutoencoder(heads, dim, hidden, latent)
-        self.v = HeadAutoencoder(heads, dim, hidden, latent)
+        self.v = HeadAutoencoder(heads, dim, hidden_v or hidden, latent_v or latent)
 
 
 @torch.no_grad()

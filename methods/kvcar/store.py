@@ -30,7 +30,7 @@ class KVCARStore:
         self.own: list[int] = method.own_heads(layer)  # heads whose codes this store keeps, ascending
         self.sources = sources  # reused head -> the store that owns its entries
         self.own_t = torch.tensor(self.own, dtype=torch.int64, device=device)
-        self.codes = RaggedKV(batch, len(self.own), method.latent_dim_, dtype, device)
+        self.codes = RaggedKV(batch, len(self.own), method.code_width_, dtype, device)
         self._layout_key = None
         self._layout = None
         self._int_cache: dict[tuple, torch.Tensor] = {}

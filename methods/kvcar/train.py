@@ -142,6 +142,7 @@ def _stage(name: str, codecs, loss_fn, train_set, batch: int, steps: int, lr: fl
 
 
 def train(model: str, data: str, out: str, latent_dim: int | None = None, hidden: int | None = None,
+          latent_dim_v: int | None = None,
           rope_keys: str = "pre", reuse_threshold: float | None = 0.9, recon_steps: int = 1000,
           lm_steps: int = 1000, batch: int = 8, seq_len: int = 512, lr: float = 1e-3, lm_lr: float = 2e-4,
           calib_samples: int = 16, max_minutes: float | None = None, recon_share: float = 0.4,
@@ -163,9 +164,11 @@ def train(model: str, data: str, out: str, latent_dim: int | None = None, hidden
     sig = artifacts.model_signature(lm.model.config)
     heads, head_dim, n_layers = sig["num_key_value_heads"], sig["head_dim"], sig["num_hidden_layers"]
     latent = latent_dim or head_dim // 2
-    width = hidden or 2 * latent
-    if not 1 <= latent <= head_dim:
-        raise TaskError(f"--latent-dim must be in 1..{head_dim} (the head dimension), got {latent}")
+    latent_v = latent_dim_v or latent
+    width, width_v = hidden or 2 * latent, hidden or 2 * latent_v
+    if not (1 <= latent <= head_dim and 1 <= latent_v <= head_dim) or (latent + latent_v) % 2:
+        raise TaskError(f"--latent-dim and --latent-dim-v must lie in 1..{head_dim} (the head dimension) and sum to "
+                        f"an even number, got {latent} and {latent_v}")
     lm.model.requires_grad_(False)
     rope = rope_inverse_factory(lm.model.model.rotary_emb)
     pre = rope_keys == "pre"
@@ -181,7 +184,8 @@ def train(model: str, data: str, out: str, latent_dim: int | None = None, hidden
     train_set, held = samples[:-n_held].to(dev), samples[-n_held:].to(dev)
     corpus.update(tokens=len(ids), train_samples=len(train_set), heldout_samples=len(held), seq_len=seq_len)
     log(f"corpus: {corpus['files']} files, {len(ids)} tokens, {len(train_set)} samples of {seq_len}; "
-        f"{n_layers} layers x {heads} KV heads x {head_dim}; latent {latent}, hidden {width}, keys {rope_keys}-RoPE")
+        f"{n_layers} layers x {heads} KV heads x {head_dim}; latents {latent} (keys, {rope_keys}-RoPE) and {latent_v} "
+        f"(values), hidden {width}/{width_v}")
 
     t_all = time.perf_counter()
     sim = similarity(lm.model, train_set[:calib_samples], rope, batch)
@@ -192,9 +196,9 @@ def train(model: str, data: str, out: str, latent_dim: int | None = None, hidden
         f"(similarity max {max(x for row in sim[1:] for x in row):.3f}); {calib_samples} calibration samples")
 
     torch.manual_seed(seed)
-    codecs = torch.nn.ModuleDict({str(layer): LayerCodec(heads, head_dim, width, latent)
+    codecs = torch.nn.ModuleDict({str(layer): LayerCodec(heads, head_dim, width, latent, width_v, latent_v)
                                   for layer in range(n_layers)}).to(dev).float()
-    init = "pca" if width == 2 * latent else "random"
+    init = "pca" if width == 2 * latent and width_v == 2 * latent_v else "random"
     if init == "pca":  # every autoencoder starts as the best affine code of its calibration vectors
         x = train_set[:min(batch, calib_samples)]
         cap = Capture(rope, positions[: len(x)], pre)
@@ -235,7 +239,8 @@ def train(model: str, data: str, out: str, latent_dim: int | None = None, hidden
     final.update(_heldout(lm.model, codecs, reuse, rope, held[:HELDOUT_EVAL], min(batch, len(held)), pre))
     seconds = time.perf_counter() - t_all
     log(f"trained {steps1} + {steps2} steps in {seconds:.0f} s; {final}")
-    meta = {"latent_dim": latent, "hidden": width, "rope_keys": rope_keys, "head_dim": head_dim, "init": init,
+    meta = {"latent_dim": latent, "hidden": width, "latent_dim_v": latent_v, "hidden_v": width_v,
+            "rope_keys": rope_keys, "head_dim": head_dim, "init": init,
             "reuse_threshold": reuse_threshold, "reuse_pairs": pairs, "similarity": sim,
             "calibration": {"samples": calib_samples, "seq_len": seq_len, "source": "first training samples"},
             "corpus": corpus, "steps": {"reconstruction": steps1, "lm": steps2},
