@@ -14,12 +14,14 @@ USER_ERRORS: tuple[type[BaseException], ...] = ()
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from kvbench.artifact import ArtifactError
     from kvbench.method import BudgetError
     from kvbench.models import ModelError
     from kvbench.registry import ParameterError, UnknownNameError
     from kvbench.results import ResultsError
     from kvbench.task import TaskError
-    return (BudgetError, ModelError, UnknownNameError, ParameterError, TaskError, ResultsError, FileNotFoundError)
+    return (BudgetError, ModelError, UnknownNameError, ParameterError, TaskError, ResultsError, ArtifactError,
+            FileNotFoundError)
 
 
 def _kv_pairs(items: tuple[str, ...], what: str) -> dict:
@@ -352,13 +354,12 @@ def train_deltakv_cmd(model, data, out, steps, batch, seq_len, lr, latent_dim, i
 def calibrate_compresskv_cmd(model, out, grid, haystack, longbench, layer_samples, prefill_chunk, trust_remote_code,
                              device, dtype):
     """CompressKV: semantic-retrieval-head scores (needle tests) and error-aware layer scores."""
-    from kvbench.artifact import ArtifactError
     from kvbench.methods.compresskv.calibrate import calibrate as calibrate_compresskv
     try:
         path = calibrate_compresskv(model, out, grid=grid, haystack=haystack, longbench=longbench,
                                     layer_samples=layer_samples, device=device, dtype=dtype, prefill_chunk=prefill_chunk,
                                     trust_remote_code=trust_remote_code, log=click.echo)
-    except _user_errors() + (ArtifactError,) as e:
+    except _user_errors() as e:
         _fail(str(e))
     click.echo(f"artifact: {path}")
 

@@ -233,6 +233,9 @@ def test_bad_inputs_are_one_clear_line(tmp_path, tiny_dir, haystack):
         (base + ["--method", "deltakv", "-m", "random_init=true", "-m", "window=0"],
          "deltakv parameter window=0: must be >= 1"),  # a range declared next to the field
         (base + ["--method", "deltakv", "--checkpoint", tmp_path / "none"], "no DeltaKV checkpoint"),
+        # methods with artifacts (kvbench calibrate / train): missing ones are one line too
+        (base + ["--method", "compresskv"], "compresskv needs its calibration"),
+        (base + ["--method", "kvcar", "--artifact", tmp_path / "none"], "no kvcar artifact at"),
         # data: file and line, schema, emptiness, partial suites, all before the model is loaded
         (lb_run + ["--data", bad_data["lb-malformed"]], "qasper.jsonl line 3 is not valid JSON"),
         (lb_run + ["--data", bad_data["lb-schema"]], "record 1 has no 'context'"),
