@@ -10,7 +10,6 @@ another model with one line that says which.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,6 +17,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from kvbench.models import weights_fingerprint
+from kvbench.results import file_sha256
 
 FORMAT = "kvbench-artifact/1"
 META_FILE = "artifact.json"
@@ -37,25 +39,10 @@ def model_signature(config) -> dict:
             "vocab_size": config.vocab_size}
 
 
-def model_fingerprint(model) -> str:
-    """sha256 of the first 64 token embeddings rounded to bfloat16: tells two models of one shape apart,
-    and is the same whether the model was loaded in float32 or bfloat16, on any device."""
-    rows = model.get_input_embeddings().weight[:64].detach().to("cpu", torch.float32).to(torch.bfloat16)
-    return hashlib.sha256(rows.view(torch.int16).numpy().tobytes()).hexdigest()[:16]
-
-
 def model_identity(lm) -> dict:
     """What an artifact records of the model it was made for (``lm``: a loaded kvbench model)."""
     return {"model": lm.name, "model_signature": model_signature(lm.model.config),
-            "model_fingerprint": model_fingerprint(lm.model)}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+            "model_fingerprint": weights_fingerprint(lm.model)}
 
 
 def save(directory: str | Path, method: str, identity: dict, meta: dict,
@@ -69,7 +56,7 @@ def save(directory: str | Path, method: str, identity: dict, meta: dict,
         record = {"format": FORMAT, "method": method, **identity, **meta}
         if tensors:
             save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(staging / TENSOR_FILE))
-            record["tensors_sha256"] = _sha256(staging / TENSOR_FILE)
+            record["tensors_sha256"] = file_sha256(staging / TENSOR_FILE)
         (staging / META_FILE).write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
         for path in staging.iterdir():
             with open(path, "rb") as f:
@@ -114,7 +101,7 @@ def load(directory: str | Path, method: str) -> tuple[dict, dict[str, torch.Tens
     if "tensors_sha256" not in meta:
         return meta, {}
     tensor_path = Path(directory).expanduser() / TENSOR_FILE
-    if _sha256(tensor_path) != meta["tensors_sha256"]:
+    if file_sha256(tensor_path) != meta["tensors_sha256"]:
         raise ArtifactError(f"{tensor_path} does not match the checksum in {META_FILE} (corrupt or replaced); "
                             "make the artifact again")
     return meta, load_file(str(tensor_path))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from kvbench import attention
+from kvbench import attention, results
 
 
 class ModelError(Exception):
@@ -136,12 +136,7 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+_sha256 = results.file_sha256
 
 
 def _natural_key(name: str) -> list:

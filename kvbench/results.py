@@ -167,3 +167,12 @@ def _jsonable(obj):
     if isinstance(obj, (set, tuple)):
         return list(obj)
     return str(obj)
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks (model files are GBs)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -54,7 +54,6 @@ Choices the paper leaves open, made here:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -70,6 +69,7 @@ from kvbench.kernels.deltakv_reconstruct import dequantize_latents, quantize_lat
 from kvbench.kernels.window_scores import window_scores
 from kvbench.method import BudgetError, Method, in_range
 from kvbench.models import ModelError
+from kvbench.results import file_sha256
 
 CHECKPOINT_FORMAT = "kvbench-deltakv/1"
 CONFIG_FILE = "config.json"
@@ -192,12 +192,6 @@ def model_fingerprint(model) -> str:
     return weights_fingerprint(model)
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_checkpoint(directory: str | Path, compressors: nn.ModuleDict, config: dict) -> Path:
@@ -212,7 +206,7 @@ def save_checkpoint(directory: str | Path, compressors: nn.ModuleDict, config: d
                for layer, module in compressors.items() for name, p in module.named_parameters()}
     with results.atomic_path(out / WEIGHTS_FILE) as tmp:
         save_file(tensors, str(tmp))
-        digest = _file_sha256(tmp)
+        digest = file_sha256(tmp)
     config = {"format": CHECKPOINT_FORMAT, **config, "weights_sha256": digest}
     results.write_text(out / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     return out
@@ -245,7 +239,7 @@ def read_checkpoint_config(directory: str | Path) -> dict:
     if config["dim"] != want_dim:
         raise ModelError(f"{path / CONFIG_FILE}: dim {config['dim']} does not match its model "
                          f"(2 x {sig.get('num_key_value_heads')} KV heads x head_dim {sig.get('head_dim')} = {want_dim})")
-    actual = _file_sha256(path / WEIGHTS_FILE)
+    actual = file_sha256(path / WEIGHTS_FILE)
     if actual != config["weights_sha256"]:
         raise ModelError(f"{path / WEIGHTS_FILE} does not match the checksum in its {CONFIG_FILE} (sha256 "
                          f"{actual[:12]}..., expected {config['weights_sha256'][:12]}...): the weights are corrupt "

@@ -121,7 +121,7 @@ class KVCAR(Method):
 
     # ---- binding to a model ----
     def prepare(self, lm) -> None:
-        key = (id(lm.model), artifacts.model_fingerprint(lm.model))
+        key = (id(lm.model), artifacts.weights_fingerprint(lm.model))
         if self._prepared_for == key:
             return
         cfg = lm.model.config
@@ -162,7 +162,7 @@ class KVCAR(Method):
                        for layer, mod in modules.to(self.device).items()}
         self.rope = rope_inverse_factory(lm.model.model.rotary_emb)
         self._building: dict[int, object] = {}
-        self._prepared_for = (id(lm.model), artifacts.model_fingerprint(lm.model))
+        self._prepared_for = (id(lm.model), artifacts.weights_fingerprint(lm.model))
 
     def own_heads(self, layer: int) -> list[int]:
         heads = self.codecs[layer][0].w1.shape[0]
