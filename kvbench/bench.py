@@ -474,7 +474,7 @@ class Bench:
         chunked = self.chunked_prefill() if cfg.chunked_prefill else []
         largest = self.largest_batches(points, bw) if cfg.largest_batch else []
         records = [env] + points + peer_recs + largest + chunked
-        records.append(self.emit({"kind": "targets", "rows": targets(records)}))
+        records.append(self.emit({"kind": "comparisons", "rows": comparisons(records)}))
         os.replace(self.records_path, self.final_path)
         write_table(self.out / "bench.md", records)
         return records
@@ -700,8 +700,10 @@ def _find(records, **match) -> list[dict]:
     return [r for r in records if all(r.get(k) == v for k, v in match.items())]
 
 
-def targets(records: list[dict]) -> list[dict]:
-    """The comparisons the issue asks for, each with its measured value (None where a side did not run)."""
+def comparisons(records: list[dict]) -> list[dict]:
+    """Ratios between the measured points (kvbench against the peers, against the step floor, largest batches,
+    chunked prefill), each ``{"what", "value"}``; a side that did not run gives no row. No goals: what a ratio
+    should be is the project's business (results READMEs), not the product's."""
     rows = []
     pts = [r for r in records if r.get("kind") == "point" and r.get("status") == "ok"]
     for r in pts:
@@ -709,21 +711,21 @@ def targets(records: list[dict]) -> list[dict]:
             continue
         for hf in _find(pts, impl="hf", context=r["context"], batch=r["batch"]):
             rows.append({"what": f"kvbench full / HF generate decode tok/s, ctx {r['context']}, batch {r['batch']}",
-                         "value": r["decode_tok_s"] / hf["decode_tok_s"], "target": ">= 1.0"})
+                         "value": r["decode_tok_s"] / hf["decode_tok_s"]})
         if r["batch"] >= 8:
             rows.append({"what": f"kvbench full TPOT / step floor, ctx {r['context']}, batch {r['batch']}",
-                         "value": r["x_floor"], "target": "<= 1.5"})
+                         "value": r["x_floor"]})
             if r.get("x_floor_steady"):
                 rows.append({"what": f"same, steady state (after the warm-up step and graph capture), batch "
-                                     f"{r['batch']}", "value": r["x_floor_steady"], "target": "<= 1.5"})
+                                     f"{r['batch']}", "value": r["x_floor_steady"]})
     largest = [r for r in records if r.get("kind") == "largest_batch_result" and r.get("status") == "ok"]
     for full in [r for r in largest if r["method"] == "full"]:
         for other in [r for r in largest if r["method"] != "full" and r["context"] == full["context"]]:
             tag = f"{other['method']}@{other['budget']} / full, ctx {full['context']}"
             rows.append({"what": f"largest batch {tag} ({other['batch']} / {full['batch']})",
-                         "value": other["batch"] / full["batch"], "target": ">= 3"})
+                         "value": other["batch"] / full["batch"]})
             rows.append({"what": f"decode tok/s at own largest batch {tag}",
-                         "value": other["decode_tok_s"] / full["decode_tok_s"], "target": ">= 2.5"})
+                         "value": other["decode_tok_s"] / full["decode_tok_s"]})
     for r in pts:
         if r["impl"] != "kvbench" or r["method"] == "full":
             continue
@@ -731,26 +733,25 @@ def targets(records: list[dict]) -> list[dict]:
                         batch=r["batch"]):
             tag = f"{r['method']}@{r['budget']}, ctx {r['context']}, batch {r['batch']}"
             rows.append({"what": f"kvbench / kvpress decode tok/s, {tag}",
-                         "value": r["decode_tok_s"] / kp["decode_tok_s"], "target": ">= 2"})
+                         "value": r["decode_tok_s"] / kp["decode_tok_s"]})
             rows.append({"what": f"kvbench / kvpress peak memory, {tag}",
-                         "value": _peak_gib(r) / _peak_gib(kp), "target": "<= 1"})
+                         "value": _peak_gib(r) / _peak_gib(kp)})
     chunked = [r for r in records if r.get("kind") == "chunked_prefill" and r.get("status") == "ok"]
     full = [r for r in chunked if r["method"] == "full"]
     for r in [r for r in chunked if r["method"] != "full"]:
         for f in full:
             rows.append({"what": f"chunked prefill peak {r['method']}@{r['budget']} (chunk {r['prefill_chunk']}) / "
-                                 f"full prefill peak, {r['context']} tokens", "value": _peak_gib(r) / _peak_gib(f),
-                         "target": "<= 0.6"})
+                                 f"full prefill peak, {r['context']} tokens", "value": _peak_gib(r) / _peak_gib(f)})
             wb = r.get("weight_bytes", 0) / GIB
             rows.append({"what": f"same, memory above the weights ({_peak_gib(r) - wb:.2f} / {_peak_gib(f) - wb:.2f} GiB)",
-                         "value": (_peak_gib(r) - wb) / max(_peak_gib(f) - wb, 1e-9), "target": "(for reference)"})
-    for row in rows:
-        t = row["target"]
-        if t.startswith(">="):
-            row["met"] = row["value"] >= float(t[2:])
-        elif t.startswith("<="):
-            row["met"] = row["value"] <= float(t[2:])
+                         "value": (_peak_gib(r) - wb) / max(_peak_gib(f) - wb, 1e-9)})
     return rows
+
+
+def comparison_rows(records: list[dict]) -> list[dict]:
+    """The comparisons a bench recorded (older files call them "targets"), else computed from its points."""
+    saved = next((r["rows"] for r in records if r.get("kind") in ("comparisons", "targets")), None)
+    return [{"what": t["what"], "value": t["value"]} for t in saved] if saved is not None else comparisons(records)
 
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:
@@ -774,11 +775,10 @@ def render(records: list[dict]) -> str:
                            [[r["method"], _fmt(r["budget"]), str(r["context"]), str(r.get("prefill_chunk")),
                              r["status"], f"{r['prefill_s']:.2f}" if r["status"] == "ok" else "",
                              f"{_peak_gib(r):.3g}" if r["status"] == "ok" else ""] for r in chunked])]
-    tg = next((r["rows"] for r in records if r.get("kind") == "targets"), targets(records))
+    tg = comparison_rows(records)
     if tg:
-        parts += ["", "## Targets", "", markdown(["comparison", "measured", "target", "met"],
-                                                 [[t["what"], f"{t['value']:.3g}", t["target"],
-                                                   {True: "yes", False: "no"}.get(t.get("met"), "")] for t in tg])]
+        parts += ["", "## Comparisons", "", markdown(["comparison", "ratio"], [[t["what"], f"{t['value']:.3g}"]
+                                                                               for t in tg])]
     models = [r for r in records if r.get("kind") == "largest_batch_result" and r.get("memory_model")]
     if models:
         parts += ["", "## Largest batch: memory model", ""]

@@ -65,6 +65,9 @@ def method_label(name: str | None, params: dict | None) -> str:
         return name or "?"
     defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
     changed = {k: v for k, v in (params or {}).items() if k != "budget" and k in defaults and defaults[k] != v}
+    # artifacts are named by their directory (checkpoints/compresskv-qwen2.5-coder-1.5b -> its last part)
+    changed = {k: Path(v).name if k in ("artifact", "checkpoint") and isinstance(v, str) else v
+               for k, v in changed.items()}
     return name + ("(" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) + ")" if changed else "")
 
 
@@ -161,15 +164,25 @@ def collect(root: str | Path = "results") -> pd.DataFrame:
             "method_params": json.dumps(config.get("method_params") or {}, sort_keys=True),
             "task_params": json.dumps(config.get("task_params") or {}, sort_keys=True),
             "limit": config.get("limit"), "provenance": config.get("model_provenance"),
+            "created": config.get("created"),
             "setting": hashlib.sha256(json.dumps(setting, sort_keys=True, default=str).encode()).hexdigest()[:8],
             "settings": _setting_text(setting),
             "error": (error or {}).get("error"),
         })
     columns = ["run_id", "run_dir", "status", "model", "task", "method", "budget", "protocol", "n_samples", "score",
                "score_lo", "score_hi", "kv_ratio_prefill", "kv_ratio_end", "tokens_per_s", "tpot_s", "prefill_s", "peak_gib", "batch_size",
-               "device", "dtype", "method_params", "task_params", "limit", "provenance", "setting", "settings",
-               "error"]
+               "device", "dtype", "method_params", "task_params", "limit", "provenance", "created", "setting",
+               "settings", "error"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def newest(df: pd.DataFrame) -> pd.DataFrame:
+    """One run per configuration (setting, method and its parameters, budget): the newest by ``created``."""
+    if df.empty:
+        return df
+    key = ["model", "protocol", "setting", "task", "method", "method_params", "budget"]
+    ordered = df.assign(_created=df["created"].fillna("")).sort_values("_created", kind="stable")
+    return ordered.drop_duplicates(subset=key, keep="last").drop(columns="_created").sort_index()
 
 
 def select(df: pd.DataFrame, model: str | None = None, task: str | None = None, protocol: str | None = None,
@@ -229,7 +242,9 @@ def budget_table(df: pd.DataFrame, task: str, model: str | None = None, protocol
                                                      done["score_hi"].astype(float), done["n_samples"])])
     done = done.assign(kept=["full" if m == "full" else f"{b:g}" for m, b in zip(done["method"], done["budget"])])
     table = done.pivot_table(index="method", columns="kept", values="cell", aggfunc="last")
-    return table.reindex(columns=sorted(table.columns, key=lambda c: (c == "full", c))).reset_index()
+    table = table.reindex(columns=sorted(table.columns, key=lambda c: (c == "full", c)))
+    table.columns.name = None
+    return table.reset_index()
 
 
 def default_levels(group: pd.DataFrame, col: str) -> list[float]:

@@ -61,7 +61,10 @@ def score_vs_ratio(df: pd.DataFrame, out: Path, ratio: str = "prefill") -> list[
         fig, ax = plt.subplots(figsize=(7.5, 5))
         for method, mg in g[g["method"] != "full"].groupby("method", sort=True):
             mg = mg.sort_values(col)
-            ax.plot(mg[col], mg["score"], marker="o", label=method)
+            line, = ax.plot(mg[col], mg["score"], marker="o", label=method)
+            if mg["score_lo"].notna().all():  # the 95% bootstrap interval of each point, as a band
+                ax.fill_between(mg[col].astype(float), mg["score_lo"].astype(float), mg["score_hi"].astype(float),
+                                color=line.get_color(), alpha=0.12, linewidth=0)
             for _, r in mg.iterrows():
                 ax.annotate(f"{r['budget']:g}", (r[col], r["score"]), fontsize=7, xytext=(3, 3),
                             textcoords="offset points", alpha=0.7)
@@ -71,7 +74,7 @@ def score_vs_ratio(df: pd.DataFrame, out: Path, ratio: str = "prefill") -> list[
         ax.set_xlabel(_ratio_label(ratio))
         ax.set_ylabel(f"{task} score (task's headline metric, 0-100)")
         ax.set_title(f"{task}: score against measured KV memory\n{model}, {protocol} protocol "
-                     "(labels: each point's budget)")
+                     "(labels: each point's budget; bands: 95% intervals)")
         ax.grid(alpha=0.3)
         ax.legend(title="method", fontsize=8)
         paths += _save(fig, out, f"score-vs-kv-{slug(model)}-{slug(protocol)}-{slug(task)}")
@@ -254,7 +257,7 @@ def make_all(root: str | Path = "results", out: str | Path | None = None, ratio:
     """Every figure of ``kinds`` the results allow; returns the files written (PNG and SVG of each)."""
     root = Path(root)
     out = Path(out) if out else root / "plots"
-    df = leaderboard.collect(root) if df is None else df
+    df = leaderboard.newest(leaderboard.collect(root) if df is None else df)
     makers = {"score": lambda: score_vs_ratio(df, out, ratio), "niah": lambda: niah_heatmaps(df, out),
               "kv-steps": lambda: kv_over_steps(df, out), "throughput": lambda: throughput(df, out)}
     paths = []

@@ -23,6 +23,19 @@ def _figure(png: Path) -> str:
             f"(also {html.escape(png.stem)}.svg)</figcaption></figure>")
 
 
+def _kept_fraction_tables(df) -> str:
+    """Per model, protocol and task: methods x kept fractions, each cell the score [95% interval] n."""
+    parts = []
+    done = df[df["status"] == "complete"]
+    for (model, protocol, task), _ in done.groupby(["model", "protocol", "task"], sort=True):
+        table = leaderboard.budget_table(df, task, model=model, protocol=protocol)
+        if not table.empty:
+            parts.append(f"<h3>{html.escape(task)}: {html.escape(model)}, {html.escape(protocol)} (methods x kept "
+                         "fraction; score [95% bootstrap interval] n)</h3>"
+                         + table.fillna("—").to_html(index=False, border=0, classes="board"))
+    return ("<h2>Scores by kept fraction</h2>" + "\n".join(parts)) if parts else ""
+
+
 def _bench_section(bench_root: Path) -> str:
     parts = []
     for jl in sorted(bench_root.glob("*/bench.jsonl")):
@@ -36,13 +49,12 @@ def _bench_section(bench_root: Path) -> str:
                      f"<p>{html.escape(str(env.get('dtype')))}, {env.get('new_tokens')} new tokens; copy bandwidth "
                      f"{(env.get('copy_bandwidth') or 0) / 1e9:.0f} GB/s; source {html.escape(str(jl))}</p>"
                      f"<table class='board'><tr>{head}</tr>{body}</table>")
-        tg = next((r["rows"] for r in recs if r.get("kind") == "targets"), [])
+        tg = bench.comparison_rows(recs)
         if tg:
             trs = "".join(f"<tr><td style='text-align:left'>{html.escape(t['what'])}</td><td>{t['value']:.3g}</td>"
-                          f"<td>{html.escape(t['target'])}</td><td>{ {True: 'yes', False: 'no'}.get(t.get('met'), '') }"
-                          "</td></tr>" for t in tg)
-            parts.append("<h3>Targets</h3><table class='board'><tr><th>comparison</th><th>measured</th>"
-                         f"<th>target</th><th>met</th></tr>{trs}</table>")
+                          "</tr>" for t in tg)
+            parts.append("<h3>Comparisons</h3><table class='board'><tr><th>comparison</th><th>ratio</th></tr>"
+                         f"{trs}</table>")
     return "\n".join(parts)
 
 
@@ -53,7 +65,7 @@ def build(root: str | Path = "results", out: str | Path | None = None, plots_dir
     out = Path(out) if out else root / "report.html"
     plots_dir = Path(plots_dir) if plots_dir else root / "plots"
     bench_root = Path(bench_root) if bench_root else root / "bench"
-    df = leaderboard.collect(root)
+    df = leaderboard.newest(leaderboard.collect(root))
     if make_plots:
         plots.make_all(root, plots_dir, ratio, df=df, bench_root=bench_root)
     pngs = sorted(plots_dir.glob("*.png")) if plots_dir.is_dir() else []
@@ -61,6 +73,7 @@ def build(root: str | Path = "results", out: str | Path | None = None, plots_dir
     body = [f"<h1>kvbench report</h1><p>{runs} runs under {html.escape(str(root))}; made "
             f"{time.strftime('%Y-%m-%d %H:%M %Z')}. Scores are each task's headline metric; the KV ratio is "
             "measured from the cache's stores (bytes held over the bytes of a plain full cache).</p>",
+            _kept_fraction_tables(df) if runs else "",
             leaderboard.render_html_tables(df, ratio) if runs else "<p>No runs yet.</p>",
             _bench_section(bench_root) if bench_root.is_dir() else ""]
     if pngs:

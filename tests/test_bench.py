@@ -138,7 +138,8 @@ def test_bench_on_cpu_with_a_tiny_preset(tmp_path):
     assert full[2]["floor_s"] - full[1]["floor_s"] == pytest.approx(full[1]["floor_s"] - weights_s)
     kp = [r for r in points if r["impl"] == "kvpress"]
     assert len(kp) == 2 and all(r["status"] == "absent" and "kvpress is not usable here" in r["error"] for r in kp)
-    targets = next(r for r in recs if r["kind"] == "targets")["rows"]
+    targets = next(r for r in recs if r["kind"] == "comparisons")["rows"]
+    assert all(set(t) == {"what", "value"} for t in targets)  # ratios only: no project goals in product output
     assert any("HF generate" in t["what"] for t in targets)
     assert not any("kvpress" in t["what"] for t in targets)  # an absent peer is compared with nothing
     table = (out / "bench.md").read_text()
