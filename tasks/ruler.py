@@ -177,8 +177,14 @@ def find_essay(data: str | None) -> Path | None:
 
 @lru_cache(maxsize=2)
 def _essay_words(path: str) -> tuple[str, ...]:
-    with open(path, encoding="utf-8") as f:
-        essay = json.load(f)["text"]
+    try:
+        with open(path, encoding="utf-8") as f:
+            essay = json.load(f)["text"]
+    except (ValueError, KeyError, TypeError) as e:  # not JSON, or not RULER's {"text": ...}
+        raise TaskError(f"{path} is not RULER's essay file (a JSON object with a 'text' string: {type(e).__name__}); "
+                        "point --data at the official PaulGrahamEssays.json") from None
+    if not isinstance(essay, str):
+        raise TaskError(f"{path}: 'text' is not a string; point --data at the official PaulGrahamEssays.json")
     return tuple(re.sub(r"\s+", " ", essay).split(" "))
 
 

@@ -276,3 +276,15 @@ def test_cwe_shot_in_its_own_chat_turn():
     assert turns[2].endswith("<|im_end|>\n<|im_start|>assistant\n Answer: The top 10 words that appear most often "
                              "in the list are:")
     assert len(s.context_ids) + len(s.question_ids) + 120 <= 2048
+
+
+def test_corrupt_essay_file_is_one_clear_error(tmp_path):
+    from kvbench.task import TaskError
+    from kvbench.tasks import ruler
+    bad = tmp_path / "PaulGrahamEssays.json"
+    bad.write_text("{broken")
+    with pytest.raises(TaskError, match="is not RULER's essay file"):
+        ruler._essay_words(str(bad))
+    bad.write_text('{"text": 3}')
+    with pytest.raises(TaskError, match="'text' is not a string"):
+        ruler._essay_words(str(bad))
