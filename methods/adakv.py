@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 import torch
 
 from kvbench.cache import LayerCall
-from kvbench.method import KEEP_ALWAYS, ScoredEviction, segment_view
+from kvbench.method import KEEP_ALWAYS, ScoredEviction, in_range, segment_view
 from kvbench.methods.snapkv import SnapKV
 from kvbench.registry import UnknownNameError
 
 
 @dataclass
 class AdaKV(ScoredEviction):
-    alpha: float = 0.2
+    alpha: float = field(default=0.2, metadata=in_range(0, 1))
     allocation: str = "official"
     scorer: ScoredEviction = field(default_factory=SnapKV)
 

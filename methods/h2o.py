@@ -13,18 +13,18 @@ kvpress 0.5.5's ``ObservedAttentionPress`` (its H2O) differs in two ways, both o
 recent window (``recent_ratio=0``) and divides each key's sum by the number of queries that saw it
 (``mean_over_queries=True``), so late tokens are not handicapped by having been seen less.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from kvbench.cache import LayerCall, fraction_target
 from kvbench.kernels.window_scores import window_scores
-from kvbench.method import ScoredEviction, protect_recent
+from kvbench.method import ScoredEviction, in_range, protect_recent
 
 
 @dataclass
 class H2O(ScoredEviction):
-    recent_ratio: float = 0.5
+    recent_ratio: float = field(default=0.5, metadata=in_range(0, 1))
     mean_over_queries: bool = False
     evict_during_decoding: bool = True
 

@@ -17,11 +17,12 @@ window (SnapKV's uniform budget) when ``T < 2 * base``. The whole budget, window
 ``round(max - l * (max - min) / (layers - 1))`` tokens, window included; uniform ``max(1, round(X))``
 when not ``T >= max >= min >= window`` (so whenever ``X / beta < window``).
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from kvbench.cache import LayerCall
+from kvbench.method import in_range
 from kvbench.methods.snapkv import SnapKV
 from kvbench.registry import UnknownNameError
 
@@ -55,7 +56,7 @@ def kvpress_kept(T: int, x: float, window: int, beta: float, layer: int, n_layer
 
 @dataclass
 class PyramidKV(SnapKV):
-    beta: float = 20.0
+    beta: float = field(default=20.0, metadata=in_range(1))
     schedule: str = "official"
 
     def __post_init__(self):

@@ -14,13 +14,13 @@ GQA and repeats the KV heads: SnapKV issue #22, kvpress and KVCache-Factory's GQ
 window counts in the budget; with chunked prefill each chunk's own last queries are the window.
 Defaults as the official code: window 32, average pooling with kernel 5.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from kvbench.cache import LayerCall
 from kvbench.kernels.window_scores import pool_scores, window_scores
-from kvbench.method import ScoredEviction, protect_recent
+from kvbench.method import ScoredEviction, in_range, protect_recent
 
 
 def observation_scores(call: LayerCall, window: int, reduce: str = "mean") -> torch.Tensor:
@@ -33,8 +33,8 @@ def observation_scores(call: LayerCall, window: int, reduce: str = "mean") -> to
 
 @dataclass
 class SnapKV(ScoredEviction):
-    window: int = 32
-    kernel: int = 5
+    window: int = field(default=32, metadata=in_range(1))
+    kernel: int = field(default=5, metadata=in_range(1))
     pooling: str = "avg"
 
     def score(self, call: LayerCall) -> torch.Tensor:

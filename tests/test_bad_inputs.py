@@ -186,7 +186,7 @@ def test_bad_inputs_are_one_clear_line(tmp_path, tiny_dir, haystack):
         # method parameters: type and range of every dataclass field
         (base + snap + ["-m", "windw=3"], "no parameter 'windw'"),
         (base + snap + ["-m", "window=abc"], "snapkv parameter window='abc': expected a whole number"),
-        (base + snap + ["-m", "window=-5"], "snapkv parameter window=-5: must be >= 0"),
+        (base + snap + ["-m", "window=-5"], "snapkv parameter window=-5: must be >= 1"),
         (base + snap + ["-m", "window=3.5"], "expected a whole number"),
         (base + snap + ["-m", "window=true"], "expected a whole number"),
         (base + snap + ["-m", "window"], "expected key=value"),
@@ -233,6 +233,10 @@ def test_bad_inputs_are_one_clear_line(tmp_path, tiny_dir, haystack):
         (base + ["--method", "deltakv", "-m", "random_init=true", "-m", "window=0"],
          "deltakv parameter window=0: must be >= 1"),  # a range declared next to the field
         (base + ["--method", "deltakv", "--checkpoint", tmp_path / "none"], "no DeltaKV checkpoint"),
+        # ranges declared next to the eviction methods' fields
+        (base + ["--method", "snapkv", "-m", "window=0"], "snapkv parameter window=0: must be >= 1"),
+        (base + ["--method", "h2o", "-m", "recent_ratio=2"], "recent_ratio=2.0: must be in [0, 1]"),
+        (base + ["--method", "adakv", "-m", "alpha=1.5"], "alpha=1.5: must be in [0, 1]"),
         # methods with artifacts (kvbench calibrate / train): missing ones are one line too
         (base + ["--method", "compresskv"], "compresskv needs its calibration"),
         (base + ["--method", "kvcar", "--artifact", tmp_path / "none"], "no kvcar artifact at"),

@@ -31,7 +31,7 @@ skip the window exactly as the official pooling over the prefix only (the window
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +42,7 @@ from kvbench import artifact as artifacts
 from kvbench.artifact import ArtifactError
 from kvbench.cache import LayerCall
 from kvbench.kernels.window_scores import window_scores
-from kvbench.method import KEEP_ALWAYS, ScoredEviction
+from kvbench.method import KEEP_ALWAYS, ScoredEviction, in_range
 
 NAME = "compresskv"
 
@@ -172,10 +172,10 @@ def selection_scores(call: LayerCall, heads: torch.Tensor, window: int, kernel: 
 
 @dataclass
 class CompressKV(ScoredEviction):
-    window: int = 8
-    kernel: int = 5
+    window: int = field(default=8, metadata=in_range(1))
+    kernel: int = field(default=5, metadata=in_range(1))
     pooling: str = "avg"
-    first_k: int = 4
+    first_k: int = field(default=4, metadata=in_range(1))
     artifact: str | None = None  # a `kvbench calibrate compresskv` directory
     head_idx: str | None = None  # the official scores/<model>_head_idx.json
     layer_scores: str | None = None  # the official scores/<model>_layer_score.jsonl
