@@ -356,6 +356,10 @@ def environment(device: str) -> dict:
 
 
 def git_commit() -> str | None:
+    """HEAD of the checkout kvbench runs from; ``KVBENCH_GIT_COMMIT`` overrides it where the checkout's git
+    metadata is not the tree's (a copied working tree on a remote machine)."""
+    if os.environ.get("KVBENCH_GIT_COMMIT"):
+        return os.environ["KVBENCH_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                               cwd=Path(__file__).resolve().parent).stdout.strip() or None
@@ -400,13 +404,16 @@ def task_samples(task, tokenizer, window: int, cfg: RunConfig) -> list[Sample]:
     return samples
 
 
-def run(cfg: RunConfig, lm: LoadedModel | None = None, progress: bool = True) -> Path:
+def run(cfg: RunConfig, lm: LoadedModel | None = None, progress: bool = True,
+        sample_memo: dict | None = None) -> Path:
     """Run (or resume) one configuration; returns the run directory.
 
     Everything that can be checked without the model (the configuration, the method's and the task's
     parameters, the task's data) is checked before the model is loaded. The run directory is locked while
     the run works in it; ``config.json`` is written with the first finished sample, or with ``error.json``
-    when the run fails: a directory never holds a bare config that would pass for an unfinished run."""
+    when the run fails: a directory never holds a bare config that would pass for an unfinished run.
+    ``sample_memo`` (a dict the caller owns, e.g. a sweep) keeps built samples for the next runs of the same task
+    settings on the same model: RULER's 16k samples take about a minute of tokenising each time."""
     from kvbench import models
     check_config(cfg)
     device = resolve_device(cfg.device)
@@ -434,7 +441,14 @@ def run(cfg: RunConfig, lm: LoadedModel | None = None, progress: bool = True) ->
     with results.lock_run(run_dir):
         try:
             if samples is None:
-                samples = task_samples(task, lm.tokenizer, lm.window, cfg)
+                memo_key = json.dumps([cfg.task, asdict(task), cfg.data, cfg.limit, cfg.seed, cfg.max_context,
+                                       lm.name, lm.window], sort_keys=True, default=str)
+                if sample_memo is None or memo_key not in sample_memo:
+                    samples = task_samples(task, lm.tokenizer, lm.window, cfg)
+                    if sample_memo is not None:
+                        sample_memo.clear()  # one task's samples at a time: long-context sets are large
+                        sample_memo[memo_key] = samples
+                samples = sample_memo[memo_key] if sample_memo is not None else samples
             _run_locked(cfg, lm, method, task, samples, config, run_dir, progress)
         except Exception as e:  # marked, so the directory shows as failed (with why), not as unfinished
             mark_failure(run_dir, config, "crash", e)

@@ -196,7 +196,7 @@ def run_sweep(path: str | Path, echo: Callable[[str], None] = print, load_model:
     load_model = load_model or (lambda spec, dtype, device, seed, random_weights=False, trust_remote_code=False:
                                 models.load(spec, dtype, device, random_weights, trust_remote_code, seed=seed))
     known = existing_runs(out)
-    outcomes, loaded = [], {}
+    outcomes, loaded, sample_memo = [], {}, {}
     echo(f"sweep {cfg['name']}: {len(plan)} runs; results under {out / 'runs'}")
     for i, point in enumerate(plan, 1):
         ident = identity(point)
@@ -205,7 +205,7 @@ def run_sweep(path: str | Path, echo: Callable[[str], None] = print, load_model:
             outcome = {"status": "skipped", "run_dir": str(known[ident]), "note": "already finished"}
             echo(f"{prefix}: already finished -> {known[ident]}")
         else:
-            outcome = _run_point(point, ident, loaded, load_model, out, run, progress)
+            outcome = _run_point(point, ident, loaded, load_model, out, run, progress, sample_memo)
             where = outcome.get("run_dir") or "(no run directory)"
             detail = f" ({outcome['error']})" if outcome.get("error") else ""
             echo(f"{prefix}: {outcome['status']}{detail} -> {where}")
@@ -220,7 +220,8 @@ def run_sweep(path: str | Path, echo: Callable[[str], None] = print, load_model:
     return outcomes
 
 
-def _run_point(point: RunConfig, ident: str, loaded: dict, load_model, out: Path, run, progress: bool) -> dict:
+def _run_point(point: RunConfig, ident: str, loaded: dict, load_model, out: Path, run, progress: bool,
+               sample_memo: dict) -> dict:
     device = resolve_device(point.device)
     dtype = resolve_dtype(point.dtype, device)
     started = time.perf_counter()
@@ -228,11 +229,12 @@ def _run_point(point: RunConfig, ident: str, loaded: dict, load_model, out: Path
         key = (point.model, str(dtype), device, point.random_weights, point.trust_remote_code, point.seed)
         if key not in loaded:
             loaded.clear()  # one model in memory at a time
+            sample_memo.clear()
             _free_device_memory()
             options = {k: v for k, v in (("random_weights", point.random_weights),
                                          ("trust_remote_code", point.trust_remote_code)) if v}
             loaded[key] = load_model(point.model, dtype, device, point.seed, **options)
-        run_dir = run(point, lm=loaded[key], progress=progress)
+        run_dir = run(point, lm=loaded[key], progress=progress, sample_memo=sample_memo)
     except results.RunLockedError as e:  # the same point is being run right now by another process
         return {"status": "busy", "error": str(e), "run_dir": None, "seconds": time.perf_counter() - started}
     except Exception as e:  # recorded, and the sweep goes on; Ctrl-C still stops it

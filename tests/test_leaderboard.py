@@ -293,3 +293,26 @@ def test_sweep_config_errors_are_one_line(tmp_path):
         res = CliRunner().invoke(main, ["sweep", str(bad)])
         lines = [x for x in res.output.strip().splitlines() if x]
         assert res.exit_code == 2 and len(lines) == 1 and needle in lines[0], (text, res.output)
+
+
+def test_sweep_builds_a_tasks_samples_once_for_all_its_methods(tmp_path, monkeypatch):
+    from kvbench.sweep import run_sweep
+    from kvbench.tasks import niah
+    cfg = tmp_path / "memo.yaml"
+    cfg.write_text(f"""
+out: {tmp_path / 'results'}
+models: [tiny-llama]
+methods: [full, snapkv, streamingllm]
+budgets: [0.5]
+tasks:
+  niah: {{lengths: [300], depths: [0.0, 1.0], max_new_tokens: 3}}
+protocols: [query-agnostic, query-aware]
+""")
+    built = []
+    original = niah.NIAH.samples
+    monkeypatch.setattr(niah.NIAH, "samples", lambda self, *a, **k: built.append(1) or original(self, *a, **k))
+    outcomes = run_sweep(cfg, echo=lambda line: None, load_model=_tiny_loader, progress=False)
+    assert [o["status"] for o in outcomes] == ["done"] * 6
+    assert len(built) == 1  # six runs, one set of samples (the protocol is applied by the engine, not the task)
+    records = [results.read_jsonl(Path(o["run_dir"]) / "samples.jsonl") for o in outcomes]
+    assert all([r["id"] for r in rec] == [r["id"] for r in records[0]] for rec in records)
