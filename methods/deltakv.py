@@ -39,9 +39,7 @@ Choices the paper leaves open, made here:
   store's bytes. The compressors are model weights, not cache: they are reported apart.
 - Full layers, when neither a checkpoint nor ``full_layers`` names them: about 5 in 32 (the paper's
   Llama-3.1-8B share), layers 0, 1, 2 first, then a quarter and half of the depth. Layer 0 is always full.
-  A checkpoint records its own: SmolLM2-135M's keeps 0, 8 and 17, measured (CPU, NIAH 2k, exact codec):
-  layers 17-24 copy the needle, layer 17's own attention already ranks the copied token first, while
-  layer 16 ranked it 100-700th and the answer's likelihood collapsed with 16 as the observer.
+  A checkpoint records its own, chosen by measurement (SmolLM2-135M's: results/deltakv/README.md).
 - ``budget`` is not used: the memory follows from ``s``, ``k``, ``r``, ``W`` and the dtypes, and is measured.
 - Decoding on CUDA: between two flushes nothing the step sizes changes, so the runner replays one captured
   CUDA graph (``decode_epoch``); the step that flushes runs eagerly and the layout after it is captured anew.

@@ -1,5 +1,5 @@
 """KVSculpt / Select+Fit on the GPU machine (issue 7): tuning, the fidelity KL table, compression times,
-NIAH and RULER. Run from the repository root after results/gpu-setup.sh (see results/run-kvsculpt-gpu.sh).
+NIAH and RULER. Run from the repository root after scripts/gpu/gpu-setup.sh (see scripts/gpu/run-kvsculpt-gpu.sh).
 
 Every run is `kvbench.runner.run(RunConfig(...))`, exactly what `kvbench run --method M --task T --budget B
 -m key=value -t key=value` does, on one model loaded once (to save device time). Phases run in priority order

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # How the committed GPU results were made, on the device machine (one H100 80GB; torch 2.11, transformers 5.17).
 # Three calls from the repository root, back to back while the machine stays warm:
-#   1. carry .carry/a         : bash results/run-gpu.sh assets   (then carry .carry/a2: ... assets .carry/a2)
-#   2. carry .carry/b, .whl   : bash results/run-gpu.sh bench    -> $OUT/bench.jsonl, bench.md, bench.log
-#   3. no carry               : bash results/run-gpu.sh sweeps   -> $OUT/runs.tar.gz, sweep.log
-#   4. no carry               : bash results/run-gpu.sh largest  -> $OUT/bench.jsonl, bench.md, bench.log
-#   5. carry .whl             : bash results/run-gpu.sh peak-b1  -> $OUT/bench.jsonl, bench.md, bench.log
+#   1. carry .carry/a         : bash scripts/gpu/run-gpu.sh assets   (then carry .carry/a2: ... assets .carry/a2)
+#   2. carry .carry/b, .whl   : bash scripts/gpu/run-gpu.sh bench    -> $OUT/bench.jsonl, bench.md, bench.log
+#   3. no carry               : bash scripts/gpu/run-gpu.sh sweeps   -> $OUT/runs.tar.gz, sweep.log
+#   4. no carry               : bash scripts/gpu/run-gpu.sh largest  -> $OUT/bench.jsonl, bench.md, bench.log
+#   5. carry .whl             : bash scripts/gpu/run-gpu.sh peak-b1  -> $OUT/bench.jsonl, bench.md, bench.log
 # .carry/a, .carry/a2 and .carry/b: the SmolLM2 GGUF (from ../shared/tools/prepare-device-carry) in three parts, the gguf
 # wheel); .whl holds transformers 5.2.0, kvpress 0.5.5 and the packages kvpress imports that the machine lacks;
 # .carry/a also holds ruler/ (RULER's essay json), .carry/a2 pg/ (the essays of ../shared/data/paul_graham_essays):
@@ -60,5 +60,5 @@ peak-b1)
     --new-tokens 256 --peers kvpress --kvpress-path /tmp/kvpress-site --no-largest-batch \
     --out /tmp/bench/h100-llama-3.1-8b-peak-b1 2>&1 | tee "$OUT/bench.log" | tail -14
   cp /tmp/bench/h100-llama-3.1-8b-peak-b1/bench.jsonl /tmp/bench/h100-llama-3.1-8b-peak-b1/bench.md "$OUT/" ;;
-*) echo "usage: bash results/run-gpu.sh assets|bench|sweeps|largest|peak-b1"; exit 2 ;;
+*) echo "usage: bash scripts/gpu/run-gpu.sh assets|bench|sweeps|largest|peak-b1"; exit 2 ;;
 esac

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # DeltaKV on the GPU machine (issue 6). Run from the repository root, after the two SmolLM2 asset calls
 # printed by ../shared/tools/prepare-device-carry; carry .deltakv (the training corpus and the NIAH essays).
-#   results/deltakv-gpu.sh smollm2     # train the SmolLM2 compressor (DKV_MINUTES, DKV_STEPS), NIAH 2k/4k + fidelity vs full and snapkv
+#   scripts/gpu/deltakv-gpu.sh smollm2     # train the SmolLM2 compressor (DKV_MINUTES, DKV_STEPS), NIAH 2k/4k + fidelity vs full and snapkv
 #                                      # (or the two halves in two calls: train, then evaluate)
-#   results/deltakv-gpu.sh throughput  # kernel tile sweep, then 32k decode tokens/s, llama-3.1-8b random weights,
+#   scripts/gpu/deltakv-gpu.sh throughput  # kernel tile sweep, then 32k decode tokens/s, llama-3.1-8b random weights,
 #                                      # deltakv (DKV_KEEP: kept tokens per step, default 2048 and 0.15) vs full
-#   results/deltakv-gpu.sh all [SECONDS] # both, the second one cut to what is left of SECONDS (default 580)
+#   scripts/gpu/deltakv-gpu.sh all [SECONDS] # both, the second one cut to what is left of SECONDS (default 580)
 # Writes under $OUT (logs, the checkpoint, the summaries); the runner's run directories stay in /tmp.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 KVBENCH_CACHE=/tmp/kvbcache PYTHONPATH=/tmp/kvbench-site:${PYTHONPATH:-}
@@ -13,7 +13,7 @@ export OUT=${OUT:-results/deltakv}
 mkdir -p "$OUT"
 python3 -m pip install --no-deps --no-build-isolation -e . -q 2>&1 | grep -v WARNING | tail -2
 GGUF=/tmp/kvbench-assets/SmolLM2-135M-Instruct.Q4_1.gguf
-# results/deltakv-corpus.py builds the general-English corpus (the first checkpoint used the man pages alone)
+# scripts/deltakv-corpus.py builds the general-English corpus (the first checkpoint used the man pages alone)
 CORPUS=${DKV_CORPUS:-.deltakv/general-english.txt.gz}
 smollm2() { train; evaluate; }
 train() {
@@ -24,7 +24,7 @@ train() {
 }
 evaluate() {
   [ -d "$OUT/ckpt" ] || cp -r /tmp/dkv-ckpt "$OUT/ckpt"
-  python3 -m kvbench.deltakv_bench eval --model "$GGUF" --checkpoint "$OUT/ckpt" --haystack .deltakv/paul_graham_essays \
+  python3 scripts/deltakv_bench.py eval --model "$GGUF" --checkpoint "$OUT/ckpt" --haystack .deltakv/paul_graham_essays \
     --out /tmp/dkv-eval -m latent_dtype=int4 -m index_dtype=int16 2>&1 | grep -v "^Loading" | tee "$OUT/eval.log"
   cp /tmp/dkv-eval/deltakv-eval.json "$OUT/"
   # the paper's storage dtypes (bf16 latents, int32 indices), through the CLI
@@ -41,7 +41,7 @@ throughput() {
     DKV_TILE=${DKV_TILE:-$(python3 -c "import json; print(json.dumps(json.load(open('$OUT/reconstruct-tiles.json'))['best']))")}
   fi
   [ -n "${DKV_TILE:-}" ] && export KVBENCH_RECONSTRUCT_TILE=$DKV_TILE && echo "tile: $DKV_TILE"
-  python3 -m kvbench.deltakv_bench throughput --preset llama-3.1-8b --context 32768 --out "$OUT" --keep ${DKV_KEEP:-2048 0.15} \
+  python3 scripts/deltakv_bench.py throughput --preset llama-3.1-8b --context 32768 --out "$OUT" --keep ${DKV_KEEP:-2048 0.15} \
     -m latent_dim=256 -m intermediate=3072 -m latent_dtype=int4 -m index_dtype=int16 --profile 3 2>&1 | tee "$OUT/throughput.log"
 }
 case "${1:-smollm2}" in

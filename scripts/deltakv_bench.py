@@ -1,7 +1,7 @@
 """DeltaKV's measurements: quality at matched memory on a real model, and decoding throughput at 32k.
 
-    python -m kvbench.deltakv_bench eval --model M --checkpoint DIR --haystack DIR --out DIR [-m k=v ...]
-    python -m kvbench.deltakv_bench throughput --preset llama-3.1-8b --context 32768 --out DIR [-m k=v ...]
+    python scripts/deltakv_bench.py eval --model M --checkpoint DIR --haystack DIR --out DIR [-m k=v ...]
+    python scripts/deltakv_bench.py throughput --preset llama-3.1-8b --context 32768 --out DIR [-m k=v ...]
 
 ``eval`` runs, through ``kvbench.runner.run`` (the path of ``kvbench run``): NIAH at each length for
 ``full``, ``deltakv`` and ``snapkv``, and ``fidelity`` for ``deltakv`` and ``snapkv`` (its KL is against

@@ -4,7 +4,7 @@
 # The device image lacks rouge, jieba, fuzzywuzzy and wonderwords: copy them from a local site-packages into
 # .carry/pylib, carry it too, and export PYTHONPATH=$PWD/.carry/pylib before running this script.
 set -uo pipefail
-source results/gpu-setup.sh
+source scripts/gpu/gpu-setup.sh
 sed -e "s#smollm2-135m#$gguf#" -e "s#../shared/data/longbench#.carry/tasks/lb#" -e "s#^out: results#out: /tmp/tasks#" \
     -e "s#../shared/data/paul_graham_essays#.carry/tasks/pg#" -e "s#../shared/data/ruler#.carry/tasks/ruler#" \
     results/sweep-tasks-smollm2.yaml > /tmp/sweep-tasks.yaml

@@ -2,7 +2,7 @@
 # The spine's GPU numbers (issue 2), on the device machine, after the SmolLM2 assets are in place
 # (../shared/tools/prepare-device-carry's two calls). Carry .carry/b and .carry/pg with this call.
 set -uo pipefail
-source results/gpu-setup.sh
+source scripts/gpu/gpu-setup.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 for i in 1 2; do  # the first run converts the GGUF once; the second is the steady state a user sees
   /usr/bin/time -f "snapkv-niah run $i: %e s wall" kvbench run --method snapkv --task niah --budget 0.25 \

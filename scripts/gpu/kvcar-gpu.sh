@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
 # KV-CAR on the GPU machine (issue 19). Run from the repository root after prepare-device-carry's calls (the
-# GGUF of the model in /tmp/kvbench-assets; `source results/gpu-setup.sh` assembles SmolLM2's and installs kvbench).
-# Carry the training corpus (results/deltakv-corpus.py OUT.txt.gz; KVCAR_CORPUS, default
+# GGUF of the model in /tmp/kvbench-assets; `source scripts/gpu/gpu-setup.sh` assembles SmolLM2's and installs kvbench).
+# Carry the training corpus (scripts/deltakv-corpus.py OUT.txt.gz; KVCAR_CORPUS, default
 # .deltakv/general-english.txt.gz) and, for NIAH, the essays (KVCAR_HAYSTACK, default .deltakv/paul_graham_essays).
-#   results/kvcar-gpu.sh train smollm2 "32"        # one artifact per latent size (per head; smollm2 head_dim 64:
+#   scripts/gpu/kvcar-gpu.sh train smollm2 "32"        # one artifact per latent size (per head; smollm2 head_dim 64:
 #                                                  # 48/32/16 = 25/50/75% smaller; qwen head_dim 128: 96/64/32;
 #                                                  # K:V gives keys and values their own widths, e.g. 16:48),
 #                                                  # KVCAR_MINUTES of training each (default 1.5), in /tmp/kvcar-art
-#   results/kvcar-gpu.sh eval smollm2 "32"         # fidelity (KL and perplexity against full on held-out prose: the
+#   scripts/gpu/kvcar-gpu.sh eval smollm2 "32"         # fidelity (KL and perplexity against full on held-out prose: the
 #                                                  # stdlib docstrings, never trained on), NIAH 4k, measured KV bytes:
 #                                                  # kvcar (artifact's reuse, none, forced), snapkv@0.25 vs
 #                                                  # snapkv+kvcar@0.5 (equal memory at latent = head_dim/2)
-#   results/kvcar-gpu.sh ruler smollm2 "32"        # RULER 4k (qwen: 4k and 16k), kvcar / snapkv / snapkv+kvcar
-#   results/kvcar-gpu.sh bench smollm2             # decode tokens/s, kvcar vs full, batch 1 and 16 and each one's largest
-#   results/kvcar-gpu.sh quick                     # the smallest useful set: train smollm2 latents 16:48, eval it (~5 min)
+#   scripts/gpu/kvcar-gpu.sh ruler smollm2 "32"        # RULER 4k (qwen: 4k and 16k), kvcar / snapkv / snapkv+kvcar
+#   scripts/gpu/kvcar-gpu.sh bench smollm2             # decode tokens/s, kvcar vs full, batch 1 and 16 and each one's largest
+#   scripts/gpu/kvcar-gpu.sh quick                     # the smallest useful set: train smollm2 latents 16:48, eval it (~5 min)
 # Every command is bounded (timeout); the summaries land in $OUT (default results/kvcar), run dirs in /tmp.
 set -uo pipefail
-source results/gpu-setup.sh
+source scripts/gpu/gpu-setup.sh
 export OUT=${OUT:-results/kvcar}
 mkdir -p "$OUT"
 CORPUS=${KVCAR_CORPUS:-.deltakv/general-english.txt.gz}
