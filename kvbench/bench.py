@@ -140,7 +140,7 @@ def _hf_point(model, ids, new_tokens: int, cuda: bool) -> dict:
     from transformers import LogitsProcessor, LogitsProcessorList
 
     from kvbench.models import output_cache
-    from kvbench.runner import PeakMemory
+    from kvbench.engine import PeakMemory
 
     class FirstToken(LogitsProcessor):
         # Called once per generated token; the first call comes right after the prefill forward.
@@ -196,7 +196,7 @@ def _kvpress_point(model, press, ids, new_tokens: int, cuda: bool) -> dict:
     from transformers import DynamicCache
 
     from kvbench.models import cache_argument
-    from kvbench.runner import PeakMemory
+    from kvbench.engine import PeakMemory
     peak = PeakMemory(ids.device)
     context, last = ids[:, :-1], ids[:, -1:]
     n = ids.shape[1] - 1
@@ -298,7 +298,7 @@ class Bench:
     def __init__(self, cfg: BenchConfig, echo=print):
         import torch
         from kvbench import models
-        from kvbench.runner import resolve_device, resolve_dtype
+        from kvbench.engine import resolve_device, resolve_dtype
         self.cfg, self.echo = cfg, echo
         self.device = resolve_device(cfg.device)
         self.cuda = self.device.startswith("cuda")
@@ -410,7 +410,7 @@ class Bench:
 
     def kvbench_point(self, method: str, budget, context: int, batch: int, new_tokens: int | None = None) -> dict:
         from kvbench import registry
-        from kvbench.runner import Engine
+        from kvbench.engine import Engine
         from kvbench.task import Sample
         new = new_tokens or self.cfg.new_tokens
         ids = prompt_ids(self.cfg.seed, context, batch, self.vocab)
@@ -607,7 +607,7 @@ class Bench:
     def chunked_prefill(self) -> list[dict]:
         from kvbench import registry
         from kvbench.method import parse_budget
-        from kvbench.runner import Engine, PeakMemory
+        from kvbench.engine import Engine, PeakMemory
         from kvbench.task import Sample
         cfg = self.cfg
         n = cfg.chunked_prefill

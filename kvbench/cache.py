@@ -5,7 +5,7 @@ How it hooks into transformers (public extension points only):
 - ``KVCache`` is a ``transformers.Cache`` subclass passed as the model's cache argument (``cache``, ``past_key_values`` before transformers 5.24). Its ``update`` keeps
   nothing itself; it hands back the new keys and values so the model never builds a dense cache.
 - The model is loaded with ``attn_implementation="kvbench"`` (``kvbench.attention``), registered in
-  transformers' ``AttentionInterface``. The runner passes the cache as the forward kwarg
+  transformers' ``AttentionInterface``. The engine passes the cache as the forward kwarg
   ``kvbench_cache``; transformers forwards extra kwargs to the attention function, which calls
   ``KVCache.attention(...)``. transformers builds no mask for an implementation it does not know, so no
   [T, N] mask is ever made: each store knows what it holds.
@@ -260,7 +260,7 @@ class KVCache(Cache):
 
     # transformers calls these -----------------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        # The keys are kept by ``attention`` below; remembering the call lets the runner prove that the
+        # The keys are kept by ``attention`` below; remembering the call lets the engine prove that the
         # model really attended through kvbench (``unattended_layers``), never around it.
         self._updated.add(layer_idx)
         return key_states, value_states
@@ -279,7 +279,7 @@ class KVCache(Cache):
 
     # kvbench ----------------------------------------------------------------------------------------
     def begin(self, positions: torch.Tensor, compress: bool, final: bool = True) -> None:
-        """Called by the runner before each forward: positions [B, T] of the new tokens; whether this
+        """Called by the engine before each forward: positions [B, T] of the new tokens; whether this
         chunk is context to compress (and whether it is the last chunk of the context)."""
         self.positions = positions
         self.compressing, self.final_chunk = compress, final

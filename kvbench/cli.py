@@ -114,7 +114,7 @@ def list_cmd(what):
 def run(method, task, budget, model, random_weights, trust_remote_code, method_arg, task_arg, query_aware, prefill_chunk, batch_size,
         data, limit, seed, temperature, device, dtype, max_context, out, checkpoint, artifact):
     """Run one method on one task; resumes if the same run was started before."""
-    from kvbench.runner import RunConfig, check_config, run as run_one
+    from kvbench.harness import RunConfig, check_config, run as run_one
     if checkpoint is not None:
         method_arg = method_arg + (f"checkpoint={checkpoint}",)
     if artifact is not None:

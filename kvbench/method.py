@@ -75,12 +75,12 @@ class Method:
         return isinstance(self.budget, float) and self.budget >= 1.0
 
     def static_decode(self) -> bool:
-        """True when decoding only appends tokens (no decode-time hook changes the stores): the runner may
+        """True when decoding only appends tokens (no decode-time hook changes the stores): the engine may
         then replay the decoding step as a CUDA graph."""
         return type(self).on_decode is Method.on_decode
 
     def decode_epoch(self, cache) -> Hashable | None:
-        """When the runner may replay a captured decoding step: a key that stays the same while every
+        """When the engine may replay a captured decoding step: a key that stays the same while every
         layout and host-side size the step uses stays fixed (a graph captured at one key replays while the
         key holds), or None: the coming step must run eagerly. By default one key for ever when decoding
         only appends."""

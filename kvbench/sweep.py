@@ -14,7 +14,7 @@ The config (YAML; see ``results/sweep-smollm2-niah.yaml``)::
     prefill_chunk: null, max_context: null, trace_every: 64
 
 A point whose run already finished (its ``metrics.json`` says complete, for the same configuration) is
-skipped without loading anything; an unfinished one resumes where it stopped (the runner's resume). A point
+skipped without loading anything; an unfinished one resumes where it stopped (the harness's resume). A point
 that fails is recorded and the sweep goes on: an out-of-memory error as ``oom``, anything else as
 ``crash``, with its error, in ``error.json`` inside the run's directory (when the run got one) and in the
 sweep's ledger ``OUT/sweeps/<config name>.jsonl``, which lists every point's outcome and directory.
@@ -31,7 +31,8 @@ from typing import Callable
 import yaml
 
 from kvbench import registry, results
-from kvbench.runner import PROTOCOLS, RunConfig, check_config, resolve_device, resolve_dtype
+from kvbench.engine import resolve_device, resolve_dtype
+from kvbench.harness import PROTOCOLS, RunConfig, check_config
 from kvbench.task import TaskError
 
 ERROR_FILE = "error.json"
@@ -121,7 +122,7 @@ _MATCH = ("model", "random_weights", "trust_remote_code", "method", "task", "bud
 
 
 def identity(cfg: RunConfig) -> str:
-    """What makes two runs the same run, computed without loading the model (the runner's id needs it)."""
+    """What makes two runs the same run, computed without loading the model (the harness's id needs it)."""
     device = resolve_device(cfg.device)
     key = {k: getattr(cfg, k) for k in _MATCH}
     key.update(device=device.split(":")[0], dtype=str(resolve_dtype(cfg.dtype, device)).replace("torch.", ""),
@@ -186,7 +187,7 @@ def run_sweep(path: str | Path, echo: Callable[[str], None] = print, load_model:
     """Run (or finish) a sweep; returns one outcome per point. ``load_model(spec, dtype, device, seed)``
     defaults to ``kvbench.models.load``."""
     from kvbench import models
-    from kvbench.runner import run
+    from kvbench.harness import run
     cfg = load_config(path)
     plan = points(cfg)
     out = Path(cfg.get("out", "results"))

@@ -1,4 +1,4 @@
-"""What a benchmark hands the runner, and the prompt building every task shares.
+"""What a benchmark hands the harness, and the prompt building every task shares.
 
 A task (one file in ``tasks/``) is a dataclass whose fields are its parameters. It has three methods:
 
@@ -62,7 +62,7 @@ class Sample:
 
 @dataclass
 class TaskContext:
-    """What the runner tells a task when asking for samples."""
+    """What the harness tells a task when asking for samples."""
 
     max_context_tokens: int  # the model window minus room for generation
     data: str | None = None  # --data PATH, if the user gave one

@@ -132,7 +132,7 @@ def train(model: str, data: str, out: str, steps: int = 1000, batch: int = 8, se
           log=print) -> Path:
     from kvbench import models
     from kvbench.cache import rope_inverse_factory
-    from kvbench.runner import resolve_device, resolve_dtype
+    from kvbench.engine import resolve_device, resolve_dtype
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     method = DeltaKV(latent_dim=latent_dim, intermediate=intermediate, stride=stride, neighbors=neighbors, sinks=sinks,

@@ -41,7 +41,7 @@ Choices the paper leaves open, made here:
   Llama-3.1-8B share), layers 0, 1, 2 first, then a quarter and half of the depth. Layer 0 is always full.
   A checkpoint records its own, chosen by measurement (SmolLM2-135M's: results/deltakv/README.md).
 - ``budget`` is not used: the memory follows from ``s``, ``k``, ``r``, ``W`` and the dtypes, and is measured.
-- Decoding on CUDA: between two flushes nothing the step sizes changes, so the runner replays one captured
+- Decoding on CUDA: between two flushes nothing the step sizes changes, so the engine replays one captured
   CUDA graph (``decode_epoch``); the step that flushes runs eagerly and the layout after it is captured anew.
 - Without a checkpoint the run is refused: random compressors reconstruct noise, and their scores are not
   DeltaKV's. ``random_init=true`` asks for them explicitly (seeded; for timing and tests only); the

@@ -3,7 +3,7 @@
     python scripts/deltakv_bench.py eval --model M --checkpoint DIR --haystack DIR --out DIR [-m k=v ...]
     python scripts/deltakv_bench.py throughput --preset llama-3.1-8b --context 32768 --out DIR [-m k=v ...]
 
-``eval`` runs, through ``kvbench.runner.run`` (the path of ``kvbench run``): NIAH at each length for
+``eval`` runs, through ``kvbench.harness.run`` (the path of ``kvbench run``): NIAH at each length for
 ``full``, ``deltakv`` and ``snapkv``, and ``fidelity`` for ``deltakv`` and ``snapkv`` (its KL is against
 the full cache). SnapKV's budget is set per length so that its measured KV ratio equals DeltaKV's
 (SnapKV holds ``2 * head_dim`` values and an int32 position per kept token, and the question tokens
@@ -12,7 +12,7 @@ raw window, sinks, references, latents, scales, indices, bookkeeping) and the in
 
 ``throughput`` prefills one random-token sequence of ``context`` tokens per method, joins copies of its
 cache into the largest batch that fits (stepping down 8% after an out-of-memory error), decodes
-``warmup`` steps, then times ``steps`` more through ``Engine.decode`` (the runner's decoding, CUDA graph
+``warmup`` steps, then times ``steps`` more through ``Engine.decode`` (the engine's decoding, CUDA graph
 included where the method allows it; with W=128 every 128 consecutive steps hold exactly one DeltaKV
 window flush, so the default 128 steps include one). Every sequence is the same prompt: decoding
 cost depends on the shapes, not the values, and one prefill instead of dozens keeps the run short.
@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from kvbench import models, registry
-from kvbench.runner import Engine, RunConfig, run
+from kvbench.engine import Engine
+from kvbench.harness import RunConfig, run
 from kvbench.task import Sample, TaskContext
 
 
@@ -181,7 +182,7 @@ def _sync() -> None:
 
 
 def _decode_timing(engine, cache, first, batch: int, warmup: int, steps: int) -> dict:
-    """Two ``Engine.decode`` calls on one batch (the runner's path: CUDA graphs replayed while the method's
+    """Two ``Engine.decode`` calls on one batch (the engine's path: CUDA graphs replayed while the method's
     ``decode_epoch`` holds): ``warmup`` steps (kernels compile), then ``steps`` timed ones, the whole call."""
     from kvbench.cache import KVCache
     if torch.cuda.is_available():

@@ -70,7 +70,7 @@ class Fidelity:
     def score_logprobs(self, engine, sample: Sample) -> dict:
         """Run the compressed engine and a full-cache reference on the same sample."""
         from kvbench.methods.full import Full
-        from kvbench.runner import Engine
+        from kvbench.engine import Engine
         logp, info = engine.continuation_logprobs(sample)
         reference = Engine(engine.lm, Full(), engine.protocol, engine.chunk)
         ref, _ = reference.continuation_logprobs(sample)

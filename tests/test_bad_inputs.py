@@ -546,7 +546,7 @@ def test_deltakv_random_init_is_labelled():
 
 
 def test_out_of_memory_mid_run_is_one_line_and_keeps_the_finished(tmp_path, tiny_dir, haystack, monkeypatch):
-    from kvbench.runner import Engine
+    from kvbench.engine import Engine
     real, calls = Engine.generate, []
 
     def runs_out(self, samples, *a, **k):

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from kvbench import results
 from kvbench.cli import main
 from kvbench.models import LoadedModel, random_model
-from kvbench.runner import RunConfig, run
+from kvbench.harness import RunConfig, run
 
 TRACE_EVERY = 2
 NEW = 7

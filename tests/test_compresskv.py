@@ -16,7 +16,7 @@ from kvbench.methods.compresskv import (CompressKV, CompressKVError, allocate_la
                                         read_official_head_ranking, read_official_layer_scores)
 from kvbench.methods.compresskv.calibrate import Grid, NeedleProbe, find_span, rank_heads, score_test
 from kvbench.models import LoadedModel
-from kvbench.runner import Engine
+from kvbench.engine import Engine
 from kvbench.task import Sample
 
 FIX = Path(__file__).parent / "fixtures" / "compresskv"

@@ -16,7 +16,7 @@ from kvbench.kernels.deltakv_reconstruct import (dequantize_latents, quantize_la
 from kvbench.methods.deltakv import (DeltaKVStore, build_compressors, load_checkpoint, model_fingerprint,
                                      model_signature, save_checkpoint)
 from kvbench.models import ModelError
-from kvbench.runner import Engine
+from kvbench.engine import Engine
 from kvbench.train_deltakv import reconstruct_training, roff_to_text
 from tests.test_spine import prompt, sample, tiny
 

@@ -9,7 +9,7 @@ from kvbench import artifact, registry
 from kvbench.cache import KVCache
 from kvbench.methods.kvcar import KVCAR, LayerCodec, choose_reuse
 from kvbench.methods.kvcar.codec import HeadAutoencoder, make_identity, pca_init_
-from kvbench.runner import Engine
+from kvbench.engine import Engine
 
 
 def save_codec(lm, path, hidden=None, latent=None, identity=False, similarity=None, threshold=0.9,

@@ -11,7 +11,7 @@ from kvbench import registry
 from kvbench.cli import main
 from kvbench.methods.kvsculpt import BatchedLBFGS, sculpt
 from kvbench.methods.selectfit import Problems, attend, objective, redistribute, solve_values
-from kvbench.runner import Engine
+from kvbench.engine import Engine
 from tests.test_spine import prompt, sample, tiny
 
 

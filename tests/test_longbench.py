@@ -160,7 +160,7 @@ def test_samsum_generates_at_least_one_token_and_stops_on_newline():
     from tests.test_spine import prompt, tiny
 
     from kvbench import registry
-    from kvbench.runner import Engine
+    from kvbench.engine import Engine
     from kvbench.task import Sample
 
     lm = tiny("llama")

@@ -20,7 +20,7 @@ import torch
 
 from kvbench import attention, registry
 from kvbench.models import LoadedModel
-from kvbench.runner import Engine
+from kvbench.engine import Engine
 from kvbench.task import Sample
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "parity"

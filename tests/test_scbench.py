@@ -228,7 +228,7 @@ def _engine(eos, protocol="query-agnostic", method="full", budget=1.0):
 
     from kvbench import registry
     from kvbench.models import LoadedModel
-    from kvbench.runner import Engine
+    from kvbench.engine import Engine
     lm = tiny("llama")
     return Engine(LoadedModel(lm.model, _EosTokenizer(eos), lm.name, lm.window), registry.build_method(method, budget),
                   protocol=protocol)

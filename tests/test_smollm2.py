@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from kvbench import models, registry
-from kvbench.runner import Engine
+from kvbench.engine import Engine
 from kvbench.task import TaskContext
 from kvbench.tasks.niah import NIAH
 

@@ -1,4 +1,4 @@
-"""The cache interface, methods, runner and CLI on tiny random models of each supported family."""
+"""The cache interface, methods, engine, harness and CLI on tiny random models of each supported family."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ from kvbench.cache import KVCache
 from kvbench.models import cache_argument
 from kvbench.cli import main
 from kvbench.models import LoadedModel
-from kvbench.runner import Engine
+from kvbench.engine import Engine
 from kvbench.task import Sample
 
 EVICTION = ["random", "knorm", "streamingllm", "snapkv", "pyramidkv", "h2o", "tova", "adakv"]
@@ -206,8 +206,8 @@ def test_attention_without_cache_never_falls_back():
 
 
 def test_killed_run_resumes_without_loss_or_repeat(tmp_path, monkeypatch):
-    from kvbench import runner, tasks  # noqa: F401
-    from kvbench.runner import RunConfig, run
+    from kvbench import harness, tasks  # noqa: F401
+    from kvbench.harness import RunConfig, run
     from kvbench.tasks.niah import NIAH
 
     lm = tiny("llama")

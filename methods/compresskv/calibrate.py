@@ -293,7 +293,7 @@ def rank_heads(scores: torch.Tensor) -> list[list[int]]:
 
 
 def head_scores(lm, grid: Grid, haystacks: list[str], progress: Progress, prefill_chunk, log) -> dict:
-    from kvbench.runner import Engine
+    from kvbench.engine import Engine
     from kvbench.tasks.metrics import rouge1_recall
     probe = NeedleProbe(budget=1.0)
     engine = Engine(lm, probe, prefill_chunk=prefill_chunk)
@@ -359,7 +359,7 @@ def layer_prompts(lm, tests: list[dict], grid: Grid, haystacks: list[str], longb
 
 
 def layer_errors(lm, ranking: list[list[int]], prompts, prefill_chunk, log) -> dict[str, list[float]]:
-    from kvbench.runner import Engine
+    from kvbench.engine import Engine
     heads = [torch.tensor(r[: SETTINGS["first_k"]]) for r in ranking]
     probe = LayerErrorProbe(budget=1.0, heads=heads, window=SETTINGS["window"], kernel=SETTINGS["kernel"],
                             pooling=SETTINGS["pooling"], probe_budget=SETTINGS["probe_budget"])
@@ -384,7 +384,7 @@ def calibrate(model: str, out: str, grid: str | None = None, haystack: str | Non
               prefill_chunk: int | None = None, trust_remote_code: bool = False, log=print) -> Path:
     """Make a CompressKV artifact for ``model`` at ``out``; returns its directory."""
     from kvbench import models
-    from kvbench.runner import resolve_device, resolve_dtype
+    from kvbench.engine import resolve_device, resolve_dtype
     if layer_samples < 1:
         raise CompressKVError("--layer-samples must be at least 1")
     if prefill_chunk is not None and prefill_chunk < 1:
@@ -403,7 +403,7 @@ def calibrate(model: str, out: str, grid: str | None = None, haystack: str | Non
 def calibrate_model(lm, out: str, grid: str | None = None, haystack: str | None = None, longbench: str | None = None,
                     layer_samples: int = 8, prefill_chunk: int | None = None, log=print) -> Path:
     """``calibrate`` on a loaded model."""
-    from kvbench.runner import git_commit
+    from kvbench.harness import git_commit
     g = Grid.parse(grid, lm.window) if grid else Grid.default(lm.window)
     too_long = [n for n in g.lengths if n > lm.window]
     too_short = [n for n in g.lengths if n < SETTINGS["buffer"] + 64]

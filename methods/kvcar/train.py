@@ -149,7 +149,7 @@ def train(model: str, data: str, out: str, latent_dim: int | None = None, hidden
           device: str = "auto", dtype: str = "auto", seed: int = 0, log=print) -> Path:
     from kvbench import models
     from kvbench.cache import rope_inverse_factory
-    from kvbench.runner import resolve_device, resolve_dtype
+    from kvbench.engine import resolve_device, resolve_dtype
     from kvbench.train_deltakv import read_corpus
     if rope_keys not in ROPE_KEYS:
         raise TaskError(f"--rope-keys must be pre or post, got {rope_keys}")

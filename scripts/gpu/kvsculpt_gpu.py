@@ -1,7 +1,7 @@
 """KVSculpt / Select+Fit on the GPU machine (issue 7): tuning, the fidelity KL table, compression times,
 NIAH and RULER. Run from the repository root after scripts/gpu/gpu-setup.sh (see scripts/gpu/run-kvsculpt-gpu.sh).
 
-Every run is `kvbench.runner.run(RunConfig(...))`, exactly what `kvbench run --method M --task T --budget B
+Every run is `kvbench.harness.run(RunConfig(...))`, exactly what `kvbench run --method M --task T --budget B
 -m key=value -t key=value` does, on one model loaded once (to save device time). Phases run in priority order
 and stop at the deadline (argv[1] seconds); what was skipped is printed and written.
 
@@ -18,7 +18,7 @@ import traceback
 import torch
 
 from kvbench import models
-from kvbench.runner import RunConfig, run
+from kvbench.harness import RunConfig, run
 
 T0 = time.time()
 DEADLINE = float(sys.argv[1]) if len(sys.argv) > 1 else 540.0

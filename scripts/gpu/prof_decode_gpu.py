@@ -3,7 +3,7 @@
 import os, sys, time, torch
 from kvbench import models, registry
 from kvbench.cache import KVCache
-from kvbench.runner import Engine
+from kvbench.engine import Engine
 from kvbench.task import Sample
 
 ctx, batch = (int(a) for a in (sys.argv[1:] + ["4096", "4"])[:2])
