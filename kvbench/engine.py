@@ -46,7 +46,7 @@ class Engine:
     def __init__(self, lm: LoadedModel, method, protocol: str = "query-agnostic",
                  prefill_chunk: int | None = None, temperature: float = 0.0, seed: int = 0):
         self.lm, self.model, self.tok, self.method = lm, lm.model, lm.tokenizer, method
-        self.protocol, self.chunk, self.temperature = protocol, prefill_chunk, temperature
+        self.protocol, self.chunk, self.temperature, self.seed = protocol, prefill_chunk, temperature, seed
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -61,6 +61,12 @@ class Engine:
         self.eos = eos
         self.cuda_graphs = os.environ.get("KVBENCH_CUDA_GRAPHS", "1") != "0"
         method.prepare(lm)
+
+    def full_reference(self) -> "Engine":
+        """The same model, protocol and prefill chunk with the full cache: what a compressed run is compared with."""
+        from kvbench import registry
+        return Engine(self.lm, registry.build_method("full", 1.0), self.protocol, self.chunk, self.temperature,
+                      self.seed)
 
     def new_cache(self, batch: int = 1) -> KVCache:
         return KVCache(self.method, self.model.config, batch, self.dtype, self.device, self.rope)

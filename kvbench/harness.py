@@ -20,7 +20,7 @@ import torch
 from kvbench import registry, results
 from kvbench.engine import PROTOCOLS, Engine, resolve_device, resolve_dtype
 from kvbench.models import LoadedModel
-from kvbench.task import Sample, TaskContext
+from kvbench.task import GENERATION, LOGPROBS, MULTI_TURN, Sample, TaskContext
 
 __all__ = ["PROTOCOLS", "RunConfig", "check_config", "run", "task_samples", "mark_failure"]
 
@@ -171,19 +171,14 @@ def _run_locked(cfg: RunConfig, lm: LoadedModel, method, task, samples: list[Sam
     done = {r.get("id") for r in done_records}
     todo = [s for s in samples if s.id not in done]
     # A task may ask for sampling (AIME's pass@1 over n samples); the command line's --temperature wins.
-    temperature = cfg.temperature if cfg.temperature > 0 else float(getattr(task, "temperature", 0.0) or 0.0)
+    temperature = cfg.temperature if cfg.temperature > 0 else float(task.temperature or 0.0)
     engine = Engine(lm, method, cfg.protocol, cfg.prefill_chunk, temperature, cfg.seed)
     bar = _progress(len(samples), len(samples) - len(todo), f"{cfg.method}@{cfg.budget} {cfg.task}", progress)
     i = 0
     while i < len(todo):
-        s = todo[i]
-        if s.turns or s.continuation_ids is not None:
-            group = [s]
-        else:
-            group = [s]
-            while len(group) < cfg.batch_size and i + len(group) < len(todo) and \
-                    not todo[i + len(group)].turns and todo[i + len(group)].continuation_ids is None:
-                group.append(todo[i + len(group)])
+        # Only generation batches: a multi-turn sample owns its cache, a log-probability one is teacher-forced.
+        size = cfg.batch_size if task.kind == GENERATION else 1
+        group = todo[i:i + size]
         i += len(group)
         for s, rec in zip(group, _evaluate(engine, task, group, cfg)):
             trace = {k: rec.pop(k) for k in list(rec) if k.startswith(("kv_layer_bytes", "peak_"))}
@@ -210,11 +205,10 @@ def _run_locked(cfg: RunConfig, lm: LoadedModel, method, task, samples: list[Sam
 
 def _evaluate(engine: Engine, task, group: list[Sample], cfg: RunConfig) -> list[dict]:
     s = group[0]
-    if s.continuation_ids is not None:
+    if task.kind == LOGPROBS:
         return [task.score_logprobs(engine, s)]
-    if s.turns:
-        turns = engine.multi_turn(s, own_answers=bool(getattr(task, "own_answers", False)),
-                                  trace_every=cfg.trace_every)
+    if task.kind == MULTI_TURN:
+        turns = engine.multi_turn(s, own_answers=bool(task.own_answers), trace_every=cfg.trace_every)
         preds = [t["prediction"] for t in turns]
         rec = dict(turns[0], prediction=preds[0], turn_predictions=preds, scores=task.score(s, preds))
         return [rec]

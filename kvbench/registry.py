@@ -223,7 +223,11 @@ def build_method(name: str, budget, params: dict | None = None):
 
 
 def build_task(name: str, params: dict | None = None):
+    from kvbench.task import TASK_KINDS
     cls = load(TASKS, "task", name)
+    if getattr(cls, "kind", None) not in TASK_KINDS:
+        raise TypeError(f"task {name}: {cls.__name__} must subclass kvbench.task.Task and declare a kind "
+                        f"({', '.join(TASK_KINDS)})")
     return cls(**check_params(cls, dict(params or {}), name))
 
 

@@ -33,7 +33,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar, Iterable
 
-from kvbench.task import Sample, TaskContext, TaskError, hub_dataset
+from kvbench.task import Sample, Task, TaskContext, TaskError, hub_dataset
 
 from .metrics import LONGBENCH_FIRST_LINE, longbench_score
 
@@ -269,7 +269,7 @@ def _from_hub(config: str) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------
 
 @dataclass
-class LongBench:
+class LongBench(Task):
     """LongBench v1 (``e=False``, 21 tasks) or LongBench-E (``e=True``, the 13 ``_e`` subsets)."""
 
     name: ClassVar[str] = "longbench"

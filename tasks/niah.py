@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvbench.task import Sample, TaskContext, TaskError, build_prompt, summarize_mean
+from kvbench.task import Sample, Task, TaskContext, TaskError, build_prompt, summarize_mean
 from kvbench.tasks.metrics import rouge1_recall
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -70,7 +70,7 @@ def _depth_id(depth: float) -> str:
 
 
 @dataclass
-class NIAH:
+class NIAH(Task):
     name: str = "niah"
     lengths: list[int] = field(default_factory=lambda: [1024, 2048])
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
