@@ -82,6 +82,8 @@ class Engine:
         if cache.unattended_layers():
             raise RuntimeError("the model attended without kvbench's cache (attn_implementation was changed); "
                                "refusing to report full attention as compressed")
+        if compress:
+            cache.end_compression()
         return out.logits
 
     def feed(self, cache: KVCache, ids: list[int], compress: bool, all_logits: bool = False) -> torch.Tensor | None:

@@ -7,6 +7,8 @@ it four hooks, all optional:
 - ``new_store(layer, batch, heads, head_dim, dtype, device)``: the store a layer uses (``RaggedKV`` unless
   the method keeps something else: latents, references, another layer's store);
 - ``compress(call)``: after every context chunk of the prefill, with the layer's queries of that chunk;
+- ``compress_cache(cache)``: once after each such chunk has passed every layer: work across layers
+  (what a method gathered per layer in ``compress`` waits in ``cache.method_state`` until then);
 - ``on_decode(call)``: after every decoding step, the generated token included.
 
 Eviction methods subclass ``ScoredEviction`` and write one function, ``score(call) -> [S]`` (higher is
@@ -66,6 +68,9 @@ class Method:
         return RaggedKV(batch, heads, head_dim, dtype, device)
 
     def compress(self, call: LayerCall) -> None:
+        pass
+
+    def compress_cache(self, cache) -> None:
         pass
 
     def on_decode(self, call: LayerCall) -> None:

@@ -433,6 +433,9 @@ class DeltaKVStore:
     def num_tokens(self) -> int:
         return sum(self.n_seen)
 
+    def has_tokens(self) -> bool:
+        return self.num_tokens() > 0
+
     # ---- changing what it holds ----
     def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
         self.raw.append(k, v, pos)

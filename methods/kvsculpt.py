@@ -8,7 +8,7 @@ pilot optimisation per (layer, KV head) and redistributes the total budget in pr
 error, within a floor and a cap, so heads hold ragged numbers of slots.
 
 Everything ``selectfit`` states holds here too (targets, selection, exact sinks and recent window, ridge,
-layers fitted together at the last layer); this method starts from Select+Fit's keys and values, fitted to
+layers fitted together in ``compress_cache``); this method starts from Select+Fit's keys and values, fitted to
 its own targets. Choices the paper leaves open:
 
 - Targets: the last ``target_window = 128`` prompt positions re-rotated to the future, tuned on other text

@@ -42,8 +42,8 @@ Choices the paper leaves open (shared with ``kvsculpt``, which starts from this 
   remainders). Heads whose uniform budget already covers their middle, and the exact slots, are outside
   the redistribution (its effect against uniform budgets: results/kvsculpt/README.md).
 - Layers: each layer's targets and scores are taken in its own ``compress`` call; the fits of all layers
-  run together (batched on the device) in the last layer's call, so until then the layers hold their full
-  chunk. With chunked prefill this repeats after every chunk; free slots of earlier chunks (position -1)
+  run together (batched on the device) in the whole-cache hook ``compress_cache``, once the chunk has passed
+  every layer, so until then the layers hold their full chunk. With chunked prefill this repeats after every chunk; free slots of earlier chunks (position -1)
   belong to the middle and are compressed again. Problems are batched by similar free size, each batch's
   padded score tensor under ``batch_elements`` entries.
 """
@@ -242,10 +242,11 @@ class SelectFit(Method):
         target = fraction_target(self.budget, call.seen)
         if bool((store.length > target.repeat_interleave(store.H)).any()):
             pending[call.layer] = self.layer_targets(call, target)
-        if call.layer == call.n_layers - 1:
-            if pending:
-                self.compress_layers(call.cache, pending)
-            pending.clear()
+
+    def compress_cache(self, cache) -> None:
+        pending: dict[int, LayerTargets] = cache.method_state.pop("selectfit", {})
+        if pending:
+            self.compress_layers(cache, pending)
 
     def layer_targets(self, call: LayerCall, target: torch.Tensor) -> LayerTargets:
         store: RaggedKV = call.store
