@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable
+from typing import ClassVar
 
 from dataclasses import dataclass
 
@@ -59,6 +60,12 @@ def in_range(lo=None, hi=None) -> dict:
 @dataclass
 class Method:
     budget: float | int = 1.0
+
+    # What the method learns or calibrates for a model, as commands that write an artifact: {"train" or
+    # "calibrate": "module:click_command"}; `kvbench train/calibrate NAME` runs them (kvbench.registry).
+    artifact_commands: ClassVar[dict[str, str]] = {}
+    # The parameter that takes the artifact's directory (`kvbench run --artifact DIR`, alias --checkpoint).
+    artifact_param: ClassVar[str] = "artifact"
 
     def prepare(self, lm) -> None:
         """Called by the engine with the loaded model before any cache is made (a trained method loads and

@@ -1,6 +1,6 @@
 """DeltaKV's measurements: quality at matched memory on a real model, and decoding throughput at 32k.
 
-    python scripts/deltakv_bench.py eval --model M --checkpoint DIR --haystack DIR --out DIR [-m k=v ...]
+    python scripts/deltakv_bench.py eval --model M --artifact DIR --haystack DIR --out DIR [-m k=v ...]
     python scripts/deltakv_bench.py throughput --preset llama-3.1-8b --context 32768 --out DIR [-m k=v ...]
 
 ``eval`` runs, through ``kvbench.harness.run`` (the path of ``kvbench run``): NIAH at each length for
@@ -230,7 +230,7 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("eval")
     e.add_argument("--model", required=True)
-    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--artifact", "--checkpoint", dest="checkpoint", required=True)
     e.add_argument("--haystack", required=True)
     e.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     e.add_argument("--batch-size", type=int, default=5)

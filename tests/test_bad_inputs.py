@@ -431,7 +431,7 @@ data: {haystack}
 
 
 def _checkpoint(tiny_dir: Path, where: Path) -> Path:
-    from kvbench.methods.deltakv import build_compressors, model_signature, save_checkpoint
+    from kvbench.methods.deltakv.codec import build_compressors, model_signature, save_checkpoint
     lm = models.load(str(tiny_dir))
     signature = model_signature(lm.model.config)
     dim = 2 * signature["num_key_value_heads"] * signature["head_dim"]
@@ -445,7 +445,7 @@ def _checkpoint(tiny_dir: Path, where: Path) -> Path:
 def test_corrupt_checkpoints_are_refused(tmp_path, tiny_dir, haystack, monkeypatch):
     """A zeroed, truncated or mismatched checkpoint is refused in one line; a save cut short leaves the
     previous checkpoint whole and loadable."""
-    from kvbench.methods import deltakv
+    from kvbench.methods.deltakv import codec as deltakv
     good = _checkpoint(tiny_dir, tmp_path / "good")
     args = ["run", "--method", "deltakv", "--task", "niah", "--model", tiny_dir, "--data", haystack, *NIAH,
             "-t", "depths=[0.5]", "-m", "window=8", "-m", "sinks=4", "--out", tmp_path / "results"]

@@ -13,11 +13,13 @@ from kvbench.cache import rope_inverse_factory
 from kvbench.cli import main
 from kvbench.kernels.deltakv_reconstruct import (dequantize_latents, quantize_latents, reconstruct_reference,
                                                  reconstruct_triton)
-from kvbench.methods.deltakv import (DeltaKVStore, build_compressors, load_checkpoint, model_fingerprint,
-                                     model_signature, save_checkpoint)
+from kvbench.methods.deltakv.codec import (build_compressors, load_checkpoint, model_fingerprint, model_signature,
+                                          save_checkpoint)
+from kvbench.methods.deltakv.store import DeltaKVStore
 from kvbench.models import ModelError
 from kvbench.engine import Engine
-from kvbench.train_deltakv import reconstruct_training, roff_to_text
+from kvbench.io import roff_to_text
+from kvbench.methods.deltakv.train import reconstruct_training
 from tests.test_spine import prompt, sample, tiny
 
 SMALL = {"window": 8, "sinks": 4, "stride": 3, "neighbors": 2, "random_init": True}
@@ -98,7 +100,7 @@ def test_training_reconstruction_is_the_inference_one():
     k_buf = torch.empty(plan.slots, hd)
     v_buf = torch.empty(plan.slots, hd)
     # the same tokens reconstructed without rotation (cos 1, sin 0) are the training's x_hat
-    from kvbench.methods.deltakv import is_reference, latent_row, reference_row
+    from kvbench.methods.deltakv.codec import is_reference, latent_row, reference_row
     ref = is_reference(plan.pos, 4, 3)
     reconstruct_reference(lat["z"], None, lat["nbr"], store.refs.t["x"], m.up_weight(1),
                           torch.where(ref, -1, latent_row(plan.pos, 4, 3)),

@@ -41,9 +41,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import click
 import torch
 
 from kvbench import artifact as artifacts
+from kvbench.cli import fail, user_errors
 from kvbench.method import Method, segment_view
 from kvbench.methods.compresskv.method import NAME, CompressKVError, selection_scores
 
@@ -452,3 +454,30 @@ def calibrate_model(lm, out: str, grid: str | None = None, haystack: str | None 
     log(f"counted tests: {heads['counted']}/{len(heads['tests'])}; head scores {t_heads:.0f}s, layer errors "
         f"{t_layers:.0f}s")
     return path
+
+
+# ---- the command line: `kvbench calibrate compresskv` (declared in the method's artifact_commands) ----
+
+
+@click.command("compresskv")
+@click.option("--model", required=True, help="HF id, local dir, .gguf file or alias")
+@click.option("--out", required=True, help="artifact directory (use it with `kvbench run --method compresskv --artifact DIR`)")
+@click.option("--grid", default=None,
+              help="lengths=N,N,...,depths=P,P,... (tokens; percent). Default: 20 lengths from 1000 to the window x 10 depths")
+@click.option("--haystack", default=None, help="haystack texts: a directory of .txt files (or part1..3 folders), or a file")
+@click.option("--longbench", default=None, help="LongBench <task>.jsonl directory for the layer errors (default: needle prompts)")
+@click.option("--layer-samples", type=int, default=8, show_default=True, help="layer-error prompts (per LongBench task)")
+@click.option("--prefill-chunk", type=int, default=None, help="prefill N tokens at a time (bounds memory)")
+@click.option("--trust-remote-code", is_flag=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+def command(model, out, grid, haystack, longbench, layer_samples, prefill_chunk, trust_remote_code,
+            device, dtype):
+    """CompressKV: semantic-retrieval-head scores (needle tests) and error-aware layer scores."""
+    try:
+        path = calibrate(model, out, grid=grid, haystack=haystack, longbench=longbench,
+                                    layer_samples=layer_samples, device=device, dtype=dtype, prefill_chunk=prefill_chunk,
+                                    trust_remote_code=trust_remote_code, log=click.echo)
+    except user_errors() as e:
+        fail(str(e))
+    click.echo(f"artifact: {path}")

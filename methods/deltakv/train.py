@@ -16,76 +16,24 @@ is held out and reported (cross-entropy with full and reconstructed KV). The che
 records the model, its signature and fingerprint, the layers, r, I, s, k, the corpus (path, files, bytes,
 sha256, tokens), the steps, the time and the final losses.
 
-Corpora: a text file, or a directory of ``.txt``/``.md`` files and manual pages (``*.N`` or ``*.N.gz``
-roff, turned into plain text by ``roff_to_text``).
+Corpora: a text file, or a directory of ``.txt``/``.md`` files and manual pages (``kvbench.io.read_corpus``).
 """
 from __future__ import annotations
 
-import gzip
-import hashlib
 import math
-import re
 import time
 from pathlib import Path
 
+import click
 import torch
 import torch.nn.functional as F
 
-from kvbench.methods.deltakv import (DeltaKV, is_reference, kv_from_tokens, model_fingerprint, model_signature,
-                                     nearest_references, save_checkpoint, tokens_from_kv, visible_references)
+from kvbench.io import read_corpus
+from kvbench.cli import fail, user_errors
+from kvbench.methods.deltakv.codec import (is_reference, kv_from_tokens, model_fingerprint, model_signature,
+                                          nearest_references, save_checkpoint, tokens_from_kv, visible_references)
+from kvbench.methods.deltakv.method import DeltaKV
 from kvbench.task import TaskError
-
-_MAN_PAGE = re.compile(r"\.[0-9][a-z0-9]*(\.gz)?$")
-_ROFF_ESCAPES = [(re.compile(r"\\f(\[[^\]]*\]|\(..|.)"), ""), (re.compile(r"\\s[+-]?\d"), ""),
-                 (re.compile(r"\\\*(\[[^\]]*\]|\(..|.)"), ""), (re.compile(r"\\\(em|\\\(en"), "-"),
-                 (re.compile(r"\\\(.."), ""), (re.compile(r"\\[-]"), "-"), (re.compile(r"\\[&/,|^%]"), ""),
-                 (re.compile(r"\\e"), "\\\\"), (re.compile(r"\\ "), " ")]
-
-
-def roff_to_text(source: str) -> str:
-    """Plain text of a manual page: comments and macro lines dropped, the words of headings and of font
-    macros (``.B``, ``.I``, ``.BR`` ...) kept, inline escapes removed."""
-    out = []
-    for line in source.splitlines():
-        if line.startswith(('.\\"', "'\\\"", '.\\#')):
-            continue
-        if line.startswith((".", "'")):
-            name, _, rest = line[1:].partition(" ")
-            if name in ("SH", "SS", "B", "I", "BR", "BI", "IB", "IR", "RB", "RI", "IP", "TP", "Nm", "Nd"):
-                line = rest.replace('"', "")
-            else:
-                continue
-        for pattern, repl in _ROFF_ESCAPES:
-            line = pattern.sub(repl, line)
-        line = line.strip()
-        if line:
-            out.append(line)
-    return "\n".join(out)
-
-
-def _read_one(path: Path) -> str:
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    text = raw.decode("utf-8", errors="replace")
-    return roff_to_text(text) if _MAN_PAGE.search(path.name) else text
-
-
-def read_corpus(spec: str) -> tuple[str, dict]:
-    """The corpus text and its description (what the checkpoint records)."""
-    path = Path(spec).expanduser()
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(f for f in path.rglob("*") if f.is_file() and not f.is_symlink() and
-                       (f.suffix in (".txt", ".md") or _MAN_PAGE.search(f.name)))
-    else:
-        raise TaskError(f"no training text at {spec}: pass --data with a text file or a directory of text/man pages")
-    parts = [_read_one(f) for f in files]
-    text = "\n\n".join(p for p in parts if p.strip())
-    if not text.strip():
-        raise TaskError(f"no text found in {spec}")
-    return text, {"path": str(path), "files": len(files), "chars": len(text),
-                  "sha256": hashlib.sha256(text.encode()).hexdigest()}
-
 
 class TrainingAttention:
     """Stands in for the kvbench cache during training (``kvbench_cache=``): full layers attend exactly;
@@ -238,3 +186,45 @@ def _heldout(model, method, rope, held: torch.Tensor, batch: int) -> dict:
         sums["heldout_ce_full_kv"] += ce_full.item()
         n += 1
     return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+# ---- the command line: `kvbench train deltakv` (declared in the method's artifact_commands) ----
+
+
+@click.command("deltakv")
+@click.option("--model", required=True, help="HF id, local dir, .gguf file or alias")
+@click.option("--data", required=True, help="training text: a file, or a directory of .txt/.md files or man pages")
+@click.option("--out", required=True, help="checkpoint directory (safetensors + config.json)")
+@click.option("--steps", type=int, default=1000, show_default=True)
+@click.option("--batch", type=int, default=8, show_default=True, help="packed samples per step")
+@click.option("--seq-len", type=int, default=1024, show_default=True, help="tokens per packed sample")
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--latent-dim", type=int, default=None, help="r (default D/4)")
+@click.option("--intermediate", type=int, default=None, help="I of the SwiGLU down-projection (default 3D)")
+@click.option("--stride", type=int, default=10, show_default=True, help="s: one reference every s tokens")
+@click.option("--neighbors", type=int, default=4, show_default=True, help="k references per token")
+@click.option("--sinks", type=int, default=8, show_default=True)
+@click.option("--full-layers", default=None, help="comma-separated layers kept full (default: about 5 in 32)")
+@click.option("--max-minutes", type=float, default=None, help="stop after this much training time")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+@click.option("--seed", type=int, default=0, show_default=True)
+def command(model, data, out, steps, batch, seq_len, lr, latent_dim, intermediate, stride, neighbors, sinks,
+            full_layers, max_minutes, device, dtype, seed):
+    """Train DeltaKV's per-layer compressors (the base model stays frozen)."""
+    if min(steps, batch, seq_len) < 1:
+        fail("--steps, --batch and --seq-len must be at least 1")
+    layers = None
+    if full_layers is not None:
+        try:
+            layers = [int(x) for x in full_layers.split(",") if x.strip()]
+        except ValueError:
+            fail(f"--full-layers expects comma-separated layer numbers, got '{full_layers}'")
+    try:
+        path = train(model, data, out, steps=steps, batch=batch, seq_len=seq_len, lr=lr, latent_dim=latent_dim,
+                     intermediate=intermediate, stride=stride, neighbors=neighbors, sinks=sinks,
+                     full_layers=layers, device=device, dtype=dtype, seed=seed, max_minutes=max_minutes,
+                     log=click.echo)
+    except user_errors() as e:
+        fail(str(e))
+    click.echo(f"checkpoint: {path}")
