@@ -50,6 +50,7 @@ import torch
 from transformers import Cache
 
 from kvbench.kernels.decode_attention import merge_attention, ragged_attention
+from kvbench.models import head_dim
 
 
 class Store(Protocol):
@@ -277,7 +278,7 @@ class KVCache(Cache):
         super().__init__(layers=[])
         self.method, self.config, self.dtype = method, config, dtype
         n_layers = config.num_hidden_layers
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.head_dim = head_dim(config)
         self.kv_heads = config.num_key_value_heads
         self.stores: list[Store] = [method.new_store(i, batch, self.kv_heads, self.head_dim, dtype, device)
                                   for i in range(n_layers)]

@@ -40,6 +40,24 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def is_oom(err: BaseException) -> bool:
+    """An out-of-memory error (CUDA's own type, or a RuntimeError that says so)."""
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def free_memory() -> None:
+    """Give back what a failed or finished phase left: Python garbage, then CUDA's cached blocks."""
+    import gc
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def kv_ratio(held: int, full: int) -> float:
+    """Bytes held over the bytes a plain full cache would hold for the same tokens."""
+    return held / max(full, 1)
+
+
 class Engine:
     """Drives one loaded model with one method."""
 
@@ -242,8 +260,8 @@ class Engine:
                        kv_layer_bytes_steps=dinfo["kv_layer_bytes_steps"] if len(samples) == 1 else {},
                        kv_bytes_end=dinfo["kv_seq_bytes_end"][b], kv_bytes_full_end=dinfo["kv_seq_full_end"][b],
                        peak_prefill=prefill_peak, peak_batching=batching_peak, peak_decode=decode_peak)
-            rec["kv_ratio_prefill"] = info["kv_bytes_prefill"] / max(info["kv_bytes_full_prefill"], 1)
-            rec["kv_ratio_end"] = rec["kv_bytes_end"] / max(rec["kv_bytes_full_end"], 1)
+            rec["kv_ratio_prefill"] = kv_ratio(info["kv_bytes_prefill"], info["kv_bytes_full_prefill"])
+            rec["kv_ratio_end"] = kv_ratio(rec["kv_bytes_end"], rec["kv_bytes_full_end"])
             rec["ttft_s"] = info["prefill_s"]
             rec["tpot_s"] = dinfo["decode_s"] / max(dinfo["decode_steps"], 1)
             rec["tokens_per_s"] = sum(len(t) for t in tokens) / max(dinfo["decode_s"], 1e-9)
@@ -285,8 +303,8 @@ class Engine:
                        new_tokens=len(tokens[0]), decode_s=dinfo["decode_s"], decode_steps=dinfo["decode_steps"],
                        turn_s=time.perf_counter() - t0, kv_bytes_end=dinfo["kv_bytes_end"],
                        kv_bytes_full_end=dinfo["kv_bytes_full_end"], batch_size=1)
-            rec["kv_ratio_prefill"] = info["kv_bytes_prefill"] / max(info["kv_bytes_full_prefill"], 1)
-            rec["kv_ratio_end"] = rec["kv_bytes_end"] / max(rec["kv_bytes_full_end"], 1)
+            rec["kv_ratio_prefill"] = kv_ratio(info["kv_bytes_prefill"], info["kv_bytes_full_prefill"])
+            rec["kv_ratio_end"] = kv_ratio(rec["kv_bytes_end"], rec["kv_bytes_full_end"])
             outs.append(rec)
         return outs
 
@@ -295,8 +313,8 @@ class Engine:
         """Log-probabilities [T-1, V] of the continuation (teacher-forced) on the compressed context."""
         cache, _, info = self.prefill(Sample(sample.id, sample.context_ids, sample.question_ids, [], 0))
         logits = self.feed(cache, sample.continuation_ids, compress=False, all_logits=True)
-        info["kv_ratio_prefill"] = info["kv_bytes_prefill"] / max(info["kv_bytes_full_prefill"], 1)
-        info["kv_ratio_end"] = cache.nbytes() / max(cache.full_nbytes(), 1)
+        info["kv_ratio_prefill"] = kv_ratio(info["kv_bytes_prefill"], info["kv_bytes_full_prefill"])
+        info["kv_ratio_end"] = kv_ratio(cache.nbytes(), cache.full_nbytes())
         return F.log_softmax(logits[0, :-1].float(), dim=-1), info
 
 

@@ -121,6 +121,15 @@ def summarize_mean(records: list[dict], group_by: str | None = None) -> dict:
     return out
 
 
+def as_names(value: Any) -> tuple[str, ...]:
+    """A task parameter given as a tuple, a list or a comma-separated string, as a tuple of names."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    return tuple(value)
+
+
 def hub_dataset(repo: str, config: str | None = None, split: str = "test") -> list[dict]:
     """Rows of a Hugging Face dataset; fails at once (ConnectionError) when the hub is out of reach,
     instead of waiting out the client's retries."""

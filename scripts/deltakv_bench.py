@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 
 from kvbench import models, registry
-from kvbench.engine import Engine
+from kvbench.results import read_jsonl
+from kvbench.engine import Engine, free_memory, sync
 from kvbench.harness import RunConfig, run
 from kvbench.task import Sample, TaskContext
 
@@ -42,7 +42,7 @@ def _metrics(run_dir: Path) -> dict:
 
 
 def _records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines() if line.strip()]
+    return read_jsonl(run_dir / "samples.jsonl")
 
 
 def snapkv_budget(records: list[dict], target_ratio: float, head_dim: int, itemsize: int) -> float:
@@ -127,10 +127,10 @@ def throughput(args) -> dict:
         method = registry.build_for_timing(name.split("(")[0], 1.0, params)
         engine = Engine(lm, method)
         engine.eos = set()  # every sequence decodes every step
-        _free_cuda()
+        free_memory()
         t0 = time.perf_counter()
         cache, first, info = engine.prefill(Sample("p", ids.tolist(), [], [], 0))
-        _sync()
+        sync(engine.device)
         prefill_s = time.perf_counter() - t0
         per_seq = cache.nbytes()
         batch = args.batch or max(1, int(torch.cuda.mem_get_info()[0] * 0.97 // per_seq))
@@ -148,7 +148,7 @@ def throughput(args) -> dict:
                 break
             except torch.cuda.OutOfMemoryError as e:
                 rec["tries"].append({"batch": batch, "error": str(e).splitlines()[0][:160]})
-                _free_cuda()
+                free_memory()
                 batch = int(batch * 0.92)
         if args.cprofile and name.startswith("deltakv") and "batch" in rec:
             _profile(engine, cache, first, rec["batch"], args.cprofile, host=True)
@@ -157,7 +157,7 @@ def throughput(args) -> dict:
         print(json.dumps({name: rec}), flush=True)
         results["methods"][name] = rec
         del cache, first, engine
-        _free_cuda()
+        free_memory()
     timed = {n: m["tokens_per_s"] for n, m in results["methods"].items() if "tokens_per_s" in m}
     if "full" in timed:
         for n, tps in timed.items():
@@ -167,18 +167,6 @@ def throughput(args) -> dict:
                       f"{tps / timed['full']:.2f}x full's {timed['full']:.1f} (batch "
                       f"{results['methods']['full']['batch']})", flush=True)
     return results
-
-
-def _free_cuda() -> None:
-    import gc
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def _decode_timing(engine, cache, first, batch: int, warmup: int, steps: int) -> dict:

@@ -31,7 +31,7 @@ from typing import ClassVar
 
 from kvbench.task import Sample, Task, TaskContext, TaskError, build_prompt, hub_dataset
 
-from .longbench import find_file, read_records
+from kvbench.io import find_file, read_records
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 

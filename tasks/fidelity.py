@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from kvbench.task import LOGPROBS, Sample, Task, TaskContext, TaskError
-from kvbench.tasks.niah import load_texts
+from kvbench.io import load_texts
 
 
 def stdlib_prose(max_chars: int = 2_000_000) -> str:

@@ -49,9 +49,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-from kvbench.task import Sample, Task, TaskContext, TaskError, build_prompt
+from kvbench.task import Sample, Task, TaskContext, TaskError, as_names, build_prompt
 
-from .longbench import as_names
 from .metrics import string_match_all, string_match_part
 
 RULER_TASKS: tuple[str, ...] = (

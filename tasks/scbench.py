@@ -62,9 +62,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
-from kvbench.task import MULTI_TURN, Sample, Task, TaskContext, TaskError, Turn, build_prompt, hub_dataset
+from kvbench.io import find_file, read_records
+from kvbench.task import (MULTI_TURN, Sample, Task, TaskContext, TaskError, Turn, as_names, build_prompt,
+                          hub_dataset)
 
-from .longbench import as_names, find_file, read_records
 from .metrics import f1_score, normalize_zh_answer, rouge_lsum_f, string_match_all
 
 HUB_REPO = "microsoft/SCBench"

@@ -100,7 +100,8 @@ class Grid:
 
 def read_haystacks(path: str | None) -> tuple[list[str], str]:
     """Three haystack texts (one per needle) and a description of where they came from."""
-    from kvbench.tasks.niah import FILLER, load_texts
+    from kvbench.io import load_texts
+    from kvbench.tasks.niah import FILLER
     if path is None:
         return [FILLER * 200] * 3, "built-in filler (kvbench niah)"
     root = Path(path).expanduser()
