@@ -20,7 +20,6 @@ Corpora: a text file, or a directory of ``.txt``/``.md`` files and manual pages 
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from kvbench.methods.deltakv.codec import (is_reference, kv_from_tokens, model_f
                                           nearest_references, save_checkpoint, tokens_from_kv, visible_references)
 from kvbench.methods.deltakv.method import DeltaKV
 from kvbench.task import TaskError
+from kvbench.training import warmup_cosine
 
 class TrainingAttention:
     """Stands in for the kvbench cache during training (``kvbench_cache=``): full layers attend exactly;
@@ -121,10 +121,7 @@ def train(model: str, data: str, out: str, steps: int = 1000, batch: int = 8, se
             break
         if cursor + batch > len(order):
             order, cursor = torch.randperm(len(train_set), generator=gen), 0
-        # Cosine over whichever ends first, the steps or the time limit, so a timed run still anneals.
-        done = max(step / steps, (time.perf_counter() - t0) / (60 * max_minutes) if max_minutes else 0.0)
-        for group in opt.param_groups:
-            group["lr"] = lr * ((step + 1) / warmup if step < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * done)))
+        warmup_cosine(opt, lr, step, steps, t0, max_minutes, warmup)
         x = train_set[order[cursor: cursor + batch]].to(dev)
         cursor += batch
         ce, mse = _loss(lm.model, method, rope, x, positions)

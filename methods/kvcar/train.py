@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from kvbench import artifact as artifacts
 from kvbench.cli import fail, user_errors
+from kvbench.training import warmup_cosine
 from kvbench.methods.kvcar import NAME, ROPE_KEYS, LayerCodec, choose_reuse
 from kvbench.methods.kvcar.codec import pca_init_
 from kvbench.task import TaskError
@@ -108,13 +109,6 @@ def similarity(model, samples: torch.Tensor, rope, batch: int) -> list[list[floa
     return [[None] * heads] + [[round(float(x), 5) for x in row] for row in sim]
 
 
-def _schedule(opt, lr: float, step: int, steps: int, started: float, minutes: float | None, warmup: int) -> None:
-    done = max(step / steps, (time.perf_counter() - started) / (60 * minutes) if minutes else 0.0)
-    factor = (step + 1) / warmup if step < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * min(done, 1.0)))
-    for group in opt.param_groups:
-        group["lr"] = lr * factor
-
-
 def _stage(name: str, codecs, loss_fn, train_set, batch: int, steps: int, lr: float, minutes: float | None,
            gen: torch.Generator, log) -> tuple[int, float, list[float]]:
     """One training stage: AdamW over the codecs' parameters; returns steps, seconds, losses."""
@@ -129,7 +123,7 @@ def _stage(name: str, codecs, loss_fn, train_set, batch: int, steps: int, lr: fl
             break
         if cursor + batch > len(order):
             order, cursor = torch.randperm(len(train_set), generator=gen), 0
-        _schedule(opt, lr, step, steps, t0, minutes, warmup)
+        warmup_cosine(opt, lr, step, steps, t0, minutes, warmup)
         loss = loss_fn(train_set[order[cursor: cursor + batch]])
         cursor += batch
         opt.zero_grad(set_to_none=True)
