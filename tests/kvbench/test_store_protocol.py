@@ -7,7 +7,7 @@ from kvbench import registry
 from kvbench.cache import KVCache, Store
 from kvbench.engine import Engine
 
-from tests.test_spine import tiny
+from tests.conftest import tiny
 
 PROTOCOL = [name for name, _ in inspect.getmembers(Store) if not name.startswith("_")]
 

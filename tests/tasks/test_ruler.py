@@ -1,19 +1,16 @@
 import re
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tokenizer_fixture import make_tokenizer  # noqa: E402
+from tests.conftest import FIXTURES, SHARED, make_tokenizer
 
 from kvbench.task import TaskContext, TaskError  # noqa: E402
 from kvbench.tasks import ruler as rl  # noqa: E402
 from kvbench.tasks.ruler import Ruler  # noqa: E402
 
-SHARED = Path(__file__).parents[1] / ".." / "shared" / "data"
-QA_FIXTURES = Path(__file__).parent / "fixtures" / "ruler"
+QA_FIXTURES = FIXTURES / "ruler"
 HEAD = "<|im_start|>user\n"
 NOISE_TASKS = "niah_single_1,niah_multikey_2,niah_multikey_3"
 

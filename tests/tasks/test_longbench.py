@@ -1,20 +1,17 @@
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tokenizer_fixture import make_tokenizer  # noqa: E402
+from tests.conftest import FIXTURES as ALL_FIXTURES, SHARED, make_tokenizer
 
-from longbench_parity import parity, reference_prompt  # noqa: E402
+from tests.tasks.longbench_parity import parity, reference_prompt
 
 from kvbench.task import TaskContext, TaskError  # noqa: E402
 from kvbench.tasks import longbench as lb  # noqa: E402
 from kvbench.tasks.longbench import LongBench  # noqa: E402
 
-SHARED = Path(__file__).parents[1] / ".." / "shared" / "data"
-FIXTURES = Path(__file__).parent / "fixtures" / "longbench"
+FIXTURES = ALL_FIXTURES / "longbench"
 
 
 def shared(rel: str) -> Path:
@@ -157,7 +154,7 @@ def test_official_max_length_rule():
 
 
 def test_samsum_generates_at_least_one_token_and_stops_on_newline():
-    from tests.test_spine import prompt, tiny
+    from tests.conftest import prompt, tiny
 
     from kvbench import registry
     from kvbench.engine import Engine

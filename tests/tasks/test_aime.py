@@ -1,11 +1,9 @@
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tokenizer_fixture import make_tokenizer  # noqa: E402
+from tests.conftest import SHARED, make_tokenizer
 
 from kvbench.task import TaskContext, TaskError  # noqa: E402
 from kvbench.tasks.aime import (  # noqa: E402
@@ -18,7 +16,6 @@ from kvbench.tasks.aime import (  # noqa: E402
     to_int,
 )
 
-SHARED = Path(__file__).parents[1] / ".." / "shared" / "data"
 
 
 def shared(rel: str) -> Path:

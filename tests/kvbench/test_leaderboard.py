@@ -230,7 +230,7 @@ def test_cli_commands(board, tmp_path):
 def _tiny_loader(spec, dtype, device, seed):
     from kvbench import models
     from kvbench.models import LoadedModel
-    from tests.tokenizer_fixture import make_tokenizer
+    from tests.conftest import make_tokenizer
     if spec == "tiny-too-big":
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
     model, _ = models.random_model(spec, dtype, device, seed)

@@ -28,7 +28,7 @@ COMPRESSING = ["snapkv", "streamingllm", "h2o"]
 @pytest.fixture(scope="module")
 def traced_runs(tmp_path_factory):
     import torch
-    from tests.tokenizer_fixture import make_tokenizer
+    from tests.conftest import make_tokenizer
     out = tmp_path_factory.mktemp("runs")
     model, _ = random_model("tiny-llama", torch.float32, "cpu", 0)
     model.generation_config.eos_token_id = None  # every method decodes the same number of steps

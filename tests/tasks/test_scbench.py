@@ -1,18 +1,16 @@
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tokenizer_fixture import make_tokenizer  # noqa: E402
+from tests.conftest import FIXTURES as ALL_FIXTURES, make_tokenizer
 
 from kvbench.task import TaskContext, TaskError  # noqa: E402
 from kvbench.tasks import scbench as sc  # noqa: E402
 from kvbench.tasks.scbench import SCBench  # noqa: E402
 
-FIXTURES = Path(__file__).parent / "fixtures" / "scbench"
+FIXTURES = ALL_FIXTURES / "scbench"
 END = "<|im_end|>\n"
 GEN = "<|im_start|>assistant\n"
 
@@ -224,7 +222,7 @@ class _EosTokenizer:
 
 
 def _engine(eos, protocol="query-agnostic", method="full", budget=1.0):
-    from tests.test_spine import tiny
+    from tests.conftest import tiny
 
     from kvbench import registry
     from kvbench.models import LoadedModel
@@ -235,7 +233,7 @@ def _engine(eos, protocol="query-agnostic", method="full", budget=1.0):
 
 
 def _two_turns(max_new=6):
-    from tests.test_spine import prompt
+    from tests.conftest import prompt
 
     from kvbench.task import Sample, Turn
     return Sample("s", prompt(40, 1), prompt(5, 2), [], max_new, turns=[Turn(prompt(4, 3), [], max_new)])
@@ -280,7 +278,7 @@ def test_first_question_is_compressed_with_the_context_by_default():
 
 
 def test_runner_compresses_the_first_question_with_the_context():
-    from tests.test_spine import prompt
+    from tests.conftest import prompt
 
     from kvbench.task import Sample, Turn
     turns = [Turn(prompt(4, 3), [], 2)]

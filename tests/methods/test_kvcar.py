@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_spine import prompt, sample, tiny
+from tests.conftest import prompt, sample, tiny
 
 from kvbench import artifact, registry
 from kvbench.cache import KVCache

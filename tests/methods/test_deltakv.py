@@ -20,7 +20,7 @@ from kvbench.models import ModelError
 from kvbench.engine import Engine
 from kvbench.io import roff_to_text
 from kvbench.methods.deltakv.train import reconstruct_training
-from tests.test_spine import prompt, sample, tiny
+from tests.conftest import prompt, sample, tiny
 
 SMALL = {"window": 8, "sinks": 4, "stride": 3, "neighbors": 2, "random_init": True}
 

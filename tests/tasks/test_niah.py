@@ -3,7 +3,7 @@ import pytest
 
 from kvbench.task import TaskContext, TaskError
 from kvbench.tasks.niah import ORIGINAL_BUFFER, NIAH
-from tests.tokenizer_fixture import make_tokenizer
+from tests.conftest import make_tokenizer
 
 
 def test_found_is_binary_and_rouge_is_secondary():

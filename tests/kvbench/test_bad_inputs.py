@@ -28,6 +28,7 @@ from click.testing import CliRunner
 from kvbench import leaderboard as lb
 from kvbench import models, results
 from kvbench.cli import main
+from tests.conftest import ROOT
 
 HAYSTACK = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
             "It was the best of times, it was the worst of times, it was the age of wisdom. ") * 40
@@ -39,7 +40,7 @@ NIAH = ["-t", "lengths=[160]", "-t", "max_new_tokens=4"]
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     """A tiny random Llama with the offline test tokenizer, saved as a model directory."""
-    from tests.tokenizer_fixture import make_tokenizer
+    from tests.conftest import make_tokenizer
     out = tmp_path_factory.mktemp("tiny-model")
     model, _ = models.random_model("tiny-llama", torch.float32, "cpu", seed=0)
     model.generation_config.eos_token_id = None
@@ -286,7 +287,7 @@ def test_bad_inputs_are_one_clear_line(tmp_path, tiny_dir, haystack):
 def test_niah_distinct_depths_get_distinct_ids(tiny_dir, haystack):
     from kvbench import registry
     from kvbench.task import TaskContext
-    from tests.tokenizer_fixture import make_tokenizer
+    from tests.conftest import make_tokenizer
     task = registry.build_task("niah", {"lengths": "[160]", "depths": "[0.5, 0.501, 0.25]"})
     ids = [s.id for s in task.samples(make_tokenizer(), TaskContext(3000, data=str(haystack)))]
     assert len(set(ids)) == 3 and ids[0] == "niah-160-0.50" and ids[2] == "niah-160-0.25", ids
@@ -331,7 +332,7 @@ def test_torn_last_line_is_redone_and_corrupt_middle_line_deletes_nothing(tmp_pa
 def _spawn(args: list, log: Path) -> subprocess.Popen:
     env = dict(os.environ, CI="1", TOKENIZERS_PARALLELISM="false")
     return subprocess.Popen([sys.executable, "-m", "kvbench.cli", *map(str, args)], stdout=open(log, "wb"),
-                            stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parents[1])
+                            stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
 
 def _wait_for_records(path_of, n: int, proc: subprocess.Popen, log: Path, timeout: float = 240) -> Path:

@@ -18,22 +18,14 @@ from kvbench.methods.compresskv.calibrate import Grid, NeedleProbe, find_span, r
 from kvbench.models import LoadedModel
 from kvbench.engine import Engine
 from kvbench.task import Sample
+from tests.conftest import FIXTURES, ROOT, IdTokenizer, tiny as tiny_model
 
-FIX = Path(__file__).parent / "fixtures" / "compresskv"
+FIX = FIXTURES / "compresskv"
 HEAD_IDX, LAYER_SCORES = str(FIX / "tiny_head_idx.json"), str(FIX / "tiny_layer_score.jsonl")
 
 
-class IdTokenizer:
-    eos_token_id = None
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))
-
-
 def tiny(seed: int = 0) -> LoadedModel:
-    model, _ = models.random_model("tiny-llama", torch.float32, "cpu", seed)
-    model.generation_config.eos_token_id = None
-    return LoadedModel(model, IdTokenizer(), "tiny-llama", 4096)
+    return tiny_model("llama", seed)
 
 
 # ---- budgets --------------------------------------------------------------------------------------------
@@ -241,7 +233,7 @@ def test_grid_parsing():
 @pytest.mark.slow
 def test_committed_smollm2_calibration_runs():
     """checkpoints/compresskv-smollm2-135m was made by `kvbench calibrate compresskv` for this very model."""
-    root = Path(__file__).resolve().parents[1] / "checkpoints" / "compresskv-smollm2-135m"
+    root = ROOT / "checkpoints" / "compresskv-smollm2-135m"
     try:
         lm = models.load("smollm2-135m")
     except models.ModelError as e:
@@ -323,9 +315,7 @@ def test_calibration_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
     """The whole calibration on a tiny random model with a real (tiny BPE) tokenizer: a model that answers no
     needle is refused in one line (its tests kept for a rerun); with every test counted, the artifact holds a
     ranking and layer scores that the method loads for this model."""
-    import sys
-    sys.path.insert(0, str(Path(__file__).parent))
-    from tokenizer_fixture import make_tokenizer
+    from tests.conftest import make_tokenizer
     from kvbench.methods.compresskv import calibrate as cal
     lm = tiny(0)
     lm.tokenizer = make_tokenizer()

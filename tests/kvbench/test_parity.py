@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import sys
 from functools import lru_cache
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,8 +21,9 @@ from kvbench import attention, registry
 from kvbench.models import LoadedModel
 from kvbench.engine import Engine
 from kvbench.task import Sample
+from tests.conftest import FIXTURES as ALL_FIXTURES
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "parity"
+FIXTURES = ALL_FIXTURES / "parity"
 
 
 @lru_cache(maxsize=1)
@@ -101,7 +101,7 @@ def test_kept_positions_match_reference(case):
 
 
 def test_fixtures_cover_every_eviction_method_at_both_roundings():
-    from test_spine import EVICTION
+    from tests.conftest import EVICTION
     cases = fixture()["cases"]
     assert {c["method"] for c in cases} == set(EVICTION)
     for method in EVICTION:

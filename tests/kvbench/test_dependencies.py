@@ -6,7 +6,7 @@ import tomllib
 from importlib.metadata import packages_distributions
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_DIRS = ("kvbench", "methods", "kernels", "tasks")
 # Imported only inside a guarded block, for an optional feature; each says why it is not required.
 OPTIONAL = {

@@ -12,7 +12,7 @@ from kvbench.cli import main
 from kvbench.methods.kvsculpt import BatchedLBFGS, sculpt
 from kvbench.methods.selectfit import Problems, attend, objective, redistribute, solve_values
 from kvbench.engine import Engine
-from tests.test_spine import prompt, sample, tiny
+from tests.conftest import prompt, sample, tiny
 
 
 def random_problems(P=3, R=96, E=6, M=12, D=8, seed=0, pad_last=4, N=None) -> tuple[Problems, torch.Tensor, torch.Tensor]:

@@ -15,24 +15,7 @@ from kvbench.cli import main
 from kvbench.models import LoadedModel
 from kvbench.engine import Engine
 from kvbench.task import Sample
-
-EVICTION = ["random", "knorm", "streamingllm", "snapkv", "pyramidkv", "h2o", "tova", "adakv"]
-
-
-class IdTokenizer:
-    """Enough of a tokenizer for the engine: no EOS, decode shows the ids."""
-
-    eos_token_id = None
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))
-
-
-def tiny(family: str, seed: int = 0) -> LoadedModel:
-    model, _ = models.random_model(f"tiny-{family}", torch.float32, "cpu", seed)
-    model.generation_config.eos_token_id = None
-    return LoadedModel(model, IdTokenizer(), f"tiny-{family}", 4096)
-
+from tests.conftest import EVICTION, prompt, sample, tiny
 
 def hf_twin(lm: LoadedModel):
     """The same weights under transformers' own SDPA attention and dynamic cache."""
@@ -42,15 +25,6 @@ def hf_twin(lm: LoadedModel):
     twin.load_state_dict(lm.model.state_dict())
     twin.config._attn_implementation = "sdpa"
     return twin.eval()
-
-
-def prompt(n: int, seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 1000, (n,), generator=g).tolist()
-
-
-def sample(ctx: list[int], q: list[int], new: int = 8, sid: str = "s") -> Sample:
-    return Sample(sid, ctx, q, [], new)
 
 
 @torch.no_grad()
@@ -211,7 +185,7 @@ def test_killed_run_resumes_without_loss_or_repeat(tmp_path, monkeypatch):
     from kvbench.tasks.niah import NIAH
 
     lm = tiny("llama")
-    from tests.tokenizer_fixture import make_tokenizer
+    from tests.conftest import make_tokenizer
     lm = LoadedModel(lm.model, make_tokenizer(), "tiny-llama", 4096)
     cfg = RunConfig(method="snapkv", task="niah", budget=0.5, task_params={"lengths": [300], "depths": [0.0, 0.5, 1.0],
                     "max_new_tokens": 4}, out=str(tmp_path))
