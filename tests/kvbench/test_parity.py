@@ -5,13 +5,14 @@ official codes' rules) hold, for a tiny Llama with fixed weights and fixed conte
 the kept positions per (layer, KV head) after a query-agnostic prefill at kept fractions 0.25 and 0.5.
 Here kvbench runs the same model (CPU, float32) and must keep exactly the same sets.
 
-``python tests/test_parity.py`` prints the table of results/parity/README.md (``--lenient`` drops
+``python tests/kvbench/test_parity.py`` prints the table of results/parity/README.md (``--lenient`` drops
 parameters a method does not have, to measure code older than them).
 """
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from functools import lru_cache
 
 import pytest
@@ -21,9 +22,8 @@ from kvbench import attention, registry
 from kvbench.models import LoadedModel
 from kvbench.engine import Engine
 from kvbench.task import Sample
-from tests.conftest import FIXTURES as ALL_FIXTURES
 
-FIXTURES = ALL_FIXTURES / "parity"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "parity"  # also run as a script
 
 
 @lru_cache(maxsize=1)

@@ -4,7 +4,7 @@
 both halves and joining their text, chat template unless the task is one of the six without, tokenize again);
 ``parity`` counts the records on which kvbench's samples give the same token ids and the same text.
 
-    python tests/longbench_parity.py DATA_DIR TOKENIZER_DIR 7500 3501   # counts per file and max_length
+    python tests/tasks/longbench_parity.py DATA_DIR TOKENIZER_DIR 7500 3501   # counts per file and max_length
 """
 from __future__ import annotations
 

@@ -130,7 +130,7 @@ def test_middle_truncation_is_pred_pys_text_join(max_len):
 @pytest.mark.parametrize("dataset", ["multi_news", "multifieldqa_zh"])
 def test_prompts_identical_to_official_pred_py(max_length, dataset):
     """Token- and text-identical to pred.py's prompts on the real files (first 12 records each; the script
-    tests/longbench_parity.py counts all 200)."""
+    tests/tasks/longbench_parity.py counts all 200)."""
     data = shared("longbench")
     assert parity(make_tokenizer(), data, dataset, max_length, limit=12) == {
         "n": 12, "token_identical": 12, "text_identical": 12}
