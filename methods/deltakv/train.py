@@ -20,7 +20,6 @@ Corpora: a text file, or a directory of ``.txt``/``.md`` files and manual pages 
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import click
@@ -33,7 +32,7 @@ from kvbench.methods.deltakv.codec import (is_reference, kv_from_tokens, model_f
                                           nearest_references, save_checkpoint, tokens_from_kv, visible_references)
 from kvbench.methods.deltakv.method import DeltaKV
 from kvbench.task import TaskError
-from kvbench.training import warmup_cosine
+from kvbench.training import optimise
 
 class TrainingAttention:
     """Stands in for the kvbench cache during training (``kvbench_cache=``): full layers attend exactly;
@@ -109,33 +108,17 @@ def train(model: str, data: str, out: str, steps: int = 1000, batch: int = 8, se
     log(f"corpus: {corpus['files']} files, {len(ids)} tokens, {len(train_set)} samples of {seq_len}; "
         f"compressed layers {sorted(int(x) for x in comps)}; r={method.latent_dim_} I={method.intermediate_}")
 
-    opt = torch.optim.AdamW(comps.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    warmup = max(1, steps // 20)
     gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(train_set), generator=gen)
     positions = torch.arange(seq_len, device=dev)[None, :].expand(batch, seq_len)
-    t0, step, cursor, history = time.perf_counter(), 0, 0, []
-    while step < steps:
-        if max_minutes is not None and time.perf_counter() - t0 > 60 * max_minutes:
-            log(f"stopping at step {step}: --max-minutes {max_minutes} reached")
-            break
-        if cursor + batch > len(order):
-            order, cursor = torch.randperm(len(train_set), generator=gen), 0
-        warmup_cosine(opt, lr, step, steps, t0, max_minutes, warmup)
-        x = train_set[order[cursor: cursor + batch]].to(dev)
-        cursor += batch
-        ce, mse = _loss(lm.model, method, rope, x, positions)
-        loss = ce + mse
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(comps.parameters(), 1.0)
-        opt.step()
-        step += 1
-        history.append((ce.item(), mse.item()))
-        if step % 25 == 0 or step == 1:
-            log(f"step {step}: ce {history[-1][0]:.4f} mse(sum over layers) {history[-1][1]:.4f} "
-                f"({time.perf_counter() - t0:.0f} s)")
-    seconds = time.perf_counter() - t0
+
+    def loss_fn(x: torch.Tensor):
+        ce, mse = _loss(lm.model, method, rope, x.to(dev), positions)
+        return ce + mse, (ce.item(), mse.item())
+
+    step, seconds, history = optimise(
+        comps.parameters(), loss_fn, train_set, batch, steps, lr, max_minutes, max(1, steps // 20), gen, log,
+        stop_message=lambda s: f"stopping at step {s}: --max-minutes {max_minutes} reached",
+        report=lambda s, rec, secs: f"step {s}: ce {rec[0]:.4f} mse(sum over layers) {rec[1]:.4f} ({secs:.0f} s)")
     tail = history[-20:]
     final = {"train_ce": sum(c for c, _ in tail) / len(tail), "train_mse_sum": sum(m for _, m in tail) / len(tail)}
     final.update(_heldout(lm.model, method, rope, held.to(dev), min(batch, len(held))))

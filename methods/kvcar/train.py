@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from kvbench import artifact as artifacts
 from kvbench.cli import fail, user_errors
-from kvbench.training import warmup_cosine
+from kvbench.training import optimise
 from kvbench.methods.kvcar import NAME, ROPE_KEYS, LayerCodec, choose_reuse
 from kvbench.methods.kvcar.codec import pca_init_
 from kvbench.task import TaskError
@@ -111,30 +111,15 @@ def similarity(model, samples: torch.Tensor, rope, batch: int) -> list[list[floa
 
 def _stage(name: str, codecs, loss_fn, train_set, batch: int, steps: int, lr: float, minutes: float | None,
            gen: torch.Generator, log) -> tuple[int, float, list[float]]:
-    """One training stage: AdamW over the codecs' parameters; returns steps, seconds, losses."""
-    params = [p for p in codecs.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    warmup = max(1, min(steps // 20, 50))
-    order, cursor, step, losses = torch.randperm(len(train_set), generator=gen), 0, 0, []
-    t0 = time.perf_counter()
-    while step < steps:
-        if minutes is not None and time.perf_counter() - t0 > 60 * minutes:
-            log(f"{name}: stopping at step {step}: its {minutes:.2f} minutes are up")
-            break
-        if cursor + batch > len(order):
-            order, cursor = torch.randperm(len(train_set), generator=gen), 0
-        warmup_cosine(opt, lr, step, steps, t0, minutes, warmup)
-        loss = loss_fn(train_set[order[cursor: cursor + batch]])
-        cursor += batch
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        losses.append(loss.item())
-        if step % 25 == 0 or step == 1:
-            log(f"{name} step {step}: loss {losses[-1]:.4f} ({time.perf_counter() - t0:.0f} s)")
-    return step, time.perf_counter() - t0, losses
+    """One training stage over the codecs' trainable parameters; returns steps, seconds, losses."""
+    def step_loss(x: torch.Tensor):
+        loss = loss_fn(x)
+        return loss, loss.item()
+
+    return optimise([p for p in codecs.parameters() if p.requires_grad], step_loss, train_set, batch, steps, lr,
+                    minutes, max(1, min(steps // 20, 50)), gen, log,
+                    stop_message=lambda s: f"{name}: stopping at step {s}: its {minutes:.2f} minutes are up",
+                    report=lambda s, loss, secs: f"{name} step {s}: loss {loss:.4f} ({secs:.0f} s)")
 
 
 def train(model: str, data: str, out: str, latent_dim: int | None = None, hidden: int | None = None,
