@@ -114,6 +114,19 @@ def make_tokenizer(chat_template: bool = True, vocab_size: int = 600, english_wo
     return fast
 
 
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama with the offline test tokenizer, saved as a model directory."""
+    out = tmp_path_factory.mktemp("tiny-model")
+    model, _ = models.random_model("tiny-llama", torch.float32, "cpu", seed=0)
+    model.generation_config.eos_token_id = None
+    model.config.eos_token_id = None
+    model.config._attn_implementation = "sdpa"
+    model.save_pretrained(out)
+    make_tokenizer().save_pretrained(out)
+    return out
+
+
 @pytest.fixture
 def tokenizer():
     return make_tokenizer()

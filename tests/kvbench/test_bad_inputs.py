@@ -38,20 +38,6 @@ NIAH = ["-t", "lengths=[160]", "-t", "max_new_tokens=4"]
 # ---------------------------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    """A tiny random Llama with the offline test tokenizer, saved as a model directory."""
-    from tests.conftest import make_tokenizer
-    out = tmp_path_factory.mktemp("tiny-model")
-    model, _ = models.random_model("tiny-llama", torch.float32, "cpu", seed=0)
-    model.generation_config.eos_token_id = None
-    model.config.eos_token_id = None
-    model.config._attn_implementation = "sdpa"
-    model.save_pretrained(out)
-    make_tokenizer().save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def haystack(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("hay") / "hay.txt"
     path.write_text(HAYSTACK)
