@@ -190,6 +190,8 @@ def record_files(run_dir: Path, ranks: Ranks) -> tuple[Path, Path]:
     """(samples, trace) files this rank appends to."""
     samples, trace = (shard_path(run_dir / name, ranks) for name in RECORD_FILES)
     samples.parent.mkdir(parents=True, exist_ok=True)
+    if ranks.sharded:
+        samples.touch()  # rank 0 checks that it sees every rank's files (one results filesystem)
     return samples, trace
 
 
@@ -239,6 +241,13 @@ def finish_records(run_dir: Path, order: list[str], ranks: Ranks) -> bool:
     written (rank 0; the one process outside torchrun)."""
     barrier(ranks)
     if ranks.main:
+        if ranks.sharded:
+            unseen = [r for r in range(ranks.world) if not shard_path(run_dir / RECORD_FILES[0],
+                                                                         Ranks(r, ranks.world)).exists()]
+            if unseen:
+                raise DistributedError(f"rank 0 does not see the records of rank(s) {unseen} under {run_dir}: the "
+                                       "ranks of a data-parallel run need one shared results filesystem (--out); "
+                                       "their shards stay where they are and a rerun on a shared --out resumes them")
         merge_records(run_dir, order)
     return ranks.main
 
@@ -258,6 +267,7 @@ def merge_ledger(ledger: Path, outcomes: list[tuple[int, dict]], ranks: Ranks) -
     ranks: their own outcomes."""
     gathered = gather_to_rank0(outcomes, ranks) if ranks.sharded else [outcomes]
     if not ranks.main:
+        drop_rank_ledger(ledger, ranks)
         return [o for _, o in outcomes]
     everything = sorted((pair for part in gathered for pair in part), key=lambda pair: pair[0])
     rank_files = sorted(ledger.parent.glob(f".{ledger.stem}.rank*-of-*{ledger.suffix}"))
@@ -271,7 +281,15 @@ def merge_ledger(ledger: Path, outcomes: list[tuple[int, dict]], ranks: Ranks) -
             results.append_jsonl(ledger, rec)
     for path in rank_files:
         path.unlink()
+    drop_rank_ledger(ledger, ranks)
     return [o for _, o in everything]
+
+
+def drop_rank_ledger(ledger: Path, ranks: Ranks) -> None:
+    """Once rank 0 wrote the ledger: each rank removes its own file (on a results root of its own too)."""
+    if ranks.sharded:
+        barrier(ranks)
+        ledger_path(ledger, ranks).unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------ tensor parallel
@@ -287,7 +305,12 @@ class HeadShard:
 
 def tensor_parallel_config():
     """What ``from_pretrained`` takes to shard the model over the torchrun job (transformers' DTensor plan)."""
-    from transformers.distributed import DistributedConfig
+    try:
+        from transformers.distributed import DistributedConfig
+    except ImportError:
+        import transformers
+        raise DistributedError(f"--tp needs transformers' DTensor tensor parallelism (transformers.distributed), "
+                               f"which transformers {transformers.__version__} lacks: upgrade transformers") from None
     return DistributedConfig(tp_plan="auto")
 
 
