@@ -303,8 +303,15 @@ class HeadShard:
     local: int
 
 
-def tensor_parallel_config():
-    """What ``from_pretrained`` takes to shard the model over the torchrun job (transformers' DTensor plan)."""
+def tensor_parallel_config(model_config):
+    """What ``from_pretrained`` takes to shard a model of ``model_config`` over the torchrun job (transformers'
+    DTensor plan); a ``DistributedError`` when its heads do not split evenly over the ranks."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    heads = {"query": model_config.num_attention_heads, "KV": model_config.num_key_value_heads}
+    uneven = [f"{n} {kind} heads" for kind, n in heads.items() if n % world]
+    if uneven:
+        raise DistributedError(f"the model has {' and '.join(uneven)}, which do not split over {world} processes: "
+                               f"use --tp with a number of processes that divides {heads['KV']}")
     try:
         from transformers.distributed import DistributedConfig
     except ImportError:
@@ -318,7 +325,7 @@ def shard_model(model):
     """A model built whole in each process (random weights, the same seed everywhere) sharded over the job
     as ``from_pretrained`` shards loaded weights: each rank keeps its slices of its own copy."""
     cls = type(model)
-    config, _, meshes = cls.prepare_distribute_model(tensor_parallel_config(), device_map=None)
+    config, _, meshes = cls.prepare_distribute_model(tensor_parallel_config(model.config), device_map=None)
     return cls.maybe_distribute_model(model, config, meshes)
 
 

@@ -184,8 +184,9 @@ def _from_pretrained(source: str, dtype, device, trust_remote_code: bool, local_
         kw["gguf_file"] = gguf_file
     tok = AutoTokenizer.from_pretrained(source, **kw)
     if tensor_parallel:  # [distributed] heads split over the torchrun job (kvbench/distributed.py)
+        from transformers import AutoConfig
         from kvbench.distributed import tensor_parallel_config
-        kw["distributed_config"] = tensor_parallel_config()
+        kw["distributed_config"] = tensor_parallel_config(AutoConfig.from_pretrained(source, **kw))
         return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attention.NAME, **kw), tok
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attention.NAME, **kw)
     return model.to(device), tok
@@ -193,9 +194,10 @@ def _from_pretrained(source: str, dtype, device, trust_remote_code: bool, local_
 
 def _local(what: str, load):
     """Run ``load`` on local files; anything it raises (a corrupt or half-written file) becomes one line."""
+    from kvbench.distributed import DistributedError
     try:
         return load()
-    except ModelError:
+    except (ModelError, DistributedError):  # [distributed] heads that do not split over the ranks
         raise
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0][:200]
