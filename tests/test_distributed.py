@@ -248,3 +248,17 @@ def test_ledger_of_a_killed_sharded_sweep_is_folded_in(tmp_path):
     assert out == [{"point": {"method": "full"}, "status": "done"}]
     assert [json.loads(x)["point"]["method"] for x in lines(ledger)] == ["full", "h2o"]
     assert not list(ledger.parent.glob(".s.rank*"))
+
+
+def test_tensor_parallel_needs_heads_that_split(monkeypatch):
+    from types import SimpleNamespace
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(distributed.DistributedError, match="4 query heads and 2 KV heads, which do not split over 3"):
+        distributed.tensor_parallel_config(SimpleNamespace(num_attention_heads=4, num_key_value_heads=2))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    try:
+        config = distributed.tensor_parallel_config(SimpleNamespace(num_attention_heads=4, num_key_value_heads=2))
+    except distributed.DistributedError as e:  # a transformers without DTensor tensor parallelism
+        assert "upgrade transformers" in str(e)
+    else:
+        assert config.tp_plan == "auto"
