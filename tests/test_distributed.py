@@ -124,6 +124,50 @@ def test_sharded_run_resumes_and_merges_to_the_one_process_result(tmp_path, tiny
 
 
 @pytest.mark.slow
+def test_killed_job_resumes_without_loss(tmp_path, tiny_dir, haystack):
+    """A real 2-rank job killed (SIGKILL to every process of the job) once its shards hold records: nothing is
+    merged, the rerun keeps every finished record byte for byte, redoes the rest, and merges to the
+    one-process result."""
+    import signal
+    import time
+    n = 8
+    longer = ["-t", "max_new_tokens=24"]  # the later -t wins
+    args = [*run_args(tiny_dir, haystack, tmp_path / "two", n), *longer]
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
+    env.update(CI="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "kvbench.cli",
+           *map(str, args)]
+    with open(tmp_path / "job.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            found = list((tmp_path / "two" / "runs").glob("*/shards/samples.rank*-of-2.jsonl"))
+            if len(found) == 2 and all(len(lines(f)) >= 1 for f in found):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the job ended before it was killed: " + (tmp_path / "job.log").read_text()[-2000:]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    run_dir = next((tmp_path / "two" / "runs").iterdir())
+    assert not (run_dir / "samples.jsonl").exists() and not (run_dir / "metrics.json").exists()
+    before = [x for f in sorted((run_dir / distributed.SHARDS_DIR).glob("samples.*")) for x in lines(f)
+              if x.endswith(b"\n")]
+    assert 2 <= len(before) < n
+    torchrun("-m", "kvbench.cli", *args)
+    got = lines(run_dir / "samples.jsonl")
+    ref = Path(cli(*run_args(tiny_dir, haystack, tmp_path / "one", n), *longer).stdout.split("results: ")[1].strip())
+    assert [without_timings(json.loads(x)) for x in got] == \
+        [without_timings(json.loads(x)) for x in lines(ref / "samples.jsonl")]
+    kept = sum(x in got for x in before)
+    assert kept == len(before)
+    print(f"\nkilled job: kept {kept}, redone {n - kept}, lost 0")
+
+
+@pytest.mark.slow
 def test_sharded_sweep_equals_one_process_sweep(tmp_path, tiny_dir, haystack):
     """3 points over 2 ranks: the same outcomes in plan order, the same closing line, one ledger (no rank
     files left), each point's records equal."""
