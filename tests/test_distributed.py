@@ -203,11 +203,11 @@ data: {haystack}
 @pytest.mark.slow
 def test_tensor_parallel_equals_one_process(tmp_path, tiny_dir):
     """Each of 2 ranks holds one of the 2 KV heads: the tokens equal a one-process run's and the first
-    logits agree to fp32 rounding, for full and the methods that choose per head (snapkv, pyramidkv) or
-    across heads through a collective (adakv's allocation, tova's mean over heads); the cache bytes summed
-    over the ranks equal one process's, and adakv's ranks hold different amounts (its allocation crossed
-    the ranks)."""
-    methods = ["full", "snapkv", "adakv", "tova", "pyramidkv"]
+    logits agree to fp32 rounding, for full, the methods that choose per head (snapkv, pyramidkv, h2o,
+    streamingllm, knorm) and those that choose across heads through a collective (adakv's allocation, tova's
+    mean over heads); the cache bytes summed over the ranks equal one process's, and adakv's ranks hold
+    different amounts (its allocation crossed the ranks)."""
+    methods = ["full", "snapkv", "adakv", "tova", "pyramidkv", "h2o", "streamingllm", "knorm"]
     args = dict(budget=0.3, context=300, new_tokens=12)
     ref = distributed.probe(str(tiny_dir), methods, ranks=distributed.SINGLE, logits=True, **args)
     out = tmp_path / "tp.jsonl"
