@@ -25,8 +25,8 @@ load.
 
 Two ways to run it (``split``). Split (the default on the GPU, ``DEFAULT_TILE``): a small kernel dequantises
 the selected latents, one matmul makes the up-projection ``[n, D]``, and the kernel below reads it instead of
-computing it. Fused: the kernel computes the up-projection itself. At Llama-3.1-8B shapes on the H100 the split
-is 1.45x faster (``reconstruct_bench``): cuBLAS streams ``W_up`` once where the fused tiles re-read it per tile.
+computing it. Fused: the kernel computes the up-projection itself. The split is the faster one at real shapes
+(``reconstruct_bench``; results/deltakv/README.md): cuBLAS streams ``W_up`` once where the fused tiles re-read it per tile.
 
 Grid: token tiles x KV heads x 2 (keys, rotated, or values), flattened with the tile slowest so the programs
 of one tile share its gathered rows through L2. Fused, each program computes the

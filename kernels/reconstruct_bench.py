@@ -2,7 +2,7 @@
 
     python -m kvbench.kernels.reconstruct_bench [--batch 48] [--context 32768] [--keep 0.15] [--out DIR]
 
-Builds one compressed layer's tables the way ``methods/deltakv.py`` lays them out (``B`` sequences of
+Builds one compressed layer's tables the way ``methods/deltakv/store.py`` lays them out (``B`` sequences of
 ``context`` compressed tokens: the sinks and every ``s``-th token as references, the rest as int4 latents
 with ``k`` neighbour indices each), picks ``keep`` of each sequence's tokens (the sinks plus random
 positions, sorted, as the observation layer hands them over), and times ``reconstruct_triton`` over a

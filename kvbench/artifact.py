@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from kvbench.models import weights_fingerprint
+from kvbench.models import head_dim, weights_fingerprint
 from kvbench.results import file_sha256
 
 FORMAT = "kvbench-artifact/1"
@@ -32,10 +32,9 @@ class ArtifactError(ValueError):
 
 def model_signature(config) -> dict:
     """The shapes an artifact depends on."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return {"model_type": config.model_type, "num_hidden_layers": config.num_hidden_layers,
             "hidden_size": config.hidden_size, "num_attention_heads": config.num_attention_heads,
-            "num_key_value_heads": config.num_key_value_heads, "head_dim": head_dim,
+            "num_key_value_heads": config.num_key_value_heads, "head_dim": head_dim(config),
             "vocab_size": config.vocab_size}
 
 

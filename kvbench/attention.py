@@ -2,7 +2,7 @@
 
 It is registered in transformers' public ``AttentionInterface`` (``register()``, called by the model
 loader, idempotent). All it does is hand the layer's queries, new keys and new values to the
-``KVCache`` that the runner passes as the forward kwarg ``kvbench_cache``.
+``KVCache`` that the engine passes as the forward kwarg ``kvbench_cache``.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def kvbench_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         # Never fall back to full attention silently: a forward without a kvbench cache is a bug.
         raise CacheMissingError("kvbench attention was called without a kvbench cache (pass kvbench_cache=...)")
     if attention_mask is not None and attention_mask.dim() == 4 and not bool(attention_mask.all()):
-        raise CacheMissingError("kvbench attention does not take padding masks; the runner prefills sequences one by one")
+        raise CacheMissingError("kvbench attention does not take padding masks; the engine prefills sequences one by one")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = kvbench_cache.attention(module.layer_idx, query, key, value, scale)
     return out.transpose(1, 2).contiguous(), None

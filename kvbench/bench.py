@@ -41,6 +41,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from kvbench import results
+
 KVPRESS_PRESSES = {  # kvbench method -> (kvpress class, {kvbench parameter: kvpress parameter})
     "snapkv": ("SnapKVPress", {"window": "window_size", "kernel": "kernel_size"}),
     "streamingllm": ("StreamingLLMPress", {"sinks": "n_sink"}),
@@ -93,25 +95,6 @@ def peak_of(*phases: dict) -> dict:
     return {k: max(p.get(k, 0) for p in phases) for k in keys}
 
 
-def is_oom(err: BaseException) -> bool:
-    import torch
-    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
-
-
-def free_memory() -> None:
-    import gc
-    import torch
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _sync(cuda: bool) -> None:
-    import torch
-    if cuda:
-        torch.cuda.synchronize()
-
-
 def _error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
 
@@ -140,7 +123,7 @@ def _hf_point(model, ids, new_tokens: int, cuda: bool) -> dict:
     from transformers import LogitsProcessor, LogitsProcessorList
 
     from kvbench.models import output_cache
-    from kvbench.runner import PeakMemory
+    from kvbench.engine import PeakMemory, sync
 
     class FirstToken(LogitsProcessor):
         # Called once per generated token; the first call comes right after the prefill forward.
@@ -151,7 +134,7 @@ def _hf_point(model, ids, new_tokens: int, cuda: bool) -> dict:
 
         def __call__(self, input_ids, scores):
             if self.t is None:
-                _sync(cuda)
+                sync("cuda" if cuda else "cpu")
                 self.t = time.perf_counter()
                 self.prefill_peak = self.peak.read()
                 self.peak = PeakMemory(ids.device)  # the decoding phase from here
@@ -163,7 +146,7 @@ def _hf_point(model, ids, new_tokens: int, cuda: bool) -> dict:
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
                              logits_processor=LogitsProcessorList([first]), return_dict_in_generate=True)
-    _sync(cuda)
+    sync("cuda" if cuda else "cpu")
     t_end = time.perf_counter()
     decode_peak = first.peak.read()
     produced = out.sequences.shape[1] - ids.shape[1]
@@ -196,7 +179,7 @@ def _kvpress_point(model, press, ids, new_tokens: int, cuda: bool) -> dict:
     from transformers import DynamicCache
 
     from kvbench.models import cache_argument
-    from kvbench.runner import PeakMemory
+    from kvbench.engine import PeakMemory, sync
     peak = PeakMemory(ids.device)
     context, last = ids[:, :-1], ids[:, -1:]
     n = ids.shape[1] - 1
@@ -208,14 +191,14 @@ def _kvpress_point(model, press, ids, new_tokens: int, cuda: bool) -> dict:
         position = torch.full((ids.shape[0], 1), n, device=ids.device)
         logits = model(input_ids=last, **cache_argument(model, cache), position_ids=position, logits_to_keep=1).logits
         nxt = logits[:, -1].argmax(-1, keepdim=True)
-        _sync(cuda)
+        sync("cuda" if cuda else "cpu")
         t_first = time.perf_counter()
         prefill_peak = peak.read()
         peak = PeakMemory(ids.device)
         for i in range(new_tokens - 1):
             logits = model(input_ids=nxt, **cache_argument(model, cache), position_ids=position + 1 + i).logits
             nxt = logits[:, -1].argmax(-1, keepdim=True)
-        _sync(cuda)
+        sync("cuda" if cuda else "cpu")
     t_end = time.perf_counter()
     decode_peak = peak.read()
     kv = _dynamic_cache_bytes(cache) / ids.shape[0]
@@ -230,6 +213,7 @@ def _make_press(kvpress, method: str, budget: float, method_params: dict):
 
 def peer_main(spec_path: str) -> None:
     """Entry point of a peer process: runs the points of a spec file, one JSON line per point."""
+    from kvbench.engine import free_memory, is_oom
     spec = json.loads(Path(spec_path).read_text())
     out = Path(spec["out"])
     base = {"impl": spec["peer"]}
@@ -298,7 +282,7 @@ class Bench:
     def __init__(self, cfg: BenchConfig, echo=print):
         import torch
         from kvbench import models
-        from kvbench.runner import resolve_device, resolve_dtype
+        from kvbench.engine import resolve_device, resolve_dtype
         self.cfg, self.echo = cfg, echo
         self.device = resolve_device(cfg.device)
         self.cuda = self.device.startswith("cuda")
@@ -318,7 +302,7 @@ class Bench:
                 raise BenchError(f"unknown peer '{p}'; peers are hf and kvpress")
         from kvbench import registry
         for m in cfg.methods + ([cfg.chunk_method] if cfg.chunked_prefill else []):
-            registry.build_for_timing(m, 0.5 if m != "full" else 1.0)  # unknown names fail here, before loading
+            registry.build_for_timing(m, 0.5 if m != results.FULL else 1.0)  # unknown names fail here, before loading
         name = self.preset or Path(cfg.model).name
         self.out = Path(cfg.out or f"results/bench/{name}-{self.device.split(':')[0]}")
         self.out.mkdir(parents=True, exist_ok=True)
@@ -340,7 +324,7 @@ class Bench:
         if cfg.chunked_prefill and cfg.chunked_prefill > self.lm.window:
             raise BenchError(f"--chunked-prefill {cfg.chunked_prefill} exceeds the model's window of {self.lm.window}")
         mc = self.lm.model.config
-        head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+        head_dim = models.head_dim(mc)
         itemsize = torch.empty(0, dtype=self.dtype).element_size()
         self.kv_token_bytes = 2 * mc.num_hidden_layers * mc.num_key_value_heads * head_dim * itemsize
         self.weight_bytes = self._weight_bytes_read()
@@ -369,7 +353,7 @@ class Bench:
         return self.cfg.time_limit is not None and time.perf_counter() - self.started > self.cfg.time_limit
 
     def kept_tokens(self, method: str, budget, context: int) -> int:
-        if method == "full":
+        if method == results.FULL:
             return context
         import torch
 
@@ -384,23 +368,24 @@ class Bench:
         from kvbench.method import parse_budget
         points = []
         for m in self.cfg.methods:
-            for b in ([1.0] if m == "full" else [parse_budget(x) for x in self.cfg.budgets]):
+            for b in ([1.0] if m == results.FULL else [parse_budget(x) for x in self.cfg.budgets]):
                 if (m, b) not in points:
                     points.append((m, b))
         return points
 
     # -- measurements --
     def bandwidth(self) -> float:
+        from kvbench.engine import free_memory, sync
         import torch
         n = (1 << 30) if self.cuda else (1 << 27)
         x = torch.randn(n // 4, device=self.device, dtype=torch.float32)
         y = torch.empty_like(x)
         times = []
         for i in range(13):
-            _sync(self.cuda)
+            sync(self.device)
             t0 = time.perf_counter()
             y.copy_(x)
-            _sync(self.cuda)
+            sync(self.device)
             if i >= 3:
                 times.append(time.perf_counter() - t0)
         del x, y
@@ -410,7 +395,7 @@ class Bench:
 
     def kvbench_point(self, method: str, budget, context: int, batch: int, new_tokens: int | None = None) -> dict:
         from kvbench import registry
-        from kvbench.runner import Engine
+        from kvbench.engine import Engine, free_memory, is_oom
         from kvbench.task import Sample
         new = new_tokens or self.cfg.new_tokens
         ids = prompt_ids(self.cfg.seed, context, batch, self.vocab)
@@ -443,6 +428,7 @@ class Bench:
         return rec
 
     def capacity(self) -> int:
+        from kvbench.engine import free_memory
         import torch
         free_memory()
         free, _total = torch.cuda.mem_get_info()
@@ -499,6 +485,7 @@ class Bench:
         return rec
 
     def run_peers(self, bw: float) -> list[dict]:
+        from kvbench.engine import free_memory
         from safetensors.torch import save_file
         from kvbench import models
         cfg = self.cfg
@@ -542,6 +529,7 @@ class Bench:
         return out
 
     def _run_peer(self, peer: str, spec: dict, tmp: Path, bw: float) -> list[dict]:
+        from kvbench.engine import free_memory
         if self.out_of_time():
             return [self.emit({**p, "impl": peer, "status": "skipped", "error": "time limit reached"})
                     for p in spec["points"]]
@@ -565,7 +553,7 @@ class Bench:
             failure = None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["exit " + str(proc.returncode)])[-1]
         except subprocess.TimeoutExpired:
             failure = "time limit reached"
-        done = [json.loads(x) for x in out_path.read_text().splitlines() if x.strip()]
+        done = results.read_jsonl(out_path)
         seen = {(r["context"], r["batch"], r["method"], r["budget"]) for r in done}
         for p in spec["points"]:  # points the process never reached (it crashed or ran out of time)
             if (p["context"], p["batch"], p["method"], p["budget"]) not in seen:
@@ -606,8 +594,8 @@ class Bench:
 
     def chunked_prefill(self) -> list[dict]:
         from kvbench import registry
+        from kvbench.engine import Engine, PeakMemory, free_memory, is_oom
         from kvbench.method import parse_budget
-        from kvbench.runner import Engine, PeakMemory
         from kvbench.task import Sample
         cfg = self.cfg
         n = cfg.chunked_prefill
@@ -660,7 +648,7 @@ def _fmt(v) -> str:
 
 def _peak_gib(rec: dict) -> float | None:
     peak = rec.get("peak") or {}
-    v = peak.get("allocated", peak.get("rss"))
+    v = results.peak_bytes(peak)
     return v / GIB if v is not None else None
 
 
@@ -707,7 +695,7 @@ def comparisons(records: list[dict]) -> list[dict]:
     rows = []
     pts = [r for r in records if r.get("kind") == "point" and r.get("status") == "ok"]
     for r in pts:
-        if r["impl"] != "kvbench" or r["method"] != "full":
+        if r["impl"] != "kvbench" or r["method"] != results.FULL:
             continue
         for hf in _find(pts, impl="hf", context=r["context"], batch=r["batch"]):
             rows.append({"what": f"kvbench full / HF generate decode tok/s, ctx {r['context']}, batch {r['batch']}",
@@ -719,15 +707,15 @@ def comparisons(records: list[dict]) -> list[dict]:
                 rows.append({"what": f"same, steady state (after the warm-up step and graph capture), batch "
                                      f"{r['batch']}", "value": r["x_floor_steady"]})
     largest = [r for r in records if r.get("kind") == "largest_batch_result" and r.get("status") == "ok"]
-    for full in [r for r in largest if r["method"] == "full"]:
-        for other in [r for r in largest if r["method"] != "full" and r["context"] == full["context"]]:
+    for full in [r for r in largest if r["method"] == results.FULL]:
+        for other in [r for r in largest if r["method"] != results.FULL and r["context"] == full["context"]]:
             tag = f"{other['method']}@{other['budget']} / full, ctx {full['context']}"
             rows.append({"what": f"largest batch {tag} ({other['batch']} / {full['batch']})",
                          "value": other["batch"] / full["batch"]})
             rows.append({"what": f"decode tok/s at own largest batch {tag}",
                          "value": other["decode_tok_s"] / full["decode_tok_s"]})
     for r in pts:
-        if r["impl"] != "kvbench" or r["method"] == "full":
+        if r["impl"] != "kvbench" or r["method"] == results.FULL:
             continue
         for kp in _find(pts, impl="kvpress", method=r["method"], budget=r["budget"], context=r["context"],
                         batch=r["batch"]):
@@ -737,8 +725,8 @@ def comparisons(records: list[dict]) -> list[dict]:
             rows.append({"what": f"kvbench / kvpress peak memory, {tag}",
                          "value": _peak_gib(r) / _peak_gib(kp)})
     chunked = [r for r in records if r.get("kind") == "chunked_prefill" and r.get("status") == "ok"]
-    full = [r for r in chunked if r["method"] == "full"]
-    for r in [r for r in chunked if r["method"] != "full"]:
+    full = [r for r in chunked if r["method"] == results.FULL]
+    for r in [r for r in chunked if r["method"] != results.FULL]:
         for f in full:
             rows.append({"what": f"chunked prefill peak {r['method']}@{r['budget']} (chunk {r['prefill_chunk']}) / "
                                  f"full prefill peak, {r['context']} tokens", "value": _peak_gib(r) / _peak_gib(f)})
@@ -791,12 +779,7 @@ def render(records: list[dict]) -> str:
 
 
 def write_table(path: Path, records: list[dict]) -> None:
-    from kvbench import results
     results.write_text(path, render(records))
-
-
-def read_records(path: Path) -> list[dict]:
-    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
 
 
 def run_bench(cfg: BenchConfig, echo=print) -> tuple[Path, list[dict]]:

@@ -5,22 +5,24 @@ How it hooks into transformers (public extension points only):
 - ``KVCache`` is a ``transformers.Cache`` subclass passed as the model's cache argument (``cache``, ``past_key_values`` before transformers 5.24). Its ``update`` keeps
   nothing itself; it hands back the new keys and values so the model never builds a dense cache.
 - The model is loaded with ``attn_implementation="kvbench"`` (``kvbench.attention``), registered in
-  transformers' ``AttentionInterface``. The runner passes the cache as the forward kwarg
+  transformers' ``AttentionInterface``. The engine passes the cache as the forward kwarg
   ``kvbench_cache``; transformers forwards extra kwargs to the attention function, which calls
   ``KVCache.attention(...)``. transformers builds no mask for an implementation it does not know, so no
   [T, N] mask is ever made: each store knows what it holds.
 
-Per layer the cache holds one *store* (``stores[layer]``). A store owns every tensor the method keeps for
-that layer, reports them in ``nbytes()``, and answers ``attend(q)`` with the attention of the queries over
-what it holds (output and log-sum-exp, so partial attentions merge exactly). The cache does, per forward
-call of a layer with T new tokens:
+Per layer the cache holds one *store* (``stores[layer]``; the ``Store`` protocol below says what one
+provides). A store owns every tensor the method keeps for that layer, reports them in ``nbytes()``, and
+answers ``attend(q)`` with the attention of the queries over what it holds (output and log-sum-exp, so
+partial attentions merge exactly). The cache does, per forward call of a layer with T new tokens:
 
     prefill/append chunk (T > 1): out = merge(store.attend(q), causal attention of the chunk on itself);
                                   store.append(new keys/values); method.compress(...) if compressing
     decode step (T == 1):         store.append(new key/value); out = store.attend(q); method.on_decode(...)
 
 so prefill attention is exact, chunked prefill compresses after every chunk (peak memory bounded by the
-kept past plus one chunk), and decode-time methods see every generated token.
+kept past plus one chunk), and decode-time methods see every generated token. After a compressing forward
+has passed every layer, the engine calls ``method.compress_cache(cache)`` once (``KVCache.end_compression``):
+the one place for work across layers (Select+Fit and KVSculpt fit every layer together there).
 
 The four method shapes map onto this as follows:
 
@@ -42,12 +44,41 @@ positions (a method that wants pre-RoPE keys, like DeltaKV, un-rotates them with
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from transformers import Cache
 
 from kvbench.kernels.decode_attention import merge_attention, ragged_attention
+from kvbench.models import head_dim
+
+
+class Store(Protocol):
+    """What the cache and the engine ask of a layer's store (``RaggedKV``, ``DeltaKVStore``, ``KVCARStore``).
+
+    Decoding under a CUDA graph: ``reserve`` makes room before a capture so that nothing moves while the graph
+    replays, and ``replayed`` lets host-side mirrors catch up with steps that ran as replays."""
+
+    def nbytes(self) -> int: ...  # every byte the store holds for this layer
+
+    def seq_nbytes(self) -> torch.Tensor: ...  # [B] bytes held per sequence
+
+    def token_counts(self) -> torch.Tensor: ...  # [B, H] tokens (or token-equivalents) per KV head
+
+    def has_tokens(self) -> bool: ...
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None: ...
+
+    def attend(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]: ...  # (out, lse)
+
+    def reserve(self, n_tokens: int) -> None: ...
+
+    def replayed(self, steps: int) -> None: ...
+
+    @classmethod
+    def concat(cls, stores: list) -> "Store": ...  # one store for the sequences of all of them, in order
+
+    def clone(self) -> "Store": ...
 
 
 class RaggedKV:
@@ -77,6 +108,9 @@ class RaggedKV:
     def nbytes(self) -> int:
         tensors = [self.k, self.v, self.pos, self.start, self.length, self.capacity, *self.extra.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    def has_tokens(self) -> bool:
+        return bool((self.length > 0).any())
 
     def token_counts(self) -> torch.Tensor:
         """[B, H] tokens held per (sequence, KV head)."""
@@ -244,11 +278,11 @@ class KVCache(Cache):
         super().__init__(layers=[])
         self.method, self.config, self.dtype = method, config, dtype
         n_layers = config.num_hidden_layers
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.head_dim = head_dim(config)
         # [distributed] tensor parallel: this process's KV heads only (kvbench.distributed.HeadShard)
         self.head_shard = head_shard
         self.kv_heads = head_shard.local if head_shard is not None else config.num_key_value_heads
-        self.stores: list[Any] = [method.new_store(i, batch, self.kv_heads, self.head_dim, dtype, device)
+        self.stores: list[Store] = [method.new_store(i, batch, self.kv_heads, self.head_dim, dtype, device)
                                   for i in range(n_layers)]
         self.rope = rope  # (x [B, H, T, D], positions [B, T], inverse: bool) -> x: (un)rotate keys
         self.batch = batch
@@ -256,13 +290,14 @@ class KVCache(Cache):
         self.seen = torch.zeros(batch, dtype=torch.int64, device=device)
         self.compressing = False
         self.final_chunk = False
-        self.method_state: dict[str, Any] = {}  # cross-layer method state (e.g. an observation layer's picks)
+        # Per-cache scratch a method fills in its per-layer hooks and consumes in ``compress_cache``.
+        self.method_state: dict[str, Any] = {}
         self.compress_seconds = 0.0
         self._updated: set[int] = set()
 
     # transformers calls these -----------------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        # The keys are kept by ``attention`` below; remembering the call lets the runner prove that the
+        # The keys are kept by ``attention`` below; remembering the call lets the engine prove that the
         # model really attended through kvbench (``unattended_layers``), never around it.
         self._updated.add(layer_idx)
         return key_states, value_states
@@ -281,7 +316,7 @@ class KVCache(Cache):
 
     # kvbench ----------------------------------------------------------------------------------------
     def begin(self, positions: torch.Tensor, compress: bool, final: bool = True) -> None:
-        """Called by the runner before each forward: positions [B, T] of the new tokens; whether this
+        """Called by the engine before each forward: positions [B, T] of the new tokens; whether this
         chunk is context to compress (and whether it is the last chunk of the context)."""
         self.positions = positions
         self.compressing, self.final_chunk = compress, final
@@ -308,7 +343,7 @@ class KVCache(Cache):
             self.method.on_decode(LayerCall(self, layer, q, k, scale, lse))
             return out
         out, lse = causal_attention(q, k, v, scale)
-        if store_has_tokens(store):
+        if store.has_tokens():
             out_past, lse_past = store.attend(q, scale)
             out, lse = merge_attention(out_past, lse_past, out, lse)
         store.append(k, v, self.positions)
@@ -319,6 +354,15 @@ class KVCache(Cache):
                 torch.cuda.synchronize()
             self.compress_seconds += time.perf_counter() - t0
         return out
+
+    def end_compression(self) -> None:
+        """After a compressing forward passed every layer: the method's whole-cache hook, timed with the rest
+        of the compression."""
+        t0 = time.perf_counter()
+        self.method.compress_cache(self)
+        if self.seen.is_cuda:
+            torch.cuda.synchronize()
+        self.compress_seconds += time.perf_counter() - t0
 
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.stores)
@@ -372,10 +416,6 @@ class KVCache(Cache):
         out = KVCache.concat([self])
         out.stores = [s.clone() for s in self.stores]
         return out
-
-
-def store_has_tokens(store) -> bool:
-    return bool((store.length > 0).any()) if hasattr(store, "length") else store.num_tokens() > 0
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):

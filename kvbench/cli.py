@@ -10,10 +10,8 @@ import click
 
 from kvbench import registry
 
-USER_ERRORS: tuple[type[BaseException], ...] = ()
 
-
-def _user_errors() -> tuple[type[BaseException], ...]:
+def user_errors() -> tuple[type[BaseException], ...]:
     from kvbench.artifact import ArtifactError
     from kvbench.distributed import DistributedError
     from kvbench.method import BudgetError
@@ -44,9 +42,9 @@ class _OneLineErrors(click.Group):
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as e:
             where = e.ctx.command_path if e.ctx is not None else "kvbench"
-            _fail(f"{e.format_message()} (see `{where} --help`)")
+            fail(f"{e.format_message()} (see `{where} --help`)")
         except click.ClickException as e:
-            _fail(e.format_message())
+            fail(e.format_message())
         except click.Abort:
             click.echo("aborted", err=True)
             sys.exit(1)
@@ -109,25 +107,25 @@ def list_cmd(what):
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
 @click.option("--max-context", type=int, default=None, help="truncate prompts to this many tokens")
 @click.option("--out", default="results", show_default=True, help="results root")
-@click.option("--checkpoint", default=None, help="trained weights of a method that has them (deltakv): -m checkpoint=DIR")
-@click.option("--artifact", default=None,
-              help="what `kvbench train/calibrate METHOD` made for this model (compresskv, kvcar): -m artifact=DIR")
+@click.option("--artifact", "--checkpoint", "artifact", default=None,
+              help="what `kvbench train/calibrate METHOD` made for this model (--checkpoint: the same option)")
 @click.option("--tp", is_flag=True, help="under torchrun: split the model's heads over the processes (tensor "
               "parallel) instead of sharing out the samples")
 def run(method, task, budget, model, random_weights, trust_remote_code, method_arg, task_arg, query_aware, prefill_chunk, batch_size,
-        data, limit, seed, temperature, device, dtype, max_context, out, checkpoint, artifact, tp):
+        data, limit, seed, temperature, device, dtype, max_context, out, artifact, tp):
     """Run one method on one task; resumes if the same run was started before."""
-    from kvbench.runner import RunConfig, check_config, run as run_one
-    if checkpoint is not None:
-        method_arg = method_arg + (f"checkpoint={checkpoint}",)
+    from kvbench.harness import RunConfig, check_config, run as run_one
     if artifact is not None:
-        method_arg = method_arg + (f"artifact={artifact}",)
+        try:
+            method_arg = method_arg + (f"{registry.artifact_param(method)}={artifact}",)
+        except user_errors() as e:
+            fail(str(e))
     for option, value in (("--batch-size", batch_size), ("--prefill-chunk", prefill_chunk), ("--limit", limit),
                           ("--max-context", max_context)):
         if value is not None and value < 1:
-            _fail(f"{option} must be at least 1, got {value}")
+            fail(f"{option} must be at least 1, got {value}")
     if not 0 <= temperature < float("inf"):
-        _fail(f"--temperature must be a finite number >= 0, got {temperature}")
+        fail(f"--temperature must be a finite number >= 0, got {temperature}")
     cfg = RunConfig(method=method, task=task, budget=_budget(budget), model=model, random_weights=random_weights,
                     trust_remote_code=trust_remote_code,
                     method_params=_kv_pairs(method_arg, "--method-arg"), task_params=_kv_pairs(task_arg, "--task-arg"),
@@ -141,12 +139,12 @@ def run(method, task, budget, model, random_weights, trust_remote_code, method_a
         registry.build_task(task, cfg.task_params)
         with distributed.session(tensor_parallel=tp) as ranks:  # [distributed] torchrun's ranks, if any
             run_dir = run_one(cfg, ranks=ranks)
-    except _user_errors() as e:
-        _fail(str(e))
+    except user_errors() as e:
+        fail(str(e))
     except RuntimeError as e:  # out of memory is the user's to fix; anything else is a bug and shows its traceback
         if "out of memory" not in str(e).lower():
             raise
-        _fail(f"out of memory ({str(e).splitlines()[0][:120]}); the finished samples are kept: rerun with a smaller "
+        fail(f"out of memory ({str(e).splitlines()[0][:120]}); the finished samples are kept: rerun with a smaller "
               "--batch-size or --max-context, or on a larger device")
     if not ranks.main:  # [distributed] rank 0 reports
         return
@@ -162,7 +160,7 @@ def _csv(text: str, kind=str, what: str = "") -> list:
     try:
         return [kind(x.strip()) for x in text.split(",") if x.strip()]
     except ValueError:
-        _fail(f"{what} expects a comma-separated list of {kind.__name__}s, got '{text}'")
+        fail(f"{what} expects a comma-separated list of {kind.__name__}s, got '{text}'")
 
 
 _RATIO = click.option("--ratio", default="prefill", show_default=True, type=click.Choice(["prefill", "end"]),
@@ -188,7 +186,7 @@ def leaderboard(root, out, model, task, protocol, budget, levels, ratio):
     for _, bad in everything[everything["status"] == "unreadable"].iterrows():
         click.echo(f"warning: {bad['error']}", err=True)
     if df.empty:
-        _fail(f"no runs under {root}/runs match")
+        fail(f"no runs under {root}/runs match")
     paths = lb.write(df, out or root, ratio, at)
     click.echo(lb.render_markdown(df, ratio, at))
     click.echo("written: " + ", ".join(map(str, paths)))
@@ -205,10 +203,10 @@ def plot(root, out, bench_root, only, ratio):
     from kvbench.plots import KINDS, make_all
     kinds = tuple(_csv(only, str, "--only")) if only else KINDS
     if set(kinds) - set(KINDS):
-        _fail(f"--only takes some of {','.join(KINDS)}")
+        fail(f"--only takes some of {','.join(KINDS)}")
     paths = make_all(root, out, ratio, bench_root=bench_root, kinds=kinds)
     if not paths:
-        _fail(f"nothing to plot under {root}")
+        fail(f"nothing to plot under {root}")
     click.echo(f"{len(paths)} files: " + ", ".join(str(p) for p in paths))
 
 
@@ -237,8 +235,8 @@ def sweep(config):
     try:
         with distributed.session() as ranks:  # [distributed] under torchrun: points shared out over the ranks
             outcomes = run_sweep(config, echo=click.echo, ranks=ranks)
-    except _user_errors() as e:
-        _fail(str(e))
+    except user_errors() as e:
+        fail(str(e))
     if any(o["status"] in ("oom", "crash", "busy") for o in outcomes):
         sys.exit(1)
 
@@ -270,7 +268,7 @@ def bench(preset, model, contexts, batches, methods, budgets, new_tokens, larges
     """Throughput and memory: contexts x batches x methods x budgets, beside transformers and kvpress."""
     from kvbench.bench import BenchConfig, BenchError, run_bench
     if preset and model:
-        _fail("give either --preset (random weights) or --model (real weights), not both")
+        fail("give either --preset (random weights) or --model (real weights), not both")
     cfg = BenchConfig(model=model, preset=preset, contexts=_csv(contexts, int, "--contexts"),
                       batches=_csv(batches, int, "--batches"), methods=_csv(methods, str, "--methods"),
                       budgets=_csv(budgets, float, "--budgets"), new_tokens=new_tokens, largest_batch=largest_batch,
@@ -279,8 +277,8 @@ def bench(preset, model, contexts, batches, methods, budgets, new_tokens, larges
                       dtype=dtype, seed=seed, time_limit=time_limit, out=out)
     try:
         out_dir, _records = run_bench(cfg, echo=click.echo)
-    except _user_errors() + (BenchError,) as e:
-        _fail(str(e))
+    except user_errors() + (BenchError,) as e:
+        fail(str(e))
     click.echo((out_dir / "bench.md").read_text())
     click.echo(f"results: {out_dir / 'bench.jsonl'}, {out_dir / 'bench.md'}")
 
@@ -290,132 +288,37 @@ def _budget(text: str):
     try:
         return parse_budget(text)
     except (BudgetError, ValueError) as e:
-        _fail(str(e) if isinstance(e, BudgetError) else f"budget '{text}' is not a number: give e.g. 0.25 or 512")
+        fail(str(e) if isinstance(e, BudgetError) else f"budget '{text}' is not a number: give e.g. 0.25 or 512")
 
 
-def _fail(message: str):
+def fail(message: str):
     click.echo(f"error: {message}", err=True)
     sys.exit(2)
 
 
-@main.group()
+class MethodCommands(click.Group):
+    """``kvbench train METHOD`` / ``kvbench calibrate METHOD``: the command the method declares in its
+    ``artifact_commands`` (the registry names the methods; cli.py knows none of them)."""
+
+    def __init__(self, step: str, **kwargs):
+        super().__init__(**kwargs)
+        self.step = step
+
+    def list_commands(self, ctx) -> list[str]:
+        return registry.methods_with_artifact_command(self.step)
+
+    def get_command(self, ctx, name: str):
+        return registry.artifact_command(name, self.step)
+
+
+@main.group(cls=MethodCommands, step="train")
 def train():
-    """Train the learned parts of a method for one model."""
+    """Train the learned parts of a method for one model (writes an artifact for `--artifact DIR`)."""
 
 
-@main.group()
+@main.group(cls=MethodCommands, step="calibrate")
 def calibrate():
     """Measure what a method calibrates for one model (head scores, layer budgets); writes an artifact."""
-
-
-@train.command("deltakv")
-@click.option("--model", required=True, help="HF id, local dir, .gguf file or alias")
-@click.option("--data", required=True, help="training text: a file, or a directory of .txt/.md files or man pages")
-@click.option("--out", required=True, help="checkpoint directory (safetensors + config.json)")
-@click.option("--steps", type=int, default=1000, show_default=True)
-@click.option("--batch", type=int, default=8, show_default=True, help="packed samples per step")
-@click.option("--seq-len", type=int, default=1024, show_default=True, help="tokens per packed sample")
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--latent-dim", type=int, default=None, help="r (default D/4)")
-@click.option("--intermediate", type=int, default=None, help="I of the SwiGLU down-projection (default 3D)")
-@click.option("--stride", type=int, default=10, show_default=True, help="s: one reference every s tokens")
-@click.option("--neighbors", type=int, default=4, show_default=True, help="k references per token")
-@click.option("--sinks", type=int, default=8, show_default=True)
-@click.option("--full-layers", default=None, help="comma-separated layers kept full (default: about 5 in 32)")
-@click.option("--max-minutes", type=float, default=None, help="stop after this much training time")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
-@click.option("--seed", type=int, default=0, show_default=True)
-def train_deltakv_cmd(model, data, out, steps, batch, seq_len, lr, latent_dim, intermediate, stride, neighbors, sinks,
-                      full_layers, max_minutes, device, dtype, seed):
-    """Train DeltaKV's per-layer compressors (the base model stays frozen)."""
-    from kvbench.train_deltakv import train as train_deltakv
-    if min(steps, batch, seq_len) < 1:
-        _fail("--steps, --batch and --seq-len must be at least 1")
-    layers = None
-    if full_layers is not None:
-        try:
-            layers = [int(x) for x in full_layers.split(",") if x.strip()]
-        except ValueError:
-            _fail(f"--full-layers expects comma-separated layer numbers, got '{full_layers}'")
-    try:
-        path = train_deltakv(model, data, out, steps=steps, batch=batch, seq_len=seq_len, lr=lr, latent_dim=latent_dim,
-                             intermediate=intermediate, stride=stride, neighbors=neighbors, sinks=sinks,
-                             full_layers=layers, device=device, dtype=dtype, seed=seed, max_minutes=max_minutes,
-                             log=click.echo)
-    except _user_errors() as e:
-        _fail(str(e))
-    click.echo(f"checkpoint: {path}")
-
-
-@calibrate.command("compresskv")
-@click.option("--model", required=True, help="HF id, local dir, .gguf file or alias")
-@click.option("--out", required=True, help="artifact directory (use it with `kvbench run --method compresskv --artifact DIR`)")
-@click.option("--grid", default=None,
-              help="lengths=N,N,...,depths=P,P,... (tokens; percent). Default: 20 lengths from 1000 to the window x 10 depths")
-@click.option("--haystack", default=None, help="haystack texts: a directory of .txt files (or part1..3 folders), or a file")
-@click.option("--longbench", default=None, help="LongBench <task>.jsonl directory for the layer errors (default: needle prompts)")
-@click.option("--layer-samples", type=int, default=8, show_default=True, help="layer-error prompts (per LongBench task)")
-@click.option("--prefill-chunk", type=int, default=None, help="prefill N tokens at a time (bounds memory)")
-@click.option("--trust-remote-code", is_flag=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
-def calibrate_compresskv_cmd(model, out, grid, haystack, longbench, layer_samples, prefill_chunk, trust_remote_code,
-                             device, dtype):
-    """CompressKV: semantic-retrieval-head scores (needle tests) and error-aware layer scores."""
-    from kvbench.methods.compresskv.calibrate import calibrate as calibrate_compresskv
-    try:
-        path = calibrate_compresskv(model, out, grid=grid, haystack=haystack, longbench=longbench,
-                                    layer_samples=layer_samples, device=device, dtype=dtype, prefill_chunk=prefill_chunk,
-                                    trust_remote_code=trust_remote_code, log=click.echo)
-    except _user_errors() as e:
-        _fail(str(e))
-    click.echo(f"artifact: {path}")
-
-
-@train.command("kvcar")
-@click.option("--model", required=True, help="HF id, local dir, .gguf file or alias")
-@click.option("--data", required=True, help="training text (general English, never evaluation text): a file or a directory")
-@click.option("--out", required=True, help="artifact directory (safetensors + artifact.json)")
-@click.option("--latent-dim", type=int, default=None, help="latent width per head (default head_dim/2)")
-@click.option("--latent-dim-v", type=int, default=None, help="latent width of the values per head (default --latent-dim)")
-@click.option("--hidden", type=int, default=None, help="hidden width of encoder and decoder (default 2 x latent: starts from PCA)")
-@click.option("--rope-keys", default="pre", show_default=True, type=click.Choice(["pre", "post"]),
-              help="code keys before or after RoPE")
-@click.option("--reuse-threshold", default="0.9", show_default=True,
-              help="heads at or above this similarity to the previous layer store nothing ('none': no reuse)")
-@click.option("--recon-steps", type=int, default=1000, show_default=True, help="stage 1 (reconstruction) steps")
-@click.option("--lm-steps", type=int, default=1000, show_default=True, help="stage 2 (LM loss, base frozen) steps")
-@click.option("--batch", type=int, default=8, show_default=True, help="packed samples per step")
-@click.option("--seq-len", type=int, default=512, show_default=True, help="tokens per packed sample")
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="stage 1 learning rate")
-@click.option("--lm-lr", type=float, default=2e-4, show_default=True, help="stage 2 learning rate")
-@click.option("--calib-samples", type=int, default=16, show_default=True, help="samples for the reuse calibration")
-@click.option("--max-minutes", type=float, default=None, help="stop training after this much time (both stages)")
-@click.option("--recon-share", type=float, default=0.4, show_default=True, help="share of --max-minutes for stage 1")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
-@click.option("--seed", type=int, default=0, show_default=True)
-def train_kvcar_cmd(model, data, out, latent_dim, latent_dim_v, hidden, rope_keys, reuse_threshold, recon_steps, lm_steps, batch,
-                    seq_len, lr, lm_lr, calib_samples, max_minutes, recon_share, device, dtype, seed):
-    """Train KV-CAR's autoencoders and calibrate its reused heads (writes one artifact)."""
-    from kvbench.methods.kvcar.train import train as train_kvcar
-    if reuse_threshold.lower() == "none":
-        threshold = None
-    else:
-        try:
-            threshold = float(reuse_threshold)
-        except ValueError:
-            _fail(f"--reuse-threshold takes a number or 'none', got '{reuse_threshold}'")
-    try:
-        path = train_kvcar(model, data, out, latent_dim=latent_dim, latent_dim_v=latent_dim_v, hidden=hidden,
-                           rope_keys=rope_keys,
-                           reuse_threshold=threshold, recon_steps=recon_steps, lm_steps=lm_steps, batch=batch,
-                           seq_len=seq_len, lr=lr, lm_lr=lm_lr, calib_samples=calib_samples, max_minutes=max_minutes,
-                           recon_share=recon_share, device=device, dtype=dtype, seed=seed, log=click.echo)
-    except _user_errors() as e:
-        _fail(str(e))
-    click.echo(f"artifact: {path}")
 
 
 if __name__ == "__main__":

@@ -60,6 +60,11 @@ class Composed(Method):
         if not self.evict.keeps_everything():
             self.evict.compress(_viewed(call))
 
+    def compress_cache(self, cache) -> None:
+        self.codec.compress_cache(cache)
+        if not self.evict.keeps_everything():
+            self.evict.compress_cache(cache)
+
     def on_decode(self, call: LayerCall) -> None:
         self.codec.on_decode(call)
         if not self.evict.static_decode():

@@ -423,7 +423,7 @@ def probe(model: str, methods: list[str], budget: float, context: int, new_token
     tests and ``scripts/gpu/distributed.sh``."""
     from kvbench import models, registry
     from kvbench.bench import _IdText, prompt_ids
-    from kvbench.runner import Engine, resolve_device, resolve_dtype
+    from kvbench.engine import Engine, resolve_device, resolve_dtype
     from kvbench.task import Sample
     device = local_device(resolve_device("auto"), ranks)
     torch_dtype = resolve_dtype(dtype, device)

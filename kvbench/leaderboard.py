@@ -39,13 +39,6 @@ TOLERANCE = 0.02
 RATIOS = ("prefill", "end")
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def model_label(name: str | None) -> str:
     """A short model name: the file or directory name of a path, the text before any parenthesis."""
     if not name:
@@ -76,7 +69,7 @@ def _peak_gib(trace: list[dict]) -> float | None:
     for rec in trace:
         for key, val in rec.items():
             if key.startswith("peak_") and isinstance(val, dict):
-                v = val.get("allocated", val.get("rss"))
+                v = results.peak_bytes(val)
                 if v is not None:
                     best = v if best is None else max(best, v)
     return best / 1024 ** 3 if best is not None else None
@@ -112,17 +105,17 @@ def collect(root: str | Path = "results") -> pd.DataFrame:
     config.json, metrics.json or JSON-lines record is listed as an error, never left out silently)."""
     rows = []
     for run_dir in results.iter_runs(Path(root)):
-        config = _read_json(run_dir / "config.json")
+        config = results.read_json(run_dir / "config.json")
         if not isinstance(config, dict):
             rows.append(_unreadable(run_dir, "config.json is corrupt (not a JSON object); rerun it or delete the "
                                              "directory"))
             continue
-        metrics = _read_json(run_dir / "metrics.json")
+        metrics = results.read_json(run_dir / "metrics.json")
         if (run_dir / "metrics.json").exists() and not isinstance(metrics, dict):
             rows.append(_unreadable(run_dir, "metrics.json is corrupt; delete it and rerun the same command "
                                              "(the finished samples are kept)"))
             continue
-        error = _read_json(run_dir / "error.json")
+        error = results.read_json(run_dir / "error.json")
         try:
             samples = results.read_jsonl(run_dir / "samples.jsonl")
             trace = results.read_jsonl(run_dir / "trace.jsonl")
@@ -197,7 +190,7 @@ def select(df: pd.DataFrame, model: str | None = None, task: str | None = None, 
         out = out[out["protocol"] == protocol]
     if budget:
         out = out[out["budget"].apply(lambda b: any(math.isclose(float(b), x) for x in budget))
-                  | (out["method"] == "full")]
+                  | (out["method"] == results.FULL)]
     return out
 
 
@@ -240,16 +233,16 @@ def budget_table(df: pd.DataFrame, task: str, model: str | None = None, protocol
     done = done.assign(cell=[f"{s:.3g} [{lo:.3g}, {hi:.3g}] n={int(n)}" if not math.isnan(lo) else f"{s:.3g}"
                              for s, lo, hi, n in zip(done["score"], done["score_lo"].astype(float),
                                                      done["score_hi"].astype(float), done["n_samples"])])
-    done = done.assign(kept=["full" if m == "full" else f"{b:g}" for m, b in zip(done["method"], done["budget"])])
+    done = done.assign(kept=[results.kept_label(m, b) for m, b in zip(done["method"], done["budget"])])
     table = done.pivot_table(index="method", columns="kept", values="cell", aggfunc="last")
-    table = table.reindex(columns=sorted(table.columns, key=lambda c: (c == "full", c)))
+    table = table.reindex(columns=sorted(table.columns, key=lambda c: (c == results.FULL, c)))
     table.columns.name = None
     return table.reset_index()
 
 
 def default_levels(group: pd.DataFrame, col: str) -> list[float]:
     """The median measured ratio of each budget's runs (full excluded), rounded to 3 decimals."""
-    comp = group[group["method"] != "full"]
+    comp = group[group["method"] != results.FULL]
     return sorted({round(float(v), 3) for v in comp.groupby("budget")[col].median().dropna()})
 
 
@@ -279,7 +272,7 @@ def ranking(df: pd.DataFrame, ratio: str = "prefill", levels: list[float] | None
         cells: dict[str, dict] = {}
         for task, tgroup in group.groupby("task", sort=True):
             lv = levels or default_levels(tgroup, col)
-            comp = tgroup[tgroup["method"] != "full"]
+            comp = tgroup[tgroup["method"] != results.FULL]
             curves = {m: {what: list(zip(g[col].astype(float), g[what].astype(float)))
                           for what in ("score", "score_lo", "score_hi")} for m, g in comp.groupby("method")}
             for level in lv:
@@ -296,7 +289,7 @@ def ranking(df: pd.DataFrame, ratio: str = "prefill", levels: list[float] | None
                     cells[m].setdefault("_ranks", []).append(float(ranks[m]))
             order += [c for level in lv for c in (f"{task} score@{level:g}", f"{task} rank@{level:g}")
                       if c not in order] + [c for c in [f"{task} full (ratio, score)"] if c not in order]
-            for _, ref in tgroup[tgroup["method"] == "full"].iterrows():
+            for _, ref in tgroup[tgroup["method"] == results.FULL].iterrows():
                 cells.setdefault("full", {})[f"{task} full (ratio, score)"] = f"{ref[col]:.3g}, {ref['score']:.3g}"
         for method, vals in cells.items():
             ranks = vals.pop("_ranks", [])
@@ -309,7 +302,7 @@ def ranking(df: pd.DataFrame, ratio: str = "prefill", levels: list[float] | None
                     key=lambda c: (c.rsplit(" ", 1)[0], float(c.split("@")[1]), "rank@" in c))
     refs = [c for c in order if "@" not in c and c in out.columns]  # a task may have no full run
     out = out[["model", "protocol", "setting", "method", "mean rank", "cells ranked"] + ranked + refs]
-    out["_ref"] = out["method"] == "full"
+    out["_ref"] = out["method"] == results.FULL
     out = out.sort_values(["model", "protocol", "setting", "_ref", "mean rank", "method"], kind="stable",
                           na_position="last").drop(columns="_ref")
     return out.reset_index(drop=True)

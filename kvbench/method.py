@@ -7,6 +7,8 @@ it four hooks, all optional:
 - ``new_store(layer, batch, heads, head_dim, dtype, device)``: the store a layer uses (``RaggedKV`` unless
   the method keeps something else: latents, references, another layer's store);
 - ``compress(call)``: after every context chunk of the prefill, with the layer's queries of that chunk;
+- ``compress_cache(cache)``: once after each such chunk has passed every layer: work across layers
+  (what a method gathered per layer in ``compress`` waits in ``cache.method_state`` until then);
 - ``on_decode(call)``: after every decoding step, the generated token included.
 
 Eviction methods subclass ``ScoredEviction`` and write one function, ``score(call) -> [S]`` (higher is
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable
+from typing import ClassVar
 
 from dataclasses import dataclass
 
@@ -59,6 +62,12 @@ def in_range(lo=None, hi=None) -> dict:
 class Method:
     budget: float | int = 1.0
 
+    # What the method learns or calibrates for a model, as commands that write an artifact: {"train" or
+    # "calibrate": "module:click_command"}; `kvbench train/calibrate NAME` runs them (kvbench.registry).
+    artifact_commands: ClassVar[dict[str, str]] = {}
+    # The parameter that takes the artifact's directory (`kvbench run --artifact DIR`, alias --checkpoint).
+    artifact_param: ClassVar[str] = "artifact"
+
     def prepare(self, lm) -> None:
         """Called by the engine with the loaded model before any cache is made (a trained method loads and
         checks its weights here)."""
@@ -69,6 +78,9 @@ class Method:
     def compress(self, call: LayerCall) -> None:
         pass
 
+    def compress_cache(self, cache) -> None:
+        pass
+
     def on_decode(self, call: LayerCall) -> None:
         pass
 
@@ -76,12 +88,12 @@ class Method:
         return isinstance(self.budget, float) and self.budget >= 1.0
 
     def static_decode(self) -> bool:
-        """True when decoding only appends tokens (no decode-time hook changes the stores): the runner may
+        """True when decoding only appends tokens (no decode-time hook changes the stores): the engine may
         then replay the decoding step as a CUDA graph."""
         return type(self).on_decode is Method.on_decode
 
     def decode_epoch(self, cache) -> Hashable | None:
-        """When the runner may replay a captured decoding step: a key that stays the same while every
+        """When the engine may replay a captured decoding step: a key that stays the same while every
         layout and host-side size the step uses stays fixed (a graph captured at one key replays while the
         key holds), or None: the coming step must run eagerly. By default one key for ever when decoding
         only appends."""

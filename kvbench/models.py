@@ -94,6 +94,11 @@ class LoadedModel:
     provenance: str = ""  # which bytes: a GGUF's sha256, a directory's file digest, a hub revision
 
 
+def head_dim(config) -> int:
+    """The attention head width of a model config (``head_dim`` where the config has one)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def weights_fingerprint(model) -> str:
     """sha256 of the first 64 token embeddings rounded to bfloat16: tells two models of one shape apart
     (a GGUF-dequantised model from its original weights), the same in float32 or bfloat16, on any device."""

@@ -15,7 +15,6 @@ their units; legends name methods with their budgets.
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -59,7 +58,7 @@ def score_vs_ratio(df: pd.DataFrame, out: Path, ratio: str = "prefill") -> list[
     paths = []
     for (model, protocol, task), g in done.groupby(["model", "protocol", "task"], sort=True):
         fig, ax = plt.subplots(figsize=(7.5, 5))
-        for method, mg in g[g["method"] != "full"].groupby("method", sort=True):
+        for method, mg in g[g["method"] != results.FULL].groupby("method", sort=True):
             mg = mg.sort_values(col)
             line, = ax.plot(mg[col], mg["score"], marker="o", label=method)
             if mg["score_lo"].notna().all():  # the 95% bootstrap interval of each point, as a band
@@ -68,7 +67,7 @@ def score_vs_ratio(df: pd.DataFrame, out: Path, ratio: str = "prefill") -> list[
             for _, r in mg.iterrows():
                 ax.annotate(f"{r['budget']:g}", (r[col], r["score"]), fontsize=7, xytext=(3, 3),
                             textcoords="offset points", alpha=0.7)
-        for _, r in g[g["method"] == "full"].iterrows():
+        for _, r in g[g["method"] == results.FULL].iterrows():
             ax.plot([r[col]], [r["score"]], marker="*", markersize=14, color="black", linestyle="none",
                     label=f"full (reference, ratio {r[col]:.2f})")
         ax.set_xlabel(_ratio_label(ratio))
@@ -82,9 +81,8 @@ def score_vs_ratio(df: pd.DataFrame, out: Path, ratio: str = "prefill") -> list[
 
 
 def _niah_grid(run_dir: Path) -> list[dict]:
-    try:
-        metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
-    except (OSError, ValueError):
+    metrics = results.read_json(Path(run_dir) / "metrics.json")
+    if not isinstance(metrics, dict):
         return []
     return (metrics.get("summary") or {}).get("grid") or []
 
@@ -93,10 +91,10 @@ def niah_heatmaps(df: pd.DataFrame, out: Path) -> list[Path]:
     done = df[(df["status"] == "complete") & (df["task"] == "niah")]
     paths = []
     for (model, protocol), g in done.groupby(["model", "protocol"], sort=True):
-        budgets = sorted({float(b) for b in g[g["method"] != "full"]["budget"]}) or [1.0]
-        ref = g[g["method"] == "full"]
+        budgets = sorted({float(b) for b in g[g["method"] != results.FULL]["budget"]}) or [1.0]
+        ref = g[g["method"] == results.FULL]
         for budget in budgets:
-            runs = [r for _, r in ref.iterrows()] + [r for _, r in g[(g["method"] != "full") & (
+            runs = [r for _, r in ref.iterrows()] + [r for _, r in g[(g["method"] != results.FULL) & (
                 g["budget"].astype(float) == budget)].sort_values("method").iterrows()]
             grids = [(r, _niah_grid(r["run_dir"])) for r in runs]
             grids = [(r, gr) for r, gr in grids if gr]
@@ -114,7 +112,7 @@ def niah_heatmaps(df: pd.DataFrame, out: Path) -> list[Path]:
                 ax.set_yticks(range(len(cells.index)), [f"{d:.0%}" for d in cells.index], fontsize=7)
                 ax.set_xlabel("context length (tokens)", fontsize=8)
                 ax.set_ylabel("needle depth", fontsize=8)
-                label = "full" if r["method"] == "full" else f"{r['method']} @ {float(r['budget']):g}"
+                label = results.point_label(r["method"], r["budget"])
                 ax.set_title(f"{label} (KV ratio {r['kv_ratio_prefill']:.2f})", fontsize=9)
                 for (i, j), v in pd.DataFrame(cells.values).stack().items():
                     ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=6)
@@ -148,7 +146,7 @@ def kv_over_steps(df: pd.DataFrame, out: Path) -> list[Path]:
             continue
         fig, ax = plt.subplots(figsize=(7.5, 5))
         for r, s in series:
-            label = "full" if r["method"] == "full" else f"{r['method']} @ {float(r['budget']):g}"
+            label = results.point_label(r["method"], r["budget"])
             ax.plot([x for x, _ in s], [y / 1024 ** 2 for _, y in s], marker=".", label=label)
         ax.set_xlabel("decoding step (0: end of prefill)")
         ax.set_ylabel("KV bytes held, all layers (MiB, measured from the stores)")
@@ -167,7 +165,7 @@ def _per_context(run_dir: Path) -> pd.DataFrame:
         peak = t.get("peak_decode") or {}
         rows.append({"length": (s.get("meta") or {}).get("length", s.get("context_tokens")),
                      "tokens_per_s": s.get("tokens_per_s"), "batch": s.get("batch_size"),
-                     "peak": peak.get("allocated", peak.get("rss"))})
+                     "peak": results.peak_bytes(peak)})
     return pd.DataFrame(rows)
 
 
@@ -187,13 +185,13 @@ def throughput(df: pd.DataFrame, out: Path) -> list[Path]:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 5), layout="constrained")
         batch = sorted({int(b) for b in g["batch_size"].dropna()})
         methods = sorted({r["method"] for r, _ in lines})
-        budgets = sorted({float(r["budget"]) for r, _ in lines if r["method"] != "full"})
+        budgets = sorted({float(r["budget"]) for r, _ in lines if r["method"] != results.FULL})
         styles = ["-", "--", ":", "-."]
         for r, pc in lines:
             # One color per method, one line style per budget: a reader can follow a method across budgets.
             style = dict(color=plt.get_cmap("tab10")(methods.index(r["method"]) % 10), marker="o",
-                         linestyle="-" if r["method"] == "full" else styles[budgets.index(float(r["budget"])) % 4])
-            label = "full" if r["method"] == "full" else f"{r['method']} @ {float(r['budget']):g}"
+                         linestyle="-" if r["method"] == results.FULL else styles[budgets.index(float(r["budget"])) % 4])
+            label = results.point_label(r["method"], r["budget"])
             a1.plot(pc.index, pc["tps"], label=label, **style)
             if pc["peak"].notna().any():
                 a2.plot(pc.index, pc["peak"] / GIB, label=label, **style)
@@ -216,15 +214,15 @@ def bench_plots(bench_root: Path, out: Path) -> list[Path]:
     """From ``kvbench bench`` results: tokens/s and peak memory against context length (and batch)."""
     paths = []
     for jl in sorted(Path(bench_root).glob("*/bench.jsonl")):
-        recs = [json.loads(x) for x in jl.read_text().splitlines() if x.strip()]
+        recs = results.read_jsonl(jl)
         env = next((r for r in recs if r.get("kind") == "env"), {})
         pts = pd.DataFrame([r for r in recs if r.get("kind") in ("point", "largest_batch_result")
                             and r.get("status") == "ok"])
         if pts.empty:
             continue
-        pts["peak_gib"] = pts["peak"].map(lambda p: (p.get("allocated", p.get("rss")) or 0) / GIB)
+        pts["peak_gib"] = pts["peak"].map(lambda p: (results.peak_bytes(p) or 0) / GIB)
         pts["series"] = pts.apply(lambda r: f"{r['impl']} {r['method']}" + (
-            "" if r["method"] == "full" else f"@{r['budget']:g}"), axis=1)
+            "" if r["method"] == results.FULL else f"@{r['budget']:g}"), axis=1)
         x_is_context = pts["context"].nunique() > 1
         xcol, xlabel = ("context", "context length (tokens)") if x_is_context else ("batch", "batch size (sequences)")
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 5), layout="constrained")

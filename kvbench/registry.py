@@ -222,8 +222,36 @@ def build_method(name: str, budget, params: dict | None = None):
     return cls(budget=parse_budget(budget), **params)
 
 
+def artifact_param(method: str) -> str:
+    """The parameter of ``method`` that takes an artifact directory (``--artifact``); composed methods route
+    ``artifact`` to the part that has it."""
+    if "+" in method:
+        return "artifact"
+    return load(METHODS, "method", method).artifact_param
+
+
+def methods_with_artifact_command(step: str) -> list[str]:
+    """The methods that declare a ``step`` ("train" or "calibrate") command."""
+    return [name for name in sorted(METHODS) if step in load(METHODS, "method", name).artifact_commands]
+
+
+def artifact_command(method: str, step: str):
+    """The click command of ``kvbench STEP METHOD`` (None: the method declares none)."""
+    if method not in METHODS:
+        return None
+    spec = load(METHODS, "method", method).artifact_commands.get(step)
+    if spec is None:
+        return None
+    module, attr = spec.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 def build_task(name: str, params: dict | None = None):
+    from kvbench.task import TASK_KINDS
     cls = load(TASKS, "task", name)
+    if getattr(cls, "kind", None) not in TASK_KINDS:
+        raise TypeError(f"task {name}: {cls.__name__} must subclass kvbench.task.Task and declare a kind "
+                        f"({', '.join(TASK_KINDS)})")
     return cls(**check_params(cls, dict(params or {}), name))
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import time
 from pathlib import Path
 
@@ -39,7 +38,7 @@ def _kept_fraction_tables(df) -> str:
 def _bench_section(bench_root: Path) -> str:
     parts = []
     for jl in sorted(bench_root.glob("*/bench.jsonl")):
-        recs = [json.loads(x) for x in jl.read_text().splitlines() if x.strip()]
+        recs = results.read_jsonl(jl)
         env = next((r for r in recs if r.get("kind") == "env"), {})
         rows = bench.table_rows(recs)
         head = "".join(f"<th>{html.escape(c)}</th>" for c in bench.TABLE_COLUMNS)

@@ -80,6 +80,31 @@ def append_jsonl(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
+FULL = "full"  # the reference method: no compression, one point per configuration (its budget means nothing)
+
+
+def is_full(method: str) -> bool:
+    return method == FULL
+
+
+def kept_label(method: str, budget) -> str:
+    """What a run kept: ``full``, or the budget."""
+    return FULL if is_full(method) else f"{float(budget):g}"
+
+
+def point_label(method: str, budget) -> str:
+    """A run as a plot legend names it: ``full``, or ``method @ budget``."""
+    return FULL if is_full(method) else f"{method} @ {float(budget):g}"
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's content, or None when it is missing or unreadable (a run directory being written)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def read_jsonl(path: Path, repair: bool = False) -> list[dict]:
     """The records of a JSON-lines file.
 
@@ -167,6 +192,13 @@ def _jsonable(obj):
     if isinstance(obj, (set, tuple)):
         return list(obj)
     return str(obj)
+
+
+def peak_bytes(peak: dict | None) -> int | None:
+    """The peak of a phase record (``engine.PeakMemory.read``): device memory allocated on CUDA, resident
+    memory on the CPU; None when the record has neither."""
+    peak = peak or {}
+    return peak.get("allocated", peak.get("rss"))
 
 
 def file_sha256(path: str | Path) -> str:

@@ -14,7 +14,7 @@ The config (YAML; see ``results/sweep-smollm2-niah.yaml``)::
     prefill_chunk: null, max_context: null, trace_every: 64
 
 A point whose run already finished (its ``metrics.json`` says complete, for the same configuration) is
-skipped without loading anything; an unfinished one resumes where it stopped (the runner's resume). A point
+skipped without loading anything; an unfinished one resumes where it stopped (the harness's resume). A point
 that fails is recorded and the sweep goes on: an out-of-memory error as ``oom``, anything else as
 ``crash``, with its error, in ``error.json`` inside the run's directory (when the run got one) and in the
 sweep's ledger ``OUT/sweeps/<config name>.jsonl``, which lists every point's outcome and directory.
@@ -31,7 +31,8 @@ from typing import Callable
 import yaml
 
 from kvbench import registry, results
-from kvbench.runner import PROTOCOLS, RunConfig, check_config, resolve_device, resolve_dtype
+from kvbench.engine import free_memory, is_oom, resolve_device, resolve_dtype
+from kvbench.harness import PROTOCOLS, RunConfig, check_config
 from kvbench.task import TaskError
 
 ERROR_FILE = "error.json"
@@ -102,7 +103,7 @@ def points(cfg: dict) -> list[RunConfig]:
         for task, task_params in cfg["tasks"].items():
             for protocol in cfg["protocols"]:
                 for method in cfg["methods"]:
-                    for budget in ([1.0] if method == "full" else cfg["budgets"]):
+                    for budget in ([1.0] if method == results.FULL else cfg["budgets"]):
                         out.append(RunConfig(
                             method=method, task=task, budget=budget, model=str(model),
                             method_params=dict((cfg.get("method_params") or {}).get(method) or {}),
@@ -121,7 +122,7 @@ _MATCH = ("model", "random_weights", "trust_remote_code", "method", "task", "bud
 
 
 def identity(cfg: RunConfig) -> str:
-    """What makes two runs the same run, computed without loading the model (the runner's id needs it)."""
+    """What makes two runs the same run, computed without loading the model (the harness's id needs it)."""
     device = resolve_device(cfg.device)
     key = {k: getattr(cfg, k) for k in _MATCH}
     key.update(device=device.split(":")[0], dtype=str(resolve_dtype(cfg.dtype, device)).replace("torch.", ""),
@@ -141,9 +142,8 @@ def existing_runs(out: str | Path) -> dict[str, Path]:
     """identity -> run directory, for every run under ``out``."""
     found = {}
     for run_dir in results.iter_runs(Path(out)):
-        try:
-            config = json.loads((run_dir / "config.json").read_text())
-        except (OSError, ValueError):
+        config = results.read_json(run_dir / "config.json")
+        if not isinstance(config, dict):
             continue
         found[_config_identity(config)] = run_dir
     return found
@@ -152,29 +152,8 @@ def existing_runs(out: str | Path) -> dict[str, Path]:
 def is_finished(run_dir: Path | None) -> bool:
     if run_dir is None or not (run_dir / "metrics.json").exists():
         return False
-    try:
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return False
+    metrics = results.read_json(run_dir / "metrics.json")
     return isinstance(metrics, dict) and metrics.get("complete") is True
-
-
-def _is_oom(err: BaseException) -> bool:
-    try:
-        import torch
-        if isinstance(err, torch.cuda.OutOfMemoryError):
-            return True
-    except ImportError:
-        pass
-    return "out of memory" in str(err).lower()
-
-
-def _free_device_memory() -> None:
-    import gc
-    import torch
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def label(cfg: RunConfig) -> str:
@@ -187,7 +166,7 @@ def run_sweep(path: str | Path, echo: Callable[[str], None] = print, load_model:
     defaults to ``kvbench.models.load``. ``ranks`` (``kvbench.distributed``): under torchrun, this rank runs
     every world-th point and rank 0 returns (and reports) every point's outcome."""
     from kvbench import distributed, models
-    from kvbench.runner import run
+    from kvbench.harness import run
     cfg = load_config(path)
     plan = points(cfg)
     out = Path(cfg.get("out", "results"))
@@ -198,7 +177,7 @@ def run_sweep(path: str | Path, echo: Callable[[str], None] = print, load_model:
     load_model = load_model or (lambda spec, dtype, device, seed, random_weights=False, trust_remote_code=False:
                                 models.load(spec, dtype, device, random_weights, trust_remote_code, seed=seed))
     known = existing_runs(out)
-    outcomes, loaded = [], {}
+    outcomes, loaded, sample_memo = [], {}, {}
     if ranks.main:  # [distributed]
         echo(f"sweep {cfg['name']}: {len(plan)} runs; results under {out / 'runs'}"
              + (f" ({ranks.world} processes)" if ranks.sharded else ""))
@@ -211,7 +190,7 @@ def run_sweep(path: str | Path, echo: Callable[[str], None] = print, load_model:
             outcome = {"status": "skipped", "run_dir": str(known[ident]), "note": "already finished"}
             echo(f"{prefix}: already finished -> {known[ident]}")
         else:
-            outcome = _run_point(point, ident, loaded, load_model, out, run, progress)
+            outcome = _run_point(point, ident, loaded, load_model, out, run, progress, sample_memo)
             where = outcome.get("run_dir") or "(no run directory)"
             detail = f" ({outcome['error']})" if outcome.get("error") else ""
             echo(f"{prefix}: {outcome['status']}{detail} -> {where}")
@@ -229,7 +208,8 @@ def run_sweep(path: str | Path, echo: Callable[[str], None] = print, load_model:
     return outcomes
 
 
-def _run_point(point: RunConfig, ident: str, loaded: dict, load_model, out: Path, run, progress: bool) -> dict:
+def _run_point(point: RunConfig, ident: str, loaded: dict, load_model, out: Path, run, progress: bool,
+               sample_memo: dict) -> dict:
     device = resolve_device(point.device)
     dtype = resolve_dtype(point.dtype, device)
     started = time.perf_counter()
@@ -237,22 +217,23 @@ def _run_point(point: RunConfig, ident: str, loaded: dict, load_model, out: Path
         key = (point.model, str(dtype), device, point.random_weights, point.trust_remote_code, point.seed)
         if key not in loaded:
             loaded.clear()  # one model in memory at a time
-            _free_device_memory()
+            sample_memo.clear()
+            free_memory()
             options = {k: v for k, v in (("random_weights", point.random_weights),
                                          ("trust_remote_code", point.trust_remote_code)) if v}
             loaded[key] = load_model(point.model, dtype, device, point.seed, **options)
-        run_dir = run(point, lm=loaded[key], progress=progress)
+        run_dir = run(point, lm=loaded[key], progress=progress, sample_memo=sample_memo)
     except results.RunLockedError as e:  # the same point is being run right now by another process
         return {"status": "busy", "error": str(e), "run_dir": None, "seconds": time.perf_counter() - started}
     except Exception as e:  # recorded, and the sweep goes on; Ctrl-C still stops it
-        status = "oom" if _is_oom(e) else "crash"
+        status = "oom" if is_oom(e) else "crash"
         error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:500]}"
         failure = {"status": status, "error": error, "traceback": traceback.format_exc()[-4000:]}
     else:
         failure = None
     if failure:
         # Freed outside the handler, once the exception's frames (and the tensors they hold) are gone.
-        _free_device_memory()
+        free_memory()
         run_dir = existing_runs(out).get(ident)
         if run_dir is not None:
             results.write_json(run_dir / ERROR_FILE, {**failure, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})

@@ -1,13 +1,21 @@
-"""What a benchmark hands the runner, and the prompt building every task shares.
+"""What a benchmark hands the harness, and the prompt building every task shares.
 
-A task (one file in ``tasks/``) is a dataclass whose fields are its parameters. It has three methods:
+A task (one file in ``tasks/``) is a dataclass subclassing ``Task`` whose fields are its parameters. It
+declares its ``kind``, which tells the harness how to run its samples:
 
-- ``samples(tokenizer, ctx) -> list[Sample]``: the samples, in a stable order with stable ids;
-- ``score(sample, prediction) -> dict[str, float]``: the per-sample metrics; the key ``"score"`` is the
-  headline number (0-100 for accuracy-like metrics);
-- ``summarize(records) -> dict``: the task's aggregate over the finished records (each record is a JSON
-  line of ``samples.jsonl``: ``id``, ``prediction``, ``scores``, ``meta``, ...). ``summarize_mean`` is the
-  default most tasks use.
+- ``"generation"`` (the default): the samples are prefilled, decoded together in batches, and each
+  prediction is scored by ``score(sample, prediction)``;
+- ``"multi-turn"``: each sample is one compressed context with follow-up turns (``Sample.turns``), run one at
+  a time through ``Engine.multi_turn``; ``score(sample, predictions)`` gets the list of per-turn predictions;
+  ``own_answers`` says whether the model's own answers stay in the cache between turns;
+- ``"logprobs"``: nothing is generated; ``score_logprobs(engine, sample)`` runs the engine on the sample
+  (teacher-forced ``continuation_ids``) and returns the record with its scores.
+
+Every task has ``samples(tokenizer, ctx) -> list[Sample]`` (a stable order, stable ids), ``score`` (the
+per-sample metrics; the key ``"score"`` is the headline number, 0-100 for accuracy-like metrics) and
+``summarize(records) -> dict`` (the aggregate over the finished records, each a JSON line of
+``samples.jsonl``: ``id``, ``prediction``, ``scores``, ``meta``, ...; ``summarize_mean`` by default).
+``temperature`` > 0 asks for sampling (AIME's pass@1 over n samples) unless the command line sets one.
 
 A ``Sample`` splits its prompt in two token lists: ``context_ids`` (what is compressed in the
 query-agnostic protocol, before the question is seen) and ``question_ids`` (appended after compression).
@@ -17,7 +25,7 @@ model's chat template.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar
 
 # A marker that never occurs in real text: the chat template is rendered once around it, then split.
 _SPLIT = "\u2063\u2063KVBENCH-SPLIT\u2063\u2063"
@@ -62,7 +70,7 @@ class Sample:
 
 @dataclass
 class TaskContext:
-    """What the runner tells a task when asking for samples."""
+    """What the harness tells a task when asking for samples."""
 
     max_context_tokens: int  # the model window minus room for generation
     data: str | None = None  # --data PATH, if the user gave one
@@ -72,14 +80,30 @@ class TaskContext:
     max_context_set: bool = False  # max_context_tokens came from the user (--max-context), not the default
 
 
-class Task(Protocol):
+GENERATION, MULTI_TURN, LOGPROBS = "generation", "multi-turn", "logprobs"
+TASK_KINDS = (GENERATION, MULTI_TURN, LOGPROBS)
+
+
+class Task:
+    """The base of every task: what the harness calls, with the defaults a task overrides by declaring them."""
+
     name: str
+    kind: ClassVar[str] = GENERATION
+    temperature: float = 0.0  # > 0: the task asks for sampling (a dataclass field where it is a parameter)
+    own_answers: bool = False  # multi-turn: the model's answers, not golden ones, stay in the cache
 
-    def samples(self, tokenizer, ctx: TaskContext) -> list[Sample]: ...
+    def samples(self, tokenizer, ctx: TaskContext) -> list[Sample]:
+        raise NotImplementedError
 
-    def score(self, sample: Sample, prediction: str) -> dict[str, float]: ...
+    def score(self, sample: Sample, prediction: str | list[str]) -> dict[str, float]:
+        raise NotImplementedError
 
-    def summarize(self, records: list[dict]) -> dict: ...
+    def score_logprobs(self, engine, sample: Sample) -> dict:
+        """The record of one sample of a ``"logprobs"`` task (with its ``scores``), run on ``engine``."""
+        raise NotImplementedError(f"{type(self).__name__} is a {self.kind} task: it has no log-probability score")
+
+    def summarize(self, records: list[dict]) -> dict:
+        return summarize_mean(records)
 
 
 def summarize_mean(records: list[dict], group_by: str | None = None) -> dict:
@@ -95,6 +119,15 @@ def summarize_mean(records: list[dict], group_by: str | None = None) -> dict:
             groups.setdefault(str(r.get("meta", {}).get(group_by)), []).append(r)
         out["by_" + group_by] = {g: summarize_mean(rs) for g, rs in sorted(groups.items())}
     return out
+
+
+def as_names(value: Any) -> tuple[str, ...]:
+    """A task parameter given as a tuple, a list or a comma-separated string, as a tuple of names."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    return tuple(value)
 
 
 def hub_dataset(repo: str, config: str | None = None, split: str = "test") -> list[dict]:

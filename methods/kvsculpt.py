@@ -8,15 +8,14 @@ pilot optimisation per (layer, KV head) and redistributes the total budget in pr
 error, within a floor and a cap, so heads hold ragged numbers of slots.
 
 Everything ``selectfit`` states holds here too (targets, selection, exact sinks and recent window, ridge,
-layers fitted together at the last layer); this method starts from Select+Fit's keys and values, fitted to
+layers fitted together in ``compress_cache``); this method starts from Select+Fit's keys and values, fitted to
 its own targets. Choices the paper leaves open:
 
-- Targets: the last ``target_window = 128`` prompt positions re-rotated to the future. Tuned on the essays at
-  r = 0.3 (KL, SmolLM2, 2k contexts; results/kvsculpt): 128 positions 0.0267, 512 0.0314, all 0.0392 (at 100
-  iterations). The objective on the targets falls about 8x from Select+Fit's, the KL on real continuations
-  only 1.3x: with more targets the keys serve queries that later tokens do not resemble.
-- Iterations: 100 key steps (KL 0.0267 against 0.0283 at 30; compression 3.3 s for a 2k context, 7 s for 8k on
-  the H100, layers and heads batched).
+- Targets: the last ``target_window = 128`` prompt positions re-rotated to the future, tuned on other text
+  than the tables (results/kvsculpt/README.md): with more targets the keys serve queries that later tokens
+  do not resemble.
+- Iterations: 100 key steps (layers and heads batched; the tuning and the compression times:
+  results/kvsculpt/README.md).
 - Objective per (layer, KV head), over the target queries of all its grouped query heads:
   ``mean |out' - out|^2 / mean |out|^2 + lse_weight * mean (lse' - lse)^2 + ridge penalty``, where
   ``out'``/``lse'`` are the targets' attention over exact + free slots and ``out``/``lse`` over the whole
@@ -30,9 +29,8 @@ its own targets. Choices the paper leaves open:
   ``value_every`` key steps and at the end; the ridge is part of the objective, so key steps (accepted
   only when they lower it) and value solves (its exact minimiser for fixed keys) both never raise it.
 - Adaptive budgets (``adaptive=True``, implemented in ``selectfit``): the pilot is ``pilot_iterations`` key
-  steps at the uniform budget (from Select+Fit's start); the rest as ``selectfit`` states. Measured
-  (results/kvsculpt): most of the gain is the allocation's; the key optimisation adds 1.37x / 1.25x lower KL
-  at r = 0.3 / 0.5 over ``selectfit -m adaptive=true`` (none at 0.7) for about 10x its compression time.
+  steps at the uniform budget (from Select+Fit's start); the rest as ``selectfit`` states (how much of the
+  gain is the allocation's and how much the key optimisation's: results/kvsculpt/README.md).
 """
 from __future__ import annotations
 

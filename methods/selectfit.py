@@ -20,18 +20,17 @@ Choices the paper leaves open (shared with ``kvsculpt``, which starts from this 
   their own positions (they then attend to keys after themselves, which they never did in the model). The
   target outputs and log-sum-exps are the queries' attention over the whole uncompressed store, in float32.
   A model without rotary embeddings has nothing to re-rotate: its queries are used as they are.
-  What worked (SmolLM2, fidelity KL on Paul Graham essays, 2k contexts, r = 0.3, H100; results/kvsculpt):
-  for the value fit alone, all prompt queries re-rotated (KL 0.0257) beat the last 512 (0.0271) and the last
-  128 (0.0301): the default ``target_window = 0``. ``kvsculpt``'s key optimisation wants the opposite (its
-  own default is 128): it fits whatever targets it gets closely, and early prompt queries re-rotated to the
-  future attend in ways later tokens do not.
+  The default ``target_window = 0`` (all prompt queries re-rotated) was the best for the value fit alone;
+  ``kvsculpt``'s key optimisation wants the opposite (its own default is 128): it fits whatever targets it
+  gets closely, and early prompt queries re-rotated to the future attend in ways later tokens do not
+  (measurements: results/kvsculpt/README.md).
 - Selection: SnapKV's observation-window scores (``window`` queries, max-pooled over ``kernel`` slots),
   averaged over the query heads of the KV head; the ``m`` best middle tokens start the free part.
 - Ridge: the value solve minimises ``mean_q |out' - out|^2 / mean_q |out|^2 + c |V' - V_0|^2``, where ``V_0``
   are the original values of the selected tokens, with ``c`` set once per problem so that the ridge is
   ``ridge`` times the mean diagonal of the initial normal matrix; solved by Cholesky in float64. Pulling
   towards the selected values (not towards zero) matters: with few targets a fit towards zero generalised
-  worse than no fit at all; ``ridge = 1`` was the best of 0.01 to 10 in the same measurement.
+  worse than no fit at all; ``ridge = 1`` was the best of 0.01 to 10 (results/kvsculpt/README.md).
 - Budget: the kept fraction counts every slot a head holds (exact and free alike); a budget smaller than
   ``sinks + recent`` shrinks the recent window first. A head whose budget covers its middle keeps it exact.
 - Adaptive budgets (``adaptive=True``; the KVSculpt paper's allocation, here for both methods, so its effect
@@ -41,11 +40,10 @@ Choices the paper leaves open (shared with ``kvsculpt``, which starts from this 
   ``allocation_power``; free slots are split in proportion to it, each head between ``floor`` and ``cap``
   times its uniform share (and at most its middle), the total of every sequence conserved exactly (largest
   remainders). Heads whose uniform budget already covers their middle, and the exact slots, are outside
-  the redistribution. Measured (SmolLM2, H100, results/kvsculpt): KL 3.6x / 2.9x / 2.1x lower than uniform at
-  r = 0.3 / 0.5 / 0.7, NIAH 2k+4k at 0.3 from 36.7 to 88.3, for 0.5-1 s per 2k-8k context.
+  the redistribution (its effect against uniform budgets: results/kvsculpt/README.md).
 - Layers: each layer's targets and scores are taken in its own ``compress`` call; the fits of all layers
-  run together (batched on the device) in the last layer's call, so until then the layers hold their full
-  chunk. With chunked prefill this repeats after every chunk; free slots of earlier chunks (position -1)
+  run together (batched on the device) in the whole-cache hook ``compress_cache``, once the chunk has passed
+  every layer, so until then the layers hold their full chunk. With chunked prefill this repeats after every chunk; free slots of earlier chunks (position -1)
   belong to the middle and are compressed again. Problems are batched by similar free size, each batch's
   padded score tensor under ``batch_elements`` entries.
 """
@@ -244,10 +242,11 @@ class SelectFit(Method):
         target = fraction_target(self.budget, call.seen)
         if bool((store.length > target.repeat_interleave(store.H)).any()):
             pending[call.layer] = self.layer_targets(call, target)
-        if call.layer == call.n_layers - 1:
-            if pending:
-                self.compress_layers(call.cache, pending)
-            pending.clear()
+
+    def compress_cache(self, cache) -> None:
+        pending: dict[int, LayerTargets] = cache.method_state.pop("selectfit", {})
+        if pending:
+            self.compress_layers(cache, pending)
 
     def layer_targets(self, call: LayerCall, target: torch.Tensor) -> LayerTargets:
         store: RaggedKV = call.store

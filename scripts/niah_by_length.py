@@ -29,7 +29,7 @@ def main() -> None:
         if config.get("task") != "niah":
             continue
         key = (config["protocol"], method_label(config["method"], config.get("method_params")).split("(")[0],
-               "full" if config["method"] == "full" else f"{config['budget']:g}")
+               results.kept_label(config["method"], config["budget"]))
         for rec in results.read_jsonl(run_dir / "samples.jsonl"):
             length = int(rec["meta"]["length"])
             if only is None or length in only:
@@ -37,7 +37,7 @@ def main() -> None:
     lengths = sorted({n for per in cells.values() for n in per})
     print("| protocol | method | kept | " + " | ".join(f"found@{n}" for n in lengths) + " |")
     print("|---|---|---|" + "---|" * len(lengths))
-    for key in sorted(cells, key=lambda k: (k[0], k[2] != "full", k[1], k[2])):
+    for key in sorted(cells, key=lambda k: (k[0], k[2] != results.FULL, k[1], k[2])):
         row = []
         for n in lengths:
             vals = cells[key].get(n, [])

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from kvbench.task import Sample, TaskContext, TaskError, build_prompt, hub_dataset
+from kvbench.task import Sample, Task, TaskContext, TaskError, build_prompt, hub_dataset
 
-from .longbench import find_file, read_records
+from kvbench.io import find_file, read_records
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -126,7 +126,7 @@ def is_correct(prediction: str, reference: str) -> bool:
 
 
 @dataclass
-class AIME:
+class AIME(Task):
     """AIME problems of one year (``year`` 2024 or 2025)."""
 
     name: ClassVar[str] = "aime"

@@ -13,12 +13,13 @@ import ast
 import math
 import sysconfig
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import torch
 
-from kvbench.task import Sample, TaskContext, TaskError, summarize_mean
-from kvbench.tasks.niah import load_texts
+from kvbench.task import LOGPROBS, Sample, Task, TaskContext, TaskError
+from kvbench.io import load_texts
 
 
 def stdlib_prose(max_chars: int = 2_000_000) -> str:
@@ -42,8 +43,9 @@ def stdlib_prose(max_chars: int = 2_000_000) -> str:
 
 
 @dataclass
-class Fidelity:
+class Fidelity(Task):
     name: str = "fidelity"
+    kind: ClassVar[str] = LOGPROBS
     context_len: int = 2048
     continuation_len: int = 256
     n_samples: int = 8
@@ -68,12 +70,9 @@ class Fidelity:
                        meta={"offset": i * stride}) for i in range(n)]
 
     def score_logprobs(self, engine, sample: Sample) -> dict:
-        """Run the compressed engine and a full-cache reference on the same sample."""
-        from kvbench.methods.full import Full
-        from kvbench.runner import Engine
+        """Run the compressed engine and its full-cache reference on the same sample."""
         logp, info = engine.continuation_logprobs(sample)
-        reference = Engine(engine.lm, Full(), engine.protocol, engine.chunk)
-        ref, _ = reference.continuation_logprobs(sample)
+        ref, _ = engine.full_reference().continuation_logprobs(sample)
         target = torch.tensor(sample.continuation_ids[1:], device=logp.device)
         kl = (ref.exp() * (ref - logp)).sum(-1).mean().item()
         nll = -logp.gather(1, target[:, None]).mean().item()
@@ -85,5 +84,3 @@ class Fidelity:
     def score(self, sample: Sample, prediction: str) -> dict[str, float]:
         raise TaskError("fidelity is scored on log-probabilities, not on generated text")
 
-    def summarize(self, records: list[dict]) -> dict:
-        return summarize_mean(records)

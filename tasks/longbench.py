@@ -31,9 +31,10 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar
 
-from kvbench.task import Sample, TaskContext, TaskError, hub_dataset
+from kvbench.io import find_file, read_records
+from kvbench.task import Sample, Task, TaskContext, TaskError, as_names, hub_dataset
 
 from .metrics import LONGBENCH_FIRST_LINE, longbench_score
 
@@ -154,57 +155,11 @@ def official_prompt(tokenizer, template: str, fields: dict, max_length: int | No
     return ids, n, prompt
 
 
-def as_names(value: Any) -> tuple[str, ...]:
-    """A task parameter given as a tuple, a list or a comma-separated string, as a tuple of names."""
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return tuple(v.strip() for v in value.split(",") if v.strip())
-    return tuple(value)
-
-
 # ---------------------------------------------------------------------------------------------------------
-# reading data files (shared with the other task modules)
+# LongBench's data files (the readers: kvbench.io)
 # ---------------------------------------------------------------------------------------------------------
 
 SCHEMA = {"context": str, "input": str, "answers": list}  # the fields a prompt and its score are made of
-
-
-def read_records(path: str | Path) -> list[dict]:
-    """The rows of a ``.jsonl``, ``.json`` (a list) or ``.parquet`` file, as dicts."""
-    path = Path(path)
-    if path.suffix == ".parquet":
-        import pandas as pd
-
-        try:
-            frame = pd.read_parquet(path)
-        except Exception as e:  # pyarrow's errors have no common base
-            raise TaskError(f"{path} is not a readable parquet file ({type(e).__name__}: "
-                            f"{(str(e).splitlines() or [''])[0][:160]})") from None
-        return [_plain(r) for r in frame.to_dict(orient="records")]
-    try:
-        with open(path, encoding="utf-8") as f:
-            if path.suffix == ".json":
-                data = json.load(f)
-                rows = list(data) if isinstance(data, list) else [data]
-            else:
-                rows = [_json_line(line, path, number) for number, line in enumerate(f, 1) if line.strip()]
-    except UnicodeDecodeError as e:
-        raise TaskError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise TaskError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
-    bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
-    if bad is not None:
-        raise TaskError(f"{path}: record {bad + 1} is not a JSON object")
-    return rows
-
-
-def _json_line(line: str, path: Path, number: int) -> dict:
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as e:
-        raise TaskError(f"{path} line {number} is not valid JSON ({e.msg}, column {e.colno}); fix or remove "
-                        "that line") from None
 
 
 def check_schema(path: Path, rows: list[dict], required: dict[str, type]) -> list[dict]:
@@ -218,27 +173,6 @@ def check_schema(path: Path, rows: list[dict], required: dict[str, type]) -> lis
                 raise TaskError(f"{path} record {i} has no '{key}' of type {kind.__name__} (LongBench's schema: "
                                 f"{', '.join(required)}); is this LongBench data?")
     return rows
-
-
-def _plain(value: Any) -> Any:
-    """numpy arrays/scalars from parquet rows as plain lists/numbers."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if hasattr(value, "tolist"):
-        return _plain(value.tolist())
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def find_file(root: Path, stem: str, exts: Iterable[str] = (".jsonl", ".parquet", ".json")) -> Path | None:
-    """``root/stem.ext`` or ``root/data/stem.ext``, the first that exists."""
-    for folder in (root, root / "data"):
-        for ext in exts:
-            p = folder / f"{stem}{ext}"
-            if p.is_file():
-                return p
-    return None
 
 
 def _from_hub(config: str) -> list[dict]:
@@ -269,7 +203,7 @@ def _from_hub(config: str) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------
 
 @dataclass
-class LongBench:
+class LongBench(Task):
     """LongBench v1 (``e=False``, 21 tasks) or LongBench-E (``e=True``, the 13 ``_e`` subsets)."""
 
     name: ClassVar[str] = "longbench"

@@ -22,9 +22,9 @@ of the needle's answer (``rouge1``; it gives a wrong answer that shares words wi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from kvbench.task import Sample, TaskContext, TaskError, build_prompt, summarize_mean
+from kvbench.io import load_texts, text_files
+from kvbench.task import Sample, Task, TaskContext, TaskError, build_prompt, summarize_mean
 from kvbench.tasks.metrics import rouge1_recall
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -35,23 +35,6 @@ ORIGINAL_SYSTEM = "You are a helpful AI bot that answers questions for a user. K
 ORIGINAL_QUESTION_TAIL = " Don't give information outside the document or repeat your findings"
 ORIGINAL_BUFFER = 200  # tokens left free of haystack in the original test
 _MARK = "\u2063\u2063KVBENCH-%s\u2063\u2063"
-
-
-def text_files(path: str | Path) -> list[str]:
-    """The texts of a directory's ``.txt``/``.md`` files (sorted), or of one file."""
-    p = Path(path).expanduser()
-    if p.is_file():
-        return [p.read_text(errors="replace")]
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".md") and f.is_file())
-        if files:
-            return [f.read_text(errors="replace") for f in files]
-    raise TaskError(f"no text found at {path}: pass --data with a directory of .txt files or a text file")
-
-
-def load_texts(path: str | Path) -> str:
-    """All ``.txt``/``.md`` files of a directory (sorted), or one file, joined by blank lines."""
-    return "\n\n".join(text_files(path))
 
 
 def chat_split(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
@@ -70,7 +53,7 @@ def _depth_id(depth: float) -> str:
 
 
 @dataclass
-class NIAH:
+class NIAH(Task):
     name: str = "niah"
     lengths: list[int] = field(default_factory=lambda: [1024, 2048])
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])

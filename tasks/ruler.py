@@ -49,9 +49,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-from kvbench.task import Sample, TaskContext, TaskError, build_prompt
+from kvbench.task import Sample, Task, TaskContext, TaskError, as_names, build_prompt
 
-from .longbench import as_names
 from .metrics import string_match_all, string_match_part
 
 RULER_TASKS: tuple[str, ...] = (
@@ -489,7 +488,7 @@ def gen_qa(num_docs: int, index: int, rng: random.Random, data: QAData, seed: in
 # ---------------------------------------------------------------------------------------------------------
 
 @dataclass
-class Ruler:
+class Ruler(Task):
     """RULER synthetic tasks at the given lengths (tokens, prompt + generation)."""
 
     name: ClassVar[str] = "ruler"

@@ -62,9 +62,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
-from kvbench.task import Sample, TaskContext, TaskError, Turn, build_prompt, hub_dataset
+from kvbench.io import find_file, read_records
+from kvbench.task import (MULTI_TURN, Sample, Task, TaskContext, TaskError, Turn, as_names, build_prompt,
+                          hub_dataset)
 
-from .longbench import as_names, find_file, read_records
 from .metrics import f1_score, normalize_zh_answer, rouge_lsum_f, string_match_all
 
 HUB_REPO = "microsoft/SCBench"
@@ -385,10 +386,11 @@ def _max_new(task: str, subtask: str) -> int:
 # ---------------------------------------------------------------------------------------------------------
 
 @dataclass
-class SCBench:
+class SCBench(Task):
     """SCBench tasks in multi-turn (golden answers between turns) or multi-request mode."""
 
     name: ClassVar[str] = "scbench"
+    kind: ClassVar[str] = MULTI_TURN
 
     tasks: tuple[str, ...] = SCBENCH_TASKS  # which of the 12 tasks
     mode: str = "multi-turn"  # or "multi-request" (official --same_context_different_query)

@@ -41,9 +41,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import click
 import torch
 
 from kvbench import artifact as artifacts
+from kvbench.cli import fail, user_errors
 from kvbench.method import Method, segment_view
 from kvbench.methods.compresskv.method import NAME, CompressKVError, selection_scores
 
@@ -98,7 +100,8 @@ class Grid:
 
 def read_haystacks(path: str | None) -> tuple[list[str], str]:
     """Three haystack texts (one per needle) and a description of where they came from."""
-    from kvbench.tasks.niah import FILLER, load_texts
+    from kvbench.io import load_texts
+    from kvbench.tasks.niah import FILLER
     if path is None:
         return [FILLER * 200] * 3, "built-in filler (kvbench niah)"
     root = Path(path).expanduser()
@@ -293,7 +296,7 @@ def rank_heads(scores: torch.Tensor) -> list[list[int]]:
 
 
 def head_scores(lm, grid: Grid, haystacks: list[str], progress: Progress, prefill_chunk, log) -> dict:
-    from kvbench.runner import Engine
+    from kvbench.engine import Engine
     from kvbench.tasks.metrics import rouge1_recall
     probe = NeedleProbe(budget=1.0)
     engine = Engine(lm, probe, prefill_chunk=prefill_chunk)
@@ -359,7 +362,7 @@ def layer_prompts(lm, tests: list[dict], grid: Grid, haystacks: list[str], longb
 
 
 def layer_errors(lm, ranking: list[list[int]], prompts, prefill_chunk, log) -> dict[str, list[float]]:
-    from kvbench.runner import Engine
+    from kvbench.engine import Engine
     heads = [torch.tensor(r[: SETTINGS["first_k"]]) for r in ranking]
     probe = LayerErrorProbe(budget=1.0, heads=heads, window=SETTINGS["window"], kernel=SETTINGS["kernel"],
                             pooling=SETTINGS["pooling"], probe_budget=SETTINGS["probe_budget"])
@@ -384,7 +387,7 @@ def calibrate(model: str, out: str, grid: str | None = None, haystack: str | Non
               prefill_chunk: int | None = None, trust_remote_code: bool = False, log=print) -> Path:
     """Make a CompressKV artifact for ``model`` at ``out``; returns its directory."""
     from kvbench import models
-    from kvbench.runner import resolve_device, resolve_dtype
+    from kvbench.engine import resolve_device, resolve_dtype
     if layer_samples < 1:
         raise CompressKVError("--layer-samples must be at least 1")
     if prefill_chunk is not None and prefill_chunk < 1:
@@ -403,7 +406,7 @@ def calibrate(model: str, out: str, grid: str | None = None, haystack: str | Non
 def calibrate_model(lm, out: str, grid: str | None = None, haystack: str | None = None, longbench: str | None = None,
                     layer_samples: int = 8, prefill_chunk: int | None = None, log=print) -> Path:
     """``calibrate`` on a loaded model."""
-    from kvbench.runner import git_commit
+    from kvbench.harness import git_commit
     g = Grid.parse(grid, lm.window) if grid else Grid.default(lm.window)
     too_long = [n for n in g.lengths if n > lm.window]
     too_short = [n for n in g.lengths if n < SETTINGS["buffer"] + 64]
@@ -452,3 +455,30 @@ def calibrate_model(lm, out: str, grid: str | None = None, haystack: str | None 
     log(f"counted tests: {heads['counted']}/{len(heads['tests'])}; head scores {t_heads:.0f}s, layer errors "
         f"{t_layers:.0f}s")
     return path
+
+
+# ---- the command line: `kvbench calibrate compresskv` (declared in the method's artifact_commands) ----
+
+
+@click.command("compresskv")
+@click.option("--model", required=True, help="HF id, local dir, .gguf file or alias")
+@click.option("--out", required=True, help="artifact directory (use it with `kvbench run --method compresskv --artifact DIR`)")
+@click.option("--grid", default=None,
+              help="lengths=N,N,...,depths=P,P,... (tokens; percent). Default: 20 lengths from 1000 to the window x 10 depths")
+@click.option("--haystack", default=None, help="haystack texts: a directory of .txt files (or part1..3 folders), or a file")
+@click.option("--longbench", default=None, help="LongBench <task>.jsonl directory for the layer errors (default: needle prompts)")
+@click.option("--layer-samples", type=int, default=8, show_default=True, help="layer-error prompts (per LongBench task)")
+@click.option("--prefill-chunk", type=int, default=None, help="prefill N tokens at a time (bounds memory)")
+@click.option("--trust-remote-code", is_flag=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+def command(model, out, grid, haystack, longbench, layer_samples, prefill_chunk, trust_remote_code,
+            device, dtype):
+    """CompressKV: semantic-retrieval-head scores (needle tests) and error-aware layer scores."""
+    try:
+        path = calibrate(model, out, grid=grid, haystack=haystack, longbench=longbench,
+                                    layer_samples=layer_samples, device=device, dtype=dtype, prefill_chunk=prefill_chunk,
+                                    trust_remote_code=trust_remote_code, log=click.echo)
+    except user_errors() as e:
+        fail(str(e))
+    click.echo(f"artifact: {path}")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -172,6 +173,8 @@ def selection_scores(call: LayerCall, heads: torch.Tensor, window: int, kernel: 
 
 @dataclass
 class CompressKV(ScoredEviction):
+    artifact_commands: ClassVar[dict[str, str]] = {"calibrate": "kvbench.methods.compresskv.calibrate:command"}
+
     window: int = field(default=8, metadata=in_range(1))
     kernel: int = field(default=5, metadata=in_range(1))
     pooling: str = "avg"

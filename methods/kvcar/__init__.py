@@ -94,6 +94,7 @@ def choose_reuse(similarity: list[list[float]], threshold: float | None) -> dict
 @dataclass
 class KVCAR(Method):
     token_codec: ClassVar[bool] = True  # its stores offer ``decoded_view``: an eviction method may compose with it
+    artifact_commands: ClassVar[dict[str, str]] = {"train": "kvbench.methods.kvcar.train:command"}
 
     artifact: str | None = None
     reuse: bool = True

@@ -55,10 +55,12 @@ class KVCARStore:
         """[B, H] tokens per (sequence, KV head); a reused head reports its owner's."""
         return torch.stack([self.head_lengths(h) for h in range(self.H)], dim=1)
 
+    def has_tokens(self) -> bool:
+        return bool((self.length > 0).any())
+
     @property
     def length(self) -> torch.Tensor:
-        """Tokens per segment (what ``store_has_tokens`` asks); a layer reusing every head reports its
-        sources'."""
+        """Tokens per segment; a layer reusing every head reports its sources'."""
         if self.own:
             return self.codes.length
         return self.token_counts().reshape(-1)

@@ -28,10 +28,13 @@ import math
 import time
 from pathlib import Path
 
+import click
 import torch
 import torch.nn.functional as F
 
 from kvbench import artifact as artifacts
+from kvbench.cli import fail, user_errors
+from kvbench.training import optimise
 from kvbench.methods.kvcar import NAME, ROPE_KEYS, LayerCodec, choose_reuse
 from kvbench.methods.kvcar.codec import pca_init_
 from kvbench.task import TaskError
@@ -106,39 +109,17 @@ def similarity(model, samples: torch.Tensor, rope, batch: int) -> list[list[floa
     return [[None] * heads] + [[round(float(x), 5) for x in row] for row in sim]
 
 
-def _schedule(opt, lr: float, step: int, steps: int, started: float, minutes: float | None, warmup: int) -> None:
-    done = max(step / steps, (time.perf_counter() - started) / (60 * minutes) if minutes else 0.0)
-    factor = (step + 1) / warmup if step < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * min(done, 1.0)))
-    for group in opt.param_groups:
-        group["lr"] = lr * factor
-
-
 def _stage(name: str, codecs, loss_fn, train_set, batch: int, steps: int, lr: float, minutes: float | None,
            gen: torch.Generator, log) -> tuple[int, float, list[float]]:
-    """One training stage: AdamW over the codecs' parameters; returns steps, seconds, losses."""
-    params = [p for p in codecs.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    warmup = max(1, min(steps // 20, 50))
-    order, cursor, step, losses = torch.randperm(len(train_set), generator=gen), 0, 0, []
-    t0 = time.perf_counter()
-    while step < steps:
-        if minutes is not None and time.perf_counter() - t0 > 60 * minutes:
-            log(f"{name}: stopping at step {step}: its {minutes:.2f} minutes are up")
-            break
-        if cursor + batch > len(order):
-            order, cursor = torch.randperm(len(train_set), generator=gen), 0
-        _schedule(opt, lr, step, steps, t0, minutes, warmup)
-        loss = loss_fn(train_set[order[cursor: cursor + batch]])
-        cursor += batch
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        losses.append(loss.item())
-        if step % 25 == 0 or step == 1:
-            log(f"{name} step {step}: loss {losses[-1]:.4f} ({time.perf_counter() - t0:.0f} s)")
-    return step, time.perf_counter() - t0, losses
+    """One training stage over the codecs' trainable parameters; returns steps, seconds, losses."""
+    def step_loss(x: torch.Tensor):
+        loss = loss_fn(x)
+        return loss, loss.item()
+
+    return optimise([p for p in codecs.parameters() if p.requires_grad], step_loss, train_set, batch, steps, lr,
+                    minutes, max(1, min(steps // 20, 50)), gen, log,
+                    stop_message=lambda s: f"{name}: stopping at step {s}: its {minutes:.2f} minutes are up",
+                    report=lambda s, loss, secs: f"{name} step {s}: loss {loss:.4f} ({secs:.0f} s)")
 
 
 def train(model: str, data: str, out: str, latent_dim: int | None = None, hidden: int | None = None,
@@ -149,8 +130,8 @@ def train(model: str, data: str, out: str, latent_dim: int | None = None, hidden
           device: str = "auto", dtype: str = "auto", seed: int = 0, log=print) -> Path:
     from kvbench import models
     from kvbench.cache import rope_inverse_factory
-    from kvbench.runner import resolve_device, resolve_dtype
-    from kvbench.train_deltakv import read_corpus
+    from kvbench.engine import resolve_device, resolve_dtype
+    from kvbench.io import read_corpus
     if rope_keys not in ROPE_KEYS:
         raise TaskError(f"--rope-keys must be pre or post, got {rope_keys}")
     if min(recon_steps, lm_steps) < 0 or min(batch, seq_len, calib_samples) < 1 or not 0 < recon_share < 1:
@@ -274,3 +255,50 @@ def _heldout(model, codecs, reuse, rope, held: torch.Tensor, batch: int, pre: bo
     out = {k: v / max(n, 1) for k, v in ce.items()}
     out["heldout_ppl_increase"] = math.exp(out["heldout_ce_kvcar"] - out["heldout_ce_full"]) - 1
     return out
+
+
+# ---- the command line: `kvbench train kvcar` (declared in the method's artifact_commands) ----
+
+
+@click.command("kvcar")
+@click.option("--model", required=True, help="HF id, local dir, .gguf file or alias")
+@click.option("--data", required=True, help="training text (general English, never evaluation text): a file or a directory")
+@click.option("--out", required=True, help="artifact directory (safetensors + artifact.json)")
+@click.option("--latent-dim", type=int, default=None, help="latent width per head (default head_dim/2)")
+@click.option("--latent-dim-v", type=int, default=None, help="latent width of the values per head (default --latent-dim)")
+@click.option("--hidden", type=int, default=None, help="hidden width of encoder and decoder (default 2 x latent: starts from PCA)")
+@click.option("--rope-keys", default="pre", show_default=True, type=click.Choice(["pre", "post"]),
+              help="code keys before or after RoPE")
+@click.option("--reuse-threshold", default="0.9", show_default=True,
+              help="heads at or above this similarity to the previous layer store nothing ('none': no reuse)")
+@click.option("--recon-steps", type=int, default=1000, show_default=True, help="stage 1 (reconstruction) steps")
+@click.option("--lm-steps", type=int, default=1000, show_default=True, help="stage 2 (LM loss, base frozen) steps")
+@click.option("--batch", type=int, default=8, show_default=True, help="packed samples per step")
+@click.option("--seq-len", type=int, default=512, show_default=True, help="tokens per packed sample")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="stage 1 learning rate")
+@click.option("--lm-lr", type=float, default=2e-4, show_default=True, help="stage 2 learning rate")
+@click.option("--calib-samples", type=int, default=16, show_default=True, help="samples for the reuse calibration")
+@click.option("--max-minutes", type=float, default=None, help="stop training after this much time (both stages)")
+@click.option("--recon-share", type=float, default=0.4, show_default=True, help="share of --max-minutes for stage 1")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+@click.option("--seed", type=int, default=0, show_default=True)
+def command(model, data, out, latent_dim, latent_dim_v, hidden, rope_keys, reuse_threshold, recon_steps, lm_steps, batch,
+            seq_len, lr, lm_lr, calib_samples, max_minutes, recon_share, device, dtype, seed):
+    """Train KV-CAR's autoencoders and calibrate its reused heads (writes one artifact)."""
+    if reuse_threshold.lower() == "none":
+        threshold = None
+    else:
+        try:
+            threshold = float(reuse_threshold)
+        except ValueError:
+            fail(f"--reuse-threshold takes a number or 'none', got '{reuse_threshold}'")
+    try:
+        path = train(model, data, out, latent_dim=latent_dim, latent_dim_v=latent_dim_v, hidden=hidden,
+                           rope_keys=rope_keys,
+                           reuse_threshold=threshold, recon_steps=recon_steps, lm_steps=lm_steps, batch=batch,
+                           seq_len=seq_len, lr=lr, lm_lr=lm_lr, calib_samples=calib_samples, max_minutes=max_minutes,
+                           recon_share=recon_share, device=device, dtype=dtype, seed=seed, log=click.echo)
+    except user_errors() as e:
+        fail(str(e))
+    click.echo(f"artifact: {path}")

@@ -26,7 +26,7 @@ scaling() {
 import sys, torch
 from pathlib import Path
 from kvbench import models
-from tests.tokenizer_fixture import make_tokenizer
+from tests.conftest import make_tokenizer
 work, preset = Path(sys.argv[1]), sys.argv[2]
 if not (work / "model" / "config.json").exists():
     model, _ = models.random_model(preset, torch.bfloat16 if torch.cuda.is_available() else torch.float32, "cpu", seed=0)

@@ -4,7 +4,7 @@
 #            mkdir -p .carry/data && cp -r ../shared/data/{paul_graham_essays,ruler,longbench} .carry/data/
 #   1. one call per part, carry [".carry/pNN"]:  bash scripts/gpu/qwen.sh part .carry/pNN
 #   2. carry [".carry/whl", ".carry/data"]:       bash scripts/gpu/qwen.sh setup   (joins, checks, converts once)
-#   3. then, while the machine stays warm:        bash scripts/gpu/qwen.sh sweep results/sweep-qwen-niah.yaml [SECONDS]
+#   3. then, while the machine stays warm:        bash scripts/gpu/qwen.sh sweep results/sweep-qwen-niah.yaml[,MORE] [SECONDS]
 # Each sweep call leaves $OUT/runs.tar.gz (every run folder so far) and $OUT/sweep.log; a sweep cut by its time
 # limit resumes at the next call on the same machine (the runner's resume).
 set -uo pipefail
@@ -30,7 +30,9 @@ setup)
   time python3 -c "from kvbench import models; lm = models.load('qwen2.5-coder-1.5b'); print(lm.name, lm.window)" 2>&1 | grep -v "^Loading" ;;
 sweep)
   shared_data; install_kvbench >/dev/null
-  timeout "${3:-540}" kvbench sweep "$2" 2>&1 | grep -v "^Loading" | tee -a "$OUT/sweep.log" | tail -60
+  # CONFIG may be several, comma-separated: run one after the other within the one time limit
+  timeout "${3:-540}" bash -c 'for c in ${0//,/ }; do kvbench sweep "$c"; done' "$2" 2>&1 \
+    | grep -v "^Loading" | tee -a "$OUT/sweep.log" | tail -60
   tar czf "$OUT/runs.tar.gz" results/runs results/sweeps 2>/dev/null; ls -la "$OUT" ;;
 calibrate)
   # CompressKV's calibration of Qwen2.5-Coder-1.5B (GRID as `kvbench calibrate compresskv --grid` takes it); resumes
@@ -40,5 +42,5 @@ calibrate)
     --grid "$2" --haystack ../shared/data/paul_graham_essays --layer-samples 8 --dtype bfloat16 2>&1 | grep -v "^Loading" | tail -20
   [ -d /tmp/compresskv-qwen2.5-coder-1.5b ] && cp -r /tmp/compresskv-qwen2.5-coder-1.5b checkpoints/ \
     && cp /tmp/compresskv-qwen2.5-coder-1.5b/artifact.json "$OUT/compresskv-qwen2.5-coder-1.5b.json" ;;
-*) echo "usage: $0 part DIR | setup | sweep CONFIG [SECONDS] | calibrate GRID [SECONDS]" >&2; exit 2 ;;
+*) echo "usage: $0 part DIR | setup | sweep CONFIG[,CONFIG...] [SECONDS] | calibrate GRID [SECONDS]" >&2; exit 2 ;;
 esac

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# KV-CAR on the GPU machine (issue 19). Run from the repository root after prepare-device-carry's calls (the
+# GGUF of the model in /tmp/kvbench-assets; `source scripts/gpu/gpu-setup.sh` assembles SmolLM2's and installs kvbench).
+# Carry the training corpus (scripts/deltakv-corpus.py OUT.txt.gz; KVCAR_CORPUS, default
+# .deltakv/general-english.txt.gz) and, for NIAH, the essays (KVCAR_HAYSTACK, default .deltakv/paul_graham_essays).
+#   scripts/gpu/kvcar-gpu.sh train smollm2 "32"        # one artifact per latent size (per head; smollm2 head_dim 64:
+#                                                  # 48/32/16 = 25/50/75% smaller; qwen head_dim 128: 96/64/32;
+#                                                  # K:V gives keys and values their own widths, e.g. 16:48),
+#                                                  # KVCAR_MINUTES of training each (default 1.5), in /tmp/kvcar-art
+#   scripts/gpu/kvcar-gpu.sh eval smollm2 "32"         # fidelity (KL and perplexity against full on held-out prose: the
+#                                                  # stdlib docstrings, never trained on), NIAH 4k, measured KV bytes:
+#                                                  # kvcar (artifact's reuse, none, forced), snapkv@0.25 vs
+#                                                  # snapkv+kvcar@0.5 (equal memory at latent = head_dim/2)
+#   scripts/gpu/kvcar-gpu.sh ruler smollm2 "32"        # RULER 4k (qwen: 4k and 16k), kvcar / snapkv / snapkv+kvcar
+#   scripts/gpu/kvcar-gpu.sh bench smollm2             # decode tokens/s, kvcar vs full, batch 1 and 16 and each one's largest
+#   scripts/gpu/kvcar-gpu.sh quick                     # the smallest useful set: train smollm2 latents 16:48, eval it (~5 min)
+# Every command is bounded (timeout); the summaries land in $OUT (default results/kvcar), run dirs in /tmp.
+set -uo pipefail
+source scripts/gpu/gpu-setup.sh
+export OUT=${OUT:-results/kvcar}
+mkdir -p "$OUT"
+CORPUS=${KVCAR_CORPUS:-.deltakv/general-english.txt.gz}
+HAY=${KVCAR_HAYSTACK:-.deltakv/paul_graham_essays}
+RULER_DATA=${KVCAR_RULER:-.carry/tasks/ruler}
+ART=/tmp/kvcar-art
+RUNS=/tmp/kvcar-runs
+
+model_path() {
+  case "$1" in
+  smollm2) echo "$gguf" ;;
+  qwen) echo /tmp/kvbench-assets/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf ;;
+  *) echo "unknown model $1 (smollm2 or qwen)" >&2; exit 2 ;;
+  esac
+}
+
+train() {  # train MODEL "LATENTS"
+  local m=$1 M; M=$(model_path "$1")
+  nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
+  for L in $2; do
+    timeout ${KVCAR_TRAIN_TIMEOUT:-420} python3 -m kvbench.cli train kvcar --model "$M" --data "$CORPUS" \
+      --out "$ART/$m-l${L/:/v}" --latent-dim "${L%%:*}" --latent-dim-v "${L##*:}" --batch ${KVCAR_BATCH:-16} --seq-len ${KVCAR_SEQ:-1024} \
+      --recon-steps 100000 --lm-steps 100000 --max-minutes ${KVCAR_MINUTES:-1.5} --dtype bfloat16 2>&1 \
+      | grep -v "^Loading" | tee "$OUT/train-$m-l${L/:/v}.log"
+    cp "$ART/$m-l${L/:/v}/artifact.json" "$OUT/artifact-$m-l${L/:/v}.json"
+  done
+}
+
+run() {  # run LOGNAME ARGS...: one bounded kvbench run
+  local name=$1; shift
+  timeout ${KVCAR_RUN_TIMEOUT:-300} python3 -m kvbench.cli run --out "$RUNS" "$@" 2>&1 | grep -v "^Loading" \
+    | tail -3 | tee -a "$OUT/$name.log"
+}
+
+evaluate() {  # evaluate MODEL "LATENTS"
+  local m=$1 M; M=$(model_path "$1")
+  run "eval-$m" --method snapkv --budget 0.25 --task niah -t 'lengths=[4096]' --data "$HAY" --batch-size 5 --model "$M"
+  for L in $2; do
+    A="$ART/$m-l${L/:/v}"
+    run "eval-$m" --method kvcar --artifact "$A" --task fidelity --model "$M"
+    run "eval-$m" --method kvcar --artifact "$A" -m reuse=false --task fidelity --model "$M"
+    run "eval-$m" --method kvcar --artifact "$A" -m reuse_threshold=0.0 --task fidelity --model "$M"
+    run "eval-$m" --method kvcar --artifact "$A" --task niah -t 'lengths=[4096]' --data "$HAY" --batch-size 5 --model "$M"
+    run "eval-$m" --method snapkv+kvcar --budget 0.5 --artifact "$A" -m reuse=false --task niah -t 'lengths=[4096]' \
+      --data "$HAY" --batch-size 5 --model "$M"
+    run "eval-$m" --method snapkv+kvcar --budget 0.5 --artifact "$A" -m reuse=false --task fidelity --model "$M"
+  done
+  run "eval-$m" --method snapkv --budget 0.25 --task fidelity --model "$M"
+  summary | tee "$OUT/summary.md"
+}
+
+ruler() {  # ruler MODEL "LATENTS"
+  local m=$1 M lengths='[4096]'; M=$(model_path "$1")
+  [ "$m" = qwen ] && lengths='[4096,16384]'
+  R=(--task ruler -t "lengths=$lengths" -t n_per_task=5 --data "$RULER_DATA" --batch-size 8 --model "$M")
+  run "ruler-$m" --method snapkv --budget 0.25 "${R[@]}"
+  for L in $2; do
+    run "ruler-$m" --method kvcar --artifact "$ART/$m-l${L/:/v}" "${R[@]}"
+    run "ruler-$m" --method snapkv+kvcar --budget 0.5 --artifact "$ART/$m-l${L/:/v}" -m reuse=false "${R[@]}"
+  done
+  summary | tee "$OUT/summary.md"
+}
+
+bench() {  # decode throughput: kvcar's random codec (latent head_dim/2) times like a trained one
+  local m=$1 M; M=$(model_path "$1")
+  timeout 540 python3 -m kvbench.cli bench --model "$M" --contexts 4096 --batches 1,16 --methods full,kvcar \
+    --budgets 1.0 --new-tokens 128 --peers '' --out "$OUT/bench-$m" --time-limit 480 2>&1 | grep -v "^Loading" \
+    | tee "$OUT/bench-$m.log"
+}
+
+summary() {
+  python3 - "$RUNS" <<'PY'
+import glob, json, sys
+print("| model | task | method | params | budget | score | kl | ppl full | ppl method | KV ratio (prefill) |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for path in sorted(glob.glob(f"{sys.argv[1]}/runs/*/metrics.json")):
+    d = json.load(open(path))
+    cfg = json.load(open(path.replace("metrics.json", "config.json")))
+    mp = cfg.get("method_params") or {}
+    codec = mp.get("codec", mp)
+    shown = {k: v for k, v in codec.items() if k in ("reuse", "reuse_threshold")}
+    if codec.get("artifact"):
+        shown["artifact"] = codec["artifact"].rstrip("/").split("/")[-1]
+    s = d["summary"]
+    num = lambda k: (f"{s[k]:.4g}" if isinstance(s.get(k), (int, float)) else "")
+    print(f"| {d['model'].split(' (')[0].split('/')[-1]} | {d['task']} | {d['method']} | {shown} | {d['budget']} | {num('score')} | "
+          f"{num('kl')} | {num('ppl_full')} | {num('ppl')} | {d.get('kv_ratio_prefill', float('nan')):.3f} |")
+PY
+}
+
+case "${1:-quick}" in
+train) train "${2:-smollm2}" "${3:-32}" ;;
+eval) evaluate "${2:-smollm2}" "${3:-32}" ;;
+ruler) ruler "${2:-smollm2}" "${3:-32}" ;;
+bench) bench "${2:-smollm2}" ;;
+summary) summary ;;
+quick) train smollm2 16:48; evaluate smollm2 16:48 ;;
+*) echo "usage: $0 train|eval|ruler|bench|summary|quick [smollm2|qwen] [\"LATENTS\"]" >&2; exit 2 ;;
+esac

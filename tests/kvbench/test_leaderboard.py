@@ -1,0 +1,318 @@
+"""Leaderboard aggregation and ranking, plots, the HTML report and sweeps.
+
+Synthetic run directories are written in the runner's layout (config.json, metrics.json, samples.jsonl,
+trace.jsonl), so aggregation is tested on known numbers; the sweep test makes real (tiny) runs.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+
+from kvbench import leaderboard as lb
+from kvbench import plots, report, results
+from kvbench.cli import main
+
+
+def make_run(root: Path, method: str, budget: float, protocol: str, score: float, ratio: float, *,
+             task: str = "niah", model: str = "tiny-model", complete: bool = True, error: dict | None = None,
+             lengths=(1000, 2000), depths=(0.0, 0.5, 1.0), kv_steps: bool = False) -> Path:
+    run_dir = root / "runs" / f"{task}-{method}-{budget}-{protocol}-{model}"
+    run_dir.mkdir(parents=True)
+    config = {"task": task, "method": method, "budget": budget, "protocol": protocol, "model": model,
+              "model_name": model, "batch_size": 1, "device": "cpu", "dtype": "float32",
+              "method_params": {"budget": budget}, "task_params": {}}
+    results.write_json(run_dir / "config.json", config)
+    grid = []
+    for i, length in enumerate(lengths):
+        for depth in depths:
+            s = {"id": f"{length}-{depth}", "meta": {"length": length, "depth": depth}, "scores": {"score": score},
+                 "kv_ratio_prefill": ratio, "kv_ratio_end": ratio, "tokens_per_s": 10.0 + i, "batch_size": 1,
+                 "context_tokens": length}
+            results.append_jsonl(run_dir / "samples.jsonl", s)
+            steps = {str(k): [1000 * ratio * (1 + k / 100)] * 2 for k in (2, 4)} if kv_steps else {}
+            results.append_jsonl(run_dir / "trace.jsonl", {
+                "id": s["id"], "kv_layer_bytes_prefill": [1000 * ratio] * 2, "kv_layer_bytes_steps": steps,
+                "peak_prefill": {"rss": 2 ** 30}, "peak_decode": {"rss": int(2 ** 30 * (1 + ratio))}})
+            grid.append({"length": length, "depth": depth, "score": score})
+    if complete:
+        results.write_json(run_dir / "metrics.json", {
+            "task": task, "method": method, "budget": budget, "protocol": protocol, "model": model,
+            "n_samples": len(grid), "complete": True, "summary": {"score": score, "grid": grid},
+            "kv_ratio_prefill": ratio, "kv_ratio_end": ratio, "tokens_per_s": 10.5, "tpot_s": 0.1, "prefill_s": 0.2})
+    if error:
+        results.write_json(run_dir / "error.json", error)
+    return run_dir
+
+
+@pytest.fixture
+def board(tmp_path) -> Path:
+    """Two methods whose knobs mean different memory: at budget 0.25 B scores higher than A, but at the
+    same measured memory A is better. The query-aware protocol has the opposite order."""
+    for proto, (a_scores, b_scores) in {"query-agnostic": ((50, 80), (55, 85)),
+                                        "query-aware": ((10, 20), (90, 95))}.items():
+        make_run(tmp_path, "full", 1.0, proto, 100.0, 1.03, kv_steps=True)
+        for (budget, ra, rb), sa, sb in zip([(0.25, 0.2, 0.3), (0.5, 0.4, 0.6)], a_scores, b_scores):
+            make_run(tmp_path, "alpha", budget, proto, float(sa), ra, kv_steps=True)
+            make_run(tmp_path, "beta", budget, proto, float(sb), rb, kv_steps=True)
+    make_run(tmp_path, "gamma", 0.25, "query-agnostic", 0.0, 0.2, complete=False)
+    make_run(tmp_path, "delta", 0.25, "query-agnostic", 0.0, 0.2, complete=False,
+             error={"status": "oom", "error": "OutOfMemoryError: CUDA out of memory"})
+    return tmp_path
+
+
+def test_collect_one_row_per_run_with_status(board):
+    df = lb.collect(board)
+    assert len(df) == 12
+    status = dict(zip(df["method"] + "/" + df["protocol"], df["status"]))
+    assert status["gamma/query-agnostic"] == "incomplete" and status["delta/query-agnostic"] == "oom"
+    assert (df[df["method"].isin(["alpha", "beta", "full"])]["status"] == "complete").all()
+    fails = lb.failures(df)
+    assert list(fails["method"]) == ["delta"] and "out of memory" in fails["error"].iloc[0]
+    table = lb.runs_table(df)
+    assert set(table["method"]) == {"full", "alpha", "beta"}  # unfinished and failed runs stay out
+    row = table[(table["method"] == "beta") & (table["budget"] == 0.25) & (table["protocol"] == "query-agnostic")]
+    assert row["niah score"].item() == 55 and row["niah kv ratio"].item() == pytest.approx(0.3)
+
+
+def test_method_variants_stay_apart():
+    """A run that set a method's parameters away from its defaults is its own row, named by them."""
+    assert lb.method_label("kvsculpt", {"budget": 0.3}) == "kvsculpt"
+    assert lb.method_label("kvsculpt", {"budget": 0.3, "adaptive": True, "floor": 0.25}) == "kvsculpt(adaptive=True)"
+    assert lb.method_label("snapkv", {"window": 8, "kernel": 9}) == "snapkv(kernel=9,window=8)"
+    assert lb.method_label("alpha", {"x": 1}) == "alpha"  # not a registered method: its name as it is
+
+
+def test_a_task_without_full_is_still_ranked(tmp_path):
+    make_run(tmp_path, "alpha", 0.25, "query-agnostic", 50.0, 0.3)
+    make_run(tmp_path, "beta", 0.25, "query-agnostic", 60.0, 0.3)
+    ranks = lb.ranking(lb.collect(tmp_path))
+    assert list(ranks["method"]) == ["beta", "alpha"] and "niah full (ratio, score)" not in ranks.columns
+
+
+def test_interpolation_never_extrapolates():
+    pts = [(0.2, 50.0), (0.4, 80.0)]
+    assert lb.interpolate(pts, 0.3) == pytest.approx(65.0)
+    assert lb.interpolate(pts, 0.41) == 80.0  # within the tolerance: the end point
+    assert lb.interpolate(pts, 0.5) is None and lb.interpolate(pts, 0.1) is None
+
+
+def test_ranking_is_at_matched_memory_not_matched_knob(board):
+    df = lb.select(lb.collect(board), protocol="query-agnostic")
+    rank = lb.ranking(df, levels=[0.3, 0.4])
+    by = rank.set_index("method")
+    # At 0.3 of the memory: alpha interpolates to 65, beta measured 55 (beta won at the same knob, 0.25).
+    assert by.loc["alpha", "niah score@0.3"] == pytest.approx(65.0)
+    assert by.loc["beta", "niah score@0.3"] == pytest.approx(55.0)
+    assert by.loc["alpha", "niah score@0.4"] == pytest.approx(80.0)
+    assert by.loc["beta", "niah score@0.4"] == pytest.approx(55 + 30 * (0.1 / 0.3))
+    assert list(rank["method"][:2]) == ["alpha", "beta"] and by.loc["alpha", "mean rank"] == 1.0
+    assert by.loc["full", "niah full (ratio, score)"] == "1.03, 100"
+    assert pd.isna(by.loc["full", "mean rank"])
+
+
+def test_protocols_never_mix(board):
+    df = lb.collect(board)
+    both = lb.ranking(df, levels=[0.3, 0.4])
+    for proto in ("query-agnostic", "query-aware"):
+        alone = lb.ranking(lb.select(df, protocol=proto), levels=[0.3, 0.4])
+        part = both[both["protocol"] == proto].reset_index(drop=True)
+        pd.testing.assert_frame_equal(part[alone.columns], alone, check_dtype=False)
+    aware = both[both["protocol"] == "query-aware"].set_index("method")
+    assert aware.loc["beta", "mean rank"] == 1.0  # the opposite order of the query-agnostic protocol
+    table = lb.runs_table(df)
+    assert len(table[(table["method"] == "alpha") & (table["budget"] == 0.25)]) == 2  # one row per protocol
+    md = lb.render_markdown(df)
+    assert "## tiny-model, query-agnostic" in md and "## tiny-model, query-aware" in md
+
+
+def test_filters(board):
+    df = lb.collect(board)
+    assert set(lb.select(df, budget=[0.5])["budget"]) == {0.5, 1.0}  # the full reference stays
+    assert lb.select(df, task="other").empty
+    assert len(lb.select(df, model="TINY")) == len(df)
+    assert set(lb.select(df, protocol="query-aware")["protocol"]) == {"query-aware"}
+
+
+class _Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.figures, self.imgs, self.tables, self.external = [], [], 0, []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "figure":
+            self.figures.append(a.get("data-plot"))
+        if tag == "img":
+            self.imgs.append(a.get("src", ""))
+        if tag == "table":
+            self.tables += 1
+        for key in ("src", "href"):
+            if a.get(key) and not a[key].startswith("data:"):
+                self.external.append(a[key])
+
+
+def test_written_files_plots_and_report(board, tmp_path):
+    df = lb.collect(board)
+    out = tmp_path / "out"
+    paths = lb.write(df, out)
+    assert [p.name for p in paths] == ["leaderboard.md", "leaderboard.csv", "leaderboard.json", "leaderboard.html"]
+    assert len(pd.read_csv(paths[1])) == len(df)
+    payload = json.loads(paths[2].read_text())
+    assert len(payload["runs"]) == len(df) and payload["ranking"]
+    page = _Page()
+    page.feed(paths[3].read_text())
+    assert page.tables >= 4
+
+    written = plots.make_all(board, out / "plots", df=df, bench_root=tmp_path / "no-bench")
+    stems = {p.stem for p in written}
+    for prefix in ("score-vs-kv-tiny-model-query-agnostic-niah", "niah-tiny-model-query-aware-budget0.25",
+                   "kv-steps-tiny-model-niah-query-agnostic", "throughput-tiny-model"):
+        assert prefix in stems, (prefix, stems)
+    for p in written:
+        assert p.stat().st_size > 5000, p
+        head = p.read_bytes()[:8]
+        assert head == b"\x89PNG\r\n\x1a\n" if p.suffix == ".png" else b"<svg" in p.read_bytes()[:2000]
+
+    html_path = report.build(board, out / "report.html", out / "plots", make_plots=False)
+    page = _Page()
+    page.feed(html_path.read_text())
+    pngs = {p.stem for p in (out / "plots").glob("*.png")}
+    assert set(page.figures) == pngs  # every plot is in the page, once
+    assert all(src.startswith("data:image/png;base64,") for src in page.imgs) and not page.external
+    assert page.tables >= 4
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no Chromium on this machine (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(board, tmp_path):
+    html_path = report.build(board, tmp_path / "report.html", tmp_path / "plots")
+    shot = tmp_path / "shot.png"
+    subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--screenshot={shot}", "--window-size=1200,1600", html_path.as_uri()],
+                   capture_output=True, timeout=120)
+    assert shot.exists()
+    import matplotlib.image as mpimg
+    pixels = mpimg.imread(shot)
+    assert pixels.shape[0] >= 1000 and pixels.std() > 0.05  # a drawn page, not a blank one
+
+
+def test_cli_commands(board, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(main, ["leaderboard", "--root", str(board), "--out", str(tmp_path / "lb"),
+                               "--protocol", "query-aware"])
+    assert res.exit_code == 0, res.output
+    assert "query-aware" in res.output and "query-agnostic" not in (tmp_path / "lb" / "leaderboard.md").read_text()
+    res = runner.invoke(main, ["plot", "--root", str(board), "--out", str(tmp_path / "p"), "--only", "score"])
+    assert res.exit_code == 0 and len(list((tmp_path / "p").glob("score-vs-kv-*"))) == 4
+    res = runner.invoke(main, ["report", "--root", str(board), "--out", str(tmp_path / "r.html"),
+                               "--plots", str(tmp_path / "p")])
+    assert res.exit_code == 0 and (tmp_path / "r.html").exists()
+    res = runner.invoke(main, ["leaderboard", "--root", str(tmp_path / "empty")])
+    assert res.exit_code == 2 and "no runs" in res.output
+
+
+# ---- sweeps ------------------------------------------------------------------------------------------
+
+def _tiny_loader(spec, dtype, device, seed):
+    from kvbench import models
+    from kvbench.models import LoadedModel
+    from tests.conftest import make_tokenizer
+    if spec == "tiny-too-big":
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+    model, _ = models.random_model(spec, dtype, device, seed)
+    model.generation_config.eos_token_id = None
+    return LoadedModel(model, make_tokenizer(), spec, 4096)
+
+
+def test_sweep_runs_the_product_skips_finished_and_records_failures(tmp_path):
+    from kvbench.sweep import load_config, points, run_sweep
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(f"""
+out: {tmp_path / 'results'}
+models: [tiny-llama, tiny-too-big]
+methods: [full, snapkv]
+budgets: [0.5]
+tasks:
+  niah: {{lengths: [300], depths: [0.0, 1.0], max_new_tokens: 3}}
+  fidelity: {{context_len: 5000}}
+protocols: [query-agnostic]
+""")
+    plan = points(load_config(cfg))
+    assert [(p.model, p.task, p.method, p.budget) for p in plan][:4] == [
+        ("tiny-llama", "niah", "full", 1.0), ("tiny-llama", "niah", "snapkv", 0.5),
+        ("tiny-llama", "fidelity", "full", 1.0), ("tiny-llama", "fidelity", "snapkv", 0.5)]
+    assert len(plan) == 8
+    # The fidelity context is longer than the model's window: it fails inside the run (a crash, recorded
+    # with its error), and the model that does not fit is recorded as out of memory; the rest still runs.
+    lines = []
+    first = run_sweep(cfg, echo=lines.append, load_model=_tiny_loader, progress=False)
+    status = [(o["point"]["model"], o["point"]["task"], o["status"]) for o in first]
+    assert [s for m, t, s in status if m == "tiny-llama" and t == "niah"] == ["done", "done"]
+    assert {s for m, t, s in status if m == "tiny-too-big"} == {"oom"}
+    for o in first:
+        assert ("->" in " ".join(lines)) and (o["status"] in ("done", "oom", "crash"))
+        if o["status"] != "done":
+            assert o["error"]
+    crashed = [o for o in first if o["status"] == "crash"]
+    assert [o["point"]["task"] for o in crashed] == ["fidelity", "fidelity"]
+    assert "exceeds the usable context" in crashed[0]["error"]
+    for o in crashed:
+        assert o["run_dir"] and json.loads((Path(o["run_dir"]) / "error.json").read_text())["status"] == "crash"
+    ledger = tmp_path / "results" / "sweeps" / "tiny.jsonl"
+    assert len(results.read_jsonl(ledger)) == 8
+    second = run_sweep(cfg, echo=lines.append, load_model=_tiny_loader, progress=False)
+    assert [o["status"] for o in second if o["point"]["task"] == "niah" and o["point"]["model"] == "tiny-llama"] \
+        == ["skipped", "skipped"]
+    df = lb.collect(tmp_path / "results")
+    assert set(df[df["status"] == "complete"]["method"]) >= {"full", "snapkv"}
+
+
+def test_sweep_config_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    cases = [("methods: [nope]\ntasks: [niah]\n", "unknown method 'nope'"),
+             ("methods: [snapkv]\ntasks: [niah]\nprotocols: [sideways]\n", "unknown protocol"),
+             ("methods: [snapkv]\ntasks: [niah]\nbudgets: [0]\n", "impossible"),
+             ("methods: [snapkv]\ntasks: [niah]\nfoo: 1\n", "unknown key 'foo'"),
+             ("tasks: [niah]\n", "'methods' is missing")]
+    for text, needle in cases:
+        bad.write_text(text)
+        res = CliRunner().invoke(main, ["sweep", str(bad)])
+        lines = [x for x in res.output.strip().splitlines() if x]
+        assert res.exit_code == 2 and len(lines) == 1 and needle in lines[0], (text, res.output)
+
+
+def test_sweep_builds_a_tasks_samples_once_for_all_its_methods(tmp_path, monkeypatch):
+    from kvbench.sweep import run_sweep
+    from kvbench.tasks import niah
+    cfg = tmp_path / "memo.yaml"
+    cfg.write_text(f"""
+out: {tmp_path / 'results'}
+models: [tiny-llama]
+methods: [full, snapkv, streamingllm]
+budgets: [0.5]
+tasks:
+  niah: {{lengths: [300], depths: [0.0, 1.0], max_new_tokens: 3}}
+protocols: [query-agnostic, query-aware]
+""")
+    built = []
+    original = niah.NIAH.samples
+    monkeypatch.setattr(niah.NIAH, "samples", lambda self, *a, **k: built.append(1) or original(self, *a, **k))
+    outcomes = run_sweep(cfg, echo=lambda line: None, load_model=_tiny_loader, progress=False)
+    assert [o["status"] for o in outcomes] == ["done"] * 6
+    assert len(built) == 1  # six runs, one set of samples (the protocol is applied by the engine, not the task)
+    records = [results.read_jsonl(Path(o["run_dir"]) / "samples.jsonl") for o in outcomes]
+    assert all([r["id"] for r in rec] == [r["id"] for r in records[0]] for rec in records)

@@ -1,0 +1,55 @@
+"""The trainers of method artifacts (``kvbench train deltakv`` / ``kvbench train kvcar``) through the shared
+optimisation loop (``kvbench.training``): a few steps on a tiny model make an artifact the method loads for that
+model; the same seed gives the same weights; a time limit stops the loop and says so."""
+import json
+
+import pytest
+
+from kvbench import models, registry
+from kvbench.engine import Engine
+from kvbench.results import file_sha256
+
+TEXT = ("The grass is green. The sky is blue. It was the best of times, it was the worst of times. "
+        "A library keeps old books on tall shelves. ") * 300
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def _deltakv(tiny_dir, corpus, out, **kw):
+    from kvbench.methods.deltakv.train import train
+    logs = []
+    path = train(str(tiny_dir), str(corpus), str(out), batch=2, seq_len=64, full_layers=[0], log=logs.append,
+                 **{"steps": 4, **kw})
+    return path, logs
+
+
+def test_deltakv_trains_a_checkpoint_its_method_loads(tiny_dir, corpus, tmp_path):
+    path, logs = _deltakv(tiny_dir, corpus, tmp_path / "a")
+    config = json.loads((path / "config.json").read_text())
+    assert config["steps"] == 4 and config["compressed_layers"] == [1] and config["corpus"]["chars"] == len(TEXT)
+    assert [line.split(":")[0] for line in logs if line.startswith("step ")] == ["step 1"]  # then every 25th
+    assert any(line.startswith("trained 4 steps") for line in logs)
+    again, _ = _deltakv(tiny_dir, corpus, tmp_path / "b")
+    assert file_sha256(path / "compressors.safetensors") == file_sha256(again / "compressors.safetensors")
+    Engine(models.load(str(tiny_dir)), registry.build_method("deltakv", 1.0, {"checkpoint": str(path)}))
+
+
+def test_a_time_limit_stops_training_and_says_so(tiny_dir, corpus, tmp_path):
+    path, logs = _deltakv(tiny_dir, corpus, tmp_path / "c", steps=10_000, max_minutes=1e-6)
+    assert json.loads((path / "config.json").read_text())["steps"] < 10_000
+    assert any("--max-minutes 1e-06 reached" in line for line in logs)
+
+
+def test_kvcar_trains_an_artifact_its_method_loads(tiny_dir, corpus, tmp_path):
+    from kvbench.methods.kvcar.train import train
+    logs = []
+    path = train(str(tiny_dir), str(corpus), str(tmp_path / "k"), recon_steps=3, lm_steps=2, batch=2, seq_len=64,
+                 calib_samples=2, log=logs.append)
+    assert any(line.startswith("stage 1 (reconstruction) step 1: loss ") for line in logs)
+    assert any(line.startswith("stage 2 (LM loss) step 1: loss ") for line in logs)
+    Engine(models.load(str(tiny_dir)), registry.build_method("kvcar", 1.0, {"artifact": str(path)}))

@@ -1,0 +1,211 @@
+"""KVSculpt and Select+Fit: the value solve, the optimiser, the allocator, and the stores they leave."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from kvbench import registry
+from kvbench.cli import main
+from kvbench.methods.kvsculpt import BatchedLBFGS, sculpt
+from kvbench.methods.selectfit import Problems, attend, objective, redistribute, solve_values
+from kvbench.engine import Engine
+from tests.conftest import prompt, sample, tiny
+
+
+def random_problems(P=3, R=96, E=6, M=12, D=8, seed=0, pad_last=4, N=None) -> tuple[Problems, torch.Tensor, torch.Tensor]:
+    """Problems whose targets come from a real attention over E exact + N middle keys; returns the batch,
+    initial free keys (a subset of the middle) and the whole middle keys [P, N, D]."""
+    g = torch.Generator().manual_seed(seed)
+    N = N or 3 * M
+    q = torch.randn(P, R, D, generator=g)
+    ke, ve = torch.randn(P, E, D, generator=g), torch.randn(P, E, D, generator=g)
+    km, vm = 1.5 * torch.randn(P, N, D, generator=g), torch.randn(P, N, D, generator=g)
+    scale = D ** -0.5
+    s = torch.einsum("prd,pnd->prn", q, torch.cat([ke, km], 1)) * scale
+    lse = torch.logsumexp(s, -1)
+    out = torch.einsum("prn,pnd->prd", torch.softmax(s, -1), torch.cat([ve, vm], 1))
+    free_mask = torch.ones(P, M, dtype=torch.bool)
+    free_mask[-1, M - pad_last:] = False
+    keys = km[:, :M].clone().masked_fill(~free_mask[..., None], 0.0)
+    prior = vm[:, :M].clone().masked_fill(~free_mask[..., None], 0.0)
+    pb = Problems(q, out, lse, torch.einsum("prd,ped->pre", q, ke) * scale, ve, free_mask, prior,
+                  (out ** 2).sum(-1).mean(-1), scale)
+    return pb, keys, (km, vm)
+
+
+def test_value_solve_matches_direct_least_squares():
+    pb, keys, _ = random_problems()
+    values = solve_values(pb, keys, ridge=0.3)
+    fixed, _, p_free = attend(pb, keys, torch.zeros_like(keys))  # the exact part's share of the output
+    for p in range(len(keys)):
+        m = int(pb.free_mask[p].sum())
+        A = p_free[p, :, :m].double()
+        lam = float(pb.ridge[p])
+        stacked = torch.cat([A, math.sqrt(lam) * torch.eye(m, dtype=A.dtype)])
+        rhs = torch.cat([(pb.out[p] - fixed[p]).double(), math.sqrt(lam) * pb.prior_values[p, :m].double()])
+        direct = torch.linalg.lstsq(stacked, rhs).solution
+        torch.testing.assert_close(values[p, :m].double(), direct, rtol=1e-4, atol=1e-5)
+        assert bool((values[p, m:] == 0).all())
+    # ... and it is the minimiser of the objective the key optimisation sees (zero gradient in the values)
+    with torch.enable_grad():
+        v = values.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(objective(pb, keys, v, 0.3).sum(), v)
+    assert float(grad.abs().max()) < 1e-4
+
+
+def test_objective_never_increases_and_drops():
+    pb, keys, _ = random_problems(seed=1)
+    start = objective(pb, keys, solve_values(pb, keys, 1e-3), 0.5)
+    pb.ridge = None
+    new_keys, values, final, trace = sculpt(pb, keys, ridge=1e-3, lse_weight=0.5, iterations=25, value_every=5)
+    steps = trace[1:] - trace[:-1]
+    assert bool((steps <= 1e-6 * trace[:-1]).all()), "the objective went up"
+    torch.testing.assert_close(trace[0], start)
+    assert bool((final < 0.7 * start).all()), (start, final)
+    torch.testing.assert_close(final, objective(pb, new_keys, values, 0.5), rtol=1e-4, atol=1e-7)
+    assert bool((new_keys[-1, -4:] == 0).all())  # padded free slots stay untouched
+
+
+def test_lbfgs_solves_quadratics_and_rejects_bad_steps():
+    g = torch.Generator().manual_seed(0)
+    P, n = 4, 10
+    scales = torch.logspace(0, 2, n)[None, :] * torch.tensor([1.0, 3.0, 10.0, 0.3])[:, None]
+    target = torch.randn(P, n, generator=g)
+
+    def quad(idx, x):
+        diff = x - target[idx]
+        return (scales[idx] * diff ** 2).sum(-1), 2 * scales[idx] * diff
+
+    x = torch.randn(P, n, generator=g)
+    opt = BatchedLBFGS(P, n, history=8, initial_step=0.1, max_backtracks=20, device="cpu")
+    f, grad = quad(torch.arange(P), x)
+    for _ in range(60):
+        x, f, grad = opt.step(quad, x, f, grad)
+    torch.testing.assert_close(x, target, rtol=1e-3, atol=1e-3)
+
+    # A function that only gets worse away from x0: every step is rejected, x and f stay.
+    x0 = torch.randn(P, n, generator=g)
+
+    def spike(idx, x):
+        moved = (x != x0[idx]).any(-1).float()
+        return (x ** 2).sum(-1) + 1e3 * moved, 2 * x
+
+    opt = BatchedLBFGS(P, n, history=8, initial_step=0.1, max_backtracks=5, device="cpu")
+    f0, g0 = spike(torch.arange(P), x0)
+    x1, f1, _ = opt.step(spike, x0, f0, g0)
+    assert torch.equal(x1, x0) and torch.equal(f1, f0) and bool((opt.count == 0).all())
+
+
+def test_full_middle_budget_reproduces_attention():
+    """Free slots as many as the middle, started from it: the optimum is the original cache and the
+    optimisation stays there (within the ridge)."""
+    pb, _, (km, vm) = random_problems(seed=2, M=24, N=24, pad_last=0)
+    keys, values, final, _ = sculpt(pb, km, ridge=1e-6, lse_weight=1.0, iterations=10, value_every=5)
+    out, lse, _ = attend(pb, keys, values)
+    assert float(((out - pb.out).norm() / pb.out.norm())) < 1e-3
+    assert float((lse - pb.lse).abs().max()) < 1e-3
+    assert float(final.max()) < 1e-5
+
+
+@pytest.mark.parametrize("params", [{}, {"adaptive": True}])
+@pytest.mark.parametrize("name", ["selectfit", "kvsculpt"])
+def test_budget_one_equals_full(name, params):
+    lm = tiny("llama")
+    s = sample(prompt(90, 3), prompt(5, 4), new=10)
+    full = Engine(lm, registry.build_method("full", 1.0))
+    ours = Engine(lm, registry.build_method(name, 1.0, params))
+    assert ours.generate([s])[0]["prediction"] == full.generate([s])[0]["prediction"]
+    torch.testing.assert_close(ours.prefill(s)[1], full.prefill(s)[1])
+
+
+def test_redistribute_conserves_and_respects_floor_and_cap():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        n = 30
+        difficulty = torch.exp(6 * torch.rand(n, generator=g))  # spans ~400x, like the paper's heads
+        base = torch.randint(5, 60, (n,), generator=g)
+        most = base + torch.randint(0, 200, (n,), generator=g)
+        counts = redistribute(difficulty, base, most, floor=0.3, cap=3.0)
+        lo, hi = torch.ceil(0.3 * base.double()), torch.minimum(torch.floor(3.0 * base.double()), most.double())
+        assert int(counts.sum()) == int(base.sum())
+        assert bool((counts >= lo).all()) and bool((counts <= hi).all())
+        # in proportion: where neither bound binds, budgets follow the difficulty
+        free = (counts > lo) & (counts < hi)
+        if int(free.sum()) >= 2:
+            ratio = counts[free].double() / difficulty[free].double()
+            assert float(ratio.max() / ratio.min()) < 1.0 + 2.0 / float(counts[free].min())
+    same = redistribute(torch.zeros(4), torch.tensor([3, 4, 5, 6]), torch.tensor([9, 9, 9, 9]), 0.5, 2.0)
+    assert same.tolist() == [3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("name,params", [("kvsculpt", {"iterations": 6}), ("selectfit", {})])
+def test_adaptive_heads_are_ragged_and_held_for_real(name, params):
+    lm = tiny("llama")
+    ctx = prompt(200, 5)
+    eng = Engine(lm, registry.build_method(name, 0.25, {"adaptive": True, **params}))
+    cache, _, info = eng.prefill(sample(ctx, []))
+    counts = cache.token_counts()  # [layers, B, H]
+    assert int(counts.sum()) == counts.numel() * 50  # int(0.25 * 200) per head on average, all conserved
+    assert len(set(counts.flatten().tolist())) > 1, "adaptive budgets should differ between heads"
+    for store in cache.stores:
+        assert store.k.shape[0] == int(store.length.sum())  # no slack: what is counted is what is there
+        per_slot = 2 * store.D * store.k.element_size() + store.pos.element_size()
+        assert store.nbytes() == int(store.length.sum()) * per_slot + 3 * 8 * store.B * store.H
+        idx, valid = store.slot_index()
+        for seg in range(store.B * store.H):
+            pos = store.pos[idx[seg][valid[seg]]]
+            real = sorted(pos[pos >= 0].tolist())
+            assert real == [0, 1, 2, 3] + list(range(200 - 32, 200))  # sinks and recent window stay exact
+            assert int((pos == -1).sum()) == int(store.length[seg]) - 36
+        # attention reads each head's own length: compare with a dense per-head computation
+        q = torch.randn(1, 4, 3, store.D)
+        out, lse = store.attend(q, 0.25)
+        for h in range(store.H):
+            sl = idx[h][valid[h]]
+            s = torch.einsum("gtd,sd->gts", q[0, 2 * h:2 * h + 2], store.k[sl]) * 0.25
+            torch.testing.assert_close(out[0, 2 * h:2 * h + 2], torch.softmax(s, -1) @ store.v[sl])
+            torch.testing.assert_close(lse[0, 2 * h:2 * h + 2], torch.logsumexp(s, -1))
+    assert info["kv_bytes_prefill"] == cache.nbytes()
+
+
+def test_chunked_prefill_keeps_the_budget():
+    lm = tiny("qwen2")
+    eng = Engine(lm, registry.build_method("kvsculpt", 0.3, {"iterations": 4}), prefill_chunk=64)
+    cache, _, _ = eng.prefill(sample(prompt(192, 8), []))
+    assert (cache.token_counts() == int(0.3 * 192)).all()  # kvpress's convention: int(T * budget)
+
+
+def test_sculpt_beats_select_fit_beats_selection():
+    """The fitted values lower the error of the selected tokens; the optimised keys lower it further."""
+    pb, keys, (km, vm) = random_problems(seed=3, pad_last=0)
+    M = keys.shape[1]
+    selectfit = registry.build_method("selectfit", 0.3)
+    kvsculpt = registry.build_method("kvsculpt", 0.3)
+    _, _, fitted = selectfit.fit(pb, keys)
+    original = objective(pb, keys, vm[:, :M], 0.0)  # same objective (the fit fixed its ridge)
+    pb.ridge = None
+    _, _, sculpted = kvsculpt.fit(pb, keys)
+    assert bool((fitted < original).all()) and bool((sculpted < 0.8 * fitted).all()), (original, fitted, sculpted)
+
+
+def test_bad_parameters_are_one_line_errors(tmp_path):
+    cases = [(["-m", "targets=somewhere"], "unknown targets"), (["-m", "floor=2"], "floor"),
+             (["-m", "ridge=0"], "ridge")]
+    for args, needle in cases:
+        res = CliRunner().invoke(main, ["run", "--method", "kvsculpt", "--task", "niah", *args, "--out", str(tmp_path)])
+        lines = [line for line in res.output.strip().splitlines() if line]
+        assert res.exit_code == 2 and len(lines) == 1 and needle in lines[0], res.output
+
+
+def test_batches_bound_padding_and_memory():
+    method = registry.build_method("kvsculpt", 0.3, {"batch_elements": 10_000})
+    sizes = [(50, 4, f) for f in (3, 90, 7, 40, 5, 12, 100, 60, 1, 25)]
+    groups = method.groups(sizes)
+    assert sorted(i for g in groups for i in g) == list(range(len(sizes)))
+    for g in groups:
+        free = [sizes[i][2] for i in g]
+        assert max(free) <= 2 * max(min(free), 1)
+        assert len(g) * max(50 * (4 + f) for f in free) <= 10_000 or len(g) == 1
