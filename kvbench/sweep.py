@@ -161,23 +161,29 @@ def label(cfg: RunConfig) -> str:
 
 
 def run_sweep(path: str | Path, echo: Callable[[str], None] = print, load_model: Callable | None = None,
-              progress: bool = True) -> list[dict]:
+              progress: bool = True, ranks=None) -> list[dict]:
     """Run (or finish) a sweep; returns one outcome per point. ``load_model(spec, dtype, device, seed)``
-    defaults to ``kvbench.models.load``."""
-    from kvbench import models
+    defaults to ``kvbench.models.load``. ``ranks`` (``kvbench.distributed``): under torchrun, this rank runs
+    every world-th point and rank 0 returns (and reports) every point's outcome."""
+    from kvbench import distributed, models
     from kvbench.harness import run
     cfg = load_config(path)
     plan = points(cfg)
     out = Path(cfg.get("out", "results"))
     ledger = out / "sweeps" / f"{cfg['name']}.jsonl"
     ledger.parent.mkdir(parents=True, exist_ok=True)
+    ranks = ranks or distributed.SINGLE  # [distributed]
     # The points' own model options: random weights and remote code are loaded as each point says.
     load_model = load_model or (lambda spec, dtype, device, seed, random_weights=False, trust_remote_code=False:
                                 models.load(spec, dtype, device, random_weights, trust_remote_code, seed=seed))
     known = existing_runs(out)
     outcomes, loaded, sample_memo = [], {}, {}
-    echo(f"sweep {cfg['name']}: {len(plan)} runs; results under {out / 'runs'}")
+    if ranks.main:  # [distributed]
+        echo(f"sweep {cfg['name']}: {len(plan)} runs; results under {out / 'runs'}"
+             + (f" ({ranks.world} processes)" if ranks.sharded else ""))
     for i, point in enumerate(plan, 1):
+        if not distributed.owns(i - 1, ranks):  # [distributed] another rank's point
+            continue
         ident = identity(point)
         prefix = f"[{i}/{len(plan)}] {label(point)}"
         if is_finished(known.get(ident)):
@@ -190,8 +196,11 @@ def run_sweep(path: str | Path, echo: Callable[[str], None] = print, load_model:
             echo(f"{prefix}: {outcome['status']}{detail} -> {where}")
         record = {"point": {k: v for k, v in asdict(point).items() if k != "out"}, **outcome,
                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        results.append_jsonl(ledger, record)
-        outcomes.append(record)
+        results.append_jsonl(distributed.ledger_path(ledger, ranks), record)  # [distributed] one file per rank
+        outcomes.append((i, record))
+    outcomes = distributed.merge_ledger(ledger, outcomes, ranks)  # [distributed] rank 0: all, in plan order
+    if not ranks.main:  # [distributed]
+        return outcomes
     counts: dict[str, int] = {}
     for o in outcomes:
         counts[o["status"]] = counts.get(o["status"], 0) + 1

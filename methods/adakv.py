@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvbench.cache import LayerCall
+from kvbench.distributed import all_heads, own_heads
 from kvbench.method import KEEP_ALWAYS, ScoredEviction, in_range, segment_view
 from kvbench.methods.snapkv import SnapKV
 from kvbench.registry import UnknownNameError
@@ -59,13 +60,19 @@ class AdaKV(ScoredEviction):
         col = torch.arange(ranked.shape[1], device=ranked.device)[None, :]
         if self.allocation == "kvpress":  # the protected floor ranks first
             ranked = torch.where(col < floor[:, None], torch.full_like(ranked, KEEP_ALWAYS), ranked)
-        counts = torch.zeros_like(per_head)
+        # Tensor parallel: the heads of the layer compete across processes; every rank allocates over all of
+        # them (gathered) and keeps its own heads' counts (kvbench.distributed).
+        shard = call.cache.head_shard
+        ranked, all_choose = all_heads(shard, ranked, B), all_heads(shard, choose, B)
+        H = ranked.shape[0] // B
+        counts = torch.zeros_like(all_choose)
         flat = ranked.view(B, -1)
-        total = choose.view(B, H).sum(dim=1)
+        total = all_choose.view(B, H).sum(dim=1)
         for b in range(B):
             k = min(int(total[b]), int((flat[b] > float("-inf")).sum()))
             picks = torch.topk(flat[b], k).indices // ranked.shape[1]
             counts.view(B, H)[b] = torch.bincount(picks, minlength=H)
+        counts = own_heads(shard, counts, B)
         if self.allocation == "official":
             counts = torch.round(counts.double() * (1 - self.alpha) + floor).long() + pinned
         return torch.minimum(counts, store.length)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.cache import LayerCall
+from kvbench.distributed import sum_heads
 from kvbench.kernels.window_scores import window_scores
 from kvbench.method import ScoredEviction, protect_recent, segment_view
 
@@ -39,7 +40,11 @@ class TOVA(ScoredEviction):
         if bool((pos != pos[:, :1]).any()):
             raise RuntimeError("tova: the KV heads of a layer hold different positions; TOVA keeps one set per layer")
         vals, _ = segment_view(store, per_group, fill=0.0)
-        layer = vals.view(B, H, -1).mean(dim=1, keepdim=True).expand(B, H, -1).reshape(B * H, -1)
+        # Tensor parallel: the mean over all the layer's heads, from each rank's sum (kvbench.distributed).
+        shard, per_head = call.cache.head_shard, vals.view(B, H, -1)
+        layer = per_head.mean(dim=1, keepdim=True) if shard is None else \
+            sum_heads(shard, per_head.sum(dim=1, keepdim=True)) / (H * shard.world)
+        layer = layer.expand(B, H, -1).reshape(B * H, -1)
         scores = torch.zeros_like(per_group)
         scores[idx[valid]] = layer[valid]
         return protect_recent(store, scores, 1) if self.pin_newest else scores

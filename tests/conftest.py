@@ -132,6 +132,18 @@ def tokenizer():
     return make_tokenizer()
 
 
+HAYSTACK = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+            "It was the best of times, it was the worst of times, it was the age of wisdom. ") * 40
+
+
+@pytest.fixture(scope="session")
+def haystack(tmp_path_factory) -> Path:
+    """A short repetitive text file: a needle-in-a-haystack task's ``--data`` for the tiny models."""
+    path = tmp_path_factory.mktemp("hay") / "hay.txt"
+    path.write_text(HAYSTACK)
+    return path
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED.is_dir():

@@ -30,19 +30,10 @@ from kvbench import models, results
 from kvbench.cli import main
 from tests.conftest import ROOT
 
-HAYSTACK = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-            "It was the best of times, it was the worst of times, it was the age of wisdom. ") * 40
 NIAH = ["-t", "lengths=[160]", "-t", "max_new_tokens=4"]
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="module")
-def haystack(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("hay") / "hay.txt"
-    path.write_text(HAYSTACK)
-    return path
-
 
 @pytest.fixture(autouse=True)
 def _no_progress_bars(monkeypatch):
