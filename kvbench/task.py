@@ -24,6 +24,7 @@ model's chat template.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -84,19 +85,22 @@ GENERATION, MULTI_TURN, LOGPROBS = "generation", "multi-turn", "logprobs"
 TASK_KINDS = (GENERATION, MULTI_TURN, LOGPROBS)
 
 
-class Task:
-    """The base of every task: what the harness calls, with the defaults a task overrides by declaring them."""
+class Task(ABC):
+    """The base of every task: what the harness calls, with the defaults a task overrides by declaring them.
+    ``samples`` and ``score`` are required (a task without them cannot be built)."""
 
     name: str
     kind: ClassVar[str] = GENERATION
     temperature: float = 0.0  # > 0: the task asks for sampling (a dataclass field where it is a parameter)
     own_answers: bool = False  # multi-turn: the model's answers, not golden ones, stay in the cache
 
+    @abstractmethod
     def samples(self, tokenizer, ctx: TaskContext) -> list[Sample]:
-        raise NotImplementedError
+        """The task's samples, in a stable order, with distinct ids."""
 
+    @abstractmethod
     def score(self, sample: Sample, prediction: str | list[str]) -> dict[str, float]:
-        raise NotImplementedError
+        """Scores of one prediction (``score`` is the headline), as the official metric computes them."""
 
     def score_logprobs(self, engine, sample: Sample) -> dict:
         """The record of one sample of a ``"logprobs"`` task (with its ``scores``), run on ``engine``."""

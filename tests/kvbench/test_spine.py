@@ -228,3 +228,16 @@ def test_static_decode_flags_and_reserve():
     eng.decode(cache, first, [20], [False])
     assert [s.k.data_ptr() for s in cache.stores] == moved != before  # room made once, nothing moved after
     assert (cache.token_counts() == 30 + 19).all()
+
+
+def test_a_task_without_samples_or_score_cannot_be_built():
+    from kvbench.task import Task
+
+    class NoScore(Task):
+        name = "no-score"
+
+        def samples(self, tokenizer, ctx):
+            return []
+
+    with pytest.raises(TypeError, match="score"):
+        NoScore()
