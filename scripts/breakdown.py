@@ -15,10 +15,9 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from kvbench import leaderboard as lb
 from kvbench import results
-from kvbench.leaderboard import method_label
 from kvbench.stats import bootstrap_interval
-from kvbench.sweep import is_finished
 
 # task -> (metric in each record's scores, the meta fields that name a part)
 PARTS = {"niah": ("found", ("length",)), "ruler": ("score", ("task", "length")), "fidelity": ("kl", ())}
@@ -35,20 +34,23 @@ def main() -> None:
     metric, fields = PARTS[args.task]
     only = {int(x) for x in args.lengths.split(",")} if args.lengths else None
     where = dict(w.split("=", 1) for w in args.where)
+    # The leaderboard's own reading of the runs: the newest run of each configuration; models, method variants
+    # (parameters, artifacts) and task settings kept apart, as in every other table.
+    runs = lb.newest(lb.collect(Path(args.root)))
+    runs = runs[runs["task"] == args.task]
+    runs = runs[[all(str(json.loads(p).get(k)) == v for k, v in where.items()) for p in runs["task_params"]]]
+    unfinished = sorted(runs[runs["status"] != "complete"]["run_id"])  # a cut run's first samples are no sample
+    runs = runs[runs["status"] == "complete"]
+    # labels name the model and the task settings only where a table would otherwise pool two of them
+    several = {"model": runs["model"].nunique() > 1,
+               "setting": bool((runs.groupby("protocol")["setting"].nunique() > 1).any())}
     cells: dict[tuple, dict[tuple, list[float]]] = defaultdict(lambda: defaultdict(list))
-    unfinished = []
-    for run_dir in results.iter_runs(Path(args.root)):
-        config = json.loads((run_dir / "config.json").read_text())
-        params = config.get("task_params") or {}
-        if config.get("task") != args.task or any(str(params.get(k)) != v for k, v in where.items()):
-            continue
-        if not is_finished(run_dir):  # a cut run's first samples are not a sample of the task
-            unfinished.append(run_dir.name)
-            continue
-        key = (config["protocol"], method_label(config["method"], config.get("method_params")).split("(")[0],
-               results.kept_label(config["method"], config["budget"]))
-        for rec in results.read_jsonl(run_dir / "samples.jsonl"):
-            if only is None or int(rec["meta"]["length"]) in only:
+    for row in runs.itertuples():
+        method = row.method + (f" [{row.model}]" if several["model"] else "") \
+            + (f" [settings {row.setting}]" if several["setting"] else "")
+        key = (row.protocol, method, results.kept_label(row.method.split("(")[0], row.budget))
+        for rec in results.read_jsonl(Path(row.run_dir) / "samples.jsonl"):
+            if only is None or int(rec["meta"].get("length", 0)) in only:
                 cells[key][tuple(rec["meta"][f] for f in fields)].append(rec["scores"][metric])
     if not fields:  # a task without parts: its whole-run value only
         fields = ("",)
