@@ -153,14 +153,14 @@ def run(cfg: RunConfig, lm: LoadedModel | None = None, progress: bool = True,
     with distributed.lock_run(run_dir, ranks):  # [distributed] results.lock_run, held by rank 0
         try:
             if samples is None:
+                memo = {} if sample_memo is None else sample_memo
                 memo_key = json.dumps([cfg.task, asdict(task), cfg.data, cfg.limit, cfg.seed, cfg.max_context,
                                        lm.name, lm.window], sort_keys=True, default=str)
-                if sample_memo is None or memo_key not in sample_memo:
+                samples = memo.get(memo_key)
+                if samples is None:
                     samples = task_samples(task, lm.tokenizer, lm.window, cfg)
-                    if sample_memo is not None:
-                        sample_memo.clear()  # one task's samples at a time: long-context sets are large
-                        sample_memo[memo_key] = samples
-                samples = sample_memo[memo_key] if sample_memo is not None else samples
+                    memo.clear()  # one task's samples at a time: long-context sets are large
+                    memo[memo_key] = samples
             _run_locked(cfg, lm, method, task, samples, config, run_dir, progress, ranks)
         except Exception as e:  # marked, so the directory shows as failed (with why), not as unfinished
             mark_failure(run_dir, config, "crash", e)

@@ -135,6 +135,8 @@ def _config_identity(config: dict) -> str:
     key = {k: config.get(k) for k in _MATCH}
     key.update(device=config.get("device"), dtype=config.get("dtype"), method_params=config.get("method_params"),
                task_params=config.get("task_params"))
+    if config.get("tensor_parallel"):  # a `run --tp` run is not the one-process point a sweep plans
+        key["tensor_parallel"] = config["tensor_parallel"]
     return _normal(key)
 
 

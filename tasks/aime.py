@@ -133,7 +133,7 @@ class AIME(Task):
 
     year: int = 2024
     n_samples: int = 1  # generations per problem (pass@1 is averaged over them)
-    temperature: float = 0.0  # 0 = greedy; passed to the runner in Sample.meta
+    temperature: float = 0.0  # 0 = greedy; > 0 the harness samples (task.temperature)
     max_new_tokens: int = 8192
 
     def __post_init__(self):

@@ -214,9 +214,9 @@ def _bad_qa(path: Path, e: Exception) -> TaskError:
 @lru_cache(maxsize=4)
 def read_qa(path: str, dataset: str) -> QAData:
     """RULER's read_squad / read_hotpotqa: the questions and the sorted set of distinct documents."""
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
     try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
         if dataset == "squad":
             docs = sorted({p["context"] for d in data["data"] for p in d["paragraphs"]})
             index = {c: i for i, c in enumerate(docs)}

@@ -10,15 +10,15 @@ Two modes, as in the official ``run_scbench.py``:
   ``multiturn_templates`` entry: the context and the first question in one prompt, prefilled (and so
   compressed) together as the official ``GreedySearch.test`` does, so a query-aware compressor sees turn 1's
   question (``Sample.context_ids`` holds the whole first prompt). ``query_agnostic=True`` compresses the
-  context alone and appends the first question afterwards (then the runner's ``--protocol`` decides, as for
+  context alone and appends the first question afterwards (then the harness's ``--protocol`` decides, as for
   single-query tasks). Every follow-up is a new user message after the previous turn's GOLDEN answer
   as the assistant message (``{pre_ans}`` in the official follow-up templates). Here each follow-up's
   ``question_ids`` begins with the previous golden answer and the chat template's end-of-turn text, so the
-  runner must drop what it generated for a turn before feeding the next turn (``Turn.answer_ids`` stays None:
+  engine must drop what it generated for a turn before feeding the next turn (``Turn.answer_ids`` stays None:
   the first turn's golden answer has no such slot in ``Sample``). With ``own_answers=True`` (the official
-  ``--disable_golden_context``) the follow-ups carry no answer and the runner keeps its own generation
-  (``sample.meta["own_answers"]``): an answer that ended on EOS stays as generated (EOS not fed), an answer
-  cut at its token limit is followed by EOS, in place of its last token, which the official loop never feeds.
+  ``--disable_golden_context``) the follow-ups carry no answer and the engine keeps its own generation
+  (``task.own_answers``, which the harness reads): an answer that ended on EOS stays as generated (EOS not fed),
+  an answer cut at its token limit is followed by EOS, in place of its last token, which the official loop never feeds.
 - ``mode="multi-request"`` (official ``--same_context_different_query``): every query is answered on the
   (compressed) shared context alone, with the official SCDQ templates (the query continues the context's user
   message, joined without a separator as the official code does).
@@ -499,7 +499,7 @@ class SCBench(Task):
             ans_ids = enc(answer_text) if answer_text is not None else []
             return ans_ids + enc(q), len(ans_ids)
         before, between, after = pieces
-        if answer_text is None:  # own answers: the runner keeps the model's answer (ending in EOS)
+        if answer_text is None:  # own answers: the engine keeps the model's answer (ending in EOS)
             eos = getattr(tokenizer, "eos_token", None)
             if eos and between.startswith(eos):
                 between = between[len(eos):]

@@ -284,3 +284,10 @@ def test_tensor_parallel_needs_heads_that_split(monkeypatch):
         assert "upgrade transformers" in str(e)
     else:
         assert config.tp_plan == "auto"
+
+
+def test_a_tensor_parallel_run_is_not_the_sweeps_one_process_point():
+    from kvbench.sweep import _config_identity
+    config = {"model": "tiny-llama", "method": "snapkv", "task": "niah", "budget": 0.5, "device": "cpu"}
+    assert _config_identity({**config, "tensor_parallel": 2}) != _config_identity(config)
+    assert _config_identity({**config, "tensor_parallel": None}) == _config_identity(config)

@@ -254,6 +254,10 @@ def test_qa_needs_its_file_and_the_average_is_over_thirteen(tmp_path):
     with pytest.raises(TaskError) as e:
         Ruler(tasks="qa_2").samples(tok(), TaskContext(max_context_tokens=8192, data=str(tmp_path)))
     assert "official schema" in str(e.value)
+    (tmp_path / "squad.json").write_text('{"data": [', encoding="utf-8")  # cut mid-file: not JSON at all
+    with pytest.raises(TaskError) as e:
+        Ruler(tasks="qa_1").samples(tok(), TaskContext(max_context_tokens=8192, data=str(tmp_path)))
+    assert "squad.json" in str(e.value) and "\n" not in str(e.value)
     records = [{"scores": {"score": float(i)}, "meta": {"task": t, "length": 4096}}
                for i, t in enumerate(rl.RULER_TASKS)]
     out = Ruler().summarize(records)
