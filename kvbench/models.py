@@ -141,7 +141,16 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-_sha256 = results.file_sha256
+def _sha256(path: str | Path) -> str:
+    """A file's sha256, computed once per version of the file (size and modification time): a run asks for the
+    GGUF's several times (wheel check, conversion directory, provenance), and the Qwen GGUF is 1.1 GB."""
+    stat = Path(path).stat()
+    return _sha256_of(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    return results.file_sha256(path)
 
 
 def _natural_key(name: str) -> list:

@@ -45,6 +45,7 @@ import click
 import torch
 
 from kvbench import artifact as artifacts
+from kvbench import results
 from kvbench.cli import fail, user_errors
 from kvbench.method import Method, segment_view
 from kvbench.methods.compresskv.method import NAME, CompressKVError, selection_scores
@@ -226,28 +227,18 @@ class Progress:
 
     def __init__(self, out: Path, header: dict):
         self.path = out.with_name(f".{out.name}.progress.jsonl")
+        # read_jsonl trims a last line cut by a kill and refuses (file and line) a corrupt one in the middle
+        records = results.read_jsonl(self.path, repair=True) if self.path.exists() else []
         self.done: dict[str, dict] = {}
-        if self.path.exists():
-            lines = self.path.read_text().splitlines()
-            try:
-                if lines and json.loads(lines[0]) == header:
-                    for line in lines[1:]:
-                        rec = json.loads(line)
-                        self.done[rec["key"]] = rec
-            except json.JSONDecodeError:  # a line cut by a kill: keep what parsed
-                pass
-        if not self.done:
+        if records and records[0] == header:
+            self.done = {rec["key"]: rec for rec in records[1:]}
+        else:  # new, or made for another grid or model: start over
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps(header) + "\n")
-        else:
-            # Rewrite cleanly (drops a torn last line).
-            self.path.write_text("\n".join([json.dumps(header)] + [json.dumps(r) for r in self.done.values()]) + "\n")
+            results.write_text(self.path, json.dumps(header) + "\n")
 
     def add(self, rec: dict) -> None:
         self.done[rec["key"]] = rec
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
+        results.append_jsonl(self.path, rec)
 
     def finish(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvbench import artifact, models, registry
+from kvbench import artifact, models, registry, results
 from kvbench.cache import KVCache
 from kvbench.kernels.window_scores import window_scores_reference, window_scores_triton
 from kvbench.methods.compresskv import (CompressKV, CompressKVError, allocate_layer_budgets,
@@ -259,6 +259,11 @@ def test_progress_resumes_only_the_same_calibration(tmp_path):
     again = Progress(out, {"grid": [1]})
     assert sorted(again.done) == ["0/1000/0", "0/1000/50"]
     assert len(again.path.read_text().splitlines()) == 3  # header + 2: the torn line is gone
+    lines = again.path.read_text().splitlines()
+    again.path.write_text("\n".join([lines[0], "{not json", lines[2]]) + "\n")  # damaged in the middle
+    with pytest.raises(results.CorruptRecordError, match="line 2"):  # refused, not silently cut short
+        Progress(out, {"grid": [1]})
+    again.path.write_text("\n".join(lines) + "\n")
     assert Progress(out, {"grid": [2]}).done == {}  # another grid starts over
     again.finish()
     assert not again.path.exists()
