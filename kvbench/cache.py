@@ -110,7 +110,10 @@ class RaggedKV:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def has_tokens(self) -> bool:
-        return bool((self.length > 0).any())
+        # Whether it holds any slot, known on the host: asking the lengths would cost a device sync per layer
+        # of every prefill. A slot past a segment's length is read as nothing (attention over an empty segment
+        # is exact: lse -inf, output 0), so "holds slots" may stand for "holds tokens".
+        return self.k.shape[0] > 0
 
     def token_counts(self) -> torch.Tensor:
         """[B, H] tokens held per (sequence, KV head)."""
@@ -175,6 +178,8 @@ class RaggedKV:
     def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
         """Append T new tokens to every segment: k, v [B, H, T, D], pos [B, T]."""
         B, H, T, D = k.shape
+        if self.k.shape[0] == 0:
+            self._first_layout(T)
         need = self.length + T
         if self.free < T and bool((need > self.capacity).any()):
             # Grow with a little slack (about 3%, at least 16 tokens) so decoding regrows rarely.
@@ -191,6 +196,21 @@ class RaggedKV:
             t[dest] = 0
         self.length += T
         self.free = self.free - T if self.free >= T else int((self.capacity - self.length).min())
+
+    def _first_layout(self, n_tokens: int) -> None:
+        """Buffers for a first append to an empty store, laid out on the host (the sizes are known there): the
+        general path would read the lengths back from the device."""
+        n = self.B * self.H
+        cap = n_tokens + max(16, (n_tokens // 32 + 15) // 16 * 16)  # the slack ``append`` grows with
+        dev = self.k.device
+        self.start = torch.arange(n, dtype=torch.int64, device=dev) * cap
+        self.length = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.capacity = torch.full((n,), cap, dtype=torch.int64, device=dev)
+        self.k = self.k.new_empty((n * cap, self.D))  # slots past a segment's length are never read
+        self.v = self.v.new_empty((n * cap, self.D))
+        self.pos = self.pos.new_full((n * cap,), -1)
+        self.extra = {name: t.new_zeros((n * cap, *t.shape[1:])) for name, t in self.extra.items()}
+        self.free = cap
 
     def replayed(self, steps: int) -> None:
         """``steps`` decoding steps ran as graph replays (no Python ran): the host mirror follows."""
@@ -271,6 +291,39 @@ class LayerCall:
         return out
 
 
+class SpanTimer:
+    """Sums the time of code spans (``with timer:``) without a device sync per span: on CUDA a pair of events
+    per span, read when ``seconds()`` is asked (one wait at the end of a prefill instead of one per layer,
+    which kept the host from running ahead of the GPU); elsewhere the wall clock."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.total = 0.0
+        self.pending: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._t0 = 0.0
+
+    def __enter__(self):
+        if self.cuda:
+            self.pending.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            self.pending[-1][0].record()
+        else:
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.pending[-1][1].record()
+        else:
+            self.total += time.perf_counter() - self._t0
+
+    def seconds(self) -> float:
+        if self.pending:
+            self.pending[-1][1].synchronize()
+            self.total += sum(start.elapsed_time(end) for start, end in self.pending) / 1000.0
+            self.pending = []
+        return self.total
+
+
 class KVCache(Cache):
     """A transformers ``Cache`` whose layers are kvbench stores, driven by one compression method."""
 
@@ -292,7 +345,7 @@ class KVCache(Cache):
         self.final_chunk = False
         # Per-cache scratch a method fills in its per-layer hooks and consumes in ``compress_cache``.
         self.method_state: dict[str, Any] = {}
-        self.compress_seconds = 0.0
+        self.compress_timer = SpanTimer(device)
         self._updated: set[int] = set()
 
     # transformers calls these -----------------------------------------------------------------------
@@ -348,21 +401,20 @@ class KVCache(Cache):
             out, lse = merge_attention(out_past, lse_past, out, lse)
         store.append(k, v, self.positions)
         if self.compressing:
-            t0 = time.perf_counter()
-            self.method.compress(LayerCall(self, layer, q, k, scale, lse))
-            if q.is_cuda:
-                torch.cuda.synchronize()
-            self.compress_seconds += time.perf_counter() - t0
+            with self.compress_timer:
+                self.method.compress(LayerCall(self, layer, q, k, scale, lse))
         return out
 
     def end_compression(self) -> None:
         """After a compressing forward passed every layer: the method's whole-cache hook, timed with the rest
         of the compression."""
-        t0 = time.perf_counter()
-        self.method.compress_cache(self)
-        if self.seen.is_cuda:
-            torch.cuda.synchronize()
-        self.compress_seconds += time.perf_counter() - t0
+        with self.compress_timer:
+            self.method.compress_cache(self)
+
+    @property
+    def compress_seconds(self) -> float:
+        """Time the method's compression took so far (waits for the device once)."""
+        return self.compress_timer.seconds()
 
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.stores)
@@ -408,7 +460,7 @@ class KVCache(Cache):
         out.seen = torch.cat([c.seen for c in caches])
         out.compressing, out.final_chunk = False, False
         out.method_state = {}
-        out.compress_seconds = 0.0
+        out.compress_timer = SpanTimer(out.seen.device)
         out._updated = set()
         return out
 
@@ -416,6 +468,41 @@ class KVCache(Cache):
         out = KVCache.concat([self])
         out.stores = [s.clone() for s in self.stores]
         return out
+
+
+def _flash(q, k, v, scale):
+    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)[:2]
+
+
+def _cudnn(q, k, v, scale):
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False, scale=scale)[:2]
+
+
+def _lse(lse: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    B, H, T = q.shape[:3]
+    return lse.reshape(B, H, -1)[..., :T].float()  # flash pads the rows; cuDNN gives [B, H, T, 1]
+
+
+_CUDNN_AGREES: dict[tuple, bool] = {}
+
+
+def _cudnn_agrees(q: torch.Tensor) -> bool:
+    """Whether cuDNN's fused attention runs here and gives flash's output and log-sum-exp (checked once per
+    device, dtype and head width on a small input). On the H200 it is about twice as fast as FlashAttention-2
+    for a prefill chunk (scripts/gpu/prof_prefill_gpu.py), which brings kvbench's prefill to transformers' SDPA."""
+    key = (q.device, q.dtype, q.shape[-1])
+    if key not in _CUDNN_AGREES:
+        gen = torch.Generator(device=q.device).manual_seed(0)
+        a, b, c = (torch.randn(1, 2, 300, q.shape[-1], device=q.device, generator=gen).to(q.dtype) for _ in range(3))
+        scale = q.shape[-1] ** -0.5
+        try:
+            out_c, lse_c = _cudnn(a, b, c, scale)
+            out_f, lse_f = _flash(a, b, c, scale)
+            _CUDNN_AGREES[key] = bool(torch.allclose(out_c.float(), out_f.float(), atol=2e-2, rtol=0)
+                                      and torch.allclose(_lse(lse_c, a), _lse(lse_f, a), atol=2e-2, rtol=0))
+        except RuntimeError:  # no cuDNN attention in this build or for this shape
+            _CUDNN_AGREES[key] = False
+    return _CUDNN_AGREES[key]
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
@@ -426,14 +513,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         k = k.repeat_interleave(G, dim=1)
         v = v.repeat_interleave(G, dim=1)
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)[:2]
+        out, lse = _cudnn(q, k, v, scale) if _cudnn_agrees(q) else _flash(q, k, v, scale)
     elif q.is_cuda:
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, True, scale=scale)[:2]
     else:
         qf, kf, vf = q.float(), k.float(), v.float()
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qf, kf, vf, 0.0, True, scale=scale)
         out = out.to(q.dtype)
-    return out, lse[..., : q.shape[2]].float()
+    return out, _lse(lse, q)
 
 
 def rope_inverse_factory(rotary_emb) -> Callable:

@@ -55,8 +55,10 @@ class KVCARStore:
         """[B, H] tokens per (sequence, KV head); a reused head reports its owner's."""
         return torch.stack([self.head_lengths(h) for h in range(self.H)], dim=1)
 
-    def has_tokens(self) -> bool:
-        return bool((self.length > 0).any())
+    def has_tokens(self) -> bool:  # known on the host (no device sync), as RaggedKV's
+        if self.own:
+            return self.codes.has_tokens()
+        return any(src.has_tokens() for src in self.sources.values())
 
     @property
     def length(self) -> torch.Tensor:
