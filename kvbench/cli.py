@@ -163,6 +163,21 @@ def _csv(text: str, kind=str, what: str = "") -> list:
         fail(f"{what} expects a comma-separated list of {kind.__name__}s, got '{text}'")
 
 
+_DROP = click.option("--drop", multiple=True, metavar="KEY=VALUE",
+                     help="leave out samples whose meta KEY is VALUE (e.g. length=31744, a NIAH length the full "
+                          "cache fails); repeatable")
+
+
+def _pairs(items, flag: str) -> list[tuple[str, str]]:
+    out = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            fail(f"{flag} takes KEY=VALUE (e.g. length=31744), got '{item}'")
+        out.append((key, value))
+    return out
+
+
 _RATIO = click.option("--ratio", default="prefill", show_default=True, type=click.Choice(["prefill", "end"]),
                       help="measured KV ratio: when decoding starts, or at its end")
 
@@ -175,20 +190,22 @@ _RATIO = click.option("--ratio", default="prefill", show_default=True, type=clic
 @click.option("--protocol", default=None, type=click.Choice(["query-agnostic", "query-aware"]))
 @click.option("--budget", default=None, help="only these budgets, comma-separated (full always stays)")
 @click.option("--at", "levels", default=None, help="memory levels to rank at, comma-separated measured ratios")
+@_DROP
 @_RATIO
-def leaderboard(root, out, model, task, protocol, budget, levels, ratio):
+def leaderboard(root, out, model, task, protocol, budget, levels, drop, ratio):
     """Aggregate every run into one table, methods ranked at matched measured memory."""
     from kvbench import leaderboard as lb
     budgets = _csv(budget, float, "--budget") if budget else None
     at = _csv(levels, float, "--at") if levels else None
-    everything = lb.collect(root)
+    drop = _pairs(drop, "--drop")
+    everything = lb.collect(root, drop)
     df = lb.select(everything, model, task, protocol, budgets)
     for _, bad in everything[everything["status"] == "unreadable"].iterrows():
         click.echo(f"warning: {bad['error']}", err=True)
     if df.empty:
         fail(f"no runs under {root}/runs match")
-    paths = lb.write(df, out or root, ratio, at)
-    click.echo(lb.render_markdown(df, ratio, at))
+    paths = lb.write(df, out or root, ratio, at, lb.drop_text(drop))
+    click.echo(lb.render_markdown(df, ratio, at, lb.drop_text(drop)))
     click.echo("written: " + ", ".join(map(str, paths)))
 
 
@@ -215,14 +232,16 @@ def plot(root, out, bench_root, only, ratio):
 @click.option("--out", default=None, help="the HTML file (default: ROOT/report.html)")
 @click.option("--bench-root", default=None, help="kvbench bench results (default: ROOT/bench)")
 @click.option("--plots", "plots_dir", default=None, help="embed the plots already in this directory (no redrawing)")
+@_DROP
 @_RATIO
-def report(root, out, bench_root, plots_dir, ratio):
+def report(root, out, bench_root, plots_dir, drop, ratio):
     """One self-contained HTML page: leaderboard, bench tables and every plot, embedded."""
     from kvbench.report import build
     draw_into = plots_dir
     if plots_dir is None and out is not None:  # a report elsewhere draws its plots beside it, not into ROOT/plots
         draw_into = str(Path(out).with_name(Path(out).stem + "-plots"))
-    path = build(root, out, plots_dir=draw_into, make_plots=plots_dir is None, ratio=ratio, bench_root=bench_root)
+    path = build(root, out, plots_dir=draw_into, make_plots=plots_dir is None, ratio=ratio, bench_root=bench_root,
+                 drop=_pairs(drop, "--drop"))
     click.echo(f"report: {path}")
 
 

@@ -100,9 +100,16 @@ def _unreadable(run_dir: Path, why: str) -> dict:
             "error": f"{run_dir.name}: {why}"}
 
 
-def collect(root: str | Path = "results") -> pd.DataFrame:
+def drop_text(drop: list[tuple[str, str]] | None) -> str:
+    return ("Samples left out of every run: " + ", ".join(f"{k}={v}" for k, v in drop) + ".") if drop else ""
+
+
+def collect(root: str | Path = "results", drop: list[tuple[str, str]] | None = None) -> pd.DataFrame:
     """One row per run directory under ``root`` (complete, incomplete, failed, or unreadable: a corrupt
-    config.json, metrics.json or JSON-lines record is listed as an error, never left out silently)."""
+    config.json, metrics.json or JSON-lines record is listed as an error, never left out silently).
+
+    ``drop``: (KEY, VALUE) pairs; samples whose ``meta[KEY]`` is VALUE are left out and each run touched is
+    scored on the rest (a NIAH length the full cache itself fails cannot rank methods)."""
     rows = []
     for run_dir in results.iter_runs(Path(root)):
         config = results.read_json(run_dir / "config.json")
@@ -123,6 +130,14 @@ def collect(root: str | Path = "results") -> pd.DataFrame:
             rows.append(_unreadable(run_dir, str(e)))
             continue
         setting = setting_of(config)
+        if drop:
+            kept = [r for r in samples if not any(str(r.get("meta", {}).get(k)) == v for k, v in drop)]
+            if len(kept) < len(samples):  # the run's aggregates covered the dropped samples: recompute them
+                samples = kept
+                metrics = {"complete": metrics.get("complete")} if metrics else None
+                if metrics:
+                    scores = [r["scores"]["score"] for r in samples if "score" in r.get("scores", {})]
+                    metrics["summary"] = {"score": sum(scores) / len(scores)} if scores else {}
         summary = (metrics or {}).get("summary") or {}
         sample_scores = [s["scores"]["score"] for s in samples if isinstance(s.get("scores", {}).get("score"), (int, float))]
         score_lo, score_hi = bootstrap_interval(sample_scores)
@@ -348,12 +363,13 @@ def _sections(df: pd.DataFrame, ratio: str, levels):
         yield f"{model}, {protocol}, {tasks} [{setting}]", g["settings"].iloc[0], part(rank), part(runs)
 
 
-def render_markdown(df: pd.DataFrame, ratio: str = "prefill", levels=None) -> str:
+def render_markdown(df: pd.DataFrame, ratio: str = "prefill", levels=None, note: str = "") -> str:
     parts = ["# kvbench leaderboard", "",
              f"Ranked at matched measured memory (KV ratio at {'the start of decoding' if ratio == 'prefill' else 'the end'}"
              "; see `kvbench/leaderboard.py`): `score@r` is a method's score interpolated along its own measured "
              "ratios at ratio r; `—` where r is outside what the method was measured at. `full` is the reference "
-             "(its ratio is slightly above 1: positions and growth slack). Protocols are never mixed."]
+             "(its ratio is slightly above 1: positions and growth slack). Protocols are never mixed." + (
+                 f" {note}" if note else "")]
     for title, shared, r, t in _sections(df, ratio, levels):
         parts += ["", f"## {title}", "", f"Shared settings: {shared}", "", "### Matched memory", "", to_markdown(r),
                   "", "### Runs", "", to_markdown(t)]
@@ -392,12 +408,13 @@ PAGE_STYLE = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px
               "table.board th{background:#f4f4f4}figure{margin:1em 0}img{max-width:100%}")
 
 
-def write(df: pd.DataFrame, out: str | Path = "results", ratio: str = "prefill", levels=None) -> list[Path]:
+def write(df: pd.DataFrame, out: str | Path = "results", ratio: str = "prefill", levels=None,
+          note: str = "") -> list[Path]:
     """leaderboard.md, .csv (one row per run), .json (runs, ranking) and .html under ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "leaderboard.md", out / "leaderboard.csv", out / "leaderboard.json", out / "leaderboard.html"]
-    results.write_text(paths[0], render_markdown(df, ratio, levels))
+    results.write_text(paths[0], render_markdown(df, ratio, levels, note))
     results.write_text(paths[1], df.drop(columns=["run_dir"]).to_csv(index=False))
     rank = ranking(df, ratio, levels)
     payload = {"ratio": ratio, "runs": json.loads(df.drop(columns=["run_dir"]).to_json(orient="records")),
@@ -405,5 +422,6 @@ def write(df: pd.DataFrame, out: str | Path = "results", ratio: str = "prefill",
     results.write_text(paths[2], json.dumps(payload, indent=1))
     results.write_text(paths[3], f"<!doctype html><html><head><meta charset='utf-8'><title>kvbench leaderboard</title>"
                         f"<style>{PAGE_STYLE}</style></head><body><h1>kvbench leaderboard</h1>"
-                        f"{render_html_tables(df, ratio, levels)}</body></html>\n")
+                        + (f"<p>{_esc(note)}</p>" if note else "")
+                        + f"{render_html_tables(df, ratio, levels)}</body></html>\n")
     return paths

@@ -58,20 +58,23 @@ def _bench_section(bench_root: Path) -> str:
 
 
 def build(root: str | Path = "results", out: str | Path | None = None, plots_dir: str | Path | None = None,
-          make_plots: bool = True, ratio: str = "prefill", bench_root: str | Path | None = None) -> Path:
-    """Write the report; returns its path. ``make_plots`` draws the plots first (into ``plots_dir``)."""
+          make_plots: bool = True, ratio: str = "prefill", bench_root: str | Path | None = None,
+          drop: list[tuple[str, str]] | None = None) -> Path:
+    """Write the report; returns its path. ``make_plots`` draws the plots first (into ``plots_dir``); ``drop`` as
+    ``leaderboard.collect`` takes it."""
     root = Path(root)
     out = Path(out) if out else root / "report.html"
     plots_dir = Path(plots_dir) if plots_dir else root / "plots"
     bench_root = Path(bench_root) if bench_root else root / "bench"
-    df = leaderboard.newest(leaderboard.collect(root))
+    df = leaderboard.newest(leaderboard.collect(root, drop))
     if make_plots:
         plots.make_all(root, plots_dir, ratio, df=df, bench_root=bench_root)
     pngs = sorted(plots_dir.glob("*.png")) if plots_dir.is_dir() else []
     runs = len(df)
     body = [f"<h1>kvbench report</h1><p>{runs} runs under {html.escape(str(root))}; made "
             f"{time.strftime('%Y-%m-%d %H:%M %Z')}. Scores are each task's headline metric; the KV ratio is "
-            "measured from the cache's stores (bytes held over the bytes of a plain full cache).</p>",
+            "measured from the cache's stores (bytes held over the bytes of a plain full cache). "
+            f"{html.escape(leaderboard.drop_text(drop))}</p>",
             _kept_fraction_tables(df) if runs else "",
             leaderboard.render_html_tables(df, ratio) if runs else "<p>No runs yet.</p>",
             _bench_section(bench_root) if bench_root.is_dir() else ""]

@@ -225,6 +225,25 @@ def test_cli_commands(board, tmp_path):
     assert res.exit_code == 2 and "no runs" in res.output
 
 
+def test_drop_leaves_out_a_part_and_rescores_the_run(tmp_path):
+    """A NIAH length the full cache fails is left out (--drop length=2000): each run is scored on the rest."""
+    run = make_run(tmp_path, "alpha", 0.25, "query-aware", 0.0, 0.25)
+    lines = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
+    for rec in lines:
+        rec["scores"]["score"] = 100.0 if rec["meta"]["length"] == 1000 else 0.0
+    (run / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    whole = lb.collect(tmp_path).iloc[0]
+    assert whole["score"] == 0.0 and whole["n_samples"] == 6  # metrics.json's summary, over every sample
+    kept = lb.collect(tmp_path, [("length", "2000")]).iloc[0]
+    assert kept["score"] == 100.0 and kept["n_samples"] == 3 and kept["status"] == "complete"
+    res = CliRunner().invoke(main, ["leaderboard", "--root", str(tmp_path), "--out", str(tmp_path / "lb"),
+                                    "--drop", "length=2000"])
+    assert res.exit_code == 0, res.output
+    assert "Samples left out of every run: length=2000." in (tmp_path / "lb" / "leaderboard.md").read_text()
+    res = CliRunner().invoke(main, ["leaderboard", "--root", str(tmp_path), "--drop", "length"])
+    assert res.exit_code == 2 and "--drop takes KEY=VALUE" in res.output
+
+
 # ---- sweeps ------------------------------------------------------------------------------------------
 
 def _tiny_loader(spec, dtype, device, seed):
