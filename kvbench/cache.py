@@ -103,6 +103,11 @@ class RaggedKV:
         self.extra: dict[str, torch.Tensor] = {}
         # A host-side lower bound on min(capacity - length): appends need no device sync while it lasts.
         self.free = 0
+        # Host-side facts of the layout (slot buffers, segment starts and capacities), which changes only in
+        # ``_first_layout``/``_relayout``/``replace``: ``layout`` counts the changes (a CUDA graph captured at
+        # one layout replays while it holds); ``cap_max`` is the largest capacity.
+        self.layout, self.cap_max = 0, 0
+        self._slot_seg: tuple[int, torch.Tensor] | None = None
 
     # ---- what it holds -------------------------------------------------------------------------
     def nbytes(self) -> int:
@@ -126,10 +131,30 @@ class RaggedKV:
         per_seg = self.start.element_size() + self.length.element_size() + self.capacity.element_size()
         return (self.capacity * per_slot + per_seg).view(self.B, self.H).sum(dim=1)
 
-    def slot_index(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded view of the valid slots: ``idx`` [B*H, Lmax] (slot numbers) and ``valid`` [B*H, Lmax]."""
-        lmax = int(self.length.max()) if self.length.numel() else 0
-        ar = torch.arange(lmax, device=self.k.device)
+    def slot_segments(self) -> torch.Tensor:
+        """[S] the segment of every slot (slack included), kept for the layout: no device sync to read it."""
+        if self._slot_seg is None or self._slot_seg[0] != self.layout:
+            seg = torch.repeat_interleave(torch.arange(self.B * self.H, device=self.k.device), self.capacity,
+                                          output_size=self.k.shape[0])
+            self._slot_seg = (self.layout, seg)
+        return self._slot_seg[1]
+
+    def slot_valid(self) -> torch.Tensor:
+        """[S] whether a slot holds a token (not slack)."""
+        seg = self.slot_segments()
+        return torch.arange(self.k.shape[0], device=self.k.device) - self.start[seg] < self.length[seg]
+
+    def padded_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``slot_index`` padded to the largest capacity instead of the longest segment: the width is known on
+        the host, so no device sync (what a decoding step replayed as a CUDA graph needs)."""
+        return self.slot_index(self.cap_max)
+
+    def slot_index(self, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded view of the valid slots: ``idx`` [B*H, width] (slot numbers) and ``valid`` [B*H, width].
+        ``width``: at least the longest segment (default: the longest segment, read back from the device)."""
+        if width is None:
+            width = int(self.length.max()) if self.length.numel() else 0
+        ar = torch.arange(width, device=self.k.device)
         valid = ar[None, :] < self.length[:, None]
         idx = torch.where(valid, self.start[:, None] + ar[None, :], torch.zeros_like(ar)[None, :])
         return idx, valid
@@ -138,16 +163,24 @@ class RaggedKV:
         return ragged_attention(q, self.k, self.v, self.start, self.length, scale)
 
     # ---- changing what it holds -----------------------------------------------------------------
-    def _relayout(self, src_slots: torch.Tensor, counts: torch.Tensor, capacity: torch.Tensor) -> None:
+    def _relayout(self, src_slots: torch.Tensor | None, counts: torch.Tensor, capacity: torch.Tensor) -> None:
         """Rebuild the buffers: segment i gets ``counts[i]`` slots copied from ``src_slots`` (flat, in
-        segment order) and room for ``capacity[i]``."""
+        segment order; None: the first ``counts[i]`` slots of each segment, in place) and room for
+        ``capacity[i]``."""
         new_start = torch.zeros_like(capacity)
         new_start[1:] = torch.cumsum(capacity, 0)[:-1]
-        total = int(capacity.sum())
-        seg = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+        # The sizes the host needs, read back in one transfer (one device sync, not four).
+        total, self.cap_max, free, n_slots = (
+            torch.stack([capacity.sum(), capacity.max(), (capacity - counts).min(), counts.sum()]).tolist()
+            if len(capacity) else (0, 0, 0, 0))
+        self.layout += 1
+        seg = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts, output_size=n_slots)
         first = torch.zeros_like(counts)
         first[1:] = torch.cumsum(counts, 0)[:-1]
-        dest = new_start[seg] + torch.arange(len(seg), device=counts.device) - first[seg]
+        offset = torch.arange(len(seg), device=counts.device) - first[seg]
+        dest = new_start[seg] + offset
+        if src_slots is None:
+            src_slots = self.start[seg] + offset
 
         def move(t: torch.Tensor, fill=0) -> torch.Tensor:
             out = t.new_full((total, *t.shape[1:]), fill)
@@ -157,7 +190,7 @@ class RaggedKV:
         self.k, self.v, self.pos = move(self.k), move(self.v), move(self.pos, -1)
         self.extra = {name: move(t) for name, t in self.extra.items()}
         self.start, self.length, self.capacity = new_start, counts.clone(), capacity.clone()
-        self.free = int((capacity - counts).min()) if len(counts) else 0
+        self.free = free
 
     def keep(self, slots: torch.Tensor, counts: torch.Tensor) -> None:
         """Keep only ``slots`` (flat slot numbers, grouped by segment, ``counts[i]`` for segment i), packed
@@ -166,14 +199,14 @@ class RaggedKV:
 
     def remove_one(self, victim: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Evict slot ``victim[i]`` from every segment i (where ``mask[i]``): the segment's last slot moves
-        into the hole. O(1) per segment, used by decode-time eviction."""
-        seg = torch.arange(len(victim), device=victim.device)
+        into the hole. O(1) per segment, used by decode-time eviction; fixed shapes and no device sync (a
+        segment outside ``mask`` copies its last slot onto itself), so a captured decoding step can replay it."""
+        last = self.start + self.length - 1
         if mask is not None:
-            seg, victim = seg[mask], victim[mask]
-        last = self.start[seg] + self.length[seg] - 1
+            victim = torch.where(mask, victim, last)
         for t in (self.k, self.v, self.pos, *self.extra.values()):
             t[victim] = t[last]
-        self.length[seg] -= 1
+        self.length -= 1 if mask is None else mask.long()
 
     def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
         """Append T new tokens to every segment: k, v [B, H, T, D], pos [B, T]."""
@@ -185,8 +218,7 @@ class RaggedKV:
             # Grow with a little slack (about 3%, at least 16 tokens) so decoding regrows rarely.
             slack = torch.clamp((need // 32 + 15) // 16 * 16, min=16)
             cap = torch.where(need > self.capacity, need + slack, self.capacity)
-            idx, valid = self.slot_index()
-            self._relayout(idx[valid], self.length, cap)
+            self._relayout(None, self.length, cap)
         dest = (self.start + self.length)[:, None] + torch.arange(T, device=k.device)[None, :]
         dest = dest.reshape(-1)
         self.k[dest] = k.reshape(B * H * T, D).to(self.k.dtype)
@@ -210,7 +242,8 @@ class RaggedKV:
         self.v = self.v.new_empty((n * cap, self.D))
         self.pos = self.pos.new_full((n * cap,), -1)
         self.extra = {name: t.new_zeros((n * cap, *t.shape[1:])) for name, t in self.extra.items()}
-        self.free = cap
+        self.free, self.cap_max = cap, cap
+        self.layout += 1
 
     def replayed(self, steps: int) -> None:
         """``steps`` decoding steps ran as graph replays (no Python ran): the host mirror follows."""
@@ -218,8 +251,7 @@ class RaggedKV:
 
     def reserve(self, n_tokens: int) -> None:
         if self.free < n_tokens:
-            idx, valid = self.slot_index()
-            self._relayout(idx[valid], self.length, torch.maximum(self.capacity, self.length + n_tokens))
+            self._relayout(None, self.length, torch.maximum(self.capacity, self.length + n_tokens))
 
     def replace(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, counts: torch.Tensor) -> None:
         """Replace everything by new (possibly synthetic) slots: k, v [sum(counts), D], grouped by segment."""
@@ -230,6 +262,8 @@ class RaggedKV:
         self.pos = pos.to(torch.int32)
         self.extra = {name: t.new_zeros(len(k)) for name, t in self.extra.items()}
         self.free = 0
+        self.cap_max = int(counts.max()) if len(counts) else 0
+        self.layout += 1
 
     @classmethod
     def concat(cls, stores: list["RaggedKV"]) -> "RaggedKV":
@@ -247,6 +281,7 @@ class RaggedKV:
         out.capacity = torch.cat([s.capacity for s in stores])
         out.extra = {name: torch.cat([s.extra[name] for s in stores]) for name in first.extra}
         out.free = min(s.free for s in stores)
+        out.cap_max = max(s.cap_max for s in stores)
         return out
 
     def clone(self) -> "RaggedKV":
@@ -281,14 +316,16 @@ class LayerCall:
         G = Hq // store.H
         q = self.queries[:, :, -1].reshape(B * store.H, G, D).float()
         lse = self.lse[:, :, -1].reshape(B * store.H, G).float()
-        seg = torch.repeat_interleave(torch.arange(B * store.H, device=q.device), store.capacity)
+        seg = store.slot_segments()
         s = torch.einsum("sd,sgd->sg", store.k.float(), q[seg]) * self.scale
         p = torch.exp(s - lse[seg])
         p = p.amax(-1) if reduce == "max" else p.mean(-1)
-        idx, valid = store.slot_index()
-        out = torch.zeros_like(p)
-        out[idx[valid]] = p[idx[valid]]
-        return out
+        return torch.where(store.slot_valid(), p, torch.zeros_like(p))  # no device sync: graph-replayable
+
+
+def capturing(t: torch.Tensor) -> bool:
+    """Whether the work on ``t``'s device is being captured into a CUDA graph (then nothing may be read back)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 class SpanTimer:

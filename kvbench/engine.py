@@ -171,7 +171,7 @@ class Engine:
         use_graph = self.cuda_graphs and self.device.type == "cuda" and max(max_new) > 2
         if use_graph and self.method.decode_epoch(cache) is not None:
             cache.reserve(max(max_new))
-        graph = graph_key = eager_key = static_ids = static_logits = None
+        graph = graph_key = eager_key = static_ids = static_logits = graph_error = None
         captures = 0
         ends = [self.eos | set(stop_ids[b] if stop_ids else ()) for b in range(B)]
         min_new = min_new or [0] * B
@@ -200,11 +200,17 @@ class Engine:
             fresh = False
             if key is not None and graph is None and key == eager_key:  # one eager step ran at this key
                 cache.reserve(max(max_new) - steps)
+                key = self.method.decode_epoch(cache)  # the room just made may have moved the stores
                 static_ids = nxt[:, None].clone()
                 graph, graph_key, fresh = torch.cuda.CUDAGraph(), key, True
-                with torch.cuda.graph(graph):
-                    static_logits = self.forward(cache, static_ids, compress=False)
-                captures += 1
+                try:
+                    with torch.cuda.graph(graph):
+                        static_logits = self.forward(cache, static_ids, compress=False)
+                    captures += 1
+                except RuntimeError as e:  # a step that cannot be captured: decode eagerly, and say so
+                    graph_error, use_graph = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", False
+                    graph = static_ids = static_logits = None
+                    fresh = False
             if steps == 1 and steady is None:  # one-time costs (warm-up step, graph capture) end here
                 sync(self.device)
                 steady = (time.perf_counter(), steps)
@@ -228,7 +234,7 @@ class Engine:
         steady_tpot = (t_end - steady[0]) / (steps - steady[1]) if steady and steps > steady[1] else None
         return out, {"decode_s": t_end - t0, "decode_steps": steps, "tpot_steady_s": steady_tpot,
                      "kv_layer_bytes_steps": kv_trace,
-                     "cuda_graph": captures > 0, "graph_captures": captures,
+                     "cuda_graph": captures > 0, "graph_captures": captures, "graph_error": graph_error,
                      "kv_bytes_end": cache.nbytes(), "kv_bytes_full_end": cache.full_nbytes(),
                      "kv_seq_bytes_end": cache.sequence_nbytes().tolist(),
                      "kv_seq_full_end": cache.sequence_full_nbytes().tolist()}
@@ -260,6 +266,7 @@ class Engine:
             rec.update(prediction=self.tok.decode(tokens[b], skip_special_tokens=True), new_tokens=n_new,
                        batch_size=len(samples), decode_s=dinfo["decode_s"], decode_steps=dinfo["decode_steps"],
                        tpot_steady_s=dinfo["tpot_steady_s"], cuda_graph=dinfo["cuda_graph"],
+                       graph_error=dinfo["graph_error"],
                        kv_layer_bytes_steps=dinfo["kv_layer_bytes_steps"] if len(samples) == 1 else {},
                        kv_bytes_end=dinfo["kv_seq_bytes_end"][b], kv_bytes_full_end=dinfo["kv_seq_full_end"][b],
                        peak_prefill=prefill_peak, peak_batching=batching_peak, peak_decode=decode_peak)

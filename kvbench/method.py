@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.cache import LayerCall, RaggedKV, fraction_target
+from kvbench.cache import LayerCall, RaggedKV, capturing, fraction_target
 from kvbench.distributed import everywhere
 
 KEEP_ALWAYS = float("inf")
@@ -100,9 +100,12 @@ class Method:
         return () if self.static_decode() else None
 
 
-def segment_view(store: RaggedKV, per_slot: torch.Tensor, fill=float("-inf")) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-slot values as a padded [B*H, Lmax] tensor (``fill`` where invalid) and the slot numbers."""
-    idx, valid = store.slot_index()
+def segment_view(store: RaggedKV, per_slot: torch.Tensor, fill=float("-inf"), sync_free: bool = False,
+                 width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-slot values as a padded [B*H, Lmax] tensor (``fill`` where invalid) and the slot numbers.
+    ``sync_free``: padded to the largest capacity (known on the host) rather than the longest segment;
+    ``width``: the longest segment, when the caller has read it already."""
+    idx, valid = store.padded_slots() if sync_free else store.slot_index(width)
     vals = torch.where(valid, per_slot[idx], torch.full_like(per_slot[idx], fill))
     return vals, idx
 
@@ -110,26 +113,38 @@ def segment_view(store: RaggedKV, per_slot: torch.Tensor, fill=float("-inf")) ->
 def keep_top(store: RaggedKV, scores: torch.Tensor, counts: torch.Tensor) -> None:
     """Keep the ``counts[i]`` best-scoring slots of every segment i (ties: earlier slot), in slot order."""
     counts = torch.minimum(counts.to(store.length.device), store.length)
-    if bool((counts == store.length).all()):
+    # Everything the host needs to size the work, read back in one transfer (one device sync).
+    nothing_to_drop, kmax, total, longest = torch.stack([(counts == store.length).all().long(), counts.max(),
+                                                         counts.sum(), store.length.max()]).tolist()
+    if nothing_to_drop:
         return
-    vals, idx = segment_view(store, scores.float())
-    kmax = int(counts.max())
+    vals, idx = segment_view(store, scores.float(), width=longest)
     top = torch.topk(vals, kmax, dim=1, sorted=True).indices  # [BH, kmax]
     chosen = torch.arange(kmax, device=top.device)[None, :] < counts[:, None]
     top = torch.where(chosen, top, torch.full_like(top, vals.shape[1]))  # push unchosen to the end
     top = torch.sort(top, dim=1).values
     slots = torch.gather(idx, 1, top.clamp(max=max(vals.shape[1] - 1, 0)))
-    store.keep(slots[chosen], counts)
+    # The chosen slots, flat in segment order: row i's first counts[i] entries go to first[i]...; the rest to a
+    # spare place past the end (boolean indexing would read the count back once more).
+    first = torch.cumsum(counts, 0) - counts
+    dest = torch.where(chosen, first[:, None] + torch.arange(kmax, device=top.device)[None, :],
+                       torch.full_like(slots, total))
+    flat = slots.new_empty(total + 1)
+    flat[dest] = slots
+    store.keep(flat[:total], counts)
 
 
 def protect_recent(store: RaggedKV, scores: torch.Tensor, n_recent: torch.Tensor | int, sinks: int = 0) -> torch.Tensor:
-    """Scores with the ``n_recent`` newest tokens of each sequence (and the first ``sinks``) kept always."""
+    """Scores with the ``n_recent`` newest tokens of each sequence (and the first ``sinks``) kept always.
+    No device sync (decode-time eviction replays it in a CUDA graph)."""
     B, H = store.B, store.H
-    idx, valid = store.slot_index()
+    idx, valid = store.padded_slots()
     pos = torch.where(valid, store.pos[idx].long(), torch.full_like(idx, -1))
     newest = pos.max(dim=1).values
-    n_recent = torch.as_tensor(n_recent, device=scores.device).expand(B).repeat_interleave(H)
-    seg = torch.repeat_interleave(torch.arange(B * H, device=scores.device), store.capacity)
+    if not isinstance(n_recent, torch.Tensor):
+        n_recent = torch.full((B,), int(n_recent), dtype=torch.long, device=scores.device)
+    n_recent = n_recent.expand(B).repeat_interleave(H)
+    seg = store.slot_segments()
     slot_pos = store.pos.long()
     recent = slot_pos > (newest[seg] - n_recent[seg])
     keep = recent | ((slot_pos < sinks) & (slot_pos >= 0))
@@ -142,6 +157,9 @@ class ScoredEviction(Method):
     chunk (``compress``); ``evict_during_decoding`` makes the same rule hold the budget while generating."""
 
     evict_during_decoding: bool = False
+    # Whether ``score`` reads nothing back from the device while decoding (then the engine replays the decoding
+    # step, its eviction included, as a CUDA graph; tests/methods/test_decode_graph.py checks each that says so).
+    decode_sync_free: ClassVar[bool] = False
 
     def score(self, call: LayerCall) -> torch.Tensor:
         raise NotImplementedError
@@ -149,6 +167,15 @@ class ScoredEviction(Method):
     def static_decode(self) -> bool:
         return type(self).on_decode is ScoredEviction.on_decode and (
             not self.evict_during_decoding or self.keeps_everything())
+
+    def decode_epoch(self, cache) -> Hashable | None:
+        """Decode-time eviction replays as a CUDA graph while no store changes its layout: every step evicts at
+        most one token per segment in place (``_evict_one``), with fixed shapes."""
+        if self.static_decode():
+            return ()
+        if not self.decode_sync_free or cache.head_shard is not None:
+            return None
+        return tuple(store.layout for store in cache.stores)
 
     def layer_target(self, call: LayerCall, target: torch.Tensor) -> torch.Tensor:
         """Tokens per head for this layer, given the method's average target per sequence [B]."""
@@ -175,12 +202,21 @@ class ScoredEviction(Method):
         store = call.store
         target = self.layer_target(call, fraction_target(self.budget, call.seen)).repeat_interleave(store.H)
         over = store.length - target
+        if capturing(call.queries):
+            # Being captured: nothing may be read back. The eager step before any capture trimmed every segment
+            # to its target, and a step adds one token while the target never falls: at most one is over.
+            self._evict_one(call, over)
+            return
         if not bool((over > 0).any()):
             return
-        scores = self.score(call)
         if bool((over <= 1).all()):
-            vals, idx = segment_view(store, scores.float(), fill=float("inf"))
-            victim = torch.gather(idx, 1, vals.argmin(dim=1, keepdim=True))[:, 0]
-            store.remove_one(victim, over > 0)
+            self._evict_one(call, over)
         else:
-            keep_top(store, scores, torch.minimum(store.length, target))
+            keep_top(store, self.score(call), torch.minimum(store.length, target))
+
+    def _evict_one(self, call: LayerCall, over: torch.Tensor) -> None:
+        """The lowest-scoring token of every segment that is over its target leaves (fixed shapes, no sync)."""
+        store = call.store
+        vals, idx = segment_view(store, self.score(call).float(), fill=float("inf"), sync_free=True)
+        victim = torch.gather(idx, 1, vals.argmin(dim=1, keepdim=True))[:, 0]
+        store.remove_one(victim, over > 0)

@@ -14,6 +14,7 @@ recent window (``recent_ratio=0``) and divides each key's sum by the number of q
 (``mean_over_queries=True``), so late tokens are not handicapped by having been seen less.
 """
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -24,13 +25,16 @@ from kvbench.method import ScoredEviction, in_range, protect_recent
 
 @dataclass
 class H2O(ScoredEviction):
+    decode_sync_free: ClassVar[bool] = True
     recent_ratio: float = field(default=0.5, metadata=in_range(0, 1))
     mean_over_queries: bool = False
     evict_during_decoding: bool = True
 
     def _accumulate(self, call: LayerCall) -> None:
         store = call.store
-        acc = store.extra.setdefault("acc", torch.zeros(store.k.shape[0], device=store.k.device))
+        if "acc" not in store.extra:
+            store.extra["acc"] = torch.zeros(store.k.shape[0], device=store.k.device)
+        acc = store.extra["acc"]
         if call.decoding:
             acc += call.slot_attention()
         else:
@@ -49,8 +53,7 @@ class H2O(ScoredEviction):
         store = call.store
         scores = store.extra["acc"].clone()
         if self.mean_over_queries:  # queries that saw a key: itself and every later token
-            seg = torch.repeat_interleave(torch.arange(store.B * store.H, device=scores.device), store.capacity)
-            seen = call.seen.to(scores.device)[seg // store.H]
+            seen = call.seen.to(scores.device)[store.slot_segments() // store.H]
             scores = scores / (seen - store.pos.long()).clamp(min=1)
         target = self.layer_target(call, fraction_target(self.budget, call.seen))
         n_recent = (target.double() * self.recent_ratio).long()

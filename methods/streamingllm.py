@@ -8,6 +8,7 @@ Choices: the budget counts the sinks; positions are the original token positions
 positions inside the cache, which the paper does for very long streams beyond the model's window).
 """
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -17,6 +18,7 @@ from kvbench.method import KEEP_ALWAYS, ScoredEviction
 
 @dataclass
 class StreamingLLM(ScoredEviction):
+    decode_sync_free: ClassVar[bool] = True
     sinks: int = 4
     evict_during_decoding: bool = True
 

@@ -11,6 +11,7 @@ so a layer keeps one set of positions for all its KV heads, and every key compet
 others ranked without it.
 """
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -23,6 +24,7 @@ from kvbench.method import ScoredEviction, protect_recent, segment_view
 @dataclass
 class TOVA(ScoredEviction):
     evict_during_decoding: bool = True
+    decode_sync_free: ClassVar[bool] = True
     pin_newest: bool = False
 
     def score(self, call: LayerCall) -> torch.Tensor:
@@ -33,18 +35,23 @@ class TOVA(ScoredEviction):
             per_group = window_scores(call.queries[:, :, -1:], call.positions[:, -1:], store.k, store.pos,
                                       store.start, store.length, call.scale, reduce="mean")
         # The mean over the KV heads of the group means is the mean over all query heads; it needs the
-        # heads of a sequence to hold the same positions in the same slot order (TOVA keeps them so).
-        idx, valid = store.slot_index()
+        # heads of a sequence to hold the same positions in the same slot order (TOVA keeps them so: checked
+        # at the prompt; while decoding every head gains the same token and loses the same one).
+        idx, valid = store.padded_slots()  # no device sync while decoding (a replayed CUDA graph)
         B, H = store.B, store.H
-        pos = store.pos[idx].view(B, H, -1)
-        if bool((pos != pos[:, :1]).any()):
-            raise RuntimeError("tova: the KV heads of a layer hold different positions; TOVA keeps one set per layer")
-        vals, _ = segment_view(store, per_group, fill=0.0)
+        if not call.decoding:
+            pos = store.pos[idx].view(B, H, -1)
+            if bool((pos != pos[:, :1]).any()):
+                raise RuntimeError("tova: the KV heads of a layer hold different positions; TOVA keeps one set per layer")
+        vals, _ = segment_view(store, per_group, fill=0.0, sync_free=True)
         # Tensor parallel: the mean over all the layer's heads, from each rank's sum (kvbench.distributed).
         shard, per_head = call.cache.head_shard, vals.view(B, H, -1)
         layer = per_head.mean(dim=1, keepdim=True) if shard is None else \
             sum_heads(shard, per_head.sum(dim=1, keepdim=True)) / (H * shard.world)
         layer = layer.expand(B, H, -1).reshape(B * H, -1)
-        scores = torch.zeros_like(per_group)
-        scores[idx[valid]] = layer[valid]
+        # Written back per slot with fixed shapes: padding entries go to a spare slot past the end.
+        dest = torch.where(valid, idx, torch.full_like(idx, per_group.shape[0]))
+        scores = per_group.new_zeros(per_group.shape[0] + 1)
+        scores[dest] = layer
+        scores = scores[:-1]
         return protect_recent(store, scores, 1) if self.pin_newest else scores

@@ -201,7 +201,7 @@ class DecodedView(RaggedKV):
         c = store.codes
         self.store, self.B, self.H, self.D = store, c.B, c.H, store.hd
         self.pos, self.start, self.length, self.capacity, self.extra = c.pos, c.start, c.length, c.capacity, c.extra
-        self.free = c.free
+        self.free, self.cap_max, self.layout, self._slot_seg = c.free, c.cap_max, c.layout, None
         perm, valid, _ = store._gather_index()
         k, v, _, _ = store.decode_heads(store.own)
         n, width = perm.shape

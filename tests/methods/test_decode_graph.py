@@ -1,0 +1,99 @@
+"""Decode-time eviction (h2o, tova, streamingllm) as the engine replays it in a CUDA graph: the step reads nothing
+back from the device, and gives the same tokens and the same stores as the eager step with its host checks."""
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from kvbench import method as method_module
+from kvbench import registry
+from kvbench.engine import Engine
+
+from tests.conftest import prompt, sample, tiny
+
+# What would make the host wait for the device (and fail a CUDA-graph capture).
+HOST_READS = {"__bool__", "__int__", "__float__", "__index__", "item", "tolist", "nonzero", "unique", "masked_select"}
+
+
+class NoHostReads(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in HOST_READS:
+            raise AssertionError(f"host read of a device value in a replayed step: {name}")
+        if name in ("__getitem__", "__setitem__") and any(
+                isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in _flat(args[1:2])):
+            raise AssertionError("boolean-mask indexing (a data-dependent shape) in a replayed step")
+        if name == "repeat_interleave" and isinstance(args[1] if len(args) > 1 else kwargs.get("repeats"),
+                                                      torch.Tensor) and kwargs.get("output_size") is None:
+            raise AssertionError("repeat_interleave with tensor repeats and no output_size in a replayed step")
+        return func(*args, **kwargs)
+
+
+def _flat(items):
+    for a in items:
+        if isinstance(a, (tuple, list)):
+            yield from _flat(a)
+        else:
+            yield a
+
+
+def _decode(name: str, steps: int, replayed_from: int | None, monkeypatch, params=None):
+    """Greedy decoding of ``steps`` tokens one forward at a time; from step ``replayed_from`` on, each step runs as
+    a capture would (``capturing`` true) and under NoHostReads."""
+    lm = tiny("llama")
+    eng = Engine(lm, registry.build_method(name, 0.5, params or {}), protocol="query-agnostic")
+    hook = eng.method.on_decode
+
+    def on_decode_without_host_reads(call):  # the method's hook (the store's attention on CUDA is a Triton
+        with NoHostReads():                   # kernel, already replayed for every method; on the CPU it is not)
+            hook(call)
+    cache, logits, _ = eng.prefill(sample(prompt(40, 3), prompt(6, 4)))
+    cache.reserve(steps)  # as the engine does before decoding with graphs: appends then never regrow
+    tokens = []
+    for step in range(steps):
+        nxt = logits.argmax(-1)
+        tokens.append(int(nxt))
+        graphed = replayed_from is not None and step >= replayed_from
+        monkeypatch.setattr(method_module, "capturing", lambda t: graphed)
+        if graphed:
+            if step == replayed_from:  # the engine reserves room for the rest before it captures
+                cache.reserve(steps - step)
+                monkeypatch.setattr(eng.method, "on_decode", on_decode_without_host_reads)
+            logits = eng.forward(cache, nxt[:, None], compress=False)[:, -1]
+        else:
+            logits = eng.forward(cache, nxt[:, None], compress=False)[:, -1]
+    return tokens, cache
+
+
+@pytest.mark.parametrize("name,params", [("h2o", {}), ("h2o", {"mean_over_queries": True}), ("tova", {}),
+                                         ("tova", {"pin_newest": True}), ("streamingllm", {})])
+def test_replayed_eviction_step_reads_nothing_back_and_matches_eager(name, params, monkeypatch):
+    eager_tokens, eager = _decode(name, 12, None, monkeypatch, params)
+    graph_tokens, graphed = _decode(name, 12, 1, monkeypatch, params)  # step 0 eager: it trims the question
+    assert graph_tokens == eager_tokens
+    for a, b in zip(eager.stores, graphed.stores):
+        assert torch.equal(a.length, b.length)
+        idx, valid = a.slot_index()
+        jdx, _ = b.slot_index()
+        assert torch.equal(a.pos[idx][valid], b.pos[jdx][valid])
+        torch.testing.assert_close(a.k[idx][valid], b.k[jdx][valid])
+    # the budget holds: half of the tokens seen, per head
+    assert int(graphed.stores[0].length.max()) == (40 + 6 + 12) // 2
+
+
+def test_only_sync_free_evictors_replay_their_decoding(monkeypatch):
+    lm = tiny("llama")
+    for name, replays in [("h2o", True), ("tova", True), ("streamingllm", True), ("snapkv", True)]:
+        eng = Engine(lm, registry.build_method(name, 0.5))
+        cache, _, _ = eng.prefill(sample(prompt(40, 3), prompt(6, 4)))
+        assert (eng.method.decode_epoch(cache) is not None) == replays, name
+    evicting_snapkv = registry.build_method("snapkv", 0.5, {"evict_during_decoding": True})
+    eng = Engine(lm, evicting_snapkv)
+    cache, _, _ = eng.prefill(sample(prompt(40, 3), prompt(6, 4)))
+    assert evicting_snapkv.decode_epoch(cache) is None  # its decode-time scoring is not checked sync-free
+    eng = Engine(lm, registry.build_method("h2o", 0.5))
+    cache, _, _ = eng.prefill(sample(prompt(40, 3), prompt(6, 4)))
+    key = eng.method.decode_epoch(cache)
+    assert eng.method.decode_epoch(cache) == key  # nothing moved: a captured graph replays
+    cache.reserve(64)  # a relayout: a graph captured before it would be stale
+    assert eng.method.decode_epoch(cache) != key
