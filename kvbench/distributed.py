@@ -422,14 +422,14 @@ def probe(model: str, methods: list[str], budget: float, context: int, new_token
     rank's peak memory, TTFT and TPOT; with ``logits``, the first token's logits. For the tensor-parallel
     tests and ``scripts/gpu/distributed.sh``."""
     from kvbench import models, registry
-    from kvbench.bench import _IdText, prompt_ids
+    from kvbench.bench import prompt_ids
     from kvbench.engine import Engine, resolve_device, resolve_dtype
     from kvbench.task import Sample
     device = local_device(resolve_device("auto"), ranks)
     torch_dtype = resolve_dtype(dtype, device)
     lm = models.load(model, torch_dtype, device, random_weights, seed=seed, tensor_parallel=ranks.tensor_parallel)
     lm.model.generation_config.eos_token_id = None
-    lm.tokenizer = _IdText()  # token ids in, token ids out: any model, no EOS
+    lm.tokenizer = models.IdTokenizer()  # token ids in, token ids out: any model, no EOS
     ids = prompt_ids(seed, context, 1, lm.model.config.vocab_size)[0]
     ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
     out = []
