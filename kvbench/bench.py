@@ -269,15 +269,6 @@ def _dist_version(name: str) -> str | None:
 
 # ---- the main process ----------------------------------------------------------------------------------
 
-class _IdText:
-    """The engine decodes its output for the record; a random-weight preset has no tokenizer."""
-
-    eos_token_id = None
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))
-
-
 class Bench:
     def __init__(self, cfg: BenchConfig, echo=print):
         import torch
@@ -316,7 +307,7 @@ class Bench:
             lm = models.load(self.preset, self.dtype, self.device, random_weights=True, seed=cfg.seed)
         else:
             lm = models.load(cfg.model, self.dtype, self.device, seed=cfg.seed)
-        self.lm = models.LoadedModel(lm.model, _IdText(), lm.name, lm.window)
+        self.lm = models.LoadedModel(lm.model, models.IdTokenizer(), lm.name, lm.window)
         too_long = [c for c in cfg.contexts if c + cfg.new_tokens > self.lm.window]
         if too_long:
             raise BenchError(f"context {too_long[0]} + {cfg.new_tokens} new tokens exceeds the model's window "

@@ -114,6 +114,7 @@ def list_cmd(what):
 def run(method, task, budget, model, random_weights, trust_remote_code, method_arg, task_arg, query_aware, prefill_chunk, batch_size,
         data, limit, seed, temperature, device, dtype, max_context, out, artifact, tp):
     """Run one method on one task; resumes if the same run was started before."""
+    from kvbench.engine import is_oom
     from kvbench.harness import RunConfig, check_config, run as run_one
     if artifact is not None:
         try:
@@ -141,8 +142,8 @@ def run(method, task, budget, model, random_weights, trust_remote_code, method_a
             run_dir = run_one(cfg, ranks=ranks)
     except user_errors() as e:
         fail(str(e))
-    except RuntimeError as e:  # out of memory is the user's to fix; anything else is a bug and shows its traceback
-        if "out of memory" not in str(e).lower():
+    except Exception as e:  # out of memory is the user's to fix; anything else is a bug and shows its traceback
+        if not is_oom(e):
             raise
         fail(f"out of memory ({str(e).splitlines()[0][:120]}); the finished samples are kept: rerun with a smaller "
               "--batch-size or --max-context, or on a larger device")

@@ -201,16 +201,17 @@ def _shard_files(run_dir: Path, name: str) -> list[Path]:
 
 
 def finished_ids(run_dir: Path, ranks: Ranks) -> set:
-    """The ids of every record already under the run directory: its merged files and every shard file. The
-    files this rank appends to are repaired (a torn last line trimmed); the others are only read (their
-    owners may be writing). Tensor-parallel ranks take rank 0's reading (they must do the same samples)."""
-    own = set(record_files(run_dir, ranks)) if ranks.writes_records else set()
+    """The ids of every sample record already under the run directory: its merged file and every shard file
+    (the others are only read: their owners may be writing). The files this rank appends to, its trace file
+    too, are repaired (a torn last line trimmed) so that its next record starts a line of its own.
+    Tensor-parallel ranks take rank 0's reading (they must do the same samples)."""
+    samples_name = RECORD_FILES[0]
+    own = record_files(run_dir, ranks) if ranks.writes_records else ()
     ids = set()
-    for name in RECORD_FILES:
-        for path in [run_dir / name, *_shard_files(run_dir, name)]:
-            got = results.read_jsonl(path, repair=path in own)
-            if name == "samples.jsonl":
-                ids |= {r.get("id") for r in got}
+    for path in [run_dir / samples_name, *_shard_files(run_dir, samples_name)]:
+        ids |= {r.get("id") for r in results.read_jsonl(path, repair=path in own)}
+    for path in own[1:]:  # the trace: only repaired, its ids are not needed
+        results.read_jsonl(path, repair=True)
     return from_rank0(ids, ranks) if ranks.tensor_parallel else ids
 
 
@@ -228,8 +229,7 @@ def merge_records(run_dir: Path, order: list[str]) -> None:
             for rec in results.read_jsonl(path):
                 by_id.setdefault(rec.get("id"), rec)
         ordered = sorted(by_id.values(), key=lambda r: rank_of.get(r.get("id"), len(order)))
-        results.write_text(run_dir / name, "".join(json.dumps(r, default=results._jsonable, ensure_ascii=False)
-                                                   + "\n" for r in ordered))
+        results.write_jsonl(run_dir / name, ordered)
     for path in shards:
         path.unlink()
     with contextlib.suppress(OSError):
@@ -422,14 +422,14 @@ def probe(model: str, methods: list[str], budget: float, context: int, new_token
     rank's peak memory, TTFT and TPOT; with ``logits``, the first token's logits. For the tensor-parallel
     tests and ``scripts/gpu/distributed.sh``."""
     from kvbench import models, registry
-    from kvbench.bench import _IdText, prompt_ids
+    from kvbench.bench import prompt_ids
     from kvbench.engine import Engine, resolve_device, resolve_dtype
     from kvbench.task import Sample
     device = local_device(resolve_device("auto"), ranks)
     torch_dtype = resolve_dtype(dtype, device)
     lm = models.load(model, torch_dtype, device, random_weights, seed=seed, tensor_parallel=ranks.tensor_parallel)
     lm.model.generation_config.eos_token_id = None
-    lm.tokenizer = _IdText()  # token ids in, token ids out: any model, no EOS
+    lm.tokenizer = models.IdTokenizer()  # token ids in, token ids out: any model, no EOS
     ids = prompt_ids(seed, context, 1, lm.model.config.vocab_size)[0]
     ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
     out = []

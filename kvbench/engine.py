@@ -46,6 +46,17 @@ def is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
+def ends_line(tok, tokens: list[int]) -> bool:
+    """``stop_at_newline``'s rule: the answer's text has a newline after some text (leading newlines don't count).
+
+    Only a token whose own text holds a newline can end the line, so the whole answer is decoded only at such a
+    token: decoding it every step made the check quadratic in the answer's length. The decision stays that of
+    the whole text (a token's text alone may differ from its text in context, e.g. a sentencepiece word's
+    leading space, or one byte of a multi-byte character).
+    """
+    return "\n" in tok.decode(tokens[-1:]) and "\n" in tok.decode(tokens).lstrip("\n")
+
+
 def free_memory() -> None:
     """Give back what a failed or finished phase left: Python garbage, then CUDA's cached blocks."""
     import gc
@@ -190,7 +201,7 @@ class Engine:
                     done[b] = True
                     continue
                 out[b].append(token)
-                if len(out[b]) >= max_new[b] or (stop_at_newline[b] and "\n" in self.tok.decode(out[b]).lstrip("\n")):
+                if len(out[b]) >= max_new[b] or (stop_at_newline[b] and ends_line(self.tok, out[b])):
                     done[b] = True
             if all(done):
                 break

@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from kvbench import distributed, registry, results
-from kvbench.engine import PROTOCOLS, Engine, resolve_device, resolve_dtype
+from kvbench.engine import PROTOCOLS, Engine, is_oom, resolve_device, resolve_dtype
 from kvbench.models import LoadedModel
 from kvbench.task import GENERATION, LOGPROBS, MULTI_TURN, Sample, TaskContext
 
-__all__ = ["PROTOCOLS", "RunConfig", "check_config", "run", "task_samples", "mark_failure"]
+__all__ = ["PROTOCOLS", "RunConfig", "check_config", "run", "task_samples", "failure", "mark_failure"]
 
 
 @dataclass
@@ -163,7 +163,7 @@ def run(cfg: RunConfig, lm: LoadedModel | None = None, progress: bool = True,
                     memo[memo_key] = samples
             _run_locked(cfg, lm, method, task, samples, config, run_dir, progress, ranks)
         except Exception as e:  # marked, so the directory shows as failed (with why), not as unfinished
-            mark_failure(run_dir, config, "crash", e)
+            mark_failure(run_dir, config, e)
             raise
     (run_dir / FAILURE_FILE).unlink(missing_ok=True)  # an earlier failure of this run, now finished
     distributed.barrier(ranks)  # [distributed] every rank returns once rank 0 wrote the metrics
@@ -173,15 +173,21 @@ def run(cfg: RunConfig, lm: LoadedModel | None = None, progress: bool = True,
 FAILURE_FILE = "error.json"
 
 
-def mark_failure(run_dir: Path, config: dict, status: str, err: BaseException) -> None:
-    """``error.json`` (status, error, traceback) beside the run's config, written if it was not yet."""
+def failure(err: BaseException) -> dict:
+    """What a failed run records (in ``error.json``; a sweep's ledger too): its status, ``oom`` for an
+    out-of-memory error (the user's to fix: a smaller batch, context or device) or ``crash``, the error's
+    first line and the traceback (called while ``err`` is being handled)."""
     import traceback
+    first = (str(err).strip().splitlines() or [""])[0][:500]
+    return {"status": "oom" if is_oom(err) else "crash", "error": f"{type(err).__name__}: {first}",
+            "traceback": traceback.format_exc()[-4000:]}
+
+
+def mark_failure(run_dir: Path, config: dict, err: BaseException) -> None:
+    """``error.json`` (``failure(err)`` and the time) beside the run's config, written if it was not yet."""
     if not (run_dir / "config.json").exists():
         results.write_json(run_dir / "config.json", config)
-    first = (str(err).strip().splitlines() or [""])[0][:500]
-    results.write_json(run_dir / FAILURE_FILE, {"status": status, "error": f"{type(err).__name__}: {first}",
-                                                 "traceback": traceback.format_exc()[-4000:],
-                                                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    results.write_json(run_dir / FAILURE_FILE, {**failure(err), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
 def _run_locked(cfg: RunConfig, lm: LoadedModel, method, task, samples: list[Sample], config: dict, run_dir: Path,

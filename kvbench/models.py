@@ -319,6 +319,16 @@ def tokenizer_only(spec: str, trust_remote_code: bool = False):
     return tok, int(getattr(config, "max_position_embeddings", 0) or 4096)
 
 
+class IdTokenizer:
+    """A stand-in tokenizer for models without one (random-weight presets, token-id probes): no EOS, and
+    ``decode`` shows the ids (the engine decodes its output for the record)."""
+
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
 def random_model(preset: str, dtype, device, seed: int = 0, tensor_parallel: bool = False):
     from transformers import AutoConfig, AutoModelForCausalLM
     if preset not in PRESETS:

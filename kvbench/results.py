@@ -72,8 +72,18 @@ def write_json(path: Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, default=_jsonable))
 
 
+def jsonl_line(record: dict) -> str:
+    """A record as one line of a JSON-lines file (its newline included)."""
+    return json.dumps(record, default=_jsonable, ensure_ascii=False) + "\n"
+
+
+def write_jsonl(path: Path, records: Iterable[dict]) -> None:
+    """A whole JSON-lines file, atomically (``append_jsonl``'s lines)."""
+    write_text(path, "".join(map(jsonl_line, records)))
+
+
 def append_jsonl(path: Path, record: dict) -> None:
-    line = json.dumps(record, default=_jsonable, ensure_ascii=False) + "\n"
+    line = jsonl_line(record)
     with open(path, "a") as f:
         f.write(line)
         f.flush()

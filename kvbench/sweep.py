@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import time
-import traceback
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Callable
@@ -31,11 +30,10 @@ from typing import Callable
 import yaml
 
 from kvbench import registry, results
-from kvbench.engine import free_memory, is_oom, resolve_device, resolve_dtype
-from kvbench.harness import PROTOCOLS, RunConfig, check_config
+from kvbench.engine import free_memory, resolve_device, resolve_dtype
+from kvbench.harness import PROTOCOLS, RunConfig, check_config, failure
 from kvbench.task import TaskError
 
-ERROR_FILE = "error.json"
 _LISTS = ("models", "methods", "budgets", "tasks", "protocols")
 _SCALARS = {f.name for f in fields(RunConfig)} - {"method", "task", "budget", "model", "method_params",
                                                     "task_params", "protocol", "data", "out"}
@@ -227,22 +225,15 @@ def _run_point(point: RunConfig, ident: str, loaded: dict, load_model, out: Path
         run_dir = run(point, lm=loaded[key], progress=progress, sample_memo=sample_memo)
     except results.RunLockedError as e:  # the same point is being run right now by another process
         return {"status": "busy", "error": str(e), "run_dir": None, "seconds": time.perf_counter() - started}
-    except Exception as e:  # recorded, and the sweep goes on; Ctrl-C still stops it
-        status = "oom" if is_oom(e) else "crash"
-        error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:500]}"
-        failure = {"status": status, "error": error, "traceback": traceback.format_exc()[-4000:]}
+    except Exception as e:  # in the ledger (error.json is the harness's), and the sweep goes on; Ctrl-C stops it
+        failed = failure(e)
     else:
-        failure = None
-    if failure:
+        failed = None
+    if failed:
         # Freed outside the handler, once the exception's frames (and the tensors they hold) are gone.
         free_memory()
         run_dir = existing_runs(out).get(ident)
-        if run_dir is not None:
-            results.write_json(run_dir / ERROR_FILE, {**failure, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-        return {"status": failure["status"], "error": failure["error"], "run_dir": str(run_dir) if run_dir else None,
+        return {"status": failed["status"], "error": failed["error"], "run_dir": str(run_dir) if run_dir else None,
                 "seconds": time.perf_counter() - started}
-    stale = run_dir / ERROR_FILE
-    if stale.exists():  # an earlier failure of this point, now finished
-        stale.unlink()
     status = "done" if is_finished(run_dir) else "incomplete"
     return {"status": status, "run_dir": str(run_dir), "seconds": time.perf_counter() - started}

@@ -1,5 +1,5 @@
 """What the trainers of method artifacts share (``kvbench train METHOD``: DeltaKV's compressors, KV-CAR's
-autoencoders): the optimisation loop and its learning-rate schedule."""
+autoencoders): the corpus packed into training samples, the optimisation loop and its learning-rate schedule."""
 from __future__ import annotations
 
 import math
@@ -7,6 +7,33 @@ import time
 from typing import Callable
 
 import torch
+
+from kvbench.task import TaskError
+
+HELDOUT_SHARE = 50  # one packed sample in 50 (the last 2% of the corpus, at least one) is held out
+
+
+def pack_corpus(tokenizer, text: str, corpus: dict, seq_len: int, min_train: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``text`` tokenised (no special tokens), cut into consecutive samples of ``seq_len`` tokens (a shorter
+    tail is dropped): (training samples, held-out samples: the last 2%), each ``[n, seq_len]``. ``corpus``
+    (``kvbench.io.read_corpus``'s description) gains the counts; fewer than ``min_train`` training samples is a
+    TaskError."""
+    ids = torch.tensor(tokenizer.encode(text, add_special_tokens=False), dtype=torch.int64)
+    n_samples = len(ids) // seq_len
+    n_held = max(1, n_samples // HELDOUT_SHARE)
+    if n_samples - n_held < min_train:
+        raise TaskError(f"corpus too small: {len(ids)} tokens make {n_samples} samples of {seq_len}; need more than "
+                        f"{min_train + n_held}")
+    samples = ids[: n_samples * seq_len].view(n_samples, seq_len)
+    train, held = samples[:-n_held], samples[-n_held:]
+    corpus.update(tokens=len(ids), train_samples=len(train), heldout_samples=len(held), seq_len=seq_len)
+    return train, held
+
+
+def corpus_summary(corpus: dict) -> str:
+    """One log line's start, from ``pack_corpus``'s description."""
+    return (f"corpus: {corpus['files']} files, {corpus['tokens']} tokens, {corpus['train_samples']} samples of "
+            f"{corpus['seq_len']}")
 
 
 def warmup_cosine(opt, lr: float, step: int, steps: int, started: float, minutes: float | None, warmup: int) -> None:
@@ -25,11 +52,13 @@ def optimise(params, loss_fn: Callable, samples: torch.Tensor, batch: int, steps
     """AdamW (betas 0.9, 0.95; no weight decay) on ``params`` over batches of ``samples`` in a random order
     (drawn with ``gen``, redrawn when fewer than a batch are left), ``warmup_cosine`` learning rates, gradients
     clipped at norm 1, until ``steps`` or ``minutes`` (then ``stop_message(step)`` is logged).
-    ``loss_fn(batch) -> (loss, record)``; ``report(step, record, seconds)`` is logged at step 1 and every 25.
-    Returns the steps taken, the seconds and the records."""
+    ``loss_fn(batch) -> (loss, record)``, ``record`` a tensor of what to report (the loss, or its terms);
+    ``report(step, record as a float or list of floats, seconds)`` is logged at step 1 and every 25.
+    Returns the steps taken, the seconds and the records (floats, or lists of floats). The records stay on
+    the device until a report or the end: reading one back every step would sync the GPU every step."""
     params = list(params)
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    order, cursor, step, records = torch.randperm(len(samples), generator=gen), 0, 0, []
+    order, cursor, step, records = torch.randperm(len(samples), generator=gen), 0, 0, None
     t0 = time.perf_counter()
     while step < steps:
         if minutes is not None and time.perf_counter() - t0 > 60 * minutes:
@@ -45,7 +74,9 @@ def optimise(params, loss_fn: Callable, samples: torch.Tensor, batch: int, steps
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        records.append(record)
+        if records is None:
+            records = record.new_empty((steps, *record.shape))
+        records[step - 1] = record.detach()
         if step % 25 == 0 or step == 1:
-            log(report(step, record, time.perf_counter() - t0))
-    return step, time.perf_counter() - t0, records
+            log(report(step, records[step - 1].tolist(), time.perf_counter() - t0))
+    return step, time.perf_counter() - t0, [] if records is None else records[:step].tolist()

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from kvbench import models
-from kvbench.models import LoadedModel
+from kvbench.models import IdTokenizer, LoadedModel
 from kvbench.task import Sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,15 +32,6 @@ FIXTURES = ROOT / "tests" / "fixtures"
 
 # ---- tiny random models, prompts ------------------------------------------------------------------------
 EVICTION = ["random", "knorm", "streamingllm", "snapkv", "pyramidkv", "h2o", "tova", "adakv"]
-
-
-class IdTokenizer:
-    """Enough of a tokenizer for the engine: no EOS, decode shows the ids."""
-
-    eos_token_id = None
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))
 
 
 def tiny(family: str, seed: int = 0) -> LoadedModel:

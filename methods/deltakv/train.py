@@ -31,8 +31,7 @@ from kvbench.cli import fail, user_errors
 from kvbench.methods.deltakv.codec import (is_reference, kv_from_tokens, model_fingerprint, model_signature,
                                           nearest_references, save_checkpoint, tokens_from_kv, visible_references)
 from kvbench.methods.deltakv.method import DeltaKV
-from kvbench.task import TaskError
-from kvbench.training import optimise
+from kvbench.training import corpus_summary, optimise, pack_corpus
 
 class TrainingAttention:
     """Stands in for the kvbench cache during training (``kvbench_cache=``): full layers attend exactly;
@@ -96,24 +95,16 @@ def train(model: str, data: str, out: str, steps: int = 1000, batch: int = 8, se
         torch.nn.init.zeros_(module.up.weight)
     rope = rope_inverse_factory(lm.model.model.rotary_emb)
 
-    ids = torch.tensor(lm.tokenizer.encode(text, add_special_tokens=False), dtype=torch.int64)
-    n_samples = len(ids) // seq_len
-    n_held = max(1, n_samples // 50)
-    if n_samples - n_held < batch:
-        raise TaskError(f"corpus too small: {len(ids)} tokens make {n_samples} samples of {seq_len}; need more than "
-                        f"{batch + n_held}")
-    samples = ids[: n_samples * seq_len].view(n_samples, seq_len)
-    train_set, held = samples[:-n_held], samples[-n_held:]
-    corpus.update(tokens=len(ids), train_samples=len(train_set), heldout_samples=len(held), seq_len=seq_len)
-    log(f"corpus: {corpus['files']} files, {len(ids)} tokens, {len(train_set)} samples of {seq_len}; "
-        f"compressed layers {sorted(int(x) for x in comps)}; r={method.latent_dim_} I={method.intermediate_}")
+    train_set, held = pack_corpus(lm.tokenizer, text, corpus, seq_len, min_train=batch)
+    log(f"{corpus_summary(corpus)}; compressed layers {sorted(int(x) for x in comps)}; "
+        f"r={method.latent_dim_} I={method.intermediate_}")
 
     gen = torch.Generator().manual_seed(seed)
     positions = torch.arange(seq_len, device=dev)[None, :].expand(batch, seq_len)
 
     def loss_fn(x: torch.Tensor):
         ce, mse = _loss(lm.model, method, rope, x.to(dev), positions)
-        return ce + mse, (ce.item(), mse.item())
+        return ce + mse, torch.stack([ce, mse])
 
     step, seconds, history = optimise(
         comps.parameters(), loss_fn, train_set, batch, steps, lr, max_minutes, max(1, steps // 20), gen, log,

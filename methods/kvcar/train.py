@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from kvbench import artifact as artifacts
 from kvbench.cli import fail, user_errors
-from kvbench.training import optimise
+from kvbench.training import corpus_summary, optimise, pack_corpus
 from kvbench.methods.kvcar import NAME, ROPE_KEYS, LayerCodec, choose_reuse
 from kvbench.methods.kvcar.codec import pca_init_
 from kvbench.task import TaskError
@@ -114,7 +114,7 @@ def _stage(name: str, codecs, loss_fn, train_set, batch: int, steps: int, lr: fl
     """One training stage over the codecs' trainable parameters; returns steps, seconds, losses."""
     def step_loss(x: torch.Tensor):
         loss = loss_fn(x)
-        return loss, loss.item()
+        return loss, loss
 
     return optimise([p for p in codecs.parameters() if p.requires_grad], step_loss, train_set, batch, steps, lr,
                     minutes, max(1, min(steps // 20, 50)), gen, log,
@@ -155,16 +155,9 @@ def train(model: str, data: str, out: str, latent_dim: int | None = None, hidden
     pre = rope_keys == "pre"
     positions = torch.arange(seq_len, device=dev)[None].expand(batch, -1)
 
-    ids = torch.tensor(lm.tokenizer.encode(text, add_special_tokens=False), dtype=torch.int64)
-    n_samples = len(ids) // seq_len
-    n_held = max(1, n_samples // 50)
-    if n_samples - n_held < max(batch, calib_samples):
-        raise TaskError(f"corpus too small: {len(ids)} tokens make {n_samples} samples of {seq_len}; need more than "
-                        f"{max(batch, calib_samples) + n_held}")
-    samples = ids[: n_samples * seq_len].view(n_samples, seq_len)
-    train_set, held = samples[:-n_held].to(dev), samples[-n_held:].to(dev)
-    corpus.update(tokens=len(ids), train_samples=len(train_set), heldout_samples=len(held), seq_len=seq_len)
-    log(f"corpus: {corpus['files']} files, {len(ids)} tokens, {len(train_set)} samples of {seq_len}; "
+    train_set, held = pack_corpus(lm.tokenizer, text, corpus, seq_len, min_train=max(batch, calib_samples))
+    train_set, held = train_set.to(dev), held.to(dev)
+    log(f"{corpus_summary(corpus)}; "
         f"{n_layers} layers x {heads} KV heads x {head_dim}; latents {latent} (keys, {rope_keys}-RoPE) and {latent_v} "
         f"(values), hidden {width}/{width_v}")
 

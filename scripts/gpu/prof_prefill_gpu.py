@@ -21,13 +21,6 @@ from kvbench.engine import Engine
 from kvbench.task import Sample
 
 
-class _NoText:
-    eos_token_id = None
-
-    def decode(self, ids, skip_special_tokens=True):
-        return ""
-
-
 def timed(fn, reps: int = 3) -> float:
     fn()
     torch.cuda.synchronize()
@@ -150,7 +143,7 @@ def main() -> None:
     args = ap.parse_args()
     contexts = [int(c) for c in args.contexts.split(",")]
     lm = models.load(args.preset, torch.bfloat16, "cuda", random_weights=True)
-    lm.tokenizer = _NoText()
+    lm.tokenizer = models.IdTokenizer()
     model = lm.model
     print(f"{args.preset}: torch {torch.__version__}, {torch.cuda.get_device_name()}")
     engines = {m: Engine(lm, registry.build_method(m, 1.0 if m == "full" else 0.25)) for m in args.methods.split(",")}

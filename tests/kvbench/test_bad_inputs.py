@@ -539,7 +539,7 @@ def test_out_of_memory_mid_run_is_one_line_and_keeps_the_finished(tmp_path, tiny
     one_line_error(res, "out of memory")
     run_dir = the_run(tmp_path)
     kept = lines(run_dir / "samples.jsonl")
-    assert len(kept) == 2 and json.loads((run_dir / "error.json").read_text())["status"] == "crash"
+    assert len(kept) == 2 and json.loads((run_dir / "error.json").read_text())["status"] == "oom"
     monkeypatch.setattr(Engine, "generate", real)
     assert cli(*run_args(tiny_dir, haystack, tmp_path)).exit_code == 0
     after = lines(run_dir / "samples.jsonl")

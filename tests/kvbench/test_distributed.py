@@ -261,6 +261,22 @@ def test_merge_orders_dedups_and_is_idempotent(tmp_path):
     assert (run_dir / "samples.jsonl").read_bytes() == merged
 
 
+def test_finished_ids_read_samples_and_repair_only_this_ranks_trace(tmp_path):
+    """The ids come from the sample files; another rank's trace shard is not read (here: a corrupt one, which
+    would raise), this rank's trace file is repaired so that its next record starts a line of its own."""
+    run_dir = tmp_path / "run"
+    shards = run_dir / distributed.SHARDS_DIR
+    shards.mkdir(parents=True)
+    rank0 = distributed.Ranks(0, 2, 0)
+    samples, trace = distributed.record_files(run_dir, rank0)
+    samples.write_text(json.dumps({"id": "a"}) + "\n")
+    trace.write_text(json.dumps({"id": "a"}) + "\n" + '{"id": "b", "kv')  # torn by a kill
+    (shards / "samples.rank1-of-2.jsonl").write_text(json.dumps({"id": "c"}) + "\n")
+    (shards / "trace.rank1-of-2.jsonl").write_text("not json\n" + json.dumps({"id": "c"}) + "\n")
+    assert distributed.finished_ids(run_dir, rank0) == {"a", "c"}
+    assert trace.read_text() == json.dumps({"id": "a"}) + "\n"
+
+
 def test_ledger_of_a_killed_sharded_sweep_is_folded_in(tmp_path):
     ledger = tmp_path / "sweeps" / "s.jsonl"
     ledger.parent.mkdir()

@@ -13,9 +13,9 @@ from kvbench.cache import KVCache
 from kvbench.models import cache_argument
 from kvbench.cli import main
 from kvbench.models import LoadedModel
-from kvbench.engine import Engine
+from kvbench.engine import Engine, ends_line
 from kvbench.task import Sample
-from tests.conftest import EVICTION, prompt, sample, tiny
+from tests.conftest import EVICTION, make_tokenizer, prompt, sample, tiny
 
 def hf_twin(lm: LoadedModel):
     """The same weights under transformers' own SDPA attention and dynamic cache."""
@@ -125,6 +125,36 @@ def test_streamingllm_keeps_sinks_and_recent():
     store = cache.stores[1]
     pos = sorted(store.pos[store.start[0]: store.start[0] + store.length[0]].tolist())
     assert pos == [0, 1, 2, 3] + list(range(100 + 9 - 16, 100 + 9))
+
+
+def _sentencepiece_tokenizer():
+    """A Llama-2-style tokenizer (byte fallback, a decoder that strips the text's leading space): a token's
+    text alone can differ from its text in context ("▁" alone decodes to nothing)."""
+    from tokenizers import Tokenizer, decoders, models as tok_models
+    from transformers import PreTrainedTokenizerFast
+    pieces = ["<unk>"] + [f"<0x{b:02X}>" for b in range(256)] + ["▁", "a", "b", "▁foo", "▁a", "é"]
+    tok = Tokenizer(tok_models.BPE({p: i for i, p in enumerate(pieces)}, [], unk_token="<unk>", byte_fallback=True))
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def test_ends_line_agrees_with_decoding_the_whole_answer():
+    """The incremental newline check decides as the old rule did, which decoded the whole answer each step."""
+    g = torch.Generator().manual_seed(0)
+    for tok in (make_tokenizer(), _sentencepiece_tokenizer()):
+        newline = tok.convert_tokens_to_ids("Ċ" if "Ċ" in tok.get_vocab() else "<0x0A>")
+        texts = ["\n\nfoo\n", "a\nb", "\n\n\n", "é\nx", "答案\n\n是", " \n\nx y\n"]
+        sequences = [tok.encode(t, add_special_tokens=False) for t in texts]
+        for _ in range(200):  # random answers, newline-heavy, with tokens of several characters and partial bytes
+            ids = torch.randint(0, len(tok), (12,), generator=g)
+            ids[torch.rand(12, generator=g) < 0.3] = newline
+            sequences.append(ids.tolist())
+        sequences.append([newline, tok.convert_tokens_to_ids("▁"), newline] if "▁" in tok.get_vocab() else [newline])
+        for seq in sequences:  # decoding stops at the first length where the rule holds
+            stops = [n for n in range(1, len(seq) + 1) if ends_line(tok, seq[:n])]
+            old_stops = [n for n in range(1, len(seq) + 1) if "\n" in tok.decode(seq[:n]).lstrip("\n")]
+            assert stops[:1] == old_stops[:1], (tok.decode(seq), seq)
 
 
 def test_batched_decode_matches_single():

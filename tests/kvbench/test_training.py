@@ -53,3 +53,18 @@ def test_kvcar_trains_an_artifact_its_method_loads(tiny_dir, corpus, tmp_path):
     assert any(line.startswith("stage 1 (reconstruction) step 1: loss ") for line in logs)
     assert any(line.startswith("stage 2 (LM loss) step 1: loss ") for line in logs)
     Engine(models.load(str(tiny_dir)), registry.build_method("kvcar", 1.0, {"artifact": str(path)}))
+
+
+def test_the_corpus_is_packed_into_consecutive_windows_with_the_last_held_out(tokenizer):
+    from kvbench.task import TaskError
+    from kvbench.training import pack_corpus
+    corpus = {"files": 1}
+    train, held = pack_corpus(tokenizer, TEXT, corpus, seq_len=64, min_train=2)
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)
+    n = len(ids) // 64
+    assert len(held) == max(1, n // 50) and len(train) + len(held) == n
+    assert train.flatten().tolist() + held.flatten().tolist() == ids[: n * 64]
+    assert corpus == {"files": 1, "tokens": len(ids), "train_samples": len(train), "heldout_samples": len(held),
+                      "seq_len": 64}
+    with pytest.raises(TaskError, match="corpus too small"):
+        pack_corpus(tokenizer, TEXT, {}, seq_len=64, min_train=n)
