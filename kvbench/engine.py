@@ -170,11 +170,13 @@ class Engine:
         Before a row has ``min_new`` tokens, EOS and its stop ids are banned (transformers' ``min_length``).
 
         On CUDA the decoding step is captured as a CUDA graph and replayed while the method's
-        ``decode_epoch`` key holds (for methods whose decoding only appends, for ever; DeltaKV between its
-        flushes): the step's hundreds of kernel launches would otherwise cost more host time than the GPU
-        spends reading weights and KV. A step whose key is None runs eagerly; a new key is captured after
-        one eager step at it (which warms every lazily built index). The stores reserve room for the new
-        tokens before a capture (``KVCache.reserve``), so nothing moves while the graph replays.
+        ``decode_epoch`` key holds (for methods whose decoding only appends, for ever; for h2o, tova and
+        streamingllm, which evict one token a step in place, while no store changes its layout; DeltaKV
+        between its flushes): the step's hundreds of kernel launches would otherwise cost more host time than
+        the GPU spends reading weights and KV. A step whose key is None runs eagerly; a new key is captured
+        after one eager step at it (which warms every lazily built index). The stores reserve room for the new
+        tokens before a capture (``KVCache.reserve``), so nothing moves while the graph replays. A step that
+        fails to capture is run eagerly from then on, and the run records why (``graph_error``).
         """
         B = first_logits.shape[0]
         out: list[list[int]] = [[] for _ in range(B)]
