@@ -410,6 +410,7 @@ class Bench:
                "ttft_s": sum(x["prefill_s"] for x in recs), "compress_s": sum(x["compress_s"] for x in recs),
                "decode_s": r["decode_s"], "decode_steps": steps, "tpot_s": r["decode_s"] / max(steps, 1),
                "tpot_steady_s": r.get("tpot_steady_s"), "cuda_graph": r.get("cuda_graph"),
+               "graph_error": r.get("graph_error"),
                "decode_tok_s": batch * steps / max(r["decode_s"], 1e-9), "peak_prefill": r["peak_prefill"],
                "peak_batching": r.get("peak_batching"), "peak_decode": r["peak_decode"], "peak": peak_of(*phases),
                "kv_bytes_seq": sum(x["kv_bytes_end"] for x in recs) / batch,
@@ -686,17 +687,25 @@ def comparisons(records: list[dict]) -> list[dict]:
     rows = []
     pts = [r for r in records if r.get("kind") == "point" and r.get("status") == "ok"]
     for r in pts:
-        if r["impl"] != "kvbench" or r["method"] != results.FULL:
+        if r["impl"] != "kvbench":
             continue
+        tag = f"{results.point_label(r['method'], r['budget'])}, ctx {r['context']}, batch {r['batch']}"
         for hf in _find(pts, impl="hf", context=r["context"], batch=r["batch"]):
-            rows.append({"what": f"kvbench full / HF generate decode tok/s, ctx {r['context']}, batch {r['batch']}",
-                         "value": r["decode_tok_s"] / hf["decode_tok_s"]})
-        if r["batch"] >= 8:
-            rows.append({"what": f"kvbench full TPOT / step floor, ctx {r['context']}, batch {r['batch']}",
-                         "value": r["x_floor"]})
-            if r.get("x_floor_steady"):
-                rows.append({"what": f"same, steady state (after the warm-up step and graph capture), batch "
-                                     f"{r['batch']}", "value": r["x_floor_steady"]})
+            if r["method"] == results.FULL:
+                rows.append({"what": f"kvbench full / HF generate decode tok/s, ctx {r['context']}, batch {r['batch']}",
+                             "value": r["decode_tok_s"] / hf["decode_tok_s"]})
+            rows.append({"what": f"kvbench prefill (compression included) / HF prefill, {tag}",
+                         "value": r["prefill_s"] / hf["prefill_s"]})
+        rows.append({"what": f"kvbench TPOT / step floor, {tag}", "value": r["x_floor"]})
+        if r.get("x_floor_steady"):
+            rows.append({"what": f"same, steady state (after the warm-up step and graph capture), {tag}",
+                         "value": r["x_floor_steady"]})
+        if r["method"] not in (results.FULL, "snapkv"):  # a method's step beside snapkv's at the same budget
+            for snap in _find(pts, impl="kvbench", method="snapkv", budget=r["budget"], context=r["context"],
+                              batch=r["batch"]):
+                rows.append({"what": f"kvbench TPOT / snapkv TPOT, {tag}",
+                             "value": (r.get("tpot_steady_s") or r["tpot_s"])
+                             / (snap.get("tpot_steady_s") or snap["tpot_s"])})
     largest = [r for r in records if r.get("kind") == "largest_batch_result" and r.get("status") == "ok"]
     for full in [r for r in largest if r["method"] == results.FULL]:
         for other in [r for r in largest if r["method"] != results.FULL and r["context"] == full["context"]]:

@@ -108,7 +108,7 @@ def _broken_kvpress(tmp_path: Path) -> Path:
 
 def test_bench_on_cpu_with_a_tiny_preset(tmp_path):
     out = tmp_path / "bench" / "tiny"
-    args = ["bench", "--preset", "tiny-llama", "--contexts", "40", "--batches", "1,2", "--methods", "full,snapkv",
+    args = ["bench", "--preset", "tiny-llama", "--contexts", "40", "--batches", "1,2", "--methods", "full,snapkv,h2o",
             "--budgets", "0.5", "--new-tokens", "4", "--peers", "hf,kvpress", "--kvpress-path",
             str(_broken_kvpress(tmp_path)), "--device", "cpu", "--out", str(out)]
     res = CliRunner().invoke(main, args)
@@ -118,7 +118,8 @@ def test_bench_on_cpu_with_a_tiny_preset(tmp_path):
     assert env["copy_bandwidth"] > 0 and env["weight_bytes_read"] > 0 and env["kv_token_bytes"] == 2 * 2 * 2 * 16 * 4
     points = [r for r in recs if r["kind"] == "point"]
     mine = [r for r in points if r["impl"] == "kvbench"]
-    assert sorted((r["method"], r["batch"]) for r in mine) == [("full", 1), ("full", 2), ("snapkv", 1), ("snapkv", 2)]
+    assert sorted((r["method"], r["batch"]) for r in mine) == [("full", 1), ("full", 2), ("h2o", 1), ("h2o", 2),
+                                                                  ("snapkv", 1), ("snapkv", 2)]
     hf = [r for r in points if r["impl"] == "hf"]
     assert sorted(r["batch"] for r in hf) == [1, 2]
     for r in mine + hf:
@@ -141,6 +142,15 @@ def test_bench_on_cpu_with_a_tiny_preset(tmp_path):
     targets = next(r for r in recs if r["kind"] == "comparisons")["rows"]
     assert all(set(t) == {"what", "value"} for t in targets)  # ratios only: no project goals in product output
     assert any("HF generate" in t["what"] for t in targets)
+    # every method's step against its floor and its prefill against transformers'; an evicting method beside snapkv
+    ratios = {t["what"]: t["value"] for t in targets}
+    for m in ("full", "snapkv @ 0.5", "h2o @ 0.5"):
+        for b in (1, 2):
+            assert ratios[f"kvbench TPOT / step floor, {m}, ctx 40, batch {b}"] > 0
+            assert ratios[f"kvbench prefill (compression included) / HF prefill, {m}, ctx 40, batch {b}"] > 0
+    h2o = next(r for r in mine if r["method"] == "h2o" and r["batch"] == 2)
+    assert ratios["kvbench TPOT / snapkv TPOT, h2o @ 0.5, ctx 40, batch 2"] == pytest.approx(
+        (h2o["tpot_steady_s"] or h2o["tpot_s"]) / (snap[2]["tpot_steady_s"] or snap[2]["tpot_s"]))
     assert not any("kvpress" in t["what"] for t in targets)  # an absent peer is compared with nothing
     table = (out / "bench.md").read_text()
     assert "| kvpress | snapkv | 0.5 | 40 | 1 | absent: ImportError: kvpress is not usable here |" in table
