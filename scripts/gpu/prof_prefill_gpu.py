@@ -2,7 +2,8 @@
 
     python scripts/gpu/prof_prefill_gpu.py PRESET CONTEXT[,CONTEXT...] [--profile CONTEXT] [--attention]
 
-Per context (batch 1, median of 5 after a warm-up): the engine's prefill with the full cache and with snapkv at
+Per context (batch 1, median of 3 after a warm-up; and the first prefill at that length alone, which pays for
+what is built per length, such as cuDNN's plans): the engine's prefill with the full cache and with snapkv at
 25% (compression included), against transformers' own SDPA prefill of the same weights (a DynamicCache, as
 `kvbench bench --peers hf` does); the device syncs the host waited for in one engine prefill (counted by
 torch.profiler: cudaStreamSynchronize, cudaDeviceSynchronize, cudaEventSynchronize, D2H copies); with
@@ -159,8 +160,13 @@ def main() -> None:
             for m, eng in engines.items():
                 for proto in args.protocols.split(","):
                     eng.protocol = proto
+                    t0 = time.perf_counter()  # the first prefill at this length: plans and kernels built for it
+                    eng.prefill(sample)
+                    torch.cuda.synchronize()
+                    first = time.perf_counter() - t0
                     t = timed(lambda: eng.prefill(sample))
-                    line.append(f"{m}/{proto[:5]}/{kernel} {t * 1e3:8.1f} ms ({t / t_hf:4.2f}x)")
+                    line.append(f"{m}/{proto[6:] or proto}/{kernel} {t * 1e3:8.1f} ms ({t / t_hf:4.2f}x), "
+                                f"first at this length {first * 1e3:8.1f} ms")
         cache._CUDNN_AGREES.clear()
         print("\n    ".join(line))
         for m, eng in engines.items():
