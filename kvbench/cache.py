@@ -81,6 +81,13 @@ class Store(Protocol):
     def clone(self) -> "Store": ...
 
 
+def growth_slack(need):
+    """Room a segment gets beyond ``need`` tokens when it grows (an int, or a tensor of them): about 3%, at least
+    16 tokens, a multiple of 16, so that decoding regrows rarely."""
+    slack = (need // 32 + 15) // 16 * 16
+    return torch.clamp(slack, min=16) if isinstance(slack, torch.Tensor) else max(16, slack)
+
+
 class RaggedKV:
     """Keys and values of B sequences x H KV heads as packed, ragged segments.
 
@@ -215,9 +222,7 @@ class RaggedKV:
             self._first_layout(T)
         need = self.length + T
         if self.free < T and bool((need > self.capacity).any()):
-            # Grow with a little slack (about 3%, at least 16 tokens) so decoding regrows rarely.
-            slack = torch.clamp((need // 32 + 15) // 16 * 16, min=16)
-            cap = torch.where(need > self.capacity, need + slack, self.capacity)
+            cap = torch.where(need > self.capacity, need + growth_slack(need), self.capacity)
             self._relayout(None, self.length, cap)
         dest = (self.start + self.length)[:, None] + torch.arange(T, device=k.device)[None, :]
         dest = dest.reshape(-1)
@@ -233,7 +238,7 @@ class RaggedKV:
         """Buffers for a first append to an empty store, laid out on the host (the sizes are known there): the
         general path would read the lengths back from the device."""
         n = self.B * self.H
-        cap = n_tokens + max(16, (n_tokens // 32 + 15) // 16 * 16)  # the slack ``append`` grows with
+        cap = n_tokens + growth_slack(n_tokens)
         dev = self.k.device
         self.start = torch.arange(n, dtype=torch.int64, device=dev) * cap
         self.length = torch.zeros(n, dtype=torch.int64, device=dev)

@@ -100,6 +100,14 @@ class Method:
         return () if self.static_decode() else None
 
 
+def place(values: torch.Tensor, at: torch.Tensor, keep: torch.Tensor, size: int) -> torch.Tensor:
+    """A [size] tensor holding ``values[keep]`` at positions ``at[keep]``, zeros elsewhere, with fixed shapes: the
+    entries not kept go to a spare place past the end (boolean indexing would read their count back)."""
+    out = values.new_zeros(size + 1)
+    out[torch.where(keep, at, torch.full_like(at, size))] = values
+    return out[:size]
+
+
 def segment_view(store: RaggedKV, per_slot: torch.Tensor, fill=float("-inf"), sync_free: bool = False,
                  width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-slot values as a padded [B*H, Lmax] tensor (``fill`` where invalid) and the slot numbers.
@@ -124,14 +132,10 @@ def keep_top(store: RaggedKV, scores: torch.Tensor, counts: torch.Tensor) -> Non
     top = torch.where(chosen, top, torch.full_like(top, vals.shape[1]))  # push unchosen to the end
     top = torch.sort(top, dim=1).values
     slots = torch.gather(idx, 1, top.clamp(max=max(vals.shape[1] - 1, 0)))
-    # The chosen slots, flat in segment order: row i's first counts[i] entries go to first[i]...; the rest to a
-    # spare place past the end (boolean indexing would read the count back once more).
+    # The chosen slots, flat in segment order: row i's first counts[i] entries go to first[i], first[i] + 1, ...
     first = torch.cumsum(counts, 0) - counts
-    dest = torch.where(chosen, first[:, None] + torch.arange(kmax, device=top.device)[None, :],
-                       torch.full_like(slots, total))
-    flat = slots.new_empty(total + 1)
-    flat[dest] = slots
-    store.keep(flat[:total], counts)
+    at = first[:, None] + torch.arange(kmax, device=top.device)[None, :]
+    store.keep(place(slots, at, chosen, total), counts)
 
 
 def protect_recent(store: RaggedKV, scores: torch.Tensor, n_recent: torch.Tensor | int, sinks: int = 0) -> torch.Tensor:

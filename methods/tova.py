@@ -18,7 +18,7 @@ import torch
 from kvbench.cache import LayerCall
 from kvbench.distributed import sum_heads
 from kvbench.kernels.window_scores import window_scores
-from kvbench.method import ScoredEviction, protect_recent, segment_view
+from kvbench.method import ScoredEviction, place, protect_recent
 
 
 @dataclass
@@ -43,15 +43,11 @@ class TOVA(ScoredEviction):
             pos = store.pos[idx].view(B, H, -1)
             if bool((pos != pos[:, :1]).any()):
                 raise RuntimeError("tova: the KV heads of a layer hold different positions; TOVA keeps one set per layer")
-        vals, _ = segment_view(store, per_group, fill=0.0, sync_free=True)
+        vals = torch.where(valid, per_group[idx], torch.zeros_like(per_group[idx]))
         # Tensor parallel: the mean over all the layer's heads, from each rank's sum (kvbench.distributed).
         shard, per_head = call.cache.head_shard, vals.view(B, H, -1)
         layer = per_head.mean(dim=1, keepdim=True) if shard is None else \
             sum_heads(shard, per_head.sum(dim=1, keepdim=True)) / (H * shard.world)
         layer = layer.expand(B, H, -1).reshape(B * H, -1)
-        # Written back per slot with fixed shapes: padding entries go to a spare slot past the end.
-        dest = torch.where(valid, idx, torch.full_like(idx, per_group.shape[0]))
-        scores = per_group.new_zeros(per_group.shape[0] + 1)
-        scores[dest] = layer
-        scores = scores[:-1]
+        scores = place(layer, idx, valid, per_group.shape[0])  # back per slot, fixed shapes
         return protect_recent(store, scores, 1) if self.pin_newest else scores

@@ -195,8 +195,7 @@ class DeltaKV(Method):
             lse = call.lse[:, :, -1:] if call.lse is not None else None
             slot = window_scores(call.queries[:, :, -1:], call.positions[:, -1:], store.k, store.pos, store.start,
                                  store.length, call.scale, reduce="max", lse=lse)
-            seq = torch.repeat_interleave(torch.arange(B * store.H, device=device), store.capacity,
-                                          output_size=store.k.shape[0]) // store.H  # sized on the host: no sync
+            seq = store.slot_segments() // store.H  # kept per layout: no sync
             pos = store.pos.long()
             limit = self._ints(n_comp)
             inside = (pos >= self.sinks) & (pos < limit[seq])  # compressed, not sinks

@@ -100,7 +100,7 @@ class KVCARStore:
         per_head = cap.sum(0)
         width = int(per_head.max()) if per_head.numel() else 0
         S = c.k.shape[0]
-        seg = torch.repeat_interleave(torch.arange(self.B * n_own, device=cap.device), c.capacity, output_size=S)
+        seg = c.slot_segments()
         head, seq = seg % n_own, seg // n_own
         col = first[seq, head] + torch.arange(S, device=cap.device) - c.start[seg]
         perm = torch.zeros(n_own, max(width, 1), dtype=torch.int64, device=cap.device)
