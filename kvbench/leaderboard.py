@@ -155,6 +155,7 @@ def collect(root: str | Path = "results", drop: list[tuple[str, str]] | None = N
             status = "complete"
         else:
             status = "incomplete"
+        timed = not (config.get("versions") or {}).get("shared_device")  # timings under contention are not speed
         rows.append({
             "run_id": run_dir.name, "run_dir": str(run_dir), "status": status,
             "model": model_label(config.get("model_name") or config.get("model")),
@@ -164,9 +165,9 @@ def collect(root: str | Path = "results", drop: list[tuple[str, str]] | None = N
             "score": summary.get("score"), "score_lo": score_lo, "score_hi": score_hi,
             "kv_ratio_prefill": (metrics or {}).get("kv_ratio_prefill", mean("kv_ratio_prefill")),
             "kv_ratio_end": (metrics or {}).get("kv_ratio_end", mean("kv_ratio_end")),
-            "tokens_per_s": (metrics or {}).get("tokens_per_s", mean("tokens_per_s")),
-            "tpot_s": (metrics or {}).get("tpot_s", mean("tpot_s")),
-            "prefill_s": (metrics or {}).get("prefill_s", mean("prefill_s")),
+            "tokens_per_s": (metrics or {}).get("tokens_per_s", mean("tokens_per_s")) if timed else None,
+            "tpot_s": (metrics or {}).get("tpot_s", mean("tpot_s")) if timed else None,
+            "prefill_s": (metrics or {}).get("prefill_s", mean("prefill_s")) if timed else None,
             "peak_gib": _peak_gib(trace), "batch_size": config.get("batch_size"),
             "device": config.get("device"), "dtype": config.get("dtype"),
             "method_params": json.dumps(config.get("method_params") or {}, sort_keys=True),
