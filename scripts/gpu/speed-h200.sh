@@ -14,6 +14,6 @@ P=scripts/gpu/prof_prefill_gpu.py
 { python3 $P llama-3.1-8b 32768 --protocols query-agnostic --kernels flash,cudnn \
     --decode 32768 --methods full,snapkv,streamingllm,h2o,tova
   python3 $P qwen2.5-1.5b 4096,4100,16384,16390 --kernels cudnn; } 2>&1 | grep -v "^Loading" | tee "$OUT/prof.log"
-timeout "${1:-360}" kvbench bench --preset llama-3.1-8b --contexts 32768 --batches 1,8 \
+timeout "${1:-300}" kvbench bench --preset llama-3.1-8b --contexts 32768 --batches 1,8 \
   --methods full,snapkv,pyramidkv,adakv,streamingllm,h2o,tova --budgets 0.25 --new-tokens 256 --peers hf \
   --no-largest-batch --out "$OUT" 2>&1 | grep -v "^Loading" | tee "$OUT/bench.log" | tail -40
