@@ -230,7 +230,7 @@ class RaggedKV:
         self.v[dest] = v.reshape(B * H * T, D).to(self.v.dtype)
         self.pos[dest] = pos[:, None, :].expand(B, H, T).reshape(-1).to(torch.int32)
         for t in self.extra.values():
-            t[dest] = 0
+            t.index_fill_(0, dest, 0)  # not ``t[dest] = 0``: that makes a host tensor of the 0 and copies it over
         self.length += T
         self.free = self.free - T if self.free >= T else int((self.capacity - self.length).min())
 

@@ -3,6 +3,7 @@ back from the device, and gives the same tokens and the same stores as the eager
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kvbench import method as method_module
 from kvbench import registry
@@ -27,6 +28,16 @@ class NoHostReads(TorchFunctionMode):
                                                       torch.Tensor) and kwargs.get("output_size") is None:
             raise AssertionError("repeat_interleave with tensor repeats and no output_size in a replayed step")
         return func(*args, **kwargs)
+
+
+class NoHostData(TorchDispatchMode):
+    """A tensor made from host data inside the step (``t[i] = 0`` lifts the 0 into a CPU tensor): on CUDA its copy
+    to the device fails the capture ("Cannot copy between CPU and CUDA tensors during CUDA graph capture")."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default):
+            raise AssertionError(f"a tensor made from host data in a replayed step: {func}")
+        return func(*args, **(kwargs or {}))
 
 
 def _flat(items):
@@ -59,7 +70,8 @@ def _decode(name: str, steps: int, replayed_from: int | None, monkeypatch, param
             if step == replayed_from:  # the engine reserves room for the rest before it captures
                 cache.reserve(steps - step)
                 monkeypatch.setattr(eng.method, "on_decode", on_decode_without_host_reads)
-            logits = eng.forward(cache, nxt[:, None], compress=False)[:, -1]
+            with NoHostData():  # the whole step: the store's append and the method's hook
+                logits = eng.forward(cache, nxt[:, None], compress=False)[:, -1]
         else:
             logits = eng.forward(cache, nxt[:, None], compress=False)[:, -1]
     return tokens, cache
