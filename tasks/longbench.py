@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 from kvbench.io import find_file, read_records
 from kvbench.task import Sample, Task, TaskContext, TaskError, as_names, hub_dataset
 
-from .metrics import LONGBENCH_FIRST_LINE, longbench_score
+from .metrics import LONGBENCH_FIRST_LINE, longbench_score, missing_packages
 
 HUB_REPO = "THUDM/LongBench"
 
@@ -228,6 +228,10 @@ class LongBench(Task):
             not_e = [s for s in self.subsets if s not in LONGBENCH_E_TASKS]
             if not_e:
                 raise TaskError(f"LongBench-E has no {', '.join(not_e)}; its tasks: {', '.join(LONGBENCH_E_TASKS)}")
+        lacking = missing_packages(self.subsets)
+        if lacking:
+            raise TaskError(f"the LongBench metrics of {', '.join(self.subsets)} need {', '.join(lacking)}: "
+                            f"pip install {' '.join(lacking)} (kvbench's dependencies list them)")
 
     # -- data ---------------------------------------------------------------------------------------------
     def _config_name(self, subset: str) -> str:

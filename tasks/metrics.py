@@ -272,6 +272,21 @@ LONGBENCH_METRICS: dict[str, Callable[..., float]] = {
     "repobench-p": code_sim_score,
 }
 
+# The packages each metric imports when it first scores (lazily: jieba prints a banner and builds a dictionary);
+# ``missing_packages`` names those absent, so a run says so before it loads a model, not at its first score.
+METRIC_PACKAGES: dict[Callable[..., float], tuple[str, ...]] = {
+    qa_f1_zh_score: ("jieba",), rouge_score: ("rouge",), rouge_zh_score: ("rouge", "jieba"),
+    code_sim_score: ("fuzzywuzzy",),
+}
+
+
+def missing_packages(datasets: Iterable[str]) -> list[str]:
+    """The packages the LongBench metrics of ``datasets`` need and this Python lacks."""
+    from importlib.util import find_spec
+    needed = {pkg for d in datasets for pkg in METRIC_PACKAGES.get(LONGBENCH_METRICS[d], ())}
+    return sorted(pkg for pkg in needed if find_spec(pkg) is None)
+
+
 # The datasets whose prediction is cut to its first line before scoring (official eval.py).
 LONGBENCH_FIRST_LINE = ("trec", "triviaqa", "samsum", "lsht")
 

@@ -2,7 +2,8 @@
 # Runs on the GPU machine (device tool), from the repository root, the Qwen2.5-Coder-1.5B-Instruct work:
 #   0. here: ../shared/tools/prepare-device-carry qwen2.5-coder-1.5b   (fills .carry/pNN and .carry/whl)
 #            mkdir -p .carry/data && cp -r ../shared/data/{paul_graham_essays,ruler,longbench} .carry/data/
-#            pip download --no-deps -d .carry/whl wonderwords   (RULER's word lists; the GPU machine lacks the package)
+#            pip download --no-deps -d .carry/whl wonderwords rouge   (RULER's word lists, LongBench's ROUGE-L) and
+#            pip wheel --no-deps -w .carry/whl jieba   (LongBench's Chinese metrics; an sdist only): the GPU machine lacks them
 #   1. one call per part, carry [".carry/pNN"]:  bash scripts/gpu/qwen.sh part .carry/pNN
 #   2. carry [".carry/whl", ".carry/data"]:       bash scripts/gpu/qwen.sh setup   (joins, checks, converts once)
 #   3. then, while the machine stays warm:        bash scripts/gpu/qwen.sh sweep A.yaml[,B.yaml][+C.yaml] [SECONDS]
@@ -23,7 +24,7 @@ part)
 setup)
   cd $assets && { [ -f $name ] || cat $(ls -v parts/part*) > $name; } && echo "$sha  $name" | sha256sum -c \
     && rm -rf parts && python3 -m pip install -q --no-index --no-deps --target /tmp/kvbench-site "$root"/.carry/whl/*.whl
-  PYTHONPATH=/tmp/kvbench-site python3 -c "import gguf, wonderwords" || { echo "carry the gguf and wonderwords wheels in .carry/whl" >&2; exit 1; }
+  PYTHONPATH=/tmp/kvbench-site python3 -c "import gguf, wonderwords, jieba, rouge" || { echo "carry the gguf, wonderwords, jieba and rouge wheels in .carry/whl" >&2; exit 1; }
   cd "$root" && rm -rf /tmp/kvbench-data && cp -r .carry/data /tmp/kvbench-data
   mkdir -p $KVBENCH_CACHE/gguf && ln -f $assets/$name $KVBENCH_CACHE/gguf/$name
   install_kvbench

@@ -258,3 +258,13 @@ def test_prompts_identical_to_pred_py_with_the_smollm2_tokenizer():
         for max_length in (7500, 3501):
             assert parity(tok, data, dataset, max_length, limit=10) == {
                 "n": 10, "token_identical": 10, "text_identical": 10}, (dataset, max_length)
+
+
+def test_a_missing_metric_package_is_named_before_any_model_loads(monkeypatch):
+    import importlib.util
+    from kvbench import registry
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "jieba" else real(name, *a))
+    with pytest.raises(TaskError, match="need jieba: pip install jieba"):
+        registry.build_task("longbench", {"subsets": ["multifieldqa_zh", "multi_news"]})
+    registry.build_task("longbench", {"subsets": ["multi_news"]})  # rouge only: present
