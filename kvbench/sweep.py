@@ -8,7 +8,7 @@ The config (YAML; see ``results/sweep-smollm2-niah.yaml``)::
     budgets: [0.1, 0.25, 0.5]        # fractions kept, or token counts
     tasks: {niah: {lengths: [1024, 2048]}}   # a list of names, or names mapped to task parameters
     protocols: [query-agnostic]      # and/or query-aware
-    method_params: {snapkv: {window: 32}}    # optional, per method
+    method_params: {snapkv: {window: 32}}    # optional, per method; a list of mappings runs each (an ablation)
     data: {niah: ../shared/data/paul_graham_essays}   # optional, per task (or one path for all)
     batch_size: 1, limit: null, seed: 0, temperature: 0.0, device: auto, dtype: auto,
     prefill_chunk: null, max_context: null, trace_every: 64
@@ -21,6 +21,7 @@ sweep's ledger ``OUT/sweeps/<config name>.jsonl``, which lists every point's out
 """
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import asdict, fields
@@ -75,7 +76,10 @@ def load_config(path: str | Path) -> dict:
     for spec in cfg["models"]:
         check_exists(str(spec))  # a path that is not there fails now, not once per point
     for m in cfg["methods"]:
-        registry.build_method(m, 1.0, method_params.get(m) or {})  # unknown names and parameters fail here
+        for params in _variants(method_params, m):
+            if not isinstance(params, dict):
+                raise TaskError(f"{path}: method_params.{m} is a mapping of parameters, or a list of them (one run each)")
+            registry.build_method(m, 1.0, params)  # unknown names and parameters fail here
     for t, params in cfg["tasks"].items():
         registry.build_task(t, params or {})
     from kvbench.method import BudgetError, parse_budget
@@ -92,6 +96,12 @@ def load_config(path: str | Path) -> dict:
     return cfg
 
 
+def _variants(method_params: dict, method: str) -> list:
+    """A method's parameter sets: ``method_params[method]`` is one mapping, or a list of them (an ablation)."""
+    given = method_params.get(method) or {}
+    return given if isinstance(given, list) else [given]
+
+
 def points(cfg: dict) -> list[RunConfig]:
     """Every run of the sweep, in order: per model, per task, per protocol, per method, per budget."""
     out = []
@@ -101,10 +111,10 @@ def points(cfg: dict) -> list[RunConfig]:
         for task, task_params in cfg["tasks"].items():
             for protocol in cfg["protocols"]:
                 for method in cfg["methods"]:
-                    for budget in ([1.0] if method == results.FULL else cfg["budgets"]):
+                    for params, budget in itertools.product(_variants(cfg.get("method_params") or {}, method),
+                                                            [1.0] if method == results.FULL else cfg["budgets"]):
                         out.append(RunConfig(
-                            method=method, task=task, budget=budget, model=str(model),
-                            method_params=dict((cfg.get("method_params") or {}).get(method) or {}),
+                            method=method, task=task, budget=budget, model=str(model), method_params=dict(params),
                             task_params=dict(task_params or {}), protocol=protocol,
                             data=data.get(task) if isinstance(data, dict) else data,
                             out=str(cfg.get("out", "results")), **scalars))

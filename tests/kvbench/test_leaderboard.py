@@ -300,6 +300,28 @@ protocols: [query-agnostic]
     assert set(df[df["status"] == "complete"]["method"]) >= {"full", "snapkv"}
 
 
+def test_sweep_runs_each_parameter_set_of_a_method(tmp_path):
+    from kvbench.sweep import load_config, points
+    cfg = tmp_path / "ablation.yaml"
+    cfg.write_text("""
+methods: [full, snapkv]
+budgets: [128, 256]
+method_params:
+  snapkv: [{window: 8}, {window: 32, kernel: 5}]
+tasks: [niah]
+""")
+    plan = points(load_config(cfg))
+    assert [(p.method, p.budget, p.method_params) for p in plan] == [
+        ("full", 1.0, {}), ("snapkv", 128, {"window": 8}), ("snapkv", 256, {"window": 8}),
+        ("snapkv", 128, {"window": 32, "kernel": 5}), ("snapkv", 256, {"window": 32, "kernel": 5})]
+    cfg.write_text("methods: [snapkv]\ntasks: [niah]\nmethod_params: {snapkv: [{window: abc}]}\n")
+    res = CliRunner().invoke(main, ["sweep", str(cfg)])
+    assert res.exit_code == 2 and "snapkv parameter window='abc'" in res.output
+    cfg.write_text("methods: [snapkv]\ntasks: [niah]\nmethod_params: {snapkv: [8]}\n")
+    res = CliRunner().invoke(main, ["sweep", str(cfg)])
+    assert res.exit_code == 2 and "a list of them" in res.output
+
+
 def test_sweep_config_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     cases = [("methods: [nope]\ntasks: [niah]\n", "unknown method 'nope'"),
