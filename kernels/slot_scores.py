@@ -36,7 +36,7 @@ import os
 
 import torch
 
-from .decode_attention import _LOG2E, _env_true, _launch, _next_pow2, use_triton
+from .decode_attention import _LOG2E, _launch, _next_pow2, use_triton
 
 __all__ = ["slot_attention_probs", "slot_attention_probs_triton", "slot_attention_probs_reference"]
 
@@ -61,10 +61,11 @@ def _slot_probs_kernel(
 
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d[None, :] < HEAD_DIM
+    # slack slots (garbage, even NaN) are neither read nor written as anything but 0
     k = tl.load(K + slot[:, None] * stride_ks + offs_d[None, :] * stride_kd,
                 mask=valid[:, None] & dmask, other=0.0).to(tl.float32)
     q_rows = Q + seg[:, None] * stride_qs + offs_d[None, :] * stride_qd
-    total = tl.zeros([BLOCK_S], dtype=tl.float32)
+    total = tl.zeros([BLOCK_S], dtype=tl.float32)  # also the start of the max: probabilities are >= 0
     for g in range(0, group):
         q = tl.load(q_rows + g * stride_qg, mask=valid[:, None] & dmask, other=0.0).to(tl.float32)
         lse2 = tl.load(LSE + seg * stride_ls + g * stride_lg, mask=valid, other=0.0).to(tl.float32) * LOG2E
