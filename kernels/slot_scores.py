@@ -1,0 +1,211 @@
+"""Decode-time attention probability of every slot of the ragged store (H2O, TOVA).
+
+Store layout as in ``decode_attention.py``: ``k: [S, D]``; segment ``i = b * Hkv + h``
+owns slots ``[seg_start[i], seg_start[i] + seg_len[i])`` plus slack after them, and
+``seg_of_slot: [S]`` names the segment of every slot (slack included), so a slot finds
+its query and normaliser without a search.  For the last query of each KV head's
+group, ``q: [B*Hkv, G, D]``, with ``lse: [B*Hkv, G]`` the natural-log normaliser of its
+attention over exactly the valid slots (``ragged_attention`` returns it in natural
+log), the probability that query row ``g`` of segment ``i`` gives slot ``s`` is
+``exp(scale * <k[s], q[i, g]> - lse[i, g])``; the result reduces it over ``g``:
+
+    out[s] = mean_g (or max_g) exp(scale * <k[s], q[seg_of_slot[s], g]> - lse[seg_of_slot[s], g])
+
+for valid slots and 0 for slack (which may hold garbage, even NaN).
+
+Public API
+----------
+``slot_attention_probs(q, lse, k, seg_start, seg_len, seg_of_slot, scale, reduce="mean") -> [S]``
+    float32; Triton when ``k`` is on CUDA or ``KVBENCH_TRITON=1`` (``TRITON_INTERPRET=1`` on
+    the CPU), else the PyTorch reference.  ``slot_attention_probs_triton`` and
+    ``slot_attention_probs_reference``: the two paths.
+
+Design: H2O and TOVA call this every decoding step, so it must cost about one read of
+the bf16 keys (the PyTorch formula copies all keys to fp32 and gathers a ``[S, G, D]``
+fp32 query per slot: ~15x the bytes).  The grid is one program per ``BLOCK_S``
+consecutive slots (sized from ``S``, known on the host; no host reads: CUDA-graph
+capturable).  A program loads its keys once into registers (fp32), then for each query
+row ``g`` gathers ``q[seg_of_slot, g]`` per slot (a handful of distinct rows, served by
+L1) and accumulates the probability in fp32; segments need no alignment to blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from .decode_attention import _LOG2E, _launch, _next_pow2, use_triton
+
+__all__ = ["slot_attention_probs", "slot_attention_probs_triton", "slot_attention_probs_reference"]
+
+try:  # triton is a dependency, but keep the reference usable without it
+    import triton.language as tl
+except Exception:  # pragma: no cover
+    tl = None
+
+
+def _slot_probs_kernel(
+    Q, LSE, K, SEG_START, SEG_LEN, SEG_OF_SLOT, OUT,
+    stride_qs, stride_qg, stride_qd, stride_ls, stride_lg, stride_ks, stride_kd,
+    n_slots, group, qk_scale, inv_group, LOG2E: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, REDUCE_MAX: tl.constexpr,
+):
+    slot = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    in_range = slot < n_slots
+    seg = tl.load(SEG_OF_SLOT + slot, mask=in_range, other=0).to(tl.int64)
+    start = tl.load(SEG_START + seg, mask=in_range, other=0)
+    length = tl.load(SEG_LEN + seg, mask=in_range, other=0)
+    valid = in_range & (slot >= start) & (slot < start + length)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d[None, :] < HEAD_DIM
+    # slack slots (garbage, even NaN) are neither read nor written as anything but 0
+    k = tl.load(K + slot[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                mask=valid[:, None] & dmask, other=0.0).to(tl.float32)
+    q_rows = Q + seg[:, None] * stride_qs + offs_d[None, :] * stride_qd
+    total = tl.zeros([BLOCK_S], dtype=tl.float32)  # also the start of the max: probabilities are >= 0
+    for g in range(0, group):
+        q = tl.load(q_rows + g * stride_qg, mask=valid[:, None] & dmask, other=0.0).to(tl.float32)
+        lse2 = tl.load(LSE + seg * stride_ls + g * stride_lg, mask=valid, other=0.0).to(tl.float32) * LOG2E
+        p = tl.exp2(tl.sum(k * q, 1) * qk_scale - lse2)
+        if REDUCE_MAX:
+            total = tl.maximum(total, p)
+        else:
+            total += p
+    if not REDUCE_MAX:
+        total = total * inv_group
+    tl.store(OUT + slot, tl.where(valid, total, 0.0), mask=in_range)
+
+
+def _check(q, lse, k, seg_start, seg_len, seg_of_slot, reduce):
+    if q.dim() != 3:
+        raise ValueError(f"q must be [B*Hkv, G, D], got {tuple(q.shape)}")
+    n_seg, G, D = q.shape
+    if lse.shape != (n_seg, G):
+        raise ValueError(f"lse must be [B*Hkv, G] = {(n_seg, G)}, got {tuple(lse.shape)}")
+    if k.dim() != 2 or k.shape[1] != D:
+        raise ValueError(f"k must be [S, D] with D = {D}, got {tuple(k.shape)}")
+    if seg_start.shape != (n_seg,) or seg_len.shape != (n_seg,):
+        raise ValueError(f"seg_start / seg_len must hold B*Hkv = {n_seg} entries")
+    if seg_of_slot.shape != (k.shape[0],):
+        raise ValueError(f"seg_of_slot must be [S] = [{k.shape[0]}], got {tuple(seg_of_slot.shape)}")
+    if reduce not in ("mean", "max"):
+        raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
+    if any(t.device != k.device for t in (q, lse, seg_start, seg_len, seg_of_slot)):
+        raise ValueError(f"q, lse and the segment tensors must be on k's device ({k.device})")
+
+
+SLOT_CONFIG = {"BLOCK_S": 64, "num_warps": 4}
+
+
+def slot_attention_probs_triton(q, lse, k, seg_start, seg_len, seg_of_slot, scale, reduce="mean",
+                                *, block_s=None, num_warps=None):
+    """The Triton path (see the module docstring); every element of the result is written."""
+    _check(q, lse, k, seg_start, seg_len, seg_of_slot, reduce)
+    S, D = k.shape
+    out = torch.empty(S, dtype=torch.float32, device=k.device)
+    if S == 0:
+        return out
+    G = q.shape[1]
+    BLOCK_S = int(block_s or SLOT_CONFIG["BLOCK_S"])
+    _launch(
+        _slot_probs_kernel, (-(-S // BLOCK_S),),
+        q, lse, k, seg_start, seg_len, seg_of_slot, out,
+        q.stride(0), q.stride(1), q.stride(2), lse.stride(0), lse.stride(1), k.stride(0), k.stride(1),
+        S, G, float(scale) * _LOG2E, 1.0 / max(G, 1), _LOG2E,
+        HEAD_DIM=D, BLOCK_S=BLOCK_S, BLOCK_D=_next_pow2(D), REDUCE_MAX=(reduce == "max"),
+        num_warps=int(num_warps or SLOT_CONFIG["num_warps"]),
+    )
+    return out
+
+
+def slot_attention_probs_reference(q, lse, k, seg_start, seg_len, seg_of_slot, scale, reduce="mean", **_ignored):
+    """PyTorch oracle, the formula ``LayerCall.slot_attention`` used before the kernel: fp32 keys and a
+    per-slot copy of its segment's queries ([S, G, D])."""
+    _check(q, lse, k, seg_start, seg_len, seg_of_slot, reduce)
+    seg = seg_of_slot.long()
+    s = torch.einsum("sd,sgd->sg", k.float(), q.float()[seg]) * scale
+    p = torch.exp(s - lse.float()[seg])
+    p = p.amax(-1) if reduce == "max" else p.mean(-1)
+    slot = torch.arange(k.shape[0], device=k.device)
+    valid = (slot >= seg_start[seg]) & (slot < seg_start[seg] + seg_len[seg])
+    return torch.where(valid, p, torch.zeros_like(p))
+
+
+def slot_attention_probs(q, lse, k, seg_start, seg_len, seg_of_slot, scale, reduce="mean", **kw):
+    """Float32 ``[S]``: each slot's attention probability from its segment's last query, reduced over the
+    ``G`` query rows of the KV head ("mean" or "max"); 0 at slack slots."""
+    if use_triton(k):
+        return slot_attention_probs_triton(q, lse, k, seg_start, seg_len, seg_of_slot, scale, reduce, **kw)
+    return slot_attention_probs_reference(q, lse, k, seg_start, seg_len, seg_of_slot, scale, reduce)
+
+
+# --------------------------------------------------------------------------
+# micro-benchmark: python -m kvbench.kernels.slot_scores [--tiny]
+# --------------------------------------------------------------------------
+
+def bench_inputs(n_seg, per_seg, G, D, dtype, device, seed=0):
+    """A store of ``n_seg`` segments of ``per_seg`` slots each (the last 3% slack, as ``growth_slack`` leaves
+    after a prefill), random keys and queries, and the true ``lse`` of each query over the valid slots."""
+    from .decode_attention import ragged_attention_reference
+
+    gen = torch.Generator().manual_seed(seed)
+    cap = torch.full((n_seg,), per_seg, dtype=torch.int64)
+    seg_len = cap - torch.randint(1, max(2, per_seg // 32), (n_seg,), generator=gen)
+    seg_start = torch.cumsum(cap, 0) - cap
+    k = torch.randn(n_seg * per_seg, D, generator=gen).to(device, dtype)
+    q = torch.randn(n_seg, G, D, generator=gen).to(device, dtype)
+    seg_start, seg_len = seg_start.to(device), seg_len.to(device)
+    seg_of_slot = torch.repeat_interleave(torch.arange(n_seg), cap).to(device)
+    scale = D ** -0.5
+    _, lse = ragged_attention_reference(q.view(1, n_seg * G, 1, D), k, k, seg_start, seg_len, scale)
+    return [q, lse.view(n_seg, G), k, seg_start, seg_len, seg_of_slot], scale
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Time slot_attention_probs against the einsum formula it replaces "
+                                             "(CUDA graph replays, keys rotated over copies beyond L2).")
+    ap.add_argument("--segments", type=int, default=8, help="B * Hkv (default 8: batch 1 of Llama-3.1-8B)")
+    ap.add_argument("--slots", type=int, default=8192, help="slots per segment (default: 25%% of 32k)")
+    ap.add_argument("--group", type=int, default=4)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--tiny", action="store_true", help="minute sizes on the CPU interpreter: checks the script")
+    args = ap.parse_args(argv)
+    from .bench import measure_copy_bw, time_calls
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.tiny:
+        raise SystemExit("no CUDA device: run with --tiny to check the script (interpreter)")
+    if args.tiny:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        args.segments, args.slots, args.head_dim, args.reps = 2, 96, 64, 2
+    dev = torch.device("cuda" if cuda else "cpu")
+    n_copies = 1 if args.tiny else max(1, -(-(256 << 20) // (args.segments * args.slots * args.head_dim * 2)))
+    copies = [bench_inputs(args.segments, args.slots, args.group, args.head_dim, torch.bfloat16, dev, seed=i)
+              for i in range(n_copies)]
+    (q, lse, k, seg_start, seg_len, seg_of_slot), scale = copies[0]
+    err = (slot_attention_probs_triton(q, lse, k, seg_start, seg_len, seg_of_slot, scale)
+           - slot_attention_probs_reference(q, lse, k, seg_start, seg_len, seg_of_slot, scale)).abs().max().item()
+    bw = measure_copy_bw(dev, nbytes=2**24 if args.tiny else 2 << 30, reps=3 if args.tiny else 20)
+    floor_ms = k.numel() * k.element_size() / bw * 1e3   # the keys read once at the copy bandwidth
+    S = k.shape[0]
+    print(f"{torch.cuda.get_device_name() if cuda else 'cpu (interpreter)'}: S = {S} slots "
+          f"({args.segments} x {args.slots}), G = {args.group}, D = {args.head_dim}, bf16; "
+          f"max |new - einsum| = {err:.2e}; key-read floor {floor_ms * 1e3:.1f} us")
+    old = [lambda t=t, s=s: slot_attention_probs_reference(*t, s) for t, s in copies]  # the formula it replaces
+    ms, spread = time_calls(old, reps=args.reps)
+    print(f"  einsum (before)          {ms * 1e3:9.1f} us  (spread {spread:.0%})")
+    configs = [(64, 4)] if args.tiny else [(bs, nw) for bs in (32, 64, 128, 256) for nw in (2, 4, 8)]
+    for bs, nw in configs:
+        new = [lambda t=t, s=s: slot_attention_probs_triton(*t, s, block_s=bs, num_warps=nw) for t, s in copies]
+        ms, spread = time_calls(new, reps=args.reps)
+        star = " (default)" if (bs, nw) == (SLOT_CONFIG["BLOCK_S"], SLOT_CONFIG["num_warps"]) else ""
+        print(f"  kernel BLOCK_S={bs:<3} warps={nw}  {ms * 1e3:9.1f} us  "
+              f"({floor_ms / ms:.0%} of the floor; spread {spread:.0%}){star}")
+
+
+if __name__ == "__main__":
+    main()
