@@ -50,6 +50,7 @@ import torch
 from transformers import Cache
 
 from kvbench.kernels.decode_attention import merge_attention, ragged_attention
+from kvbench.kernels.slot_scores import slot_attention_probs
 from kvbench.models import head_dim
 
 
@@ -319,13 +320,11 @@ class LayerCall:
         store: RaggedKV = self.store
         B, Hq, T, D = self.queries.shape
         G = Hq // store.H
-        q = self.queries[:, :, -1].reshape(B * store.H, G, D).float()
-        lse = self.lse[:, :, -1].reshape(B * store.H, G).float()
-        seg = store.slot_segments()
-        s = torch.einsum("sd,sgd->sg", store.k.float(), q[seg]) * self.scale
-        p = torch.exp(s - lse[seg])
-        p = p.amax(-1) if reduce == "max" else p.mean(-1)
-        return torch.where(store.slot_valid(), p, torch.zeros_like(p))  # no device sync: graph-replayable
+        # One pass over the stored bf16 keys (a Triton kernel on CUDA): no fp32 copy of the keys, no gathered
+        # queries per slot; no device sync, so a decoding step replayed as a CUDA graph runs it.
+        return slot_attention_probs(self.queries[:, :, -1].reshape(B * store.H, G, D),
+                                    self.lse[:, :, -1].reshape(B * store.H, G), store.k, store.start, store.length,
+                                    store.slot_segments(), self.scale, reduce)
 
 
 def capturing(t: torch.Tensor) -> bool:
