@@ -63,6 +63,7 @@ class BenchConfig:
     budgets: list[float] = field(default_factory=lambda: [0.25])
     new_tokens: int = 256
     largest_batch: bool = True
+    compile_decode: bool = False  # the decoding step through torch.compile (kvbench.engine.Engine.compile_decode)
     peers: list[str] = field(default_factory=lambda: ["hf", "kvpress"])
     kvpress_path: str | None = None
     chunked_prefill: int | None = None
@@ -392,7 +393,7 @@ class Bench:
         ids = prompt_ids(self.cfg.seed, context, batch, self.vocab)
         samples = [Sample(f"b{i}", ids[i].tolist(), [], [], new) for i in range(batch)]
         del ids
-        engine = Engine(self.lm, registry.build_for_timing(method, budget))
+        engine = Engine(self.lm, registry.build_for_timing(method, budget), compile_decode=self.cfg.compile_decode)
         engine.eos = set()  # exactly ``new`` tokens, like the peers' min_new_tokens
         failure = None
         try:
@@ -601,7 +602,8 @@ class Bench:
                 out.append(self.emit({**base, "status": "skipped", "error": "time limit reached"}))
                 continue
             self.echo(f"prefill {n} tokens: {method}@{budget}, chunk {chunk} ...")
-            engine = Engine(self.lm, registry.build_for_timing(method, budget), prefill_chunk=chunk)
+            engine = Engine(self.lm, registry.build_for_timing(method, budget), prefill_chunk=chunk,
+                            compile_decode=self.cfg.compile_decode)
             peak = PeakMemory(self.device)
             try:
                 cache, _, info = engine.prefill(sample)
@@ -754,7 +756,9 @@ def render(records: list[dict]) -> str:
              f"{env.get('dtype')}, {env.get('new_tokens')} new tokens per sequence; torch {env.get('torch')}, "
              f"transformers {env.get('transformers')}. Copy bandwidth {env.get('copy_bandwidth', 0) / 1e9:.0f} GB/s "
              f"(read + write); a decoding step must read {env.get('weight_bytes_read', 0) / GIB:.3g} GiB of weights "
-             f"plus {env.get('kv_token_bytes', 0) / 1024:.3g} KiB of keys and values per token held.", "",
+             f"plus {env.get('kv_token_bytes', 0) / 1024:.3g} KiB of keys and values per token held. kvbench's "
+             f"decoding step is {'compiled (torch.compile)' if (env.get('config') or {}).get('compile_decode') else 'eager'}, "
+             f"replayed as a CUDA graph where the method allows.", "",
              markdown(TABLE_COLUMNS, table_rows(records))]
     chunked = [r for r in records if r.get("kind") == "chunked_prefill"]
     if chunked:

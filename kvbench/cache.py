@@ -390,6 +390,9 @@ class KVCache(Cache):
         self._updated: set[int] = set()
 
     # transformers calls these -----------------------------------------------------------------------
+    # ``update`` and ``attention`` run eagerly when the model's step is compiled (Engine.compile_decode): their
+    # Python bookkeeping and the methods' hooks are not for dynamo to trace; the step around them fuses.
+    @torch.compiler.disable
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         # The keys are kept by ``attention`` below; remembering the call lets the engine prove that the
         # model really attended through kvbench (``unattended_layers``), never around it.
@@ -427,6 +430,7 @@ class KVCache(Cache):
         for store in self.stores:
             store.replayed(steps)
 
+    @torch.compiler.disable
     def attention(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
         self._updated.discard(layer)
         store = self.stores[layer]

@@ -74,7 +74,8 @@ class Engine:
     """Drives one loaded model with one method."""
 
     def __init__(self, lm: LoadedModel, method, protocol: str = "query-agnostic",
-                 prefill_chunk: int | None = None, temperature: float = 0.0, seed: int = 0):
+                 prefill_chunk: int | None = None, temperature: float = 0.0, seed: int = 0,
+                 compile_decode: bool | None = None):
         self.lm, self.model, self.tok, self.method = lm, lm.model, lm.tokenizer, method
         self.protocol, self.chunk, self.temperature, self.seed = protocol, prefill_chunk, temperature, seed
         self.device = next(self.model.parameters()).device
@@ -90,14 +91,29 @@ class Engine:
                 eos.update(src)
         self.eos = eos
         self.cuda_graphs = os.environ.get("KVBENCH_CUDA_GRAPHS", "1") != "0"
+        # The decoding step through torch.compile (or KVBENCH_COMPILE=1): the model's own small per-layer operations
+        # (norms, rotary, activation, residuals: about 50 kernels a layer eagerly) fuse into a few; kvbench's cache
+        # (its attention and the method's hooks) runs eagerly inside it (``torch.compiler.disable`` on
+        # ``KVCache.attention``), and the whole step is then captured in the CUDA graph as before.
+        self.compile_decode = (os.environ.get("KVBENCH_COMPILE", "0") == "1") if compile_decode is None else compile_decode
+        self._compiled_model = None
         self.head_shard = distributed.head_shard(self.model)  # [distributed] None unless tensor parallel
         method.prepare(lm)
+
+    def _compiled_step(self, kwargs: dict):
+        import torch._dynamo
+        if self._compiled_model is None:
+            self._compiled_model = torch.compile(self.model)
+        # A layer's index is an int attribute of its module: static by default, so every layer would compile again
+        # (past dynamo's recompile limit, the rest eagerly); dynamic, one compiled layer serves them all.
+        with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
+            return self._compiled_model(**kwargs)
 
     def full_reference(self) -> "Engine":
         """The same model, protocol and prefill chunk with the full cache: what a compressed run is compared with."""
         from kvbench import registry
         return Engine(self.lm, registry.build_method("full", 1.0), self.protocol, self.chunk, self.temperature,
-                      self.seed)
+                      self.seed, self.compile_decode)
 
     def new_cache(self, batch: int = 1) -> KVCache:
         return KVCache(self.method, self.model.config, batch, self.dtype, self.device, self.rope,
@@ -109,8 +125,12 @@ class Engine:
         B, T = ids.shape
         positions = cache.seen[:, None] + torch.arange(T, device=self.device)[None, :]
         cache.begin(positions, compress, final)
-        out = self.model(input_ids=ids, position_ids=positions, **cache_argument(self.model, cache), use_cache=True,
-                         kvbench_cache=cache, logits_to_keep=0 if all_logits else 1)
+        kwargs = dict(input_ids=ids, position_ids=positions, **cache_argument(self.model, cache), use_cache=True,
+                      kvbench_cache=cache, logits_to_keep=0 if all_logits else 1)
+        if self.compile_decode and T == 1 and not compress and not all_logits:
+            out = self._compiled_step(kwargs)
+        else:
+            out = self.model(**kwargs)
         if cache.unattended_layers():
             raise RuntimeError("the model attended without kvbench's cache (attn_implementation was changed); "
                                "refusing to report full attention as compressed")

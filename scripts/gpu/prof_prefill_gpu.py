@@ -113,7 +113,8 @@ def decode_profile(lm, engines: dict, context: int, batch: int) -> None:
         floor = (weights + kv) / bw
         step = info["tpot_steady_s"]
         print(f"  {m}: steady step {step * 1e3:.3f} ms, floor {floor * 1e3:.3f} ms ({step / floor:.2f}x), "
-              f"kv held {kv / 2**30:.2f} GiB, graph {info['cuda_graph']}")
+              f"kv held {kv / 2**30:.2f} GiB, graph {info['cuda_graph']}"
+              + (f" ({info['graph_error']})" if info.get("graph_error") else ""))
         nxt = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
         eng.forward(cache, nxt, compress=False)
         torch.cuda.synchronize()
@@ -141,13 +142,16 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=0, help="profile decoding steps after a prefill of this many tokens")
     ap.add_argument("--batch", type=int, default=1, help="sequences decoded together with --decode")
     ap.add_argument("--kernels", default="cudnn", help="prefill attention kernels to time the engine with (flash,cudnn)")
+    ap.add_argument("--compile", action="store_true", help="the decoding step through torch.compile (Engine.compile_decode)")
+    ap.add_argument("--profile-method", default="full", help="the method whose prefill --profile traces")
     args = ap.parse_args()
-    contexts = [int(c) for c in args.contexts.split(",")]
+    contexts = [int(c) for c in args.contexts.split(",") if c]  # "": no prefill timings (--decode alone)
     lm = models.load(args.preset, torch.bfloat16, "cuda", random_weights=True)
     lm.tokenizer = models.IdTokenizer()
     model = lm.model
     print(f"{args.preset}: torch {torch.__version__}, {torch.cuda.get_device_name()}")
-    engines = {m: Engine(lm, registry.build_method(m, 1.0 if m == "full" else 0.25)) for m in args.methods.split(",")}
+    engines = {m: Engine(lm, registry.build_method(m, 1.0 if m == "full" else 0.25), compile_decode=args.compile)
+               for m in args.methods.split(",")}
     for T in contexts:
         ids = list(range(1000, 1000 + T))
         sample = Sample("s", ids[:-32], ids[-32:], [], 1)  # a context and a 32-token question
@@ -179,7 +183,7 @@ def main() -> None:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
         ids = list(range(1000, 1000 + args.profile))
-        eng = engines["full"]
+        eng = engines[args.profile_method]
         eng.protocol = "query-agnostic"
         sample = Sample("s", ids[:-32], ids[-32:], [], 1)
         eng.prefill(sample)

@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # Issue 21 on the H200, one call (no carry: untrained models of real shapes), from the repository root:
-#   bash scripts/gpu/speed-h200.sh [SECONDS]      -> $OUT/prof.log, $OUT/bench.jsonl, bench.md, bench.log
-# 1. scripts/gpu/prof_prefill_gpu.py: prefill against transformers' SDPA (full, snapkv; the padded cuDNN chunks),
-#    syncs per prefill, and the decoding step against the floor by kernel for the methods that evict while
-#    decoding (their CUDA-graph replay is new: the line says graph True/False, a record's graph_error why not).
-# 2. kvbench bench at 32k, batch 1 and 8: every method's step against the floor, beside transformers, for the
-#    committed H200 table (results/bench/h200-llama-3.1-8b/ once made). kvpress needs its wheels carried (.whl).
+#   bash scripts/gpu/speed-h200.sh [SECONDS]      -> $OUT/bench-compiled/, $OUT/prof.log, $OUT/slot.log
+# The eager table of 2026-12-01 is results/bench/h200-llama-3.1-8b/ (commit 382b9f6); this call measures what came
+# after it, most important first (a call ends at 600 s):
+# 1. kvbench bench with the decoding step compiled (--compile): full, snapkv and the decode-time evictors at 32k,
+#    batch 1 and 8, beside transformers; h2o and tova now replay as CUDA graphs and score slots in one Triton pass.
+# 2. the slot-score kernel against the einsum it replaced (kernels/slot_scores.py), and its block/warp settings.
+# 3. the decoding step by kernel, compiled, for full and snapkv; the snapkv prefill traced op by op (where its
+#    compression time goes: 1.21x SDPA at 32k, against full's 1.08x).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v WARNING
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+timeout "${1:-330}" kvbench bench --preset llama-3.1-8b --contexts 32768 --batches 1,8 --compile \
+  --methods full,snapkv,tova,h2o,streamingllm,adakv --budgets 0.25 --new-tokens 256 --peers hf \
+  --no-largest-batch --out "$OUT/bench-compiled" 2>&1 | grep --line-buffered -v "^Loading" | tee "$OUT/bench.log" | tail -30
+python3 -m kvbench.kernels.slot_scores 2>&1 | tee "$OUT/slot.log" | tail -20
 P=scripts/gpu/prof_prefill_gpu.py
-{ python3 $P llama-3.1-8b 32768 --protocols query-agnostic --kernels flash,cudnn \
-    --decode 32768 --methods full,snapkv,streamingllm,h2o,tova
-  python3 $P qwen2.5-1.5b 4096,4100,16384,16390 --kernels cudnn; } 2>&1 | grep -v "^Loading" | tee "$OUT/prof.log"
-timeout "${1:-300}" kvbench bench --preset llama-3.1-8b --contexts 32768 --batches 1,8 \
-  --methods full,snapkv,pyramidkv,adakv,streamingllm,h2o,tova --budgets 0.25 --new-tokens 256 --peers hf \
-  --no-largest-batch --out "$OUT" 2>&1 | grep -v "^Loading" | tee "$OUT/bench.log" | tail -40
+timeout 150 python3 $P llama-3.1-8b "" --decode 32768 --methods full,snapkv --compile 2>&1 | grep --line-buffered -v "^Loading" | tee "$OUT/prof.log"
+timeout 60 python3 $P llama-3.1-8b 32768 --methods full,snapkv --protocols query-agnostic --profile 32768 \
+  --profile-method snapkv 2>&1 | grep --line-buffered -v "^Loading" | tee -a "$OUT/prof.log" | tail -40

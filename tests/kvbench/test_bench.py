@@ -167,3 +167,15 @@ def test_bench_errors_are_one_line(tmp_path):
         res = CliRunner().invoke(main, ["bench", "--device", "cpu", "--out", str(tmp_path / "b")] + extra)
         lines = [x for x in res.output.strip().splitlines() if x]
         assert res.exit_code == 2 and len(lines) == 1 and needle in lines[0], (extra, res.output)
+
+
+def test_bench_compiles_the_decoding_step_when_asked(tmp_path):
+    out = tmp_path / "bench-compiled"
+    args = ["bench", "--preset", "tiny-llama", "--contexts", "40", "--batches", "1", "--methods", "full",
+            "--new-tokens", "4", "--peers", "", "--compile", "--device", "cpu", "--out", str(out)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(x) for x in (out / "bench.jsonl").read_text().splitlines()]
+    assert next(r for r in recs if r["kind"] == "env")["config"]["compile_decode"] is True
+    assert [r["status"] for r in recs if r["kind"] == "point"] == ["ok"]
+    assert "decoding step is compiled (torch.compile)" in (out / "bench.md").read_text()

@@ -1,0 +1,36 @@
+"""The decoding step through torch.compile (``Engine(compile_decode=True)``, ``KVBENCH_COMPILE=1``): the model's own
+operations compile and fuse, kvbench's cache and the method's decode-time hook run eagerly inside, and the tokens
+are those of the eager step. One compiled layer serves every layer (no recompiling per layer index)."""
+import pytest
+import torch
+
+from kvbench import models, registry
+from kvbench.engine import Engine
+from kvbench.models import IdTokenizer, LoadedModel
+
+from tests.conftest import prompt, sample
+
+
+@pytest.fixture(scope="module")
+def deep_llama():
+    # more layers than dynamo's recompile limit (8): a per-layer recompile would leave layers eager
+    spec = dict(models.PRESETS["tiny-llama"], num_hidden_layers=10)
+    models.PRESETS["tiny-llama-10"] = spec
+    try:
+        model, _ = models.random_model("tiny-llama-10", torch.float32, "cpu", 0)
+    finally:
+        del models.PRESETS["tiny-llama-10"]
+    model.generation_config.eos_token_id = None
+    return LoadedModel(model, IdTokenizer(), "tiny-llama-10", 4096)
+
+
+@pytest.mark.parametrize("name", ["full", "snapkv", "h2o"])
+def test_compiled_decoding_step_gives_the_eager_tokens(deep_llama, name):
+    import torch._dynamo
+    samples = [sample(prompt(60, 1), prompt(5, 2), new=6, sid="a"), sample(prompt(48, 3), prompt(7, 4), new=6, sid="b")]
+    eager = Engine(deep_llama, registry.build_method(name, 0.5), compile_decode=False).generate(samples)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):  # a recompile per layer index fails here
+        compiled = Engine(deep_llama, registry.build_method(name, 0.5), compile_decode=True).generate(samples)
+    assert [r["prediction"] for r in compiled] == [r["prediction"] for r in eager]
+    assert [r["kv_ratio_end"] for r in compiled] == pytest.approx([r["kv_ratio_end"] for r in eager])
