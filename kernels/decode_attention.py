@@ -449,12 +449,13 @@ def ragged_attention_triton(
     return out, lse
 
 
-def _gather_segments(x: torch.Tensor, seg_start: torch.Tensor, seg_len: torch.Tensor):
-    """[S, D] -> padded [n_seg, Lmax, D] (float32) and mask [n_seg, Lmax]."""
+def _gather_segments(x: torch.Tensor, seg_start: torch.Tensor, seg_len: torch.Tensor, width: int | None = None):
+    """[S, D] -> padded [n_seg, Lmax, D] (float32) and mask [n_seg, Lmax]; ``width``: Lmax when the caller knows
+    an upper bound on the host (no device sync)."""
     n_seg = seg_start.numel()
     lens = seg_len.to(device=x.device, dtype=torch.int64)
     starts = seg_start.to(device=x.device, dtype=torch.int64)
-    lmax = int(lens.max().item()) if n_seg else 0
+    lmax = width if width is not None else (int(lens.max().item()) if n_seg else 0)
     ar = torch.arange(lmax, device=x.device)
     mask = ar[None, :] < lens[:, None]
     idx = torch.where(mask, starts[:, None] + ar[None, :], torch.zeros_like(mask, dtype=torch.int64))

@@ -325,7 +325,7 @@ def window_scores(
 
 def pool_scores(
     scores: torch.Tensor, seg_start: torch.Tensor, seg_len: torch.Tensor,
-    kernel: int, kind: str = "max",
+    kernel: int, kind: str = "max", width: int | None = None,
 ) -> torch.Tensor:
     """1-D pooling of ``scores [S]`` along slot order within each segment.
 
@@ -333,28 +333,28 @@ def pool_scores(
     ``kernel // 2``; an even kernel leans right).  ``max`` never looks past
     its segment; ``avg`` counts the padding as zeros (``count_include_pad``,
     as SnapKV's ``F.avg_pool1d``).  Slots outside valid ranges: 0.
+    ``width``: at least the longest segment, when the caller knows it on the
+    host (then nothing is read back from the device: no sync).
     """
     if kind not in ("max", "avg"):
         raise ValueError(f"kind must be 'max' or 'avg', got {kind!r}")
     out = torch.zeros_like(scores, dtype=torch.float32)
-    if kernel <= 1 or scores.numel() == 0 or seg_len.numel() == 0:
-        if scores.numel():
-            _, mask, idx = _gather_segments(scores.view(-1, 1), seg_start, seg_len)
-            out[idx[mask]] = scores.float()[idx[mask]]
+    if scores.numel() == 0 or seg_len.numel() == 0:
         return out
-    x, mask, idx = _gather_segments(scores.view(-1, 1), seg_start, seg_len)
+    x, mask, idx = _gather_segments(scores.view(-1, 1), seg_start, seg_len, width)
     x = x.squeeze(-1)                                  # [n_seg, L] float32
     L = x.shape[1]
     if L == 0:
         return out
-    pad = kernel // 2
-    if kind == "max":
-        x = x.masked_fill(~mask, float("-inf"))
-        y = F.max_pool1d(x.unsqueeze(1), kernel_size=kernel, stride=1, padding=pad).squeeze(1)
+    if kernel <= 1:
+        y = x
+    elif kind == "max":
+        y = F.max_pool1d(x.masked_fill(~mask, float("-inf")).unsqueeze(1), kernel_size=kernel, stride=1,
+                         padding=kernel // 2).squeeze(1)[:, :L]
     else:
-        x = x.masked_fill(~mask, 0.0)
-        y = F.avg_pool1d(x.unsqueeze(1), kernel_size=kernel, stride=1, padding=pad,
-                         count_include_pad=True).squeeze(1)
-    y = y[:, :L]
-    out[idx[mask]] = y[mask]
-    return out
+        y = F.avg_pool1d(x.masked_fill(~mask, 0.0).unsqueeze(1), kernel_size=kernel, stride=1, padding=kernel // 2,
+                         count_include_pad=True).squeeze(1)[:, :L]
+    # Written back with fixed shapes (a boolean index would read its count back): padding goes to a spare slot.
+    spare = out.new_zeros(out.shape[0] + 1)
+    spare[torch.where(mask, idx, torch.full_like(idx, out.shape[0]))] = y
+    return spare[:-1]

@@ -111,6 +111,11 @@ class RaggedKV:
         self.extra: dict[str, torch.Tensor] = {}
         # A host-side lower bound on min(capacity - length): appends need no device sync while it lasts.
         self.free = 0
+        # Host copies of ``length`` and ``capacity`` while the host knows them (a prefill that appends and keeps
+        # counts it computed itself), else None: compression then sizes its work without reading the device back.
+        # Decode-time eviction (``remove_one``) makes the lengths device-only.
+        self.host_length: list[int] | None = [0] * n
+        self.host_capacity: list[int] | None = [0] * n
         # Host-side facts of the layout (slot buffers, segment starts and capacities), which changes only in
         # ``_first_layout``/``_relayout``/``replace``: ``layout`` counts the changes (a CUDA graph captured at
         # one layout replays while it holds); ``cap_max`` is the largest capacity.
@@ -171,16 +176,20 @@ class RaggedKV:
         return ragged_attention(q, self.k, self.v, self.start, self.length, scale)
 
     # ---- changing what it holds -----------------------------------------------------------------
-    def _relayout(self, src_slots: torch.Tensor | None, counts: torch.Tensor, capacity: torch.Tensor) -> None:
+    def _relayout(self, src_slots: torch.Tensor | None, counts: torch.Tensor, capacity: torch.Tensor,
+                  host_counts: list[int] | None = None, host_capacity: list[int] | None = None) -> None:
         """Rebuild the buffers: segment i gets ``counts[i]`` slots copied from ``src_slots`` (flat, in
         segment order; None: the first ``counts[i]`` slots of each segment, in place) and room for
-        ``capacity[i]``."""
+        ``capacity[i]``. ``host_counts``/``host_capacity``: the same numbers on the host, when known (no sync)."""
         new_start = torch.zeros_like(capacity)
         new_start[1:] = torch.cumsum(capacity, 0)[:-1]
-        # The sizes the host needs, read back in one transfer (one device sync, not four).
-        total, self.cap_max, free, n_slots = (
-            torch.stack([capacity.sum(), capacity.max(), (capacity - counts).min(), counts.sum()]).tolist()
-            if len(capacity) else (0, 0, 0, 0))
+        if host_counts is not None and host_capacity is not None:
+            total, self.cap_max, n_slots = sum(host_capacity), max(host_capacity, default=0), sum(host_counts)
+            free = min((c - n for c, n in zip(host_capacity, host_counts)), default=0)
+        else:  # the sizes the host needs, read back in one transfer (one device sync, not four)
+            total, self.cap_max, free, n_slots = (
+                torch.stack([capacity.sum(), capacity.max(), (capacity - counts).min(), counts.sum()]).tolist()
+                if len(capacity) else (0, 0, 0, 0))
         self.layout += 1
         seg = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts, output_size=n_slots)
         first = torch.zeros_like(counts)
@@ -198,12 +207,14 @@ class RaggedKV:
         self.k, self.v, self.pos = move(self.k), move(self.v), move(self.pos, -1)
         self.extra = {name: move(t) for name, t in self.extra.items()}
         self.start, self.length, self.capacity = new_start, counts.clone(), capacity.clone()
+        self.host_length = None if host_counts is None else list(host_counts)
+        self.host_capacity = None if host_counts is None or host_capacity is None else list(host_capacity)
         self.free = free
 
-    def keep(self, slots: torch.Tensor, counts: torch.Tensor) -> None:
+    def keep(self, slots: torch.Tensor, counts: torch.Tensor, host_counts: list[int] | None = None) -> None:
         """Keep only ``slots`` (flat slot numbers, grouped by segment, ``counts[i]`` for segment i), packed
-        tightly: the memory of everything else is freed."""
-        self._relayout(slots, counts, counts)
+        tightly: the memory of everything else is freed. ``host_counts``: ``counts`` on the host, when known."""
+        self._relayout(slots, counts, counts, host_counts, host_counts)
 
     def remove_one(self, victim: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Evict slot ``victim[i]`` from every segment i (where ``mask[i]``): the segment's last slot moves
@@ -215,6 +226,7 @@ class RaggedKV:
         for t in (self.k, self.v, self.pos, *self.extra.values()):
             t[victim] = t[last]
         self.length -= 1 if mask is None else mask.long()
+        self.host_length = None  # which segments lost a token is known on the device only
 
     def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
         """Append T new tokens to every segment: k, v [B, H, T, D], pos [B, T]."""
@@ -222,9 +234,11 @@ class RaggedKV:
         if self.k.shape[0] == 0:
             self._first_layout(T)
         need = self.length + T
-        if self.free < T and bool((need > self.capacity).any()):
+        if self.free < T and self._short_of_room(need, T):
             cap = torch.where(need > self.capacity, need + growth_slack(need), self.capacity)
-            self._relayout(None, self.length, cap)
+            host_cap = None if self.host_length is None or self.host_capacity is None else [
+                max(c, n + T + growth_slack(n + T)) if n + T > c else c for n, c in zip(self.host_length, self.host_capacity)]
+            self._relayout(None, self.length, cap, self.host_length, host_cap)
         dest = (self.start + self.length)[:, None] + torch.arange(T, device=k.device)[None, :]
         dest = dest.reshape(-1)
         self.k[dest] = k.reshape(B * H * T, D).to(self.k.dtype)
@@ -233,7 +247,20 @@ class RaggedKV:
         for t in self.extra.values():
             t.index_fill_(0, dest, 0)  # not ``t[dest] = 0``: that makes a host tensor of the 0 and copies it over
         self.length += T
-        self.free = self.free - T if self.free >= T else int((self.capacity - self.length).min())
+        if self.host_length is not None:
+            self.host_length = [n + T for n in self.host_length]
+        if self.free >= T:
+            self.free -= T
+        elif self.host_length is not None and self.host_capacity is not None:
+            self.free = min((c - n for c, n in zip(self.host_capacity, self.host_length)), default=0)
+        else:
+            self.free = int((self.capacity - self.length).min())
+
+    def _short_of_room(self, need: torch.Tensor, T: int) -> bool:
+        """Whether a segment needs more than its capacity for ``T`` more tokens (from the host copies if known)."""
+        if self.host_length is not None and self.host_capacity is not None:
+            return any(n + T > c for n, c in zip(self.host_length, self.host_capacity))
+        return bool((need > self.capacity).any())
 
     def _first_layout(self, n_tokens: int) -> None:
         """Buffers for a first append to an empty store, laid out on the host (the sizes are known there): the
@@ -249,15 +276,20 @@ class RaggedKV:
         self.pos = self.pos.new_full((n * cap,), -1)
         self.extra = {name: t.new_zeros((n * cap, *t.shape[1:])) for name, t in self.extra.items()}
         self.free, self.cap_max = cap, cap
+        self.host_length, self.host_capacity = [0] * n, [cap] * n
         self.layout += 1
 
     def replayed(self, steps: int) -> None:
         """``steps`` decoding steps ran as graph replays (no Python ran): the host mirror follows."""
         self.free -= steps
+        if self.host_length is not None:
+            self.host_length = [n + steps for n in self.host_length]
 
     def reserve(self, n_tokens: int) -> None:
         if self.free < n_tokens:
-            self._relayout(None, self.length, torch.maximum(self.capacity, self.length + n_tokens))
+            self._relayout(None, self.length, torch.maximum(self.capacity, self.length + n_tokens), self.host_length,
+                           None if self.host_length is None or self.host_capacity is None else
+                           [max(c, n + n_tokens) for n, c in zip(self.host_length, self.host_capacity)])
 
     def replace(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, counts: torch.Tensor) -> None:
         """Replace everything by new (possibly synthetic) slots: k, v [sum(counts), D], grouped by segment."""
@@ -267,6 +299,7 @@ class RaggedKV:
         self.k, self.v = k.to(self.k.dtype).contiguous(), v.to(self.v.dtype).contiguous()
         self.pos = pos.to(torch.int32)
         self.extra = {name: t.new_zeros(len(k)) for name, t in self.extra.items()}
+        self.host_length = self.host_capacity = None
         self.free = 0
         self.cap_max = int(counts.max()) if len(counts) else 0
         self.layout += 1
@@ -288,6 +321,9 @@ class RaggedKV:
         out.extra = {name: torch.cat([s.extra[name] for s in stores]) for name in first.extra}
         out.free = min(s.free for s in stores)
         out.cap_max = max(s.cap_max for s in stores)
+        known = all(s.host_length is not None and s.host_capacity is not None for s in stores)
+        out.host_length = [n for s in stores for n in s.host_length] if known else None
+        out.host_capacity = [c for s in stores for c in s.host_capacity] if known else None
         return out
 
     def clone(self) -> "RaggedKV":
@@ -382,6 +418,7 @@ class KVCache(Cache):
         self.batch = batch
         self.positions: torch.Tensor | None = None
         self.seen = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.seen_host = [0] * batch  # the same on the host (the engine knows what it feeds)
         self.compressing = False
         self.final_chunk = False
         # Per-cache scratch a method fills in its per-layer hooks and consumes in ``compress_cache``.
@@ -418,6 +455,7 @@ class KVCache(Cache):
         self.positions = positions
         self.compressing, self.final_chunk = compress, final
         self.seen.add_(positions.shape[1])  # in place: a captured decoding step replays it
+        self.seen_host = [n + positions.shape[1] for n in self.seen_host]
 
     def reserve(self, n_tokens: int) -> None:
         """Room for ``n_tokens`` more tokens in every segment, so that decoding never relayouts a store
@@ -427,6 +465,7 @@ class KVCache(Cache):
 
     def replayed(self, steps: int) -> None:
         """``steps`` decoding steps ran as replays of a captured graph: host-side mirrors catch up."""
+        self.seen_host = [n + steps for n in self.seen_host]
         for store in self.stores:
             store.replayed(steps)
 
@@ -503,6 +542,7 @@ class KVCache(Cache):
         out.batch = sum(c.batch for c in caches)
         out.positions = None
         out.seen = torch.cat([c.seen for c in caches])
+        out.seen_host = [n for c in caches for n in c.seen_host]
         out.compressing, out.final_chunk = False, False
         out.method_state = {}
         out.compress_timer = SpanTimer(out.seen.device)
@@ -599,6 +639,13 @@ def rope_inverse_factory(rotary_emb) -> Callable:
         return x * cos - rot * sin if inverse else x * cos + rot * sin
 
     return apply
+
+
+def fraction_target_host(budget: float | int, seen: int) -> int:
+    """``fraction_target`` for one sequence, on the host (the same numbers: float64 product, then truncation)."""
+    if isinstance(budget, float) and budget <= 1.0:
+        return max(1, int(seen * budget))
+    return min(int(budget), seen)
 
 
 def fraction_target(budget: float | int, seen: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.cache import LayerCall, RaggedKV, capturing, fraction_target
+from kvbench.cache import LayerCall, RaggedKV, capturing, fraction_target, fraction_target_host
 from kvbench.distributed import everywhere
 
 KEEP_ALWAYS = float("inf")
@@ -118,12 +118,20 @@ def segment_view(store: RaggedKV, per_slot: torch.Tensor, fill=float("-inf"), sy
     return vals, idx
 
 
-def keep_top(store: RaggedKV, scores: torch.Tensor, counts: torch.Tensor) -> None:
-    """Keep the ``counts[i]`` best-scoring slots of every segment i (ties: earlier slot), in slot order."""
+def keep_top(store: RaggedKV, scores: torch.Tensor, counts: torch.Tensor, host_counts: list[int] | None = None) -> None:
+    """Keep the ``counts[i]`` best-scoring slots of every segment i (ties: earlier slot), in slot order.
+    ``host_counts``: ``counts`` on the host, when the caller knows them: with the store's host lengths the work is
+    sized without reading the device back (a prefill then never waits for the GPU between layers)."""
     counts = torch.minimum(counts.to(store.length.device), store.length)
-    # Everything the host needs to size the work, read back in one transfer (one device sync).
-    nothing_to_drop, kmax, total, longest = torch.stack([(counts == store.length).all().long(), counts.max(),
-                                                         counts.sum(), store.length.max()]).tolist()
+    lengths = getattr(store, "host_length", None)
+    if host_counts is not None and lengths is not None:
+        host_counts = [min(c, n) for c, n in zip(host_counts, lengths)]
+        nothing_to_drop = host_counts == lengths
+        kmax, total, longest = max(host_counts, default=0), sum(host_counts), max(lengths, default=0)
+    else:  # everything the host needs to size the work, read back in one transfer (one device sync)
+        host_counts = None
+        nothing_to_drop, kmax, total, longest = torch.stack([(counts == store.length).all().long(), counts.max(),
+                                                             counts.sum(), store.length.max()]).tolist()
     if nothing_to_drop:
         return
     vals, idx = segment_view(store, scores.float(), width=longest)
@@ -135,7 +143,7 @@ def keep_top(store: RaggedKV, scores: torch.Tensor, counts: torch.Tensor) -> Non
     # The chosen slots, flat in segment order: row i's first counts[i] entries go to first[i], first[i] + 1, ...
     first = torch.cumsum(counts, 0) - counts
     at = first[:, None] + torch.arange(kmax, device=top.device)[None, :]
-    store.keep(place(slots, at, chosen, total), counts)
+    store.keep(place(slots, at, chosen, total), counts, host_counts)
 
 
 def protect_recent(store: RaggedKV, scores: torch.Tensor, n_recent: torch.Tensor | int, sinks: int = 0) -> torch.Tensor:
@@ -189,16 +197,30 @@ class ScoredEviction(Method):
         """Tokens per (sequence, head) [B*H], given the layer's target per head [B]."""
         return target.repeat_interleave(call.store.H)
 
+    def host_head_counts(self, call: LayerCall) -> list[int] | None:
+        """``head_counts`` computed on the host from the tokens the engine fed (no device sync), or None where the
+        method shapes its counts from device values: the budget split over layers or heads by scores."""
+        if type(self).layer_target is not ScoredEviction.layer_target or \
+                type(self).head_counts is not ScoredEviction.head_counts:
+            return None
+        per_seq = [fraction_target_host(self.budget, n) for n in call.cache.seen_host]
+        return [t for t in per_seq for _ in range(call.store.H)]
+
     def compress(self, call: LayerCall) -> None:
         if self.keeps_everything():
             return
         store = call.store
         target = self.layer_target(call, fraction_target(self.budget, call.seen))
+        host = self.host_head_counts(call) if call.cache.head_shard is None else None
+        lengths = getattr(store, "host_length", None)
+        if host is not None and lengths is not None:
+            if all(n <= c for n, c in zip(lengths, host)):
+                return
         # [distributed] tensor parallel: skipped on every rank or none (head_counts may be a collective)
-        if everywhere(call.cache.head_shard, bool((store.token_counts().max(dim=1).values <= target).all())):
+        elif everywhere(call.cache.head_shard, bool((store.token_counts().max(dim=1).values <= target).all())):
             return
         scores = self.score(call)
-        keep_top(store, scores, self.head_counts(call, scores, target))
+        keep_top(store, scores, self.head_counts(call, scores, target), host)
 
     def on_decode(self, call: LayerCall) -> None:
         if not self.evict_during_decoding or self.keeps_everything():

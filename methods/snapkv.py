@@ -44,5 +44,7 @@ class SnapKV(ScoredEviction):
         if self.kernel > 1:
             # The window is the last ``w`` slots of each segment: pool only the slots before it.
             before = (store.length - w).clamp(min=0)
-            scores = pool_scores(scores, store.start, before, self.kernel, self.pooling)
+            lengths = getattr(store, "host_length", None)  # the width on the host, when known: no device sync
+            scores = pool_scores(scores, store.start, before, self.kernel, self.pooling,
+                                 width=None if lengths is None else max(max(lengths, default=0) - w, 0))
         return protect_recent(store, scores, w)

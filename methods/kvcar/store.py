@@ -202,6 +202,7 @@ class DecodedView(RaggedKV):
         self.store, self.B, self.H, self.D = store, c.B, c.H, store.hd
         self.pos, self.start, self.length, self.capacity, self.extra = c.pos, c.start, c.length, c.capacity, c.extra
         self.free, self.cap_max, self.layout, self._slot_seg = c.free, c.cap_max, c.layout, None
+        self.host_length = self.host_capacity = None  # sizes come from the device (a view, not the codes' owner)
         perm, valid, _ = store._gather_index()
         k, v, _, _ = store.decode_heads(store.own)
         n, width = perm.shape
@@ -211,8 +212,8 @@ class DecodedView(RaggedKV):
         self.k[perm.reshape(-1)[flat]] = k[flat]
         self.v[perm.reshape(-1)[flat]] = v.reshape(n * width, -1)[flat]
 
-    def keep(self, slots: torch.Tensor, counts: torch.Tensor) -> None:
-        self.store.codes.keep(slots, counts)
+    def keep(self, slots: torch.Tensor, counts: torch.Tensor, host_counts: list[int] | None = None) -> None:
+        self.store.codes.keep(slots, counts, host_counts)
 
     def remove_one(self, victim: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         self.store.codes.remove_one(victim, mask)
