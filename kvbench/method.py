@@ -197,21 +197,28 @@ class ScoredEviction(Method):
         """Tokens per (sequence, head) [B*H], given the layer's target per head [B]."""
         return target.repeat_interleave(call.store.H)
 
+    def host_layer_target(self, call: LayerCall, per_seq: list[int]) -> list[int] | None:
+        """``layer_target`` on the host, from the average target per sequence there (no device sync), or None
+        where the method needs device values for it. Override it beside ``layer_target``."""
+        return per_seq if type(self).layer_target is ScoredEviction.layer_target else None
+
     def host_head_counts(self, call: LayerCall) -> list[int] | None:
         """``head_counts`` computed on the host from the tokens the engine fed (no device sync), or None where the
-        method shapes its counts from device values: the budget split over layers or heads by scores."""
-        if type(self).layer_target is not ScoredEviction.layer_target or \
-                type(self).head_counts is not ScoredEviction.head_counts:
+        method shapes its counts from device values (AdaKV's split over heads by scores)."""
+        if type(self).head_counts is not ScoredEviction.head_counts:
             return None
-        per_seq = [fraction_target_host(self.budget, n) for n in call.cache.seen_host]
-        return [t for t in per_seq for _ in range(call.store.H)]
+        layer = self.host_layer_target(call, [fraction_target_host(self.budget, n) for n in call.cache.seen_host])
+        return None if layer is None else [t for t in layer for _ in range(call.store.H)]
 
     def compress(self, call: LayerCall) -> None:
         if self.keeps_everything():
             return
         store = call.store
-        target = self.layer_target(call, fraction_target(self.budget, call.seen))
         host = self.host_head_counts(call) if call.cache.head_shard is None else None
+        if host is not None:  # the targets from the host: a transfer, no wait for the GPU
+            target = torch.tensor(host[::store.H], device=call.seen.device)
+        else:
+            target = self.layer_target(call, fraction_target(self.budget, call.seen))
         lengths = getattr(store, "host_length", None)
         if host is not None and lengths is not None:
             if all(n <= c for n, c in zip(lengths, host)):

@@ -64,12 +64,17 @@ class PyramidKV(SnapKV):
             raise UnknownNameError(f"pyramidkv schedule '{self.schedule}' is unknown: use 'official' or 'kvpress'")
 
     def layer_target(self, call: LayerCall, target: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(self.host_layer_target(call, target.tolist()), device=target.device)
+
+    def host_layer_target(self, call: LayerCall, per_seq: list[int]) -> list[int]:
+        # A function of the tokens seen and the layer only: the host knows both (no device sync).
         w = min(self.window, call.queries.shape[2])
         kept = []
-        for T, n in zip(call.seen.tolist(), target.tolist()):
+        for T, n in zip(call.cache.seen_host, per_seq):
             if self.schedule == "official":
-                kept.append(official_kept(T, n, w, self.beta, call.layer, call.n_layers))
+                k = official_kept(T, n, w, self.beta, call.layer, call.n_layers)
             else:
                 x = T * self.budget if isinstance(self.budget, float) else float(n)
-                kept.append(kvpress_kept(T, x, w, self.beta, call.layer, call.n_layers))
-        return torch.minimum(torch.tensor(kept, device=target.device).clamp(min=1), call.seen)
+                k = kvpress_kept(T, x, w, self.beta, call.layer, call.n_layers)
+            kept.append(min(max(k, 1), T))
+        return kept

@@ -150,13 +150,18 @@ def selection_scores(call: LayerCall, heads: torch.Tensor, window: int, kernel: 
     w = min(window, call.queries.shape[2])
     per_head = window_scores(call.queries[:, :, -w:], call.positions[:, -w:], store.k, store.pos, store.start,
                              store.length, call.scale, reduce="none")  # [S, G]
-    idx, valid = store.slot_index()  # [B*H, L]
-    lengths = store.length.view(B, H)
-    if bool((lengths != lengths[:, :1]).any()):
+    host = store.host_length  # known on the host in a prefill: then nothing here waits for the GPU
+    idx, valid = store.slot_index(None if host is None else max(host, default=0))  # [B*H, L]
+    if host is not None:
+        same = all(len(set(host[b * H:(b + 1) * H])) == 1 for b in range(B))
+    else:
+        lengths = store.length.view(B, H)
+        same = not bool((lengths != lengths[:, :1]).any())
+    if not same:
         raise RuntimeError("compresskv expects every KV head of a layer to hold the same tokens")
     L = idx.shape[1]
     per_query_head = per_head[idx].view(B, H, L, G).permute(0, 1, 3, 2).reshape(B, Hq, L)
-    layer = per_query_head[:, heads.to(idx.device)].mean(dim=1)  # [B, L]
+    layer = per_query_head[:, heads].mean(dim=1)  # [B, L]
     ok = valid.view(B, H, L)[:, 0]
     pos = store.pos[idx].view(B, H, L)[:, 0].long()
     in_window = ok & (pos > call.positions[:, -1:].long() - w)
@@ -166,9 +171,11 @@ def selection_scores(call: LayerCall, heads: torch.Tensor, window: int, kernel: 
         layer = pool(layer[:, None], kernel_size=kernel, stride=1, padding=kernel // 2)[:, 0, :L]
     layer = torch.where(in_window, torch.full_like(layer, KEEP_ALWAYS), layer)
     layer = torch.where(ok, layer, torch.full_like(layer, float("-inf")))
-    out = torch.full((store.k.shape[0],), float("-inf"), dtype=torch.float32, device=store.k.device)
-    out[idx[valid]] = layer[:, None, :].expand(B, H, L).reshape(B * H, L)[valid]
-    return out
+    # back per slot with fixed shapes (a boolean index would read its count back): padding goes to a spare slot
+    out = torch.full((store.k.shape[0] + 1,), float("-inf"), dtype=torch.float32, device=store.k.device)
+    out[torch.where(valid, idx, torch.full_like(idx, store.k.shape[0]))] = \
+        layer[:, None, :].expand(B, H, L).reshape(B * H, L)
+    return out[:-1]
 
 
 @dataclass
@@ -240,7 +247,8 @@ class CompressKV(ScoredEviction):
                 f"calibrate this model with `kvbench calibrate compresskv --model {lm.name}`")
         if self._meta is not None:
             artifacts.check_model(self._meta, lm, self.artifact)
-        self._head_tensors = [torch.tensor(h[: self.first_k]) for h in self._heads]
+        device = next(lm.model.parameters()).device  # there once, not copied over at every layer's selection
+        self._head_tensors = [torch.tensor(h[: self.first_k], device=device) for h in self._heads]
 
     def layer_budgets(self, per_layer: int, n_layers: int) -> list[int]:
         """Tokens per KV head of each layer for an average of ``per_layer``."""
@@ -255,11 +263,14 @@ class CompressKV(ScoredEviction):
         return self._budgets[key]
 
     def layer_target(self, call: LayerCall, target: torch.Tensor) -> torch.Tensor:
-        # A token budget is shared out as given (``target`` is already cut to the prompt): a layer is then left
+        return torch.tensor(self.host_layer_target(call, target.tolist()), device=target.device)
+
+    def host_layer_target(self, call: LayerCall, per_seq: list[int]) -> list[int]:
+        # A token budget is shared out as given (``per_seq`` is already cut to the prompt): a layer is then left
         # alone when the prompt fits its own budget, as the official code does.
-        per_seq = [self.budget] * len(target) if isinstance(self.budget, int) else target.tolist()
-        per_layer = [self.layer_budgets(int(t), call.n_layers)[call.layer] for t in per_seq]
-        return torch.tensor(per_layer, device=target.device).minimum(call.seen)
+        per_seq = [self.budget] * len(per_seq) if isinstance(self.budget, int) else per_seq
+        return [min(self.layer_budgets(int(t), call.n_layers)[call.layer], seen)
+                for t, seen in zip(per_seq, call.cache.seen_host)]
 
     def score(self, call: LayerCall) -> torch.Tensor:
         heads = getattr(self, "_head_tensors", None)

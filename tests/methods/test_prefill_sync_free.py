@@ -2,7 +2,6 @@
 (it knows what it appended and what it kept), so the methods whose counts follow from the tokens fed (snapkv,
 streamingllm, ...) size their work without reading the device back. On the H200 each read-back cost the overlap of
 the host's launches with the GPU's work, per layer (snapkv's prefill: 1.21x SDPA at 32k; full's: 1.08x)."""
-import os
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from kvbench import registry
 from kvbench.cache import KVCache
 from kvbench.engine import Engine
 
-from tests.conftest import prompt, sample, tiny
+from tests.conftest import FIXTURES, prompt, sample, tiny
 
 HOST_READS = {"__bool__", "__int__", "__float__", "__index__", "item", "tolist", "nonzero", "unique", "masked_select"}
 
@@ -46,10 +45,16 @@ def _host_copies_agree(cache: KVCache) -> None:
     assert cache.seen_host == cache.seen.tolist()
 
 
-@pytest.mark.parametrize("name", ["snapkv", "streamingllm", "h2o", "knorm"])
-@pytest.mark.parametrize("protocol", ["query-aware", "query-agnostic"])
-def test_prefill_reads_nothing_back_per_layer(name, protocol):
-    eng = Engine(tiny("llama"), registry.build_method(name, 0.25), protocol=protocol, prefill_chunk=64)
+FIX = FIXTURES / "compresskv"
+COMPRESSKV = {"head_idx": str(FIX / "tiny_head_idx.json"), "layer_scores": str(FIX / "tiny_layer_score.jsonl")}
+
+
+@pytest.mark.parametrize("name,params,protocol", [
+    ("snapkv", {}, "query-aware"), ("snapkv", {}, "query-agnostic"), ("compresskv", COMPRESSKV, "query-aware"),
+    ("compresskv", COMPRESSKV, "query-agnostic"), ("pyramidkv", {}, "query-agnostic"),
+    ("streamingllm", {}, "query-agnostic"), ("h2o", {}, "query-aware"), ("knorm", {}, "query-agnostic")])
+def test_prefill_reads_nothing_back_per_layer(name, params, protocol):
+    eng = Engine(tiny("llama"), registry.build_method(name, 0.25, params), protocol=protocol, prefill_chunk=64)
     s = sample(prompt(300, 3), prompt(6, 4))
     counter = CountHostReads()
     with counter:
