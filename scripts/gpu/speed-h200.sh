@@ -6,8 +6,9 @@
 # 1. kvbench bench with the decoding step compiled (--compile): full, snapkv and the decode-time evictors at 32k,
 #    batch 1 and 8, beside transformers; h2o and tova now replay as CUDA graphs and score slots in one Triton pass.
 # 2. the slot-score kernel against the einsum it replaced (kernels/slot_scores.py), and its block/warp settings.
-# 3. the decoding step by kernel, compiled, for full and snapkv; the snapkv prefill traced op by op (where its
-#    compression time goes: 1.21x SDPA at 32k, against full's 1.08x).
+# 3. the decoding step by kernel, compiled, for full and snapkv; prefill against SDPA at 32k (snapkv was 1.21x, full
+#    1.08x: the compression's per-layer read-backs are gone since, the syncs line says how many are left) and at
+#    the Qwen shape the sweeps run (4k and 16k, query-aware: snapkv was 4.6x / 2.2x SDPA there).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v WARNING
@@ -18,5 +19,7 @@ timeout "${1:-330}" kvbench bench --preset llama-3.1-8b --contexts 32768 --batch
 python3 -m kvbench.kernels.slot_scores 2>&1 | tee "$OUT/slot.log" | tail -20
 P=scripts/gpu/prof_prefill_gpu.py
 timeout 150 python3 $P llama-3.1-8b "" --decode 32768 --methods full,snapkv --compile 2>&1 | grep --line-buffered -v "^Loading" | tee "$OUT/prof.log"
-timeout 60 python3 $P llama-3.1-8b 32768 --methods full,snapkv --protocols query-agnostic --profile 32768 \
-  --profile-method snapkv 2>&1 | grep --line-buffered -v "^Loading" | tee -a "$OUT/prof.log" | tail -40
+timeout 60 python3 $P llama-3.1-8b 32768 --methods full,snapkv --protocols query-agnostic 2>&1 \
+  | grep --line-buffered -v "^Loading" | tee -a "$OUT/prof.log" | tail -12
+timeout 60 python3 $P qwen2.5-1.5b 4096,16384 --methods full,snapkv,pyramidkv --protocols query-aware 2>&1 \
+  | grep --line-buffered -v "^Loading" | tee -a "$OUT/prof.log" | tail -12
