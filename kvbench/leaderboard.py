@@ -240,10 +240,15 @@ def _interval_text(lo, hi, n) -> str:
     return f"[{lo:.3g}, {hi:.3g}] n={int(n)}"
 
 
-def budget_table(df: pd.DataFrame, task: str, model: str | None = None, protocol: str | None = None) -> pd.DataFrame:
+def budget_table(df: pd.DataFrame, task: str, model: str | None = None, protocol: str | None = None,
+                 setting: str | None = None) -> pd.DataFrame:
     """Methods x kept fractions for one task (the layout of kvpress's leaderboard): each cell the score with
-    its 95% bootstrap interval and n; the newest complete run of each configuration."""
+    its 95% bootstrap interval and n; the newest complete run of each configuration. ``setting``: only the runs
+    of that setting (``collect``'s hash of everything but the method and budget: runs of different settings
+    never share a table). Columns: kept fractions, then token counts, in increasing order, then full."""
     done = _complete(select(df, model=model, task=task, protocol=protocol))
+    if setting is not None:
+        done = done[done["setting"] == setting]
     if done.empty:
         return pd.DataFrame()
     done = done.assign(cell=[f"{s:.3g} [{lo:.3g}, {hi:.3g}] n={int(n)}" if not math.isnan(lo) else f"{s:.3g}"
@@ -251,7 +256,8 @@ def budget_table(df: pd.DataFrame, task: str, model: str | None = None, protocol
                                                      done["score_hi"].astype(float), done["n_samples"])])
     done = done.assign(kept=[results.kept_label(m, b) for m, b in zip(done["method"], done["budget"])])
     table = done.pivot_table(index="method", columns="kept", values="cell", aggfunc="last")
-    table = table.reindex(columns=sorted(table.columns, key=lambda c: (c == results.FULL, c)))
+    table = table.reindex(columns=sorted(table.columns, key=lambda c: (c == results.FULL, 0.0 if c == results.FULL
+                                                                       else float(c))))
     table.columns.name = None
     return table.reset_index()
 

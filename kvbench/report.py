@@ -26,11 +26,15 @@ def _kept_fraction_tables(df) -> str:
     """Per model, protocol and task: methods x kept fractions, each cell the score [95% interval] n."""
     parts = []
     done = df[df["status"] == "complete"]
-    for (model, protocol, task), _ in done.groupby(["model", "protocol", "task"], sort=True):
-        table = leaderboard.budget_table(df, task, model=model, protocol=protocol)
+    groups = done.groupby(["model", "protocol", "task", "setting"], sort=True)
+    for (model, protocol, task, setting), runs in groups:
+        table = leaderboard.budget_table(df, task, model=model, protocol=protocol, setting=setting)
         if not table.empty:
-            parts.append(f"<h3>{html.escape(task)}: {html.escape(model)}, {html.escape(protocol)} (methods x kept "
-                         "fraction; score [95% bootstrap interval] n)</h3>"
+            several = done[(done["model"] == model) & (done["protocol"] == protocol) & (done["task"] == task)][
+                "setting"].nunique() > 1  # then say which: their task settings differ
+            parts.append(f"<h3>{html.escape(task)}: {html.escape(model)}, {html.escape(protocol)} [{setting}] (methods "
+                         "x kept fraction or tokens; score [95% bootstrap interval] n)</h3>"
+                         + (f"<p>task settings: {html.escape(runs['task_params'].iloc[0])}</p>" if several else "")
                          + table.fillna("—").to_html(index=False, border=0, classes="board"))
     return ("<h2>Scores by kept fraction</h2>" + "\n".join(parts)) if parts else ""
 

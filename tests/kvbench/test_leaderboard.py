@@ -23,12 +23,12 @@ from kvbench.cli import main
 
 def make_run(root: Path, method: str, budget: float, protocol: str, score: float, ratio: float, *,
              task: str = "niah", model: str = "tiny-model", complete: bool = True, error: dict | None = None,
-             lengths=(1000, 2000), depths=(0.0, 0.5, 1.0), kv_steps: bool = False) -> Path:
-    run_dir = root / "runs" / f"{task}-{method}-{budget}-{protocol}-{model}"
+             lengths=(1000, 2000), depths=(0.0, 0.5, 1.0), kv_steps: bool = False, task_params=None) -> Path:
+    run_dir = root / "runs" / f"{task}-{method}-{budget}-{protocol}-{model}{'-' + str(len(task_params)) if task_params else ''}"
     run_dir.mkdir(parents=True)
     config = {"task": task, "method": method, "budget": budget, "protocol": protocol, "model": model,
               "model_name": model, "batch_size": 1, "device": "cpu", "dtype": "float32",
-              "method_params": {"budget": budget}, "task_params": {}}
+              "method_params": {"budget": budget}, "task_params": task_params or {}}
     results.write_json(run_dir / "config.json", config)
     grid = []
     for i, length in enumerate(lengths):
@@ -357,3 +357,22 @@ protocols: [query-agnostic, query-aware]
     assert len(built) == 1  # six runs, one set of samples (the protocol is applied by the engine, not the task)
     records = [results.read_jsonl(Path(o["run_dir"]) / "samples.jsonl") for o in outcomes]
     assert all([r["id"] for r in rec] == [r["id"] for r in records[0]] for rec in records)
+
+
+def test_kept_tables_never_mix_settings_and_order_budgets_by_value(tmp_path):
+    """Token budgets (128, 1024) and fractions in increasing order, and a run of another task setting (other
+    lengths) in its own table: the report shows each setting apart."""
+    for budget, score in ((0.1, 40), (0.25, 60), (128, 10), (1024, 90)):
+        make_run(tmp_path, "snapkv", budget, "query-aware", score, 0.2)
+    make_run(tmp_path, "full", 1.0, "query-aware", 100, 1.0)
+    make_run(tmp_path, "snapkv", 0.25, "query-aware", 33, 0.25, task_params={"lengths": [4096]})
+    df = lb.collect(tmp_path)
+    settings = sorted(df["setting"].unique())
+    assert len(settings) == 2
+    tables = {st: lb.budget_table(df, "niah", setting=st) for st in settings}
+    wide = next(t for t in tables.values() if "1024" in t.columns)
+    assert list(wide.columns) == ["method", "0.1", "0.25", "128", "1024", "full"]
+    narrow = next(t for t in tables.values() if "1024" not in t.columns)
+    assert list(narrow.columns) == ["method", "0.25"] and narrow.iloc[0]["0.25"].startswith("33")
+    page = report.build(tmp_path, tmp_path / "report.html").read_text()
+    assert page.count("niah: tiny-model, query-aware [") == 2 and "task settings: " in page
