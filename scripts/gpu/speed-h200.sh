@@ -23,3 +23,7 @@ timeout 60 python3 $P llama-3.1-8b 32768 --methods full,snapkv --protocols query
   | grep --line-buffered -v "^Loading" | tee -a "$OUT/prof.log" | tail -12
 timeout 60 python3 $P qwen2.5-1.5b 4096,16384 --methods full,snapkv,pyramidkv --protocols query-aware 2>&1 \
   | grep --line-buffered -v "^Loading" | tee -a "$OUT/prof.log" | tail -12
+# 4. why a query-agnostic prefill of the Qwen shape costs ~100 ms more than the query-aware one of the same tokens
+#    (174 vs 53 ms at 4k, 2026-12-01): the ops of one agnostic full prefill, by CPU and by CUDA time.
+timeout 60 python3 $P qwen2.5-1.5b 4096 --methods full --protocols query-agnostic,query-aware --profile 4096 2>&1 \
+  | grep --line-buffered -v "^Loading" | tee -a "$OUT/prof.log" | tail -45
