@@ -62,6 +62,8 @@ def environment(device: str) -> dict:
     # the contention: KVBENCH_SHARED_DEVICE=N says so, and the leaderboard then shows no speed for them.
     if int(os.environ.get("KVBENCH_SHARED_DEVICE", "1") or 1) > 1:
         info["shared_device"] = int(os.environ["KVBENCH_SHARED_DEVICE"])
+    if os.environ.get("KVBENCH_COMPILE", "0") == "1":  # the decoding step through torch.compile (its timings differ)
+        info["compiled_decode"] = True
     return info
 
 
