@@ -51,6 +51,7 @@ from transformers import Cache
 
 from kvbench.kernels.decode_attention import merge_attention, ragged_attention
 from kvbench.kernels.slot_scores import slot_attention_probs
+from kvbench.kernels.store_append import append_tokens
 from kvbench.models import head_dim
 
 
@@ -230,22 +231,20 @@ class RaggedKV:
 
     def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
         """Append T new tokens to every segment: k, v [B, H, T, D], pos [B, T]."""
-        B, H, T, D = k.shape
+        T = k.shape[2]
         if self.k.shape[0] == 0:
             self._first_layout(T)
-        need = self.length + T
-        if self.free < T and self._short_of_room(need, T):
+        if self.free < T and self._short_of_room(T):
+            need = self.length + T
             cap = torch.where(need > self.capacity, need + growth_slack(need), self.capacity)
             host_cap = None if self.host_length is None or self.host_capacity is None else [
                 max(c, n + T + growth_slack(n + T)) if n + T > c else c for n, c in zip(self.host_length, self.host_capacity)]
             self._relayout(None, self.length, cap, self.host_length, host_cap)
-        dest = (self.start + self.length)[:, None] + torch.arange(T, device=k.device)[None, :]
-        dest = dest.reshape(-1)
-        self.k[dest] = k.reshape(B * H * T, D).to(self.k.dtype)
-        self.v[dest] = v.reshape(B * H * T, D).to(self.v.dtype)
-        self.pos[dest] = pos[:, None, :].expand(B, H, T).reshape(-1).to(torch.int32)
-        for t in self.extra.values():
-            t.index_fill_(0, dest, 0)  # not ``t[dest] = 0``: that makes a host tensor of the 0 and copies it over
+        if self.extra:  # per-slot method state starts at 0 for the new tokens
+            dest = ((self.start + self.length)[:, None] + torch.arange(T, device=k.device)[None, :]).reshape(-1)
+            for t in self.extra.values():
+                t.index_fill_(0, dest, 0)  # not ``t[dest] = 0``: that makes a host tensor of the 0 and copies it over
+        append_tokens(self.k, self.v, self.pos, self.start, self.length, k, v, pos)  # one kernel on CUDA
         self.length += T
         if self.host_length is not None:
             self.host_length = [n + T for n in self.host_length]
@@ -256,11 +255,11 @@ class RaggedKV:
         else:
             self.free = int((self.capacity - self.length).min())
 
-    def _short_of_room(self, need: torch.Tensor, T: int) -> bool:
+    def _short_of_room(self, T: int) -> bool:
         """Whether a segment needs more than its capacity for ``T`` more tokens (from the host copies if known)."""
         if self.host_length is not None and self.host_capacity is not None:
             return any(n + T > c for n, c in zip(self.host_length, self.host_capacity))
-        return bool((need > self.capacity).any())
+        return bool((self.length + T > self.capacity).any())
 
     def _first_layout(self, n_tokens: int) -> None:
         """Buffers for a first append to an empty store, laid out on the host (the sizes are known there): the
