@@ -202,31 +202,29 @@ class ScoredEviction(Method):
         where the method needs device values for it. Override it beside ``layer_target``."""
         return per_seq if type(self).layer_target is ScoredEviction.layer_target else None
 
-    def host_head_counts(self, call: LayerCall) -> list[int] | None:
-        """``head_counts`` computed on the host from the tokens the engine fed (no device sync), or None where the
-        method shapes its counts from device values (AdaKV's split over heads by scores)."""
-        if type(self).head_counts is not ScoredEviction.head_counts:
-            return None
-        layer = self.host_layer_target(call, [fraction_target_host(self.budget, n) for n in call.cache.seen_host])
-        return None if layer is None else [t for t in layer for _ in range(call.store.H)]
-
     def compress(self, call: LayerCall) -> None:
         if self.keeps_everything():
             return
-        store = call.store
-        host = self.host_head_counts(call) if call.cache.head_shard is None else None
-        if host is not None:  # the targets from the host: a transfer, no wait for the GPU
-            target = torch.tensor(host[::store.H], device=call.seen.device)
+        store, shard = call.store, call.cache.head_shard
+        # The layer's target from the host where the method can say it there (no wait for the GPU; not under
+        # tensor parallelism, whose skip decision is collective): then only a transfer goes to the device.
+        per_seq = [fraction_target_host(self.budget, n) for n in call.cache.seen_host]
+        layer = self.host_layer_target(call, per_seq) if shard is None else None
+        if layer is not None:
+            target = torch.tensor(layer, device=call.seen.device)
         else:
             target = self.layer_target(call, fraction_target(self.budget, call.seen))
         lengths = getattr(store, "host_length", None)
-        if host is not None and lengths is not None:
-            if all(n <= c for n, c in zip(lengths, host)):
+        if layer is not None and lengths is not None:
+            if all(n <= layer[i // store.H] for i, n in enumerate(lengths)):
                 return
         # [distributed] tensor parallel: skipped on every rank or none (head_counts may be a collective)
-        elif everywhere(call.cache.head_shard, bool((store.token_counts().max(dim=1).values <= target).all())):
+        elif everywhere(shard, bool((store.token_counts().max(dim=1).values <= target).all())):
             return
         scores = self.score(call)
+        # Counts per head known on the host unless the method splits the layer's budget over heads by scores.
+        host = None if layer is None or type(self).head_counts is not ScoredEviction.head_counts else \
+            [t for t in layer for _ in range(store.H)]
         keep_top(store, scores, self.head_counts(call, scores, target), host)
 
     def on_decode(self, call: LayerCall) -> None:

@@ -45,7 +45,8 @@ class AdaKV(ScoredEviction):
     def head_counts(self, call: LayerCall, scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         store = call.store
         B, H = store.B, store.H
-        vals, _ = segment_view(store, scores.float())  # [B*H, L], -inf past each segment's end
+        lengths = getattr(store, "host_length", None)  # the width from the host when known: no device sync
+        vals, _ = segment_view(store, scores.float(), width=None if lengths is None else max(lengths, default=0))
         per_head = torch.minimum(target.repeat_interleave(H), store.length)
         pinned = (vals == KEEP_ALWAYS).sum(dim=1)
         if self.allocation == "official":

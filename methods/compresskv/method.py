@@ -150,7 +150,7 @@ def selection_scores(call: LayerCall, heads: torch.Tensor, window: int, kernel: 
     w = min(window, call.queries.shape[2])
     per_head = window_scores(call.queries[:, :, -w:], call.positions[:, -w:], store.k, store.pos, store.start,
                              store.length, call.scale, reduce="none")  # [S, G]
-    host = store.host_length  # known on the host in a prefill: then nothing here waits for the GPU
+    host = getattr(store, "host_length", None)  # known on the host in a prefill: then nothing here waits for the GPU
     idx, valid = store.slot_index(None if host is None else max(host, default=0))  # [B*H, L]
     if host is not None:
         same = all(len(set(host[b * H:(b + 1) * H])) == 1 for b in range(B))
