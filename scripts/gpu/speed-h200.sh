@@ -16,7 +16,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 timeout "${1:-330}" kvbench bench --preset llama-3.1-8b --contexts 32768 --batches 1,8 --compile \
   --methods full,snapkv,tova,h2o,streamingllm,adakv --budgets 0.25 --new-tokens 256 --peers hf \
   --no-largest-batch --out "$OUT/bench-compiled" 2>&1 | grep --line-buffered -v "^Loading" | tee "$OUT/bench.log" | tail -30
-python3 -m kvbench.kernels.slot_scores 2>&1 | tee "$OUT/slot.log" | tail -20
+python3 -m kernels.slot_scores 2>&1 | tee "$OUT/slot.log" | tail -20
 P=scripts/gpu/prof_prefill_gpu.py
 timeout 150 python3 $P llama-3.1-8b "" --decode 32768 --methods full,snapkv --compile 2>&1 | grep --line-buffered -v "^Loading" | tee "$OUT/prof.log"
 timeout 60 python3 $P llama-3.1-8b 32768 --methods full,snapkv --protocols query-agnostic 2>&1 \
