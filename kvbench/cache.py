@@ -55,6 +55,14 @@ from kvbench.kernels.store_append import append_tokens
 from kvbench.models import head_dim
 
 
+def ints_on(values: list[int], device) -> torch.Tensor:
+    """Host integers as an int64 device tensor without a device sync: a plain ``torch.tensor(list,
+    device=cuda)`` copies from pageable memory and waits for the GPU; a compressing prefill
+    makes one per layer and DeltaKV's decoding step several, and each wait stalls the host's launches."""
+    t = torch.tensor(values, dtype=torch.int64, pin_memory=torch.device(device).type == "cuda")
+    return t.to(device, non_blocking=True)
+
+
 class Store(Protocol):
     """What the cache and the engine ask of a layer's store (``RaggedKV``, ``DeltaKVStore``, ``KVCARStore``).
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kvbench import distributed
-from kvbench.cache import KVCache, rope_inverse_factory
+from kvbench.cache import KVCache, ints_on, rope_inverse_factory
 from kvbench.models import LoadedModel, cache_argument
 from kvbench.task import Sample
 
@@ -142,7 +142,7 @@ class Engine:
         """Feed tokens to a batch-1 cache, in chunks of ``prefill_chunk``; returns the last logits."""
         if not ids:
             return None
-        t = torch.tensor([ids], device=self.device)
+        t = ints_on(ids, self.device)[None]  # pinned, non-blocking: a second feed (the question) waits for nothing
         step = self.chunk or len(ids)
         logits = []
         for s in range(0, len(ids), step):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.cache import LayerCall, RaggedKV, capturing, fraction_target, fraction_target_host
+from kvbench.cache import LayerCall, RaggedKV, capturing, fraction_target, fraction_target_host, ints_on
 from kvbench.distributed import everywhere
 
 KEEP_ALWAYS = float("inf")
@@ -211,7 +211,7 @@ class ScoredEviction(Method):
         per_seq = [fraction_target_host(self.budget, n) for n in call.cache.seen_host]
         layer = self.host_layer_target(call, per_seq) if shard is None else None
         if layer is not None:
-            target = torch.tensor(layer, device=call.seen.device)
+            target = ints_on(layer, call.seen.device)
         else:
             target = self.layer_target(call, fraction_target(self.budget, call.seen))
         lengths = getattr(store, "host_length", None)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvbench.cache import LayerCall
+from kvbench.cache import LayerCall, ints_on
 from kvbench.method import in_range
 from kvbench.methods.snapkv import SnapKV
 from kvbench.registry import UnknownNameError
@@ -64,7 +64,7 @@ class PyramidKV(SnapKV):
             raise UnknownNameError(f"pyramidkv schedule '{self.schedule}' is unknown: use 'official' or 'kvpress'")
 
     def layer_target(self, call: LayerCall, target: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(self.host_layer_target(call, target.tolist()), device=target.device)
+        return ints_on(self.host_layer_target(call, target.tolist()), target.device)
 
     def host_layer_target(self, call: LayerCall, per_seq: list[int]) -> list[int]:
         # A function of the tokens seen and the layer only: the host knows both (no device sync).

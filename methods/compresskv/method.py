@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from kvbench import artifact as artifacts
 from kvbench.artifact import ArtifactError
-from kvbench.cache import LayerCall
+from kvbench.cache import LayerCall, ints_on
 from kvbench.kernels.window_scores import window_scores
 from kvbench.method import KEEP_ALWAYS, ScoredEviction, in_range
 
@@ -263,7 +263,7 @@ class CompressKV(ScoredEviction):
         return self._budgets[key]
 
     def layer_target(self, call: LayerCall, target: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(self.host_layer_target(call, target.tolist()), device=target.device)
+        return ints_on(self.host_layer_target(call, target.tolist()), target.device)
 
     def host_layer_target(self, call: LayerCall, per_seq: list[int]) -> list[int]:
         # A token budget is shared out as given (``per_seq`` is already cut to the prompt): a layer is then left

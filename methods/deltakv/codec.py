@@ -25,14 +25,6 @@ INDEX_DTYPES = {"int16": torch.int16, "int32": torch.int32}
 
 # ---------------------------------------------------------------------------------------------- compressor
 
-def ints_on(values: list[int], device) -> torch.Tensor:
-    """Host integers as an int64 device tensor without a device sync: a plain ``torch.tensor(list,
-    device=cuda)`` copies from pageable memory and waits for the GPU; the decoding step makes several of these
-    per observation layer, and each wait stalls the host's launches."""
-    t = torch.tensor(values, dtype=torch.int64, pin_memory=torch.device(device).type == "cuda")
-    return t.to(device, non_blocking=True)
-
-
 class SwiGLUDown(nn.Module):
     """``D -> 2I``, ``silu(a) * b``, ``I -> r``, no biases (the paper's down-projection)."""
 

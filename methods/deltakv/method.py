@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from kvbench.artifact import describe
-from kvbench.cache import LayerCall, RaggedKV
+from kvbench.cache import LayerCall, RaggedKV, ints_on
 from kvbench.kernels.window_scores import window_scores
 from kvbench.method import BudgetError, Method, in_range
 from kvbench.models import ModelError
 from kvbench.methods.deltakv.codec import (INDEX_DTYPES, LATENT_DTYPES, LayerCompressor, build_compressors,
-                                          default_full_layers, ints_on, load_checkpoint, model_fingerprint,
+                                          default_full_layers, load_checkpoint, model_fingerprint,
                                           model_signature, read_checkpoint_config)
 from kvbench.methods.deltakv.store import DeltaKVStore, Plan, make_plan
 

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvbench.cache import RaggedKV
+from kvbench.cache import RaggedKV, ints_on
 from kvbench.kernels.decode_attention import merge_attention, ragged_attention
 from kvbench.kernels.deltakv_reconstruct import quantize_latents, reconstruct
 from kvbench.method import BudgetError
-from kvbench.methods.deltakv.codec import (ints_on, is_reference, latent_row, nearest_references, reference_row,
+from kvbench.methods.deltakv.codec import (is_reference, latent_row, nearest_references, reference_row,
                                           tokens_from_kv, visible_references)
 
 if TYPE_CHECKING:

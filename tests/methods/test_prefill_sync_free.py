@@ -23,7 +23,11 @@ class CountHostReads(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
-        if name in HOST_READS or (name in ("__getitem__", "__setitem__") and any(
+        # a tensor made from host data straight on the device copies from pageable memory: on a GPU that copy
+        # waits for the stream (kvbench.cache.ints_on copies from pinned memory without waiting)
+        if func is torch.tensor and (kwargs or {}).get("device") is not None:
+            self.reads.append("tensor(device=)")
+        elif name in HOST_READS or (name in ("__getitem__", "__setitem__") and any(
                 isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in args[1:2])):
             self.reads.append(name)
         return func(*args, **(kwargs or {}))
