@@ -4,6 +4,7 @@ one value a run), per protocol x method x kept fraction, with 95% bootstrap inte
     python scripts/breakdown.py RESULTS_ROOT --task niah [--lengths 4096,8192] [--where style=original]
     python scripts/breakdown.py RESULTS_ROOT --task ruler
     python scripts/breakdown.py RESULTS_ROOT --task fidelity
+    python scripts/breakdown.py RESULTS_ROOT --task longbench
 
 The leaderboard averages a run over all its parts; this table shows each part apart, so a part the full cache
 itself fails (and which therefore cannot rank methods) is visible and can be left out.
@@ -20,7 +21,8 @@ from kvbench import results
 from kvbench.stats import bootstrap_interval
 
 # task -> (metric in each record's scores, the meta fields that name a part)
-PARTS = {"niah": ("found", ("length",)), "ruler": ("score", ("task", "length")), "fidelity": ("kl", ())}
+PARTS = {"niah": ("found", ("length",)), "ruler": ("score", ("task", "length")), "fidelity": ("kl", ()),
+         "longbench": ("score", ("dataset",))}
 
 
 def main() -> None:
