@@ -293,6 +293,8 @@ class Bench:
             if p not in ("hf", "kvpress"):
                 raise BenchError(f"unknown peer '{p}'; peers are hf and kvpress")
         from kvbench import registry
+        from kvbench.engine import compile_mode
+        compile_mode()  # a KVBENCH_COMPILE_MODE it cannot use fails here, before loading
         for m in cfg.methods + ([cfg.chunk_method] if cfg.chunked_prefill else []):
             registry.build_for_timing(m, 0.5 if m != results.FULL else 1.0)  # unknown names fail here, before loading
         name = self.preset or Path(cfg.model).name
@@ -432,12 +434,14 @@ class Bench:
     def run(self) -> list[dict]:
         import torch
         cfg = self.cfg
+        from kvbench.engine import compile_mode
         env = {"kind": "env", "device": self.device, "device_name": torch.cuda.get_device_name() if self.cuda else
                (os.uname().machine + " CPU"), "torch": torch.__version__, "model": self.lm.name,
                "dtype": str(self.dtype).replace("torch.", ""), "new_tokens": cfg.new_tokens,
                "weight_bytes_read": self.weight_bytes, "kv_token_bytes": self.kv_token_bytes, "config": asdict(cfg)}
         import transformers
         env["transformers"] = transformers.__version__
+        env["compile_mode"] = compile_mode() if cfg.compile_decode else None
         bw = self.bandwidth()
         env["copy_bandwidth"] = bw
         self.emit(env)

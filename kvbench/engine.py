@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from kvbench import distributed
 from kvbench.cache import KVCache, ints_on, rope_inverse_factory
 from kvbench.models import LoadedModel, cache_argument
+from kvbench.registry import ParameterError
 from kvbench.task import Sample
 
 PROTOCOLS = ("query-agnostic", "query-aware")
@@ -70,6 +71,18 @@ def kv_ratio(held: int, full: int) -> float:
     return held / max(full, 1)
 
 
+
+def compile_mode() -> str | None:
+    """torch.compile's mode for the decoding step, from KVBENCH_COMPILE_MODE: e.g. max-autotune-no-cudagraphs
+    (autotuned matmuls for batch 1's 1-row GEMMs). kvbench captures the step as a CUDA graph itself, so a mode
+    that adds its own graphs (reduce-overhead, max-autotune) is refused."""
+    mode = os.environ.get("KVBENCH_COMPILE_MODE") or None
+    if mode not in (None, "default", "max-autotune-no-cudagraphs"):
+        raise ParameterError(f"KVBENCH_COMPILE_MODE={mode} is not supported: use default or "
+                             "max-autotune-no-cudagraphs (kvbench captures the step as a CUDA graph itself)")
+    return mode
+
+
 class Engine:
     """Drives one loaded model with one method."""
 
@@ -96,6 +109,7 @@ class Engine:
         # (its attention and the method's hooks) runs eagerly inside it (``torch.compiler.disable`` on
         # ``KVCache.attention``), and the whole step is then captured in the CUDA graph as before.
         self.compile_decode = (os.environ.get("KVBENCH_COMPILE", "0") == "1") if compile_decode is None else compile_decode
+        self.compile_mode = compile_mode()
         self._compiled_model = None
         self.head_shard = distributed.head_shard(self.model)  # [distributed] None unless tensor parallel
         method.prepare(lm)
@@ -103,7 +117,7 @@ class Engine:
     def _compiled_step(self, kwargs: dict):
         import torch._dynamo
         if self._compiled_model is None:
-            self._compiled_model = torch.compile(self.model)
+            self._compiled_model = torch.compile(self.model, mode=self.compile_mode)
         # A layer's index is an int attribute of its module: static by default, so every layer would compile again
         # (past dynamo's recompile limit, the rest eagerly); dynamic, one compiled layer serves them all.
         with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):

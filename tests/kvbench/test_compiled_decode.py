@@ -7,6 +7,7 @@ import torch
 from kvbench import models, registry
 from kvbench.engine import Engine
 from kvbench.models import IdTokenizer, LoadedModel
+from kvbench.registry import ParameterError
 
 from tests.conftest import prompt, sample
 
@@ -34,3 +35,13 @@ def test_compiled_decoding_step_gives_the_eager_tokens(deep_llama, name):
         compiled = Engine(deep_llama, registry.build_method(name, 0.5), compile_decode=True).generate(samples)
     assert [r["prediction"] for r in compiled] == [r["prediction"] for r in eager]
     assert [r["kv_ratio_end"] for r in compiled] == pytest.approx([r["kv_ratio_end"] for r in eager])
+
+
+def test_a_compile_mode_that_adds_its_own_cuda_graphs_is_refused_before_any_work(deep_llama, monkeypatch):
+    # reduce-overhead / max-autotune capture CUDA graphs of their own inside kvbench's capture of the step
+    monkeypatch.setenv("KVBENCH_COMPILE_MODE", "reduce-overhead")
+    with pytest.raises(ParameterError, match="max-autotune-no-cudagraphs"):
+        Engine(deep_llama, registry.build_method("full", 1.0), compile_decode=True)
+    monkeypatch.setenv("KVBENCH_COMPILE_MODE", "max-autotune-no-cudagraphs")
+    assert Engine(deep_llama, registry.build_method("full", 1.0), compile_decode=True).compile_mode == \
+        "max-autotune-no-cudagraphs"
