@@ -172,7 +172,9 @@ def label(cfg: RunConfig) -> str:
 
 def run_sweep(path: str | Path, echo: Callable[[str], None] = print, load_model: Callable | None = None,
               progress: bool = True, ranks=None) -> list[dict]:
-    """Run (or finish) a sweep; returns one outcome per point. ``load_model(spec, dtype, device, seed)``
+    """Run (or finish) a sweep; returns one outcome per point. Several processes may run the same sweep at once
+    (lanes on one GPU): each skips the points another has finished or holds (``busy``: the run directory's lock),
+    so together they run every point once. ``load_model(spec, dtype, device, seed)``
     defaults to ``kvbench.models.load``. ``ranks`` (``kvbench.distributed``): under torchrun, this rank runs
     every world-th point and rank 0 returns (and reports) every point's outcome."""
     from kvbench import distributed, models
@@ -196,6 +198,8 @@ def run_sweep(path: str | Path, echo: Callable[[str], None] = print, load_model:
             continue
         ident = identity(point)
         prefix = f"[{i}/{len(plan)}] {label(point)}"
+        if not is_finished(known.get(ident)):  # another process on the same sweep (a lane) may have finished it
+            known = existing_runs(out)
         if is_finished(known.get(ident)):
             outcome = {"status": "skipped", "run_dir": str(known[ident]), "note": "already finished"}
             echo(f"{prefix}: already finished -> {known[ident]}")
@@ -232,6 +236,9 @@ def _run_point(point: RunConfig, ident: str, loaded: dict, load_model, out: Path
             options = {k: v for k, v in (("random_weights", point.random_weights),
                                          ("trust_remote_code", point.trust_remote_code)) if v}
             loaded[key] = load_model(point.model, dtype, device, point.seed, **options)
+            if is_finished(existing_runs(out).get(ident)):  # another lane finished it while this one loaded
+                return {"status": "skipped", "run_dir": str(existing_runs(out)[ident]), "note": "already finished",
+                        "seconds": time.perf_counter() - started}
         run_dir = run(point, lm=loaded[key], progress=progress, sample_memo=sample_memo)
     except results.RunLockedError as e:  # the same point is being run right now by another process
         return {"status": "busy", "error": str(e), "run_dir": None, "seconds": time.perf_counter() - started}

@@ -8,7 +8,9 @@
 #   2. carry [".carry/whl", ".carry/data"]:       bash scripts/gpu/qwen.sh setup   (joins, checks, converts once)
 #   3. then, while the machine stays warm:        bash scripts/gpu/qwen.sh sweep A.yaml[,B.yaml][+C.yaml] [SECONDS]
 # Each sweep call leaves $OUT/runs.tar.gz (every run folder so far) and $OUT/sweep-N.log (one per lane); a sweep cut by its time
-# limit resumes at the next call on the same machine (the runner's resume).
+# limit resumes at the next call on the same machine (the runner's resume). Lanes (`+`) run at once on the one GPU; the
+# same config in several lanes (A.yaml+A.yaml+A.yaml) shares its points out: a lane skips what another holds or
+# finished (the run directory's lock), so a long sweep (RULER: 3.5 min a run) spreads over lanes by itself.
 set -uo pipefail
 root=$(pwd)
 assets=/tmp/kvbench-assets

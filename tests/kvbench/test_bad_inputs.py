@@ -408,6 +408,39 @@ data: {haystack}
     print(f"\ninterrupted sweep: point 2 kept {kept}, redone {len(after) - kept}, lost 0; points 1 and 3 whole")
 
 
+def test_two_processes_on_one_sweep_share_its_points(tmp_path, tiny_dir, haystack):
+    """Lanes on one GPU: the same sweep started twice at once runs every point once between the two (each skips
+    what the other holds or has finished), and every run is whole."""
+    out = tmp_path / "results"
+    methods = ["full", "snapkv", "streamingllm", "knorm", "random", "tova"]
+    cfg = _yaml(tmp_path, "lanes", f"""
+out: {out}
+models: [{tiny_dir}]
+methods: [{", ".join(methods)}]
+budgets: [0.5]
+tasks: {{niah: {{lengths: [160], depths: [0.0, 0.5], max_new_tokens: 8}}}}
+data: {haystack}
+""")
+    procs = [_spawn(["sweep", cfg], tmp_path / f"lane{i}.log") for i in range(2)]
+    for proc in procs:
+        proc.wait(timeout=600)
+    logs = [(tmp_path / f"lane{i}.log").read_text() for i in range(2)]
+    done = [line for log in logs for line in log.splitlines() if line.startswith("[") and ": done ->" in line]
+    ran = {line.split("niah query-agnostic ")[1].split("@")[0] for line in done}
+    # every point ran, by one lane or the other; a lane that reaches a point just as the other finishes it only
+    # re-reads the finished records (the counts below: no sample is computed twice)
+    assert ran == set(methods), logs
+    assert sum(": busy" in log for log in logs) + sum("already finished" in log for log in logs) >= 1, logs
+    assert not any(w in log for log in logs for w in (": crash", ": failed", ": error")), logs
+    runs = sorted((out / "runs").iterdir())
+    assert len(runs) == len(methods)
+    for run_dir in runs:
+        recs = [json.loads(x) for x in lines(run_dir / "samples.jsonl")]
+        assert len(recs) == len({r["id"] for r in recs}) == 2, run_dir
+        assert json.loads((run_dir / "metrics.json").read_text())["complete"]
+    print(f"\ntwo lanes: {[sum(': done ->' in x for x in log.splitlines()) for log in logs]} points each")
+
+
 def _checkpoint(tiny_dir: Path, where: Path) -> Path:
     from kvbench.methods.deltakv.codec import build_compressors, model_signature, save_checkpoint
     lm = models.load(str(tiny_dir))
