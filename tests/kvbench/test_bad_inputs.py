@@ -441,6 +441,29 @@ data: {haystack}
     print(f"\ntwo lanes: {[sum(': done ->' in x for x in log.splitlines()) for log in logs]} points each")
 
 
+def test_a_sweep_skips_runs_finished_elsewhere_from_their_config_and_metrics_alone(tmp_path, tiny_dir, haystack):
+    """scripts/gpu/qwen.sh finished: a GPU machine gets each complete run's config.json and metrics.json only (a
+    few kB), and its sweeps then run what is missing, nothing twice."""
+    body = f"""models: [{tiny_dir}]
+methods: [snapkv]
+budgets: [0.5, 0.25]
+tasks: {{niah: {{lengths: [160], depths: [0.0], max_new_tokens: 4}}}}
+data: {haystack}
+"""
+    here, there = tmp_path / "here", tmp_path / "there"
+    first = _yaml(tmp_path, "first", f"out: {here}\n" + body.replace("[0.5, 0.25]", "[0.5]"))
+    assert cli("sweep", first).exit_code == 0
+    (done,) = (here / "runs").iterdir()
+    stub = there / "runs" / done.name
+    stub.mkdir(parents=True)
+    for f in ("config.json", "metrics.json"):
+        shutil.copy(done / f, stub / f)
+    res = cli("sweep", _yaml(tmp_path, "second", f"out: {there}\n" + body))
+    assert res.exit_code == 0, res.output
+    assert "snapkv@0.5: already finished" in res.stdout and "snapkv@0.25: done" in res.stdout, res.stdout
+    assert not (stub / "samples.jsonl").exists()  # the stub was not run again
+
+
 def _checkpoint(tiny_dir: Path, where: Path) -> Path:
     from kvbench.methods.deltakv.codec import build_compressors, model_signature, save_checkpoint
     lm = models.load(str(tiny_dir))
