@@ -14,21 +14,30 @@
 #   scripts/gpu/kvcar-gpu.sh ruler smollm2 "32"        # RULER 4k (qwen: 4k and 16k), kvcar / snapkv / snapkv+kvcar
 #   scripts/gpu/kvcar-gpu.sh bench smollm2             # decode tokens/s, kvcar vs full, batch 1 and 16 and each one's largest
 #   scripts/gpu/kvcar-gpu.sh quick                     # the smallest useful set: train smollm2 latents 16:48, eval it (~5 min)
+#   scripts/gpu/kvcar-gpu.sh quick-qwen                # the same on Qwen2.5-Coder-1.5B (latents 32:96, 50%), after
+#                                                  # `scripts/gpu/qwen.sh setup` (its GGUF, wheels and .carry/data, which
+#                                                  # holds the corpus): it can run beside the sweeps' lanes
 # Every command is bounded (timeout); the summaries land in $OUT (default results/kvcar), run dirs in /tmp.
 set -uo pipefail
-source scripts/gpu/gpu-setup.sh
+if [ "${2:-}" = qwen ] || [ "${1:-quick}" = quick-qwen ]; then  # qwen.sh's environment (setup has run)
+  export KVBENCH_CACHE=/tmp/kvbench-cache PYTHONPATH=/tmp/kvbench-site:${PYTHONPATH:-} PYTHONUNBUFFERED=1 CI=1 HF_HUB_OFFLINE=1
+  python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v WARNING
+else
+  source scripts/gpu/gpu-setup.sh
+fi
 export OUT=${OUT:-results/kvcar}
 mkdir -p "$OUT"
-CORPUS=${KVCAR_CORPUS:-.deltakv/general-english.txt.gz}
-HAY=${KVCAR_HAYSTACK:-.deltakv/paul_graham_essays}
-RULER_DATA=${KVCAR_RULER:-.carry/tasks/ruler}
+first() { for p in "$@"; do [ -e "$p" ] && { echo "$p"; return; }; done; echo "$1"; }  # the first that is here
+CORPUS=${KVCAR_CORPUS:-$(first .carry/data/corpus/general-english.txt.gz .deltakv/general-english.txt.gz)}
+HAY=${KVCAR_HAYSTACK:-$(first .carry/data/paul_graham_essays .deltakv/paul_graham_essays)}
+RULER_DATA=${KVCAR_RULER:-$(first .carry/data/ruler .carry/tasks/ruler)}
 ART=/tmp/kvcar-art
 RUNS=/tmp/kvcar-runs
 
 model_path() {
   case "$1" in
   smollm2) echo "$gguf" ;;
-  qwen) echo /tmp/kvbench-assets/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf ;;
+  qwen) echo qwen2.5-coder-1.5b ;;  # the alias: qwen.sh setup put its GGUF in KVBENCH_CACHE
   *) echo "unknown model $1 (smollm2 or qwen)" >&2; exit 2 ;;
   esac
 }
@@ -114,5 +123,6 @@ ruler) ruler "${2:-smollm2}" "${3:-32}" ;;
 bench) bench "${2:-smollm2}" ;;
 summary) summary ;;
 quick) train smollm2 16:48; evaluate smollm2 16:48 ;;
-*) echo "usage: $0 train|eval|ruler|bench|summary|quick [smollm2|qwen] [\"LATENTS\"]" >&2; exit 2 ;;
+quick-qwen) train qwen 32:96; evaluate qwen 32:96 ;;
+*) echo "usage: $0 train|eval|ruler|bench|summary|quick|quick-qwen [smollm2|qwen] [\"LATENTS\"]" >&2; exit 2 ;;
 esac
