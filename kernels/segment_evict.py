@@ -29,7 +29,7 @@ between the evicting methods' step and SnapKV's, whose step only appends. Here i
 Design: both grids are one program per segment (``N = B * Hkv``, known on the host; nothing is read back, so a
 decoding step with them is CUDA-graph capturable). ``segment_argmin``'s program scans its segment's valid
 slots in blocks of ``BLOCK`` (the loop bound is the segment's length, capped by ``width``: slack is never
-read), keeping the running minimum, its first column and the first NaN column. ``move_last_into``'s program
+read), keeping the running minimum of (score, column) packed in one int64 (one reduction per block). ``move_last_into``'s program
 copies one row per per-slot tensor, each viewed as integers of its element size (a bit copy, NaN payloads
 included), all tensors in one launch (a tuple argument); a program reads the length before writing it and
 only its own segment's slots, so programs never race, and ``victim == last`` copies a row onto itself.
@@ -63,21 +63,18 @@ def _segment_argmin_kernel(SCORES, START, LEN, VICTIM, width, BLOCK: tl.constexp
     start = tl.load(START + seg).to(tl.int64)
     n = tl.minimum(tl.load(LEN + seg).to(tl.int64), width)  # the padded view it replaces had `width` columns
     offs = tl.arange(0, BLOCK).to(tl.int64)
-    best = tl.full([], float("inf"), tl.float32)
-    best_col = tl.zeros([], tl.int64)  # an all-inf (or empty) row: column 0, as argmin
-    nan_col = n  # none yet
+    # (score, column) as one int64 whose order is argmin's: the float's bits made order-preserving as a signed
+    # int32 (negatives: the magnitude bits flipped; -0.0 counted as 0.0, NaN lowest of all) in the high half,
+    # the column in the low half (ties: the earliest). One reduction per block.
+    best = tl.full([], 0x7F800000, tl.int64) << 32  # +inf at column 0: what an all-inf (or empty) row gives
     for c0 in range(0, n, BLOCK):
         col = c0 + offs
-        ok = col < n
-        x = tl.load(SCORES + start + col, mask=ok, other=float("inf")).to(tl.float32)
-        is_nan = x != x
-        nan_col = tl.minimum(nan_col, tl.min(tl.where(ok & is_nan, col, n), 0))
-        x = tl.where(is_nan, float("inf"), x)
-        m = tl.min(x, 0)
-        first = tl.min(tl.where(x == m, col, n), 0)  # ties: the earliest column
-        best_col = tl.where(m < best, first, best_col)  # strictly lower: an earlier block keeps its tie
-        best = tl.minimum(best, m)
-    col = tl.where(nan_col < n, nan_col, best_col)
+        x = tl.load(SCORES + start + col, mask=col < n, other=float("inf")).to(tl.float32)
+        bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        key = tl.where(x != x, -2147483648, key)
+        best = tl.minimum(best, tl.min((key.to(tl.int64) << 32) | col, 0))
+    col = best - ((best >> 32) << 32)
     tl.store(VICTIM + seg, tl.where(col < n, start + col, 0))
 
 

@@ -88,6 +88,20 @@ def test_segment_argmin_equals_the_padded_argmin(kind, seed):
         assert got.dtype == torch.int64 and torch.equal(got.cpu(), want), (block, got, want)
 
 
+def test_segment_argmin_orders_floats_as_argmin():
+    """Signed zeros tie, negatives order by magnitude, denormals count, NaN beats -inf, an all-inf row gives its
+    first slot, and one token is its own minimum."""
+    tiny = 1e-45  # the smallest float32 denormal
+    rows = [[0.0, -0.0], [-0.0, 0.0], [-math.inf, math.nan, math.nan], [1.0, -tiny, -0.0, tiny], [math.inf] * 3,
+            [-1.0, -2.0, -2.0, -1.5], [3e38, -3e38, -math.inf], [5.0], [2.0, math.nan]]
+    scores = torch.tensor([x for r in rows for x in r])
+    seg_len = torch.tensor([len(r) for r in rows])
+    start = torch.cumsum(seg_len, 0) - seg_len
+    want = segment_argmin_reference(scores, start, seg_len, 4)
+    assert (want - start).tolist() == [0, 0, 1, 1, 0, 1, 2, 0, 1]
+    assert torch.equal(segment_argmin_triton(scores.to(DEV), start.to(DEV), seg_len.to(DEV), 4).cpu(), want)
+
+
 def test_segment_argmin_of_bf16_scores_and_a_narrow_width():
     start, seg_len, cap = layout(LENS, 3)
     scores = scores_for(start, seg_len, cap, 3, "randn").bfloat16()
