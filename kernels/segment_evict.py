@@ -144,11 +144,10 @@ def _move_last_kernel(START, LEN, VICTIM, MASK, ROWS, WIDTHS: tl.constexpr, n_sl
     go = (flag + tl.zeros([BLOCK], tl.int64)) != 0
     offs = tl.arange(0, BLOCK)
     for i in tl.static_range(len(ROWS)):
-        W: tl.constexpr = WIDTHS[i]
-        for w0 in tl.static_range(0, W, BLOCK):
-            m = (w0 + offs < W) & go
-            row = tl.load(ROWS[i] + last * W + w0 + offs, mask=m)
-            tl.store(ROWS[i] + victim * W + w0 + offs, row, mask=m)
+        for w0 in tl.static_range(0, WIDTHS[i], BLOCK):  # (a constexpr may not be reassigned in the loop)
+            m = (w0 + offs < WIDTHS[i]) & go
+            row = tl.load(ROWS[i] + last * WIDTHS[i] + w0 + offs, mask=m)
+            tl.store(ROWS[i] + victim * WIDTHS[i] + w0 + offs, row, mask=m)
     tl.store(LEN + seg, n - flag)
 
 

@@ -5,7 +5,11 @@ h2o, tova and streamingllm decode to the same tokens and the same stores with th
 
 Without CUDA the Triton paths run through Triton's interpreter; with CUDA the same
 tests run compiled, and a CUDA-graph capture is checked too."""
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -184,6 +188,44 @@ def test_both_kernels_replay_in_a_cuda_graph():
     assert torch.equal(seg_len, ref_len)
     for a, b in zip(ref_rows, rows):
         assert torch.equal(bits(a), bits(b))
+
+
+AOT_COMPILE = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kvbench.kernels import segment_evict as se
+
+scores, rows, widths, has_mask = json.loads(sys.argv[1])
+
+def build(fn, signature, constexprs, num_warps):
+    src = ASTSource(fn=triton.jit(fn), signature=signature, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["ptx"]
+
+seg = {"START": "*i64", "LEN": "*i64"}
+ptx = build(se._segment_argmin_kernel, {"SCORES": scores, **seg, "VICTIM": "*i64", "width": "i32", "BLOCK": "constexpr"},
+            {"BLOCK": se.ARGMIN_CONFIG["BLOCK"]}, se.ARGMIN_CONFIG["num_warps"])
+assert "setp.eq.ftz" not in ptx, "denormal scores flushed to zero (argmin does not flush them)"
+build(se._move_last_kernel, {**seg, "VICTIM": "*i64", "MASK": "*u8", "ROWS": tuple(rows), "WIDTHS": "constexpr",
+      "n_slots": "i64", "HAS_MASK": "constexpr", "BLOCK": "constexpr"},
+      {"WIDTHS": tuple(widths), "HAS_MASK": has_mask, "BLOCK": 128}, 1)
+print("compiled")
+"""
+
+
+@pytest.mark.parametrize("case", [
+    ["*fp32", ["*i16", "*i16", "*i32", "*i32"], [128, 128, 1, 1], True],  # h2o's store: bf16 k/v, pos, fp32 acc
+    ["*bf16", ["*i32", "*i32", "*i32", "*i8", "*i64"], [64, 64, 1, 1, 3], False]])
+def test_kernels_compile_for_the_h200(case):
+    """The interpreter accepts what the compiler refuses (a constexpr reassigned in a static loop did): both
+    kernels compiled ahead of time for sm_90, without a GPU. In a process of its own: Triton's interpreter, once
+    it has run in a process, leaves the compiler's code generation broken there."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", AOT_COMPILE, json.dumps(case)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
 
 
 def test_benchmark_runs_tiny(capsys):
