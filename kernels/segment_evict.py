@@ -18,8 +18,8 @@ Public API
     decrement ``seg_len[i]`` in place; bit-exact with what ``RaggedKV.remove_one`` did in PyTorch. A segment in
     ``mask`` must hold a token and ``victim[i]`` must be one of its slots (``victim == last`` is fine).
 Each is Triton when the scores (resp. ``seg_len``) are on CUDA or ``KVBENCH_TRITON=1`` (``TRITON_INTERPRET=1``
-on the CPU), else the PyTorch reference (``*_reference``: the code the kernels replace); ``*_triton``: the
-Triton paths.
+on the CPU), else the PyTorch reference (``*_reference``: the code the kernels replace; ``move_last_into`` takes
+it too for a per-slot tensor it cannot copy as bits: strided or complex); ``*_triton``: the Triton paths.
 
 Why: in PyTorch the eviction is ~15-20 small kernels per layer (the padded view's arange, compares, wheres and
 gather; argmin; a gather; then a where, one indexed copy per per-slot tensor and the length update). At batch 1
@@ -29,10 +29,11 @@ between the evicting methods' step and SnapKV's, whose step only appends. Here i
 Design: both grids are one program per segment (``N = B * Hkv``, known on the host; nothing is read back, so a
 decoding step with them is CUDA-graph capturable). ``segment_argmin``'s program scans its segment's valid
 slots in blocks of ``BLOCK`` (the loop bound is the segment's length, capped by ``width``: slack is never
-read), keeping the running minimum of (score, column) packed in one int64 (one reduction per block). ``move_last_into``'s program
-copies one row per per-slot tensor, each viewed as integers of its element size (a bit copy, NaN payloads
-included), all tensors in one launch (a tuple argument); a program reads the length before writing it and
-only its own segment's slots, so programs never race, and ``victim == last`` copies a row onto itself.
+read), keeping the running minimum of (score, column) packed in one int64 (one reduction per block).
+``move_last_into``'s program copies one row per per-slot tensor, each viewed as integers of its element size (a
+bit copy, NaN payloads included), all tensors in one launch (a tuple argument); a program reads the length
+before writing it and only its own segment's slots, so programs never race, and ``victim == last`` copies a row
+onto itself.
 Why not one fused kernel: ``RaggedKV.remove_one`` (which calls ``move_last_into``) is a method that views may
 override (a codec's decoded view routes it to the codes), so the eviction keeps it as its own step.
 """
@@ -193,7 +194,9 @@ def move_last_into_triton(per_slot, seg_start, seg_len, victim, mask=None, *, bl
 
 def move_last_into(per_slot, seg_start, seg_len, victim, mask=None) -> None:
     """Evict slot ``victim[i]`` of every segment ``i`` in ``mask`` (see the module docstring); in place."""
-    if use_triton(seg_len):
+    n_slots = per_slot[0].shape[0] if per_slot else 0
+    # a per-slot tensor the kernel cannot copy as bits (a strided view, complex numbers): the PyTorch copies
+    if use_triton(seg_len) and per_slot and all(_as_int_rows(t, n_slots) is not None for t in per_slot):
         move_last_into_triton(per_slot, seg_start, seg_len, victim, mask)
     else:
         move_last_into_reference(per_slot, seg_start, seg_len, victim, mask)

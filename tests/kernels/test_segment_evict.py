@@ -153,13 +153,19 @@ def test_move_last_into_equals_remove_ones_copies(masked):
         assert torch.equal(bits(a), bits(b.cpu()))  # every slot, slack included, bit for bit (NaN too)
 
 
-def test_move_last_into_refuses_what_it_cannot_copy():
+def test_move_last_into_refuses_what_it_cannot_copy(monkeypatch):
     S = 8
     one = torch.zeros(1, dtype=torch.long)
     with pytest.raises(ValueError, match="contiguous, of real or integer dtype"):
         move_last_into_triton([torch.zeros(S, 4), torch.zeros(4, S).t()], one, one + 1, one)
     with pytest.raises(ValueError, match="contiguous, of real or integer dtype"):
         move_last_into_triton([torch.zeros(S, 4), torch.zeros(S + 1)], one, one + 1, one)
+    # the dispatcher copies such a store in PyTorch instead (a strided per-slot tensor still moves)
+    monkeypatch.setenv("KVBENCH_TRITON", "1")
+    strided = torch.arange(2 * S, dtype=torch.float32).view(S, 2)[:, 0]
+    seg_len = torch.tensor([S])
+    segment_evict.move_last_into([torch.zeros(S, 4), strided], one, seg_len, one + 2)
+    assert int(seg_len) == S - 1 and strided[2] == 2 * (S - 1)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
@@ -204,7 +210,8 @@ def build(fn, signature, constexprs, num_warps):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["ptx"]
 
 seg = {"START": "*i64", "LEN": "*i64"}
-ptx = build(se._segment_argmin_kernel, {"SCORES": scores, **seg, "VICTIM": "*i64", "width": "i32", "BLOCK": "constexpr"},
+ptx = build(se._segment_argmin_kernel,
+            {"SCORES": scores, **seg, "VICTIM": "*i64", "width": "i32", "BLOCK": "constexpr"},
             {"BLOCK": se.ARGMIN_CONFIG["BLOCK"]}, se.ARGMIN_CONFIG["num_warps"])
 assert "setp.eq.ftz" not in ptx, "denormal scores flushed to zero (argmin does not flush them)"
 build(se._move_last_kernel, {**seg, "VICTIM": "*i64", "MASK": "*u8", "ROWS": tuple(rows), "WIDTHS": "constexpr",
