@@ -50,6 +50,7 @@ import torch
 from transformers import Cache
 
 from kvbench.kernels.decode_attention import merge_attention, ragged_attention
+from kvbench.kernels.segment_evict import move_last_into
 from kvbench.kernels.slot_scores import slot_attention_probs
 from kvbench.kernels.store_append import append_tokens
 from kvbench.models import head_dim
@@ -228,13 +229,8 @@ class RaggedKV:
     def remove_one(self, victim: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Evict slot ``victim[i]`` from every segment i (where ``mask[i]``): the segment's last slot moves
         into the hole. O(1) per segment, used by decode-time eviction; fixed shapes and no device sync (a
-        segment outside ``mask`` copies its last slot onto itself), so a captured decoding step can replay it."""
-        last = self.start + self.length - 1
-        if mask is not None:
-            victim = torch.where(mask, victim, last)
-        for t in (self.k, self.v, self.pos, *self.extra.values()):
-            t[victim] = t[last]
-        self.length -= 1 if mask is None else mask.long()
+        segment outside ``mask`` keeps its slots), so a captured decoding step can replay it. One kernel on CUDA."""
+        move_last_into([self.k, self.v, self.pos, *self.extra.values()], self.start, self.length, victim, mask)
         self.host_length = None  # which segments lost a token is known on the device only
 
     def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:

@@ -26,6 +26,7 @@ import torch
 
 from kvbench.cache import LayerCall, RaggedKV, capturing, fraction_target, fraction_target_host, ints_on
 from kvbench.distributed import everywhere
+from kvbench.kernels.segment_evict import segment_argmin
 
 KEEP_ALWAYS = float("inf")
 
@@ -248,6 +249,6 @@ class ScoredEviction(Method):
     def _evict_one(self, call: LayerCall, over: torch.Tensor) -> None:
         """The lowest-scoring token of every segment that is over its target leaves (fixed shapes, no sync)."""
         store = call.store
-        vals, idx = segment_view(store, self.score(call).float(), fill=float("inf"), sync_free=True)
-        victim = torch.gather(idx, 1, vals.argmin(dim=1, keepdim=True))[:, 0]
+        # One kernel each on CUDA; the search is bounded by the largest capacity, which the host knows.
+        victim = segment_argmin(self.score(call).float(), store.start, store.length, store.cap_max)
         store.remove_one(victim, over > 0)
