@@ -109,12 +109,11 @@ def place(values: torch.Tensor, at: torch.Tensor, keep: torch.Tensor, size: int)
     return out[:size]
 
 
-def segment_view(store: RaggedKV, per_slot: torch.Tensor, fill=float("-inf"), sync_free: bool = False,
+def segment_view(store: RaggedKV, per_slot: torch.Tensor, fill=float("-inf"),
                  width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-slot values as a padded [B*H, Lmax] tensor (``fill`` where invalid) and the slot numbers.
-    ``sync_free``: padded to the largest capacity (known on the host) rather than the longest segment;
     ``width``: the longest segment, when the caller has read it already."""
-    idx, valid = store.padded_slots() if sync_free else store.slot_index(width)
+    idx, valid = store.slot_index(width)
     vals = torch.where(valid, per_slot[idx], torch.full_like(per_slot[idx], fill))
     return vals, idx
 

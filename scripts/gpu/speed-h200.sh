@@ -18,7 +18,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 timeout "${1:-300}" kvbench bench --preset llama-3.1-8b --contexts 32768 --batches 1,8 --compile \
   --methods full,snapkv,pyramidkv,adakv,streamingllm,tova,h2o --budgets 0.25 --new-tokens 256 --peers hf \
   --no-largest-batch --out "$OUT/bench-compiled" 2>&1 | grep --line-buffered -v "^Loading" | tee "$OUT/bench.log" | tail -30
-python3 -m kernels.segment_evict 2>&1 | tee "$OUT/kernels.log" | tail -12
+{ python3 -m kernels.segment_evict; python3 -m kernels.segment_evict --segments 64; } 2>&1 | tee "$OUT/kernels.log" | tail -16
 P=scripts/gpu/prof_prefill_gpu.py
 timeout 100 python3 $P llama-3.1-8b "" --decode 32768 --methods streamingllm,tova,h2o --compile 2>&1 \
   | grep --line-buffered -v "^Loading" | tee "$OUT/prof.log" | grep "steady step"
