@@ -195,7 +195,7 @@ class RaggedKV:
         new_start[1:] = torch.cumsum(capacity, 0)[:-1]
         if host_counts is not None and host_capacity is not None:
             total, self.cap_max, n_slots = sum(host_capacity), max(host_capacity, default=0), sum(host_counts)
-            free = min((c - n for c, n in zip(host_capacity, host_counts)), default=0)
+            free = host_free_room(host_counts, host_capacity)
         else:  # the sizes the host needs, read back in one transfer (one device sync, not four)
             total, self.cap_max, free, n_slots = (
                 torch.stack([capacity.sum(), capacity.max(), (capacity - counts).min(), counts.sum()]).tolist()
@@ -255,7 +255,7 @@ class RaggedKV:
         if self.free >= T:
             self.free -= T
         elif self.host_length is not None and self.host_capacity is not None:
-            self.free = min((c - n for c, n in zip(self.host_capacity, self.host_length)), default=0)
+            self.free = host_free_room(self.host_length, self.host_capacity)
         else:
             self.free = int((self.capacity - self.length).min())
 
@@ -642,6 +642,11 @@ def rope_inverse_factory(rotary_emb) -> Callable:
         return x * cos - rot * sin if inverse else x * cos + rot * sin
 
     return apply
+
+
+def host_free_room(lengths: list[int], capacities: list[int]) -> int:
+    """The room every segment still has (the smallest capacity - length), from the host's copies."""
+    return min((c - n for c, n in zip(capacities, lengths)), default=0)
 
 
 def fraction_target_host(budget: float | int, seen: int) -> int:
