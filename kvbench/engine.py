@@ -71,7 +71,6 @@ def kv_ratio(held: int, full: int) -> float:
     return held / max(full, 1)
 
 
-
 def compile_mode() -> str | None:
     """torch.compile's mode for the decoding step, from KVBENCH_COMPILE_MODE: e.g. max-autotune-no-cudagraphs
     (autotuned matmuls for batch 1's 1-row GEMMs). kvbench captures the step as a CUDA graph itself, so a mode

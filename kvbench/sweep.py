@@ -236,8 +236,9 @@ def _run_point(point: RunConfig, ident: str, loaded: dict, load_model, out: Path
             options = {k: v for k, v in (("random_weights", point.random_weights),
                                          ("trust_remote_code", point.trust_remote_code)) if v}
             loaded[key] = load_model(point.model, dtype, device, point.seed, **options)
-            if is_finished(existing_runs(out).get(ident)):  # another lane finished it while this one loaded
-                return {"status": "skipped", "run_dir": str(existing_runs(out)[ident]), "note": "already finished",
+            done = existing_runs(out).get(ident)
+            if is_finished(done):  # another lane finished it while this one loaded
+                return {"status": "skipped", "run_dir": str(done), "note": "already finished",
                         "seconds": time.perf_counter() - started}
         run_dir = run(point, lm=loaded[key], progress=progress, sample_memo=sample_memo)
     except results.RunLockedError as e:  # the same point is being run right now by another process
