@@ -145,7 +145,8 @@ def _move_last_kernel(START, LEN, VICTIM, MASK, ROWS, WIDTHS: tl.constexpr, n_sl
     go = (flag + tl.zeros([BLOCK], tl.int64)) != 0
     offs = tl.arange(0, BLOCK)
     for i in tl.static_range(len(ROWS)):
-        for w0 in tl.static_range(0, WIDTHS[i], BLOCK):  # (a constexpr may not be reassigned in the loop)
+        # a plain loop: triton 3.6 does not take a constexpr tuple's item as a static_range bound
+        for w0 in range(0, WIDTHS[i], BLOCK):
             m = (w0 + offs < WIDTHS[i]) & go
             row = tl.load(ROWS[i] + last * WIDTHS[i] + w0 + offs, mask=m)
             tl.store(ROWS[i] + victim * WIDTHS[i] + w0 + offs, row, mask=m)
