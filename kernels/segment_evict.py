@@ -9,10 +9,16 @@ that is over it, its lowest-scoring token; the segment's last token moves into t
 Public API
 ----------
 ``segment_argmin(scores, seg_start, seg_len, width) -> victim [N] int64``: for each segment, the slot of
-    ``[seg_start[i], seg_start[i] + min(seg_len[i], width))`` with the lowest score (float ``[S]``). Exactly what
+    ``[seg_start[i], seg_start[i] + min(seg_len[i], width))`` with the lowest score (real ``[S]``, compared as
+    float32: integers such as positions exactly up to 2**24). Exactly what
     ``argmin`` over the padded ``[N, width]`` view of the scores (``inf`` past each length) gave, which this
     replaces: ties go to the lowest slot, a NaN score counts as the lowest (the first NaN wins, as
-    ``torch.argmin``), and an empty segment yields slot 0 (the caller masks it out).
+    ``torch.argmin``), and an empty segment yields slot 0 (the caller masks it out). Options, so that a method's
+    whole ranking is this one launch: ``pos`` [S], ``newest`` [B] and ``recent`` (int or [B]) with ``sinks``
+    protect slots (scored ``inf``) whose position is above ``newest[b] - recent[b]`` (the newest tokens) or
+    below ``sinks``; ``shared=True`` ranks the ``heads`` segments of each sequence together (TOVA's one
+    ranking per layer: they hold equally many tokens, position for position; a column scores the sum over the
+    heads, in head order, which orders as their mean) and gives every one of them the same column.
 ``move_last_into(per_slot, seg_start, seg_len, victim, mask=None)``: in every segment ``i`` where ``mask[i]``
     (default: all), copy the last slot's row of every tensor of ``per_slot`` into slot ``victim[i]`` and
     decrement ``seg_len[i]`` in place; bit-exact with what ``RaggedKV.remove_one`` did in PyTorch. A segment in
@@ -59,10 +65,20 @@ except Exception:  # pragma: no cover
 # segment_argmin
 # --------------------------------------------------------------------------
 
-def _segment_argmin_kernel(SCORES, START, LEN, VICTIM, width, BLOCK: tl.constexpr):
-    seg = tl.program_id(0).to(tl.int64)
-    start = tl.load(START + seg).to(tl.int64)
-    n = tl.minimum(tl.load(LEN + seg).to(tl.int64), width)  # the padded view it replaces had `width` columns
+def _segment_argmin_kernel(SCORES, START, LEN, VICTIM, width, POS, NEWEST, RECENT, recent, sinks, heads,
+                           PROTECT: tl.constexpr, RECENT_PER_SEQ: tl.constexpr, SHARED: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    # one program per segment, or (SHARED) per sequence: its `heads` segments ranked together
+    prog = tl.program_id(0).to(tl.int64)
+    first = prog * heads if SHARED else prog
+    start = tl.load(START + first).to(tl.int64)
+    n = tl.minimum(tl.load(LEN + first).to(tl.int64), width)  # the padded view it replaces had `width` columns
+    if PROTECT:
+        b = prog if SHARED else prog // heads
+        if RECENT_PER_SEQ:
+            keep_above = tl.load(NEWEST + b).to(tl.int64) - tl.load(RECENT + b).to(tl.int64)
+        else:
+            keep_above = tl.load(NEWEST + b).to(tl.int64) - recent
     offs = tl.arange(0, BLOCK).to(tl.int64)
     # (score, column) as one int64 whose order is argmin's: the float's bits made order-preserving as a signed
     # int32 (negatives: the magnitude bits flipped; -0.0 counted as 0.0, NaN lowest of all) in the high half,
@@ -70,13 +86,24 @@ def _segment_argmin_kernel(SCORES, START, LEN, VICTIM, width, BLOCK: tl.constexp
     best = tl.full([], 0x7F800000, tl.int64) << 32  # +inf at column 0: what an all-inf (or empty) row gives
     for c0 in range(0, n, BLOCK):
         col = c0 + offs
-        x = tl.load(SCORES + start + col, mask=col < n, other=float("inf")).to(tl.float32)
+        m = col < n
+        x = tl.load(SCORES + start + col, mask=m, other=float("inf")).to(tl.float32)
+        if SHARED:  # the sum over the sequence's heads at the same column (the order of a mean)
+            for h in range(1, heads):
+                x += tl.load(SCORES + tl.load(START + first + h).to(tl.int64) + col, mask=m, other=0.0).to(tl.float32)
+        if PROTECT:  # the newest tokens and the sinks stay: scored +inf
+            p = tl.load(POS + start + col, mask=m, other=0).to(tl.int64)
+            x = tl.where((p > keep_above) | ((p >= 0) & (p < sinks)), float("inf"), x)
         bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
         key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
         key = tl.where(x != x, -2147483648, key)
         best = tl.minimum(best, tl.min((key.to(tl.int64) << 32) | col, 0))
     col = best - ((best >> 32) << 32)
-    tl.store(VICTIM + seg, tl.where(col < n, start + col, 0))
+    if SHARED:
+        for h in range(0, heads):
+            tl.store(VICTIM + first + h, tl.where(col < n, tl.load(START + first + h).to(tl.int64) + col, 0))
+    else:
+        tl.store(VICTIM + prog, tl.where(col < n, start + col, 0))
 
 
 def _check_segments(seg_start, seg_len, device):
@@ -86,35 +113,71 @@ def _check_segments(seg_start, seg_len, device):
         raise ValueError(f"seg_start and seg_len must be on {device}")
 
 
-def segment_argmin_reference(scores, seg_start, seg_len, width: int, **_ignored) -> torch.Tensor:
+def _protect_args(seg_start, pos, newest, recent, sinks: int, heads: int):
+    """The protection's arguments checked: with ``pos`` [S], ``newest`` [B] and ``recent`` (an int or [B])."""
+    if pos is None:
+        if newest is not None or (isinstance(recent, torch.Tensor) or recent) or sinks:
+            raise ValueError("segment_argmin: newest, recent and sinks need pos")
+        return
+    if newest is None or newest.shape != (seg_start.shape[0] // heads,) or seg_start.shape[0] % heads:
+        raise ValueError(f"segment_argmin: newest must be [B] = [{seg_start.shape[0]} segments // heads={heads}]")
+    if isinstance(recent, torch.Tensor) and recent.shape != newest.shape:
+        raise ValueError(f"segment_argmin: recent must be an int or [B] like newest, got {tuple(recent.shape)}")
+
+
+def segment_argmin_reference(scores, seg_start, seg_len, width: int, *, pos=None, newest=None, recent=0,
+                             sinks: int = 0, heads: int = 1, shared: bool = False, **_ignored) -> torch.Tensor:
     """The PyTorch formula ``ScoredEviction._evict_one`` used: argmin over the padded view (``inf`` past each
-    length; an empty row gives column 0, whose padded slot number is 0)."""
+    length; an empty row gives column 0, whose padded slot number is 0); protected slots score ``inf``; shared:
+    the padded rows of a sequence's heads summed first (in head order), one column for all of them."""
     _check_segments(seg_start, seg_len, scores.device)
+    _protect_args(seg_start, pos, newest, recent, sinks, heads)
     if width == 0:
         return torch.zeros_like(seg_start)
     ar = torch.arange(width, device=scores.device)
-    valid = ar[None, :] < seg_len[:, None]
+    lengths = seg_len.view(-1, heads)[:, :1].expand(-1, heads).reshape(-1) if shared else seg_len
+    valid = ar[None, :] < lengths[:, None]
     idx = torch.where(valid, seg_start[:, None] + ar[None, :], torch.zeros_like(ar)[None, :])
-    vals = torch.where(valid, scores.float()[idx], torch.full_like(idx, float("inf"), dtype=torch.float32))
+    vals = torch.where(valid, scores.float()[idx], torch.zeros_like(idx, dtype=torch.float32))
+    if shared:  # every head's row becomes the sum over its sequence's heads (padding: 0, as the kernel's loads)
+        rows = vals.view(-1, heads, width)
+        total = rows[:, 0]
+        for h in range(1, heads):
+            total = total + rows[:, h]
+        vals = total[:, None].expand(-1, heads, -1).reshape(-1, width)
+    if pos is not None:
+        keep_above = newest.long() - (recent.long() if isinstance(recent, torch.Tensor) else int(recent))
+        per_seg = keep_above.repeat_interleave(heads)[:, None]
+        first = idx.view(-1, heads, width)[:, :1].expand(-1, heads, -1).reshape(-1, width) if shared else idx
+        p = pos.long()[first]
+        vals = torch.where((p > per_seg) | ((p >= 0) & (p < sinks)), float("inf"), vals)
+    vals = torch.where(valid, vals, float("inf"))
     return torch.gather(idx, 1, vals.argmin(dim=1, keepdim=True))[:, 0]
 
 
 ARGMIN_CONFIG = {"BLOCK": 2048, "num_warps": 8}
 
 
-def segment_argmin_triton(scores, seg_start, seg_len, width: int, *, block=None, num_warps=None) -> torch.Tensor:
+def segment_argmin_triton(scores, seg_start, seg_len, width: int, *, pos=None, newest=None, recent=0,
+                          sinks: int = 0, heads: int = 1, shared: bool = False, block=None,
+                          num_warps=None) -> torch.Tensor:
     """The Triton path (see the module docstring)."""
     _check_segments(seg_start, seg_len, scores.device)
-    if scores.dim() != 1 or not scores.is_floating_point():
-        raise ValueError(f"scores must be a float [S] tensor, got {scores.dtype} {tuple(scores.shape)}")
+    _protect_args(seg_start, pos, newest, recent, sinks, heads)
+    if scores.dim() != 1 or scores.is_complex() or scores.dtype == torch.bool:
+        raise ValueError(f"scores must be a real [S] tensor, got {scores.dtype} {tuple(scores.shape)}")
     victim = torch.empty_like(seg_start, dtype=torch.int64)
     n_seg = seg_start.shape[0]
     if n_seg == 0:
         return victim
     # no longer than the longest segment can be (the host knows width): a tiny store gets a tiny block
     block = int(block or min(ARGMIN_CONFIG["BLOCK"], max(16, _next_pow2(max(int(width), 1)))))
-    _launch(_segment_argmin_kernel, (n_seg,), scores.contiguous(), seg_start, seg_len, victim, int(width),
-            BLOCK=block, num_warps=int(num_warps or ARGMIN_CONFIG["num_warps"]))
+    per_seq = isinstance(recent, torch.Tensor)
+    _launch(_segment_argmin_kernel, (n_seg // heads if shared else n_seg,), scores.contiguous(), seg_start, seg_len,
+            victim, int(width), seg_start if pos is None else pos, seg_start if newest is None else newest.contiguous(),
+            recent.contiguous() if per_seq else seg_start, 0 if per_seq else int(recent), int(sinks), int(heads),
+            PROTECT=pos is not None, RECENT_PER_SEQ=per_seq, SHARED=bool(shared), BLOCK=block,
+            num_warps=int(num_warps or ARGMIN_CONFIG["num_warps"]))
     return victim
 
 
@@ -122,7 +185,7 @@ def segment_argmin(scores, seg_start, seg_len, width: int, **kw) -> torch.Tensor
     """[N] int64: each segment's lowest-scoring slot (see the module docstring)."""
     if use_triton(scores):
         return segment_argmin_triton(scores, seg_start, seg_len, width, **kw)
-    return segment_argmin_reference(scores, seg_start, seg_len, width)
+    return segment_argmin_reference(scores, seg_start, seg_len, width, **kw)
 
 
 # --------------------------------------------------------------------------

@@ -15,8 +15,8 @@ for valid slots and 0 for slack (which may hold garbage, even NaN).
 
 Public API
 ----------
-``slot_attention_probs(q, lse, k, seg_start, seg_len, seg_of_slot, scale, reduce="mean") -> [S]``
-    float32; Triton when ``k`` is on CUDA or ``KVBENCH_TRITON=1`` (``TRITON_INTERPRET=1`` on
+``slot_attention_probs(q, lse, k, seg_start, seg_len, seg_of_slot, scale, reduce="mean", out=None) -> [S]``
+    float32 (``out``: added into it, the valid slots only); Triton when ``k`` is on CUDA or ``KVBENCH_TRITON=1`` (``TRITON_INTERPRET=1`` on
     the CPU), else the PyTorch reference.  ``slot_attention_probs_triton`` and
     ``slot_attention_probs_reference``: the two paths.
 
@@ -51,6 +51,7 @@ def _slot_probs_kernel(
     stride_qs, stride_qg, stride_qd, stride_ls, stride_lg, stride_ks, stride_kd,
     n_slots, group, qk_scale, inv_group, LOG2E: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, REDUCE_MAX: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
 ):
     slot = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     in_range = slot < n_slots
@@ -76,7 +77,10 @@ def _slot_probs_kernel(
             total += p
     if not REDUCE_MAX:
         total = total * inv_group
-    tl.store(OUT + slot, tl.where(valid, total, 0.0), mask=in_range)
+    if ACCUMULATE:  # OUT += the probabilities, at valid slots only (H2O's running sum: no second launch)
+        tl.store(OUT + slot, tl.load(OUT + slot, mask=valid, other=0.0) + total, mask=valid)
+    else:
+        tl.store(OUT + slot, tl.where(valid, total, 0.0), mask=in_range)
 
 
 def _check(q, lse, k, seg_start, seg_len, seg_of_slot, reduce):
@@ -100,12 +104,21 @@ def _check(q, lse, k, seg_start, seg_len, seg_of_slot, reduce):
 SLOT_CONFIG = {"BLOCK_S": 64, "num_warps": 4}
 
 
-def slot_attention_probs_triton(q, lse, k, seg_start, seg_len, seg_of_slot, scale, reduce="mean",
+def _check_out(out, k):
+    if out is not None and (out.shape != (k.shape[0],) or out.dtype != torch.float32 or not out.is_contiguous()
+                            or out.device != k.device):
+        raise ValueError(f"out must be a contiguous float32 [S] = [{k.shape[0]}] tensor on {k.device}")
+
+
+def slot_attention_probs_triton(q, lse, k, seg_start, seg_len, seg_of_slot, scale, reduce="mean", out=None,
                                 *, block_s=None, num_warps=None):
-    """The Triton path (see the module docstring); every element of the result is written."""
+    """The Triton path (see the module docstring); every element of the result is written (``out``: added to
+    at the valid slots)."""
     _check(q, lse, k, seg_start, seg_len, seg_of_slot, reduce)
+    _check_out(out, k)
     S, D = k.shape
-    out = torch.empty(S, dtype=torch.float32, device=k.device)
+    accumulate = out is not None
+    out = torch.empty(S, dtype=torch.float32, device=k.device) if out is None else out
     if S == 0:
         return out
     G = q.shape[1]
@@ -115,31 +128,35 @@ def slot_attention_probs_triton(q, lse, k, seg_start, seg_len, seg_of_slot, scal
         q, lse, k, seg_start, seg_len, seg_of_slot, out,
         q.stride(0), q.stride(1), q.stride(2), lse.stride(0), lse.stride(1), k.stride(0), k.stride(1),
         S, G, float(scale) * _LOG2E, 1.0 / max(G, 1), _LOG2E,
-        HEAD_DIM=D, BLOCK_S=BLOCK_S, BLOCK_D=_next_pow2(D), REDUCE_MAX=(reduce == "max"),
+        HEAD_DIM=D, BLOCK_S=BLOCK_S, BLOCK_D=_next_pow2(D), REDUCE_MAX=(reduce == "max"), ACCUMULATE=accumulate,
         num_warps=int(num_warps or SLOT_CONFIG["num_warps"]),
     )
     return out
 
 
-def slot_attention_probs_reference(q, lse, k, seg_start, seg_len, seg_of_slot, scale, reduce="mean", **_ignored):
+def slot_attention_probs_reference(q, lse, k, seg_start, seg_len, seg_of_slot, scale, reduce="mean", out=None,
+                                   **_ignored):
     """PyTorch oracle, the formula ``LayerCall.slot_attention`` used before the kernel: fp32 keys and a
     per-slot copy of its segment's queries ([S, G, D])."""
     _check(q, lse, k, seg_start, seg_len, seg_of_slot, reduce)
+    _check_out(out, k)
     seg = seg_of_slot.long()
     s = torch.einsum("sd,sgd->sg", k.float(), q.float()[seg]) * scale
     p = torch.exp(s - lse.float()[seg])
     p = p.amax(-1) if reduce == "max" else p.mean(-1)
     slot = torch.arange(k.shape[0], device=k.device)
     valid = (slot >= seg_start[seg]) & (slot < seg_start[seg] + seg_len[seg])
-    return torch.where(valid, p, torch.zeros_like(p))
+    p = torch.where(valid, p, torch.zeros_like(p))
+    return p if out is None else out.add_(p)
 
 
-def slot_attention_probs(q, lse, k, seg_start, seg_len, seg_of_slot, scale, reduce="mean", **kw):
+def slot_attention_probs(q, lse, k, seg_start, seg_len, seg_of_slot, scale, reduce="mean", out=None, **kw):
     """Float32 ``[S]``: each slot's attention probability from its segment's last query, reduced over the
-    ``G`` query rows of the KV head ("mean" or "max"); 0 at slack slots."""
+    ``G`` query rows of the KV head ("mean" or "max"); 0 at slack slots. ``out``: added into it instead (a
+    running sum, as H2O's), at the valid slots, and returned."""
     if use_triton(k):
-        return slot_attention_probs_triton(q, lse, k, seg_start, seg_len, seg_of_slot, scale, reduce, **kw)
-    return slot_attention_probs_reference(q, lse, k, seg_start, seg_len, seg_of_slot, scale, reduce)
+        return slot_attention_probs_triton(q, lse, k, seg_start, seg_len, seg_of_slot, scale, reduce, out, **kw)
+    return slot_attention_probs_reference(q, lse, k, seg_start, seg_len, seg_of_slot, scale, reduce, out)
 
 
 # --------------------------------------------------------------------------

@@ -353,9 +353,10 @@ class LayerCall:
     def store(self):
         return self.cache.stores[self.layer]
 
-    def slot_attention(self, reduce: str = "mean") -> torch.Tensor:
+    def slot_attention(self, reduce: str = "mean", out: torch.Tensor | None = None) -> torch.Tensor:
         """[S] attention probability of each slot for the last query of this call, reduced over the query
-        heads of its KV group. Only valid in decode steps, where ``lse`` covers exactly the store."""
+        heads of its KV group (``out``: added into that float32 [S] tensor at the store's tokens, in the same
+        launch). Only valid in decode steps, where ``lse`` covers exactly the store."""
         store: RaggedKV = self.store
         B, Hq, T, D = self.queries.shape
         G = Hq // store.H
@@ -363,7 +364,11 @@ class LayerCall:
         # queries per slot; no device sync, so a decoding step replayed as a CUDA graph runs it.
         return slot_attention_probs(self.queries[:, :, -1].reshape(B * store.H, G, D),
                                     self.lse[:, :, -1].reshape(B * store.H, G), store.k, store.start, store.length,
-                                    store.slot_segments(), self.scale, reduce)
+                                    store.slot_segments(), self.scale, reduce, out)
+
+    def per_step(self, key, make):
+        """``make()``, computed once per forward and shared by its layers (``KVCache.per_step``)."""
+        return self.cache.per_step(key, make)
 
 
 def capturing(t: torch.Tensor) -> bool:
@@ -422,6 +427,7 @@ class KVCache(Cache):
         self.positions: torch.Tensor | None = None
         self.seen = torch.zeros(batch, dtype=torch.int64, device=device)
         self.seen_host = [0] * batch  # the same on the host (the engine knows what it feeds)
+        self._per_step: dict = {}  # this forward's values shared by its layers (per_step)
         self.compressing = False
         self.final_chunk = False
         # Per-cache scratch a method fills in its per-layer hooks and consumes in ``compress_cache``.
@@ -459,6 +465,17 @@ class KVCache(Cache):
         self.compressing, self.final_chunk = compress, final
         self.seen.add_(positions.shape[1])  # in place: a captured decoding step replays it
         self.seen_host = [n + positions.shape[1] for n in self.seen_host]
+        self._per_step = {}
+
+    def per_step(self, key, make):
+        """A value that depends only on this forward's inputs (``seen``, ``positions``), not on the layer: made by
+        the first layer that asks (``make()``) and reused by the others. A decoding step's token target is the
+        same in every layer of a method without per-layer budgets: computing it 32 times was 32 x 4 small
+        kernels of a replayed step. Under CUDA-graph capture the first layer's kernels are recorded once and
+        replayed before the later layers read their result."""
+        if key not in self._per_step:
+            self._per_step[key] = make()
+        return self._per_step[key]
 
     def reserve(self, n_tokens: int) -> None:
         """Room for ``n_tokens`` more tokens in every segment, so that decoding never relayouts a store
@@ -546,6 +563,7 @@ class KVCache(Cache):
         out.positions = None
         out.seen = torch.cat([c.seen for c in caches])
         out.seen_host = [n for c in caches for n in c.seen_host]
+        out._per_step = {}
         out.compressing, out.final_chunk = False, False
         out.method_state = {}
         out.compress_timer = SpanTimer(out.seen.device)

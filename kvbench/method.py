@@ -164,6 +164,22 @@ def protect_recent(store: RaggedKV, scores: torch.Tensor, n_recent: torch.Tensor
 
 
 @dataclass
+class DecodeRanking:
+    """How one decoding step ranks a layer's tokens for eviction (the lowest leaves):
+
+    - ``scores`` [S]: a float per slot;
+    - ``recent``: the newest tokens of each sequence kept whatever their score (an int, or [B] per sequence;
+      None: none), and the first ``sinks`` positions;
+    - ``shared_by_heads``: one ranking per sequence for all the layer's KV heads (their scores summed position
+      by position; the heads hold the same positions in the same order, as TOVA keeps them)."""
+
+    scores: torch.Tensor
+    recent: torch.Tensor | int | None = None
+    sinks: int = 0
+    shared_by_heads: bool = False
+
+
+@dataclass
 class ScoredEviction(Method):
     """Keep the best-scoring tokens. Subclasses implement ``score``; compression runs after each context
     chunk (``compress``); ``evict_during_decoding`` makes the same rule hold the budget while generating."""
@@ -187,6 +203,8 @@ class ScoredEviction(Method):
             return ()
         if not self.decode_sync_free or cache.head_shard is not None:
             return None
+        for store in cache.stores:  # the per-layout index the ranking reads (slot_attention), built here: the
+            store.slot_segments()   # eager step before a capture may evict nothing, and a capture would record it
         return tuple(store.layout for store in cache.stores)
 
     def layer_target(self, call: LayerCall, target: torch.Tensor) -> torch.Tensor:
@@ -227,27 +245,44 @@ class ScoredEviction(Method):
             [t for t in layer for _ in range(store.H)]
         keep_top(store, scores, self.head_counts(call, scores, target), host)
 
+    def decode_ranking(self, call: LayerCall, target: torch.Tensor) -> DecodeRanking:
+        """What a decoding step's one-token eviction ranks by, given the layer's target per sequence [B]: by
+        default ``score(call)``. A method whose score is "these per-slot values, but keep the newest tokens"
+        (or one ranking for all the heads of a layer) says so here instead, and the ranking is one kernel
+        rather than the PyTorch ops of its ``score`` (dozens of small launches a layer in a replayed step)."""
+        return DecodeRanking(self.score(call))
+
     def on_decode(self, call: LayerCall) -> None:
         if not self.evict_during_decoding or self.keeps_everything():
             return
         store = call.store
-        target = self.layer_target(call, fraction_target(self.budget, call.seen)).repeat_interleave(store.H)
+        if type(self).layer_target is ScoredEviction.layer_target:  # the same in every layer: made once a step
+            per_seq = call.per_step(("target", self.budget), lambda: fraction_target(self.budget, call.seen))
+            target = call.per_step(("target", self.budget, store.H), lambda: per_seq.repeat_interleave(store.H))
+        else:
+            per_seq = self.layer_target(call, fraction_target(self.budget, call.seen))
+            target = per_seq.repeat_interleave(store.H)
         over = store.length - target
         if capturing(call.queries):
             # Being captured: nothing may be read back. The eager step before any capture trimmed every segment
             # to its target, and a step adds one token while the target never falls: at most one is over.
-            self._evict_one(call, over)
+            self._evict_one(call, over, per_seq)
             return
         if not bool((over > 0).any()):
             return
         if bool((over <= 1).all()):
-            self._evict_one(call, over)
+            self._evict_one(call, over, per_seq)
         else:
             keep_top(store, self.score(call), torch.minimum(store.length, target))
 
-    def _evict_one(self, call: LayerCall, over: torch.Tensor) -> None:
-        """The lowest-scoring token of every segment that is over its target leaves (fixed shapes, no sync)."""
+    def _evict_one(self, call: LayerCall, over: torch.Tensor, per_seq: torch.Tensor) -> None:
+        """The lowest-ranked token of every segment that is over its target leaves (fixed shapes, no sync)."""
         store = call.store
+        rank = self.decode_ranking(call, per_seq)
+        protect = rank.recent is not None or rank.sinks > 0
         # One kernel each on CUDA; the search is bounded by the largest capacity, which the host knows.
-        victim = segment_argmin(self.score(call).float(), store.start, store.length, store.cap_max)
+        victim = segment_argmin(rank.scores, store.start, store.length, store.cap_max,
+                                pos=store.pos if protect else None, newest=call.positions[:, -1] if protect else None,
+                                recent=0 if rank.recent is None else rank.recent, sinks=rank.sinks,
+                                heads=store.H, shared=rank.shared_by_heads)
         store.remove_one(victim, over > 0)

@@ -20,7 +20,7 @@ import torch
 
 from kvbench.cache import LayerCall, fraction_target
 from kvbench.kernels.window_scores import window_scores
-from kvbench.method import ScoredEviction, in_range, protect_recent
+from kvbench.method import DecodeRanking, ScoredEviction, in_range, protect_recent
 
 
 @dataclass
@@ -36,7 +36,7 @@ class H2O(ScoredEviction):
             store.extra["acc"] = torch.zeros(store.k.shape[0], device=store.k.device)
         acc = store.extra["acc"]
         if call.decoding:
-            acc += call.slot_attention()
+            call.slot_attention(out=acc)  # added in the same launch
         else:
             acc += window_scores(call.queries, call.positions, store.k, store.pos, store.start,
                                  store.length, call.scale, reduce="mean")
@@ -58,3 +58,9 @@ class H2O(ScoredEviction):
         target = self.layer_target(call, fraction_target(self.budget, call.seen))
         n_recent = (target.double() * self.recent_ratio).long()
         return protect_recent(store, scores, n_recent)
+
+    def decode_ranking(self, call: LayerCall, target: torch.Tensor) -> DecodeRanking:
+        if self.mean_over_queries:
+            return DecodeRanking(self.score(call))
+        # ``score`` without its copies: the accumulator, the ``recent`` newest tokens kept (in the kernel)
+        return DecodeRanking(call.store.extra["acc"], recent=(target.double() * self.recent_ratio).long())

@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 
 from kvbench.cache import LayerCall
-from kvbench.method import KEEP_ALWAYS, ScoredEviction
+from kvbench.method import KEEP_ALWAYS, DecodeRanking, ScoredEviction
 
 
 @dataclass
@@ -25,3 +25,7 @@ class StreamingLLM(ScoredEviction):
     def score(self, call: LayerCall) -> torch.Tensor:
         pos = call.store.pos.float()
         return torch.where((pos < self.sinks) & (pos >= 0), torch.full_like(pos, KEEP_ALWAYS), pos)
+
+    def decode_ranking(self, call: LayerCall, target: torch.Tensor) -> DecodeRanking:
+        # the same rule as ``score`` in one kernel: the oldest position leaves, the sinks stay
+        return DecodeRanking(call.store.pos, sinks=self.sinks)

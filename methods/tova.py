@@ -18,7 +18,7 @@ import torch
 from kvbench.cache import LayerCall
 from kvbench.distributed import sum_heads
 from kvbench.kernels.window_scores import window_scores
-from kvbench.method import ScoredEviction, place, protect_recent
+from kvbench.method import DecodeRanking, ScoredEviction, place, protect_recent
 
 
 @dataclass
@@ -51,3 +51,9 @@ class TOVA(ScoredEviction):
         layer = layer.expand(B, H, -1).reshape(B * H, -1)
         scores = place(layer, idx, valid, per_group.shape[0])  # back per slot, fixed shapes
         return protect_recent(store, scores, 1) if self.pin_newest else scores
+
+    def decode_ranking(self, call: LayerCall, target: torch.Tensor) -> DecodeRanking:
+        if call.cache.head_shard is not None:  # the mean over heads needs the other ranks' heads: ``score``
+            return DecodeRanking(self.score(call))
+        # ``score``'s mean over the layer's heads, placed back per slot, as one ranking shared by the heads
+        return DecodeRanking(call.slot_attention(), recent=1 if self.pin_newest else None, shared_by_heads=True)

@@ -210,10 +210,15 @@ def build(fn, signature, constexprs, num_warps):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["ptx"]
 
 seg = {"START": "*i64", "LEN": "*i64"}
-ptx = build(se._segment_argmin_kernel,
-            {"SCORES": scores, **seg, "VICTIM": "*i64", "width": "i32", "BLOCK": "constexpr"},
-            {"BLOCK": se.ARGMIN_CONFIG["BLOCK"]}, se.ARGMIN_CONFIG["num_warps"])
-assert "setp.eq.ftz" not in ptx, "denormal scores flushed to zero (argmin does not flush them)"
+flags = ("PROTECT", "RECENT_PER_SEQ", "SHARED")
+for protect, per_seq, shared in [(False, False, False), (True, True, False), (True, False, True)]:
+    ptx = build(se._segment_argmin_kernel,
+                {"SCORES": scores, **seg, "VICTIM": "*i64", "width": "i32", "POS": "*i32", "NEWEST": "*i64",
+                 "RECENT": "*i64", "recent": "i32", "sinks": "i32", "heads": "i32", **{f: "constexpr" for f in flags},
+                 "BLOCK": "constexpr"},
+                {"PROTECT": protect, "RECENT_PER_SEQ": per_seq, "SHARED": shared, "BLOCK": se.ARGMIN_CONFIG["BLOCK"]},
+                se.ARGMIN_CONFIG["num_warps"])
+    assert "setp.eq.ftz" not in ptx, "denormal scores flushed to zero (argmin does not flush them)"
 build(se._move_last_kernel, {**seg, "VICTIM": "*i64", "MASK": "*u8", "ROWS": tuple(rows), "WIDTHS": "constexpr",
       "n_slots": "i64", "HAS_MASK": "constexpr", "BLOCK": "constexpr"},
       {"WIDTHS": tuple(widths), "HAS_MASK": has_mask, "BLOCK": 128}, 1)

@@ -109,3 +109,84 @@ def test_only_sync_free_evictors_replay_their_decoding(monkeypatch):
     assert eng.method.decode_epoch(cache) == key  # nothing moved: a captured graph replays
     cache.reserve(64)  # a relayout: a graph captured before it would be stale
     assert eng.method.decode_epoch(cache) != key
+
+
+@pytest.mark.parametrize("triton", [False, True])
+@pytest.mark.parametrize("name,params", [("h2o", {}), ("tova", {}), ("tova", {"pin_newest": True}),
+                                         ("streamingllm", {})])
+def test_one_kernel_ranking_evicts_what_score_ranks(name, params, triton, monkeypatch):
+    """A method's ``decode_ranking`` (per-slot values plus kept recent tokens, sinks or one ranking for all heads,
+    applied inside the argmin kernel) evicts exactly the tokens its ``score`` ranks lowest: decoding with it and
+    with the base class's ranking (``score(call)`` as it stands) gives the same tokens and the same stores; with
+    ``triton`` the kernels run (interpreted)."""
+    if triton:
+        monkeypatch.setenv("KVBENCH_TRITON", "1")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    tokens, fused = _decode(name, 10, 1, monkeypatch, params)
+    cls = type(registry.build_method(name, 0.5, params))
+    monkeypatch.setattr(cls, "decode_ranking", method_module.ScoredEviction.decode_ranking)
+    score_tokens, scored = _decode(name, 10, 1, monkeypatch, params)
+    assert tokens == score_tokens
+    for a, b in zip(fused.stores, scored.stores):
+        assert torch.equal(a.length, b.length) and torch.equal(a.pos, b.pos)
+
+
+class CountOps(TorchDispatchMode):
+    """PyTorch operations that launch work (views and allocations left out)."""
+    FREE = {"view", "_unsafe_view", "expand", "reshape", "select", "slice", "unsqueeze", "squeeze", "t", "transpose",
+            "as_strided", "alias", "detach", "permute", "_reshape_alias", "lift_fresh", "empty", "empty_like",
+            "empty_strided"}
+
+    def __init__(self, paused):
+        super().__init__()
+        self.n, self.paused = 0, paused
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func.overloadpacket.__name__ not in self.FREE and not self.paused[0]
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name,limit", [("streamingllm", 2), ("tova", 2), ("h2o", 5)])
+def test_replayed_eviction_is_a_few_launches_a_layer(name, limit, monkeypatch):
+    """In a replayed step every PyTorch op of the hook is a kernel of ~2-3 us on the GPU: the evictors' hooks had
+    15 (streamingllm), 24 (tova) and 41 (h2o) a layer, which made their step 1.4-1.9x snapkv's on the H200. The
+    ranking is now in the argmin kernel and the target made once a step (``KVCache.per_step``): what is left a
+    layer beyond the first is ``over = length - target`` and its mask (and h2o's count of recent tokens)."""
+    monkeypatch.setenv("KVBENCH_TRITON", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import kvbench.kernels.decode_attention as kernels
+    launch, in_kernel = kernels._launch, [0]
+
+    def counted_launch(*a, **k):  # the interpreter's tensor work inside a kernel is one launch on the GPU
+        in_kernel[0] += 1
+        try:
+            return launch(*a, **k)
+        finally:
+            in_kernel[0] -= 1
+
+    for module in (kernels, __import__("kvbench.kernels.segment_evict", fromlist=["x"]),
+                   __import__("kvbench.kernels.slot_scores", fromlist=["x"])):
+        monkeypatch.setattr(module, "_launch", counted_launch)
+    lm = tiny("llama")
+    eng = Engine(lm, registry.build_method(name, 0.5), protocol="query-agnostic")
+    hook, per_layer = eng.method.on_decode, {}
+
+    def counting_hook(call):
+        mode = CountOps(in_kernel)
+        with mode:
+            hook(call)
+        per_layer.setdefault(call.layer, []).append(mode.n)
+
+    cache, logits, _ = eng.prefill(sample(prompt(40, 3), prompt(6, 4)))
+    # eager, as the engine before it captures: a step that trims the question (a new layout), room reserved for
+    # the rest (another), a step that warms it
+    logits = eng.forward(cache, logits.argmax(-1)[:, None], compress=False)[:, -1]
+    cache.reserve(4)
+    logits = eng.forward(cache, logits.argmax(-1)[:, None], compress=False)[:, -1]
+    assert eng.method.decode_epoch(cache) is not None  # what the engine asks before it captures
+    monkeypatch.setattr(method_module, "capturing", lambda t: True)
+    monkeypatch.setattr(eng.method, "on_decode", counting_hook)
+    for _ in range(3):
+        logits = eng.forward(cache, logits.argmax(-1)[:, None], compress=False)[:, -1]
+    later = [n for layer, counts in per_layer.items() if layer > 0 for n in counts]
+    assert later and max(later) <= limit, per_layer
