@@ -1,32 +1,30 @@
 """Decode-time attention probability of every slot of the ragged store (H2O, TOVA).
 
-Store layout as in ``decode_attention.py``: ``k: [S, D]``; segment ``i = b * Hkv + h``
-owns slots ``[seg_start[i], seg_start[i] + seg_len[i])`` plus slack after them, and
-``seg_of_slot: [S]`` names the segment of every slot (slack included), so a slot finds
-its query and normaliser without a search.  For the last query of each KV head's
-group, ``q: [B*Hkv, G, D]``, with ``lse: [B*Hkv, G]`` the natural-log normaliser of its
-attention over exactly the valid slots (``ragged_attention`` returns it in natural
-log), the probability that query row ``g`` of segment ``i`` gives slot ``s`` is
-``exp(scale * <k[s], q[i, g]> - lse[i, g])``; the result reduces it over ``g``:
+Store layout as in ``decode_attention.py``: ``k: [S, D]``; segment ``i = b * Hkv + h`` owns slots
+``[seg_start[i], seg_start[i] + seg_len[i])`` plus slack after them. For the last query of each KV head's group,
+``q: [B*Hkv, G, D]``, with ``lse: [B*Hkv, G]`` the natural-log normaliser of its attention over exactly the
+valid slots (``ragged_attention`` returns it in natural log), the probability that query row ``g`` of segment
+``i`` gives slot ``s`` is ``exp(scale * <k[s], q[i, g]> - lse[i, g])``; the result reduces it over ``g``:
 
-    out[s] = mean_g (or max_g) exp(scale * <k[s], q[seg_of_slot[s], g]> - lse[seg_of_slot[s], g])
+    out[s] = mean_g (or max_g) exp(scale * <k[s], q[i, g]> - lse[i, g])   for the valid slots s of segment i
 
-for valid slots and 0 for slack (which may hold garbage, even NaN).
+and 0 at slack slots (which may hold garbage, even NaN).
 
 Public API
 ----------
-``slot_attention_probs(q, lse, k, seg_start, seg_len, seg_of_slot, scale, reduce="mean", out=None) -> [S]``
-    float32 (``out``: added into it, the valid slots only); Triton when ``k`` is on CUDA or ``KVBENCH_TRITON=1`` (``TRITON_INTERPRET=1`` on
-    the CPU), else the PyTorch reference.  ``slot_attention_probs_triton`` and
+``slot_attention_probs(q, lse, k, seg_start, seg_len, width, scale, reduce="mean", out=None) -> [S]``
+    float32 (``out``: added into it, the valid slots only); ``width``: at least the longest segment (the
+    store's largest capacity, known on the host). Triton when ``k`` is on CUDA or ``KVBENCH_TRITON=1``
+    (``TRITON_INTERPRET=1`` on the CPU), else the PyTorch reference. ``slot_attention_probs_triton`` and
     ``slot_attention_probs_reference``: the two paths.
 
-Design: H2O and TOVA call this every decoding step, so it must cost about one read of
-the bf16 keys (the PyTorch formula copies all keys to fp32 and gathers a ``[S, G, D]``
-fp32 query per slot: ~15x the bytes).  The grid is one program per ``BLOCK_S``
-consecutive slots (sized from ``S``, known on the host; no host reads: CUDA-graph
-capturable).  A program loads its keys once into registers (fp32), then for each query
-row ``g`` gathers ``q[seg_of_slot, g]`` per slot (a handful of distinct rows, served by
-L1) and accumulates the probability in fp32; segments need no alignment to blocks.
+Design: H2O and TOVA call this every decoding step, so it must cost about one read of the bf16 keys (the
+PyTorch formula copies all keys to fp32 and gathers a ``[S, G, D]`` fp32 query per slot: ~15x the bytes).
+The grid is one program per (segment, ``BLOCK_S`` of its slots) up to ``width`` (known on the host; no host
+reads: CUDA-graph capturable); a program loads its keys once (fp32 in registers) and its segment's ``G``
+query rows as one ``[D]`` vector each. (The first version ran one program per block of physical slots and
+gathered each slot's query row through a slot-to-segment index: ``G`` x ``[BLOCK_S, D]`` loads a block, which
+held it to about a third of the copy bandwidth at batch 8 on the H200, slower than the attention itself.)
 """
 
 from __future__ import annotations
@@ -47,43 +45,39 @@ except Exception:  # pragma: no cover
 
 
 def _slot_probs_kernel(
-    Q, LSE, K, SEG_START, SEG_LEN, SEG_OF_SLOT, OUT,
+    Q, LSE, K, SEG_START, SEG_LEN, OUT,
     stride_qs, stride_qg, stride_qd, stride_ls, stride_lg, stride_ks, stride_kd,
-    n_slots, group, qk_scale, inv_group, LOG2E: tl.constexpr,
+    group, qk_scale, inv_group, LOG2E: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, REDUCE_MAX: tl.constexpr,
     ACCUMULATE: tl.constexpr,
 ):
-    slot = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
-    in_range = slot < n_slots
-    seg = tl.load(SEG_OF_SLOT + slot, mask=in_range, other=0).to(tl.int64)
-    start = tl.load(SEG_START + seg, mask=in_range, other=0)
-    length = tl.load(SEG_LEN + seg, mask=in_range, other=0)
-    valid = in_range & (slot >= start) & (slot < start + length)
-
+    seg = tl.program_id(0).to(tl.int64)  # one program per (segment, block of its slots)
+    col = tl.program_id(1).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    start = tl.load(SEG_START + seg)
+    valid = col < tl.load(SEG_LEN + seg)
+    slot = start + col
     offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d[None, :] < HEAD_DIM
-    # slack slots (garbage, even NaN) are neither read nor written as anything but 0
+    dmask = offs_d < HEAD_DIM
+    # slack slots (garbage, even NaN) are never read
     k = tl.load(K + slot[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-                mask=valid[:, None] & dmask, other=0.0).to(tl.float32)
-    q_rows = Q + seg[:, None] * stride_qs + offs_d[None, :] * stride_qd
+                mask=valid[:, None] & dmask[None, :], other=0.0).to(tl.float32)
     total = tl.zeros([BLOCK_S], dtype=tl.float32)  # also the start of the max: probabilities are >= 0
-    for g in range(0, group):
-        q = tl.load(q_rows + g * stride_qg, mask=valid[:, None] & dmask, other=0.0).to(tl.float32)
-        lse2 = tl.load(LSE + seg * stride_ls + g * stride_lg, mask=valid, other=0.0).to(tl.float32) * LOG2E
-        p = tl.exp2(tl.sum(k * q, 1) * qk_scale - lse2)
+    for g in range(0, group):  # the segment's query rows: one [D] vector each, loaded once per program
+        q = tl.load(Q + seg * stride_qs + g * stride_qg + offs_d * stride_qd, mask=dmask, other=0.0).to(tl.float32)
+        lse2 = tl.load(LSE + seg * stride_ls + g * stride_lg).to(tl.float32) * LOG2E
+        p = tl.exp2(tl.sum(k * q[None, :], 1) * qk_scale - lse2)
         if REDUCE_MAX:
             total = tl.maximum(total, p)
         else:
             total += p
     if not REDUCE_MAX:
         total = total * inv_group
-    if ACCUMULATE:  # OUT += the probabilities, at valid slots only (H2O's running sum: no second launch)
-        tl.store(OUT + slot, tl.load(OUT + slot, mask=valid, other=0.0) + total, mask=valid)
-    else:
-        tl.store(OUT + slot, tl.where(valid, total, 0.0), mask=in_range)
+    if ACCUMULATE:  # OUT += the probabilities (H2O's running sum: no second launch)
+        total += tl.load(OUT + slot, mask=valid, other=0.0)
+    tl.store(OUT + slot, total, mask=valid)
 
 
-def _check(q, lse, k, seg_start, seg_len, seg_of_slot, reduce):
+def _check(q, lse, k, seg_start, seg_len, width, reduce):
     if q.dim() != 3:
         raise ValueError(f"q must be [B*Hkv, G, D], got {tuple(q.shape)}")
     n_seg, G, D = q.shape
@@ -93,11 +87,11 @@ def _check(q, lse, k, seg_start, seg_len, seg_of_slot, reduce):
         raise ValueError(f"k must be [S, D] with D = {D}, got {tuple(k.shape)}")
     if seg_start.shape != (n_seg,) or seg_len.shape != (n_seg,):
         raise ValueError(f"seg_start / seg_len must hold B*Hkv = {n_seg} entries")
-    if seg_of_slot.shape != (k.shape[0],):
-        raise ValueError(f"seg_of_slot must be [S] = [{k.shape[0]}], got {tuple(seg_of_slot.shape)}")
+    if isinstance(width, torch.Tensor) or int(width) < 0:
+        raise ValueError(f"width must be a host int (at least the longest segment), got {width!r}")
     if reduce not in ("mean", "max"):
         raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
-    if any(t.device != k.device for t in (q, lse, seg_start, seg_len, seg_of_slot)):
+    if any(t.device != k.device for t in (q, lse, seg_start, seg_len)):
         raise ValueError(f"q, lse and the segment tensors must be on k's device ({k.device})")
 
 
@@ -110,53 +104,57 @@ def _check_out(out, k):
         raise ValueError(f"out must be a contiguous float32 [S] = [{k.shape[0]}] tensor on {k.device}")
 
 
-def slot_attention_probs_triton(q, lse, k, seg_start, seg_len, seg_of_slot, scale, reduce="mean", out=None,
+def slot_attention_probs_triton(q, lse, k, seg_start, seg_len, width: int, scale, reduce="mean", out=None,
                                 *, block_s=None, num_warps=None):
     """The Triton path (see the module docstring); every element of the result is written (``out``: added to
     at the valid slots)."""
-    _check(q, lse, k, seg_start, seg_len, seg_of_slot, reduce)
+    _check(q, lse, k, seg_start, seg_len, width, reduce)
     _check_out(out, k)
     S, D = k.shape
     accumulate = out is not None
-    out = torch.empty(S, dtype=torch.float32, device=k.device) if out is None else out
-    if S == 0:
-        return out
-    G = q.shape[1]
+    if out is None:  # slack slots are never visited: zeros there
+        out = torch.zeros(S, dtype=torch.float32, device=k.device)
+    n_seg, G = q.shape[0], q.shape[1]
     BLOCK_S = int(block_s or SLOT_CONFIG["BLOCK_S"])
+    if S == 0 or n_seg == 0 or int(width) == 0:
+        return out
     _launch(
-        _slot_probs_kernel, (-(-S // BLOCK_S),),
-        q, lse, k, seg_start, seg_len, seg_of_slot, out,
+        _slot_probs_kernel, (n_seg, -(-int(width) // BLOCK_S)),
+        q, lse, k, seg_start, seg_len, out,
         q.stride(0), q.stride(1), q.stride(2), lse.stride(0), lse.stride(1), k.stride(0), k.stride(1),
-        S, G, float(scale) * _LOG2E, 1.0 / max(G, 1), _LOG2E,
+        G, float(scale) * _LOG2E, 1.0 / max(G, 1), _LOG2E,
         HEAD_DIM=D, BLOCK_S=BLOCK_S, BLOCK_D=_next_pow2(D), REDUCE_MAX=(reduce == "max"), ACCUMULATE=accumulate,
         num_warps=int(num_warps or SLOT_CONFIG["num_warps"]),
     )
     return out
 
 
-def slot_attention_probs_reference(q, lse, k, seg_start, seg_len, seg_of_slot, scale, reduce="mean", out=None,
+def slot_attention_probs_reference(q, lse, k, seg_start, seg_len, width: int, scale, reduce="mean", out=None,
                                    **_ignored):
     """PyTorch oracle, the formula ``LayerCall.slot_attention`` used before the kernel: fp32 keys and a
     per-slot copy of its segment's queries ([S, G, D])."""
-    _check(q, lse, k, seg_start, seg_len, seg_of_slot, reduce)
+    _check(q, lse, k, seg_start, seg_len, width, reduce)
     _check_out(out, k)
-    seg = seg_of_slot.long()
-    s = torch.einsum("sd,sgd->sg", k.float(), q.float()[seg]) * scale
-    p = torch.exp(s - lse.float()[seg])
+    S = k.shape[0]
+    # the padded view of the segments, with fixed shapes (a replayed decoding step on the CPU runs this)
+    ar = torch.arange(int(width), device=k.device)
+    valid = ar[None, :] < seg_len[:, None]
+    idx = torch.where(valid, seg_start[:, None] + ar[None, :], torch.zeros_like(ar)[None, :])
+    s = torch.einsum("nwd,ngd->nwg", k.float()[idx], q.float()) * scale
+    p = torch.exp(s - lse.float()[:, None, :])
     p = p.amax(-1) if reduce == "max" else p.mean(-1)
-    slot = torch.arange(k.shape[0], device=k.device)
-    valid = (slot >= seg_start[seg]) & (slot < seg_start[seg] + seg_len[seg])
-    p = torch.where(valid, p, torch.zeros_like(p))
-    return p if out is None else out.add_(p)
+    at = torch.where(valid, idx, torch.full_like(idx, S)).reshape(-1)  # padding goes to a spare slot past the end
+    result = torch.zeros(S + 1, dtype=torch.float32, device=k.device).index_put_((at,), p.reshape(-1))[:S]
+    return result if out is None else out.add_(result)
 
 
-def slot_attention_probs(q, lse, k, seg_start, seg_len, seg_of_slot, scale, reduce="mean", out=None, **kw):
+def slot_attention_probs(q, lse, k, seg_start, seg_len, width: int, scale, reduce="mean", out=None, **kw):
     """Float32 ``[S]``: each slot's attention probability from its segment's last query, reduced over the
     ``G`` query rows of the KV head ("mean" or "max"); 0 at slack slots. ``out``: added into it instead (a
-    running sum, as H2O's), at the valid slots, and returned."""
+    running sum, as H2O's), at the valid slots, and returned. ``width``: at least the longest segment."""
     if use_triton(k):
-        return slot_attention_probs_triton(q, lse, k, seg_start, seg_len, seg_of_slot, scale, reduce, out, **kw)
-    return slot_attention_probs_reference(q, lse, k, seg_start, seg_len, seg_of_slot, scale, reduce, out)
+        return slot_attention_probs_triton(q, lse, k, seg_start, seg_len, width, scale, reduce, out, **kw)
+    return slot_attention_probs_reference(q, lse, k, seg_start, seg_len, width, scale, reduce, out)
 
 
 # --------------------------------------------------------------------------
@@ -175,10 +173,9 @@ def bench_inputs(n_seg, per_seg, G, D, dtype, device, seed=0):
     k = torch.randn(n_seg * per_seg, D, generator=gen).to(device, dtype)
     q = torch.randn(n_seg, G, D, generator=gen).to(device, dtype)
     seg_start, seg_len = seg_start.to(device), seg_len.to(device)
-    seg_of_slot = torch.repeat_interleave(torch.arange(n_seg), cap).to(device)
     scale = D ** -0.5
     _, lse = ragged_attention_reference(q.view(1, n_seg * G, 1, D), k, k, seg_start, seg_len, scale)
-    return [q, lse.view(n_seg, G), k, seg_start, seg_len, seg_of_slot], scale
+    return [q, lse.view(n_seg, G), k, seg_start, seg_len, per_seg], scale
 
 
 def main(argv=None):
@@ -203,9 +200,9 @@ def main(argv=None):
     n_copies = 1 if args.tiny else max(1, -(-(256 << 20) // (args.segments * args.slots * args.head_dim * 2)))
     copies = [bench_inputs(args.segments, args.slots, args.group, args.head_dim, torch.bfloat16, dev, seed=i)
               for i in range(n_copies)]
-    (q, lse, k, seg_start, seg_len, seg_of_slot), scale = copies[0]
-    err = (slot_attention_probs_triton(q, lse, k, seg_start, seg_len, seg_of_slot, scale)
-           - slot_attention_probs_reference(q, lse, k, seg_start, seg_len, seg_of_slot, scale)).abs().max().item()
+    (q, lse, k, seg_start, seg_len, width), scale = copies[0]
+    err = (slot_attention_probs_triton(q, lse, k, seg_start, seg_len, width, scale)
+           - slot_attention_probs_reference(q, lse, k, seg_start, seg_len, width, scale)).abs().max().item()
     bw = measure_copy_bw(dev, nbytes=2**24 if args.tiny else 2 << 30, reps=3 if args.tiny else 20)
     floor_ms = k.numel() * k.element_size() / bw * 1e3   # the keys read once at the copy bandwidth
     S = k.shape[0]

@@ -364,7 +364,7 @@ class LayerCall:
         # queries per slot; no device sync, so a decoding step replayed as a CUDA graph runs it.
         return slot_attention_probs(self.queries[:, :, -1].reshape(B * store.H, G, D),
                                     self.lse[:, :, -1].reshape(B * store.H, G), store.k, store.start, store.length,
-                                    store.slot_segments(), self.scale, reduce, out)
+                                    store.cap_max, self.scale, reduce, out)
 
     def per_step(self, key, make):
         """``make()``, computed once per forward and shared by its layers (``KVCache.per_step``)."""

@@ -203,8 +203,6 @@ class ScoredEviction(Method):
             return ()
         if not self.decode_sync_free or cache.head_shard is not None:
             return None
-        for store in cache.stores:  # the per-layout index the ranking reads (slot_attention), built here: the
-            store.slot_segments()   # eager step before a capture may evict nothing, and a capture would record it
         return tuple(store.layout for store in cache.stores)
 
     def layer_target(self, call: LayerCall, target: torch.Tensor) -> torch.Tensor:
