@@ -35,7 +35,10 @@ between the evicting methods' step and SnapKV's, whose step only appends. Here i
 Design: both grids are one program per segment (``N = B * Hkv``, known on the host; nothing is read back, so a
 decoding step with them is CUDA-graph capturable). ``segment_argmin``'s program scans its segment's valid
 slots in blocks of ``BLOCK`` (the loop bound is the segment's length, capped by ``width``: slack is never
-read), keeping the running minimum of (score, column) packed in one int64 (one reduction per block).
+read), keeping the running minimum of (score, column) packed in one int64 (one reduction per block). Past
+``ARGMIN_CONFIG["SPLIT_BLOCK"]`` columns the scan is split: one program per (segment, block) leaves its packed
+minimum, and a second launch takes the least per segment (one program per segment scanning 8k slots serially
+took 8 us on the H200, one per sequence of 8 heads 23 us).
 ``move_last_into``'s program copies one row per per-slot tensor, each viewed as integers of its element size (a
 bit copy, NaN payloads included), all tensors in one launch (a tuple argument); a program reads the length
 before writing it and only its own segment's slots, so programs never race, and ``victim == last`` copies a row
@@ -66,38 +69,54 @@ except Exception:  # pragma: no cover
 # --------------------------------------------------------------------------
 
 def _segment_argmin_kernel(SCORES, START, LEN, VICTIM, width, POS, NEWEST, RECENT, recent, sinks, heads,
-                           PROTECT: tl.constexpr, RECENT_PER_SEQ: tl.constexpr, SHARED: tl.constexpr,
-                           BLOCK: tl.constexpr):
-    # one program per segment, or (SHARED) per sequence: its `heads` segments ranked together
+                           PARTIAL, n_chunks, PROTECT: tl.constexpr, RECENT_PER_SEQ: tl.constexpr,
+                           SHARED: tl.constexpr, STAGE: tl.constexpr, BLOCK: tl.constexpr):
+    # One program per segment, or (SHARED) per sequence: its `heads` segments ranked together. STAGE 0 scans all
+    # the columns; a split search runs STAGE 1, one program per (that, block of BLOCK columns) leaving its packed
+    # minimum in PARTIAL, then STAGE 2, one per segment (or sequence) taking the least of them.
     prog = tl.program_id(0).to(tl.int64)
     first = prog * heads if SHARED else prog
     start = tl.load(START + first).to(tl.int64)
     n = tl.minimum(tl.load(LEN + first).to(tl.int64), width)  # the padded view it replaces had `width` columns
-    if PROTECT:
-        b = prog if SHARED else prog // heads
-        if RECENT_PER_SEQ:
-            keep_above = tl.load(NEWEST + b).to(tl.int64) - tl.load(RECENT + b).to(tl.int64)
+    if STAGE == 2:
+        c = tl.arange(0, BLOCK)
+        best = tl.min(tl.load(PARTIAL + prog * n_chunks + c, mask=c < n_chunks, other=0x7FFFFFFFFFFFFFFF), 0)
+    else:
+        if PROTECT:
+            b = prog if SHARED else prog // heads
+            if RECENT_PER_SEQ:
+                keep_above = tl.load(NEWEST + b).to(tl.int64) - tl.load(RECENT + b).to(tl.int64)
+            else:
+                keep_above = tl.load(NEWEST + b).to(tl.int64) - recent
+        offs = tl.arange(0, BLOCK).to(tl.int64)
+        # (score, column) as one int64 whose order is argmin's: the float's bits made order-preserving as a signed
+        # int32 (negatives: the magnitude bits flipped; -0.0 counted as 0.0, NaN lowest of all) in the high half,
+        # the column in the low half (ties: the earliest). One reduction per block.
+        best = tl.full([], 0x7F800000, tl.int64) << 32  # +inf at column 0: what an all-inf (or empty) row gives
+        if STAGE == 1:
+            c_first = tl.program_id(1).to(tl.int64) * BLOCK
+            c_end = tl.minimum(c_first + BLOCK, n)
         else:
-            keep_above = tl.load(NEWEST + b).to(tl.int64) - recent
-    offs = tl.arange(0, BLOCK).to(tl.int64)
-    # (score, column) as one int64 whose order is argmin's: the float's bits made order-preserving as a signed
-    # int32 (negatives: the magnitude bits flipped; -0.0 counted as 0.0, NaN lowest of all) in the high half,
-    # the column in the low half (ties: the earliest). One reduction per block.
-    best = tl.full([], 0x7F800000, tl.int64) << 32  # +inf at column 0: what an all-inf (or empty) row gives
-    for c0 in range(0, n, BLOCK):
-        col = c0 + offs
-        m = col < n
-        x = tl.load(SCORES + start + col, mask=m, other=float("inf")).to(tl.float32)
-        if SHARED:  # the sum over the sequence's heads at the same column (the order of a mean)
-            for h in range(1, heads):
-                x += tl.load(SCORES + tl.load(START + first + h).to(tl.int64) + col, mask=m, other=0.0).to(tl.float32)
-        if PROTECT:  # the newest tokens and the sinks stay: scored +inf
-            p = tl.load(POS + start + col, mask=m, other=0).to(tl.int64)
-            x = tl.where((p > keep_above) | ((p >= 0) & (p < sinks)), float("inf"), x)
-        bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
-        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-        key = tl.where(x != x, -2147483648, key)
-        best = tl.minimum(best, tl.min((key.to(tl.int64) << 32) | col, 0))
+            c_first = tl.zeros([], tl.int64)
+            c_end = n
+        for c0 in range(c_first, c_end, BLOCK):
+            col = c0 + offs
+            m = col < c_end
+            x = tl.load(SCORES + start + col, mask=m, other=float("inf")).to(tl.float32)
+            if SHARED:  # the sum over the sequence's heads at the same column (the order of a mean)
+                for h in range(1, heads):
+                    x += tl.load(SCORES + tl.load(START + first + h).to(tl.int64) + col, mask=m,
+                                 other=0.0).to(tl.float32)
+            if PROTECT:  # the newest tokens and the sinks stay: scored +inf
+                p = tl.load(POS + start + col, mask=m, other=0).to(tl.int64)
+                x = tl.where((p > keep_above) | ((p >= 0) & (p < sinks)), float("inf"), x)
+            bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
+            key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+            key = tl.where(x != x, -2147483648, key)
+            best = tl.minimum(best, tl.min((key.to(tl.int64) << 32) | col, 0))
+        if STAGE == 1:
+            tl.store(PARTIAL + prog * n_chunks + tl.program_id(1), best)
+            return
     col = best - ((best >> 32) << 32)
     if SHARED:
         for h in range(0, heads):
@@ -155,12 +174,14 @@ def segment_argmin_reference(scores, seg_start, seg_len, width: int, *, pos=None
     return torch.gather(idx, 1, vals.argmin(dim=1, keepdim=True))[:, 0]
 
 
-ARGMIN_CONFIG = {"BLOCK": 2048, "num_warps": 8}
+# A store past SPLIT_BLOCK columns is searched in blocks of that many by programs of their own (two launches):
+# one program per segment scanned 8,448 slots in 8 us on the H200, one per sequence (TOVA, 8 heads) in 23 us.
+ARGMIN_CONFIG = {"BLOCK": 2048, "num_warps": 8, "SPLIT_BLOCK": 1024, "split_warps": 4}
 
 
 def segment_argmin_triton(scores, seg_start, seg_len, width: int, *, pos=None, newest=None, recent=0,
-                          sinks: int = 0, heads: int = 1, shared: bool = False, block=None,
-                          num_warps=None) -> torch.Tensor:
+                          sinks: int = 0, heads: int = 1, shared: bool = False, split: bool | None = None,
+                          block=None, num_warps=None) -> torch.Tensor:
     """The Triton path (see the module docstring)."""
     _check_segments(seg_start, seg_len, scores.device)
     _protect_args(seg_start, pos, newest, recent, sinks, heads)
@@ -170,13 +191,26 @@ def segment_argmin_triton(scores, seg_start, seg_len, width: int, *, pos=None, n
     n_seg = seg_start.shape[0]
     if n_seg == 0:
         return victim
+    n_prog = n_seg // heads if shared else n_seg
+    per_seq = isinstance(recent, torch.Tensor)
+    args = (scores.contiguous(), seg_start, seg_len, victim, int(width), seg_start if pos is None else pos,
+            seg_start if newest is None else newest.contiguous(), recent.contiguous() if per_seq else seg_start,
+            0 if per_seq else int(recent), int(sinks), int(heads))
+    flags = dict(PROTECT=pos is not None, RECENT_PER_SEQ=per_seq, SHARED=bool(shared))
+    if split is None:
+        split = int(width) > ARGMIN_CONFIG["SPLIT_BLOCK"]
+    if split:  # one program per block of columns, then one per segment (or sequence) for the least of them
+        block = int(block or ARGMIN_CONFIG["SPLIT_BLOCK"])
+        n_chunks = max(1, -(-int(width) // block))
+        partial = torch.empty(n_prog * n_chunks, dtype=torch.int64, device=scores.device)
+        _launch(_segment_argmin_kernel, (n_prog, n_chunks), *args, partial, n_chunks, **flags, STAGE=1,
+                BLOCK=block, num_warps=int(num_warps or ARGMIN_CONFIG["split_warps"]))
+        _launch(_segment_argmin_kernel, (n_prog,), *args, partial, n_chunks, **flags, STAGE=2,
+                BLOCK=max(16, _next_pow2(n_chunks)), num_warps=1)
+        return victim
     # no longer than the longest segment can be (the host knows width): a tiny store gets a tiny block
     block = int(block or min(ARGMIN_CONFIG["BLOCK"], max(16, _next_pow2(max(int(width), 1)))))
-    per_seq = isinstance(recent, torch.Tensor)
-    _launch(_segment_argmin_kernel, (n_seg // heads if shared else n_seg,), scores.contiguous(), seg_start, seg_len,
-            victim, int(width), seg_start if pos is None else pos, seg_start if newest is None else newest.contiguous(),
-            recent.contiguous() if per_seq else seg_start, 0 if per_seq else int(recent), int(sinks), int(heads),
-            PROTECT=pos is not None, RECENT_PER_SEQ=per_seq, SHARED=bool(shared), BLOCK=block,
+    _launch(_segment_argmin_kernel, (n_prog,), *args, seg_start, 1, **flags, STAGE=0, BLOCK=block,
             num_warps=int(num_warps or ARGMIN_CONFIG["num_warps"]))
     return victim
 
@@ -329,11 +363,16 @@ def main(argv=None) -> int:
             ("evict: that + RaggedKV.remove_one's copies (before)",
              lambda: move_last_into_reference(old_in[0], old_in[1], old_in[2], old_argmin(), mask)),
             ("argmin: segment_argmin kernel", lambda: new_argmin()),
+            ("argmin: one program per segment (no split)", lambda: new_argmin(split=False)),
+            ("argmin: one ranking per sequence of 8 heads (TOVA)",
+             lambda: new_argmin(heads=min(8, args.segments), shared=True)),
+            ("argmin: the same, no split", lambda: new_argmin(heads=min(8, args.segments), shared=True, split=False)),
             ("evict: segment_argmin + move_last_into kernels",
              lambda: move_last_into_triton(new_in[0], new_in[1], new_in[2], new_argmin(), mask))]
     if not args.tiny:
-        rows += [(f"argmin: kernel BLOCK={b} warps={w}", lambda b=b, w=w: new_argmin(block=b, num_warps=w))
-                 for b in (512, 1024, 2048, 4096) for w in (4, 8, 16)]
+        rows += [(f"argmin: split kernel BLOCK={b} warps={w}",
+                  lambda b=b, w=w: new_argmin(block=b, num_warps=w, split=True))
+                 for b in (256, 512, 1024, 2048) for w in (2, 4, 8)]
     for name, call in rows:
         ms, spread = time_calls([call], reps=args.reps)
         print(f"  {name:<56} {ms * 1e3:8.1f} us  (spread {spread:.0%})")

@@ -129,6 +129,54 @@ def bits(t):
     return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
+def _ranked_store(seed, B, H, shared):
+    """Segments of a random ragged layout (each sequence's heads equally long when ``shared``), scores with NaN
+    and all-inf rows, positions, and each sequence's newest position."""
+    g = torch.Generator().manual_seed(seed)
+    cap = torch.randint(5, 60, (B * H,), generator=g)
+    if shared:
+        seg_len = torch.randint(0, 50, (B,), generator=g).repeat_interleave(H)
+        cap = cap.view(B, H).amax(1, keepdim=True).expand(B, H).reshape(-1) + 50
+    else:
+        seg_len = torch.minimum(torch.randint(0, 60, (B * H,), generator=g), cap)
+    seg_start = torch.cumsum(cap, 0) - cap
+    S = int(cap.sum())
+    scores = torch.rand(S, generator=g)
+    scores[::7] = float("nan") if seed % 2 else scores[::7]
+    scores[: S // 3] = float("inf") if seed % 3 == 0 else scores[: S // 3]
+    pos = torch.randint(0, 40, (S,), generator=g).to(torch.int32)
+    newest = torch.randint(10, 40, (B,), generator=g)
+    return scores, seg_start, seg_len, int(cap.max()), pos, newest, g
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("protect", ["none", "recent+sinks", "recent per sequence"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ranking_options_and_the_split_search_equal_the_reference(shared, protect, seed):
+    """Protected slots (newest tokens, sinks), TOVA's shared ranking and the search split over blocks of columns
+    (two launches) give exactly the reference's slots."""
+    B, H = 2, [1, 2, 4][seed]
+    scores, seg_start, seg_len, width, pos, newest, g = _ranked_store(seed, B, H, shared)
+    kw = {"none": {}, "recent+sinks": dict(pos=pos, newest=newest, recent=3, sinks=2),
+          "recent per sequence": dict(pos=pos, newest=newest, recent=torch.randint(0, 5, (B,), generator=g))}[protect]
+    want = segment_argmin_reference(scores, seg_start, seg_len, width, heads=H, shared=shared, **kw)
+    for split, block in [(False, None), (True, 16), (True, 32)]:
+        got = segment_argmin_triton(scores, seg_start, seg_len, width, heads=H, shared=shared, split=split,
+                                    block=block, **kw)
+        assert torch.equal(got, want), (split, block)
+    if shared:  # one column for all the heads of a sequence
+        col = (want - seg_start).view(B, H)
+        assert bool((col == col[:, :1]).all())
+
+
+def test_protection_needs_positions():
+    scores, seg_start, seg_len, width, pos, newest, _ = _ranked_store(0, 2, 2, False)
+    with pytest.raises(ValueError, match="need pos"):
+        segment_argmin_triton(scores, seg_start, seg_len, width, sinks=2)
+    with pytest.raises(ValueError, match="newest must be"):
+        segment_argmin_triton(scores, seg_start, seg_len, width, pos=pos, newest=newest[:1], heads=2)
+
+
 @pytest.mark.parametrize("masked", [True, False])
 def test_move_last_into_equals_remove_ones_copies(masked):
     g = torch.Generator().manual_seed(5)
@@ -214,11 +262,19 @@ flags = ("PROTECT", "RECENT_PER_SEQ", "SHARED")
 for protect, per_seq, shared in [(False, False, False), (True, True, False), (True, False, True)]:
     ptx = build(se._segment_argmin_kernel,
                 {"SCORES": scores, **seg, "VICTIM": "*i64", "width": "i32", "POS": "*i32", "NEWEST": "*i64",
-                 "RECENT": "*i64", "recent": "i32", "sinks": "i32", "heads": "i32", **{f: "constexpr" for f in flags},
-                 "BLOCK": "constexpr"},
-                {"PROTECT": protect, "RECENT_PER_SEQ": per_seq, "SHARED": shared, "BLOCK": se.ARGMIN_CONFIG["BLOCK"]},
+                 "RECENT": "*i64", "recent": "i32", "sinks": "i32", "heads": "i32", "PARTIAL": "*i64",
+                 "n_chunks": "i32", **{f: "constexpr" for f in flags + ("STAGE", "BLOCK")}},
+                {"PROTECT": protect, "RECENT_PER_SEQ": per_seq, "SHARED": shared, "STAGE": 0,
+                 "BLOCK": se.ARGMIN_CONFIG["BLOCK"]},
                 se.ARGMIN_CONFIG["num_warps"])
     assert "setp.eq.ftz" not in ptx, "denormal scores flushed to zero (argmin does not flush them)"
+for stage, block in [(1, se.ARGMIN_CONFIG["SPLIT_BLOCK"]), (2, 16)]:  # the split search, shared and protected
+    build(se._segment_argmin_kernel,
+          {"SCORES": scores, **seg, "VICTIM": "*i64", "width": "i32", "POS": "*i32", "NEWEST": "*i64",
+           "RECENT": "*i64", "recent": "i32", "sinks": "i32", "heads": "i32", "PARTIAL": "*i64", "n_chunks": "i32",
+           **{f: "constexpr" for f in flags + ("STAGE", "BLOCK")}},
+          {"PROTECT": True, "RECENT_PER_SEQ": True, "SHARED": True, "STAGE": stage, "BLOCK": block},
+          se.ARGMIN_CONFIG["split_warps"])
 build(se._move_last_kernel, {**seg, "VICTIM": "*i64", "MASK": "*u8", "ROWS": tuple(rows), "WIDTHS": "constexpr",
       "n_slots": "i64", "HAS_MASK": "constexpr", "BLOCK": "constexpr"},
       {"WIDTHS": tuple(widths), "HAS_MASK": has_mask, "BLOCK": 128}, 1)
