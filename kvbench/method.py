@@ -260,21 +260,22 @@ class ScoredEviction(Method):
         else:
             per_seq = self.layer_target(call, fraction_target(self.budget, call.seen))
             target = per_seq.repeat_interleave(store.H)
-        over = store.length - target
         if capturing(call.queries):
             # Being captured: nothing may be read back. The eager step before any capture trimmed every segment
             # to its target, and a step adds one token while the target never falls: at most one is over.
-            self._evict_one(call, over, per_seq)
+            self._evict_one(call, store.length > target, per_seq)
             return
+        over = store.length - target
         if not bool((over > 0).any()):
             return
         if bool((over <= 1).all()):
-            self._evict_one(call, over, per_seq)
+            self._evict_one(call, over > 0, per_seq)
         else:
             keep_top(store, self.score(call), torch.minimum(store.length, target))
 
     def _evict_one(self, call: LayerCall, over: torch.Tensor, per_seq: torch.Tensor) -> None:
-        """The lowest-ranked token of every segment that is over its target leaves (fixed shapes, no sync)."""
+        """The lowest-ranked token of every segment where ``over`` [B*H] (over its target) leaves (fixed shapes,
+        no sync)."""
         store = call.store
         rank = self.decode_ranking(call, per_seq)
         protect = rank.recent is not None or rank.sinks > 0
@@ -283,4 +284,4 @@ class ScoredEviction(Method):
                                 pos=store.pos if protect else None, newest=call.positions[:, -1] if protect else None,
                                 recent=0 if rank.recent is None else rank.recent, sinks=rank.sinks,
                                 heads=store.H, shared=rank.shared_by_heads)
-        store.remove_one(victim, over > 0)
+        store.remove_one(victim, over)

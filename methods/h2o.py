@@ -62,5 +62,8 @@ class H2O(ScoredEviction):
     def decode_ranking(self, call: LayerCall, target: torch.Tensor) -> DecodeRanking:
         if self.mean_over_queries:
             return DecodeRanking(self.score(call))
-        # ``score`` without its copies: the accumulator, the ``recent`` newest tokens kept (in the kernel)
-        return DecodeRanking(call.store.extra["acc"], recent=(target.double() * self.recent_ratio).long())
+        # ``score`` without its copies: the accumulator, the ``recent`` newest tokens kept (in the kernel); the
+        # count is the same in every layer (H2O has no per-layer budget), so it is made once a step
+        recent = call.per_step(("h2o recent", self.budget, self.recent_ratio),
+                               lambda: (target.double() * self.recent_ratio).long())
+        return DecodeRanking(call.store.extra["acc"], recent=recent)
