@@ -5,7 +5,8 @@
 # 467afb7; its README has the calls). This call measures what came after 467afb7, most important first
 # (a call ends at 600 s):
 # 1. the slot-score kernel, one program per (segment, block) instead of per block of physical slots (it ran at a
-#    third of the copy bandwidth at batch 8: 3.6 ms of tova's 12.8 ms step): its microbench at batch 1 and 8;
+#    third of the copy bandwidth at batch 8: 3.6 ms of tova's 12.8 ms step) and the argmin split over blocks:
+#    their microbenchmarks at batch 1 and 8;
 # 2. the evictors' steady step against snapkv's at batch 1 and 8 (target 1.3x; 467afb7: tova 1.28x / 1.67x,
 #    h2o 1.43x / 1.57x, streamingllm 1.11x at batch 1);
 # 3. kvbench bench for the evictors (the committed table's figures), cut to what is left of SECONDS.
@@ -13,8 +14,9 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v WARNING
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-{ timeout 60 python3 -m kernels.slot_scores; timeout 60 python3 -m kernels.slot_scores --segments 64; } 2>&1 \
-  | tee "$OUT/kernels.log" | grep -v "^ *kernel BLOCK_S=\(32\|256\)"
+{ timeout 60 python3 -m kernels.slot_scores; timeout 60 python3 -m kernels.slot_scores --segments 64;
+  timeout 60 python3 -m kernels.segment_evict; timeout 60 python3 -m kernels.segment_evict --segments 64; } 2>&1 \
+  | tee "$OUT/kernels.log" | grep -v "^ *kernel BLOCK_S=\(32\|256\)\|split kernel BLOCK=\(256\|2048\)"
 P=scripts/gpu/prof_prefill_gpu.py
 timeout 100 python3 $P llama-3.1-8b "" --decode 32768 --methods snapkv,streamingllm,tova,h2o --compile 2>&1 \
   | grep --line-buffered -v "^Loading" | tee "$OUT/prof-b1.log" | grep "steady step"
