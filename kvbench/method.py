@@ -12,7 +12,9 @@ it four hooks, all optional:
 - ``on_decode(call)``: after every decoding step, the generated token included.
 
 Eviction methods subclass ``ScoredEviction`` and write one function, ``score(call) -> [S]`` (higher is
-kept), and optionally ``layer_target``/``head_counts`` to shape the budget across layers or heads.
+kept), and optionally ``layer_target``/``head_counts`` to shape the budget across layers or heads, and
+``decode_ranking`` to say what ``score`` computes in a form the decode-time eviction kernel applies itself
+(per-slot values plus the tokens always kept), which keeps a replayed decoding step to a few launches a layer.
 """
 from __future__ import annotations
 
@@ -167,7 +169,7 @@ def protect_recent(store: RaggedKV, scores: torch.Tensor, n_recent: torch.Tensor
 class DecodeRanking:
     """How one decoding step ranks a layer's tokens for eviction (the lowest leaves):
 
-    - ``scores`` [S]: a float per slot;
+    - ``scores`` [S]: a real value per slot (compared as float32: positions too);
     - ``recent``: the newest tokens of each sequence kept whatever their score (an int, or [B] per sequence;
       None: none), and the first ``sinks`` positions;
     - ``shared_by_heads``: one ranking per sequence for all the layer's KV heads (their scores summed position
