@@ -452,9 +452,9 @@ class Bench:
             self.kvbench_point(method, budget, min(cfg.contexts[0], 512), 1, new_tokens=4)
         # The first prefill at a length builds its attention plans (cuDNN: 3 s at 32k on the H200, 2026-12-02), and
         # the first decoding step at a batch compiles the decode kernel's variant for its tiles (Triton picks wider
-        # tiles and more segments past 2,048 slots a work item: full's and snapkv's first batch-8 point at 32k paid
-        # ~1 s, their TPOT 1.35-2.1x the floor against 1.09-1.38x steady): either would land in whichever method
-        # is measured first there.
+        # tiles and more segments past 2,048 slots a work item; most likely the ~1 s that full's and snapkv's first
+        # batch-8 point at 32k paid, TPOT 1.35-2.1x the floor against 1.09-1.38x steady): either would land in
+        # whichever method is measured first there.
         for context in cfg.contexts:
             for batch in cfg.batches:
                 self.kvbench_point(*next(iter(self.method_points())), context, batch, new_tokens=2)
