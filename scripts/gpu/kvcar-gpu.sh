@@ -28,9 +28,9 @@ fi
 export OUT=${OUT:-results/kvcar}
 mkdir -p "$OUT"
 first() { for p in "$@"; do [ -e "$p" ] && { echo "$p"; return; }; done; echo "$1"; }  # the first that is here
-CORPUS=${KVCAR_CORPUS:-$(first .carry/data/corpus/general-english.txt.gz .deltakv/general-english.txt.gz)}
-HAY=${KVCAR_HAYSTACK:-$(first .carry/data/paul_graham_essays .deltakv/paul_graham_essays)}
-RULER_DATA=${KVCAR_RULER:-$(first .carry/data/ruler .carry/tasks/ruler)}
+CORPUS=${KVCAR_CORPUS:-$(first .carry/data/corpus/general-english.txt.gz /tmp/kvbench-data/corpus/general-english.txt.gz .deltakv/general-english.txt.gz)}
+HAY=${KVCAR_HAYSTACK:-$(first .carry/data/paul_graham_essays /tmp/kvbench-data/paul_graham_essays .deltakv/paul_graham_essays)}
+RULER_DATA=${KVCAR_RULER:-$(first .carry/data/ruler /tmp/kvbench-data/ruler .carry/tasks/ruler)}  # qwen.sh setup copies .carry/data there
 ART=/tmp/kvcar-art
 RUNS=/tmp/kvcar-runs
 
@@ -54,10 +54,14 @@ train() {  # train MODEL "LATENTS"
   done
 }
 
-run() {  # run LOGNAME ARGS...: one bounded kvbench run
-  local name=$1; shift
-  timeout ${KVCAR_RUN_TIMEOUT:-300} python3 -m kvbench.cli run --out "$RUNS" "$@" 2>&1 | grep -v "^Loading" \
-    | tail -3 | tee -a "$OUT/$name.log"
+run() {  # run LOGNAME ARGS...: one bounded kvbench run; a failure with CUDA graphs is logged and retried eagerly
+  local name=$1 log rc; shift; log=$(mktemp)
+  timeout ${KVCAR_RUN_TIMEOUT:-300} python3 -m kvbench.cli run --out "$RUNS" "$@" > "$log" 2>&1; rc=$?
+  if [ $rc -ne 0 ] && [ $rc -ne 124 ] && [ "${KVBENCH_CUDA_GRAPHS:-1}" != 0 ]; then
+    { echo "FAILED (rc $rc) with CUDA graphs: $*"; grep -v "^Loading" "$log" | tail -8; echo "retrying eagerly"; } | tee -a "$OUT/$name.log"
+    KVBENCH_CUDA_GRAPHS=0 timeout ${KVCAR_RUN_TIMEOUT:-300} python3 -m kvbench.cli run --out "$RUNS" "$@" > "$log" 2>&1
+  fi
+  grep -v "^Loading" "$log" | tail -3 | tee -a "$OUT/$name.log"; rm -f "$log"
 }
 
 evaluate() {  # evaluate MODEL "LATENTS"
