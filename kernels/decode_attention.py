@@ -9,10 +9,13 @@ length, which is never read.  Query head ``j`` reads KV head ``j // G`` with
 
 Public API
 ----------
-``ragged_attention(q, k, v, seg_start, seg_len, scale) -> (out, lse)``
+``ragged_attention(q, k, v, seg_start, seg_len, scale, slot_logits=None) -> (out, lse)``
     dispatches to the Triton kernel when ``q`` is on CUDA or when
     ``KVBENCH_TRITON=1`` (use ``TRITON_INTERPRET=1`` on the CPU), otherwise to
-    the PyTorch reference.
+    the PyTorch reference. ``slot_logits`` (decoding): ``[S, G]`` float32 that
+    receives each valid slot's logit per query row, written by the same pass
+    (H2O and TOVA rank slots by attention: this spares them a second read of
+    the keys, ``slot_scores.slot_attention_probs_from_logits``).
 ``ragged_attention_triton``, ``ragged_attention_reference``: the two paths.
 ``merge_attention(out_a, lse_a, out_b, lse_b) -> (out, lse)``: exact merge of
 two partial attentions over disjoint key sets.
@@ -158,14 +161,14 @@ except Exception:  # pragma: no cover
 
 
 def _ragged_decode_kernel(
-    Q, K, V, SEG_START, SEG_LEN, O, LSE, OP, LSEP,
+    Q, K, V, SEG_START, SEG_LEN, O, LSE, OP, LSEP, LOGITS,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_ks, stride_kd, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_lb, stride_lh, stride_lt,
     n_seg, n_kv_heads, group, tq, chunk, qk_scale,
     HEAD_DIM: tl.constexpr, NSEG_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr, WRITE_LOGITS: tl.constexpr,
 ):
     pid = tl.program_id(0)       # work item: (segment, chunk)
     pid_m = tl.program_id(1)     # tile of the G*Tq query rows
@@ -224,6 +227,9 @@ def _ragged_decode_kernel(
                 kt = kt.to(tl.float32)
                 v = v.to(tl.float32)
             s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+            if WRITE_LOGITS:  # decoding (tq == 1, so row = g): slot n's logit for query row g, natural log
+                tl.store(LOGITS + (start + n.to(tl.int64))[None, :] * group + rows[:, None],
+                         s * 0.6931471805599453, mask=rmask[:, None] & nmask[None, :])
             s = tl.where(nmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
@@ -362,6 +368,7 @@ def ragged_attention_triton(
     block_n: Optional[int] = None, num_warps: Optional[int] = None,
     num_stages: Optional[int] = None,
     out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
+    slot_logits: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Triton flash-decoding over the ragged store.  See module docstring.
 
@@ -373,6 +380,7 @@ def ragged_attention_triton(
     every element is written.
     """
     B, Hq, Tq, D, hkv, G = _check_inputs(q, k, v, seg_start, seg_len)
+    _check_slot_logits(slot_logits, k, Tq, G)
     cfg = DECODE_CONFIG
     BLOCK_N = int(block_n or cfg["BLOCK_N"])
     nw = int(num_warps or cfg["num_warps"])
@@ -424,14 +432,14 @@ def ragged_attention_triton(
 
     _launch(
         _ragged_decode_kernel, (max_items, n_mt),
-        q, k, v, seg_start, seg_len, out, lse, op, lsep,
+        q, k, v, seg_start, seg_len, out, lse, op, lsep, lsep if slot_logits is None else slot_logits,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         lse.stride(0), lse.stride(1), lse.stride(2),
         n_seg, hkv, G, Tq, chunk, float(scale) * _LOG2E,
         HEAD_DIM=D, NSEG_P2=NSEG_P2, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-        PRECISION=precision, DOT_F32=dot_f32, num_warps=nw, num_stages=ns,
+        PRECISION=precision, DOT_F32=dot_f32, WRITE_LOGITS=slot_logits is not None, num_warps=nw, num_stages=ns,
     )
     if q.is_cuda:
         BLOCK_R, BLOCK_C = 1, 64
@@ -466,11 +474,13 @@ def _gather_segments(x: torch.Tensor, seg_start: torch.Tensor, seg_len: torch.Te
 
 def ragged_attention_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    seg_start: torch.Tensor, seg_len: torch.Tensor, scale: float, **_ignored,
+    seg_start: torch.Tensor, seg_len: torch.Tensor, scale: float,
+    slot_logits: Optional[torch.Tensor] = None, **_ignored,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch oracle: gather into a padded tensor with a mask, fp32 math."""
     B, Hq, Tq, D, hkv, G = _check_inputs(q, k, v, seg_start, seg_len)
-    kp, mask, _ = _gather_segments(k, seg_start, seg_len)      # [n_seg, L, D]
+    _check_slot_logits(slot_logits, k, Tq, G)
+    kp, mask, idx = _gather_segments(k, seg_start, seg_len)      # [n_seg, L, D]
     vp, _, _ = _gather_segments(v, seg_start, seg_len)
     L = kp.shape[1]
     kp = kp.view(B, hkv, 1, L, D)
@@ -478,6 +488,8 @@ def ragged_attention_reference(
     qf = q.float().reshape(B, hkv, G, Tq, D)
     s = torch.matmul(qf, kp.transpose(-1, -2)) * float(scale)   # [B, hkv, G, Tq, L]
     m = mask.view(B, hkv, 1, 1, L)
+    if slot_logits is not None:  # [n_seg, G, L] -> the valid slots' rows of [S, G]
+        slot_logits[idx[mask]] = s.reshape(B * hkv, G, L).transpose(1, 2)[mask]
     s = s.masked_fill(~m, float("-inf"))
     lse = torch.logsumexp(s, dim=-1) if L > 0 else torch.full(s.shape[:-1], float("-inf"), device=q.device)
     p = torch.exp(s - lse.unsqueeze(-1).clamp_min(torch.finfo(torch.float32).min))
@@ -493,10 +505,23 @@ def ragged_attention(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q [B, Hq, Tq, D]`` over the ragged store; returns
     ``out [B, Hq, Tq, D]`` (q's dtype) and ``lse [B, Hq, Tq]`` (float32, natural
-    log; ``-inf`` and ``out = 0`` for an empty segment)."""
+    log; ``-inf`` and ``out = 0`` for an empty segment). ``slot_logits`` (decoding,
+    ``Tq == 1``): a float32 ``[S, G]`` tensor that receives ``scale * <q, k>`` of
+    every valid slot for each query row of its KV group (slack rows untouched), so a
+    method that ranks slots by attention (H2O, TOVA) need not read the keys again."""
     if use_triton(q):
         return ragged_attention_triton(q, k, v, seg_start, seg_len, scale, **kw)
-    return ragged_attention_reference(q, k, v, seg_start, seg_len, scale)
+    return ragged_attention_reference(q, k, v, seg_start, seg_len, scale, kw.get("slot_logits"))
+
+
+def _check_slot_logits(slot_logits, k, Tq, G):
+    if slot_logits is None:
+        return
+    if Tq != 1:
+        raise ValueError(f"slot_logits is for decoding (one query per row), got Tq = {Tq}")
+    if (slot_logits.shape != (k.shape[0], G) or slot_logits.dtype != torch.float32
+            or not slot_logits.is_contiguous() or slot_logits.device != k.device):
+        raise ValueError(f"slot_logits must be a contiguous float32 [S, G] = [{k.shape[0]}, {G}] tensor on {k.device}")
 
 
 def merge_attention(

@@ -17,6 +17,11 @@ Public API
     store's largest capacity, known on the host). Triton when ``k`` is on CUDA or ``KVBENCH_TRITON=1``
     (``TRITON_INTERPRET=1`` on the CPU), else the PyTorch reference. ``slot_attention_probs_triton`` and
     ``slot_attention_probs_reference``: the two paths.
+``slot_attention_probs_from_logits(logits, lse, seg_start, seg_len, width, reduce="mean", out=None) -> [S]``
+    the same from the logits the decode attention kernel wrote in its pass (``ragged_attention(...,
+    slot_logits=)``, ``[S, G]`` float32): ``exp(logits[s, g] - lse[i, g])`` reduced over ``g``. It reads
+    ``4 G`` bytes a slot instead of the ``2 D`` bytes of a bf16 key (16 against 256 for Llama's G = 4,
+    D = 128); ``slot_attention_probs_from_logits_triton`` / ``_reference``: its two paths.
 
 Design: H2O and TOVA call this every decoding step, so it must cost about one read of the bf16 keys (the
 PyTorch formula copies all keys to fp32 and gathers a ``[S, G, D]`` fp32 query per slot: ~15x the bytes).
@@ -36,7 +41,9 @@ import torch
 
 from .decode_attention import _LOG2E, _launch, _next_pow2, use_triton
 
-__all__ = ["slot_attention_probs", "slot_attention_probs_triton", "slot_attention_probs_reference"]
+__all__ = ["slot_attention_probs", "slot_attention_probs_triton", "slot_attention_probs_reference",
+           "slot_attention_probs_from_logits", "slot_attention_probs_from_logits_triton",
+           "slot_attention_probs_from_logits_reference"]
 
 try:  # triton is a dependency, but keep the reference usable without it
     import triton.language as tl
@@ -77,6 +84,31 @@ def _slot_probs_kernel(
     tl.store(OUT + slot, total, mask=valid)
 
 
+def _slot_probs_from_logits_kernel(
+    LOGITS, LSE, SEG_START, SEG_LEN, OUT, stride_ls, stride_lg, group, inv_group, LOG2E: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, REDUCE_MAX: tl.constexpr, ACCUMULATE: tl.constexpr,
+):
+    seg = tl.program_id(0).to(tl.int64)  # one program per (segment, block of its slots), as above
+    col = tl.program_id(1).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    start = tl.load(SEG_START + seg)
+    valid = col < tl.load(SEG_LEN + seg)
+    slot = start + col
+    rows = tl.arange(0, BLOCK_G)
+    rmask = rows < group
+    lse2 = tl.load(LSE + seg * stride_ls + rows * stride_lg, mask=rmask, other=0.0).to(tl.float32) * LOG2E
+    # a slot's G logits are contiguous: the [BLOCK_S, G] tile is one coalesced read; slack rows are never read
+    logit = tl.load(LOGITS + slot[:, None] * group + rows[None, :], mask=valid[:, None] & rmask[None, :],
+                    other=float("-inf"))
+    p = tl.exp2(logit * LOG2E - lse2[None, :])  # padded rows: exp2(-inf) = 0
+    if REDUCE_MAX:
+        total = tl.max(p, 1)
+    else:
+        total = tl.sum(p, 1) * inv_group
+    if ACCUMULATE:
+        total += tl.load(OUT + slot, mask=valid, other=0.0)
+    tl.store(OUT + slot, total, mask=valid)
+
+
 def _check(q, lse, k, seg_start, seg_len, width, reduce):
     if q.dim() != 3:
         raise ValueError(f"q must be [B*Hkv, G, D], got {tuple(q.shape)}")
@@ -96,6 +128,7 @@ def _check(q, lse, k, seg_start, seg_len, width, reduce):
 
 
 SLOT_CONFIG = {"BLOCK_S": 64, "num_warps": 4}
+LOGITS_CONFIG = {"BLOCK_S": 256, "num_warps": 4}  # a tile is BLOCK_S x G floats: wider blocks, fewer programs
 
 
 def _check_out(out, k):
@@ -155,6 +188,68 @@ def slot_attention_probs(q, lse, k, seg_start, seg_len, width: int, scale, reduc
     if use_triton(k):
         return slot_attention_probs_triton(q, lse, k, seg_start, seg_len, width, scale, reduce, out, **kw)
     return slot_attention_probs_reference(q, lse, k, seg_start, seg_len, width, scale, reduce, out)
+
+
+def _check_logits(logits, lse, seg_start, seg_len, width, reduce):
+    if logits.dim() != 2 or logits.dtype != torch.float32 or not logits.is_contiguous():
+        raise ValueError(f"logits must be a contiguous float32 [S, G] tensor, got {tuple(logits.shape)} {logits.dtype}")
+    n_seg = seg_start.shape[0]
+    if lse.shape != (n_seg, logits.shape[1]):
+        raise ValueError(f"lse must be [B*Hkv, G] = {(n_seg, logits.shape[1])}, got {tuple(lse.shape)}")
+    if seg_len.shape != (n_seg,):
+        raise ValueError(f"seg_start / seg_len must hold B*Hkv = {n_seg} entries")
+    if isinstance(width, torch.Tensor) or int(width) < 0:
+        raise ValueError(f"width must be a host int (at least the longest segment), got {width!r}")
+    if reduce not in ("mean", "max"):
+        raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
+    if any(t.device != logits.device for t in (lse, seg_start, seg_len)):
+        raise ValueError(f"lse and the segment tensors must be on the logits' device ({logits.device})")
+
+
+def slot_attention_probs_from_logits_triton(logits, lse, seg_start, seg_len, width: int, reduce="mean", out=None,
+                                            *, block_s=None, num_warps=None):
+    """The Triton path of ``slot_attention_probs_from_logits`` (one launch, no host reads)."""
+    _check_logits(logits, lse, seg_start, seg_len, width, reduce)
+    _check_out(out, logits)
+    S, G = logits.shape
+    accumulate = out is not None
+    if out is None:
+        out = torch.zeros(S, dtype=torch.float32, device=logits.device)
+    n_seg = lse.shape[0]
+    BLOCK_S = int(block_s or LOGITS_CONFIG["BLOCK_S"])
+    if S == 0 or n_seg == 0 or int(width) == 0:
+        return out
+    _launch(
+        _slot_probs_from_logits_kernel, (n_seg, -(-int(width) // BLOCK_S)),
+        logits, lse, seg_start, seg_len, out, lse.stride(0), lse.stride(1), G, 1.0 / max(G, 1), _LOG2E,
+        BLOCK_S=BLOCK_S, BLOCK_G=max(2, _next_pow2(G)), REDUCE_MAX=(reduce == "max"), ACCUMULATE=accumulate,
+        num_warps=int(num_warps or LOGITS_CONFIG["num_warps"]),
+    )
+    return out
+
+
+def slot_attention_probs_from_logits_reference(logits, lse, seg_start, seg_len, width: int, reduce="mean", out=None,
+                                               **_ignored):
+    """PyTorch oracle of ``slot_attention_probs_from_logits`` (fixed shapes: no host reads)."""
+    _check_logits(logits, lse, seg_start, seg_len, width, reduce)
+    _check_out(out, logits)
+    S = logits.shape[0]
+    ar = torch.arange(int(width), device=logits.device)
+    valid = ar[None, :] < seg_len[:, None]
+    idx = torch.where(valid, seg_start[:, None] + ar[None, :], torch.zeros_like(ar)[None, :])
+    p = torch.exp(logits[idx] - lse.float()[:, None, :])  # [n_seg, width, G]
+    p = p.amax(-1) if reduce == "max" else p.mean(-1)
+    at = torch.where(valid, idx, torch.full_like(idx, S)).reshape(-1)
+    result = torch.zeros(S + 1, dtype=torch.float32, device=logits.device).index_put_((at,), p.reshape(-1))[:S]
+    return result if out is None else out.add_(result)
+
+
+def slot_attention_probs_from_logits(logits, lse, seg_start, seg_len, width: int, reduce="mean", out=None, **kw):
+    """``slot_attention_probs`` from the logits the decode attention wrote (``logits [S, G]``, natural log,
+    ``scale * <q, k>``): the keys are not read again."""
+    if use_triton(logits):
+        return slot_attention_probs_from_logits_triton(logits, lse, seg_start, seg_len, width, reduce, out, **kw)
+    return slot_attention_probs_from_logits_reference(logits, lse, seg_start, seg_len, width, reduce, out)
 
 
 # --------------------------------------------------------------------------
@@ -219,6 +314,31 @@ def main(argv=None):
         star = " (default)" if (bs, nw) == (SLOT_CONFIG["BLOCK_S"], SLOT_CONFIG["num_warps"]) else ""
         print(f"  kernel BLOCK_S={bs:<3} warps={nw}  {ms * 1e3:9.1f} us  "
               f"({floor_ms / ms:.0%} of the floor; spread {spread:.0%}){star}")
+    # From the logits the decode attention writes in its own pass: what it costs the attention to write them,
+    # and what reading them back costs instead of the keys.
+    from .decode_attention import ragged_attention_triton
+    G = args.group
+    q4 = [t[0].reshape(1, args.segments * G, 1, args.head_dim) for t, _ in copies]
+    logits = [torch.empty(S, G, dtype=torch.float32, device=dev) for _ in copies]
+    for (t, s), q, lg in zip(copies, q4, logits):
+        ragged_attention_triton(q, t[2], t[2], t[3], t[4], s, slot_logits=lg)
+    for label, kw in (("decode attention", lambda i: {}), ("decode attention + logits", lambda i: {"slot_logits": logits[i]})):
+        calls = [lambda i=i, t=t, s=s: ragged_attention_triton(q4[i], t[2], t[2], t[3], t[4], s, **kw(i))
+                 for i, (t, s) in enumerate(copies)]
+        ms, spread = time_calls(calls, reps=args.reps)
+        print(f"  {label:<28}{ms * 1e3:9.1f} us  (spread {spread:.0%})")
+    (q, lse, k, seg_start, seg_len, width), scale = copies[0]
+    err = (slot_attention_probs_from_logits_triton(logits[0], lse, seg_start, seg_len, width)
+           - slot_attention_probs_reference(q, lse, k, seg_start, seg_len, width, scale)).abs().max().item()
+    lfloor_ms = S * G * 4 / bw * 1e3
+    print(f"  from logits: max |probs - einsum| = {err:.2e}; logit-read floor {lfloor_ms * 1e3:.1f} us")
+    for bs, nw in ([(256, 4)] if args.tiny else [(bs, nw) for bs in (128, 256, 512) for nw in (2, 4, 8)]):
+        calls = [lambda i=i, t=t: slot_attention_probs_from_logits_triton(logits[i], t[1], t[3], t[4], t[5],
+                                                                          block_s=bs, num_warps=nw)
+                 for i, (t, _) in enumerate(copies)]
+        ms, spread = time_calls(calls, reps=args.reps)
+        star = " (default)" if (bs, nw) == (LOGITS_CONFIG["BLOCK_S"], LOGITS_CONFIG["num_warps"]) else ""
+        print(f"  from logits BLOCK_S={bs:<3} warps={nw}  {ms * 1e3:7.1f} us  (spread {spread:.0%}){star}")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ from transformers import Cache
 
 from kvbench.kernels.decode_attention import merge_attention, ragged_attention
 from kvbench.kernels.segment_evict import move_last_into
-from kvbench.kernels.slot_scores import slot_attention_probs
+from kvbench.kernels.slot_scores import slot_attention_probs, slot_attention_probs_from_logits
 from kvbench.kernels.store_append import append_tokens
 from kvbench.models import head_dim
 
@@ -80,7 +80,9 @@ class Store(Protocol):
 
     def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None: ...
 
-    def attend(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]: ...  # (out, lse)
+    # (out, lse). RaggedKV's also takes ``slot_logits=``: asked for only when the method's
+    # ``decode_reads_slot_attention()``, and such a method keeps the default RaggedKV store.
+    def attend(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def reserve(self, n_tokens: int) -> None: ...
 
@@ -182,8 +184,10 @@ class RaggedKV:
         idx = torch.where(valid, self.start[:, None] + ar[None, :], torch.zeros_like(ar)[None, :])
         return idx, valid
 
-    def attend(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return ragged_attention(q, self.k, self.v, self.start, self.length, scale)
+    def attend(self, q: torch.Tensor, scale: float, slot_logits: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out, lse); ``slot_logits`` (decoding): ``[S, G]`` float32 filled with each valid slot's logit."""
+        return ragged_attention(q, self.k, self.v, self.start, self.length, scale, slot_logits=slot_logits)
 
     # ---- changing what it holds -----------------------------------------------------------------
     def _relayout(self, src_slots: torch.Tensor | None, counts: torch.Tensor, capacity: torch.Tensor,
@@ -340,9 +344,10 @@ class LayerCall:
     """What a method's hooks see of one layer's forward call."""
 
     def __init__(self, cache: "KVCache", layer: int, q: torch.Tensor, k: torch.Tensor, scale: float,
-                 lse: torch.Tensor | None):
+                 lse: torch.Tensor | None, slot_logits: torch.Tensor | None = None):
         self.cache, self.layer, self.queries, self.new_keys, self.scale = cache, layer, q, k, scale
         self.lse = lse  # [B, Hq, T] of the queries over store + chunk (decode: over the store)
+        self.slot_logits = slot_logits  # decode, when the method asked: [S, G] logits of the attention's pass
         self.positions = cache.positions  # [B, T]
         self.n_layers = len(cache.stores)
         self.seen = cache.seen  # [B] context tokens seen so far, this call included
@@ -360,11 +365,14 @@ class LayerCall:
         store: RaggedKV = self.store
         B, Hq, T, D = self.queries.shape
         G = Hq // store.H
+        lse = self.lse[:, :, -1].reshape(B * store.H, G)
+        if self.slot_logits is not None:  # the attention wrote the logits: 4 G bytes a slot, not the keys again
+            return slot_attention_probs_from_logits(self.slot_logits, lse, store.start, store.length, store.cap_max,
+                                                    reduce, out)
         # One pass over the stored bf16 keys (a Triton kernel on CUDA): no fp32 copy of the keys, no gathered
         # queries per slot; no device sync, so a decoding step replayed as a CUDA graph runs it.
-        return slot_attention_probs(self.queries[:, :, -1].reshape(B * store.H, G, D),
-                                    self.lse[:, :, -1].reshape(B * store.H, G), store.k, store.start, store.length,
-                                    store.cap_max, self.scale, reduce, out)
+        return slot_attention_probs(self.queries[:, :, -1].reshape(B * store.H, G, D), lse, store.k, store.start,
+                                    store.length, store.cap_max, self.scale, reduce, out)
 
     def per_step(self, key, make):
         """``make()``, computed once per forward and shared by its layers (``KVCache.per_step``)."""
@@ -496,8 +504,13 @@ class KVCache(Cache):
         T = q.shape[2]
         if T == 1 and not self.compressing:
             store.append(k, v, self.positions)
-            out, lse = store.attend(q, scale)
-            self.method.on_decode(LayerCall(self, layer, q, k, scale, lse))
+            if self.method.decode_reads_slot_attention():  # logits written by the attention's own pass
+                logits = torch.empty(store.k.shape[0], q.shape[1] // store.H, dtype=torch.float32, device=q.device)
+                out, lse = store.attend(q, scale, slot_logits=logits)
+            else:
+                logits = None
+                out, lse = store.attend(q, scale)
+            self.method.on_decode(LayerCall(self, layer, q, k, scale, lse, logits))
             return out
         out, lse = causal_attention(q, k, v, scale)
         if store.has_tokens():

@@ -95,6 +95,11 @@ class Method:
         then replay the decoding step as a CUDA graph."""
         return type(self).on_decode is Method.on_decode
 
+    def decode_reads_slot_attention(self) -> bool:
+        """True when ``on_decode`` calls ``call.slot_attention()``: the decode attention then writes every
+        slot's logit in its own pass (``LayerCall.slot_logits``), so the hook does not read the keys again."""
+        return False
+
     def decode_epoch(self, cache) -> Hashable | None:
         """When the engine may replay a captured decoding step: a key that stays the same while every
         layout and host-side size the step uses stays fixed (a graph captured at one key replays while the

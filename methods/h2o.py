@@ -41,6 +41,9 @@ class H2O(ScoredEviction):
             acc += window_scores(call.queries, call.positions, store.k, store.pos, store.start,
                                  store.length, call.scale, reduce="mean")
 
+    def decode_reads_slot_attention(self) -> bool:
+        return True  # every decoding step adds the new query's attention to the running sum
+
     def compress(self, call: LayerCall) -> None:
         self._accumulate(call)
         super().compress(call)

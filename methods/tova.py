@@ -27,6 +27,9 @@ class TOVA(ScoredEviction):
     decode_sync_free: ClassVar[bool] = True
     pin_newest: bool = False
 
+    def decode_reads_slot_attention(self) -> bool:
+        return self.evict_during_decoding and not self.keeps_everything()
+
     def score(self, call: LayerCall) -> torch.Tensor:
         store = call.store
         if call.decoding:

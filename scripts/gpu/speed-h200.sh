@@ -2,13 +2,13 @@
 # Issue 21 on the H200, one call (no carry: untrained models of real shapes), from the repository root:
 #   bash scripts/gpu/speed-h200.sh [SECONDS]      -> $OUT/bench-evictors/, $OUT/prof-b{1,8}.log, $OUT/kernels.log
 # The tables so far: results/bench/h200-llama-3.1-8b-compiled/ (c095eb5) and ...-compiled-2/ (c96d17f, 103643f,
-# 467afb7; its README has the calls). This call measures what came after 467afb7, most important first
+# 467afb7, 4ea51a8; its README has the calls). This call measures what came after 4ea51a8, most important first
 # (a call ends at 600 s):
-# 1. the slot-score kernel, one program per (segment, block) instead of per block of physical slots (it ran at a
-#    third of the copy bandwidth at batch 8: 3.6 ms of tova's 12.8 ms step) and the argmin split over blocks:
-#    their microbenchmarks at batch 1 and 8;
-# 2. the evictors' steady step against snapkv's at batch 1 and 8 (target 1.3x; 467afb7: tova 1.28x / 1.67x,
-#    h2o 1.43x / 1.57x, streamingllm 1.11x at batch 1);
+# 1. h2o's and tova's slot probabilities from the logits the decode attention writes in its own pass (no second
+#    read of the keys: 65 us a layer at batch 8 at 4ea51a8, 2.05 ms of tova's 10.7 ms step): the microbenchmark
+#    (attention with and without writing the logits; probabilities from them) at batch 1 and 8;
+# 2. the evictors' steady step against snapkv's at batch 1 and 8 (target 1.3x; 4ea51a8: tova 1.17x / 1.40x,
+#    h2o 1.24x / 1.49x, streamingllm 1.09x / 1.09x);
 # 3. kvbench bench for the evictors (the committed table's figures), cut to what is left of SECONDS.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1

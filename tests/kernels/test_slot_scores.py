@@ -12,9 +12,12 @@ import torch
 
 from kvbench.cache import RaggedKV
 from kvbench.kernels import slot_scores
-from kvbench.kernels.decode_attention import ragged_attention_reference
+from kvbench.kernels.decode_attention import ragged_attention_reference, ragged_attention_triton
 from kvbench.kernels.slot_scores import (
     slot_attention_probs,
+    slot_attention_probs_from_logits,
+    slot_attention_probs_from_logits_reference,
+    slot_attention_probs_from_logits_triton,
     slot_attention_probs_reference,
     slot_attention_probs_triton,
 )
@@ -204,6 +207,64 @@ def test_out_accumulates_at_valid_slots_only(reduce):
     assert got[~valid].isnan().all() and ref[~valid].isnan().all()
 
 
+def decode_case(G, D, dtype, seed, B=2):
+    """``make_case`` seen by a decoding step: one query per head ([B, Hq, 1, D]), its lse over the store."""
+    (queries, _, k, seg_start, seg_len, seg_of_slot, valid), scale = make_case(LENS, G, D, dtype, seed, B=B)
+    q = queries[:, :, -1:].contiguous()
+    v = torch.randn(k.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype).to(DEV)
+    v[~valid] = float("nan")
+    return q, k, v, seg_start, seg_len, valid, scale
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("G", [1, 3, 4])
+def test_decode_attention_writes_every_valid_slots_logits(G, dtype):
+    """``slot_logits=``: the decode kernel's pass writes ``scale * <q, k>`` of each valid slot and query row (the
+    reference's too), leaves the slack alone, and its output and lse do not change."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    q, k, v, seg_start, seg_len, valid, scale = decode_case(G, 64, dtype, seed)
+    S = k.shape[0]
+    got = torch.full((S, G), 7.0, device=DEV)
+    ref = torch.full((S, G), 7.0, device=DEV)
+    out, lse = ragged_attention_triton(q, k, v, seg_start, seg_len, scale, chunk=32, slot_logits=got)
+    out_ref, lse_ref = ragged_attention_reference(q, k, v, seg_start, seg_len, scale, slot_logits=ref)
+    plain_out, plain_lse = ragged_attention_triton(q, k, v, seg_start, seg_len, scale, chunk=32)
+    assert torch.equal(out, plain_out) and torch.equal(lse, plain_lse)
+    msg = f"seed {seed}"
+    torch.testing.assert_close(got[valid], ref[valid], rtol=1e-4, atol=1e-4, msg=msg)
+    assert (got[~valid] == 7).all() and (ref[~valid] == 7).all()
+    torch.testing.assert_close(lse, lse_ref, rtol=1e-4, atol=1e-4, msg=msg)
+    with pytest.raises(ValueError, match="slot_logits must be"):
+        ragged_attention_triton(q, k, v, seg_start, seg_len, scale, slot_logits=got[:, :1].contiguous() if G > 1
+                                else got.double())
+
+
+@pytest.mark.parametrize("reduce", ["mean", "max"])
+@pytest.mark.parametrize("G", [1, 3, 4])
+def test_probs_from_logits_equal_probs_from_keys(G, reduce):
+    """From the logits the attention wrote, the slot probabilities (and H2O's accumulation) equal those computed
+    from the keys, at the valid slots; the slack is 0 (or keeps what ``out`` held)."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    q, k, v, seg_start, seg_len, valid, scale = decode_case(G, 64, torch.bfloat16, seed)
+    n_seg = len(LENS)
+    logits = torch.empty(k.shape[0], G, device=DEV)
+    _, lse = ragged_attention_triton(q, k, v, seg_start, seg_len, scale, slot_logits=logits)
+    q3, lse2 = q.reshape(n_seg, G, -1), lse.reshape(n_seg, G)
+    width = max(LENS) + 7
+    from_keys = slot_attention_probs_reference(q3, lse2, k, seg_start, seg_len, width, scale, reduce)
+    for fn in (slot_attention_probs_from_logits_triton, slot_attention_probs_from_logits_reference,
+               slot_attention_probs_from_logits):
+        got = fn(logits, lse2, seg_start, seg_len, width, reduce)
+        torch.testing.assert_close(got, from_keys, rtol=1e-4, atol=1e-6, msg=f"{fn.__name__} seed {seed}")
+    before = torch.rand(k.shape[0], device=DEV)
+    before[~valid] = float("nan")
+    acc = slot_attention_probs_from_logits_triton(logits, lse2, seg_start, seg_len, width, reduce, out=before.clone())
+    torch.testing.assert_close(acc[valid], before[valid] + from_keys[valid], rtol=1e-4, atol=1e-6)
+    assert acc[~valid].isnan().all()
+    with pytest.raises(ValueError, match="lse must be"):
+        slot_attention_probs_from_logits(logits, lse2[:-1], seg_start, seg_len, width)
+
+
 AOT_COMPILE = """
 import sys
 import triton
@@ -221,12 +282,32 @@ for accumulate in (False, True):
         constexprs={"LOG2E": 1.4426950408889634, "HEAD_DIM": 128, "BLOCK_S": 64, "BLOCK_D": 128, "REDUCE_MAX": False,
                     "ACCUMULATE": accumulate})
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    src = ASTSource(fn=triton.jit(ss._slot_probs_from_logits_kernel), signature={
+        "LOGITS": "*fp32", "LSE": "*fp32", "SEG_START": "*i64", "SEG_LEN": "*i64", "OUT": "*fp32",
+        "stride_ls": "i32", "stride_lg": "i32", "group": "i32", "inv_group": "fp32",
+        **{n: "constexpr" for n in ("LOG2E", "BLOCK_S", "BLOCK_G", "REDUCE_MAX", "ACCUMULATE")}},
+        constexprs={"LOG2E": 1.4426950408889634, "BLOCK_S": 256, "BLOCK_G": 4, "REDUCE_MAX": False,
+                    "ACCUMULATE": accumulate})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+from kvbench.kernels import decode_attention as da
+src = ASTSource(fn=triton.jit(da._ragged_decode_kernel), signature={
+    "Q": "*bf16", "K": "*bf16", "V": "*bf16", "SEG_START": "*i64", "SEG_LEN": "*i64", "O": "*bf16", "LSE": "*fp32",
+    "OP": "*fp32", "LSEP": "*fp32", "LOGITS": "*fp32",
+    **{n: "i32" for n in ("stride_qb", "stride_qh", "stride_qt", "stride_qd", "stride_ks", "stride_kd", "stride_vs",
+                          "stride_vd", "stride_ob", "stride_oh", "stride_ot", "stride_od", "stride_lb", "stride_lh",
+                          "stride_lt", "n_seg", "n_kv_heads", "group", "tq", "chunk")},
+    "qk_scale": "fp32", **{n: "constexpr" for n in ("HEAD_DIM", "NSEG_P2", "BLOCK_M", "BLOCK_N", "BLOCK_D", "PRECISION",
+                                                    "DOT_F32", "WRITE_LOGITS")}},
+    constexprs={"HEAD_DIM": 128, "NSEG_P2": 64, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_D": 128, "PRECISION": "tf32",
+                "DOT_F32": False, "WRITE_LOGITS": True})
+triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
 print("compiled")
 """
 
 
 def test_kernel_compiles_for_the_h200():
-    """The interpreter accepts what the compiler refuses: the kernel compiled ahead of time for sm_90, without a
+    """The interpreter accepts what the compiler refuses: the kernels (both slot-score kernels, and the decode
+    attention writing the logits) compiled ahead of time for sm_90, without a
     GPU, in a process of its own (see tests/kernels/test_segment_evict.py)."""
     import subprocess
     import sys

@@ -7,6 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from kvbench import method as method_module
 from kvbench import registry
+from kvbench.cache import LayerCall
 from kvbench.engine import Engine
 
 from tests.conftest import prompt, sample, tiny
@@ -129,6 +130,39 @@ def test_one_kernel_ranking_evicts_what_score_ranks(name, params, triton, monkey
     assert tokens == score_tokens
     for a, b in zip(fused.stores, scored.stores):
         assert torch.equal(a.length, b.length) and torch.equal(a.pos, b.pos)
+
+
+@pytest.mark.parametrize("triton", [False, True])
+@pytest.mark.parametrize("name,params", [("h2o", {}), ("tova", {})])
+def test_logits_from_the_attention_pass_evict_what_the_keys_do(name, params, triton, monkeypatch):
+    """H2O and TOVA read each slot's attention from the logits the decode attention wrote in its pass
+    (``decode_reads_slot_attention``), not from a second read of the keys: both ways give the same tokens and
+    the same stores (the replayed steps included); with ``triton`` the kernels run (interpreted)."""
+    if triton:
+        monkeypatch.setenv("KVBENCH_TRITON", "1")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cls = type(registry.build_method(name, 0.5, params))
+    assert cls(budget=0.5).decode_reads_slot_attention()
+    seen = []
+    slot_attention = LayerCall.slot_attention
+
+    def spy(call, *a, **k):
+        seen.append(call.slot_logits is not None)
+        return slot_attention(call, *a, **k)
+
+    monkeypatch.setattr(LayerCall, "slot_attention", spy)
+    tokens, from_logits = _decode(name, 10, 1, monkeypatch, params)
+    assert seen and all(seen)
+    monkeypatch.setattr(cls, "decode_reads_slot_attention", lambda self: False)
+    seen.clear()
+    key_tokens, from_keys = _decode(name, 10, 1, monkeypatch, params)
+    assert seen and not any(seen)
+    assert tokens == key_tokens
+    for a, b in zip(from_logits.stores, from_keys.stores):
+        assert torch.equal(a.length, b.length) and torch.equal(a.pos, b.pos)
+        if "acc" in a.extra:  # H2O's running sums: equal up to the float rounding of two formulas
+            torch.testing.assert_close(a.extra["acc"][a.slot_valid()], b.extra["acc"][b.slot_valid()],
+                                       rtol=1e-4, atol=1e-6)
 
 
 class CountOps(TorchDispatchMode):
