@@ -31,8 +31,8 @@ first() { for p in "$@"; do [ -e "$p" ] && { echo "$p"; return; }; done; echo "$
 CORPUS=${KVCAR_CORPUS:-$(first .carry/data/corpus/general-english.txt.gz /tmp/kvbench-data/corpus/general-english.txt.gz .deltakv/general-english.txt.gz)}
 HAY=${KVCAR_HAYSTACK:-$(first .carry/data/paul_graham_essays /tmp/kvbench-data/paul_graham_essays .deltakv/paul_graham_essays)}
 RULER_DATA=${KVCAR_RULER:-$(first .carry/data/ruler /tmp/kvbench-data/ruler .carry/tasks/ruler)}  # qwen.sh setup copies .carry/data there
-ART=/tmp/kvcar-art
-RUNS=/tmp/kvcar-runs
+ART=${KVCAR_ART:-/tmp/kvcar-art}
+RUNS=${KVCAR_RUNS:-/tmp/kvcar-runs}
 
 model_path() {
   case "$1" in
