@@ -9,6 +9,7 @@
 #   1. one call per part, carry [".carry/pNN"]:  bash scripts/gpu/qwen.sh part .carry/pNN
 #      back to back, nothing between them: the machine is given back 30 s after a call, and the parts with it
 #   2. carry [".carry/whl", ".carry/data"]:       bash scripts/gpu/qwen.sh setup   (joins, checks, converts once)
+#      (when tree + whl + data + finished pass 64 MiB: first `qwen.sh wheels` carrying .carry/whl, then setup without it)
 #   3. then, while the machine stays warm:        bash scripts/gpu/qwen.sh sweep A.yaml[,B.yaml][+C.yaml] [SECONDS]
 #   optional, before 2: here, `bash scripts/gpu/qwen.sh finished RUNS_ROOT` writes .carry/finished (each complete run's
 #   config.json and metrics.json, a few kB a run); carried with step 2, setup puts them where the sweeps look, so a
@@ -29,9 +30,12 @@ shared_data() {  # the sweep configs read ../shared/data, which does not travel:
 case "${1:-}" in
 part)
   mkdir -p $assets/parts && cp "$2"/* $assets/parts/ && ls $assets/parts | wc -l ;;
+wheels)  # optional, before setup, carry [".carry/whl"]: when the tree + whl + data + finished outgrow 64 MiB
+  mkdir -p /tmp/kvbench-whl && cp .carry/whl/*.whl /tmp/kvbench-whl/ && ls /tmp/kvbench-whl ;;
 setup)
   cd $assets && { [ -f $name ] || cat $(ls -v parts/part*) > $name; } && echo "$sha  $name" | sha256sum -c \
-    && rm -rf parts && python3 -m pip install -q --no-index --no-deps --target /tmp/kvbench-site "$root"/.carry/whl/*.whl
+    && rm -rf parts && python3 -m pip install -q --no-index --no-deps --target /tmp/kvbench-site \
+       $(ls "$root"/.carry/whl/*.whl 2>/dev/null || ls /tmp/kvbench-whl/*.whl)
   PYTHONPATH=/tmp/kvbench-site python3 -c "import gguf, wonderwords, jieba, rouge" || { echo "carry the gguf, wonderwords, jieba and rouge wheels in .carry/whl" >&2; exit 1; }
   cd "$root" && rm -rf /tmp/kvbench-data && cp -r .carry/data /tmp/kvbench-data
   if [ -d .carry/finished ]; then  # what is done already, marked as such (.finished-elsewhere): left out of runs.tar.gz
@@ -80,5 +84,5 @@ calibrate)
     --grid "$2" --haystack ../shared/data/paul_graham_essays --layer-samples 8 --dtype bfloat16 2>&1 | grep -v "^Loading" | tail -20
   [ -d /tmp/compresskv-qwen2.5-coder-1.5b ] && cp -r /tmp/compresskv-qwen2.5-coder-1.5b checkpoints/ \
     && cp /tmp/compresskv-qwen2.5-coder-1.5b/artifact.json "$OUT/compresskv-qwen2.5-coder-1.5b.json" ;;
-*) echo "usage: $0 part DIR | setup | sweep CONFIG[,CONFIG...] [SECONDS] | calibrate GRID [SECONDS] | finished RUNS_ROOT" >&2; exit 2 ;;
+*) echo "usage: $0 part DIR | wheels | setup | sweep CONFIG[,CONFIG...] [SECONDS] | calibrate GRID [SECONDS] | finished RUNS_ROOT" >&2; exit 2 ;;
 esac
