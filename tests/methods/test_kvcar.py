@@ -192,8 +192,8 @@ def test_teacher_forced_continuation_reads_decoded_past_and_exact_chunk(chunk):
     """The fidelity task's path (``continuation_logprobs``): every chunk fed (context chunks, then the
     continuation as one chunk) attends exactly to its own keys and values and to the decoded codes of
     everything before it. Written out as a reference forward pass with the trainer's (unfolded) autoencoders:
-    the cache path must give the same log-probabilities. (Measured on SmolLM2, 2026-12-02: this path and the
-    training's all-decoded reference differ by design, not by a bug; see the method's docstring.)"""
+    the cache path must give the same log-probabilities. (Training's reference decodes every key and value,
+    as the token-by-token path does: ``test_decoding_reads_what_training_trains``.)"""
     import torch.nn.functional as F
 
     from kvbench.cache import rope_inverse_factory
