@@ -187,6 +187,60 @@ def test_decoding_reads_what_training_trains(rope_keys, latent_v):
     assert cache.stores[1].sources[0] is cache.stores[0]
 
 
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_teacher_forced_continuation_reads_decoded_past_and_exact_chunk(chunk):
+    """The fidelity task's path (``continuation_logprobs``): every chunk fed (context chunks, then the
+    continuation as one chunk) attends exactly to its own keys and values and to the decoded codes of
+    everything before it. Written out as a reference forward pass with the trainer's (unfolded) autoencoders:
+    the cache path must give the same log-probabilities. (Training's reference decodes every key and value,
+    as the token-by-token path does: ``test_decoding_reads_what_training_trains``.)"""
+    import torch.nn.functional as F
+
+    from kvbench.cache import rope_inverse_factory
+    from kvbench.methods.kvcar.train import head_major
+    from kvbench.task import Sample
+    lm = tiny("qwen2")
+    cfg = lm.model.config
+    H, d = cfg.num_key_value_heads, cfg.head_dim
+    torch.manual_seed(1)
+    codecs = torch.nn.ModuleDict({str(i): LayerCodec(H, d, d, d // 2, latent_v=d // 4 * 3)
+                                  for i in range(cfg.num_hidden_layers)})
+    for mod in codecs.values():
+        for ae in (mod.k, mod.v):
+            ae(torch.randn(H, 64, d) * 2)  # BatchNorm statistics away from (0, 1)
+    codecs.eval()
+    method = KVCAR()
+    method.rope_keys_ = "pre"
+    method.bind(lm, codecs, {})
+    ctx, cont = prompt(40, 3), prompt(12, 4)
+    got, _ = Engine(lm, method, prefill_chunk=chunk).continuation_logprobs(
+        Sample("s", ctx, [], [], 0, continuation_ids=cont))
+    rope = rope_inverse_factory(lm.model.model.rotary_emb)
+    ids = torch.tensor([ctx + cont])
+    T = ids.shape[1]
+    positions = torch.arange(T)[None]
+    step = chunk or len(ctx)
+    chunk_of = torch.tensor([min(t // step, len(ctx) // step) if t < len(ctx) else 10 ** 6 for t in range(T)])
+
+    class ExactChunkDecodedPast:
+        def attention(self, layer, q, k, v, scale):
+            codec = codecs[str(layer)]
+            k_hat = rope(head_major(codec.k, rope(k, positions, inverse=True)), positions)
+            v_hat = head_major(codec.v, v)
+            same = chunk_of[:, None] == chunk_of[None, :]
+            causal = torch.ones(T, T, dtype=torch.bool).tril()
+            # one softmax over the exact keys of the query's own chunk and the decoded keys of earlier ones
+            mask = torch.cat([same & causal, ~same & causal], dim=1)
+            return F.scaled_dot_product_attention(q, torch.cat([k, k_hat], 2), torch.cat([v, v_hat], 2),
+                                                  attn_mask=mask, scale=scale, enable_gqa=True)
+
+    with torch.no_grad():
+        logits = lm.model(input_ids=ids, position_ids=positions, use_cache=False,
+                          kvbench_cache=ExactChunkDecodedPast()).logits
+    want = F.log_softmax(logits[0, len(ctx): -1].float(), -1)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+
+
 def test_artifact_refused_for_another_model(tmp_path):
     path = save_codec(tiny("llama"), tmp_path / "c")
     with pytest.raises(artifact.ArtifactError, match="was made for tiny-llama"):
