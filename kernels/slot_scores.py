@@ -168,16 +168,21 @@ def slot_attention_probs_reference(q, lse, k, seg_start, seg_len, width: int, sc
     per-slot copy of its segment's queries ([S, G, D])."""
     _check(q, lse, k, seg_start, seg_len, width, reduce)
     _check_out(out, k)
-    S = k.shape[0]
-    # the padded view of the segments, with fixed shapes (a replayed decoding step on the CPU runs this)
-    ar = torch.arange(int(width), device=k.device)
+    return _reference_probs(lambda idx: torch.einsum("nwd,ngd->nwg", k.float()[idx], q.float()) * scale,
+                            lse, seg_start, seg_len, width, k.shape[0], reduce, out)
+
+
+def _reference_probs(logits_at, lse, seg_start, seg_len, width, S, reduce, out):
+    """The references' common part: the padded view of the segments with fixed shapes (a replayed decoding step
+    on the CPU runs this), ``logits_at(idx) -> [n_seg, width, G]``, exp against the lse, the reduction over
+    the group, and the scatter back per slot (padding goes to a spare slot past the end)."""
+    ar = torch.arange(int(width), device=lse.device)
     valid = ar[None, :] < seg_len[:, None]
     idx = torch.where(valid, seg_start[:, None] + ar[None, :], torch.zeros_like(ar)[None, :])
-    s = torch.einsum("nwd,ngd->nwg", k.float()[idx], q.float()) * scale
-    p = torch.exp(s - lse.float()[:, None, :])
+    p = torch.exp(logits_at(idx) - lse.float()[:, None, :])
     p = p.amax(-1) if reduce == "max" else p.mean(-1)
-    at = torch.where(valid, idx, torch.full_like(idx, S)).reshape(-1)  # padding goes to a spare slot past the end
-    result = torch.zeros(S + 1, dtype=torch.float32, device=k.device).index_put_((at,), p.reshape(-1))[:S]
+    at = torch.where(valid, idx, torch.full_like(idx, S)).reshape(-1)
+    result = torch.zeros(S + 1, dtype=torch.float32, device=lse.device).index_put_((at,), p.reshape(-1))[:S]
     return result if out is None else out.add_(result)
 
 
@@ -233,15 +238,7 @@ def slot_attention_probs_from_logits_reference(logits, lse, seg_start, seg_len, 
     """PyTorch oracle of ``slot_attention_probs_from_logits`` (fixed shapes: no host reads)."""
     _check_logits(logits, lse, seg_start, seg_len, width, reduce)
     _check_out(out, logits)
-    S = logits.shape[0]
-    ar = torch.arange(int(width), device=logits.device)
-    valid = ar[None, :] < seg_len[:, None]
-    idx = torch.where(valid, seg_start[:, None] + ar[None, :], torch.zeros_like(ar)[None, :])
-    p = torch.exp(logits[idx] - lse.float()[:, None, :])  # [n_seg, width, G]
-    p = p.amax(-1) if reduce == "max" else p.mean(-1)
-    at = torch.where(valid, idx, torch.full_like(idx, S)).reshape(-1)
-    result = torch.zeros(S + 1, dtype=torch.float32, device=logits.device).index_put_((at,), p.reshape(-1))[:S]
-    return result if out is None else out.add_(result)
+    return _reference_probs(lambda idx: logits[idx], lse, seg_start, seg_len, width, logits.shape[0], reduce, out)
 
 
 def slot_attention_probs_from_logits(logits, lse, seg_start, seg_len, width: int, reduce="mean", out=None, **kw):
