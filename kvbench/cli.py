@@ -179,6 +179,11 @@ def _pairs(items, flag: str) -> list[tuple[str, str]]:
     return out
 
 
+_WITH = click.option("--with", "tables", multiple=True, type=click.Path(), metavar="LEADERBOARD.json",
+                     help="also the runs an earlier table recorded (its run folders gone); the newest run of each "
+                          "configuration counts; repeatable")
+
+
 _RATIO = click.option("--ratio", default="prefill", show_default=True, type=click.Choice(["prefill", "end"]),
                       help="measured KV ratio: when decoding starts, or at its end")
 
@@ -192,20 +197,24 @@ _RATIO = click.option("--ratio", default="prefill", show_default=True, type=clic
 @click.option("--budget", default=None, help="only these budgets, comma-separated (full always stays)")
 @click.option("--at", "levels", default=None, help="memory levels to rank at, comma-separated measured ratios")
 @_DROP
+@_WITH
 @_RATIO
-def leaderboard(root, out, model, task, protocol, budget, levels, drop, ratio):
+def leaderboard(root, out, model, task, protocol, budget, levels, drop, tables, ratio):
     """Aggregate every run into one table, methods ranked at matched measured memory."""
     from kvbench import leaderboard as lb
     budgets = _csv(budget, float, "--budget") if budget else None
     at = _csv(levels, float, "--at") if levels else None
     drop = _pairs(drop, "--drop")
-    everything = lb.collect(root, drop)
+    try:
+        everything = lb.collect(root, drop, tables)
+    except user_errors() as e:
+        fail(str(e))
     df = lb.select(everything, model, task, protocol, budgets)
     for _, bad in everything[everything["status"] == "unreadable"].iterrows():
         click.echo(f"warning: {bad['error']}", err=True)
     if df.empty:
-        fail(f"no runs under {root}/runs match")
-    paths = lb.write(df, out or root, ratio, at, lb.drop_text(drop))
+        fail(f"no runs under {root}/runs" + (" or in " + ", ".join(tables) if tables else "") + " match")
+    paths = lb.write(df, out or root, ratio, at, lb.drop_text(drop), drop)
     click.echo(lb.render_markdown(df, ratio, at, lb.drop_text(drop)))
     click.echo("written: " + ", ".join(map(str, paths)))
 
@@ -234,27 +243,33 @@ def plot(root, out, bench_root, only, ratio):
 @click.option("--bench-root", default=None, help="kvbench bench results (default: ROOT/bench)")
 @click.option("--plots", "plots_dir", default=None, help="embed the plots already in this directory (no redrawing)")
 @_DROP
+@_WITH
 @_RATIO
-def report(root, out, bench_root, plots_dir, drop, ratio):
+def report(root, out, bench_root, plots_dir, drop, tables, ratio):
     """One self-contained HTML page: leaderboard, bench tables and every plot, embedded."""
     from kvbench.report import build
     draw_into = plots_dir
     if plots_dir is None and out is not None:  # a report elsewhere draws its plots beside it, not into ROOT/plots
         draw_into = str(Path(out).with_name(Path(out).stem + "-plots"))
-    path = build(root, out, plots_dir=draw_into, make_plots=plots_dir is None, ratio=ratio, bench_root=bench_root,
-                 drop=_pairs(drop, "--drop"))
+    try:
+        path = build(root, out, plots_dir=draw_into, make_plots=plots_dir is None, ratio=ratio, bench_root=bench_root,
+                     drop=_pairs(drop, "--drop"), tables=tables)
+    except user_errors() as e:
+        fail(str(e))
     click.echo(f"report: {path}")
 
 
 @main.command()
 @click.argument("config", type=click.Path())
-def sweep(config):
+@click.option("--recorded", "tables", multiple=True, type=click.Path(), metavar="LEADERBOARD.json",
+              help="also skip the points this earlier table lists as complete (its run folders gone); repeatable")
+def sweep(config, tables):
     """Run models x methods x budgets x tasks x protocols from a YAML file, skipping finished runs."""
     from kvbench import distributed
     from kvbench.sweep import run_sweep
     try:
         with distributed.session() as ranks:  # [distributed] under torchrun: points shared out over the ranks
-            outcomes = run_sweep(config, echo=click.echo, ranks=ranks)
+            outcomes = run_sweep(config, echo=click.echo, ranks=ranks, tables=tables)
     except user_errors() as e:
         fail(str(e))
     if any(o["status"] in ("oom", "crash", "busy") for o in outcomes):

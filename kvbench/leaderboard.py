@@ -104,12 +104,21 @@ def drop_text(drop: list[tuple[str, str]] | None) -> str:
     return ("Samples left out of every run: " + ", ".join(f"{k}={v}" for k, v in drop) + ".") if drop else ""
 
 
-def collect(root: str | Path = "results", drop: list[tuple[str, str]] | None = None) -> pd.DataFrame:
+COLUMNS = ["run_id", "run_dir", "status", "model", "task", "method", "budget", "protocol", "n_samples", "score",
+           "score_lo", "score_hi", "kv_ratio_prefill", "kv_ratio_end", "tokens_per_s", "tpot_s", "prefill_s", "peak_gib",
+           "batch_size", "device", "dtype", "method_params", "task_params", "limit", "provenance", "created", "setting",
+           "settings", "error"]
+
+
+def collect(root: str | Path = "results", drop: list[tuple[str, str]] | None = None,
+            tables: tuple[str | Path, ...] = ()) -> pd.DataFrame:
     """One row per run directory under ``root`` (complete, incomplete, failed, or unreadable: a corrupt
     config.json, metrics.json or JSON-lines record is listed as an error, never left out silently).
 
     ``drop``: (KEY, VALUE) pairs; samples whose ``meta[KEY]`` is VALUE are left out and each run touched is
-    scored on the rest (a NIAH length the full cache itself fails cannot rank methods)."""
+    scored on the rest (a NIAH length the full cache itself fails cannot rank methods).
+
+    ``tables``: earlier ``leaderboard.json`` files whose runs join these (``earlier``)."""
     rows = []
     for run_dir in results.iter_runs(Path(root)):
         config = results.read_json(run_dir / "config.json")
@@ -178,11 +187,34 @@ def collect(root: str | Path = "results", drop: list[tuple[str, str]] | None = N
             "settings": _setting_text(setting),
             "error": (error or {}).get("error"),
         })
-    columns = ["run_id", "run_dir", "status", "model", "task", "method", "budget", "protocol", "n_samples", "score",
-               "score_lo", "score_hi", "kv_ratio_prefill", "kv_ratio_end", "tokens_per_s", "tpot_s", "prefill_s", "peak_gib", "batch_size",
-               "device", "dtype", "method_params", "task_params", "limit", "provenance", "created", "setting",
-               "settings", "error"]
-    return pd.DataFrame(rows, columns=columns)
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    return pd.concat([frame, *(earlier(t, drop) for t in tables)], ignore_index=True) if tables else frame
+
+
+def earlier(table: str | Path, drop: list[tuple[str, str]] | None = None, any_drop: bool = False) -> pd.DataFrame:
+    """The runs an earlier ``leaderboard.json`` recorded (``--with``), one row each as that table has it (score,
+    95% interval, n, measured ratios, speed, settings, created) and no run directory: the run folders are not
+    kept (the committed table is the record), so what needs a run's samples (breakdowns, NIAH grids, traces)
+    leaves these rows out. Joined with the runs under a root, ``newest`` keeps the newest of each configuration.
+    The table must have left out the same samples (``drop``) as this call, or its scores would mean another thing
+    (``any_drop``: whatever it left out, for a caller that reads which runs it holds, not their scores)."""
+    path = Path(table)
+    try:
+        payload = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise results.ResultsError(f"{path}: not JSON ({e}); pass a leaderboard.json that `kvbench leaderboard` "
+                                   "wrote") from None
+    runs = payload.get("runs") if isinstance(payload, dict) else None
+    needed = set(COLUMNS) - {"run_dir"}
+    if not isinstance(runs, list) or not all(isinstance(r, dict) and needed <= r.keys() for r in runs):
+        raise results.ResultsError(f"{path}: not a kvbench leaderboard.json (a 'runs' list whose rows have "
+                                   f"{', '.join(sorted(needed))}); pass one that `kvbench leaderboard` wrote")
+    theirs = sorted(map(tuple, payload.get("drop") or []))
+    if theirs != sorted(drop or []) and not any_drop:
+        said = lambda d: ", ".join(f"{k}={v}" for k, v in d) or "nothing"
+        raise results.ResultsError(f"{path} left out {said(theirs)}, this call {said(sorted(drop or []))}: pass "
+                                   "the same --drop, or its scores and these would not measure the same samples")
+    return pd.DataFrame(runs, columns=COLUMNS).assign(run_dir=None)
 
 
 def newest(df: pd.DataFrame) -> pd.DataFrame:
@@ -416,7 +448,7 @@ PAGE_STYLE = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px
 
 
 def write(df: pd.DataFrame, out: str | Path = "results", ratio: str = "prefill", levels=None,
-          note: str = "") -> list[Path]:
+          note: str = "", drop: list[tuple[str, str]] | None = None) -> list[Path]:
     """leaderboard.md, .csv (one row per run), .json (runs, ranking) and .html under ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -424,7 +456,7 @@ def write(df: pd.DataFrame, out: str | Path = "results", ratio: str = "prefill",
     results.write_text(paths[0], render_markdown(df, ratio, levels, note))
     results.write_text(paths[1], df.drop(columns=["run_dir"]).to_csv(index=False))
     rank = ranking(df, ratio, levels)
-    payload = {"ratio": ratio, "runs": json.loads(df.drop(columns=["run_dir"]).to_json(orient="records")),
+    payload = {"ratio": ratio, "drop": [list(d) for d in drop or []], "runs": json.loads(df.drop(columns=["run_dir"]).to_json(orient="records")),
                "ranking": json.loads(rank.to_json(orient="records")) if not rank.empty else []}
     results.write_text(paths[2], json.dumps(payload, indent=1))
     results.write_text(paths[3], f"<!doctype html><html><head><meta charset='utf-8'><title>kvbench leaderboard</title>"

@@ -256,8 +256,9 @@ def make_all(root: str | Path = "results", out: str | Path | None = None, ratio:
     root = Path(root)
     out = Path(out) if out else root / "plots"
     df = leaderboard.newest(leaderboard.collect(root) if df is None else df)
-    makers = {"score": lambda: score_vs_ratio(df, out, ratio), "niah": lambda: niah_heatmaps(df, out),
-              "kv-steps": lambda: kv_over_steps(df, out), "throughput": lambda: throughput(df, out)}
+    folders = df[df["run_dir"].notna()]  # rows from earlier tables have no samples or traces to draw from
+    makers = {"score": lambda: score_vs_ratio(df, out, ratio), "niah": lambda: niah_heatmaps(folders, out),
+              "kv-steps": lambda: kv_over_steps(folders, out), "throughput": lambda: throughput(folders, out)}
     paths = []
     for kind in kinds:
         if kind == "bench":

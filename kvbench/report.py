@@ -63,19 +63,23 @@ def _bench_section(bench_root: Path) -> str:
 
 def build(root: str | Path = "results", out: str | Path | None = None, plots_dir: str | Path | None = None,
           make_plots: bool = True, ratio: str = "prefill", bench_root: str | Path | None = None,
-          drop: list[tuple[str, str]] | None = None) -> Path:
-    """Write the report; returns its path. ``make_plots`` draws the plots first (into ``plots_dir``); ``drop`` as
-    ``leaderboard.collect`` takes it."""
+          drop: list[tuple[str, str]] | None = None, tables: tuple = ()) -> Path:
+    """Write the report; returns its path. ``make_plots`` draws the plots first (into ``plots_dir``); ``drop`` and
+    ``tables`` (earlier leaderboard.json files) as ``leaderboard.collect`` takes them."""
     root = Path(root)
     out = Path(out) if out else root / "report.html"
     plots_dir = Path(plots_dir) if plots_dir else root / "plots"
     bench_root = Path(bench_root) if bench_root else root / "bench"
-    df = leaderboard.newest(leaderboard.collect(root, drop))
+    df = leaderboard.newest(leaderboard.collect(root, drop, tables))
     if make_plots:
         plots.make_all(root, plots_dir, ratio, df=df, bench_root=bench_root)
     pngs = sorted(plots_dir.glob("*.png")) if plots_dir.is_dir() else []
     runs = len(df)
-    body = [f"<h1>kvbench report</h1><p>{runs} runs under {html.escape(str(root))}; made "
+    recorded = int(df["run_dir"].isna().sum())  # from earlier tables: no samples here, so no per-run plots
+    where = f"{runs - recorded} under {html.escape(str(root))}" + (
+        f", {recorded} as {html.escape(', '.join(map(str, tables)))} recorded them (in the tables and the score "
+        "figures; their samples are not kept, so not in the NIAH grids and memory traces)" if recorded else "")
+    body = [f"<h1>kvbench report</h1><p>{runs} runs: {where}; made "
             f"{time.strftime('%Y-%m-%d %H:%M %Z')}. Scores are each task's headline metric; the KV ratio is "
             "measured from the cache's stores (bytes held over the bytes of a plain full cache). "
             f"{html.escape(leaderboard.drop_text(drop))}</p>",

@@ -18,6 +18,11 @@ skipped without loading anything; an unfinished one resumes where it stopped (th
 that fails is recorded and the sweep goes on: an out-of-memory error as ``oom``, anything else as
 ``crash``, with its error, in ``error.json`` inside the run's directory (when the run got one) and in the
 sweep's ledger ``OUT/sweeps/<config name>.jsonl``, which lists every point's outcome and directory.
+
+``recorded``: earlier ``leaderboard.json`` tables (``kvbench sweep --recorded``); a point one of them lists as
+complete is skipped too, so a sweep extends a committed leaderboard whose run folders are gone. A table row
+matches a point on what the table keeps: model, task, protocol, method and its parameters, budget, task
+parameters, batch size, limit, device and dtype.
 """
 from __future__ import annotations
 
@@ -159,6 +164,37 @@ def existing_runs(out: str | Path) -> dict[str, Path]:
     return found
 
 
+def _recorded_key(model, task, protocol, method, budget, method_params: dict, task_params: dict, batch_size, limit,
+                  device, dtype) -> str:
+    from kvbench.leaderboard import method_label, model_label
+    return _normal([model_label(model), task, protocol, method_label(method.split("(")[0], method_params),
+                    float(budget), method_params, task_params, int(batch_size), None if limit is None else int(limit),
+                    device, dtype])
+
+
+def point_key(cfg: RunConfig) -> str:
+    """A point as a leaderboard table records it (see ``recorded``)."""
+    from kvbench.models import ALIASES
+    device = resolve_device(cfg.device)
+    return _recorded_key(ALIASES.get(cfg.model, cfg.model), cfg.task, cfg.protocol, cfg.method, cfg.budget,
+                         json.loads(_normal(asdict(registry.build_method(cfg.method, cfg.budget, cfg.method_params)))),
+                         json.loads(_normal(asdict(registry.build_task(cfg.task, cfg.task_params)))), cfg.batch_size,
+                         cfg.limit, device.split(":")[0], str(resolve_dtype(cfg.dtype, device)).replace("torch.", ""))
+
+
+def recorded(tables) -> dict[str, str]:
+    """point key -> the table that lists it as complete, over earlier ``leaderboard.json`` tables."""
+    from kvbench import leaderboard
+    out = {}
+    for table in tables:
+        rows = leaderboard.earlier(table, drop=None, any_drop=True)
+        for row in rows[rows["status"] == "complete"].itertuples():
+            limit = None if row.limit is None or row.limit != row.limit else row.limit  # NaN: none
+            out[_recorded_key(row.model, row.task, row.protocol, row.method, row.budget, json.loads(row.method_params),
+                              json.loads(row.task_params), row.batch_size, limit, row.device, row.dtype)] = str(table)
+    return out
+
+
 def is_finished(run_dir: Path | None) -> bool:
     if run_dir is None or not (run_dir / "metrics.json").exists():
         return False
@@ -171,12 +207,13 @@ def label(cfg: RunConfig) -> str:
 
 
 def run_sweep(path: str | Path, echo: Callable[[str], None] = print, load_model: Callable | None = None,
-              progress: bool = True, ranks=None) -> list[dict]:
+              progress: bool = True, ranks=None, tables: tuple = ()) -> list[dict]:
     """Run (or finish) a sweep; returns one outcome per point. Several processes may run the same sweep at once
     (lanes on one GPU): each skips the points another has finished or holds (``busy``: the run directory's lock),
     so together they run every point once. ``load_model(spec, dtype, device, seed)``
     defaults to ``kvbench.models.load``. ``ranks`` (``kvbench.distributed``): under torchrun, this rank runs
-    every world-th point and rank 0 returns (and reports) every point's outcome."""
+    every world-th point and rank 0 returns (and reports) every point's outcome. ``tables``: earlier
+    leaderboard.json files whose complete runs are skipped (``recorded``)."""
     from kvbench import distributed, models
     from kvbench.harness import run
     cfg = load_config(path)
@@ -189,6 +226,7 @@ def run_sweep(path: str | Path, echo: Callable[[str], None] = print, load_model:
     load_model = load_model or (lambda spec, dtype, device, seed, random_weights=False, trust_remote_code=False:
                                 models.load(spec, dtype, device, random_weights, trust_remote_code, seed=seed))
     known = existing_runs(out)
+    in_tables = recorded(tables)
     outcomes, loaded, sample_memo = [], {}, {}
     if ranks.main:  # [distributed]
         echo(f"sweep {cfg['name']}: {len(plan)} runs; results under {out / 'runs'}"
@@ -203,6 +241,9 @@ def run_sweep(path: str | Path, echo: Callable[[str], None] = print, load_model:
         if is_finished(known.get(ident)):
             outcome = {"status": "skipped", "run_dir": str(known[ident]), "note": "already finished"}
             echo(f"{prefix}: already finished -> {known[ident]}")
+        elif point_key(point) in in_tables:
+            outcome = {"status": "skipped", "run_dir": None, "note": f"recorded in {in_tables[point_key(point)]}"}
+            echo(f"{prefix}: {outcome['note']}")
         else:
             outcome = _run_point(point, ident, loaded, load_model, out, run, progress, sample_memo)
             where = outcome.get("run_dir") or "(no run directory)"

@@ -9,11 +9,10 @@
 #   1. one call per part, carry [".carry/pNN"]:  bash scripts/gpu/qwen.sh part .carry/pNN
 #      back to back, nothing between them: the machine is given back 30 s after a call, and the parts with it
 #   2. carry [".carry/whl", ".carry/data"]:       bash scripts/gpu/qwen.sh setup   (joins, checks, converts once)
-#      (when tree + whl + data + finished pass 64 MiB: first `qwen.sh wheels` carrying .carry/whl, then setup without it)
+#      (when tree + whl + data pass 64 MiB: first `qwen.sh wheels` carrying .carry/whl, then setup without it)
 #   3. then, while the machine stays warm:        bash scripts/gpu/qwen.sh sweep A.yaml[,B.yaml][+C.yaml] [SECONDS]
-#   optional, before 2: here, `bash scripts/gpu/qwen.sh finished RUNS_ROOT` writes .carry/finished (each complete run's
-#   config.json and metrics.json, a few kB a run); carried with step 2, setup puts them where the sweeps look, so a
-#   sweep config can name its whole grid and the GPU runs only what is missing. They never come back in runs.tar.gz.
+#   The sweeps skip every point the committed leaderboard (results/qwen/leaderboard.json) lists as complete
+#   (`kvbench sweep --recorded`): a sweep config names its whole grid and the GPU runs only what is missing.
 # Each sweep call leaves $OUT/runs.tar.gz (every run folder so far) and $OUT/sweep-N.log (one per lane); a sweep cut by its time
 # limit resumes at the next call on the same machine (the runner's resume). Lanes (`+`) run at once on the one GPU; the
 # same config in several lanes (A.yaml+A.yaml+A.yaml) shares its points out: a lane skips what another holds or
@@ -30,7 +29,7 @@ shared_data() {  # the sweep configs read ../shared/data, which does not travel:
 case "${1:-}" in
 part)
   mkdir -p $assets/parts && cp "$2"/* $assets/parts/ && ls $assets/parts | wc -l ;;
-wheels)  # optional, before setup, carry [".carry/whl"]: when the tree + whl + data + finished outgrow 64 MiB
+wheels)  # optional, before setup, carry [".carry/whl"]: when the tree + whl + data outgrow 64 MiB
   mkdir -p /tmp/kvbench-whl && cp .carry/whl/*.whl /tmp/kvbench-whl/ && ls /tmp/kvbench-whl ;;
 setup)
   cd $assets && { [ -f $name ] || cat $(ls -v parts/part*) > $name; } && echo "$sha  $name" | sha256sum -c \
@@ -38,8 +37,6 @@ setup)
        $(ls "$root"/.carry/whl/*.whl 2>/dev/null || ls /tmp/kvbench-whl/*.whl)
   PYTHONPATH=/tmp/kvbench-site python3 -c "import gguf, wonderwords, jieba, rouge" || { echo "carry the gguf, wonderwords, jieba and rouge wheels in .carry/whl" >&2; exit 1; }
   cd "$root" && rm -rf /tmp/kvbench-data && cp -r .carry/data /tmp/kvbench-data
-  if [ -d .carry/finished ]; then  # what is done already, marked as such (.finished-elsewhere): left out of runs.tar.gz
-    mkdir -p results/runs && cp -rn .carry/finished/* results/runs/ && ls .carry/finished | wc -l; fi
   mkdir -p $KVBENCH_CACHE/gguf && ln -f $assets/$name $KVBENCH_CACHE/gguf/$name
   install_kvbench
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -52,30 +49,11 @@ sweep)
   # shows no speed for them (their timings measure the contention, not the method).
   lanes=(${2//+/ }); export KVBENCH_SHARED_DEVICE=${#lanes[@]}
   for i in "${!lanes[@]}"; do
-    timeout "${3:-540}" bash -c 'for c in ${0//,/ }; do kvbench sweep "$c"; done' "${lanes[$i]}" > "$OUT/sweep-$i.log" 2>&1 &
+    timeout "${3:-540}" bash -c 'for c in ${0//,/ }; do kvbench sweep "$c" --recorded results/qwen/leaderboard.json; done' \
+      "${lanes[$i]}" > "$OUT/sweep-$i.log" 2>&1 &
   done; wait
   for i in "${!lanes[@]}"; do grep -v "^Loading" "$OUT/sweep-$i.log" | tail -25; done
-  find results/runs -mindepth 1 -maxdepth 1 -type d ! -exec test -e {}/.finished-elsewhere \; -print > /tmp/runs.list
-  tar czf "$OUT/runs.tar.gz" -T /tmp/runs.list results/sweeps 2>/dev/null; ls -la "$OUT" ;;
-finished)  # here, not on the GPU machine: RUNS_ROOT/runs/* complete -> .carry/finished/<run>/{config,metrics}.json
-  rm -rf .carry/finished && mkdir -p .carry/finished
-  python3 - "$2" <<'PY'
-import shutil, sys
-from pathlib import Path
-from kvbench import results
-from kvbench.sweep import is_finished
-n = 0
-for run_dir in results.iter_runs(Path(sys.argv[1])):
-    if is_finished(run_dir):
-        dest = Path(".carry/finished") / run_dir.name
-        dest.mkdir()
-        for f in ("config.json", "metrics.json"):
-            shutil.copy(run_dir / f, dest / f)
-        (dest / ".finished-elsewhere").write_text(str(run_dir) + "\n")
-        n += 1
-print(f"{n} finished runs in .carry/finished")
-PY
-  du -sh .carry/finished ;;
+  tar czf "$OUT/runs.tar.gz" results/runs results/sweeps 2>/dev/null; ls -la "$OUT" ;;
 calibrate)
   # CompressKV's calibration of Qwen2.5-Coder-1.5B (GRID as `kvbench calibrate compresskv --grid` takes it); resumes
   # when cut by its time limit; the artifact is copied into checkpoints/ (for the sweep) and to $OUT (to commit).
@@ -84,5 +62,5 @@ calibrate)
     --grid "$2" --haystack ../shared/data/paul_graham_essays --layer-samples 8 --dtype bfloat16 2>&1 | grep -v "^Loading" | tail -20
   [ -d /tmp/compresskv-qwen2.5-coder-1.5b ] && cp -r /tmp/compresskv-qwen2.5-coder-1.5b checkpoints/ \
     && cp /tmp/compresskv-qwen2.5-coder-1.5b/artifact.json "$OUT/compresskv-qwen2.5-coder-1.5b.json" ;;
-*) echo "usage: $0 part DIR | wheels | setup | sweep CONFIG[,CONFIG...] [SECONDS] | calibrate GRID [SECONDS] | finished RUNS_ROOT" >&2; exit 2 ;;
+*) echo "usage: $0 part DIR | wheels | setup | sweep CONFIG[,CONFIG...] [SECONDS] | calibrate GRID [SECONDS]" >&2; exit 2 ;;
 esac

@@ -441,9 +441,9 @@ data: {haystack}
     print(f"\ntwo lanes: {[sum(': done ->' in x for x in log.splitlines()) for log in logs]} points each")
 
 
-def test_a_sweep_skips_runs_finished_elsewhere_from_their_config_and_metrics_alone(tmp_path, tiny_dir, haystack):
-    """scripts/gpu/qwen.sh finished: a GPU machine gets each complete run's config.json and metrics.json only (a
-    few kB), and its sweeps then run what is missing, nothing twice."""
+def test_a_sweep_extends_a_committed_table_whose_run_folders_are_gone(tmp_path, tiny_dir, haystack):
+    """The committed leaderboard.json is the record (run folders are not kept): `sweep --recorded` runs only what
+    it lacks, nothing twice, and `leaderboard --with` joins its rows to the new runs."""
     body = f"""models: [{tiny_dir}]
 methods: [snapkv]
 budgets: [0.5, 0.25]
@@ -453,15 +453,23 @@ data: {haystack}
     here, there = tmp_path / "here", tmp_path / "there"
     first = _yaml(tmp_path, "first", f"out: {here}\n" + body.replace("[0.5, 0.25]", "[0.5]"))
     assert cli("sweep", first).exit_code == 0
-    (done,) = (here / "runs").iterdir()
-    stub = there / "runs" / done.name
-    stub.mkdir(parents=True)
-    for f in ("config.json", "metrics.json"):
-        shutil.copy(done / f, stub / f)
-    res = cli("sweep", _yaml(tmp_path, "second", f"out: {there}\n" + body))
+    assert cli("leaderboard", "--root", here, "--drop", "length=999").exit_code == 0
+    table = here / "leaderboard.json"
+    shutil.rmtree(here / "runs")
+    res = cli("sweep", _yaml(tmp_path, "second", f"out: {there}\n" + body), "--recorded", table)
     assert res.exit_code == 0, res.output
-    assert "snapkv@0.5: already finished" in res.stdout and "snapkv@0.25: done" in res.stdout, res.stdout
-    assert not (stub / "samples.jsonl").exists()  # the stub was not run again
+    assert f"snapkv@0.5: recorded in {table}" in res.stdout and "snapkv@0.25: done" in res.stdout, res.stdout
+    assert len(list((there / "runs").iterdir())) == 1  # the recorded point was not run again
+    res = cli("leaderboard", "--root", there, "--with", table, "--drop", "length=999")
+    assert res.exit_code == 0, res.output
+    rows = json.loads((there / "leaderboard.json").read_text())["runs"]
+    assert sorted(r["budget"] for r in rows) == [0.25, 0.5] and all(r["status"] == "complete" for r in rows)
+    # the table left out other samples than this call would: refused in one line, as is a file that is no table
+    res = cli("leaderboard", "--root", there, "--with", table)
+    assert res.exit_code == 2 and "left out length=999, this call nothing: pass the same --drop" in res.output
+    (tmp_path / "bad.json").write_text('{"runs": [{"score": 1}]}')
+    res = cli("report", "--root", there, "--with", tmp_path / "bad.json", "--out", tmp_path / "r.html")
+    assert res.exit_code == 2 and "not a kvbench leaderboard.json" in res.output
 
 
 def _checkpoint(tiny_dir: Path, where: Path) -> Path:
