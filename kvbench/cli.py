@@ -224,14 +224,21 @@ def leaderboard(root, out, model, task, protocol, budget, levels, drop, tables, 
 @click.option("--out", default=None, help="plot directory (default: ROOT/plots)")
 @click.option("--bench-root", default=None, help="kvbench bench results (default: ROOT/bench)")
 @click.option("--only", default=None, help="some of: score,niah,kv-steps,throughput,bench (default: all)")
+@_DROP
+@_WITH
 @_RATIO
-def plot(root, out, bench_root, only, ratio):
+def plot(root, out, bench_root, only, drop, tables, ratio):
     """Score vs measured KV, NIAH heatmaps, KV bytes over steps, throughput and memory (PNG and SVG)."""
     from kvbench.plots import KINDS, make_all
     kinds = tuple(_csv(only, str, "--only")) if only else KINDS
     if set(kinds) - set(KINDS):
         fail(f"--only takes some of {','.join(KINDS)}")
-    paths = make_all(root, out, ratio, bench_root=bench_root, kinds=kinds)
+    from kvbench import leaderboard as lb
+    try:
+        df = lb.collect(root, _pairs(drop, "--drop"), tables)
+    except user_errors() as e:
+        fail(str(e))
+    paths = make_all(root, out, ratio, df=df, bench_root=bench_root, kinds=kinds)
     if not paths:
         fail(f"nothing to plot under {root}")
     click.echo(f"{len(paths)} files: " + ", ".join(str(p) for p in paths))

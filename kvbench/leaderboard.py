@@ -188,7 +188,11 @@ def collect(root: str | Path = "results", drop: list[tuple[str, str]] | None = N
             "error": (error or {}).get("error"),
         })
     frame = pd.DataFrame(rows, columns=COLUMNS)
-    return pd.concat([frame, *(earlier(t, drop) for t in tables)], ignore_index=True) if tables else frame
+    if not tables:
+        return frame
+    # a run both here and in a table (or in two tables) is one run: its folder's row, else the first table's
+    both = pd.concat([frame, *(earlier(t, drop) for t in tables)], ignore_index=True)
+    return both[~both["run_id"].duplicated(keep="first")].reset_index(drop=True)
 
 
 def earlier(table: str | Path, drop: list[tuple[str, str]] | None = None, any_drop: bool = False) -> pd.DataFrame:
@@ -222,8 +226,10 @@ def newest(df: pd.DataFrame) -> pd.DataFrame:
     if df.empty:
         return df
     key = ["model", "protocol", "setting", "task", "method", "method_params", "budget"]
-    ordered = df.assign(_created=df["created"].fillna("")).sort_values("_created", kind="stable")
-    return ordered.drop_duplicates(subset=key, keep="last").drop(columns="_created").sort_index()
+    # the same run read from its folder and from an earlier table (--with): the folder's row (it has the samples)
+    ordered = df.assign(_created=df["created"].fillna(""), _folder=df["run_dir"].notna()).sort_values(
+        ["_created", "_folder"], kind="stable")
+    return ordered.drop_duplicates(subset=key, keep="last").drop(columns=["_created", "_folder"]).sort_index()
 
 
 def select(df: pd.DataFrame, model: str | None = None, task: str | None = None, protocol: str | None = None,

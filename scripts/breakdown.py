@@ -4,15 +4,19 @@ one value a run), per protocol x method x kept fraction, with 95% bootstrap inte
     python scripts/breakdown.py RESULTS_ROOT --task niah [--lengths 4096,8192] [--where style=original]
     python scripts/breakdown.py RESULTS_ROOT --task ruler
     python scripts/breakdown.py RESULTS_ROOT --task fidelity
-    python scripts/breakdown.py RESULTS_ROOT --task longbench
+    python scripts/breakdown.py RESULTS_ROOT --task longbench [--with results/qwen/longbench-by-subset.md]
 
 The leaderboard averages a run over all its parts; this table shows each part apart, so a part the full cache
 itself fails (and which therefore cannot rank methods) is visible and can be left out.
+
+``--with EARLIER.md``: a table this script wrote before, from runs whose folders are gone (the committed tables
+are the record); its rows for runs not under RESULTS_ROOT are kept as they are, the newer runs replace theirs.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -32,6 +36,7 @@ def main() -> None:
     ap.add_argument("--lengths", default=None, help="only these lengths, comma-separated")
     ap.add_argument("--where", action="append", default=[],
                     help="only runs whose task parameter KEY has VALUE (KEY=VALUE; repeatable)")
+    ap.add_argument("--with", dest="earlier", default=None, help="an earlier table of this script to extend")
     args = ap.parse_args()
     metric, fields = PARTS[args.task]
     only = {int(x) for x in args.lengths.split(",")} if args.lengths else None
@@ -40,9 +45,10 @@ def main() -> None:
     # (parameters, artifacts) and task settings kept apart, as in every other table.
     runs = lb.newest(lb.collect(Path(args.root)))
     runs = runs[runs["task"] == args.task]
-    runs = runs[[all(str(json.loads(p).get(k)) == v for k, v in where.items()) for p in runs["task_params"]]]
+    runs = runs[runs["task_params"].map(lambda p: all(str(json.loads(p).get(k)) == v for k, v in where.items()))
+                .astype(bool)]
     unfinished = sorted(runs[runs["status"] != "complete"]["run_id"])  # a cut run's first samples are no sample
-    runs = runs[runs["status"] == "complete"]
+    runs = runs[(runs["status"] == "complete") & runs["run_dir"].notna()]
     # labels name the model and the task settings only where a table would otherwise pool two of them
     several = {"model": runs["model"].nunique() > 1,
                "setting": bool((runs.groupby("protocol")["setting"].nunique() > 1).any())}
@@ -56,8 +62,6 @@ def main() -> None:
                 cells[key][tuple(rec["meta"][f] for f in fields)].append(rec["scores"][metric])
     if not fields:  # a task without parts: its whole-run value only
         fields = ("",)
-    parts = sorted({p for per in cells.values() for p in per if p}) + [("all",) * len(fields)]
-    keys = sorted(cells, key=lambda k: (k[0], k[2] != results.FULL, k[1], k[2]))
 
     def cell(key, part) -> str:
         vals = [v for vs in cells[key].values() for v in vs] if part[0] == "all" else cells[key].get(part, [])
@@ -65,21 +69,57 @@ def main() -> None:
         fmt = ".0f" if metric != "kl" else ".3f"
         return f"{sum(vals) / len(vals):{fmt}} [{lo:{fmt}}, {hi:{fmt}}] n={len(vals)}" if vals else "—"
 
+    parts = sorted({p for per in cells.values() for p in per if p}) + [("all",) * len(fields)]
+    texts = {key: {part: cell(key, part) for part in parts} for key in cells}
+    if args.earlier:  # the earlier table's runs that these do not replace, as it printed them
+        for key, row in read_table(Path(args.earlier), len(fields)).items():
+            texts.setdefault(key, row)
+        parts = sorted({p for row in texts.values() for p in row if p[0] != "all"}) + [("all",) * len(fields)]
+    keys = sorted(texts, key=lambda k: (k[0], k[2] != results.FULL, k[1], k[2]))
+
     print(f"{metric}{' (nats per token)' if metric == 'kl' else ' (%)'}, 95% bootstrap interval, n per cell\n")
     if len(keys) > len(parts) or fields == ("",):  # many runs: one row per run, one column per part
         print("| protocol | method | kept | " + " | ".join("/".join(map(str, p)) for p in parts) + " |")
         print("|---|---|---|" + "---|" * len(parts))
         for key in keys:
-            print(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cell(key, p) for p in parts) + " |")
+            print(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(texts[key].get(p, "—") for p in parts) + " |")
     else:  # few runs: methods side by side, one row per part
         mixed = len({k[0] for k in keys}) > 1
         print("| " + " | ".join(fields) + " | "
               + " | ".join(f"{m} {kept}" + (f" ({p})" if mixed else "") for p, m, kept in keys) + " |")
         print("|" + "---|" * (len(fields) + len(keys)))
         for part in parts:
-            print("| " + " | ".join(map(str, part)) + " | " + " | ".join(cell(key, part) for key in keys) + " |")
+            print("| " + " | ".join(map(str, part)) + " | " + " | ".join(texts[key].get(part, "—") for key in keys)
+                  + " |")
     if unfinished:
         print(f"\nLeft out, unfinished: {', '.join(sorted(unfinished))}")
+
+
+def _part(text: str) -> tuple:
+    return tuple(int(x) if x.isdigit() else x for x in text.split("/"))
+
+
+def read_table(path: Path, n_fields: int) -> dict[tuple, dict[tuple, str]]:
+    """(protocol, method, kept) -> part -> cell text, from a table this script printed (either layout)."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in path.read_text().splitlines()
+            if line.startswith("|") and not line.startswith("|---")]
+    if not rows:
+        raise SystemExit(f"{path}: no table in it; pass a table that scripts/breakdown.py printed")
+    head, body = rows[0], rows[1:]
+    out: dict[tuple, dict[tuple, str]] = {}
+    if head[:3] == ["protocol", "method", "kept"]:  # one row per run
+        for row in body:
+            out[tuple(row[:3])] = {_part(h): c for h, c in zip(head[3:], row[3:])}
+        return out
+    for col, h in enumerate(head[n_fields:], n_fields):  # one column per run, "method kept (protocol)"
+        m = re.match(r"^(.*?) (\S+) \((query-[a-z]+)\)$", h)
+        if not m:
+            raise SystemExit(f"{path}: column '{h}' names no run with its protocol; extend a table with both "
+                             "protocols, or one row per run")
+        out[(m.group(3), m.group(1), m.group(2))] = {
+            (("all",) * n_fields if row[0] == "all" else tuple(int(x) if x.isdigit() else x for x in row[:n_fields])):
+            row[col] for row in body}
+    return out
 
 
 if __name__ == "__main__":

@@ -464,6 +464,9 @@ data: {haystack}
     assert res.exit_code == 0, res.output
     rows = json.loads((there / "leaderboard.json").read_text())["runs"]
     assert sorted(r["budget"] for r in rows) == [0.25, 0.5] and all(r["status"] == "complete" for r in rows)
+    # the same run in its folder and in a table is one row, the folder's (its samples are there)
+    again = lb.newest(lb.collect(there, [("length", "999")], (there / "leaderboard.json", table)))
+    assert len(again) == 2 and again.set_index("budget").loc[0.25, "run_dir"] is not None
     # the table left out other samples than this call would: refused in one line, as is a file that is no table
     res = cli("leaderboard", "--root", there, "--with", table)
     assert res.exit_code == 2 and "left out length=999, this call nothing: pass the same --drop" in res.output
