@@ -25,6 +25,8 @@ reference row, outside the ranking.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import gzip
 import hashlib
 import json
 import math
@@ -37,6 +39,9 @@ from kvbench.stats import bootstrap_interval, interval_ranks
 
 TOLERANCE = 0.02
 RATIOS = ("prefill", "end")
+# Beside leaderboard.json: every run's samples (id, meta, scores; no prompts or outputs), so the table alone
+# lets one redraw the breakdowns and NIAH grids and recompute intervals once the run folders are gone.
+SAMPLES_FILE = "leaderboard-samples.jsonl.gz"
 
 
 def model_label(name: str | None) -> str:
@@ -108,17 +113,19 @@ COLUMNS = ["run_id", "run_dir", "status", "model", "task", "method", "budget", "
            "score_lo", "score_hi", "kv_ratio_prefill", "kv_ratio_end", "tokens_per_s", "tpot_s", "prefill_s", "peak_gib",
            "batch_size", "device", "dtype", "method_params", "task_params", "limit", "provenance", "created", "setting",
            "settings", "error"]
+EXTRA = ["samples_from"]  # not written: where an earlier table's run keeps its samples (``row_samples``)
 
 
 def collect(root: str | Path = "results", drop: list[tuple[str, str]] | None = None,
-            tables: tuple[str | Path, ...] = ()) -> pd.DataFrame:
+            tables: tuple[str | Path, ...] = (), any_drop: bool = False) -> pd.DataFrame:
     """One row per run directory under ``root`` (complete, incomplete, failed, or unreadable: a corrupt
     config.json, metrics.json or JSON-lines record is listed as an error, never left out silently).
 
     ``drop``: (KEY, VALUE) pairs; samples whose ``meta[KEY]`` is VALUE are left out and each run touched is
     scored on the rest (a NIAH length the full cache itself fails cannot rank methods).
 
-    ``tables``: earlier ``leaderboard.json`` files whose runs join these (``earlier``)."""
+    ``tables``: earlier ``leaderboard.json`` files whose runs join these (``earlier``; ``any_drop`` for a caller
+    that reads their samples, not their scores)."""
     rows = []
     for run_dir in results.iter_runs(Path(root)):
         config = results.read_json(run_dir / "config.json")
@@ -187,11 +194,11 @@ def collect(root: str | Path = "results", drop: list[tuple[str, str]] | None = N
             "settings": _setting_text(setting),
             "error": (error or {}).get("error"),
         })
-    frame = pd.DataFrame(rows, columns=COLUMNS)
+    frame = pd.DataFrame(rows, columns=COLUMNS).assign(samples_from=None)
     if not tables:
         return frame
     # a run both here and in a table (or in two tables) is one run: its folder's row, else the first table's
-    both = pd.concat([frame, *(earlier(t, drop) for t in tables)], ignore_index=True)
+    both = pd.concat([frame, *(earlier(t, drop, any_drop) for t in tables)], ignore_index=True)
     return both[~both["run_id"].duplicated(keep="first")].reset_index(drop=True)
 
 
@@ -218,7 +225,35 @@ def earlier(table: str | Path, drop: list[tuple[str, str]] | None = None, any_dr
         said = lambda d: ", ".join(f"{k}={v}" for k, v in d) or "nothing"
         raise results.ResultsError(f"{path} left out {said(theirs)}, this call {said(sorted(drop or []))}: pass "
                                    "the same --drop, or its scores and these would not measure the same samples")
-    return pd.DataFrame(runs, columns=COLUMNS).assign(run_dir=None)
+    stored = path.with_name(SAMPLES_FILE)
+    if stored.exists():
+        _stored_samples(str(stored))  # read (and checked) now, before any slow work
+    return pd.DataFrame(runs, columns=COLUMNS).assign(run_dir=None, samples_from=str(stored) if stored.exists() else None)
+
+
+@functools.lru_cache(maxsize=4)
+def _stored_samples(path: str) -> dict[str, list[dict]]:
+    out = {}
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                rec = json.loads(line)
+                out[rec["run_id"]] = rec["samples"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise results.ResultsError(f"{path}, line {n}: not a record of `kvbench leaderboard`'s samples "
+                                           "file; write the table again") from None
+    return out
+
+
+def row_samples(row) -> list[dict] | None:
+    """A run's samples (id, meta, scores): from its folder, else from the samples file of the table that
+    recorded it; None when neither has them (a table written before the samples file existed)."""
+    if isinstance(row.get("run_dir"), str):
+        return [{k: s.get(k) for k in ("id", "meta", "scores")}
+                for s in results.read_jsonl(Path(row["run_dir"]) / "samples.jsonl")]
+    if isinstance(row.get("samples_from"), str):
+        return _stored_samples(row["samples_from"]).get(row["run_id"])
+    return None
 
 
 def newest(df: pd.DataFrame) -> pd.DataFrame:
@@ -455,18 +490,26 @@ PAGE_STYLE = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px
 
 def write(df: pd.DataFrame, out: str | Path = "results", ratio: str = "prefill", levels=None,
           note: str = "", drop: list[tuple[str, str]] | None = None) -> list[Path]:
-    """leaderboard.md, .csv (one row per run), .json (runs, ranking) and .html under ``out``."""
+    """leaderboard.md, .csv (one row per run), .json (runs, ranking), .html and the runs' samples
+    (``SAMPLES_FILE``) under ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "leaderboard.md", out / "leaderboard.csv", out / "leaderboard.json", out / "leaderboard.html"]
+    paths = [out / "leaderboard.md", out / "leaderboard.csv", out / "leaderboard.json", out / "leaderboard.html",
+             out / SAMPLES_FILE]
     results.write_text(paths[0], render_markdown(df, ratio, levels, note))
-    results.write_text(paths[1], df.drop(columns=["run_dir"]).to_csv(index=False))
+    table = df.drop(columns=["run_dir", *(c for c in EXTRA if c in df.columns)])
+    results.write_text(paths[1], table.to_csv(index=False))
     rank = ranking(df, ratio, levels)
-    payload = {"ratio": ratio, "drop": [list(d) for d in drop or []], "runs": json.loads(df.drop(columns=["run_dir"]).to_json(orient="records")),
+    payload = {"ratio": ratio, "drop": [list(d) for d in drop or []], "runs": json.loads(table.to_json(orient="records")),
                "ranking": json.loads(rank.to_json(orient="records")) if not rank.empty else []}
     results.write_text(paths[2], json.dumps(payload, indent=1))
     results.write_text(paths[3], f"<!doctype html><html><head><meta charset='utf-8'><title>kvbench leaderboard</title>"
                         f"<style>{PAGE_STYLE}</style></head><body><h1>kvbench leaderboard</h1>"
                         + (f"<p>{_esc(note)}</p>" if note else "")
                         + f"{render_html_tables(df, ratio, levels)}</body></html>\n")
+    with results.atomic_path(paths[4]) as tmp, gzip.GzipFile(tmp, "wb", mtime=0) as f:  # mtime 0: same bytes
+        for _, row in df[df["status"] != "unreadable"].iterrows():
+            samples = row_samples(row)
+            if samples is not None:
+                f.write(results.jsonl_line({"run_id": row["run_id"], "samples": samples}).encode("utf-8"))
     return paths

@@ -80,8 +80,11 @@ def score_vs_ratio(df: pd.DataFrame, out: Path, ratio: str = "prefill") -> list[
     return paths
 
 
-def _niah_grid(run_dir: Path) -> list[dict]:
-    metrics = results.read_json(Path(run_dir) / "metrics.json")
+def _niah_grid(row) -> list[dict]:
+    if not isinstance(row.get("run_dir"), str):  # an earlier table's run: its stored samples, if any
+        return [{"length": r["meta"]["length"], "depth": r["meta"]["depth"], **r["scores"]}
+                for r in leaderboard.row_samples(row) or []]
+    metrics = results.read_json(Path(row["run_dir"]) / "metrics.json")
     if not isinstance(metrics, dict):
         return []
     return (metrics.get("summary") or {}).get("grid") or []
@@ -96,7 +99,7 @@ def niah_heatmaps(df: pd.DataFrame, out: Path) -> list[Path]:
         for budget in budgets:
             runs = [r for _, r in ref.iterrows()] + [r for _, r in g[(g["method"] != results.FULL) & (
                 g["budget"].astype(float) == budget)].sort_values("method").iterrows()]
-            grids = [(r, _niah_grid(r["run_dir"])) for r in runs]
+            grids = [(r, _niah_grid(r)) for r in runs]
             grids = [(r, gr) for r, gr in grids if gr]
             if not grids:
                 continue
@@ -256,8 +259,8 @@ def make_all(root: str | Path = "results", out: str | Path | None = None, ratio:
     root = Path(root)
     out = Path(out) if out else root / "plots"
     df = leaderboard.newest(leaderboard.collect(root) if df is None else df)
-    folders = df[df["run_dir"].notna()]  # rows from earlier tables have no samples or traces to draw from
-    makers = {"score": lambda: score_vs_ratio(df, out, ratio), "niah": lambda: niah_heatmaps(folders, out),
+    folders = df[df["run_dir"].notna()]  # rows from earlier tables have no traces (their samples may be stored)
+    makers = {"score": lambda: score_vs_ratio(df, out, ratio), "niah": lambda: niah_heatmaps(df, out),
               "kv-steps": lambda: kv_over_steps(folders, out), "throughput": lambda: throughput(folders, out)}
     paths = []
     for kind in kinds:

@@ -78,8 +78,8 @@ def build(root: str | Path = "results", out: str | Path | None = None, plots_dir
     recorded = int(df["run_dir"].isna().sum())  # from earlier tables: no samples here, so no per-run plots
     where = f"{runs - recorded} under {html.escape(str(root))}" + (
         f", {recorded} as {html.escape(', '.join(map(str, tables)))} recorded them (their run folders are not "
-        "kept: the figures drawn from samples, NIAH grids and memory traces, show them only as an earlier drawing "
-        "embedded with --plots)" if recorded else "")
+        "kept: NIAH grids from the samples stored beside the table, where it has them; no memory traces)"
+        if recorded else "")
     body = [f"<h1>kvbench report</h1><p>{runs} runs: {where}; made "
             f"{time.strftime('%Y-%m-%d %H:%M %Z')}. Scores are each task's headline metric; the KV ratio is "
             "measured from the cache's stores (bytes held over the bytes of a plain full cache). "

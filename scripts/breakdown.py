@@ -4,13 +4,15 @@ one value a run), per protocol x method x kept fraction, with 95% bootstrap inte
     python scripts/breakdown.py RESULTS_ROOT --task niah [--lengths 4096,8192] [--where style=original]
     python scripts/breakdown.py RESULTS_ROOT --task ruler
     python scripts/breakdown.py RESULTS_ROOT --task fidelity
-    python scripts/breakdown.py RESULTS_ROOT --task longbench [--with results/qwen/longbench-by-subset.md]
+    python scripts/breakdown.py RESULTS_ROOT --task longbench [--table results/qwen/leaderboard.json]
+                                [--with results/qwen/longbench-by-subset.md]
 
 The leaderboard averages a run over all its parts; this table shows each part apart, so a part the full cache
 itself fails (and which therefore cannot rank methods) is visible and can be left out.
 
-``--with EARLIER.md``: a table this script wrote before, from runs whose folders are gone (the committed tables
-are the record); its rows for runs not under RESULTS_ROOT are kept as they are, the newer runs replace theirs.
+Runs whose folders are gone: ``--table LEADERBOARD.json`` reads their samples from the samples file `kvbench
+leaderboard` writes beside it; for runs recorded before that file existed, ``--with EARLIER.md`` (a table this
+script printed) keeps their cells as printed, and the runs read here replace theirs.
 """
 from __future__ import annotations
 
@@ -37,27 +39,34 @@ def main() -> None:
     ap.add_argument("--where", action="append", default=[],
                     help="only runs whose task parameter KEY has VALUE (KEY=VALUE; repeatable)")
     ap.add_argument("--with", dest="earlier", default=None, help="an earlier table of this script to extend")
+    ap.add_argument("--table", action="append", default=[], metavar="LEADERBOARD.json",
+                    help="also the runs this leaderboard table recorded, their samples from its samples file")
     args = ap.parse_args()
     metric, fields = PARTS[args.task]
     only = {int(x) for x in args.lengths.split(",")} if args.lengths else None
     where = dict(w.split("=", 1) for w in args.where)
     # The leaderboard's own reading of the runs: the newest run of each configuration; models, method variants
     # (parameters, artifacts) and task settings kept apart, as in every other table.
-    runs = lb.newest(lb.collect(Path(args.root)))
+    runs = lb.newest(lb.collect(Path(args.root), tables=tuple(args.table), any_drop=True))
     runs = runs[runs["task"] == args.task]
     runs = runs[runs["task_params"].map(lambda p: all(str(json.loads(p).get(k)) == v for k, v in where.items()))
                 .astype(bool)]
     unfinished = sorted(runs[runs["status"] != "complete"]["run_id"])  # a cut run's first samples are no sample
-    runs = runs[(runs["status"] == "complete") & runs["run_dir"].notna()]
+    runs = runs[runs["status"] == "complete"]
     # labels name the model and the task settings only where a table would otherwise pool two of them
     several = {"model": runs["model"].nunique() > 1,
                "setting": bool((runs.groupby("protocol")["setting"].nunique() > 1).any())}
     cells: dict[tuple, dict[tuple, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for row in runs.itertuples():
+    unstored = []  # runs an earlier table recorded without their samples: its printed table keeps them (--with)
+    for _, row in runs.iterrows():
         method = row.method + (f" [{row.model}]" if several["model"] else "") \
             + (f" [settings {row.setting}]" if several["setting"] else "")
         key = (row.protocol, method, results.kept_label(row.method.split("(")[0], row.budget))
-        for rec in results.read_jsonl(Path(row.run_dir) / "samples.jsonl"):
+        samples = lb.row_samples(row)
+        if samples is None:
+            unstored.append(row.run_id)
+            continue
+        for rec in samples:
             if only is None or int(rec["meta"].get("length", 0)) in only:
                 cells[key][tuple(rec["meta"][f] for f in fields)].append(rec["scores"][metric])
     if not fields:  # a task without parts: its whole-run value only
@@ -93,6 +102,9 @@ def main() -> None:
                   + " |")
     if unfinished:
         print(f"\nLeft out, unfinished: {', '.join(sorted(unfinished))}")
+    if unstored and not args.earlier:
+        print(f"\nLeft out, their samples not stored (pass the table printed before with --with): "
+              f"{', '.join(sorted(unstored))}")
 
 
 def _part(text: str) -> tuple:

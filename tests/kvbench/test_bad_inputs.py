@@ -467,6 +467,18 @@ data: {haystack}
     # the same run in its folder and in a table is one row, the folder's (its samples are there)
     again = lb.newest(lb.collect(there, [("length", "999")], (there / "leaderboard.json", table)))
     assert len(again) == 2 and again.set_index("budget").loc[0.25, "run_dir"] is not None
+    # the samples stored beside the table stand in for the folder that is gone: breakdowns and NIAH grids
+    recorded_row = again.set_index("budget").loc[0.5]
+    (stored,) = lb.row_samples(recorded_row.to_dict() | {"run_id": recorded_row["run_id"]})
+    assert stored["meta"]["length"] == 160 and "found" in stored["scores"]
+    out = subprocess.run([sys.executable, "scripts/breakdown.py", str(there), "--task", "niah", "--table", str(table)],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    assert "| length | snapkv 0.25 | snapkv 0.5 |" in out.stdout, out.stdout  # the recorded run and the new one
+    (here / lb.SAMPLES_FILE).write_bytes(__import__("gzip").compress(b'{"run_id": 1}\n'))
+    lb._stored_samples.cache_clear()
+    res = cli("leaderboard", "--root", there, "--with", table, "--drop", "length=999", "--out", tmp_path / "lb2")
+    assert res.exit_code == 2 and f"{here / lb.SAMPLES_FILE}, line 1: not a record" in res.output, res.output
     # the table left out other samples than this call would: refused in one line, as is a file that is no table
     res = cli("leaderboard", "--root", there, "--with", table)
     assert res.exit_code == 2 and "left out length=999, this call nothing: pass the same --drop" in res.output

@@ -163,7 +163,8 @@ def test_written_files_plots_and_report(board, tmp_path):
     df = lb.collect(board)
     out = tmp_path / "out"
     paths = lb.write(df, out)
-    assert [p.name for p in paths] == ["leaderboard.md", "leaderboard.csv", "leaderboard.json", "leaderboard.html"]
+    assert [p.name for p in paths] == ["leaderboard.md", "leaderboard.csv", "leaderboard.json", "leaderboard.html",
+                                       lb.SAMPLES_FILE]
     assert len(pd.read_csv(paths[1])) == len(df)
     payload = json.loads(paths[2].read_text())
     assert len(payload["runs"]) == len(df) and payload["ranking"]
