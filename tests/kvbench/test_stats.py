@@ -30,3 +30,20 @@ def test_ranks_tie_what_intervals_do_not_separate():
 def test_format_cell():
     assert format_cell(62.5, 45.0, 80.0, 40) == "62.5 [45.0, 80.0] n=40"
     assert format_cell(math.nan, math.nan, math.nan, 0) == "-"
+
+
+def test_paired_difference_separates_what_overlapping_intervals_cannot():
+    """Samples of varied difficulty, one method 2 points above the other on every one: the two separate
+    intervals overlap (the leaderboard's tie), the paired interval is the shift itself; only shared ids count."""
+    from kvbench.stats import bootstrap_interval, paired_difference
+    hard = {f"s{i}": float((i * 37) % 100) for i in range(60)}
+    easy = {k: v + 2.0 for k, v in hard.items()}
+    alo, ahi = bootstrap_interval(list(easy.values()))
+    blo, bhi = bootstrap_interval(list(hard.values()))
+    assert alo < bhi and blo < ahi  # overlap
+    assert paired_difference(easy, hard) == (2.0, 2.0, 2.0, 60)
+    noisy = {k: v + (3.0 if i % 2 else -3.0) for i, (k, v) in enumerate(hard.items())}
+    mean, lo, hi, n = paired_difference(noisy, hard)
+    assert n == 60 and mean == 0.0 and lo < 0 < hi  # no difference: not separated
+    assert paired_difference({**easy, "extra": 99.0}, {"s0": 1.0, "s1": 5.0})[3] == 2
+    assert paired_difference({"a": 1.0}, {"b": 1.0})[3] == 0
