@@ -249,10 +249,13 @@ def plot(root, out, bench_root, only, drop, tables, ratio):
 @click.option("--out", default=None, help="the HTML file (default: ROOT/report.html)")
 @click.option("--bench-root", default=None, help="kvbench bench results (default: ROOT/bench)")
 @click.option("--plots", "plots_dir", default=None, help="embed the plots already in this directory (no redrawing)")
+@click.option("--bench", multiple=True, type=click.Path(), metavar="FILE|DIR",
+              help="bench results to embed: a bench .jsonl or a directory of */bench.jsonl (default: --bench-root's); "
+                   "repeatable")
 @_DROP
 @_WITH
 @_RATIO
-def report(root, out, bench_root, plots_dir, drop, tables, ratio):
+def report(root, out, bench_root, plots_dir, bench, drop, tables, ratio):
     """One self-contained HTML page: leaderboard, bench tables and every plot, embedded."""
     from kvbench.report import build
     draw_into = plots_dir
@@ -260,7 +263,7 @@ def report(root, out, bench_root, plots_dir, drop, tables, ratio):
         draw_into = str(Path(out).with_name(Path(out).stem + "-plots"))
     try:
         path = build(root, out, plots_dir=draw_into, make_plots=plots_dir is None, ratio=ratio, bench_root=bench_root,
-                     drop=_pairs(drop, "--drop"), tables=tables)
+                     drop=_pairs(drop, "--drop"), tables=tables, bench=bench)
     except user_errors() as e:
         fail(str(e))
     click.echo(f"report: {path}")

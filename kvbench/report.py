@@ -39,9 +39,22 @@ def _kept_fraction_tables(df) -> str:
     return ("<h2>Scores by kept fraction</h2>" + "\n".join(parts)) if parts else ""
 
 
-def _bench_section(bench_root: Path) -> str:
+def bench_files(paths) -> list[Path]:
+    """``kvbench bench`` results: each path a bench.jsonl-like file, or a directory of ``*/bench.jsonl``."""
+    out = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            out += sorted(path.glob("*/bench.jsonl"))
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such bench file or directory (kvbench bench --out writes them)")
+    return out
+
+
+def _bench_section(files: list[Path]) -> str:
     parts = []
-    for jl in sorted(bench_root.glob("*/bench.jsonl")):
+    for jl in files:
         recs = results.read_jsonl(jl)
         env = next((r for r in recs if r.get("kind") == "env"), {})
         rows = bench.table_rows(recs)
@@ -63,13 +76,15 @@ def _bench_section(bench_root: Path) -> str:
 
 def build(root: str | Path = "results", out: str | Path | None = None, plots_dir: str | Path | None = None,
           make_plots: bool = True, ratio: str = "prefill", bench_root: str | Path | None = None,
-          drop: list[tuple[str, str]] | None = None, tables: tuple = ()) -> Path:
+          drop: list[tuple[str, str]] | None = None, tables: tuple = (), bench: tuple = ()) -> Path:
     """Write the report; returns its path. ``make_plots`` draws the plots first (into ``plots_dir``); ``drop`` and
-    ``tables`` (earlier leaderboard.json files) as ``leaderboard.collect`` takes them."""
+    ``tables`` (earlier leaderboard.json files) as ``leaderboard.collect`` takes them; ``bench``: the bench
+    results to embed (files or directories, ``bench_files``; default: ``bench_root``'s)."""
     root = Path(root)
     out = Path(out) if out else root / "report.html"
     plots_dir = Path(plots_dir) if plots_dir else root / "plots"
     bench_root = Path(bench_root) if bench_root else root / "bench"
+    benches = bench_files(bench or ([bench_root] if bench_root.is_dir() else []))  # a wrong path: before any work
     df = leaderboard.newest(leaderboard.collect(root, drop, tables))
     if make_plots:
         plots.make_all(root, plots_dir, ratio, df=df, bench_root=bench_root)
@@ -86,7 +101,7 @@ def build(root: str | Path = "results", out: str | Path | None = None, plots_dir
             f"{html.escape(leaderboard.drop_text(drop))}</p>",
             _kept_fraction_tables(df) if runs else "",
             leaderboard.render_html_tables(df, ratio) if runs else "<p>No runs yet.</p>",
-            _bench_section(bench_root) if bench_root.is_dir() else ""]
+            _bench_section(benches)]
     if pngs:
         body.append("<h2>Plots</h2>" + "\n".join(_figure(p) for p in pngs))
     results.write_text(out, "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>kvbench report</title>"

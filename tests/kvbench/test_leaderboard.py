@@ -377,3 +377,16 @@ def test_kept_tables_never_mix_settings_and_order_budgets_by_value(tmp_path):
     assert list(narrow.columns) == ["method", "0.25"] and narrow.iloc[0]["0.25"].startswith("33")
     page = report.build(tmp_path, tmp_path / "report.html").read_text()
     assert page.count("niah: tiny-model, query-aware [") == 2 and "task settings: " in page
+
+
+def test_report_embeds_the_bench_results_it_is_given(board, tmp_path):
+    """--bench FILE|DIR: a leaderboard's page shows the speed and memory measured elsewhere (a GPU bench);
+    a path that is not there is one line, before any drawing."""
+    measured = Path(__file__).resolve().parents[2] / "results/bench/h200-llama-3.1-8b-compiled/bench.jsonl"
+    page = report.build(board, tmp_path / "r.html", tmp_path / "plots", make_plots=False, bench=(measured,))
+    text = page.read_text()
+    assert "kvbench bench: random:llama-3.1-8b" in text and "NVIDIA H200" in text and str(measured) in text
+    res = CliRunner().invoke(main, ["report", "--root", str(board), "--out", str(tmp_path / "r2.html"),
+                                    "--bench", str(tmp_path / "nowhere.jsonl")])
+    assert res.exit_code == 2 and "nowhere.jsonl: no such bench file or directory" in res.output
+    assert not (tmp_path / "r2-plots").exists()
