@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -197,10 +198,13 @@ class Engine:
     @torch.no_grad()
     def decode(self, cache: KVCache, first_logits: torch.Tensor, max_new: list[int],
                stop_at_newline: list[bool], trace_every: int = 64, stop_ids: list[list[int]] | None = None,
-               min_new: list[int] | None = None) -> tuple[list[list[int]], dict]:
+               min_new: list[int] | None = None, forced: list[list[int]] | None = None,
+               on_logits: Callable[[torch.Tensor], None] | None = None) -> tuple[list[list[int]], dict]:
         """Batched greedy/sampled decoding until EOS (or one of the row's ``stop_ids``) or each sequence's limit.
 
         Before a row has ``min_new`` tokens, EOS and its stop ids are banned (transformers' ``min_length``).
+        ``forced``: teacher forcing through the decoding steps: row b takes ``forced[b]`` token by token (no end
+        token stops it; ``max_new`` still does), and ``on_logits`` gets each step's next-token logits [B, V].
 
         On CUDA the decoding step is captured as a CUDA graph and replayed while the method's
         ``decode_epoch`` key holds (for methods whose decoding only appends, for ever; for h2o, tova and
@@ -219,13 +223,19 @@ class Engine:
             cache.reserve(max(max_new))
         graph = graph_key = eager_key = static_ids = static_logits = graph_error = None
         captures = 0
-        ends = [self.eos | set(stop_ids[b] if stop_ids else ()) for b in range(B)]
+        ends = [set() if forced else self.eos | set(stop_ids[b] if stop_ids else ()) for b in range(B)]
         min_new = min_new or [0] * B
 
         def banned() -> list[set[int]]:
             return [ends[b] if len(out[b]) < min_new[b] else set() for b in range(B)]
 
-        nxt = self.pick(first_logits, banned())
+        def choose(logits: torch.Tensor) -> torch.Tensor:
+            if forced is None:
+                return self.pick(logits, banned())
+            return ints_on([forced[b][len(out[b])] if len(out[b]) < len(forced[b]) else 0 for b in range(B)],
+                           self.device)
+
+        nxt = choose(first_logits)
         steps, kv_trace, steady = 0, {}, None
         t0 = time.perf_counter()
         while True:
@@ -272,7 +282,9 @@ class Engine:
             steps += 1
             if trace_every and steps % trace_every == 0:
                 kv_trace[steps] = cache.layer_nbytes()
-            nxt = self.pick(logits[:, -1], banned())
+            if on_logits is not None:
+                on_logits(logits[:, -1])
+            nxt = choose(logits[:, -1])
         sync(self.device)
         t_end = time.perf_counter()
         # Steady-state time per step: after the eager warm-up step and the graph capture (a server pays
@@ -365,13 +377,23 @@ class Engine:
         return outs
 
     @torch.no_grad()
-    def continuation_logprobs(self, sample: Sample) -> tuple[torch.Tensor, dict]:
-        """Log-probabilities [T-1, V] of the continuation (teacher-forced) on the compressed context."""
-        cache, _, info = self.prefill(Sample(sample.id, sample.context_ids, sample.question_ids, [], 0))
-        logits = self.feed(cache, sample.continuation_ids, compress=False, all_logits=True)
+    def continuation_logprobs(self, sample: Sample, stepwise: bool = False) -> tuple[torch.Tensor, dict]:
+        """Log-probabilities [T-1, V] of the continuation (teacher-forced) on the compressed context: fed as one
+        chunk (its own keys and values exact, as a prefill chunk's), or ``stepwise`` through the decoding steps
+        (each token reads the cache as the method keeps it while decoding: its evictions, its codes)."""
+        cache, first, info = self.prefill(Sample(sample.id, sample.context_ids, sample.question_ids, [], 0))
+        ids = sample.continuation_ids
+        if stepwise:
+            rows: list[torch.Tensor] = []
+            self.decode(cache, first[None] if first.dim() == 1 else first, [len(ids)], [False], trace_every=0,
+                        forced=[ids], on_logits=lambda logits: rows.append(F.log_softmax(logits[0].float(), dim=-1)))
+            logp = torch.stack(rows)
+        else:
+            logits = self.feed(cache, ids, compress=False, all_logits=True)
+            logp = F.log_softmax(logits[0, :-1].float(), dim=-1)
         info["kv_ratio_prefill"] = kv_ratio(info["kv_bytes_prefill"], info["kv_bytes_full_prefill"])
         info["kv_ratio_end"] = kv_ratio(cache.nbytes(), cache.full_nbytes())
-        return F.log_softmax(logits[0, :-1].float(), dim=-1), info
+        return logp, info
 
 
 class PeakMemory:

@@ -2,6 +2,10 @@
 
 Teacher-forced: the context is prefilled (and compressed), then a held-out continuation of the same text
 is fed; at every continuation position we compare the log-probabilities with those under the full cache.
+The continuation goes in as one chunk by default (kvpress's and KVSculpt's setting: its own keys and values
+exact, as a prefill chunk's are); ``stepwise=true`` feeds it token by token through the decoding steps, so
+each token reads the cache as the method keeps it while decoding: the methods that evict while decoding
+(h2o, tova, streamingllm) stay at their budget, and a codec's generated tokens are coded (KV-CAR).
 Reported: KL(full || compressed) in nats per token (``kl``, lower is better), perplexity of the
 continuation under both caches, and top-1 agreement (``score``, 0-100). Needs no labels, so it works on
 any text: ``--data`` (a file or a directory of .txt files); with none, the docstrings of Python's
@@ -50,6 +54,7 @@ class Fidelity(Task):
     continuation_len: int = 256
     n_samples: int = 8
     source: str | None = None
+    stepwise: bool = False
 
     def samples(self, tokenizer, ctx: TaskContext) -> list[Sample]:
         src = self.source or ctx.data
@@ -71,8 +76,8 @@ class Fidelity(Task):
 
     def score_logprobs(self, engine, sample: Sample) -> dict:
         """Run the compressed engine and its full-cache reference on the same sample."""
-        logp, info = engine.continuation_logprobs(sample)
-        ref, _ = engine.full_reference().continuation_logprobs(sample)
+        logp, info = engine.continuation_logprobs(sample, self.stepwise)
+        ref, _ = engine.full_reference().continuation_logprobs(sample, self.stepwise)
         target = torch.tensor(sample.continuation_ids[1:], device=logp.device)
         kl = (ref.exp() * (ref - logp)).sum(-1).mean().item()
         nll = -logp.gather(1, target[:, None]).mean().item()

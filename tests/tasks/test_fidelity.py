@@ -1,0 +1,46 @@
+"""Fidelity: the continuation fed as one chunk, or token by token through the decoding steps (``stepwise``)."""
+from __future__ import annotations
+
+import torch
+from tests.conftest import prompt, tiny
+
+from kvbench import registry
+from kvbench.engine import Engine
+from kvbench.task import Sample
+
+
+def _sample(n_ctx: int = 60, n_cont: int = 20) -> Sample:
+    return Sample("s", prompt(n_ctx, 1), [], [], 0, continuation_ids=prompt(n_cont, 2))
+
+
+def test_stepwise_equals_the_chunk_with_the_full_cache():
+    """Nothing is compressed: token by token through the decoding loop gives the chunk's log-probabilities."""
+    lm = tiny("llama")
+    engine = Engine(lm, registry.build_method("full", 1.0))
+    chunk, _ = engine.continuation_logprobs(_sample())
+    steps, info = engine.continuation_logprobs(_sample(), stepwise=True)
+    assert steps.shape == chunk.shape == (19, lm.model.config.vocab_size)
+    torch.testing.assert_close(steps, chunk, atol=1e-4, rtol=1e-4)
+
+
+def test_stepwise_holds_a_decode_time_evictor_to_its_budget_and_reads_what_it_keeps():
+    """streamingllm evicts one token per decoding step: fed stepwise it ends at its budget and each token reads
+    the window it keeps (equal to feeding the tokens one by one by hand); as one chunk the cache grows by the
+    whole continuation and the chunk reads all of it."""
+    lm = tiny("llama")
+    method = registry.build_method("streamingllm", 0.5)
+    engine = Engine(lm, method)
+    s = _sample()
+    chunk, chunk_info = engine.continuation_logprobs(s)
+    steps, step_info = engine.continuation_logprobs(s, stepwise=True)
+    assert step_info["kv_ratio_end"] < chunk_info["kv_ratio_end"] - 0.1  # (both include the stores' growth slack)
+    assert not torch.allclose(steps, chunk, atol=1e-3)
+    cache, first, _ = engine.prefill(Sample("s", s.context_ids, [], [], 0))
+    by_hand = [engine.feed(cache, [t], compress=False)[0, -1] for t in s.continuation_ids[:-1]]
+    want = torch.log_softmax(torch.stack(by_hand).float(), -1)
+    torch.testing.assert_close(steps, want, atol=1e-4, rtol=1e-4)
+
+
+def test_fidelity_task_takes_stepwise_as_a_parameter():
+    task = registry.build_task("fidelity", {"stepwise": "true", "context_len": 64, "continuation_len": 16})
+    assert task.stepwise is True
