@@ -13,6 +13,9 @@
 #   3. then, while the machine stays warm:        bash scripts/gpu/qwen.sh sweep A.yaml[,B.yaml][+C.yaml] [SECONDS]
 #   The sweeps skip every point the committed leaderboard (results/qwen/leaderboard.json) lists as complete
 #   (`kvbench sweep --recorded`): a sweep config names its whole grid and the GPU runs only what is missing.
+#   Fold each call's runs into that table here before the next call (`kvbench leaderboard --root NEW --with
+#   results/qwen/leaderboard.json --out results/qwen --drop length=31744`): when the machine is taken back between
+#   calls, a fresh one then skips them too (on 2026-12-02 it re-ran two finished RULER runs for want of this).
 # Each sweep call leaves $OUT/runs.tar.gz (every run folder so far) and $OUT/sweep-N.log (one per lane); a sweep cut by its time
 # limit resumes at the next call on the same machine (the runner's resume). Lanes (`+`) run at once on the one GPU; the
 # same config in several lanes (A.yaml+A.yaml+A.yaml) shares its points out: a lane skips what another holds or
