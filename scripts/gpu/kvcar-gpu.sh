@@ -77,10 +77,12 @@ evaluate() {  # evaluate MODEL "LATENTS"
   run "eval-$m" --method full "${NIAH[@]}"
   run "eval-$m" --method snapkv --budget 0.25 "${NIAH[@]}"
   run "eval-$m" --method snapkv --budget 0.25 "${FID[@]}"
+  run "eval-$m" --method snapkv --budget 0.25 "${FID[@]}" -t stepwise=true
   for L in $2; do
     local A="$ART/$m-l${L/:/v}" K=${L%%:*} V=${L##*:} B
     B=$(python3 -c "print(round(0.25 * 2 * $hd / ($K + $V), 4))")
     run "eval-$m" --method kvcar --artifact "$A" "${FID[@]}"
+    run "eval-$m" --method kvcar --artifact "$A" "${FID[@]}" -t stepwise=true  # generation: generated tokens coded
     run "eval-$m" --method kvcar --artifact "$A" --task fidelity --model "$M"  # the docstrings
     python3 -c "import json, sys; sys.exit(0 if json.load(open('$A/artifact.json'))['reuse_pairs'] else 1)" \
       && run "eval-$m" --method kvcar --artifact "$A" -m reuse=false "${FID[@]}"  # differs only when heads are reused
