@@ -128,6 +128,8 @@ for path in sorted(glob.glob(f"{sys.argv[1]}/runs/*/metrics.json")):
     shown = {k: v for k, v in codec.items() if k in ("reuse", "reuse_threshold")}
     if codec.get("artifact"):
         shown["artifact"] = codec["artifact"].rstrip("/").split("/")[-1]
+    if (cfg.get("task_params") or {}).get("stepwise"):
+        shown["stepwise"] = True
     s = d["summary"]
     num = lambda k: (f"{s[k]:.4g}" if isinstance(s.get(k), (int, float)) else "")
     print(f"| {d['model'].split(' (')[0].split('/')[-1]} | {d['task']} | {d['method']} | {shown} | {d['budget']} | {num('score')} | "
