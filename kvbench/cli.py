@@ -220,6 +220,28 @@ def leaderboard(root, out, model, task, protocol, budget, levels, drop, tables, 
 
 
 @main.command()
+@click.option("--root", default="results", show_default=True, help="results root (runs under ROOT/runs)")
+@click.option("--task", default=None, help="only this task")
+@click.option("--out", default=None, help="also write the tables to this markdown file")
+@_DROP
+@_WITH
+def pairs(root, task, out, drop, tables):
+    """Which methods differ, compared on the samples both ran (paired bootstrap; kvbench/paired.py)."""
+    from kvbench import leaderboard as lb
+    from kvbench import paired, results
+    try:
+        found, missing = paired.cells(lb.collect(root, tables=tables, any_drop=True), task, _pairs(drop, "--drop"))
+    except user_errors() as e:
+        fail(str(e))
+    if not found:
+        fail(f"no two methods with samples share a cell under {root}" + (f" for {task}" if task else ""))
+    text = paired.to_markdown(found) + (f"\nLeft out, their samples not stored: {', '.join(missing)}\n" if missing else "")
+    if out:
+        results.write_text(out, text)
+    click.echo(text)
+
+
+@main.command()
 @click.option("--root", default="results", show_default=True)
 @click.option("--out", default=None, help="plot directory (default: ROOT/plots)")
 @click.option("--bench-root", default=None, help="kvbench bench results (default: ROOT/bench)")

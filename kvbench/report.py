@@ -11,7 +11,7 @@ import html
 import time
 from pathlib import Path
 
-from kvbench import bench, leaderboard, plots, results
+from kvbench import bench, leaderboard, paired, plots, results
 
 
 def _figure(png: Path) -> str:
@@ -101,6 +101,7 @@ def build(root: str | Path = "results", out: str | Path | None = None, plots_dir
             f"{html.escape(leaderboard.drop_text(drop))}</p>",
             _kept_fraction_tables(df) if runs else "",
             leaderboard.render_html_tables(df, ratio) if runs else "<p>No runs yet.</p>",
+            paired.to_html(paired.cells(df, drop=drop)[0]) if runs else "",
             _bench_section(benches)]
     if pngs:
         body.append("<h2>Plots</h2>" + "\n".join(_figure(p) for p in pngs))

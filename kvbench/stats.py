@@ -37,12 +37,16 @@ def paired_difference(a: dict, b: dict, level: float = 0.95, n_boot: int = 2000,
                       seed: int = 0) -> tuple[float, float, float, int]:
     """``a``, ``b``: sample id -> score. Mean of ``a - b`` over the ids both have, its percentile bootstrap
     interval (the samples resampled together) and that count; NaNs when they share no sample."""
+    import numpy as np  # vectorised: a cell's family-level intervals take 20,000 resamples of each pair
     common = sorted(set(a) & set(b), key=str)
-    diffs = [float(a[k]) - float(b[k]) for k in common]
-    if not diffs:
+    diffs = np.array([float(a[k]) - float(b[k]) for k in common])
+    if not len(diffs):
         return math.nan, math.nan, math.nan, 0
-    lo, hi = bootstrap_interval(diffs, level, n_boot, seed)
-    return sum(diffs) / len(diffs), lo, hi, len(diffs)
+    means = np.sort(diffs[np.random.default_rng(seed).integers(0, len(diffs), (n_boot, len(diffs)))].mean(1))
+    tail = (1.0 - level) / 2.0
+    lo = means[max(0, int(math.floor(tail * n_boot)))]
+    hi = means[min(n_boot - 1, int(math.ceil((1.0 - tail) * n_boot)) - 1)]
+    return float(diffs.mean()), float(lo), float(hi), len(diffs)
 
 
 def interval_ranks(cells: dict[str, tuple[float, float, float]], higher_is_better: bool = True) -> dict[str, int]:

@@ -390,3 +390,23 @@ def test_report_embeds_the_bench_results_it_is_given(board, tmp_path):
                                     "--bench", str(tmp_path / "nowhere.jsonl")])
     assert res.exit_code == 2 and "nowhere.jsonl: no such bench file or directory" in res.output
     assert not (tmp_path / "r2-plots").exists()
+
+
+def test_pairs_compare_methods_on_the_samples_both_ran(board, tmp_path):
+    """beta is 5 points above alpha on every one of the same six samples: separated, at the family level too,
+    though alone each run's interval says nothing about the other; the report shows the matrix."""
+    from kvbench import paired
+    found, missing = paired.cells(lb.collect(board), "niah")
+    assert not missing
+    (cell,) = [c for c in found if c.protocol == "query-agnostic" and c.kept == "0.25"]
+    assert cell.methods == ["beta", "alpha"]  # best first
+    (p,) = cell.pairs
+    assert (p.first, p.second, p.mean, p.n, p.separated, p.family) == ("beta", "alpha", 5.0, 6, True, True)
+    res = CliRunner().invoke(main, ["pairs", "--root", str(board), "--task", "niah"])
+    assert res.exit_code == 0 and "| beta | alpha | +5.0 [+5.0, +5.0] | 6 | separated, family |" in res.output
+    dropped = paired.cells(lb.collect(board), "niah", drop=[("length", "1000")])[0][0].pairs[0]
+    assert dropped.n == 3
+    page = report.build(board, tmp_path / "r.html", tmp_path / "plots", make_plots=False).read_text()
+    assert "Paired comparisons (same samples)" in page and "<b>+5.0 [+5.0, +5.0]*</b>" in page
+    res = CliRunner().invoke(main, ["pairs", "--root", str(tmp_path / "empty")])
+    assert res.exit_code == 2 and "no two methods with samples share a cell" in res.output

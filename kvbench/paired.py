@@ -1,0 +1,127 @@
+"""Paired comparisons: which methods differ, compared on the samples both ran.
+
+The leaderboard calls two methods tied when their 95% intervals overlap; each interval carries the spread of
+the samples' difficulty, which both methods share when they ran the same samples. Here, per model, protocol,
+task, task settings and kept fraction, every two methods are compared on the samples both ran: the mean of
+their per-sample differences of the headline score and its 95% bootstrap interval
+(``kvbench.stats.paired_difference``); a pair is *separated* when that interval excludes 0. A cell compares
+many pairs (21 for 7 methods), so at 95% a pair with no true difference shows as separated one time in 20:
+each pair also says whether it stays separated at the Bonferroni level of its cell (``family``: 95% for all
+its pairs together, each interval at 1 - 0.05 / pairs). Runs need their samples: a run folder, or a table's
+stored samples (``leaderboard.row_samples``).
+"""
+from __future__ import annotations
+
+import html
+import itertools
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from kvbench import leaderboard, results
+from kvbench.stats import paired_difference
+
+
+@dataclass
+class Pair:
+    first: str
+    second: str
+    mean: float
+    lo: float
+    hi: float
+    n: int
+    separated: bool
+    family: bool  # separated at the cell's Bonferroni level too
+
+
+@dataclass
+class Cell:
+    model: str
+    protocol: str
+    task: str
+    setting: str
+    kept: str
+    methods: list[str]  # by score, best first
+    pairs: list[Pair] = field(default_factory=list)
+
+
+def cells(df: pd.DataFrame, task: str | None = None,
+          drop: list[tuple[str, str]] | None = None) -> tuple[list[Cell], list[str]]:
+    """The cells of ``df`` (the newest complete runs with samples), and the run ids left out for want of them.
+    ``drop``: samples whose ``meta[KEY]`` is VALUE are left out (as ``leaderboard.collect`` does)."""
+    runs = leaderboard.newest(df)
+    runs = runs[(runs["status"] == "complete") & ((runs["task"] == task) if task else True)]
+    groups: dict[tuple, dict[str, tuple[dict, float]]] = defaultdict(dict)
+    missing = []
+    for _, row in runs.iterrows():
+        samples = leaderboard.row_samples(row)
+        if samples is None:
+            missing.append(row["run_id"])
+            continue
+        kept = results.kept_label(row["method"].split("(")[0], row["budget"])
+        scores = {s["id"]: s["scores"]["score"] for s in samples if "score" in (s.get("scores") or {})
+                  and not any(str((s.get("meta") or {}).get(k)) == v for k, v in drop or [])}
+        groups[(row["model"], row["protocol"], row["task"], row["setting"], kept)][row["method"]] = (scores, row["score"])
+    out = []
+    for key, methods in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        if len(methods) < 2:
+            continue
+        order = sorted(methods, key=lambda m: -methods[m][1])
+        pairs = list(itertools.combinations(order, 2))
+        cell = Cell(*key, methods=order)
+        for a, b in pairs:
+            mean, lo, hi, n = paired_difference(methods[a][0], methods[b][0])
+            if n == 0:
+                continue
+            apart = lo > 0 or hi < 0
+            strict = False
+            if apart:
+                _, flo, fhi, _ = paired_difference(methods[a][0], methods[b][0], 1 - 0.05 / len(pairs), 20000)
+                strict = flo > 0 or fhi < 0
+            cell.pairs.append(Pair(a, b, mean, lo, hi, n, apart, strict))
+        out.append(cell)
+    return out, sorted(missing)
+
+
+def _verdict(p: Pair) -> str:
+    return "separated, family" if p.family else "separated" if p.separated else "not separated"
+
+
+def to_markdown(found: list[Cell]) -> str:
+    parts = ["Paired differences of the headline score (first method minus second) over the samples both ran, 95% "
+             "paired bootstrap interval; *separated* when it excludes 0, *family* when it does so at the Bonferroni "
+             "level of its table too (`kvbench pairs`; kvbench/paired.py).\n"]
+    for c in found:
+        rows = [f"| {p.first} | {p.second} | {p.mean:+.1f} [{p.lo:+.1f}, {p.hi:+.1f}] | {p.n} | {_verdict(p)} |"
+                for p in c.pairs]
+        counts = (sum(p.separated for p in c.pairs), sum(p.family for p in c.pairs), len(c.pairs))
+        parts.append(f"### {c.task}: {c.model}, {c.protocol} [{c.setting}], kept {c.kept}\n\n"
+                     "| first | second | difference | n | verdict |\n|---|---|---|---|---|\n" + "\n".join(rows)
+                     + f"\n\n{counts[0]} of {counts[2]} pairs separated at 95% ({counts[1]} at the family level).\n")
+    return "\n".join(parts)
+
+
+def to_html(found: list[Cell]) -> str:
+    """Per cell, a methods x methods matrix: row minus column, [95% interval]; bold when separated."""
+    parts = []
+    for c in found:
+        by = {(p.first, p.second): p for p in c.pairs}
+        head = "".join(f"<th>{html.escape(m)}</th>" for m in c.methods[1:])
+        body = []
+        for a in c.methods[:-1]:
+            tds = []
+            for b in c.methods[1:]:
+                p = by.get((a, b))
+                text = f"{p.mean:+.1f} [{p.lo:+.1f}, {p.hi:+.1f}]" if p else ""
+                tds.append(f"<td>{'<b>' + text + ('*' if p.family else '') + '</b>' if p and p.separated else text}</td>")
+            body.append(f"<tr><th>{html.escape(a)}</th>{''.join(tds)}</tr>")
+        parts.append(f"<h3>{html.escape(c.task)}: {html.escape(c.model)}, {html.escape(c.protocol)} "
+                     f"[{c.setting}], kept {html.escape(str(c.kept))}</h3><table class='board'><tr><th></th>{head}"
+                     f"</tr>{''.join(body)}</table>")
+    if not parts:
+        return ""
+    return ("<h2>Paired comparisons (same samples)</h2><p>Row method minus column method, the headline score's mean "
+            "per-sample difference [95% paired bootstrap interval]; bold: the interval excludes 0; *: also at the "
+            "Bonferroni level of the table. Only runs whose samples are at hand (run folders, or stored beside an "
+            "earlier table).</p>" + "\n".join(parts))
