@@ -13,8 +13,8 @@
 #   3. then, while the machine stays warm:        bash scripts/gpu/qwen.sh sweep A.yaml[,B.yaml][+C.yaml] [SECONDS]
 #   The sweeps skip every point the committed leaderboard (results/qwen/leaderboard.json) lists as complete
 #   (`kvbench sweep --recorded`): a sweep config names its whole grid and the GPU runs only what is missing.
-#   `RECORDED= bash scripts/gpu/qwen.sh sweep ...` runs a config whole (to re-run recorded points whose samples
-#   the table lacks, e.g. for paired comparisons: results/compresskv/sweep-qwen-paired.yaml).
+#   A config written `CONFIG@all` runs whole (`RECORDED= ...`: every config of the call does): to re-run recorded
+#   points whose samples the table lacks, e.g. for paired comparisons (results/compresskv/sweep-qwen-paired.yaml).
 #   Fold each call's runs into that table here before the next call (`kvbench leaderboard --root NEW --with
 #   results/qwen/leaderboard.json --out results/qwen --drop length=31744`): when the machine is taken back between
 #   calls, a fresh one then skips them too (on 2026-12-02 it re-ran two finished RULER runs for want of this).
@@ -54,7 +54,8 @@ sweep)
   # shows no speed for them (their timings measure the contention, not the method).
   lanes=(${2//+/ }); export KVBENCH_SHARED_DEVICE=${#lanes[@]} RECORDED=${RECORDED-results/qwen/leaderboard.json}
   for i in "${!lanes[@]}"; do
-    timeout "${3:-540}" bash -c 'for c in ${0//,/ }; do kvbench sweep "$c" ${RECORDED:+--recorded "$RECORDED"}; done' \
+    timeout "${3:-540}" bash -c 'for c in ${0//,/ }; do case $c in *@all) kvbench sweep "${c%@all}" ;;
+      *) kvbench sweep "$c" ${RECORDED:+--recorded "$RECORDED"} ;; esac; done' \
       "${lanes[$i]}" > "$OUT/sweep-$i.log" 2>&1 &
   done; wait
   for i in "${!lanes[@]}"; do grep -v "^Loading" "$OUT/sweep-$i.log" | tail -25; done
