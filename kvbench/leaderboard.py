@@ -205,8 +205,9 @@ def collect(root: str | Path = "results", drop: list[tuple[str, str]] | None = N
 def earlier(table: str | Path, drop: list[tuple[str, str]] | None = None, any_drop: bool = False) -> pd.DataFrame:
     """The runs an earlier ``leaderboard.json`` recorded (``--with``), one row each as that table has it (score,
     95% interval, n, measured ratios, speed, settings, created) and no run directory: the run folders are not
-    kept (the committed table is the record), so what needs a run's samples (breakdowns, NIAH grids, traces)
-    leaves these rows out. Joined with the runs under a root, ``newest`` keeps the newest of each configuration.
+    kept (the committed table is the record), so what needs a run's samples (breakdowns, NIAH grids, paired
+    tests) reads them from the samples file beside the table (``row_samples``) or leaves the row out, and no
+    memory trace is kept. Joined with the runs under a root, ``newest`` keeps the newest of each configuration.
     The table must have left out the same samples (``drop``) as this call, or its scores would mean another thing
     (``any_drop``: whatever it left out, for a caller that reads which runs it holds, not their scores)."""
     path = Path(table)
