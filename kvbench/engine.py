@@ -385,7 +385,7 @@ class Engine:
         ids = sample.continuation_ids
         if stepwise:
             rows: list[torch.Tensor] = []
-            self.decode(cache, first[None] if first.dim() == 1 else first, [len(ids)], [False], trace_every=0,
+            self.decode(cache, first, [len(ids)], [False], trace_every=0,
                         forced=[ids], on_logits=lambda logits: rows.append(F.log_softmax(logits[0].float(), dim=-1)))
             logp = torch.stack(rows)
         else:

@@ -26,11 +26,14 @@ def bootstrap_interval(values: list[float], level: float = 0.95, n_boot: int = 2
         return vals[0] if len(vals) == 1 else min(vals), max(vals)
     rng = random.Random(seed)
     n = len(vals)
-    means = sorted(sum(rng.choices(vals, k=n)) / n for _ in range(n_boot))
+    return _percentile_interval(sorted(sum(rng.choices(vals, k=n)) / n for _ in range(n_boot)), level)
+
+
+def _percentile_interval(means, level: float) -> tuple[float, float]:
+    """The central ``level`` of sorted resampled means."""
     tail = (1.0 - level) / 2.0
-    lo = means[max(0, int(math.floor(tail * n_boot)))]
-    hi = means[min(n_boot - 1, int(math.ceil((1.0 - tail) * n_boot)) - 1)]
-    return lo, hi
+    n_boot = len(means)
+    return means[max(0, int(math.floor(tail * n_boot)))], means[min(n_boot - 1, int(math.ceil((1.0 - tail) * n_boot)) - 1)]
 
 
 def paired_difference(a: dict, b: dict, level: float = 0.95, n_boot: int = 2000,
@@ -43,9 +46,7 @@ def paired_difference(a: dict, b: dict, level: float = 0.95, n_boot: int = 2000,
     if not len(diffs):
         return math.nan, math.nan, math.nan, 0
     means = np.sort(diffs[np.random.default_rng(seed).integers(0, len(diffs), (n_boot, len(diffs)))].mean(1))
-    tail = (1.0 - level) / 2.0
-    lo = means[max(0, int(math.floor(tail * n_boot)))]
-    hi = means[min(n_boot - 1, int(math.ceil((1.0 - tail) * n_boot)) - 1)]
+    lo, hi = _percentile_interval(means, level)
     return float(diffs.mean()), float(lo), float(hi), len(diffs)
 
 
