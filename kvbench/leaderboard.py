@@ -13,8 +13,9 @@ protocols measure different things, so no row, score or rank combines them):
 - *matched memory*: the methods ranked per task at the same measured memory, not at the same knob value
   (a budget of 0.25 means a different memory for each method: per-slot state, protected windows, the
   question appended after compression). Each method's scores are interpolated linearly along its own
-  measured KV ratios, at memory levels that default to the median measured ratio of each budget's runs;
-  a level outside a method's measured range (beyond a tolerance of 0.02) is left empty, never extrapolated.
+  measured KV ratios, at memory levels that default to the median measured ratio of each budget's runs
+  (medians closer than the tolerance merged into one level); a level outside a method's measured range
+  (beyond a tolerance of 0.02) is left empty, never extrapolated.
   A method's rank is its mean rank over the (task, level) cells it has.
 
 The measured ratio is ``kv_ratio_prefill`` by default: bytes the cache holds when decoding starts over the
@@ -337,9 +338,18 @@ def budget_table(df: pd.DataFrame, task: str, model: str | None = None, protocol
 
 
 def default_levels(group: pd.DataFrame, col: str) -> list[float]:
-    """The median measured ratio of each budget's runs (full excluded), rounded to 3 decimals."""
+    """The median measured ratio of each budget's runs (full excluded), rounded to 3 decimals; medians within
+    the tolerance of each other are one level (their mean): a run then fills one column, not two, and counts
+    once in the mean rank (a token budget of 512 and a fraction of 0.1 both hold about a tenth of the KV)."""
     comp = group[group["method"] != results.FULL]
-    return sorted({round(float(v), 3) for v in comp.groupby("budget")[col].median().dropna()})
+    medians = sorted(float(v) for v in comp.groupby("budget")[col].median().dropna())
+    clusters: list[list[float]] = []
+    for m in medians:
+        if clusters and m - clusters[-1][0] <= TOLERANCE:
+            clusters[-1].append(m)
+        else:
+            clusters.append([m])
+    return sorted({round(sum(c) / len(c), 3) for c in clusters})
 
 
 def interpolate(points: list[tuple[float, float]], level: float, tolerance: float = TOLERANCE) -> float | None:

@@ -104,6 +104,21 @@ def test_interpolation_never_extrapolates():
     assert lb.interpolate(pts, 0.5) is None and lb.interpolate(pts, 0.1) is None
 
 
+def test_budgets_of_about_the_same_memory_make_one_level(tmp_path):
+    # a token budget and a fraction that hold about the same memory (0.097 and 0.112, closer than the
+    # tolerance) are one matched-memory level: alpha's single run fills one column and counts once
+    make_run(tmp_path, "alpha", 0.1, "query-agnostic", 40.0, 0.112)
+    make_run(tmp_path, "beta", 0.1, "query-agnostic", 30.0, 0.112)
+    make_run(tmp_path, "beta", 512, "query-agnostic", 20.0, 0.097)
+    make_run(tmp_path, "beta", 0.5, "query-agnostic", 70.0, 0.5)
+    df = lb.collect(tmp_path)
+    assert lb.default_levels(df, "kv_ratio_prefill") == [0.105, 0.5]
+    by = lb.ranking(df).set_index("method")
+    assert [c for c in by.columns if "score@" in c] == ["niah score@0.105", "niah score@0.5"]
+    assert by.loc["alpha", "cells ranked"] == 1 and by.loc["alpha", "niah score@0.105"] == 40.0
+    assert by.loc["beta", "niah score@0.105"] == pytest.approx(20 + 10 * 0.008 / 0.015)
+
+
 def test_ranking_is_at_matched_memory_not_matched_knob(board):
     df = lb.select(lb.collect(board), protocol="query-agnostic")
     rank = lb.ranking(df, levels=[0.3, 0.4])
