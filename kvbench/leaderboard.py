@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from kvbench import results
+from kvbench import registry, results
 from kvbench.stats import bootstrap_interval, interval_ranks
 
 TOLERANCE = 0.02
@@ -92,8 +92,21 @@ NOT_SETTING = ("method", "method_params", "budget", "run_id", "created", "versio
 def setting_of(config: dict) -> dict:
     """The comparability key of a run: its config without the method, its parameters and volatile fields."""
     key = {k: v for k, v in sorted(config.items()) if k not in NOT_SETTING}
+    if isinstance(key.get("task_params"), dict):
+        later = _added_later(config.get("task"))
+        key["task_params"] = {k: v for k, v in key["task_params"].items() if not (k in later and later[k] == v)}
     key["model"] = model_label(config.get("model_name") or config.get("model"))
     return key
+
+
+@functools.lru_cache(maxsize=None)
+def _added_later(task: str | None) -> dict:
+    """The task's parameters marked ``ADDED_LATER`` and their defaults (none for a task no longer known)."""
+    try:
+        cls = registry.load(registry.TASKS, "task", task)
+    except (registry.UnknownNameError, TypeError):
+        return {}
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.metadata.get("added_later")}
 
 
 def _setting_text(key: dict) -> str:

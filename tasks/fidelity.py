@@ -16,13 +16,13 @@ from __future__ import annotations
 import ast
 import math
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 from pathlib import Path
 
 import torch
 
-from kvbench.task import LOGPROBS, Sample, Task, TaskContext, TaskError
+from kvbench.task import ADDED_LATER, LOGPROBS, Sample, Task, TaskContext, TaskError
 from kvbench.io import load_texts
 
 
@@ -54,7 +54,7 @@ class Fidelity(Task):
     continuation_len: int = 256
     n_samples: int = 8
     source: str | None = None
-    stepwise: bool = False
+    stepwise: bool = field(default=False, metadata=ADDED_LATER)  # runs before it existed were teacher-forced
 
     def samples(self, tokenizer, ctx: TaskContext) -> list[Sample]:
         src = self.source or ctx.data

@@ -119,6 +119,19 @@ def test_budgets_of_about_the_same_memory_make_one_level(tmp_path):
     assert by.loc["beta", "niah score@0.105"] == pytest.approx(20 + 10 * 0.008 / 0.015)
 
 
+def test_a_parameter_added_later_at_its_default_ranks_beside_the_runs_before_it(tmp_path):
+    # fidelity's stepwise came after runs were recorded without it; at its default (what they did) a new run
+    # shares their setting, set to true it is another setting
+    old = {"context_len": 64, "continuation_len": 8}
+    make_run(tmp_path, "alpha", 0.25, "query-agnostic", 90.0, 0.25, task="fidelity", task_params=old)
+    make_run(tmp_path, "beta", 0.25, "query-agnostic", 80.0, 0.25, task="fidelity",
+             task_params={**old, "stepwise": False})
+    make_run(tmp_path, "gamma", 0.25, "query-agnostic", 70.0, 0.25, task="fidelity",
+             task_params={**old, "stepwise": True})
+    setting = lb.collect(tmp_path).set_index("method")["setting"]
+    assert setting["alpha"] == setting["beta"] != setting["gamma"]
+
+
 def test_ranking_is_at_matched_memory_not_matched_knob(board):
     df = lb.select(lb.collect(board), protocol="query-agnostic")
     rank = lb.ranking(df, levels=[0.3, 0.4])
