@@ -93,10 +93,16 @@ def setting_of(config: dict) -> dict:
     """The comparability key of a run: its config without the method, its parameters and volatile fields."""
     key = {k: v for k, v in sorted(config.items()) if k not in NOT_SETTING}
     if isinstance(key.get("task_params"), dict):
-        later = _added_later(config.get("task"))
-        key["task_params"] = {k: v for k, v in key["task_params"].items() if not (k in later and later[k] == v)}
+        key["task_params"] = comparable_task_params(config.get("task"), key["task_params"])
     key["model"] = model_label(config.get("model_name") or config.get("model"))
     return key
+
+
+def comparable_task_params(task: str | None, params: dict) -> dict:
+    """A run's task parameters as they decide comparability: those marked ``ADDED_LATER`` left out at their
+    default, so runs from before such a parameter existed and runs at its default are one setting."""
+    later = _added_later(task)
+    return {k: v for k, v in params.items() if not (k in later and later[k] == v)}
 
 
 @functools.lru_cache(maxsize=None)

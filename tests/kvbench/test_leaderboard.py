@@ -132,6 +132,14 @@ def test_a_parameter_added_later_at_its_default_ranks_beside_the_runs_before_it(
     assert setting["alpha"] == setting["beta"] != setting["gamma"]
 
 
+def test_a_sweep_does_not_run_again_what_was_recorded_before_a_parameter_existed():
+    from kvbench import sweep
+    old = {"context_len": 64, "continuation_len": 8, "n_samples": 8, "name": "fidelity", "source": None}
+    key = lambda params: sweep._recorded_key("tiny-model", "fidelity", "query-agnostic", "snapkv", 0.25, {},
+                                             params, 1, None, "cpu", "float32")
+    assert key(old) == key({**old, "stepwise": False}) != key({**old, "stepwise": True})
+
+
 def test_ranking_is_at_matched_memory_not_matched_knob(board):
     df = lb.select(lb.collect(board), protocol="query-agnostic")
     rank = lb.ranking(df, levels=[0.3, 0.4])
