@@ -70,6 +70,9 @@ class Method:
     artifact_commands: ClassVar[dict[str, str]] = {}
     # The parameter that takes the artifact's directory (`kvbench run --artifact DIR`, alias --checkpoint).
     artifact_param: ClassVar[str] = "artifact"
+    # False for a method whose memory follows from its own parameters, not from the budget (full, the codecs):
+    # a sweep runs it once, at 1.0, whatever its budgets.
+    uses_budget: ClassVar[bool] = True
 
     def prepare(self, lm) -> None:
         """Called by the engine with the loaded model before any cache is made (a trained method loads and

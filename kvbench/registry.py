@@ -230,6 +230,11 @@ def artifact_param(method: str) -> str:
     return load(METHODS, "method", method).artifact_param
 
 
+def uses_budget(method: str) -> bool:
+    """Whether ``method``'s memory follows its budget (a composed method's is its eviction method's)."""
+    return "+" in method or load(METHODS, "method", method).uses_budget
+
+
 def methods_with_artifact_command(step: str) -> list[str]:
     """The methods that declare a ``step`` ("train" or "calibrate") command."""
     return [name for name in sorted(METHODS) if step in load(METHODS, "method", name).artifact_commands]

@@ -4,7 +4,7 @@ The config (YAML; see ``results/sweep-smollm2-niah.yaml``)::
 
     out: results                     # results root (runs land in OUT/runs/<id>/)
     models: [smollm2-135m]           # model specs, as ``kvbench run --model`` takes them
-    methods: [full, snapkv, h2o]     # ``full`` runs once, at budget 1.0, whatever the budgets
+    methods: [full, snapkv, h2o]     # ``full`` (and the codecs, `uses_budget`) runs once, at 1.0, whatever the budgets
     budgets: [0.1, 0.25, 0.5]        # fractions kept, or token counts
     tasks: {niah: {lengths: [1024, 2048]}}   # a list of names, or names mapped to task parameters
     protocols: [query-agnostic]      # and/or query-aware
@@ -117,7 +117,7 @@ def points(cfg: dict) -> list[RunConfig]:
             for protocol in cfg["protocols"]:
                 for method in cfg["methods"]:
                     for params, budget in itertools.product(_variants(cfg.get("method_params") or {}, method),
-                                                            [1.0] if method == results.FULL else cfg["budgets"]):
+                                                            cfg["budgets"] if registry.uses_budget(method) else [1.0]):
                         out.append(RunConfig(
                             method=method, task=task, budget=budget, model=str(model), method_params=dict(params),
                             task_params=dict(task_params or {}), protocol=protocol,

@@ -92,7 +92,10 @@ def main() -> None:
     docs = [d for texts in sources.values() for d in texts if d.strip()]
     random.Random(0).shuffle(docs)
     text = "\n\n".join(d.strip() for d in docs) + "\n"
-    out.write_bytes(gzip.compress(text.encode("utf-8"), mtime=0))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    part = out.with_name(out.name + ".part")  # written whole, then renamed: a killed run leaves no half corpus
+    part.write_bytes(gzip.compress(text.encode("utf-8"), mtime=0))
+    part.replace(out)
     for name, texts in sources.items():
         print(f"{name}: {len(texts)} documents, {sum(map(len, texts)) / 1e6:.1f} M characters")
     print(f"written {out}: {len(text) / 1e6:.1f} M characters, {out.stat().st_size / 1e6:.1f} MB gzipped")

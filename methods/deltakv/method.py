@@ -24,6 +24,7 @@ from kvbench.methods.deltakv.store import DeltaKVStore, Plan, make_plan
 class DeltaKV(Method):
     artifact_commands: ClassVar[dict[str, str]] = {"train": "kvbench.methods.deltakv.train:command"}
     artifact_param: ClassVar[str] = "checkpoint"
+    uses_budget: ClassVar[bool] = False  # s, k, r, W and the dtypes set the memory
 
     checkpoint: str | None = None
     full_layers: list[int] | None = None

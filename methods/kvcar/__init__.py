@@ -95,6 +95,7 @@ def choose_reuse(similarity: list[list[float]], threshold: float | None) -> dict
 class KVCAR(Method):
     token_codec: ClassVar[bool] = True  # its stores offer ``decoded_view``: an eviction method may compose with it
     artifact_commands: ClassVar[dict[str, str]] = {"train": "kvbench.methods.kvcar.train:command"}
+    uses_budget: ClassVar[bool] = False  # the latent widths set the memory
 
     artifact: str | None = None
     reuse: bool = True

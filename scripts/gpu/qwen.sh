@@ -60,6 +60,24 @@ sweep)
   done; wait
   for i in "${!lanes[@]}"; do grep -v "^Loading" "$OUT/sweep-$i.log" | tail -25; done
   tar czf "$OUT/runs.tar.gz" results/runs results/sweeps 2>/dev/null; ls -la "$OUT" ;;
+train)
+  # The trained methods' Qwen artifacts, for results/sweep-qwen-trained-*.yaml (they load them from checkpoints/):
+  # DeltaKV's compressors and KV-CAR's autoencoders (latents 32:96 of 128: half the K/V), MINUTES of training each,
+  # both at once on the one GPU, on the general-English corpus (never evaluation text). Carry it first:
+  # `python3 scripts/deltakv-corpus.py .carry/data/corpus/general-english.txt.gz` here (setup copies .carry/data).
+  # Weights stay on the machine (too large to commit); their artifact.json / config.json come back in $OUT.
+  shared_data; install_kvbench >/dev/null
+  corpus=/tmp/kvbench-data/corpus/general-english.txt.gz m=${2:-4}
+  [ -f $corpus ] || { echo "no corpus at $corpus: build it into .carry/data/corpus before setup" >&2; exit 2; }
+  ( timeout $((${m%.*} * 60 + 240)) kvbench train kvcar --model qwen2.5-coder-1.5b --data $corpus \
+      --out checkpoints/kvcar-qwen2.5-coder-1.5b --latent-dim 32 --latent-dim-v 96 --batch 16 --seq-len 1024 \
+      --recon-steps 100000 --lm-steps 100000 --max-minutes $m --dtype bfloat16 2>&1 | grep -v "^Loading" > "$OUT/train-kvcar.log"
+    cp checkpoints/kvcar-qwen2.5-coder-1.5b/artifact.json "$OUT/kvcar-qwen2.5-coder-1.5b.json" ) &
+  ( timeout $((${m%.*} * 60 + 240)) kvbench train deltakv --model qwen2.5-coder-1.5b --data $corpus \
+      --out checkpoints/deltakv-qwen2.5-coder-1.5b --steps 100000 --batch 8 --seq-len 1024 --max-minutes $m \
+      --dtype bfloat16 2>&1 | grep -v "^Loading" > "$OUT/train-deltakv.log"
+    cp checkpoints/deltakv-qwen2.5-coder-1.5b/config.json "$OUT/deltakv-qwen2.5-coder-1.5b.json" ) &
+  wait; tail -4 "$OUT"/train-*.log ;;
 calibrate)
   # CompressKV's calibration of Qwen2.5-Coder-1.5B (GRID as `kvbench calibrate compresskv --grid` takes it); resumes
   # when cut by its time limit; the artifact is copied into checkpoints/ (for the sweep) and to $OUT (to commit).
@@ -68,5 +86,5 @@ calibrate)
     --grid "$2" --haystack ../shared/data/paul_graham_essays --layer-samples 8 --dtype bfloat16 2>&1 | grep -v "^Loading" | tail -20
   [ -d /tmp/compresskv-qwen2.5-coder-1.5b ] && cp -r /tmp/compresskv-qwen2.5-coder-1.5b checkpoints/ \
     && cp /tmp/compresskv-qwen2.5-coder-1.5b/artifact.json "$OUT/compresskv-qwen2.5-coder-1.5b.json" ;;
-*) echo "usage: $0 part DIR | wheels | setup | sweep CONFIG[,CONFIG...] [SECONDS] | calibrate GRID [SECONDS]" >&2; exit 2 ;;
+*) echo "usage: $0 part DIR | wheels | setup | sweep CONFIG[,CONFIG...] [SECONDS] | train [MINUTES] | calibrate GRID [SECONDS]" >&2; exit 2 ;;
 esac

@@ -351,6 +351,12 @@ tasks: [niah]
     assert [(p.method, p.budget, p.method_params) for p in plan] == [
         ("full", 1.0, {}), ("snapkv", 128, {"window": 8}), ("snapkv", 256, {"window": 8}),
         ("snapkv", 128, {"window": 32, "kernel": 5}), ("snapkv", 256, {"window": 32, "kernel": 5})]
+    # a method whose memory does not follow the budget (a codec) runs once, like full; a composition's
+    # budget is its eviction method's
+    cfg.write_text("methods: [kvcar, deltakv, snapkv+kvcar]\nbudgets: [0.1, 0.5]\ntasks: [niah]\n"
+                   "method_params: {deltakv: {random_init: true}}\n")
+    assert [(p.method, p.budget) for p in points(load_config(cfg))] == [
+        ("kvcar", 1.0), ("deltakv", 1.0), ("snapkv+kvcar", 0.1), ("snapkv+kvcar", 0.5)]
     cfg.write_text("methods: [snapkv]\ntasks: [niah]\nmethod_params: {snapkv: [{window: abc}]}\n")
     res = CliRunner().invoke(main, ["sweep", str(cfg)])
     assert res.exit_code == 2 and "snapkv parameter window='abc'" in res.output
