@@ -235,7 +235,9 @@ def pairs(root, task, out, drop, tables):
         fail(str(e))
     if not found:
         fail(f"no two methods with samples share a cell under {root}" + (f" for {task}" if task else ""))
-    text = paired.to_markdown(found) + (f"\nLeft out, their samples not stored: {', '.join(missing)}\n" if missing else "")
+    kinds = sorted({run_id.rsplit("-", 1)[0] for run_id in missing})  # task-method-budget, without the run's hash
+    text = paired.to_markdown(found) + (f"\nLeft out, their samples not stored (recorded before the samples file): "
+                                        f"{len(missing)} runs of {', '.join(kinds)}\n" if missing else "")
     if out:
         results.write_text(out, text)
     click.echo(text)

@@ -4,6 +4,7 @@
 #            mkdir -p .carry/data && cp -r ../shared/data/{paul_graham_essays,ruler,longbench} .carry/data/
 #            pip download --no-deps -d .carry/whl wonderwords rouge   (RULER's word lists, LongBench's ROUGE-L) and
 #            pip wheel --no-deps -w .carry/whl jieba   (LongBench's Chinese metrics; an sdist only): the GPU machine lacks them
+#            python3 scripts/deltakv-corpus.py .carry/data/corpus/general-english.txt.gz   (7.5 MB; for `train` only)
 #      (prepare-device-carry sizes the parts to fit 64 MiB beside the tree as it is: re-run it when the tree grows; it
 #      rewrites .carry/whl with the gguf wheel only, so run the two pip lines after it)
 #   1. one call per part, carry [".carry/pNN"]:  bash scripts/gpu/qwen.sh part .carry/pNN
