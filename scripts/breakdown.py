@@ -58,13 +58,15 @@ def main() -> None:
                "setting": bool((runs.groupby("protocol")["setting"].nunique() > 1).any())}
     cells: dict[tuple, dict[tuple, list[float]]] = defaultdict(lambda: defaultdict(list))
     unstored = []  # runs an earlier table recorded without their samples: its printed table keeps them (--with)
+    retag = {}  # their rows in an earlier table printed without a settings tag -> the tag they have now
     for _, row in runs.iterrows():
-        method = row.method + (f" [{row.model}]" if several["model"] else "") \
-            + (f" [settings {row.setting}]" if several["setting"] else "")
+        plain = row.method + (f" [{row.model}]" if several["model"] else "")
+        method = plain + (f" [settings {row.setting}]" if several["setting"] else "")
         key = (row.protocol, method, results.kept_label(row.method.split("(")[0], row.budget))
         samples = lb.row_samples(row)
         if samples is None:
             unstored.append(row.run_id)
+            retag[(row.protocol, plain, key[2])] = key
             continue
         for rec in samples:
             if only is None or int(rec["meta"].get("length", 0)) in only:
@@ -82,7 +84,7 @@ def main() -> None:
     texts = {key: {part: cell(key, part) for part in parts} for key in cells}
     if args.earlier:  # the earlier table's runs that these do not replace, as it printed them
         for key, row in read_table(Path(args.earlier), len(fields)).items():
-            texts.setdefault(key, row)
+            texts.setdefault(retag.get(key, key), row)
         parts = sorted({p for row in texts.values() for p in row if p[0] != "all"}) + [("all",) * len(fields)]
     keys = sorted(texts, key=lambda k: (k[0], k[2] != results.FULL, k[1], k[2]))
 
