@@ -140,6 +140,34 @@ def test_a_sweep_does_not_run_again_what_was_recorded_before_a_parameter_existed
     assert key(old) == key({**old, "stepwise": False}) != key({**old, "stepwise": True})
 
 
+def test_breakdown_tags_the_rows_it_keeps_from_an_earlier_table_as_their_runs(tmp_path):
+    # fidelity runs recorded in a table without their samples, printed once without a settings tag; a run of
+    # another setting joins: the kept rows get their runs' tag, so no row looks like a setting of its own
+    import sys
+    repo = Path(__file__).resolve().parents[2]
+    breakdown = lambda *args: subprocess.run([sys.executable, "scripts/breakdown.py", *map(str, args)], cwd=repo,
+                                             capture_output=True, text=True, check=True).stdout
+    old, new = tmp_path / "old", tmp_path / "new"
+    for name in ("alpha", "beta"):
+        run = make_run(old, name, 0.25, "query-agnostic", 90.0, 0.25, task="fidelity", task_params={"n_samples": 2})
+        with (run / "samples.jsonl").open("w") as f:  # the fidelity task's score: its KL
+            f.write(json.dumps({"id": "s0", "meta": {}, "scores": {"kl": 0.125}}) + "\n")
+    assert CliRunner().invoke(main, ["leaderboard", "--root", str(old), "--out", str(old)]).exit_code == 0
+    (tmp_path / "earlier.md").write_text(breakdown(old, "--task", "fidelity"))
+    assert "| query-agnostic | alpha | 0.25 | 0.125" in (tmp_path / "earlier.md").read_text()
+    (old / lb.SAMPLES_FILE).unlink()  # the recorded runs' samples are gone: only the earlier table has them
+    shutil.rmtree(old / "runs")
+    run = make_run(new, "alpha", 0.25, "query-agnostic", 80.0, 0.25, task="fidelity",
+                   task_params={"n_samples": 2, "stepwise": True})
+    with (run / "samples.jsonl").open("w") as f:
+        f.write(json.dumps({"id": "s0", "meta": {}, "scores": {"kl": 0.5}}) + "\n")
+    lb._stored_samples.cache_clear()
+    text = breakdown(new, "--task", "fidelity", "--table", old / "leaderboard.json", "--with", tmp_path / "earlier.md")
+    rows = [line.split(" | ")[1] for line in text.splitlines() if line.startswith("| query-agnostic")]
+    assert len(rows) == 3 and all("[settings " in r for r in rows), text
+    assert len({r for r in rows if r.startswith("alpha")}) == 2 and "0.125" in text and "0.500" in text
+
+
 def test_ranking_is_at_matched_memory_not_matched_knob(board):
     df = lb.select(lb.collect(board), protocol="query-agnostic")
     rank = lb.ranking(df, levels=[0.3, 0.4])
