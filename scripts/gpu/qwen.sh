@@ -16,6 +16,8 @@
 #   (`kvbench sweep --recorded`): a sweep config names its whole grid and the GPU runs only what is missing.
 #   A config written `CONFIG@all` runs whole (`RECORDED= ...`: every config of the call does): to re-run recorded
 #   points whose samples the table lacks, e.g. for paired comparisons (results/compresskv/sweep-qwen-paired.yaml).
+#   If the machine is taken back, copy the last call's runs.tar.gz to .carry/runs.tar.gz and carry it with setup:
+#   the fresh machine resumes the cut runs (about 1.6 MB for 45 runs).
 #   Fold each call's runs into that table here before the next call (`kvbench leaderboard --root NEW --with
 #   results/qwen/leaderboard.json --out results/qwen --drop length=31744`): when the machine is taken back between
 #   calls, a fresh one then skips them too (on 2026-12-02 it re-ran two finished RULER runs for want of this).
@@ -43,6 +45,9 @@ setup)
        $(ls "$root"/.carry/whl/*.whl 2>/dev/null || ls /tmp/kvbench-whl/*.whl)
   PYTHONPATH=/tmp/kvbench-site python3 -c "import gguf, wonderwords, jieba, rouge" || { echo "carry the gguf, wonderwords, jieba and rouge wheels in .carry/whl" >&2; exit 1; }
   cd "$root" && rm -rf /tmp/kvbench-data && cp -r .carry/data /tmp/kvbench-data
+  # a machine lost mid-session: the last call's runs (its $OUT/runs.tar.gz, carried as .carry/runs.tar.gz) come
+  # back, so cut runs resume where they stopped and finished ones are skipped (their locks are flocks: not held)
+  [ -f .carry/runs.tar.gz ] && tar xzf .carry/runs.tar.gz && echo "restored $(ls results/runs | wc -l) run folders"
   mkdir -p $KVBENCH_CACHE/gguf && ln -f $assets/$name $KVBENCH_CACHE/gguf/$name
   install_kvbench
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
