@@ -168,8 +168,8 @@ def _recorded_key(model, task, protocol, method, budget, method_params: dict, ta
                   device, dtype) -> str:
     from kvbench.leaderboard import comparable_task_params, method_label, model_label
     return _normal([model_label(model), task, protocol, method_label(method.split("(")[0], method_params),
-                    float(budget), method_params, comparable_task_params(task, task_params), int(batch_size), None if limit is None else int(limit),
-                    device, dtype])
+                    float(budget), method_params, comparable_task_params(task, task_params), int(batch_size),
+                    None if limit is None else int(limit), device, dtype])
 
 
 def point_key(cfg: RunConfig) -> str:

