@@ -15,6 +15,7 @@ their units; legends name methods with their budgets.
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -47,6 +48,9 @@ def _save(fig, out: Path, name: str) -> list[Path]:
     return paths
 
 
+MARKERS = ("o", "s", "^", "D")
+
+
 def _ratio_label(ratio: str) -> str:
     when = "when decoding starts" if ratio == "prefill" else "at the end of decoding"
     return f"measured KV ratio {when}\n(bytes held / bytes of a plain full cache)"
@@ -56,28 +60,58 @@ def score_vs_ratio(df: pd.DataFrame, out: Path, ratio: str = "prefill") -> list[
     col = f"kv_ratio_{ratio}"
     done = df[(df["status"] == "complete") & df["score"].notna() & df[col].notna()]
     paths = []
-    for (model, protocol, task), g in done.groupby(["model", "protocol", "task"], sort=True):
-        fig, ax = plt.subplots(figsize=(7.5, 5))
-        for method, mg in g[g["method"] != results.FULL].groupby("method", sort=True):
-            mg = mg.sort_values(col)
-            line, = ax.plot(mg[col], mg["score"], marker="o", label=method)
-            if mg["score_lo"].notna().all():  # the 95% bootstrap interval of each point, as a band
-                ax.fill_between(mg[col].astype(float), mg["score_lo"].astype(float), mg["score_hi"].astype(float),
-                                color=line.get_color(), alpha=0.12, linewidth=0)
-            for _, r in mg.iterrows():
-                ax.annotate(f"{r['budget']:g}", (r[col], r["score"]), fontsize=7, xytext=(3, 3),
-                            textcoords="offset points", alpha=0.7)
-        for _, r in g[g["method"] == results.FULL].iterrows():
-            ax.plot([r[col]], [r["score"]], marker="*", markersize=14, color="black", linestyle="none",
-                    label=f"full (reference, ratio {r[col]:.2f})")
-        ax.set_xlabel(_ratio_label(ratio))
-        ax.set_ylabel(f"{task} score (task's headline metric, 0-100)")
-        ax.set_title(f"{task}: score against measured KV memory\n{model}, {protocol} protocol "
-                     "(labels: each point's budget; bands: 95% intervals)")
-        ax.grid(alpha=0.3)
-        ax.legend(title="method", fontsize=8)
-        paths += _save(fig, out, f"score-vs-kv-{slug(model)}-{slug(protocol)}-{slug(task)}")
+    for (model, protocol, task), whole in done.groupby(["model", "protocol", "task"], sort=True):
+        # runs of one task under different settings (e.g. fidelity teacher-forced and stepwise) are not one
+        # curve: a figure per setting, named and titled by what sets it apart
+        apart = _what_differs(whole)
+        for setting, g in whole.groupby("setting", sort=True):
+            paths += _score_figure(g, out, col, ratio, model, protocol, task,
+                                   (setting, apart[setting]) if len(apart) > 1 else None)
     return paths
+
+
+SETTING_FIELDS = ("limit", "batch_size", "dtype", "device", "data")
+
+
+def _what_differs(runs: pd.DataFrame) -> dict[str, str]:
+    """Per setting of one task's runs: the task parameters and run fields in which it differs from the others."""
+    flat = {}
+    for setting, g in runs.groupby("setting", sort=True):
+        row = g.iloc[0]
+        params = json.loads(row["task_params"]) if isinstance(row["task_params"], str) else {}
+        flat[setting] = {**{k: json.dumps(v, sort_keys=True) for k, v in params.items()},
+                         **{k: str(row.get(k)) for k in SETTING_FIELDS}}
+    keys = sorted({k for f in flat.values() for k in f})
+    differ = [k for k in keys if len({f.get(k) for f in flat.values()}) > 1]
+    return {s: ", ".join(f"{k}={f.get(k)}" for k in differ) for s, f in flat.items()}
+
+
+def _score_figure(g: pd.DataFrame, out: Path, col: str, ratio: str, model: str, protocol: str, task: str,
+                  setting: tuple[str, str] | None) -> list[Path]:
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for i, (method, mg) in enumerate(g[g["method"] != results.FULL].groupby("method", sort=True)):
+        mg = mg.sort_values(col)
+        # the colour cycle repeats after ten methods: the marker tells the eleventh from the first
+        line, = ax.plot(mg[col], mg["score"], marker=MARKERS[i // 10 % len(MARKERS)], label=method)
+        if mg["score_lo"].notna().all():  # the 95% bootstrap interval of each point, as a band
+            ax.fill_between(mg[col].astype(float), mg["score_lo"].astype(float), mg["score_hi"].astype(float),
+                            color=line.get_color(), alpha=0.12, linewidth=0)
+        for _, r in mg.iterrows():
+            ax.annotate(f"{r['budget']:g}", (r[col], r["score"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points", alpha=0.7)
+    for _, r in g[g["method"] == results.FULL].iterrows():
+        ax.plot([r[col]], [r["score"]], marker="*", markersize=14, color="black", linestyle="none",
+                label=f"full (reference, ratio {r[col]:.2f})")
+    ax.set_xlabel(_ratio_label(ratio))
+    ax.set_ylabel(f"{task} score (task's headline metric, 0-100)")
+    ax.set_title(f"{task}: score against measured KV memory\n{model}, {protocol} protocol "
+                 "(labels: each point's budget; bands: 95% intervals)"
+                 + (f"\nsetting [{setting[0]}]: {setting[1]}" if setting else ""))
+    ax.grid(alpha=0.3)
+    # beside the axes, not on them: the best points sit at the top right, where a legend inside would go
+    ax.legend(title="method", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return _save(fig, out, f"score-vs-kv-{slug(model)}-{slug(protocol)}-{slug(task)}"
+                 + (f"-{setting[0]}" if setting else ""))
 
 
 def _niah_grid(row) -> list[dict]:

@@ -480,3 +480,31 @@ def test_pairs_compare_methods_on_the_samples_both_ran(board, tmp_path):
     assert "Paired comparisons (same samples)" in page and "<b>+5.0 [+5.0, +5.0]*</b>" in page
     res = CliRunner().invoke(main, ["pairs", "--root", str(tmp_path / "empty")])
     assert res.exit_code == 2 and "no two methods with samples share a cell" in res.output
+
+
+def test_a_task_run_under_two_settings_plots_a_figure_for_each(tmp_path):
+    """Fidelity teacher-forced and stepwise are two settings of one task: one curve through both would join
+    points that measure different things (and draw the full reference twice)."""
+    for stepwise, scores in ((False, (40.0, 60.0)), (True, (45.0, 65.0))):
+        params = {"stepwise": stepwise}
+        make_run(tmp_path / ("s" if stepwise else "t"), "full", 1.0, "query-agnostic", 100.0, 1.0, task="fidelity",
+                 task_params=params)
+        for budget, score in zip((0.25, 0.5), scores):
+            make_run(tmp_path / ("s" if stepwise else "t"), "alpha", budget, "query-agnostic", score, budget,
+                     task="fidelity", task_params=params)
+    (tmp_path / "runs").mkdir()
+    for sub in ("s", "t"):
+        for run in (tmp_path / sub / "runs").iterdir():
+            shutil.move(str(run), tmp_path / "runs" / f"{run.name}-{sub}")
+    df = lb.newest(lb.collect(tmp_path))
+    assert df["setting"].nunique() == 2
+    written = plots.score_vs_ratio(df, tmp_path / "plots")
+    stems = sorted({p.stem for p in written})
+    assert len(stems) == 2 and all(s.startswith("score-vs-kv-tiny-model-query-agnostic-fidelity-") for s in stems)
+    assert {s.rsplit("-", 1)[1] for s in stems} == set(df["setting"])
+    apart = plots._what_differs(df)
+    assert sorted(apart.values()) == ["stepwise=false", "stepwise=true"]
+
+    one = df[df["setting"] == df["setting"].iloc[0]]  # a single setting keeps the plain name
+    assert [p.stem for p in plots.score_vs_ratio(one, tmp_path / "one")][0] == \
+        "score-vs-kv-tiny-model-query-agnostic-fidelity"
