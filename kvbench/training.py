@@ -7,6 +7,8 @@ import time
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from kvbench.task import TaskError
 
@@ -28,6 +30,32 @@ def pack_corpus(tokenizer, text: str, corpus: dict, seq_len: int, min_train: int
     train, held = samples[:-n_held], samples[-n_held:]
     corpus.update(tokens=len(ids), train_samples=len(train), heldout_samples=len(held), seq_len=seq_len)
     return train, held
+
+
+LOSS_CHUNK_TOKENS = 2048
+
+
+def next_token_loss(model, ids: torch.Tensor, chunk_tokens: int = LOSS_CHUNK_TOKENS, **forward) -> torch.Tensor:
+    """Mean next-token cross-entropy of the causal LM ``model`` on ``ids`` [batch, seq] (``forward``: what its
+    forward takes besides the ids: positions, the attention function's kwargs), without holding the whole
+    batch's logits: the output head and the loss run over ``chunk_tokens`` positions at a time, each chunk
+    recomputed in the backward pass, so float32 logits of one chunk live at once. A 150k vocabulary (Qwen2.5)
+    makes 16 x 1024 positions' float32 logits 10 GB, and their gradient as much again: more than the rest of
+    a 1.5B model's training step, and what ran KV-CAR's training out of memory beside other work on one GPU."""
+    hidden = model.base_model(input_ids=ids, **forward).last_hidden_state[:, :-1]
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = ids[:, 1:].reshape(-1)
+    head = model.get_output_embeddings()
+
+    def chunk_loss(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(head(h).float(), t, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(targets), chunk_tokens):
+        h, t = hidden[start: start + chunk_tokens], targets[start: start + chunk_tokens]
+        total = total + (checkpoint(chunk_loss, h, t, use_reentrant=False) if torch.is_grad_enabled()
+                         else chunk_loss(h, t))
+    return total / len(targets)
 
 
 def corpus_summary(corpus: dict) -> str:

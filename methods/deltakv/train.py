@@ -31,7 +31,7 @@ from kvbench.cli import fail, user_errors
 from kvbench.methods.deltakv.codec import (is_reference, kv_from_tokens, model_fingerprint, model_signature,
                                           nearest_references, save_checkpoint, tokens_from_kv, visible_references)
 from kvbench.methods.deltakv.method import DeltaKV
-from kvbench.training import corpus_summary, optimise, pack_corpus
+from kvbench.training import corpus_summary, next_token_loss, optimise, pack_corpus
 
 class TrainingAttention:
     """Stands in for the kvbench cache during training (``kvbench_cache=``): full layers attend exactly;
@@ -131,8 +131,7 @@ def _loss(model, method, rope, ids: torch.Tensor, positions: torch.Tensor, full_
     attn = TrainingAttention(method, rope, positions[: ids.shape[0]])
     if full_kv:
         attn.method = _AllFull(method)
-    logits = model(input_ids=ids, position_ids=positions[: ids.shape[0]], use_cache=False, kvbench_cache=attn).logits
-    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+    ce = next_token_loss(model, ids, position_ids=positions[: ids.shape[0]], use_cache=False, kvbench_cache=attn)
     mse = torch.stack(attn.mse).sum() if attn.mse else ce.new_zeros(())
     return ce, mse
 

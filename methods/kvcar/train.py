@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from kvbench import artifact as artifacts
 from kvbench.cli import fail, user_errors
-from kvbench.training import corpus_summary, optimise, pack_corpus
+from kvbench.training import corpus_summary, next_token_loss, optimise, pack_corpus
 from kvbench.methods.kvcar import NAME, ROPE_KEYS, LayerCodec, choose_reuse
 from kvbench.methods.kvcar.codec import pca_init_
 from kvbench.task import TaskError
@@ -203,8 +203,7 @@ def train(model: str, data: str, out: str, latent_dim: int | None = None, hidden
 
     def lm_loss(x):
         attn = Reconstructed(codecs, reuse, rope, positions[: len(x)], pre)
-        logits = lm.model(input_ids=x, position_ids=positions[: len(x)], use_cache=False, kvbench_cache=attn).logits
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
+        return next_token_loss(lm.model, x, position_ids=positions[: len(x)], use_cache=False, kvbench_cache=attn)
 
     codecs.eval()  # BatchNorm on its running statistics from here on (what inference folds)
     steps2, secs2, losses2 = _stage("stage 2 (LM loss)", codecs, lm_loss, train_set, batch, lm_steps, lm_lr,
@@ -242,8 +241,7 @@ def _heldout(model, codecs, reuse, rope, held: torch.Tensor, batch: int, pre: bo
         x = held[s: s + batch]
         for key, attn in (("heldout_ce_full", Capture(rope, positions, pre)),
                           ("heldout_ce_kvcar", Reconstructed(codecs, reuse, rope, positions, pre))):
-            logits = model(input_ids=x, position_ids=positions, use_cache=False, kvbench_cache=attn).logits
-            ce[key] += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1)).item()
+            ce[key] += next_token_loss(model, x, position_ids=positions, use_cache=False, kvbench_cache=attn).item()
         n += 1
     out = {k: v / max(n, 1) for k, v in ce.items()}
     out["heldout_ppl_increase"] = math.exp(out["heldout_ce_kvcar"] - out["heldout_ce_full"]) - 1

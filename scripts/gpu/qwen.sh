@@ -74,6 +74,9 @@ train)
   # Weights stay on the machine (too large to commit); their artifact.json / config.json come back in $OUT.
   shared_data; install_kvbench >/dev/null
   corpus=/tmp/kvbench-data/corpus/general-english.txt.gz m=${2:-4}
+  # both trainings and four sweep lanes share the 140 GB: on 2026-12-02 KV-CAR's ran out of memory beside them
+  # (62 GB of its own, the whole batch's float32 logits among them; the loss is chunked since)
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
   [ -f $corpus ] || { echo "no corpus at $corpus: build it into .carry/data/corpus before setup" >&2; exit 2; }
   ( timeout $((${m%.*} * 60 + 240)) kvbench train kvcar --model qwen2.5-coder-1.5b --data $corpus \
       --out checkpoints/kvcar-qwen2.5-coder-1.5b --latent-dim 32 --latent-dim-v 96 --batch 16 --seq-len 1024 \

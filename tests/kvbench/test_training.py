@@ -68,3 +68,32 @@ def test_the_corpus_is_packed_into_consecutive_windows_with_the_last_held_out(to
                       "seq_len": 64}
     with pytest.raises(TaskError, match="corpus too small"):
         pack_corpus(tokenizer, TEXT, {}, seq_len=64, min_train=n)
+
+
+def test_the_chunked_next_token_loss_equals_the_loss_on_whole_logits(tiny_dir):
+    """``next_token_loss`` never holds the batch's logits; its value and its gradients must be the plain
+    cross-entropy's, whatever the chunk (one position, a chunk across two rows, more than all of them)."""
+    import torch
+    import torch.nn.functional as F
+
+    from kvbench.training import next_token_loss
+    class Causal:  # the attention the trainers' own stand-ins give: causal, over the new keys only
+        def attention(self, layer, q, k, v, scale):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+
+    model = models.load(str(tiny_dir), dtype=torch.float32).model
+    ids = torch.randint(0, model.config.vocab_size, (3, 17), generator=torch.Generator().manual_seed(0))
+    logits = model(input_ids=ids, kvbench_cache=Causal()).logits
+    plain = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    plain.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert expected
+    for chunk in (1, 20, 1000):
+        model.zero_grad(set_to_none=True)
+        loss = next_token_loss(model, ids, chunk_tokens=chunk, kvbench_cache=Causal())
+        torch.testing.assert_close(loss, plain.detach(), rtol=1e-5, atol=1e-6)
+        loss.backward()
+        for name, grad in expected.items():
+            torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # evaluation: no recomputation, the same number
+        torch.testing.assert_close(next_token_loss(model, ids, chunk_tokens=7, kvbench_cache=Causal()), plain.detach(), rtol=1e-5, atol=1e-6)
