@@ -297,13 +297,22 @@ def report(root, out, bench_root, plots_dir, bench, drop, tables, ratio):
 @click.argument("config", type=click.Path())
 @click.option("--recorded", "tables", multiple=True, type=click.Path(), metavar="LEADERBOARD.json",
               help="also skip the points this earlier table lists as complete (its run folders gone); repeatable")
-def sweep(config, tables):
+@click.option("--plan", is_flag=True, help="list each point as to run, recorded or finished, and stop (no model loaded)")
+@click.option("--device", default=None, help="the device for the config's `auto` (default: this machine's; with "
+              "--plan, plan here for the machine that will run it, e.g. cuda)")
+def sweep(config, tables, plan, device):
     """Run models x methods x budgets x tasks x protocols from a YAML file, skipping finished runs."""
     from kvbench import distributed
-    from kvbench.sweep import run_sweep
+    from kvbench.sweep import plan_sweep, run_sweep
+    if plan:
+        try:
+            plan_sweep(config, tables, device, echo=click.echo)
+        except user_errors() as e:
+            fail(str(e))
+        return
     try:
         with distributed.session() as ranks:  # [distributed] under torchrun: points shared out over the ranks
-            outcomes = run_sweep(config, echo=click.echo, ranks=ranks, tables=tables)
+            outcomes = run_sweep(config, echo=click.echo, ranks=ranks, tables=tables, device=device)
     except user_errors() as e:
         fail(str(e))
     if any(o["status"] in ("oom", "crash", "busy") for o in outcomes):

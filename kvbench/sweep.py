@@ -29,7 +29,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -206,18 +206,47 @@ def label(cfg: RunConfig) -> str:
     return f"{cfg.model} {cfg.task} {cfg.protocol} {cfg.method}@{cfg.budget}"
 
 
+def _for_device(plan: list[RunConfig], device: str | None) -> list[RunConfig]:
+    """The points with the config's ``auto`` device made ``device`` (none: this machine's)."""
+    return [replace(p, device=device) if device and p.device == "auto" else p for p in plan]
+
+
+def plan_sweep(path: str | Path, tables: tuple = (), device: str | None = None,
+               echo: Callable[[str], None] = print) -> list[tuple[RunConfig, str]]:
+    """What ``run_sweep`` would do now, without loading a model: each point with ``finished`` (its run folder
+    under the config's out), ``recorded`` (an earlier table lists it) or ``to run``. ``device`` stands for the
+    config's ``auto``: a plan made here for the GPU machine (its device and dtype are in the recorded keys)."""
+    cfg = load_config(path)
+    plan = _for_device(points(cfg), device)
+    known, in_tables = existing_runs(Path(cfg.get("out", "results"))), recorded(tables)
+    out = []
+    for i, point in enumerate(plan, 1):
+        status = ("finished" if is_finished(known.get(identity(point))) else
+                  "recorded" if point_key(point) in in_tables else "to run")
+        echo(f"[{i}/{len(plan)}] {label(point)}: {status}")
+        out.append((point, status))
+    counts = {s: sum(st == s for _, st in out) for s in ("to run", "recorded", "finished")}
+    echo(f"plan {cfg['name']}: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    here = {resolve_device(p.device).split(":")[0] for p in plan}
+    elsewhere = sorted({json.loads(key)[-2] for key in in_tables} - here)
+    if elsewhere and not device:  # the table's runs cannot match points planned for this machine's device
+        echo(f"note: the tables record runs on {', '.join(elsewhere)}; this plan is for {', '.join(sorted(here))} "
+             f"(--device {elsewhere[0]} plans for that machine)")
+    return out
+
+
 def run_sweep(path: str | Path, echo: Callable[[str], None] = print, load_model: Callable | None = None,
-              progress: bool = True, ranks=None, tables: tuple = ()) -> list[dict]:
+              progress: bool = True, ranks=None, tables: tuple = (), device: str | None = None) -> list[dict]:
     """Run (or finish) a sweep; returns one outcome per point. Several processes may run the same sweep at once
     (lanes on one GPU): each skips the points another has finished or holds (``busy``: the run directory's lock),
     so together they run every point once. ``load_model(spec, dtype, device, seed)``
     defaults to ``kvbench.models.load``. ``ranks`` (``kvbench.distributed``): under torchrun, this rank runs
     every world-th point and rank 0 returns (and reports) every point's outcome. ``tables``: earlier
-    leaderboard.json files whose complete runs are skipped (``recorded``)."""
+    leaderboard.json files whose complete runs are skipped (``recorded``); ``device``: for the config's ``auto``."""
     from kvbench import distributed, models
     from kvbench.harness import run
     cfg = load_config(path)
-    plan = points(cfg)
+    plan = _for_device(points(cfg), device)
     out = Path(cfg.get("out", "results"))
     ledger = out / "sweeps" / f"{cfg['name']}.jsonl"
     ledger.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,8 @@
 #      (when tree + whl + data pass 64 MiB: first `qwen.sh wheels` carrying .carry/whl, then setup without it)
 #   3. then, while the machine stays warm:        bash scripts/gpu/qwen.sh sweep A.yaml[,B.yaml][+C.yaml] [SECONDS]
 #   The sweeps skip every point the committed leaderboard (results/qwen/leaderboard.json) lists as complete
-#   (`kvbench sweep --recorded`): a sweep config names its whole grid and the GPU runs only what is missing.
+#   (`kvbench sweep --recorded`): a sweep config names its whole grid and the GPU runs only what is missing;
+#   `kvbench sweep CONFIG --recorded results/qwen/leaderboard.json --plan --device cuda` lists it here first.
 #   A config written `CONFIG@all` runs whole (`RECORDED= ...`: every config of the call does): to re-run recorded
 #   points whose samples the table lacks, e.g. for paired comparisons (results/compresskv/sweep-qwen-paired.yaml).
 #   If the machine is taken back, copy the last call's runs.tar.gz to .carry/runs.tar.gz and carry it with setup:

@@ -456,7 +456,14 @@ data: {haystack}
     assert cli("leaderboard", "--root", here, "--drop", "length=999").exit_code == 0
     table = here / "leaderboard.json"
     shutil.rmtree(here / "runs")
-    res = cli("sweep", _yaml(tmp_path, "second", f"out: {there}\n" + body), "--recorded", table)
+    second = _yaml(tmp_path, "second", f"out: {there}\n" + body)
+    res = cli("sweep", second, "--recorded", table, "--plan")  # what a call would run, nothing run
+    assert res.exit_code == 0, res.output
+    assert "snapkv@0.5: recorded" in res.stdout and "snapkv@0.25: to run" in res.stdout, res.stdout
+    assert "1 to run, 1 recorded, 0 finished" in res.stdout and not (there / "runs").exists()
+    res = cli("sweep", second, "--recorded", table, "--plan", "--device", "cuda")  # planned for another machine
+    assert "2 to run, 0 recorded" in res.stdout and "note:" not in res.stdout, res.stdout
+    res = cli("sweep", second, "--recorded", table)
     assert res.exit_code == 0, res.output
     assert f"snapkv@0.5: recorded in {table}" in res.stdout and "snapkv@0.25: done" in res.stdout, res.stdout
     assert len(list((there / "runs").iterdir())) == 1  # the recorded point was not run again
