@@ -300,19 +300,21 @@ def report(root, out, bench_root, plots_dir, bench, drop, tables, ratio):
 @click.option("--plan", is_flag=True, help="list each point as to run, recorded or finished, and stop (no model loaded)")
 @click.option("--device", default=None, help="the device for the config's `auto` (default: this machine's; with "
               "--plan, plan here for the machine that will run it, e.g. cuda)")
-def sweep(config, tables, plan, device):
+@click.option("--methods", default="", help="only these of the config's methods, comma-separated")
+def sweep(config, tables, plan, device, methods):
     """Run models x methods x budgets x tasks x protocols from a YAML file, skipping finished runs."""
     from kvbench import distributed
     from kvbench.sweep import plan_sweep, run_sweep
     if plan:
         try:
-            plan_sweep(config, tables, device, echo=click.echo)
+            plan_sweep(config, tables, device, echo=click.echo, methods=tuple(_csv(methods)))
         except user_errors() as e:
             fail(str(e))
         return
     try:
         with distributed.session() as ranks:  # [distributed] under torchrun: points shared out over the ranks
-            outcomes = run_sweep(config, echo=click.echo, ranks=ranks, tables=tables, device=device)
+            outcomes = run_sweep(config, echo=click.echo, ranks=ranks, tables=tables, device=device,
+                                 methods=tuple(_csv(methods)))
     except user_errors() as e:
         fail(str(e))
     if any(o["status"] in ("oom", "crash", "busy") for o in outcomes):

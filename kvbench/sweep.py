@@ -45,8 +45,9 @@ _SCALARS = {f.name for f in fields(RunConfig)} - {"method", "task", "budget", "m
                                                     "task_params", "protocol", "data", "out"}
 
 
-def load_config(path: str | Path) -> dict:
-    """The sweep config, checked: a ``TaskError`` names the first problem in one line."""
+def load_config(path: str | Path, methods: tuple[str, ...] = ()) -> dict:
+    """The sweep config, checked: a ``TaskError`` names the first problem in one line. ``methods``: run only
+    these of its methods (the others are not checked: an artifact one of them lacks does not stop the rest)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"no sweep config at {path}")
@@ -71,6 +72,11 @@ def load_config(path: str | Path) -> dict:
             cfg[key] = [cfg[key]]
     if isinstance(cfg["tasks"], list):
         cfg["tasks"] = {name: {} for name in cfg["tasks"]}
+    if methods:
+        absent = [m for m in methods if m not in cfg["methods"]]
+        if absent:
+            raise TaskError(f"{path}: --methods {absent[0]} is not one of its methods ({', '.join(cfg['methods'])})")
+        cfg["methods"] = [m for m in cfg["methods"] if m in methods]
     for proto in cfg["protocols"]:
         if proto not in PROTOCOLS:
             raise TaskError(f"{path}: unknown protocol '{proto}' (use {', '.join(PROTOCOLS)})")
@@ -212,11 +218,11 @@ def _for_device(plan: list[RunConfig], device: str | None) -> list[RunConfig]:
 
 
 def plan_sweep(path: str | Path, tables: tuple = (), device: str | None = None,
-               echo: Callable[[str], None] = print) -> list[tuple[RunConfig, str]]:
+               echo: Callable[[str], None] = print, methods: tuple[str, ...] = ()) -> list[tuple[RunConfig, str]]:
     """What ``run_sweep`` would do now, without loading a model: each point with ``finished`` (its run folder
     under the config's out), ``recorded`` (an earlier table lists it) or ``to run``. ``device`` stands for the
     config's ``auto``: a plan made here for the GPU machine (its device and dtype are in the recorded keys)."""
-    cfg = load_config(path)
+    cfg = load_config(path, methods)
     plan = _for_device(points(cfg), device)
     known, in_tables = existing_runs(Path(cfg.get("out", "results"))), recorded(tables)
     out = []
@@ -236,16 +242,17 @@ def plan_sweep(path: str | Path, tables: tuple = (), device: str | None = None,
 
 
 def run_sweep(path: str | Path, echo: Callable[[str], None] = print, load_model: Callable | None = None,
-              progress: bool = True, ranks=None, tables: tuple = (), device: str | None = None) -> list[dict]:
+              progress: bool = True, ranks=None, tables: tuple = (), device: str | None = None,
+              methods: tuple[str, ...] = ()) -> list[dict]:
     """Run (or finish) a sweep; returns one outcome per point. Several processes may run the same sweep at once
     (lanes on one GPU): each skips the points another has finished or holds (``busy``: the run directory's lock),
     so together they run every point once. ``load_model(spec, dtype, device, seed)``
     defaults to ``kvbench.models.load``. ``ranks`` (``kvbench.distributed``): under torchrun, this rank runs
     every world-th point and rank 0 returns (and reports) every point's outcome. ``tables``: earlier
-    leaderboard.json files whose complete runs are skipped (``recorded``); ``device``: for the config's ``auto``."""
+    leaderboard.json files whose complete runs are skipped (``recorded``); ``device``: for the config's ``auto``; ``methods``: only these of the config's."""
     from kvbench import distributed, models
     from kvbench.harness import run
-    cfg = load_config(path)
+    cfg = load_config(path, methods)
     plan = _for_device(points(cfg), device)
     out = Path(cfg.get("out", "results"))
     ledger = out / "sweeps" / f"{cfg['name']}.jsonl"

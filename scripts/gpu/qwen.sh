@@ -59,10 +59,11 @@ sweep)
   # CONFIG may be several: comma-separated ones run one after the other, '+' separates lanes that run at once on
   # the one GPU (a 1.5B model leaves it mostly idle); lanes' runs record KVBENCH_SHARED_DEVICE, so the leaderboard
   # shows no speed for them (their timings measure the contention, not the method).
-  lanes=(${2//+/ }); export KVBENCH_SHARED_DEVICE=${#lanes[@]} RECORDED=${RECORDED-results/qwen/leaderboard.json}
+  # METHODS=a,b (the environment): only those methods of every config (`kvbench sweep --methods`)
+  lanes=(${2//+/ }); export KVBENCH_SHARED_DEVICE=${#lanes[@]} RECORDED=${RECORDED-results/qwen/leaderboard.json} METHODS=${METHODS-}
   for i in "${!lanes[@]}"; do
-    timeout "${3:-540}" bash -c 'for c in ${0//,/ }; do case $c in *@all) kvbench sweep "${c%@all}" ;;
-      *) kvbench sweep "$c" ${RECORDED:+--recorded "$RECORDED"} ;; esac; done' \
+    timeout "${3:-540}" bash -c 'for c in ${0//,/ }; do case $c in *@all) kvbench sweep "${c%@all}" ${METHODS:+--methods "$METHODS"} ;;
+      *) kvbench sweep "$c" ${RECORDED:+--recorded "$RECORDED"} ${METHODS:+--methods "$METHODS"} ;; esac; done' \
       "${lanes[$i]}" > "$OUT/sweep-$i.log" 2>&1 &
   done; wait
   for i in "${!lanes[@]}"; do grep -v "^Loading" "$OUT/sweep-$i.log" | tail -25; done

@@ -463,6 +463,8 @@ data: {haystack}
     assert "1 to run, 1 recorded, 0 finished" in res.stdout and not (there / "runs").exists()
     res = cli("sweep", second, "--recorded", table, "--plan", "--device", "cuda")  # planned for another machine
     assert "2 to run, 0 recorded" in res.stdout and "note:" not in res.stdout, res.stdout
+    res = cli("sweep", second, "--recorded", table, "--plan", "--methods", "full")  # not one of its methods
+    assert res.exit_code == 2 and "--methods full is not one of its methods (snapkv)" in res.output, res.output
     res = cli("sweep", second, "--recorded", table)
     assert res.exit_code == 0, res.output
     assert f"snapkv@0.5: recorded in {table}" in res.stdout and "snapkv@0.25: done" in res.stdout, res.stdout

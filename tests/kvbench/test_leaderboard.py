@@ -508,3 +508,22 @@ def test_a_task_run_under_two_settings_plots_a_figure_for_each(tmp_path):
     one = df[df["setting"] == df["setting"].iloc[0]]  # a single setting keeps the plain name
     assert [p.stem for p in plots.score_vs_ratio(one, tmp_path / "one")][0] == \
         "score-vs-kv-tiny-model-query-agnostic-fidelity"
+
+
+def test_a_sweep_restricted_to_some_methods_plans_and_checks_only_those(tmp_path):
+    """`sweep --methods`: the trained configs name three methods; an artifact one of them lacks must not stop
+    the others (the ninth round lost DeltaKV's runs to KV-CAR's missing artifact)."""
+    from kvbench.sweep import load_config, points
+    cfg = tmp_path / "two.yaml"
+    cfg.write_text("""
+models: [tiny-llama]
+methods: [snapkv, deltakv]
+budgets: [0.25, 0.5]
+method_params: {deltakv: {checkpoint: no/such/checkpoint}}
+tasks: {niah: {lengths: [300], depths: [0.0]}}
+""")
+    with pytest.raises(FileNotFoundError, match="no DeltaKV checkpoint"):
+        load_config(cfg)
+    only = load_config(cfg, ("snapkv",))
+    assert only["methods"] == ["snapkv"] and [(p.method, p.budget) for p in points(only)] == [("snapkv", 0.25),
+                                                                                                 ("snapkv", 0.5)]
