@@ -64,14 +64,21 @@ def corpus_summary(corpus: dict) -> str:
             f"{corpus['seq_len']}")
 
 
-def warmup_cosine(opt, lr: float, step: int, steps: int, started: float, minutes: float | None, warmup: int) -> None:
-    """Set ``opt``'s learning rate: linear warm-up over ``warmup`` steps, then cosine from ``lr`` to a tenth of
-    it over whichever ends first, the steps or the time limit (``minutes`` since ``started``), so that a timed
-    run still anneals."""
+WARMUP_SHARE = 0.05  # the warm-up's longest share of a run, by its steps or its time limit
+
+
+def warmup_cosine(opt, lr: float, step: int, steps: int, started: float, minutes: float | None, warmup: int) -> float:
+    """Set ``opt``'s learning rate (and return its factor): linear warm-up over ``warmup`` steps or the first 5% of
+    the run, whichever is shorter, then cosine from ``lr`` to a tenth of it; the run's progress is that of
+    whichever ends first, the steps or the time limit (``minutes`` since ``started``), so that a timed run warms
+    up and anneals however many steps it was allowed. (A warm-up in steps alone held DeltaKV's four-minute Qwen
+    run, 189 steps of a nominal 100,000, at under 4% of its learning rate: it warmed up for 5,000.)"""
     done = max(step / steps, (time.perf_counter() - started) / (60 * minutes) if minutes else 0.0)
-    factor = (step + 1) / warmup if step < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * min(done, 1.0)))
+    ramp = max((step + 1) / warmup, done / WARMUP_SHARE)
+    factor = ramp if ramp < 1 else 0.1 + 0.45 * (1 + math.cos(math.pi * min(done, 1.0)))
     for group in opt.param_groups:
         group["lr"] = lr * factor
+    return factor
 
 
 def optimise(params, loss_fn: Callable, samples: torch.Tensor, batch: int, steps: int, lr: float,

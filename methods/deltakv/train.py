@@ -122,7 +122,8 @@ def train(model: str, data: str, out: str, steps: int = 1000, batch: int = 8, se
               "stride": method.stride_, "neighbors": method.neighbors_, "sinks": method.sinks, "corpus": corpus,
               "steps": step, "train_seconds": round(seconds, 1), "final_losses": final,
               "training": {"batch": batch, "seq_len": seq_len, "lr": lr, "optimizer": "AdamW(0.9, 0.95)",
-                           "schedule": "linear warm-up 5% of steps, cosine to 10% over steps or --max-minutes", "grad_clip": 1.0, "seed": seed,
+                           "schedule": "linear warm-up over 5% of the steps or of --max-minutes (the shorter), "
+                                       "cosine to 10% over the rest", "grad_clip": 1.0, "seed": seed,
                            "dtype": str(torch_dtype).replace("torch.", ""), "device": dev}}
     return save_checkpoint(out, comps, config)
 

@@ -97,3 +97,23 @@ def test_the_chunked_next_token_loss_equals_the_loss_on_whole_logits(tiny_dir):
             torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6)
     with torch.no_grad():  # evaluation: no recomputation, the same number
         torch.testing.assert_close(next_token_loss(model, ids, chunk_tokens=7, kvbench_cache=Causal()), plain.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_timed_run_warms_up_within_its_time_however_many_steps_it_may_take():
+    """`--steps 100000 --max-minutes 4`: the warm-up (5% of the steps: 5,000) must not outlast the time; half-way
+    through the time the rate is the cosine's middle (0.55 of the peak), whatever the step count."""
+    import time
+
+    import torch
+
+    from kvbench.training import warmup_cosine
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    now = time.perf_counter()
+    assert warmup_cosine(opt, 1.0, 0, 100_000, now, 4.0, 5_000) == pytest.approx(1 / 5_000, rel=0.05)
+    half = warmup_cosine(opt, 1.0, 189, 100_000, now - 120.0, 4.0, 5_000)
+    assert half == pytest.approx(0.55, abs=0.01) and opt.param_groups[0]["lr"] == half
+    early = warmup_cosine(opt, 1.0, 10, 100_000, now - 0.025 * 240, 4.0, 5_000)  # half of the 5% share of the time
+    assert early == pytest.approx(0.5, abs=0.02)
+    # a run by steps alone keeps its step warm-up and its cosine over the steps
+    assert warmup_cosine(opt, 1.0, 24, 1_000, now, None, 50) == pytest.approx(0.5)
+    assert warmup_cosine(opt, 1.0, 500, 1_000, now, None, 50) == pytest.approx(0.55)
