@@ -2,7 +2,7 @@
 one value a run), per protocol x method x kept fraction, with 95% bootstrap intervals (markdown).
 
     python scripts/breakdown.py RESULTS_ROOT --task niah [--lengths 4096,8192] [--where style=original]
-    python scripts/breakdown.py RESULTS_ROOT --task ruler
+    python scripts/breakdown.py RESULTS_ROOT --task ruler [--by needle_half]
     python scripts/breakdown.py RESULTS_ROOT --task fidelity
     python scripts/breakdown.py RESULTS_ROOT --task longbench [--table results/qwen/leaderboard.json]
                                 [--with results/qwen/longbench-by-subset.md]
@@ -31,10 +31,25 @@ PARTS = {"niah": ("found", ("length",)), "ruler": ("score", ("task", "length")),
          "longbench": ("score", ("dataset",))}
 
 
+
+def needle_half(meta: dict) -> str | None:
+    """RULER: where a sample's needles sit in its haystack (their ``depth``, in %): all before the middle, all
+    after it, or on both sides; none for a sample without needles."""
+    depths = [n["depth"] for n in meta.get("needles") or [] if "depth" in n]
+    if not depths:
+        return None
+    return "after 50%" if min(depths) >= 50 else "before 50%" if max(depths) < 50 else "both halves"
+
+
+DERIVED = {"needle_half": needle_half}  # parts computed from a sample's meta, for --by
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("root")
     ap.add_argument("--task", choices=sorted(PARTS), default="niah")
+    ap.add_argument("--by", default=None, help="parts by this meta field instead of the task's (or one of: "
+                    + ", ".join(DERIVED) + "); samples without it are left out")
     ap.add_argument("--lengths", default=None, help="only these lengths, comma-separated")
     ap.add_argument("--where", action="append", default=[],
                     help="only runs whose task parameter KEY has VALUE (KEY=VALUE; repeatable)")
@@ -43,6 +58,9 @@ def main() -> None:
                     help="also the runs this leaderboard table recorded, their samples from its samples file")
     args = ap.parse_args()
     metric, fields = PARTS[args.task]
+    fields = (args.by,) if args.by else fields
+    part_of = (lambda meta: (DERIVED[args.by](meta),)) if args.by in DERIVED else \
+        (lambda meta: tuple(meta.get(f) for f in fields))
     only = {int(x) for x in args.lengths.split(",")} if args.lengths else None
     where = dict(w.split("=", 1) for w in args.where)
     # The leaderboard's own reading of the runs: the newest run of each configuration; models, method variants
@@ -69,8 +87,9 @@ def main() -> None:
             retag[(row.protocol, plain, key[2])] = key
             continue
         for rec in samples:
-            if only is None or int(rec["meta"].get("length", 0)) in only:
-                cells[key][tuple(rec["meta"][f] for f in fields)].append(rec["scores"][metric])
+            part = part_of(rec["meta"])
+            if (only is None or int(rec["meta"].get("length", 0)) in only) and None not in part:
+                cells[key][part].append(rec["scores"][metric])
     if not fields:  # a task without parts: its whole-run value only
         fields = ("",)
 

@@ -527,3 +527,17 @@ tasks: {niah: {lengths: [300], depths: [0.0]}}
     only = load_config(cfg, ("snapkv",))
     assert only["methods"] == ["snapkv"] and [(p.method, p.budget) for p in points(only)] == [("snapkv", 0.25),
                                                                                                  ("snapkv", 0.5)]
+
+
+def test_ruler_samples_are_split_by_where_their_needles_sit():
+    import importlib.util
+    script = Path(__file__).resolve().parents[2] / "scripts" / "breakdown.py"
+    spec = importlib.util.spec_from_file_location("breakdown", script)
+    breakdown = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(breakdown)
+    half = breakdown.needle_half
+    assert half({"needles": [{"depth": 76.4}]}) == "after 50%"
+    assert half({"needles": [{"depth": 50.0}, {"depth": 99.0}]}) == "after 50%"
+    assert half({"needles": [{"depth": 3.0}, {"depth": 49.9}]}) == "before 50%"
+    assert half({"needles": [{"depth": 10.0}, {"depth": 90.0}]}) == "both halves"
+    assert half({"task": "cwe"}) is None and half({"needles": []}) is None
