@@ -88,7 +88,7 @@ train)
       --out checkpoints/deltakv-qwen2.5-coder-1.5b --steps 100000 --batch 8 --seq-len 1024 --max-minutes $m \
       --dtype bfloat16 2>&1 | grep -v "^Loading" > "$OUT/train-deltakv.log"
     cp checkpoints/deltakv-qwen2.5-coder-1.5b/config.json "$OUT/deltakv-qwen2.5-coder-1.5b.json" ) &
-  wait; tail -4 "$OUT"/train-*.log ;;
+  wait; tail -n 4 "$OUT"/train-*.log ;;
 calibrate)
   # CompressKV's calibration of Qwen2.5-Coder-1.5B (GRID as `kvbench calibrate compresskv --grid` takes it); resumes
   # when cut by its time limit; the artifact is copied into checkpoints/ (for the sweep) and to $OUT (to commit).
