@@ -249,7 +249,8 @@ def run_sweep(path: str | Path, echo: Callable[[str], None] = print, load_model:
     so together they run every point once. ``load_model(spec, dtype, device, seed)``
     defaults to ``kvbench.models.load``. ``ranks`` (``kvbench.distributed``): under torchrun, this rank runs
     every world-th point and rank 0 returns (and reports) every point's outcome. ``tables``: earlier
-    leaderboard.json files whose complete runs are skipped (``recorded``); ``device``: for the config's ``auto``; ``methods``: only these of the config's."""
+    leaderboard.json files whose complete runs are skipped (``recorded``); ``device``: for the config's ``auto``;
+    ``methods``: only these of the config's."""
     from kvbench import distributed, models
     from kvbench.harness import run
     cfg = load_config(path, methods)
