@@ -131,17 +131,20 @@ def segment_view(store: RaggedKV, per_slot: torch.Tensor, fill=float("-inf"),
 def keep_top(store: RaggedKV, scores: torch.Tensor, counts: torch.Tensor, host_counts: list[int] | None = None) -> None:
     """Keep the ``counts[i]`` best-scoring slots of every segment i (ties: earlier slot), in slot order.
     ``host_counts``: ``counts`` on the host, when the caller knows them: with the store's host lengths the work is
-    sized without reading the device back (a prefill then never waits for the GPU between layers)."""
+    sized without reading the device back (a prefill then never waits for the GPU between layers); otherwise
+    one read-back."""
     counts = torch.minimum(counts.to(store.length.device), store.length)
     lengths = getattr(store, "host_length", None)
-    if host_counts is not None and lengths is not None:
-        host_counts = [min(c, n) for c, n in zip(host_counts, lengths)]
-        nothing_to_drop = host_counts == lengths
-        kmax, total, longest = max(host_counts, default=0), sum(host_counts), max(lengths, default=0)
-    else:  # everything the host needs to size the work, read back in one transfer (one device sync)
-        host_counts = None
-        nothing_to_drop, kmax, total, longest = torch.stack([(counts == store.length).all().long(), counts.max(),
-                                                             counts.sum(), store.length.max()]).tolist()
+    if host_counts is None or lengths is None:
+        # Counts that follow from scores (AdaKV's heads): read them back, with the lengths when the host lacks
+        # them, in one transfer (one device sync). The store then keeps host copies of what it holds, so the
+        # layers and chunks after this one size their work without reading back again.
+        n = len(counts)
+        back = torch.cat([counts, store.length]).tolist() if lengths is None else counts.tolist()
+        host_counts, lengths = (back, lengths) if lengths is not None else (back[:n], back[n:])
+    host_counts = [min(c, n) for c, n in zip(host_counts, lengths)]
+    nothing_to_drop = host_counts == lengths
+    kmax, total, longest = max(host_counts, default=0), sum(host_counts), max(lengths, default=0)
     if nothing_to_drop:
         return
     vals, idx = segment_view(store, scores.float(), width=longest)

@@ -66,13 +66,15 @@ class AdaKV(ScoredEviction):
         shard = call.cache.head_shard
         ranked, all_choose = all_heads(shard, ranked, B), all_heads(shard, choose, B)
         H = ranked.shape[0] // B
-        counts = torch.zeros_like(all_choose)
+        # Each sequence's best ``total`` scores over all its heads (the finite ones), counted per head: one sort
+        # of the layer's scores per sequence, no read-back (a top-k of a per-sequence k would need one).
         flat = ranked.view(B, -1)
         total = all_choose.view(B, H).sum(dim=1)
-        for b in range(B):
-            k = min(int(total[b]), int((flat[b] > float("-inf")).sum()))
-            picks = torch.topk(flat[b], k).indices // ranked.shape[1]
-            counts.view(B, H)[b] = torch.bincount(picks, minlength=H)
+        best = torch.sort(flat, dim=1, descending=True)
+        taken = torch.arange(flat.shape[1], device=flat.device)[None, :] < total[:, None]
+        taken &= best.values > float("-inf")
+        counts = torch.zeros((B, H), dtype=all_choose.dtype, device=flat.device).scatter_add_(
+            1, best.indices // ranked.shape[1], taken.to(all_choose.dtype)).view(-1)
         counts = own_heads(shard, counts, B)
         if self.allocation == "official":
             counts = torch.round(counts.double() * (1 - self.alpha) + floor).long() + pinned

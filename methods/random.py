@@ -22,9 +22,14 @@ class Random(ScoredEviction):
 
     def score(self, call: LayerCall) -> torch.Tensor:
         store = call.store
-        idx, valid = store.slot_index()
+        lengths = getattr(store, "host_length", None)  # the width from the host when known: no device sync
+        idx, valid = store.slot_index(None if lengths is None else max(lengths, default=0))
         g = torch.Generator(device=store.k.device).manual_seed(self.seed)
         draw = torch.rand(store.B, store.H, idx.shape[1], generator=g, device=store.k.device)
-        scores = torch.zeros(store.k.shape[0], device=store.k.device)
-        scores[idx[valid]] = draw.view(store.B * store.H, -1)[valid]
+        # each valid slot gets its draw; the padding's draws go to one spare slot past the end (a boolean mask
+        # would size its result from the device: a read-back per layer)
+        n = store.k.shape[0]
+        scores = torch.zeros(n + 1, device=store.k.device)
+        scores[torch.where(valid, idx, n).view(-1)] = draw.view(-1)
+        scores = scores[:n]
         return protect_recent(store, scores, self.window) if self.window else scores

@@ -56,7 +56,8 @@ COMPRESSKV = {"head_idx": str(FIX / "tiny_head_idx.json"), "layer_scores": str(F
 @pytest.mark.parametrize("name,params,protocol", [
     ("snapkv", {}, "query-aware"), ("snapkv", {}, "query-agnostic"), ("compresskv", COMPRESSKV, "query-aware"),
     ("compresskv", COMPRESSKV, "query-agnostic"), ("pyramidkv", {}, "query-agnostic"),
-    ("streamingllm", {}, "query-agnostic"), ("h2o", {}, "query-aware"), ("knorm", {}, "query-agnostic")])
+    ("streamingllm", {}, "query-agnostic"), ("h2o", {}, "query-aware"), ("knorm", {}, "query-agnostic"),
+    ("random", {}, "query-agnostic")])
 def test_prefill_reads_nothing_back_per_layer(name, params, protocol):
     eng = Engine(tiny("llama"), registry.build_method(name, 0.25, params), protocol=protocol, prefill_chunk=64)
     s = sample(prompt(300, 3), prompt(6, 4))
@@ -67,6 +68,24 @@ def test_prefill_reads_nothing_back_per_layer(name, params, protocol):
     assert counter.reads == ["__int__"], counter.reads
     _host_copies_agree(cache)
     assert max(cache.stores[0].host_length) < 300
+
+
+@pytest.mark.parametrize("protocol", ["query-aware", "query-agnostic"])
+def test_adakv_reads_its_score_made_counts_back_once_a_compression_and_nothing_else(protocol):
+    """AdaKV's per-head counts follow from the scores, so each compression reads them back (one transfer); the
+    store then keeps host copies, so the appends, skips and attention of the later chunks read nothing (before,
+    a lost host copy made every later step of the prefill read back: 8 reads a compression on this model)."""
+    method = registry.build_method("adakv", 0.25)
+    eng = Engine(tiny("llama"), method, protocol=protocol, prefill_chunk=64)
+    compressions, compress = [], method.compress
+    method.compress = lambda call: (compressions.append(call.layer), compress(call))
+    s, counter = sample(prompt(300, 3), prompt(6, 4)), CountHostReads()
+    with counter:
+        cache, _, _ = eng.prefill(s)
+    reads = [r for r in counter.reads if r != "__int__"]
+    assert len(compressions) >= 2 * len(cache.stores)  # several chunks, each compressing every layer
+    assert reads == ["tolist"] * len(compressions) and counter.reads.count("__int__") == 1, counter.reads
+    _host_copies_agree(cache)
 
 
 @pytest.mark.parametrize("name", ["snapkv", "pyramidkv", "adakv", "tova", "streamingllm"])
@@ -97,7 +116,8 @@ def test_the_host_sized_keep_equals_the_device_sized_one():
     keep_top(a, scores, counts, host_counts=[30, 41])
     b.host_length = b.host_capacity = None  # unknown on the host: the sizes are read back
     keep_top(b, scores, counts)
-    assert a.host_length == [30, 41] and b.host_length is None
+    # the read-back brought the counts to the host too: the store keeps host copies either way
+    assert a.host_length == b.host_length == [30, 41] and a.host_capacity == b.host_capacity == [30, 41]
     for x, y in ((a.k, b.k), (a.pos, b.pos), (a.start, b.start), (a.length, b.length), (a.capacity, b.capacity)):
         assert torch.equal(x, y)
     assert (a.free, a.cap_max) == (b.free, b.cap_max)
