@@ -139,9 +139,11 @@ def keep_top(store: RaggedKV, scores: torch.Tensor, counts: torch.Tensor, host_c
         # Counts that follow from scores (AdaKV's heads): read them back, with the lengths when the host lacks
         # them, in one transfer (one device sync). The store then keeps host copies of what it holds, so the
         # layers and chunks after this one size their work without reading back again.
-        n = len(counts)
-        back = torch.cat([counts, store.length]).tolist() if lengths is None else counts.tolist()
-        host_counts, lengths = (back, lengths) if lengths is not None else (back[:n], back[n:])
+        if lengths is None:
+            back = torch.cat([counts, store.length]).tolist()
+            host_counts, lengths = back[:len(counts)], back[len(counts):]
+        else:
+            host_counts = counts.tolist()
     host_counts = [min(c, n) for c, n in zip(host_counts, lengths)]
     nothing_to_drop = host_counts == lengths
     kmax, total, longest = max(host_counts, default=0), sum(host_counts), max(lengths, default=0)
