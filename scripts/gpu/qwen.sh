@@ -89,6 +89,18 @@ train)
       --dtype bfloat16 2>&1 | grep -v "^Loading" > "$OUT/train-deltakv.log"
     cp checkpoints/deltakv-qwen2.5-coder-1.5b/config.json "$OUT/deltakv-qwen2.5-coder-1.5b.json" ) &
   wait; tail -n 4 "$OUT"/train-*.log ;;
+train-kvcar)
+  # KV-CAR alone, longer (the whole GPU but the lanes beside it): `train-kvcar MINUTES NAME [trainer options]`
+  # writes checkpoints/NAME; its weights (about 12 MB) come back in $OUT with the JSON, so a later machine can be
+  # given the same codec (carry it into checkpoints/NAME) instead of a retrained one.
+  shared_data; install_kvbench >/dev/null; export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  m=$2 name=$3; shift 3
+  timeout $((${m%.*} * 60 + 150)) kvbench train kvcar --model qwen2.5-coder-1.5b \
+    --data /tmp/kvbench-data/corpus/general-english.txt.gz --out checkpoints/$name --latent-dim 32 --latent-dim-v 96 \
+    --batch 16 --seq-len 1024 --recon-steps 100000 --lm-steps 100000 --max-minutes $m --dtype bfloat16 "$@" 2>&1 \
+    | grep -v "^Loading" > "$OUT/train-$name.log"
+  cp checkpoints/$name/artifact.json "$OUT/$name.json" && cp checkpoints/$name/*.safetensors "$OUT/"
+  tail -n 6 "$OUT/train-$name.log" ;;
 calibrate)
   # CompressKV's calibration of Qwen2.5-Coder-1.5B (GRID as `kvbench calibrate compresskv --grid` takes it); resumes
   # when cut by its time limit; the artifact is copied into checkpoints/ (for the sweep) and to $OUT (to commit).
@@ -97,5 +109,5 @@ calibrate)
     --grid "$2" --haystack ../shared/data/paul_graham_essays --layer-samples 8 --dtype bfloat16 2>&1 | grep -v "^Loading" | tail -20
   [ -d /tmp/compresskv-qwen2.5-coder-1.5b ] && cp -r /tmp/compresskv-qwen2.5-coder-1.5b checkpoints/ \
     && cp /tmp/compresskv-qwen2.5-coder-1.5b/artifact.json "$OUT/compresskv-qwen2.5-coder-1.5b.json" ;;
-*) echo "usage: $0 part DIR | wheels | setup | sweep CONFIG[,CONFIG...] [SECONDS] | train [MINUTES] | calibrate GRID [SECONDS]" >&2; exit 2 ;;
+*) echo "usage: $0 part DIR | wheels | setup | sweep CONFIG[,CONFIG...] [SECONDS] | train [MINUTES] | train-kvcar MINUTES NAME [OPTIONS] | calibrate GRID [SECONDS]" >&2; exit 2 ;;
 esac
