@@ -73,6 +73,9 @@ class Composed(Method):
     def keeps_everything(self) -> bool:
         return self.evict.keeps_everything()
 
+    def artifact_paths(self) -> list[str]:
+        return self.evict.artifact_paths() + self.codec.artifact_paths()
+
     def static_decode(self) -> bool:
         return self.evict.static_decode() and self.codec.static_decode()
 

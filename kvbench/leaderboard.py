@@ -86,7 +86,7 @@ def _peak_gib(trace: list[dict]) -> float | None:
 # *setting*: the task and its parameters, --limit, the data, the model and the exact weights it read
 # (provenance), the protocol, context, batching, seed, temperature, device and dtype.
 NOT_SETTING = ("method", "method_params", "budget", "run_id", "created", "versions", "git_commit", "out",
-               "device_name", "trace_every", "model", "model_name")
+               "device_name", "trace_every", "model", "model_name", "artifact_sha256")
 
 
 def setting_of(config: dict) -> dict:

@@ -93,6 +93,13 @@ class Method:
     def keeps_everything(self) -> bool:
         return isinstance(self.budget, float) and self.budget >= 1.0
 
+    def artifact_paths(self) -> list[str]:
+        """The artifacts this method reads (directories or files). Their identity goes into the run's id
+        (``kvbench.artifact.identity``): an artifact remade at the same path never resumes, or passes for, a
+        run made with the old one."""
+        path = getattr(self, self.artifact_param, None)
+        return [str(path)] if path else []
+
     def static_decode(self) -> bool:
         """True when decoding only appends tokens (no decode-time hook changes the stores): the engine may
         then replay the decoding step as a CUDA graph."""

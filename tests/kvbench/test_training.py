@@ -117,3 +117,26 @@ def test_a_timed_run_warms_up_within_its_time_however_many_steps_it_may_take():
     # a run by steps alone keeps its step warm-up and its cosine over the steps
     assert warmup_cosine(opt, 1.0, 24, 1_000, now, None, 50) == pytest.approx(0.5)
     assert warmup_cosine(opt, 1.0, 500, 1_000, now, None, 50) == pytest.approx(0.55)
+
+
+def test_an_artifact_remade_at_the_same_path_is_another_run(tiny_dir, corpus, tmp_path):
+    """A run's id holds its artifact's identity: retrained into the same directory, the codec starts a new run
+    instead of resuming (or passing for) the old one's samples; methods without an artifact record none."""
+    from kvbench.harness import RunConfig, run
+    from kvbench.methods.kvcar.train import train
+    lm = models.load(str(tiny_dir))
+    art = tmp_path / "codec"
+    niah = {"lengths": [200], "depths": [0.5], "max_new_tokens": 2}
+    dirs = []
+    for seed in (0, 1):
+        train(str(tiny_dir), str(corpus), str(art), recon_steps=2, lm_steps=1, batch=2, seq_len=64, calib_samples=2,
+              seed=seed, log=lambda line: None)
+        cfg = RunConfig(method="kvcar", task="niah", method_params={"artifact": str(art)}, task_params=niah,
+                        out=str(tmp_path / "results"))
+        dirs.append(run(cfg, lm=lm, progress=False))
+    assert dirs[0] != dirs[1]
+    shas = [json.loads((d / "config.json").read_text())["artifact_sha256"] for d in dirs]
+    assert shas[0] != shas[1] and all(json.loads((d / "metrics.json").read_text())["complete"] for d in dirs)
+    plain = run(RunConfig(method="snapkv", task="niah", budget=0.5, task_params=niah, out=str(tmp_path / "results")),
+                lm=lm, progress=False)
+    assert "artifact_sha256" not in json.loads((plain / "config.json").read_text())
