@@ -79,7 +79,7 @@ def identity(paths: list[str]) -> str:
     metadata, which records the checksum of the tensors beside it: no GBs re-read). Missing paths count as
     empty (the method refuses them itself, with the message that says what to do)."""
     h = hashlib.sha256()
-    for path in map(Path, paths):
+    for path in (Path(p).expanduser() for p in paths):
         files = sorted(f for f in path.iterdir() if f.suffix in (".json", ".jsonl")) if path.is_dir() else \
             [path] if path.is_file() else []
         for f in files:

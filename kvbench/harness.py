@@ -149,8 +149,9 @@ def run(cfg: RunConfig, lm: LoadedModel | None = None, progress: bool = True,
     config.update(device=device.split(":")[0], dtype=str(dtype).replace("torch.", ""), model_name=lm.name,
                   model_provenance=lm.provenance or None, weights_fingerprint=models.weights_fingerprint(lm.model),
                   method_params=asdict(method), task_params=asdict(task))
-    if method.artifact_paths():  # a remade artifact is another run (never resumed into the old one's samples)
-        config["artifact_sha256"] = artifact.identity(method.artifact_paths())
+    artifact_paths = method.artifact_paths()
+    if artifact_paths:  # a remade artifact is another run (never resumed into the old one's samples)
+        config["artifact_sha256"] = artifact.identity(artifact_paths)
     if ranks.tensor_parallel:  # [distributed] another measurement than one process's: its own run
         config["tensor_parallel"] = ranks.world
     rid = results.run_id(config)
