@@ -99,7 +99,9 @@ train-kvcar)
     --data /tmp/kvbench-data/corpus/general-english.txt.gz --out checkpoints/$name --latent-dim 32 --latent-dim-v 96 \
     --batch 16 --seq-len 1024 --recon-steps 100000 --lm-steps 100000 --max-minutes $m --dtype bfloat16 "$@" 2>&1 \
     | grep -v "^Loading" > "$OUT/train-$name.log"
-  cp checkpoints/$name/artifact.json "$OUT/$name.json" && cp checkpoints/$name/*.safetensors "$OUT/"
+  # $OUT returns files of at most 16 MiB: the weights come back in parts (`cat NAME.safetensors.part-* >` joins them)
+  cp checkpoints/$name/artifact.json "$OUT/$name.json" && for f in checkpoints/$name/*.safetensors; do
+    split -b 15M -d "$f" "$OUT/$name-$(basename "$f").part-"; done; ls -la "$OUT"
   tail -n 6 "$OUT/train-$name.log" ;;
 calibrate)
   # CompressKV's calibration of Qwen2.5-Coder-1.5B (GRID as `kvbench calibrate compresskv --grid` takes it); resumes
