@@ -99,10 +99,21 @@ train-kvcar)
     --data /tmp/kvbench-data/corpus/general-english.txt.gz --out checkpoints/$name --latent-dim 32 --latent-dim-v 96 \
     --batch 16 --seq-len 1024 --recon-steps 100000 --lm-steps 100000 --max-minutes $m --dtype bfloat16 "$@" 2>&1 \
     | grep -v "^Loading" > "$OUT/train-$name.log"
-  # $OUT returns files of at most 16 MiB: the weights come back in parts (`cat NAME.safetensors.part-* >` joins them)
+  # $OUT returns at most 8 files of at most 16 MiB: the weights come back in two parts (`qwen.sh codec` joins them),
+  # with the JSON and the log 4 files, so beside this at most three sweep lanes (a lane's log, and runs.tar.gz)
   cp checkpoints/$name/artifact.json "$OUT/$name.json" && for f in checkpoints/$name/*.safetensors; do
     split -b 15M -d "$f" "$OUT/$name-$(basename "$f").part-"; done; ls -la "$OUT"
   tail -n 6 "$OUT/train-$name.log" ;;
+codec)
+  # A codec a train-kvcar call returned, carried to a fresh machine: `codec DIR NAME`, DIR holding NAME.json and
+  # NAME-tensors.safetensors.part-* from that call's $OUT (carry DIR); rebuilds checkpoints/NAME. The artifact's
+  # tensors_sha256 is checked when a run loads it, so a part missing or out of order is refused there, in one line.
+  mkdir -p checkpoints/$3 && cat $(ls "$2"/$3-tensors.safetensors.part-* | sort) > checkpoints/$3/tensors.safetensors \
+    && cp "$2/$3.json" checkpoints/$3/artifact.json && python3 -c "import json, hashlib, sys
+meta = json.load(open('checkpoints/$3/artifact.json'))
+got = hashlib.sha256(open('checkpoints/$3/tensors.safetensors', 'rb').read()).hexdigest()
+sys.exit(0 if got == meta['tensors_sha256'] else 'checkpoints/$3: tensors do not match the artifact\'s checksum')" \
+    && echo "checkpoints/$3 rebuilt" ;;
 calibrate)
   # CompressKV's calibration of Qwen2.5-Coder-1.5B (GRID as `kvbench calibrate compresskv --grid` takes it); resumes
   # when cut by its time limit; the artifact is copied into checkpoints/ (for the sweep) and to $OUT (to commit).
@@ -111,5 +122,5 @@ calibrate)
     --grid "$2" --haystack ../shared/data/paul_graham_essays --layer-samples 8 --dtype bfloat16 2>&1 | grep -v "^Loading" | tail -20
   [ -d /tmp/compresskv-qwen2.5-coder-1.5b ] && cp -r /tmp/compresskv-qwen2.5-coder-1.5b checkpoints/ \
     && cp /tmp/compresskv-qwen2.5-coder-1.5b/artifact.json "$OUT/compresskv-qwen2.5-coder-1.5b.json" ;;
-*) echo "usage: $0 part DIR | wheels | setup | sweep CONFIG[,CONFIG...] [SECONDS] | train [MINUTES] | train-kvcar MINUTES NAME [OPTIONS] | calibrate GRID [SECONDS]" >&2; exit 2 ;;
+*) echo "usage: $0 part DIR | wheels | setup | sweep CONFIG[,CONFIG...] [SECONDS] | train [MINUTES] | train-kvcar MINUTES NAME [OPTIONS] | codec DIR NAME | calibrate GRID [SECONDS]" >&2; exit 2 ;;
 esac
