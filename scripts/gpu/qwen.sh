@@ -106,14 +106,12 @@ train-kvcar)
   tail -n 6 "$OUT/train-$name.log" ;;
 codec)
   # A codec a train-kvcar call returned, carried to a fresh machine: `codec DIR NAME`, DIR holding NAME.json and
-  # NAME-tensors.safetensors.part-* from that call's $OUT (carry DIR); rebuilds checkpoints/NAME. The artifact's
-  # tensors_sha256 is checked when a run loads it, so a part missing or out of order is refused there, in one line.
-  mkdir -p checkpoints/$3 && cat $(ls "$2"/$3-tensors.safetensors.part-* | sort) > checkpoints/$3/tensors.safetensors \
-    && cp "$2/$3.json" checkpoints/$3/artifact.json && python3 -c "import json, hashlib, sys
-meta = json.load(open('checkpoints/$3/artifact.json'))
-got = hashlib.sha256(open('checkpoints/$3/tensors.safetensors', 'rb').read()).hexdigest()
-sys.exit(0 if got == meta['tensors_sha256'] else 'checkpoints/$3: tensors do not match the artifact\'s checksum')" \
-    && echo "checkpoints/$3 rebuilt" ;;
+  # NAME-tensors.safetensors.part-* from that call's $OUT (carry DIR); rebuilds checkpoints/NAME and checks it with
+  # the loader the runs use (kvbench.artifact.load: the tensors' checksum), so a part missing or out of order fails here
+  install_kvbench >/dev/null
+  mkdir -p checkpoints/$3 && cat "$2"/$3-tensors.safetensors.part-* > checkpoints/$3/tensors.safetensors \
+    && cp "$2/$3.json" checkpoints/$3/artifact.json \
+    && python3 -c "from kvbench.artifact import load; load('checkpoints/$3', 'kvcar')" && echo "checkpoints/$3 rebuilt" ;;
 calibrate)
   # CompressKV's calibration of Qwen2.5-Coder-1.5B (GRID as `kvbench calibrate compresskv --grid` takes it); resumes
   # when cut by its time limit; the artifact is copied into checkpoints/ (for the sweep) and to $OUT (to commit).
