@@ -56,17 +56,32 @@ def model_label(name: str | None) -> str:
 
 def method_label(name: str | None, params: dict | None) -> str:
     """The method's name, with the parameters a run set away from the method's current defaults
-    (``kvsculpt(adaptive=True)``), so variants of one method stay apart in every table."""
+    (``kvsculpt(adaptive=True)``), so variants of one method stay apart in every table. A composed method
+    (``snapkv+kvcar``, whose parameters are ``{"evict": ..., "codec": ...}``) lists both parts' changes after the
+    whole name, a key both parts changed written ``part.key`` as ``-m`` takes it."""
+    if name and "+" in name and isinstance(params, dict) and {"evict", "codec"} <= params.keys():
+        parts = name.split("+")
+        changed = [_changed(part, params[role]) for part, role in zip(parts, ("evict", "codec"))]
+        both = set(changed[0]) & set(changed[1])
+        merged = {(f"{part}.{k}" if k in both else k): v for part, c in zip(parts, changed) for k, v in c.items()}
+        return _labelled(name, merged)
+    return _labelled(name or "?", _changed(name, params))
+
+
+def _changed(name: str | None, params: dict | None) -> dict:
     from kvbench import registry
     try:
         fields = dataclasses.fields(registry.load(registry.METHODS, "method", name))
     except (registry.UnknownNameError, TypeError, ImportError):
-        return name or "?"
+        return {}
     defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
     changed = {k: v for k, v in (params or {}).items() if k != "budget" and k in defaults and defaults[k] != v}
     # artifacts are named by their directory (checkpoints/compresskv-qwen2.5-coder-1.5b -> its last part)
-    changed = {k: Path(v).name if k in ("artifact", "checkpoint") and isinstance(v, str) else v
-               for k, v in changed.items()}
+    return {k: Path(v).name if k in ("artifact", "checkpoint") and isinstance(v, str) else v
+            for k, v in changed.items()}
+
+
+def _labelled(name: str, changed: dict) -> str:
     return name + ("(" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) + ")" if changed else "")
 
 
@@ -249,7 +264,11 @@ def earlier(table: str | Path, drop: list[tuple[str, str]] | None = None, any_dr
     stored = path.with_name(SAMPLES_FILE)
     if stored.exists():
         _stored_samples(str(stored))  # read (and checked) now, before any slow work
-    return pd.DataFrame(runs, columns=COLUMNS).assign(run_dir=None, samples_from=str(stored) if stored.exists() else None)
+    frame = pd.DataFrame(runs, columns=COLUMNS)
+    # named as this version names a run from its folder, so a table written before a naming rule changed (composed
+    # methods carried no parameters until 2026-12-03) names its runs as their re-runs are named
+    frame["method"] = [method_label(m.split("(")[0], json.loads(p)) for m, p in zip(frame["method"], frame["method_params"])]
+    return frame.assign(run_dir=None, samples_from=str(stored) if stored.exists() else None)
 
 
 @functools.lru_cache(maxsize=4)

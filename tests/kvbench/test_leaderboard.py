@@ -5,6 +5,7 @@ trace.jsonl), so aggregation is tested on known numbers; the sweep test makes re
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ import torch
 from click.testing import CliRunner
 
 from kvbench import leaderboard as lb
-from kvbench import plots, report, results
+from kvbench import plots, registry, report, results
 from kvbench.cli import main
 
 
@@ -89,6 +90,49 @@ def test_method_variants_stay_apart():
     assert lb.method_label("snapkv", {"window": 8, "kernel": 9}) == "snapkv(kernel=9,window=8)"
     assert lb.method_label("alpha", {"x": 1}) == "alpha"  # not a registered method: its name as it is
 
+
+@dataclasses.dataclass
+class _EvictWithSeed:
+    budget: float = 1.0
+    seed: int = 0
+    window: int = 32
+
+
+@dataclasses.dataclass
+class _CodecWithSeed:
+    budget: float = 1.0
+    seed: int = 0
+    artifact: str | None = None
+
+
+def test_composed_variants_stay_apart(monkeypatch):
+    """snapkv+kvcar runs with two codecs are two rows: the label carries both parts' changed parameters (a run's
+    config stores a composed method's parameters as {"evict": ..., "codec": ...})."""
+    params = {"budget": 0.19, "evict": {"budget": 0.19, "window": 32, "kernel": 5},
+              "codec": {"budget": 1.0, "artifact": "checkpoints/kvcar-a-long", "reuse": False}}
+    assert lb.method_label("snapkv+kvcar", params) == "snapkv+kvcar(artifact=kvcar-a-long,reuse=False)"
+    assert lb.method_label("snapkv+kvcar", {**params, "codec": {"reuse": True}}) == "snapkv+kvcar"
+    # a key both parts changed is written as -m routes it: part.key
+    monkeypatch.setitem(registry.METHODS, "ev", f"{__name__}:_EvictWithSeed")
+    monkeypatch.setitem(registry.METHODS, "co", f"{__name__}:_CodecWithSeed")
+    assert lb.method_label("ev+co", {"evict": {"seed": 1, "window": 8}, "codec": {"seed": 2, "artifact": "x/y"}}) \
+        == "ev+co(artifact=y,co.seed=2,ev.seed=1,window=8)"
+
+
+def test_an_earlier_table_names_its_runs_as_their_folders_would(tmp_path):
+    """A table written when composed methods carried no parameters in their name joins a new table under today's
+    names: its snapkv+kvcar run stays apart from the same method with another codec."""
+    run = make_run(tmp_path / "old", "snapkv+kvcar", 0.19, "query-agnostic", 50.0, 0.1)
+    config = results.read_json(run / "config.json")
+    results.write_json(run / "config.json", {**config, "method_params": {
+        "budget": 0.19, "evict": {"budget": 0.19}, "codec": {"budget": 1.0, "artifact": "checkpoints/kvcar-a"}}})
+    assert CliRunner().invoke(main, ["leaderboard", "--root", str(tmp_path / "old"), "--out", str(tmp_path)]).exit_code == 0
+    table = json.loads((tmp_path / "leaderboard.json").read_text())
+    assert [r["method"] for r in table["runs"]] == ["snapkv+kvcar(artifact=kvcar-a)"]
+    for r in table["runs"]:
+        r["method"] = "snapkv+kvcar"  # as the table of 2026-12-02 wrote it
+    (tmp_path / "leaderboard.json").write_text(json.dumps(table))
+    assert list(lb.earlier(tmp_path / "leaderboard.json")["method"]) == ["snapkv+kvcar(artifact=kvcar-a)"]
 
 def test_a_task_without_full_is_still_ranked(tmp_path):
     make_run(tmp_path, "alpha", 0.25, "query-agnostic", 50.0, 0.3)
