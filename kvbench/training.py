@@ -58,6 +58,31 @@ def next_token_loss(model, ids: torch.Tensor, chunk_tokens: int = LOSS_CHUNK_TOK
     return total / len(targets)
 
 
+def distillation_loss(model, ids: torch.Tensor, teacher_forward: dict, chunk_tokens: int = LOSS_CHUNK_TOKENS,
+                      **forward) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student) between next-token distributions: the teacher is ``model``
+    run with ``teacher_forward`` (e.g. the exact cache), without gradient; the student is ``model`` run with
+    ``forward`` (e.g. the decoded cache). Chunked like ``next_token_loss``, so neither float32 logits of the whole
+    batch exist at once. Zero exactly when the student's distributions are the teacher's."""
+    with torch.no_grad():
+        teacher = model.base_model(input_ids=ids, **teacher_forward).last_hidden_state[:, :-1]
+    hidden = model.base_model(input_ids=ids, **forward).last_hidden_state[:, :-1]
+    teacher, hidden = teacher.reshape(-1, teacher.shape[-1]), hidden.reshape(-1, hidden.shape[-1])
+    head = model.get_output_embeddings()
+
+    def chunk_loss(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            log_p = F.log_softmax(head(t).float(), dim=-1)
+        return F.kl_div(F.log_softmax(head(h).float(), dim=-1), log_p, log_target=True, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(hidden), chunk_tokens):
+        h, t = hidden[start: start + chunk_tokens], teacher[start: start + chunk_tokens]
+        total = total + (checkpoint(chunk_loss, h, t, use_reentrant=False) if torch.is_grad_enabled()
+                         else chunk_loss(h, t))
+    return total / len(hidden)
+
+
 def corpus_summary(corpus: dict) -> str:
     """One log line's start, from ``pack_corpus``'s description."""
     return (f"corpus: {corpus['files']} files, {corpus['tokens']} tokens, {corpus['train_samples']} samples of "

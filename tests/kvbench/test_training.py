@@ -140,3 +140,53 @@ def test_an_artifact_remade_at_the_same_path_is_another_run(tiny_dir, corpus, tm
     plain = run(RunConfig(method="snapkv", task="niah", budget=0.5, task_params=niah, out=str(tmp_path / "results")),
                 lm=lm, progress=False)
     assert "artifact_sha256" not in json.loads((plain / "config.json").read_text())
+
+
+def test_the_distillation_loss_is_the_kl_to_the_teacher_chunk_by_chunk(tiny_dir):
+    """``distillation_loss``: zero when the student attends as the teacher does; otherwise the mean over positions
+    of KL(teacher || student) computed on whole logits, with the same gradients, whatever the chunk."""
+    import torch
+    import torch.nn.functional as F
+
+    from kvbench.training import distillation_loss
+
+    class Causal:
+        def attention(self, layer, q, k, v, scale):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+
+    class Noisy(Causal):  # a student whose values are scaled: a codec that loses something
+        def __init__(self, weight):
+            self.weight = weight
+
+        def attention(self, layer, q, k, v, scale):
+            return super().attention(layer, q, k, v * self.weight, scale)
+
+    model = models.load(str(tiny_dir), dtype=torch.float32).model
+    model.requires_grad_(False)
+    ids = torch.randint(0, model.config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(0))
+    assert distillation_loss(model, ids, {"kvbench_cache": Causal()}, kvbench_cache=Causal()).item() == pytest.approx(0, abs=1e-6)
+    weight = torch.tensor(0.5, requires_grad=True)
+    teacher = model(input_ids=ids, kvbench_cache=Causal()).logits[:, :-1].reshape(-1, model.config.vocab_size)
+    student = model(input_ids=ids, kvbench_cache=Noisy(weight)).logits[:, :-1].reshape(-1, model.config.vocab_size)
+    plain = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
+    (expected,) = torch.autograd.grad(plain, weight)
+    assert plain.item() > 1e-4
+    for chunk in (1, 5, 1000):
+        loss = distillation_loss(model, ids, {"kvbench_cache": Causal()}, chunk_tokens=chunk, kvbench_cache=Noisy(weight))
+        torch.testing.assert_close(loss, plain.detach(), rtol=1e-5, atol=1e-7)
+        (grad,) = torch.autograd.grad(loss, weight)
+        torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_kvcar_trains_toward_the_full_model_with_lm_loss_kl(tiny_dir, corpus, tmp_path):
+    from kvbench.methods.kvcar.train import train
+    from kvbench.task import TaskError
+    logs = []
+    path = train(str(tiny_dir), str(corpus), str(tmp_path / "kl"), recon_steps=2, lm_steps=2, batch=2, seq_len=64,
+                 calib_samples=2, lm_loss="kl", log=logs.append)
+    meta = json.loads((path / "artifact.json").read_text())
+    assert any(line.startswith("stage 2 (KL to full) step 1: loss ") for line in logs)
+    assert meta["training"]["lm_loss"] == "kl" and meta["final_losses"]["lm_kl"] >= 0
+    assert meta["final_losses"]["heldout_kl"] > 0  # a two-step codec is not the full cache
+    with pytest.raises(TaskError, match="--lm-loss must be ce or kl"):
+        train(str(tiny_dir), str(corpus), str(tmp_path / "x"), lm_loss="mse")
