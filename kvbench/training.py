@@ -50,12 +50,17 @@ def next_token_loss(model, ids: torch.Tensor, chunk_tokens: int = LOSS_CHUNK_TOK
     def chunk_loss(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(head(h).float(), t, reduction="sum")
 
+    return _chunked_sum(chunk_loss, hidden, targets, chunk_tokens) / len(targets)
+
+
+def _chunked_sum(chunk_loss, hidden: torch.Tensor, other: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """The sum of ``chunk_loss`` over chunks of ``chunk_tokens`` rows, each recomputed in the backward pass."""
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, len(targets), chunk_tokens):
-        h, t = hidden[start: start + chunk_tokens], targets[start: start + chunk_tokens]
-        total = total + (checkpoint(chunk_loss, h, t, use_reentrant=False) if torch.is_grad_enabled()
-                         else chunk_loss(h, t))
-    return total / len(targets)
+    for start in range(0, len(hidden), chunk_tokens):
+        h, o = hidden[start: start + chunk_tokens], other[start: start + chunk_tokens]
+        total = total + (checkpoint(chunk_loss, h, o, use_reentrant=False) if torch.is_grad_enabled()
+                         else chunk_loss(h, o))
+    return total
 
 
 def distillation_loss(model, ids: torch.Tensor, teacher_forward: dict, chunk_tokens: int = LOSS_CHUNK_TOKENS,
@@ -75,12 +80,7 @@ def distillation_loss(model, ids: torch.Tensor, teacher_forward: dict, chunk_tok
             log_p = F.log_softmax(head(t).float(), dim=-1)
         return F.kl_div(F.log_softmax(head(h).float(), dim=-1), log_p, log_target=True, reduction="sum")
 
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, len(hidden), chunk_tokens):
-        h, t = hidden[start: start + chunk_tokens], teacher[start: start + chunk_tokens]
-        total = total + (checkpoint(chunk_loss, h, t, use_reentrant=False) if torch.is_grad_enabled()
-                         else chunk_loss(h, t))
-    return total / len(hidden)
+    return _chunked_sum(chunk_loss, hidden, teacher, chunk_tokens) / len(hidden)
 
 
 def corpus_summary(corpus: dict) -> str:
