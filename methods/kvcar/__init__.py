@@ -42,8 +42,15 @@ Choices the paper leaves open, made here:
   turns reuse off (every head has an autoencoder: reused heads' are trained by stage 1 only).
 - A layer that reuses heads decodes their owner's codes for those heads when it attends (no second copy
   is held; one layer's decoded keys and values exist at a time, plus the reused heads' for that layer).
-- Decoding: every step decodes all of a layer's codes (two ``baddbmm`` per autoencoder, the heads
-  batched), then runs the shared ragged attention kernel; no fused decode-in-attention kernel yet.
+- Decoding: every step decodes all of a layer's codes, then runs the shared ragged attention kernel over
+  the decoded keys and values. Where Triton runs (CUDA, or ``KVBENCH_TRITON=1``) one kernel per layer
+  (``kernels/kvcar_decode.py``) gathers each slot's codes, runs its head's key and value decoders (the
+  first matrices zero-padded once, at ``bind``, over the slot's whole ``[zk, zv]`` row, so any two latent
+  widths take the same path) and rotates the keys with cos/sin computed from the rotary module's
+  ``inv_freq``: in PyTorch that is some twenty kernels a layer, each streaming every held token through
+  memory. Elsewhere, and for RoPE types whose frequencies follow the positions asked for (transformers'
+  dynamic ones), the PyTorch path (``decode``: gather, two ``baddbmm`` per autoencoder with the heads
+  batched, the rotary module) runs; it is the kernel's reference. No fused decode-in-attention kernel yet.
 - Latents are stored in the model's dtype (bfloat16 on GPU). ``budget`` is not used: the memory follows from
   ``latent / head_dim`` and the reuse, and is measured. The autoencoder weights are model weights, not
   cache, and are reported apart (``codec_nbytes``).
@@ -62,6 +69,7 @@ import torch
 
 from kvbench import artifact as artifacts
 from kvbench.method import BudgetError, Method
+from kvbench.kernels.kvcar_decode import pack_decoders
 from kvbench.methods.kvcar.codec import FoldedAutoencoder, LayerCodec
 
 NAME = "kvcar"
@@ -162,7 +170,14 @@ class KVCAR(Method):
         self.code_width_ = (self.latent_dim_ + self.latent_v_) // 2
         self.codecs = {int(layer): (mod.k.fold(self.dtype), mod.v.fold(self.dtype))
                        for layer, mod in modules.to(self.device).items()}
-        self.rope = rope_inverse_factory(lm.model.model.rotary_emb)
+        self.rotary = lm.model.model.rotary_emb
+        self.rope = rope_inverse_factory(self.rotary)
+        # The decode kernel's layout of the decoders (kernels/kvcar_decode.py). Not for a RoPE whose frequencies
+        # follow the positions asked for (transformers' dynamic types): the rotary module itself rotates those.
+        rope_type = getattr(self.rotary, "rope_type", "default")
+        dynamic = self.rope_keys_ == "pre" and ("dynamic" in rope_type or rope_type == "longrope")
+        self.decoders = {} if dynamic else {layer: pack_decoders(ck.decoder(), cv.decoder())
+                                            for layer, (ck, cv) in self.codecs.items()}
         self._building: dict[int, object] = {}
         self._prepared_for = (id(lm.model), artifacts.weights_fingerprint(lm.model))
 
@@ -171,8 +186,18 @@ class KVCAR(Method):
         return [h for h in range(heads) if h not in self.reuse_.get(layer, {})]
 
     def codec_nbytes(self) -> int:
-        """Bytes of the autoencoders' weights (model weights, held once, not per sequence)."""
-        return sum(k.nbytes() + v.nbytes() for k, v in self.codecs.values())
+        """Bytes of the autoencoders' weights and of the decode kernel's padded copy of the decoders (model
+        weights, held once, not per sequence)."""
+        packed = sum(t.numel() * t.element_size() for dec in self.decoders.values()
+                     for t in (dec.w3, dec.b3, dec.w4, dec.b4))
+        return packed + sum(k.nbytes() + v.nbytes() for k, v in self.codecs.values())
+
+    def kernel_rope(self) -> tuple[torch.Tensor, float] | None:
+        """What the decode kernel rotates keys with: the rotary module's ``inv_freq`` and ``attention_scaling``
+        (read at each call: moving the model replaces the buffer), or None for keys coded after RoPE."""
+        if self.rope_keys_ != "pre":
+            return None
+        return self.rotary.inv_freq, float(getattr(self.rotary, "attention_scaling", 1.0))
 
     # ---- coding ----
     def encode(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, heads: torch.Tensor):

@@ -121,6 +121,10 @@ class FoldedAutoencoder:
         h = torch.baddbmm(self._pick(self.b3, heads), z.to(self.w3.dtype), self._pick(self.w3, heads))
         return torch.baddbmm(self._pick(self.b4, heads), F.leaky_relu(h, SLOPE), self._pick(self.w4, heads))
 
+    def decoder(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The decoder's ``w3 [H, latent, hidden], b3 [H, hidden], w4 [H, hidden, d], b4 [H, d]``."""
+        return self.w3, self.b3[:, 0], self.w4, self.b4[:, 0]
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in
                    (self.w1, self.b1, self.w2, self.b2, self.w3, self.b3, self.w4, self.b4))

@@ -7,11 +7,14 @@ compose with it). A head the layer reuses from an earlier layer keeps nothing: t
 to that layer's store and decodes its codes for that head when it attends. Bytes: the codes, their
 positions and bookkeeping (``RaggedKV.nbytes``); a reused head's entries are counted once, by their owner.
 
-Reading (``attend``): the codes of every slot of a head are gathered into a padded ``[heads, N, latent]``
-tensor (the gather indices depend only on the layout and are kept until it changes), decoded by the
-layer's batched autoencoder (two ``baddbmm``), keys rotated to their positions (pre-RoPE codes), and the
-decoded heads of this layer and of its sources are attended in one ragged attention call. Only one
-layer's decoded keys and values exist at a time, and only during its attention.
+Reading (``attend``): every slot of a head is decoded into a padded ``[heads * N, d]`` layout, head ``i``'s
+slots in row block ``i`` (the gather indices depend only on the layout and are kept until it changes, so a
+replayed decoding step reads them without the host), keys rotated to their positions (pre-RoPE codes), and
+the decoded heads of this layer and of its sources are attended in one ragged attention call. Where Triton
+runs, one kernel (``kernels/kvcar_decode.py``) does the gather, both decoder layers and the rotation, reading
+each code once and writing each output once; otherwise (and as its reference) PyTorch gathers the codes
+into ``[heads, N, latent]`` and ``KVCAR.decode`` decodes them (two ``baddbmm`` per autoencoder, the model's
+rotary module). Only one layer's decoded keys and values exist at a time, and only during its attention.
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ import weakref
 import torch
 
 from kvbench.cache import RaggedKV
-from kvbench.kernels.decode_attention import ragged_attention
+from kvbench.kernels.decode_attention import ragged_attention, use_triton
+from kvbench.kernels.kvcar_decode import kvcar_decode
 
 
 class KVCARStore:
@@ -123,15 +127,19 @@ class KVCARStore:
         """Decoded keys (post-RoPE) and values of some own heads: ``k, v [n*N, d]`` (head ``i``'s slots in
         row block ``i``) and ``start, length [B, n]`` of each (sequence, head) segment in them."""
         perm, _valid, first = self._gather_index()
-        cols = [self.own.index(h) for h in heads]
-        idx = self._ints(cols)
-        slots = perm[idx]  # [n, N]
-        k, v = self.method.decode(self.layer, self.codes.k[slots], self.codes.v[slots], self.codes.pos[slots],
-                                  self.own_t[idx])
-        n, width = slots.shape
+        idx = self._ints([self.own.index(h) for h in heads])
+        n, width = len(heads), perm.shape[1]
+        decoders = self.method.decoders.get(self.layer)
+        c = self.codes
+        if decoders is not None and use_triton(c.k):
+            k, v = kvcar_decode(c.k, c.v, c.pos, perm, idx, self._ints(heads), decoders, self.method.kernel_rope())
+        else:  # the PyTorch path (the kernel's reference)
+            slots = perm[idx]  # [n, N]
+            k, v = self.method.decode(self.layer, c.k[slots], c.v[slots], c.pos[slots], self.own_t[idx])
+            k, v = k.reshape(n * width, -1), v.reshape(n * width, -1)
         start = first[:, idx] + (torch.arange(n, device=perm.device) * width)[None, :]
-        length = self.codes.length.view(self.B, len(self.own))[:, idx]
-        return k.reshape(n * width, -1), v.reshape(n * width, -1), start, length
+        length = c.length.view(self.B, len(self.own))[:, idx]
+        return k, v, start, length
 
     def decoded(self):
         """Every head's decoded keys and values (own and reused) as one ragged layout: ``k, v [S', d]``,

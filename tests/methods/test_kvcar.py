@@ -187,6 +187,45 @@ def test_decoding_reads_what_training_trains(rope_keys, latent_v):
     assert cache.stores[1].sources[0] is cache.stores[0]
 
 
+def test_generation_is_the_same_through_the_decode_kernel(monkeypatch):
+    """The store decodes with the Triton kernel (``kernels/kvcar_decode.py``) or with PyTorch: the same tokens,
+    and token by token the same logits. Other value widths, reuse (layer 1's rows are heads 1.. only) and
+    pre-RoPE keys all go through it."""
+    import kvbench.methods.kvcar.store as store_module
+    monkeypatch.setenv("KVBENCH_TRITON", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the tiny model is on the CPU
+    lm = tiny("llama")
+    cfg = lm.model.config
+    H, d = cfg.num_key_value_heads, cfg.head_dim
+    torch.manual_seed(2)
+    codecs = torch.nn.ModuleDict({str(i): LayerCodec(H, d, d, d // 2, hidden_v=24, latent_v=12)
+                                  for i in range(cfg.num_hidden_layers)})
+    for mod in codecs.values():
+        for ae in (mod.k, mod.v):
+            ae(torch.randn(H, 64, d) * 2)  # BatchNorm statistics away from (0, 1)
+    method = KVCAR()
+    method.rope_keys_ = "pre"
+    method.bind(lm, codecs.eval(), {1: {0: 0}})
+    x = torch.tensor([prompt(16, 7)])
+
+    def run():
+        eng = Engine(lm, method)
+        cache = eng.new_cache(1)
+        logits = [eng.forward(cache, x[:, t: t + 1], compress=False) for t in range(x.shape[1])]
+        return eng.generate(samples()), torch.cat(logits, dim=1)
+
+    calls = []
+    real = store_module.kvcar_decode
+    monkeypatch.setattr(store_module, "kvcar_decode", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    kernel, kernel_logits = run()
+    assert calls, "the kernel did not run"
+    monkeypatch.setattr(store_module, "use_triton", lambda x: False)
+    reference, reference_logits = run()
+    assert [r["prediction"] for r in kernel] == [r["prediction"] for r in reference]
+    assert all(r["new_tokens"] == 10 for r in kernel)
+    torch.testing.assert_close(kernel_logits, reference_logits, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("chunk", [None, 16])
 def test_teacher_forced_continuation_reads_decoded_past_and_exact_chunk(chunk):
     """The fidelity task's path (``continuation_logprobs``): every chunk fed (context chunks, then the
