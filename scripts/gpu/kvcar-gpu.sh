@@ -13,13 +13,16 @@
 #                                                  # forced), full, snapkv@0.25 vs snapkv+kvcar at the same memory
 #   scripts/gpu/kvcar-gpu.sh ruler smollm2 "32"        # RULER 4k (qwen: 4k and 16k), kvcar / snapkv / snapkv+kvcar
 #   scripts/gpu/kvcar-gpu.sh bench smollm2             # decode tokens/s, kvcar vs full, batch 1 and 16 and each one's largest
+#   scripts/gpu/kvcar-gpu.sh speed                     # the read kernel (kernels/kvcar_decode.py) against the PyTorch path,
+#                                                  # then tokens/s against full at the Llama-3.1-8B shape, 32k, batch 1 / 8
+#                                                  # and each one's largest (random weights: nothing to carry; ~9 min)
 #   scripts/gpu/kvcar-gpu.sh quick                     # the smallest useful set: train smollm2 latents 16:48, eval it (~5 min)
 #   scripts/gpu/kvcar-gpu.sh quick-qwen                # the same on Qwen2.5-Coder-1.5B (latents 32:96, 50%), after
 #                                                  # `scripts/gpu/qwen.sh setup` (its GGUF, wheels and .carry/data, which
 #                                                  # holds the corpus): it can run beside the sweeps' lanes
 # Every command is bounded (timeout); the summaries land in $OUT (default results/kvcar), run dirs in /tmp.
 set -uo pipefail
-if [ "${2:-}" = qwen ] || [ "${1:-quick}" = quick-qwen ]; then  # qwen.sh's environment (setup has run)
+if [ "${2:-}" = qwen ] || [ "${1:-quick}" = quick-qwen ] || [ "${1:-}" = speed ]; then  # qwen.sh's environment
   export KVBENCH_CACHE=/tmp/kvbench-cache PYTHONPATH=/tmp/kvbench-site:${PYTHONPATH:-} PYTHONUNBUFFERED=1 CI=1 HF_HUB_OFFLINE=1
   python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v WARNING
 else
@@ -115,6 +118,13 @@ bench() {  # decode throughput: kvcar's random codec (latent head_dim/2) times l
     | tee "$OUT/bench-$m.log"
 }
 
+speed() {  # alone on the GPU: timings beside other work measure the contention
+  timeout 150 python3 -m kernels.kvcar_decode 2>&1 | tee "$OUT/kernel-kvcar.log"
+  timeout 400 python3 -m kvbench.cli bench --preset llama-3.1-8b --contexts 32768 --batches 1,8 --compile \
+    --methods full,kvcar --budgets 1.0 --peers '' --time-limit 360 --out "$OUT/bench-kvcar" 2>&1 \
+    | grep -v "^Loading" | tail -30
+}
+
 summary() {
   python3 - "$RUNS" <<'PY'
 import glob, json, sys
@@ -142,8 +152,9 @@ train) train "${2:-smollm2}" "${3:-32}" ;;
 eval) evaluate "${2:-smollm2}" "${3:-32}" ;;
 ruler) ruler "${2:-smollm2}" "${3:-32}" ;;
 bench) bench "${2:-smollm2}" ;;
+speed) speed ;;
 summary) summary ;;
 quick) train smollm2 16:48; evaluate smollm2 16:48 ;;
 quick-qwen) train qwen 32:96; evaluate qwen 32:96 ;;
-*) echo "usage: $0 train|eval|ruler|bench|summary|quick|quick-qwen [smollm2|qwen] [\"LATENTS\"]" >&2; exit 2 ;;
+*) echo "usage: $0 train|eval|ruler|bench|speed|summary|quick|quick-qwen [smollm2|qwen] [\"LATENTS\"]" >&2; exit 2 ;;
 esac
