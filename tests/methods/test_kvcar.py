@@ -344,3 +344,43 @@ def test_train_command_checks_its_options_first(tmp_path):
     out = CliRunner().invoke(main, ["train", "kvcar", "--model", "smollm2-135m", "--data", str(tmp_path),
                                     "--out", str(tmp_path / "a"), "--reuse-threshold", "high"])
     assert out.exit_code == 2 and "--reuse-threshold takes a number or 'none'" in out.output
+
+
+def test_the_diagnosis_reads_the_answer_as_a_run_does():
+    """``scripts/kvcar_diagnose.py`` models a run in one forward pass: the prompt attended exactly, the answer's
+    tokens over the coded past. Its logits must be those of the engine prefilling the prompt, then decoding the
+    answer token by token from the store."""
+    import importlib.util
+    from pathlib import Path
+
+    from kvbench.cache import rope_inverse_factory
+    path = Path(__file__).resolve().parents[2] / "scripts" / "kvcar_diagnose.py"
+    spec = importlib.util.spec_from_file_location("kvcar_diagnose", path)
+    diagnose = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diagnose)
+    lm = tiny("llama")
+    cfg = lm.model.config
+    H, d = cfg.num_key_value_heads, cfg.head_dim
+    torch.manual_seed(0)
+    codecs = torch.nn.ModuleDict({str(i): LayerCodec(H, d, d, d // 2) for i in range(cfg.num_hidden_layers)})
+    for mod in codecs.values():
+        for ae in (mod.k, mod.v):
+            ae(torch.randn(H, 64, d) * 2)  # BatchNorm statistics away from (0, 1)
+    codecs.eval()
+    method = KVCAR()
+    method.rope_keys_ = "pre"
+    method.bind(lm, codecs, {})
+    eng = Engine(lm, method)
+    x, P = torch.tensor([prompt(24, 7)]), 16
+    cache = eng.new_cache(1)
+    got = [eng.forward(cache, x[:, :P], compress=False)]
+    got += [eng.forward(cache, x[:, t: t + 1], compress=False) for t in range(P, x.shape[1])]
+    positions = torch.arange(x.shape[1])[None]
+    rope = rope_inverse_factory(lm.model.model.rotary_emb)
+    with torch.no_grad():
+        want = lm.model(input_ids=x, position_ids=positions, use_cache=False, kvbench_cache=
+                        diagnose.PrefillExactAnswerCoded(codecs, rope, positions, P, True, True)).logits[:, P - 1:]
+        exact = lm.model(input_ids=x, position_ids=positions, use_cache=False, kvbench_cache=
+                         diagnose.PrefillExactAnswerCoded(codecs, rope, positions, P, False, False)).logits[:, P - 1:]
+    torch.testing.assert_close(torch.cat(got, dim=1), want, atol=2e-4, rtol=2e-4)
+    assert (want[:, 1:] - exact[:, 1:]).abs().max() > 1e-2  # the codec does change what the answer reads
