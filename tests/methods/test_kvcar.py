@@ -33,6 +33,19 @@ def samples():
     return [sample(prompt(40 + 13 * i, i), prompt(5, 50 + i), new=10, sid=str(i)) for i in range(2)]
 
 
+def random_codecs(lm, seed: int, **widths) -> torch.nn.ModuleDict:
+    """Untrained codecs for every layer of ``lm`` (hidden = head_dim, key latent head_dim / 2; ``widths``: the
+    values'), their BatchNorm statistics moved away from (0, 1) so folding them is exercised; in eval mode."""
+    cfg = lm.model.config
+    H, d = cfg.num_key_value_heads, cfg.head_dim
+    torch.manual_seed(seed)
+    codecs = torch.nn.ModuleDict({str(i): LayerCodec(H, d, d, d // 2, **widths) for i in range(cfg.num_hidden_layers)})
+    for mod in codecs.values():
+        for ae in (mod.k, mod.v):
+            ae(torch.randn(H, 64, d) * 2)
+    return codecs.eval()
+
+
 def test_autoencoder_shapes_and_identity_round_trip():
     ae = HeadAutoencoder(3, 16, 24, 6)
     x = torch.randn(3, 50, 16)
@@ -161,14 +174,8 @@ def test_decoding_reads_what_training_trains(rope_keys, latent_v):
     from kvbench.methods.kvcar.train import Reconstructed
     lm = tiny("llama")
     cfg = lm.model.config
-    H, d = cfg.num_key_value_heads, cfg.head_dim
-    torch.manual_seed(0)
-    codecs = torch.nn.ModuleDict({str(i): LayerCodec(H, d, d, d // 2, latent_v=latent_v)
-                                  for i in range(cfg.num_hidden_layers)})
-    for mod in codecs.values():
-        for ae in (mod.k, mod.v):
-            ae(torch.randn(H, 64, d) * 2)  # BatchNorm statistics away from (0, 1)
-    codecs.eval()
+    d = cfg.head_dim
+    codecs = random_codecs(lm, seed=0, latent_v=latent_v)
     reuse = {1: {0: 0}}
     method = KVCAR(rope_keys=rope_keys)
     method.rope_keys_ = rope_keys
@@ -195,17 +202,10 @@ def test_generation_is_the_same_through_the_decode_kernel(monkeypatch):
     monkeypatch.setenv("KVBENCH_TRITON", "1")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the tiny model is on the CPU
     lm = tiny("llama")
-    cfg = lm.model.config
-    H, d = cfg.num_key_value_heads, cfg.head_dim
-    torch.manual_seed(2)
-    codecs = torch.nn.ModuleDict({str(i): LayerCodec(H, d, d, d // 2, hidden_v=24, latent_v=12)
-                                  for i in range(cfg.num_hidden_layers)})
-    for mod in codecs.values():
-        for ae in (mod.k, mod.v):
-            ae(torch.randn(H, 64, d) * 2)  # BatchNorm statistics away from (0, 1)
+    codecs = random_codecs(lm, seed=2, hidden_v=24, latent_v=12)
     method = KVCAR()
     method.rope_keys_ = "pre"
-    method.bind(lm, codecs.eval(), {1: {0: 0}})
+    method.bind(lm, codecs, {1: {0: 0}})
     x = torch.tensor([prompt(16, 7)])
 
     def run():
@@ -240,14 +240,8 @@ def test_teacher_forced_continuation_reads_decoded_past_and_exact_chunk(chunk):
     from kvbench.task import Sample
     lm = tiny("qwen2")
     cfg = lm.model.config
-    H, d = cfg.num_key_value_heads, cfg.head_dim
-    torch.manual_seed(1)
-    codecs = torch.nn.ModuleDict({str(i): LayerCodec(H, d, d, d // 2, latent_v=d // 4 * 3)
-                                  for i in range(cfg.num_hidden_layers)})
-    for mod in codecs.values():
-        for ae in (mod.k, mod.v):
-            ae(torch.randn(H, 64, d) * 2)  # BatchNorm statistics away from (0, 1)
-    codecs.eval()
+    d = cfg.head_dim
+    codecs = random_codecs(lm, seed=1, latent_v=d // 4 * 3)
     method = KVCAR()
     method.rope_keys_ = "pre"
     method.bind(lm, codecs, {})
@@ -359,14 +353,7 @@ def test_the_diagnosis_reads_the_answer_as_a_run_does():
     diagnose = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(diagnose)
     lm = tiny("llama")
-    cfg = lm.model.config
-    H, d = cfg.num_key_value_heads, cfg.head_dim
-    torch.manual_seed(0)
-    codecs = torch.nn.ModuleDict({str(i): LayerCodec(H, d, d, d // 2) for i in range(cfg.num_hidden_layers)})
-    for mod in codecs.values():
-        for ae in (mod.k, mod.v):
-            ae(torch.randn(H, 64, d) * 2)  # BatchNorm statistics away from (0, 1)
-    codecs.eval()
+    codecs = random_codecs(lm, seed=0)
     method = KVCAR()
     method.rope_keys_ = "pre"
     method.bind(lm, codecs, {})
