@@ -157,20 +157,21 @@ def test_kernel_replays_in_a_cuda_graph():
 
 
 AOT_COMPILE = """
-import json, sys
+import inspect, json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kvbench.kernels import kvcar_decode as kd
 
 W, hidden, hidden_k, hidden_v = json.loads(sys.argv[1])
+launch = {k: p.default for k, p in inspect.signature(kd.kvcar_decode).parameters.items()}  # the shape it launches
 sig = {"CK": "*bf16", "CV": "*bf16", "POS": "*i32", "PERM": "*i64", "ROWS": "*i64", "HEADS": "*i64", "W3": "*bf16",
        "B3": "*bf16", "W4": "*bf16", "B4": "*bf16", "INV_FREQ": "*fp32", "KOUT": "*bf16", "VOUT": "*bf16",
        "width": "i32", "n_rows": "i32", "n_heads": "i32", "stride_perm": "i64", "rope_scale": "fp32"}
 const = dict(W=W, W_P=W, HID=hidden, HID_K=hidden_k, HID_V=hidden_v, BLOCK_H=64, D=128, HALF=64, HALF_P=64,
-             BLOCK_T=64, SLOPE=kd.SLOPE, ROPE=True, DOT_F32=False, PRECISION="tf32", PRECISE_TRIG=True)
+             BLOCK_T=launch["block_t"], SLOPE=kd.SLOPE, ROPE=True, DOT_F32=False, PRECISION="tf32", PRECISE_TRIG=True)
 src = ASTSource(fn=triton.jit(kd._decode_kernel), signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const)
-triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 2})
+triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": launch["num_warps"], "num_stages": launch["num_stages"]})
 print("compiled")
 """
 
