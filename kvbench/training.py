@@ -83,6 +83,29 @@ def distillation_loss(model, ids: torch.Tensor, teacher_forward: dict, chunk_tok
     return _chunked_sum(chunk_loss, hidden, teacher, chunk_tokens) / len(hidden)
 
 
+@torch.no_grad()
+def heldout_losses(model, ids: torch.Tensor, reference_forward: dict, chunk_tokens: int = LOSS_CHUNK_TOKENS,
+                   **forward) -> dict[str, float]:
+    """An evaluation's three numbers from one forward each: the next-token cross-entropy of ``model`` run with
+    ``reference_forward`` (e.g. the exact cache) and with ``forward`` (e.g. the decoded cache), and the mean
+    KL(reference || model) between their next-token distributions; what ``next_token_loss`` twice and
+    ``distillation_loss`` once give, at half their forwards."""
+    reference = model.base_model(input_ids=ids, **reference_forward).last_hidden_state[:, :-1]
+    hidden = model.base_model(input_ids=ids, **forward).last_hidden_state[:, :-1]
+    reference, hidden = reference.reshape(-1, reference.shape[-1]), hidden.reshape(-1, hidden.shape[-1])
+    targets = ids[:, 1:].reshape(-1)
+    head = model.get_output_embeddings()
+    sums = {"ce_reference": 0.0, "ce": 0.0, "kl": 0.0}
+    for start in range(0, len(hidden), chunk_tokens):
+        part = slice(start, start + chunk_tokens)
+        log_ref = F.log_softmax(head(reference[part]).float(), dim=-1)
+        log_p = F.log_softmax(head(hidden[part]).float(), dim=-1)
+        sums["ce_reference"] += F.nll_loss(log_ref, targets[part], reduction="sum").item()
+        sums["ce"] += F.nll_loss(log_p, targets[part], reduction="sum").item()
+        sums["kl"] += F.kl_div(log_p, log_ref, log_target=True, reduction="sum").item()
+    return {k: v / len(targets) for k, v in sums.items()}
+
+
 def corpus_summary(corpus: dict) -> str:
     """One log line's start, from ``pack_corpus``'s description."""
     return (f"corpus: {corpus['files']} files, {corpus['tokens']} tokens, {corpus['train_samples']} samples of "

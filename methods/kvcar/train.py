@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from kvbench import artifact as artifacts
 from kvbench.cli import fail, user_errors
-from kvbench.training import corpus_summary, distillation_loss, next_token_loss, optimise, pack_corpus
+from kvbench.training import corpus_summary, distillation_loss, heldout_losses, next_token_loss, optimise, pack_corpus
 from kvbench.methods.kvcar import NAME, ROPE_KEYS, LayerCodec, choose_reuse
 from kvbench.methods.kvcar.codec import pca_init_
 from kvbench.task import TaskError
@@ -226,7 +226,7 @@ def train(model: str, data: str, out: str, latent_dim: int | None = None, hidden
     steps2, secs2, losses2 = _stage(stage2, codecs, stage2_loss, train_set, batch, lm_steps, lm_lr,
                                     minutes2, gen, log) if lm_steps else (0, 0.0, [])
     final = {"recon_rel_mse": _tail(losses1), f"lm_{lm_loss}": _tail(losses2)}
-    final.update(_heldout(lm.model, codecs, reuse, rope, held[:HELDOUT_EVAL], min(batch, len(held)), pre))
+    final.update(evaluate_heldout(lm.model, codecs, reuse, rope, held[:HELDOUT_EVAL], min(batch, len(held)), pre))
     seconds = time.perf_counter() - t_all
     log(f"trained {steps1} + {steps2} steps in {seconds:.0f} s; {final}")
     meta = {"latent_dim": latent, "hidden": width, "latent_dim_v": latent_v, "hidden_v": width_v,
@@ -251,21 +251,20 @@ def _tail(losses: list[float]) -> float | None:
 
 
 @torch.no_grad()
-def _heldout(model, codecs, reuse, rope, held: torch.Tensor, batch: int, pre: bool) -> dict:
+def evaluate_heldout(model, codecs, reuse, rope, held: torch.Tensor, batch: int, pre: bool) -> dict:
+    """Held-out cross-entropy with the exact and the decoded cache, and the KL between them, over ``held`` in
+    batches of ``batch`` (a remainder smaller than a batch is left out)."""
     positions = torch.arange(held.shape[1], device=held.device)[None].expand(batch, -1)
-    ce = {"heldout_ce_full": 0.0, "heldout_ce_kvcar": 0.0, "heldout_kl": 0.0}
+    sums = {"heldout_ce_full": 0.0, "heldout_ce_kvcar": 0.0, "heldout_kl": 0.0}
     n = 0
     for s in range(0, len(held) - batch + 1, batch):
-        x = held[s: s + batch]
         forward = {"position_ids": positions, "use_cache": False}
-        for key, attn in (("heldout_ce_full", Exact()),
-                          ("heldout_ce_kvcar", Reconstructed(codecs, reuse, rope, positions, pre))):
-            ce[key] += next_token_loss(model, x, kvbench_cache=attn, **forward).item()
-        ce["heldout_kl"] += distillation_loss(model, x, {**forward, "kvbench_cache": Exact()},
-                                              kvbench_cache=Reconstructed(codecs, reuse, rope, positions, pre),
-                                              **forward).item()
+        losses = heldout_losses(model, held[s: s + batch], {**forward, "kvbench_cache": Exact()},
+                                kvbench_cache=Reconstructed(codecs, reuse, rope, positions, pre), **forward)
+        for key, value in zip(sums, (losses["ce_reference"], losses["ce"], losses["kl"])):
+            sums[key] += value
         n += 1
-    out = {k: v / max(n, 1) for k, v in ce.items()}
+    out = {k: v / max(n, 1) for k, v in sums.items()}
     out["heldout_ppl_increase"] = math.exp(out["heldout_ce_kvcar"] - out["heldout_ce_full"]) - 1
     return out
 

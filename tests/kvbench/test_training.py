@@ -178,6 +178,38 @@ def test_the_distillation_loss_is_the_kl_to_the_teacher_chunk_by_chunk(tiny_dir)
         torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-7)
 
 
+def test_the_heldout_losses_are_the_two_cross_entropies_and_the_kl_from_one_forward_each(tiny_dir):
+    """``heldout_losses`` gives what ``next_token_loss`` (reference and model) and ``distillation_loss`` give,
+    whatever the chunk, with two forwards where they take four."""
+    import torch
+    import torch.nn.functional as F
+
+    from kvbench.training import distillation_loss, heldout_losses, next_token_loss
+
+    class Causal:
+        forwards = 0
+
+        def attention(self, layer, q, k, v, scale):
+            Causal.forwards += layer == 0
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+
+    class Noisy(Causal):
+        def attention(self, layer, q, k, v, scale):
+            return super().attention(layer, q, k, v * 0.5, scale)
+
+    model = models.load(str(tiny_dir), dtype=torch.float32).model
+    ids = torch.randint(0, model.config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = {"ce_reference": next_token_loss(model, ids, kvbench_cache=Causal()).item(),
+                    "ce": next_token_loss(model, ids, kvbench_cache=Noisy()).item(),
+                    "kl": distillation_loss(model, ids, {"kvbench_cache": Causal()}, kvbench_cache=Noisy()).item()}
+    assert expected["kl"] > 1e-4 and expected["ce"] != pytest.approx(expected["ce_reference"])
+    for chunk in (1, 5, 1000):
+        Causal.forwards = 0
+        got = heldout_losses(model, ids, {"kvbench_cache": Causal()}, chunk_tokens=chunk, kvbench_cache=Noisy())
+        assert got == pytest.approx(expected, rel=1e-5, abs=1e-7) and Causal.forwards == 2
+
+
 def test_kvcar_trains_toward_the_full_model_with_lm_loss_kl(tiny_dir, corpus, tmp_path):
     from kvbench.methods.kvcar.train import train
     from kvbench.task import TaskError
@@ -190,3 +222,32 @@ def test_kvcar_trains_toward_the_full_model_with_lm_loss_kl(tiny_dir, corpus, tm
     assert meta["final_losses"]["heldout_kl"] > 0  # a two-step codec is not the full cache
     with pytest.raises(TaskError, match="--lm-loss must be ce or kl"):
         train(str(tiny_dir), str(corpus), str(tmp_path / "x"), lm_loss="mse")
+
+
+def test_the_heldout_script_measures_two_codecs_as_their_trainings_did(tiny_dir, corpus, tmp_path):
+    """``scripts/kvcar_heldout.py`` evaluates codecs on the same held-out windows; given a codec's training
+    window and batch it must give back the numbers its training recorded (the same windows, the same code path),
+    and a second codec trained otherwise gets its own numbers on those windows."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from kvbench.methods.kvcar.train import train
+    paths = [train(str(tiny_dir), str(corpus), str(tmp_path / name), recon_steps=2, lm_steps=steps, batch=2,
+                   seq_len=64, calib_samples=2, lm_loss=loss, log=lambda line: None)
+             for name, steps, loss in (("a", 1, "ce"), ("b", 3, "kl"))]
+    held = json.loads((Path(paths[0]) / "artifact.json").read_text())["corpus"]["heldout_samples"]
+    script = Path(__file__).resolve().parents[2] / "scripts" / "kvcar_heldout.py"
+    out = subprocess.run([sys.executable, str(script), "--model", str(tiny_dir), "--data", str(corpus),
+                          "--artifact", str(paths[0]), "--artifact", str(paths[1]), "--seq-len", "64",
+                          "--samples", str(held), "--batch", "2"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["stage2"] for r in rows] == ["ce", "kl"]
+    for row, path in zip(rows, paths):
+        recorded = json.loads((Path(path) / "artifact.json").read_text())["final_losses"]
+        for key in ("heldout_ce_full", "heldout_ce_kvcar", "heldout_kl"):
+            assert row[key] == pytest.approx(recorded[key], abs=2e-5), key
+    assert rows[0]["heldout_ce_full"] == rows[1]["heldout_ce_full"]
+    assert rows[0]["heldout_ce_kvcar"] != rows[1]["heldout_ce_kvcar"]
+
