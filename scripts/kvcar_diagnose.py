@@ -23,7 +23,7 @@ from kvbench import artifact as artifacts
 from kvbench import models, registry
 from kvbench.cache import rope_inverse_factory
 from kvbench.engine import Engine
-from kvbench.methods.kvcar import NAME, codecs_from_tensors
+from kvbench.methods.kvcar import NAME, codecs_from_artifact
 from kvbench.methods.kvcar.train import head_major
 from kvbench.task import TaskContext
 from kvbench.tasks.niah import NIAH
@@ -70,9 +70,8 @@ def main() -> None:
     artifacts.check_model(meta, lm, args.artifact)
     cfg = lm.model.config
     sig = artifacts.model_signature(cfg)
-    codecs = codecs_from_tensors(tensors, sig["num_hidden_layers"], sig["num_key_value_heads"], sig["head_dim"],
-                                 meta["hidden"], meta["latent_dim"], meta.get("hidden_v", meta["hidden"]),
-                                 meta.get("latent_dim_v", meta["latent_dim"])).eval()
+    codecs = codecs_from_artifact(meta, tensors, sig["num_hidden_layers"], sig["num_key_value_heads"],
+                                  sig["head_dim"]).eval()
     if meta["rope_keys"] != "pre":
         raise SystemExit(f"{args.artifact}: codes post-RoPE keys; this diagnosis assumes pre-RoPE codes")
     rope = rope_inverse_factory(lm.model.model.rotary_emb)

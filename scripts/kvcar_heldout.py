@@ -23,7 +23,7 @@ from kvbench import artifact as artifacts
 from kvbench import models
 from kvbench.cache import rope_inverse_factory
 from kvbench.io import read_corpus
-from kvbench.methods.kvcar import NAME, codecs_from_tensors
+from kvbench.methods.kvcar import NAME, choose_reuse, codecs_from_artifact
 from kvbench.methods.kvcar.train import evaluate_heldout
 from kvbench.training import pack_corpus
 
@@ -48,12 +48,9 @@ def main() -> None:
     rope = rope_inverse_factory(lm.model.model.rotary_emb)
     for path, meta, tensors in loaded:
         artifacts.check_model(meta, lm, path)
-        codecs = codecs_from_tensors(tensors, sig["num_hidden_layers"], sig["num_key_value_heads"], sig["head_dim"],
-                                     meta["hidden"], meta["latent_dim"], meta.get("hidden_v", meta["hidden"]),
-                                     meta.get("latent_dim_v", meta["latent_dim"])).to(held.device).eval()
-        reuse: dict[int, dict[int, int]] = {}
-        for pair in meta["reuse_pairs"]:
-            reuse.setdefault(pair["layer"], {})[pair["head"]] = pair["owner"]
+        codecs = codecs_from_artifact(meta, tensors, sig["num_hidden_layers"], sig["num_key_value_heads"],
+                                      sig["head_dim"]).to(held.device).eval()
+        reuse = choose_reuse(meta["similarity"], meta["reuse_threshold"])  # the artifact's pairs, as the method reads them
         t0 = time.time()
         result = evaluate_heldout(lm.model, codecs, reuse, rope, held, args.batch, meta["rope_keys"] == "pre")
         print(json.dumps({"artifact": path.rstrip("/").split("/")[-1], "seq_len": args.seq_len,

@@ -17,7 +17,7 @@ from kvbench import artifact as artifacts, models, registry
 from kvbench.cache import rope_inverse_factory
 from kvbench.engine import Engine
 from kvbench.io import load_texts
-from kvbench.methods.kvcar import codecs_from_tensors
+from kvbench.methods.kvcar import codecs_from_artifact
 from kvbench.methods.kvcar.train import Capture, Reconstructed, head_major
 from kvbench.task import Sample
 
@@ -45,7 +45,7 @@ target = torch.tensor(cont[1:], device=dev)
 meta, tensors = artifacts.load(art, "kvcar")
 sig = artifacts.model_signature(model.config)
 L, H, D = sig["num_hidden_layers"], sig["num_key_value_heads"], sig["head_dim"]
-codecs = codecs_from_tensors(tensors, L, H, D, meta["hidden"], meta["latent_dim"], meta["hidden_v"], meta["latent_dim_v"]).eval().to(dev)
+codecs = codecs_from_artifact(meta, tensors, L, H, D).eval().to(dev)
 rope = rope_inverse_factory(model.model.rotary_emb)
 pos = torch.arange(seq.shape[1], device=dev)[None]
 pre = meta["rope_keys"] == "pre"

@@ -85,6 +85,14 @@ def codecs_from_tensors(tensors: dict[str, torch.Tensor], n_layers: int, heads: 
     return modules
 
 
+def codecs_from_artifact(meta: dict, tensors: dict[str, torch.Tensor], n_layers: int, heads: int,
+                         head_dim: int) -> torch.nn.ModuleDict:
+    """An artifact's autoencoders (its widths from ``meta``; artifacts older than separate value widths use the
+    keys' for both)."""
+    return codecs_from_tensors(tensors, n_layers, heads, head_dim, meta["hidden"], meta["latent_dim"],
+                               meta.get("hidden_v", meta["hidden"]), meta.get("latent_dim_v", meta["latent_dim"]))
+
+
 def choose_reuse(similarity: list[list[float]], threshold: float | None) -> dict[int, dict[int, int]]:
     """Reused heads per layer: ``{layer: {head: owner layer}}``; a head at or above the threshold reads the
     previous layer's entries, resolved to the nearest earlier layer that stores the head."""
@@ -141,9 +149,7 @@ class KVCAR(Method):
             meta, tensors = artifacts.load(self.artifact, NAME)
             artifacts.check_model(meta, lm, self.artifact)
             self.rope_keys_ = meta["rope_keys"]
-            modules = codecs_from_tensors(tensors, n_layers, heads, head_dim, meta["hidden"], meta["latent_dim"],
-                                          meta.get("hidden_v", meta["hidden"]),
-                                          meta.get("latent_dim_v", meta["latent_dim"]))
+            modules = codecs_from_artifact(meta, tensors, n_layers, heads, head_dim)
             threshold = self.reuse_threshold if self.reuse_threshold is not None else meta.get("reuse_threshold")
             reuse = choose_reuse(meta["similarity"], threshold) if self.reuse and meta.get("similarity") else {}
         else:

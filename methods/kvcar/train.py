@@ -261,8 +261,9 @@ def evaluate_heldout(model, codecs, reuse, rope, held: torch.Tensor, batch: int,
         forward = {"position_ids": positions, "use_cache": False}
         losses = heldout_losses(model, held[s: s + batch], {**forward, "kvbench_cache": Exact()},
                                 kvbench_cache=Reconstructed(codecs, reuse, rope, positions, pre), **forward)
-        for key, value in zip(sums, (losses["ce_reference"], losses["ce"], losses["kl"])):
-            sums[key] += value
+        sums["heldout_ce_full"] += losses["ce_reference"]
+        sums["heldout_ce_kvcar"] += losses["ce"]
+        sums["heldout_kl"] += losses["kl"]
         n += 1
     out = {k: v / max(n, 1) for k, v in sums.items()}
     out["heldout_ppl_increase"] = math.exp(out["heldout_ce_kvcar"] - out["heldout_ce_full"]) - 1
