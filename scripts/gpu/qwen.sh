@@ -105,7 +105,8 @@ train-kvcar)
     | grep -v "^Loading" > "$OUT/train-$name.log"
   # $OUT returns at most 8 files of at most 16 MiB: the weights come back in two parts (`qwen.sh codec` joins them),
   # with the JSON and the log 4 files, so beside this at most three sweep lanes (a lane's log, and runs.tar.gz)
-  cp checkpoints/$name/artifact.json "$OUT/$name.json" && for f in checkpoints/$name/*.safetensors; do
+  # WEIGHTS=0: the JSON and the log only (two trainings in one call would pass the 8 files; the weights stay here)
+  cp checkpoints/$name/artifact.json "$OUT/$name.json" && [ "${WEIGHTS:-1}" = 1 ] && for f in checkpoints/$name/*.safetensors; do
     split -b 15M -d "$f" "$OUT/$name-$(basename "$f").part-"; done; ls -la "$OUT"
   tail -n 6 "$OUT/train-$name.log" ;;
 codec)
