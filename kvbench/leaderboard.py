@@ -147,7 +147,10 @@ def drop_text(drop: list[tuple[str, str]] | None) -> str:
 COLUMNS = ["run_id", "run_dir", "status", "model", "task", "method", "budget", "protocol", "n_samples", "score",
            "score_lo", "score_hi", "kv_ratio_prefill", "kv_ratio_end", "tokens_per_s", "tpot_s", "prefill_s", "peak_gib",
            "batch_size", "device", "dtype", "method_params", "task_params", "limit", "provenance", "created", "setting",
-           "settings", "error"]
+           "settings", "error", "artifact"]
+# ``artifact``: the first 12 hex of the run's ``artifact_sha256`` (None: no artifact, or a table written before
+# 2026-12-03 recorded it). Tables written before the column existed still load (``earlier``).
+LATER_COLUMNS = ("artifact",)
 EXTRA = ["samples_from"]  # not written: where an earlier table's run keeps its samples (``row_samples``)
 
 
@@ -228,13 +231,30 @@ def collect(root: str | Path = "results", drop: list[tuple[str, str]] | None = N
             "setting": hashlib.sha256(json.dumps(setting, sort_keys=True, default=str).encode()).hexdigest()[:8],
             "settings": _setting_text(setting),
             "error": (error or {}).get("error"),
+            "artifact": (config.get("artifact_sha256") or "")[:12] or None,
         })
     frame = pd.DataFrame(rows, columns=COLUMNS).assign(samples_from=None)
-    if not tables:
-        return frame
-    # a run both here and in a table (or in two tables) is one run: its folder's row, else the first table's
-    both = pd.concat([frame, *(earlier(t, drop, any_drop) for t in tables)], ignore_index=True)
-    return both[~both["run_id"].duplicated(keep="first")].reset_index(drop=True)
+    if tables:
+        # a run both here and in a table (or in two tables) is one run: its folder's row, else the first table's
+        both = pd.concat([frame, *(earlier(t, drop, any_drop) for t in tables)], ignore_index=True)
+        frame = both[~both["run_id"].duplicated(keep="first")].reset_index(drop=True)
+    return tell_artifacts_apart(frame)
+
+
+def tell_artifacts_apart(df: pd.DataFrame) -> pd.DataFrame:
+    """Runs of one method label made with different artifacts (a codec retrained under the same directory name,
+    or one run that recorded its artifact's checksum beside one that did not) are different methods: their
+    labels get the artifact's checksum (``#3fa2c1d07be4``; ``#unrecorded`` for a run whose table did not keep it),
+    so no table averages, ranks or replaces one with the other under one name."""
+    if df.empty:
+        return df
+    # None, not NaN, for "none recorded" (NaN != NaN would make every such run an artifact of its own)
+    artifact = pd.Series([a if isinstance(a, str) else None for a in df["artifact"]], index=df.index, dtype=object)
+    labels = df["method"].copy()
+    for (_, method), group in df.groupby(["model", "method"], dropna=False, sort=False):
+        if len(set(artifact[group.index])) > 1:
+            labels[group.index] = [f"{method}#{a or 'unrecorded'}" for a in artifact[group.index]]
+    return df.assign(method=labels, artifact=artifact)
 
 
 def earlier(table: str | Path, drop: list[tuple[str, str]] | None = None, any_drop: bool = False) -> pd.DataFrame:
@@ -252,7 +272,7 @@ def earlier(table: str | Path, drop: list[tuple[str, str]] | None = None, any_dr
         raise results.ResultsError(f"{path}: not JSON ({e}); pass a leaderboard.json that `kvbench leaderboard` "
                                    "wrote") from None
     runs = payload.get("runs") if isinstance(payload, dict) else None
-    needed = set(COLUMNS) - {"run_dir"}
+    needed = set(COLUMNS) - {"run_dir", *LATER_COLUMNS}
     if not isinstance(runs, list) or not all(isinstance(r, dict) and needed <= r.keys() for r in runs):
         raise results.ResultsError(f"{path}: not a kvbench leaderboard.json (a 'runs' list whose rows have "
                                    f"{', '.join(sorted(needed))}); pass one that `kvbench leaderboard` wrote")
@@ -267,7 +287,8 @@ def earlier(table: str | Path, drop: list[tuple[str, str]] | None = None, any_dr
     frame = pd.DataFrame(runs, columns=COLUMNS)
     # named as this version names a run from its folder, so a table written before a naming rule changed (composed
     # methods carried no parameters until 2026-12-03) names its runs as their re-runs are named
-    frame["method"] = [method_label(m.split("(")[0], json.loads(p)) for m, p in zip(frame["method"], frame["method_params"])]
+    frame["method"] = [method_label(m.split("(")[0].split("#")[0], json.loads(p))
+                       for m, p in zip(frame["method"], frame["method_params"])]
     return frame.assign(run_dir=None, samples_from=str(stored) if stored.exists() else None)
 
 

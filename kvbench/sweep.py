@@ -171,21 +171,27 @@ def existing_runs(out: str | Path) -> dict[str, Path]:
 
 
 def _recorded_key(model, task, protocol, method, budget, method_params: dict, task_params: dict, batch_size, limit,
-                  device, dtype) -> str:
+                  device, dtype, artifact: str | None = None) -> str:
+    """``artifact``: the first 12 hex of the artifact's identity (``kvbench.artifact.identity``), None without one:
+    a codec retrained under the same directory name is another method, so its points are not recorded."""
     from kvbench.leaderboard import comparable_task_params, method_label, model_label
-    return _normal([model_label(model), task, protocol, method_label(method.split("(")[0], method_params),
+    return _normal([model_label(model), task, protocol, method_label(method.split("(")[0].split("#")[0], method_params),
                     float(budget), method_params, comparable_task_params(task, task_params), int(batch_size),
-                    None if limit is None else int(limit), device, dtype])
+                    None if limit is None else int(limit), device, dtype, artifact])
 
 
 def point_key(cfg: RunConfig) -> str:
     """A point as a leaderboard table records it (see ``recorded``)."""
     from kvbench.models import ALIASES
+    from kvbench.artifact import identity
     device = resolve_device(cfg.device)
+    method = registry.build_method(cfg.method, cfg.budget, cfg.method_params)
+    paths = method.artifact_paths()
     return _recorded_key(ALIASES.get(cfg.model, cfg.model), cfg.task, cfg.protocol, cfg.method, cfg.budget,
-                         json.loads(_normal(asdict(registry.build_method(cfg.method, cfg.budget, cfg.method_params)))),
+                         json.loads(_normal(asdict(method))),
                          json.loads(_normal(asdict(registry.build_task(cfg.task, cfg.task_params)))), cfg.batch_size,
-                         cfg.limit, device.split(":")[0], str(resolve_dtype(cfg.dtype, device)).replace("torch.", ""))
+                         cfg.limit, device.split(":")[0], str(resolve_dtype(cfg.dtype, device)).replace("torch.", ""),
+                         identity(paths)[:12] if paths else None)
 
 
 def recorded(tables) -> dict[str, str]:
@@ -196,8 +202,10 @@ def recorded(tables) -> dict[str, str]:
         rows = leaderboard.earlier(table, drop=None, any_drop=True)
         for row in rows[rows["status"] == "complete"].itertuples():
             limit = None if row.limit is None or row.limit != row.limit else row.limit  # NaN: none
+            artifact = row.artifact if isinstance(row.artifact, str) else None  # NaN: a table from before the column
             out[_recorded_key(row.model, row.task, row.protocol, row.method, row.budget, json.loads(row.method_params),
-                              json.loads(row.task_params), row.batch_size, limit, row.device, row.dtype)] = str(table)
+                              json.loads(row.task_params), row.batch_size, limit, row.device, row.dtype,
+                              artifact)] = str(table)
     return out
 
 

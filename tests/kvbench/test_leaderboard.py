@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from kvbench import leaderboard as lb
 from kvbench import plots, registry, report, results
 from kvbench.cli import main
+from kvbench.method import Method
 
 
 def make_run(root: Path, method: str, budget: float, protocol: str, score: float, ratio: float, *,
@@ -174,6 +175,61 @@ def test_a_parameter_added_later_at_its_default_ranks_beside_the_runs_before_it(
              task_params={**old, "stepwise": True})
     setting = lb.collect(tmp_path).set_index("method")["setting"]
     assert setting["alpha"] == setting["beta"] != setting["gamma"]
+
+
+@dataclasses.dataclass
+class _ArtifactReader(Method):
+    budget: float = 1.0
+    artifact: str | None = None
+
+
+def _with_artifact(run: Path, sha: str | None, created: str) -> Path:
+    config = results.read_json(run / "config.json")
+    results.write_json(run / "config.json", {**config, "created": created,
+                                             "method_params": {"budget": 1.0, "artifact": "checkpoints/codec"},
+                                             **({"artifact_sha256": sha} if sha else {})})
+    return run
+
+
+def test_a_codec_retrained_under_the_same_name_is_another_method(tmp_path, monkeypatch):
+    """Two runs of one method and parameters whose artifacts differ (a codec retrained into the same directory)
+    are two rows, each labelled with its artifact's checksum: neither replaces the other as the newer run of one
+    configuration, and a table that did not record the checksum (before 2026-12-03) stays apart as unrecorded."""
+    monkeypatch.setitem(registry.METHODS, "reader", f"{__name__}:_ArtifactReader")
+    first = _with_artifact(make_run(tmp_path / "a", "reader", 1.0, "query-aware", 20.0, 0.5), "1" * 64, "2026-12-01")
+    second = _with_artifact(make_run(tmp_path / "b", "reader", 1.0, "query-aware", 90.0, 0.8), "2" * 64, "2026-12-02")
+    second.rename(second.with_name(second.name + "-retrained"))  # run ids differ by the artifact's checksum
+    assert CliRunner().invoke(main, ["leaderboard", "--root", str(tmp_path / "a"), "--out", str(tmp_path)]).exit_code == 0
+    table = json.loads((tmp_path / "leaderboard.json").read_text())
+    assert [(r["method"], r["artifact"]) for r in table["runs"]] == [("reader(artifact=codec)", "1" * 12)]
+    both = lb.newest(lb.collect(tmp_path / "b", tables=(tmp_path / "leaderboard.json",)))
+    assert sorted(zip(both["method"], both["score"])) == [
+        (f"reader(artifact=codec)#{'1' * 12}", 20.0), (f"reader(artifact=codec)#{'2' * 12}", 90.0)]
+    for r in table["runs"]:
+        del r["artifact"]  # as a table written before the column existed
+    (tmp_path / "leaderboard.json").write_text(json.dumps(table))
+    labels = set(lb.collect(tmp_path / "b", tables=(tmp_path / "leaderboard.json",))["method"])
+    assert labels == {"reader(artifact=codec)#unrecorded", f"reader(artifact=codec)#{'2' * 12}"}
+    shutil.rmtree(first.parent.parent)  # one artifact only: the label stays as it was
+    assert set(lb.collect(tmp_path / "b")["method"]) == {"reader(artifact=codec)"}
+
+
+def test_a_sweep_runs_again_what_was_recorded_with_another_artifact(tmp_path, monkeypatch):
+    """`kvbench sweep --recorded` skips a point only when the table's run read the same artifact (its checksum):
+    a retrained codec under the same directory name runs again; a run recorded without the checksum counts as
+    another artifact."""
+    from kvbench import artifact, sweep
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(registry.METHODS, "reader", f"{__name__}:_ArtifactReader")
+    codec = tmp_path / "checkpoints" / "codec"
+    codec.mkdir(parents=True)
+    (codec / "artifact.json").write_text('{"made": 1}')
+    point = sweep.RunConfig(method="reader", task="fidelity", budget=0.25, model="tiny-model",
+                            method_params={"artifact": "checkpoints/codec"}, device="cpu", dtype="float32")
+    key = sweep.point_key(point)
+    assert json.loads(key)[-1] == artifact.identity(["checkpoints/codec"])[:12]
+    (codec / "artifact.json").write_text('{"made": 2}')  # retrained: same directory, other contents
+    assert sweep.point_key(point) != key
 
 
 def test_a_sweep_does_not_run_again_what_was_recorded_before_a_parameter_existed():
