@@ -12,6 +12,7 @@
 #   2. carry [".carry/whl", ".carry/data"]:       bash scripts/gpu/qwen.sh setup   (joins, checks, converts once)
 #      (when tree + whl + data pass 64 MiB: first `qwen.sh wheels` carrying .carry/whl, then setup without it)
 #   3. then, while the machine stays warm:        bash scripts/gpu/qwen.sh sweep A.yaml[,B.yaml][+C.yaml] [SECONDS]
+#      or, to keep every lane busy to the end:    bash scripts/gpu/qwen.sh share A.yaml,B.yaml,C.yaml 4 [SECONDS]
 #   The sweeps skip every point the committed leaderboard (results/qwen/leaderboard.json) lists as complete
 #   (`kvbench sweep --recorded`): a sweep config names its whole grid and the GPU runs only what is missing;
 #   `kvbench sweep CONFIG --recorded results/qwen/leaderboard.json --plan --device cuda` lists it here first.
@@ -72,6 +73,17 @@ sweep)
   done; wait
   for i in "${!lanes[@]}"; do grep -v "^Loading" "$OUT/sweep-$i.log" | tail -25; done
   tar czf "$OUT/runs.tar.gz" results/runs results/sweeps 2>/dev/null; ls -la "$OUT" ;;
+share)
+  # `share A.yaml,B.yaml,... N [SECONDS]`: N lanes that all walk the whole list, each from another place in it
+  # (lane i starts at config i), so no lane idles while points are left: a point another lane holds is skipped
+  # (its lock), a finished one too. On 2026-12-03 a lane of two short configs idled 7 of its 9 minutes beside
+  # lanes of 15-minute RULER runs.
+  configs=(${2//,/ }) n=${3:-4} lanes=""
+  for ((i = 0; i < n; i++)); do
+    k=$((i % ${#configs[@]})); rotated=("${configs[@]:k}" "${configs[@]:0:k}")
+    lanes+="${lanes:++}$(IFS=,; echo "${rotated[*]}")"
+  done
+  echo "lanes: $lanes"; [ -n "${DRY:-}" ] || exec bash "$0" sweep "$lanes" "${4:-540}" ;;
 train)
   # The trained methods' Qwen artifacts, for results/sweep-qwen-trained-*.yaml (they load them from checkpoints/):
   # DeltaKV's compressors and KV-CAR's autoencoders (latents 32:96 of 128: half the K/V), MINUTES of training each,
@@ -125,5 +137,5 @@ calibrate)
     --grid "$2" --haystack ../shared/data/paul_graham_essays --layer-samples 8 --dtype bfloat16 2>&1 | grep -v "^Loading" | tail -20
   [ -d /tmp/compresskv-qwen2.5-coder-1.5b ] && cp -r /tmp/compresskv-qwen2.5-coder-1.5b checkpoints/ \
     && cp /tmp/compresskv-qwen2.5-coder-1.5b/artifact.json "$OUT/compresskv-qwen2.5-coder-1.5b.json" ;;
-*) echo "usage: $0 part DIR | wheels | setup | sweep CONFIG[,CONFIG...] [SECONDS] | train [MINUTES] | train-kvcar MINUTES NAME [OPTIONS] | codec DIR NAME | calibrate GRID [SECONDS]" >&2; exit 2 ;;
+*) echo "usage: $0 part DIR | wheels | setup | sweep CONFIG[,CONFIG...] [SECONDS] | share CONFIG,CONFIG... N [SECONDS] | train [MINUTES] | train-kvcar MINUTES NAME [OPTIONS] | codec DIR NAME | calibrate GRID [SECONDS]" >&2; exit 2 ;;
 esac
