@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -150,13 +151,14 @@ def niah_heatmaps(df: pd.DataFrame, out: Path) -> list[Path]:
                 ax.set_xlabel("context length (tokens)", fontsize=8)
                 ax.set_ylabel("needle depth", fontsize=8)
                 label = results.point_label(r["method"], r["budget"])
-                ax.set_title(f"{label} (KV ratio {r['kv_ratio_prefill']:.2f})", fontsize=9)
+                # wrapped: a method with an artifact is named at length, and titles side by side would overlap
+                ax.set_title(textwrap.fill(f"{label} (KV ratio {r['kv_ratio_prefill']:.2f})", 44), fontsize=8)
                 for (i, j), v in pd.DataFrame(cells.values).stack().items():
                     ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=6)
             for ax in list(axes.flat)[len(grids):]:
                 ax.axis("off")
             fig.suptitle(f"Needle in a haystack, budget {budget:g}: score per length x depth\n{model}, {protocol} "
-                         "protocol (score: ROUGE-1 recall of the needle's answer, %)", fontsize=10)
+                         "protocol (score: the run's headline metric, %; found: the needle's key phrase in the answer)", fontsize=10)
             fig.colorbar(image, ax=axes, shrink=0.8, label="score (%)")
             paths += _save(fig, out, f"niah-{slug(model)}-{slug(protocol)}-budget{budget:g}")
     return paths
