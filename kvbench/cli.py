@@ -259,10 +259,11 @@ def plot(root, out, bench_root, only, drop, tables, ratio):
         fail(f"--only takes some of {','.join(KINDS)}")
     from kvbench import leaderboard as lb
     try:
-        df = lb.collect(root, _pairs(drop, "--drop"), tables)
+        dropped = _pairs(drop, "--drop")
+        df = lb.collect(root, dropped, tables)
     except user_errors() as e:
         fail(str(e))
-    paths = make_all(root, out, ratio, df=df, bench_root=bench_root, kinds=kinds)
+    paths = make_all(root, out, ratio, df=df, bench_root=bench_root, kinds=kinds, drop=dropped)
     if not paths:
         fail(f"nothing to plot under {root}")
     click.echo(f"{len(paths)} files: " + ", ".join(str(p) for p in paths))

@@ -115,17 +115,18 @@ def _score_figure(g: pd.DataFrame, out: Path, col: str, ratio: str, model: str, 
                  + (f"-{setting[0]}" if setting else ""))
 
 
-def _niah_grid(row) -> list[dict]:
+def _niah_grid(row, drop: list[tuple[str, str]] | None = None) -> list[dict]:
+    """The run's cells (length, depth, score), less the samples ``drop`` leaves out of its score (the grid shows
+    what the tables score)."""
     if not isinstance(row.get("run_dir"), str):  # an earlier table's run: its stored samples, if any
-        return [{"length": r["meta"]["length"], "depth": r["meta"]["depth"], **r["scores"]}
-                for r in leaderboard.row_samples(row) or []]
-    metrics = results.read_json(Path(row["run_dir"]) / "metrics.json")
-    if not isinstance(metrics, dict):
-        return []
-    return (metrics.get("summary") or {}).get("grid") or []
+        grid = [{**r["meta"], **r["scores"]} for r in leaderboard.row_samples(row) or []]
+    else:
+        metrics = results.read_json(Path(row["run_dir"]) / "metrics.json")
+        grid = ((metrics.get("summary") or {}).get("grid") or []) if isinstance(metrics, dict) else []
+    return [c for c in grid if not any(str(c.get(k)) == v for k, v in drop or ())]
 
 
-def niah_heatmaps(df: pd.DataFrame, out: Path) -> list[Path]:
+def niah_heatmaps(df: pd.DataFrame, out: Path, drop: list[tuple[str, str]] | None = None) -> list[Path]:
     done = df[(df["status"] == "complete") & (df["task"] == "niah")]
     paths = []
     for (model, protocol), g in done.groupby(["model", "protocol"], sort=True):
@@ -134,7 +135,7 @@ def niah_heatmaps(df: pd.DataFrame, out: Path) -> list[Path]:
         for budget in budgets:
             runs = [r for _, r in ref.iterrows()] + [r for _, r in g[(g["method"] != results.FULL) & (
                 g["budget"].astype(float) == budget)].sort_values("method").iterrows()]
-            grids = [(r, _niah_grid(r)) for r in runs]
+            grids = [(r, _niah_grid(r, drop)) for r in runs]
             grids = [(r, gr) for r, gr in grids if gr]
             if not grids:
                 continue
@@ -290,13 +291,14 @@ KINDS = ("score", "niah", "kv-steps", "throughput", "bench")
 
 def make_all(root: str | Path = "results", out: str | Path | None = None, ratio: str = "prefill",
              df: pd.DataFrame | None = None, bench_root: str | Path | None = None,
-             kinds: tuple[str, ...] = KINDS) -> list[Path]:
-    """Every figure of ``kinds`` the results allow; returns the files written (PNG and SVG of each)."""
+             kinds: tuple[str, ...] = KINDS, drop: list[tuple[str, str]] | None = None) -> list[Path]:
+    """Every figure of ``kinds`` the results allow; returns the files written (PNG and SVG of each). ``drop``:
+    the samples ``df`` was scored without (``leaderboard.collect``), left out of the NIAH grids too."""
     root = Path(root)
     out = Path(out) if out else root / "plots"
     df = leaderboard.newest(leaderboard.collect(root) if df is None else df)
     folders = df[df["run_dir"].notna()]  # rows from earlier tables have no traces (their samples may be stored)
-    makers = {"score": lambda: score_vs_ratio(df, out, ratio), "niah": lambda: niah_heatmaps(df, out),
+    makers = {"score": lambda: score_vs_ratio(df, out, ratio), "niah": lambda: niah_heatmaps(df, out, drop),
               "kv-steps": lambda: kv_over_steps(folders, out), "throughput": lambda: throughput(folders, out)}
     paths = []
     for kind in kinds:

@@ -87,7 +87,7 @@ def build(root: str | Path = "results", out: str | Path | None = None, plots_dir
     benches = bench_files(bench or ([bench_root] if bench_root.is_dir() else []))  # a wrong path: before any work
     df = leaderboard.newest(leaderboard.collect(root, drop, tables))
     if make_plots:
-        plots.make_all(root, plots_dir, ratio, df=df, bench_root=bench_root)
+        plots.make_all(root, plots_dir, ratio, df=df, bench_root=bench_root, drop=drop)
     pngs = sorted(plots_dir.glob("*.png")) if plots_dir.is_dir() else []
     runs = len(df)
     recorded = int(df["run_dir"].isna().sum())  # from earlier tables: no samples here, so no per-run plots

@@ -355,6 +355,21 @@ def test_written_files_plots_and_report(board, tmp_path):
     assert page.tables >= 4
 
 
+def test_niah_grids_leave_out_what_the_scores_leave_out(board, tmp_path):
+    """`--drop length=...` scores every run without those samples; the NIAH grids drawn beside the scores leave them
+    out too, for runs read from their folders and from an earlier table's stored samples alike."""
+    drop = [("length", "2000")]
+    here = lb.collect(board, drop)
+    row = here[(here["task"] == "niah") & (here["status"] == "complete")].iloc[0]
+    assert {c["length"] for c in plots._niah_grid(row)} == {1000, 2000}
+    assert {c["length"] for c in plots._niah_grid(row, drop)} == {1000}
+    lb.write(here, tmp_path, drop=drop)
+    shutil.rmtree(board / "runs")
+    stored = lb.collect(tmp_path / "none", drop, tables=(tmp_path / "leaderboard.json",))
+    row = stored[stored["run_id"] == row["run_id"]].iloc[0]
+    assert {c["length"] for c in plots._niah_grid(row, drop)} == {1000}
+
+
 def _chromium() -> str | None:
     for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
         if shutil.which(name):
