@@ -14,7 +14,8 @@ CONFIGS = sorted((ROOT / "results").rglob("*.yaml"))
 # artifacts trained on the GPU machine in the session that uses them (too large to commit; .gitignore)
 MADE_ON_GPU = {"checkpoints/kvcar-qwen2.5-coder-1.5b", "checkpoints/kvcar-qwen2.5-coder-1.5b-long",
                "checkpoints/kvcar-qwen2.5-coder-1.5b-kl", "checkpoints/kvcar-qwen2.5-coder-1.5b-l16v48",
-               "checkpoints/kvcar-qwen2.5-coder-1.5b-l64v128", "checkpoints/deltakv-qwen2.5-coder-1.5b"}
+               "checkpoints/kvcar-qwen2.5-coder-1.5b-l64v128",
+               "checkpoints/kvcar-qwen2.5-coder-1.5b-l16v112", "checkpoints/deltakv-qwen2.5-coder-1.5b"}
 
 
 def test_the_configs_are_found():
