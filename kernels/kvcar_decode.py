@@ -166,7 +166,7 @@ def kvcar_decode(codes_k: torch.Tensor, codes_v: torch.Tensor, pos: torch.Tensor
     (``[n_own, width]`` slot numbers), row ``i`` with the decoders of head ``heads[i]``. ``codes_k``,
     ``codes_v`` ``[S, W]``, ``pos [S]`` (int32); ``rope``: ``(inv_freq, attention_scaling)`` of the model's
     rotary module to rotate the keys to their positions, or None. The launch shape's default is within 2% of the
-    fastest of `python -m kernels.kvcar_decode`'s 18 at both codecs' shapes, batch 1 and 8, on the H200 (64 / 8 / 2,
+    fastest of `python -m kvbench.kernels.kvcar_decode`'s 18 at both codecs' shapes, batch 1 and 8, on the H200 (64 / 8 / 2,
     the first default, was 27-40% slower: results/bench/h200-llama-3.1-8b-compiled-2/kernel-kvcar-5d2cd44.log)."""
     n, width = rows.numel(), perm.shape[1]
     W, d = codes_k.shape[1], dec.w4.shape[-1]
@@ -198,7 +198,7 @@ def kvcar_decode(codes_k: torch.Tensor, codes_v: torch.Tensor, pos: torch.Tensor
 
 
 def main(argv=None):
-    """``python -m kernels.kvcar_decode``: one layer's decode, the kernel (launch shapes) against the PyTorch
+    """``python -m kvbench.kernels.kvcar_decode``: one layer's decode, the kernel (launch shapes) against the PyTorch
     path it replaces, at the Llama-3.1-8B timing codec's and the Qwen codec's shapes (CUDA graph replays)."""
     import argparse
     import os

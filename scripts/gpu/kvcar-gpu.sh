@@ -119,7 +119,7 @@ bench() {  # decode throughput: kvcar's random codec (latent head_dim/2) times l
 }
 
 speed() {  # alone on the GPU: timings beside other work measure the contention
-  timeout 150 python3 -m kernels.kvcar_decode 2>&1 | tee "$OUT/kernel-kvcar.log"
+  timeout 150 python3 -m kvbench.kernels.kvcar_decode 2>&1 | tee "$OUT/kernel-kvcar.log"
   timeout 400 python3 -m kvbench.cli bench --preset llama-3.1-8b --contexts 32768 --batches 1,8 --compile \
     --methods full,kvcar --budgets 1.0 --peers '' --time-limit 360 --out "$OUT/bench-kvcar" 2>&1 \
     | grep -v "^Loading" | tail -30

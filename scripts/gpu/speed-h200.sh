@@ -14,8 +14,8 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v WARNING
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-{ timeout 60 python3 -m kernels.slot_scores; timeout 60 python3 -m kernels.slot_scores --segments 64;
-  timeout 60 python3 -m kernels.segment_evict; timeout 60 python3 -m kernels.segment_evict --segments 64; } 2>&1 \
+{ timeout 60 python3 -m kvbench.kernels.slot_scores; timeout 60 python3 -m kvbench.kernels.slot_scores --segments 64;
+  timeout 60 python3 -m kvbench.kernels.segment_evict; timeout 60 python3 -m kvbench.kernels.segment_evict --segments 64; } 2>&1 \
   | tee "$OUT/kernels.log" | grep -v "^ *kernel BLOCK_S=\(32\|256\)\|split kernel BLOCK=\(256\|2048\)"
 P=scripts/gpu/prof_prefill_gpu.py
 timeout 100 python3 $P llama-3.1-8b "" --decode 32768 --methods snapkv,streamingllm,tova,h2o --compile 2>&1 \

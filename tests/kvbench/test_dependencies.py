@@ -45,3 +45,18 @@ def test_every_runtime_import_is_declared():
         if not names & declared():
             missing.append(f"{module} ({where}; distribution {', '.join(sorted(names))})")
     assert not missing, "imported but not declared in pyproject.toml: " + "; ".join(missing)
+
+
+def test_the_kernels_folder_never_stands_in_for_the_pypi_package_kernels():
+    """From the repository root (``python -m pytest``, ``python -c``) the root is first on ``sys.path``, so
+    ``import kernels`` finds this repository's folder, which is installed as ``kvbench.kernels``. transformers
+    5.25 imports the PyPI package ``kernels`` on load (CI broke with it, 2026-12-03): the folder hands the import
+    over to that package when it is installed, and never passes for it."""
+    import subprocess
+    probe = ("import importlib.metadata as m, sys\n"
+             "try:\n    m.version('kernels'); installed = True\n"
+             "except m.PackageNotFoundError:\n    installed = False\n"
+             "import kernels\nprint(installed, kernels.__file__)\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    installed, where = done.stdout.split()
+    assert (where == str(ROOT / "kernels" / "__init__.py")) == (installed == "False"), done.stdout
