@@ -231,7 +231,7 @@ def collect(root: str | Path = "results", drop: list[tuple[str, str]] | None = N
             "setting": hashlib.sha256(json.dumps(setting, sort_keys=True, default=str).encode()).hexdigest()[:8],
             "settings": _setting_text(setting),
             "error": (error or {}).get("error"),
-            "artifact": (config.get("artifact_sha256") or "")[:12] or None,
+            "artifact": results.short_artifact(config.get("artifact_sha256")),
         })
     frame = pd.DataFrame(rows, columns=COLUMNS).assign(samples_from=None)
     if tables:

@@ -159,7 +159,8 @@ def niah_heatmaps(df: pd.DataFrame, out: Path, drop: list[tuple[str, str]] | Non
             for ax in list(axes.flat)[len(grids):]:
                 ax.axis("off")
             fig.suptitle(f"Needle in a haystack, budget {budget:g}: score per length x depth\n{model}, {protocol} "
-                         "protocol (score: the run's headline metric, %; found: the needle's key phrase in the answer)", fontsize=10)
+                         "protocol (score: the run's headline metric, %; found: the needle's key phrase in the "
+                         "answer)", fontsize=10)
             fig.colorbar(image, ax=axes, shrink=0.8, label="score (%)")
             paths += _save(fig, out, f"niah-{slug(model)}-{slug(protocol)}-budget{budget:g}")
     return paths

@@ -211,6 +211,12 @@ def peak_bytes(peak: dict | None) -> int | None:
     return peak.get("allocated", peak.get("rss"))
 
 
+def short_artifact(identity: str | None) -> str | None:
+    """How tables name the artifact a run read: the first 12 hex of its ``kvbench.artifact.identity`` (None
+    without one)."""
+    return identity[:12] if identity else None
+
+
 def file_sha256(path: str | Path) -> str:
     """sha256 of a file, read in 1 MiB blocks (model files are GBs)."""
     h = hashlib.sha256()

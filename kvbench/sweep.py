@@ -175,7 +175,7 @@ def _recorded_key(model, task, protocol, method, budget, method_params: dict, ta
     """``artifact``: the first 12 hex of the artifact's identity (``kvbench.artifact.identity``), None without one:
     a codec retrained under the same directory name is another method, so its points are not recorded."""
     from kvbench.leaderboard import comparable_task_params, method_label, model_label
-    return _normal([model_label(model), task, protocol, method_label(method.split("(")[0].split("#")[0], method_params),
+    return _normal([model_label(model), task, protocol, method_label(method.split("(")[0], method_params),
                     float(budget), method_params, comparable_task_params(task, task_params), int(batch_size),
                     None if limit is None else int(limit), device, dtype, artifact])
 
@@ -191,7 +191,7 @@ def point_key(cfg: RunConfig) -> str:
                          json.loads(_normal(asdict(method))),
                          json.loads(_normal(asdict(registry.build_task(cfg.task, cfg.task_params)))), cfg.batch_size,
                          cfg.limit, device.split(":")[0], str(resolve_dtype(cfg.dtype, device)).replace("torch.", ""),
-                         identity(paths)[:12] if paths else None)
+                         results.short_artifact(identity(paths)) if paths else None)
 
 
 def recorded(tables) -> dict[str, str]:
