@@ -31,6 +31,7 @@ import gzip
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -255,6 +256,12 @@ def tell_artifacts_apart(df: pd.DataFrame) -> pd.DataFrame:
         if len(set(artifact[group.index])) > 1:
             labels[group.index] = [f"{method}#{a or 'unrecorded'}" for a in artifact[group.index]]
     return df.assign(method=labels, artifact=artifact)
+
+
+def without_artifact(label: str) -> str:
+    """A method label as a table printed it before ``tell_artifacts_apart`` gave it its artifact's checksum: the
+    row an earlier printed table (``scripts/breakdown.py --with``) holds for a run that now has the longer label."""
+    return re.sub(r"#(?:[0-9a-f]{12}|unrecorded)(?= |$)", "", label)
 
 
 def earlier(table: str | Path, drop: list[tuple[str, str]] | None = None, any_drop: bool = False) -> pd.DataFrame:

@@ -84,7 +84,8 @@ def main() -> None:
         samples = lb.row_samples(row)
         if samples is None:
             unstored.append(row.run_id)
-            retag[(row.protocol, plain, key[2])] = key
+            for label in {plain, lb.without_artifact(plain), lb.without_artifact(method)}:
+                retag[(row.protocol, label, key[2])] = key
             continue
         for rec in samples:
             part = part_of(rec["meta"])
@@ -102,8 +103,13 @@ def main() -> None:
     parts = sorted({p for per in cells.values() for p in per if p}) + [("all",) * len(fields)]
     texts = {key: {part: cell(key, part) for part in parts} for key in cells}
     if args.earlier:  # the earlier table's runs that these do not replace, as it printed them
+        # a run printed there before a retrained artifact of its method gave both their checksums (`#...`) is
+        # printed here under its new label: its old row would show it twice
+        told_apart = {(k[0], lb.without_artifact(k[1]), k[2]) for k in texts if lb.without_artifact(k[1]) != k[1]}
         for key, row in read_table(Path(args.earlier), len(fields)).items():
-            texts.setdefault(retag.get(key, key), row)
+            key = retag.get(key, key)
+            if key not in texts and key not in told_apart:
+                texts[key] = row
         parts = sorted({p for row in texts.values() for p in row if p[0] != "all"}) + [("all",) * len(fields)]
     keys = sorted(texts, key=lambda k: (k[0], k[2] != results.FULL, k[1], k[2]))
 

@@ -268,6 +268,40 @@ def test_breakdown_tags_the_rows_it_keeps_from_an_earlier_table_as_their_runs(tm
     assert len({r for r in rows if r.startswith("alpha")}) == 2 and "0.125" in text and "0.500" in text
 
 
+def test_breakdown_prints_a_run_once_when_a_retrained_artifact_gives_its_label_a_checksum(tmp_path, monkeypatch,
+                                                                                           capsys):
+    # a codec's run printed in an earlier table as "reader(artifact=codec)"; the codec retrained into the same
+    # directory: both runs are now "...#<checksum>", and the earlier table's row must not stay beside them
+    import importlib.util
+    import sys
+    monkeypatch.setitem(registry.METHODS, "reader", f"{__name__}:_ArtifactReader")
+    spec = importlib.util.spec_from_file_location("breakdown", Path(__file__).resolve().parents[2] / "scripts" / "breakdown.py")
+    breakdown = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(breakdown)
+
+    def printed(*args) -> str:
+        monkeypatch.setattr(sys, "argv", ["breakdown.py", *map(str, args)])
+        lb._stored_samples.cache_clear()
+        breakdown.main()
+        return capsys.readouterr().out
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    for root, sha, kl, created in ((old, "1", 0.125, "2026-12-01"), (new, "2", 0.5, "2026-12-02")):
+        run = _with_artifact(make_run(root, "reader", 1.0, "query-agnostic", 90.0, 0.5, task="fidelity"), sha * 64,
+                             created)
+        (run / "samples.jsonl").write_text(json.dumps({"id": "s0", "meta": {}, "scores": {"kl": kl}}) + "\n")
+        run.rename(run.with_name(f"{run.name}-{sha}"))  # run ids differ by the artifact's checksum
+    assert CliRunner().invoke(main, ["leaderboard", "--root", str(old), "--out", str(old)]).exit_code == 0
+    (tmp_path / "earlier.md").write_text(printed(old, "--task", "fidelity"))
+    assert "| reader(artifact=codec) | 1 | 0.125" in (tmp_path / "earlier.md").read_text()
+    text = printed(new, "--task", "fidelity", "--table", old / "leaderboard.json", "--with", tmp_path / "earlier.md")
+    rows = [line for line in text.splitlines() if line.startswith("| query-agnostic")]
+    assert rows == [f"| query-agnostic | reader(artifact=codec)#{'1' * 12} | 1 | 0.125 [0.125, 0.125] n=1 |",
+                    f"| query-agnostic | reader(artifact=codec)#{'2' * 12} | 1 | 0.500 [0.500, 0.500] n=1 |"], text
+    assert lb.without_artifact(f"x(artifact=codec)#{'2' * 12} [settings 1234abcd]") == "x(artifact=codec) [settings 1234abcd]"
+    assert lb.without_artifact("x#unrecorded") == "x" and lb.without_artifact("x#notachecksum") == "x#notachecksum"
+
+
 def test_ranking_is_at_matched_memory_not_matched_knob(board):
     df = lb.select(lb.collect(board), protocol="query-agnostic")
     rank = lb.ranking(df, levels=[0.3, 0.4])
