@@ -223,14 +223,18 @@ def leaderboard(root, out, model, task, protocol, budget, levels, drop, tables, 
 @click.option("--root", default="results", show_default=True, help="results root (runs under ROOT/runs)")
 @click.option("--task", default=None, help="only this task")
 @click.option("--out", default=None, help="also write the tables to this markdown file")
+@click.option("--matched-memory", is_flag=True,
+              help="compare runs of different budgets whose measured KV ratios are within 5%% of each other "
+                   "(a composition against an evictor at its bytes), instead of methods at one kept fraction")
 @_DROP
 @_WITH
-def pairs(root, task, out, drop, tables):
+def pairs(root, task, out, matched_memory, drop, tables):
     """Which methods differ, compared on the samples both ran (paired bootstrap; kvbench/paired.py)."""
     from kvbench import leaderboard as lb
     from kvbench import paired, results
     try:
-        found, missing = paired.cells(lb.collect(root, tables=tables, any_drop=True), task, _pairs(drop, "--drop"))
+        found, missing = paired.cells(lb.collect(root, tables=tables, any_drop=True), task, _pairs(drop, "--drop"),
+                                      matched_memory)
     except user_errors() as e:
         fail(str(e))
     if not found:

@@ -9,6 +9,12 @@ many pairs (21 for 7 methods), so at 95% a pair with no true difference shows as
 each pair also says whether it stays separated at the Bonferroni level of its cell (``family``: 95% for all
 its pairs together, each interval at 1 - 0.05 / pairs). Runs need their samples: a run folder, or a table's
 stored samples (``leaderboard.row_samples``).
+
+``matched_memory``: the cells are measured memory instead of kept fractions, as the leaderboard ranks: runs whose
+measured KV ratios (``kv_ratio_prefill``) lie within ``MEMORY_TOLERANCE`` of each other (relative), whatever their
+budgets; only the pairs of two different budgets are compared there (a token budget against a fraction, a
+composition keeping more tokens coded against an evictor, a codec against an evictor at its bytes), the others
+being the kept-fraction cells' own.
 """
 from __future__ import annotations
 
@@ -35,24 +41,52 @@ class Pair:
     family: bool  # separated at the cell's Bonferroni level too
 
 
+MEMORY_TOLERANCE = 0.05  # matched memory: measured ratios within 5% of each other (0.097 and 0.101 are; 0.075 and 0.1 not)
+
+
 @dataclass
 class Cell:
     model: str
     protocol: str
     task: str
     setting: str
-    kept: str
+    kept: str  # the kept fraction or budget; with matched memory, the measured ratios the cell spans
     methods: list[str]  # by score, best first
     pairs: list[Pair] = field(default_factory=list)
 
 
-def cells(df: pd.DataFrame, task: str | None = None,
-          drop: list[tuple[str, str]] | None = None) -> tuple[list[Cell], list[str]]:
+@dataclass
+class _Run:
+    name: str  # the method; with matched memory, method@kept
+    kept: str
+    ratio: float
+    scores: dict[str, float]
+    score: float
+
+
+def _memory_cells(runs: list[_Run]) -> dict[str, list[_Run]]:
+    """Runs grouped by measured ratio: sorted, a new cell where a ratio passes the cell's smallest by more than
+    the tolerance; cells of one budget only are left out (the kept-fraction cells have their pairs)."""
+    out: dict[str, list[_Run]] = {}
+    cell: list[_Run] = []
+    for run in sorted(runs, key=lambda r: r.ratio) + [None]:
+        if cell and (run is None or run.ratio > cell[0].ratio * (1 + MEMORY_TOLERANCE)):
+            if len({r.kept for r in cell}) > 1:
+                out[f"measured KV ratio {cell[0].ratio:.3g}-{cell[-1].ratio:.3g}"] = cell
+            cell = []
+        if run is not None:
+            cell.append(run)
+    return out
+
+
+def cells(df: pd.DataFrame, task: str | None = None, drop: list[tuple[str, str]] | None = None,
+          matched_memory: bool = False) -> tuple[list[Cell], list[str]]:
     """The cells of ``df`` (the newest complete runs with samples), and the run ids left out for want of them.
-    ``drop``: samples whose ``meta[KEY]`` is VALUE are left out (as ``leaderboard.collect`` does)."""
+    ``drop``: samples whose ``meta[KEY]`` is VALUE are left out (as ``leaderboard.collect`` does);
+    ``matched_memory``: cells by measured memory, pairs of different budgets only (see the module's docstring)."""
     runs = leaderboard.newest(df)
     runs = runs[(runs["status"] == "complete") & ((runs["task"] == task) if task else True)]
-    groups: dict[tuple, dict[str, tuple[dict, float]]] = defaultdict(dict)
+    settings: dict[tuple, list[_Run]] = defaultdict(list)
     missing = []
     for _, row in runs.iterrows():
         samples = leaderboard.row_samples(row)
@@ -62,13 +96,24 @@ def cells(df: pd.DataFrame, task: str | None = None,
         kept = results.kept_label(row["method"].split("(")[0], row["budget"])
         scores = {s["id"]: s["scores"]["score"] for s in samples if "score" in (s.get("scores") or {})
                   and not any(str((s.get("meta") or {}).get(k)) == v for k, v in drop or [])}
-        groups[(row["model"], row["protocol"], row["task"], row["setting"], kept)][row["method"]] = (scores, row["score"])
+        name = f"{row['method']} @{kept}" if matched_memory else row["method"]
+        settings[(row["model"], row["protocol"], row["task"], row["setting"])].append(
+            _Run(name, kept, float(row["kv_ratio_prefill"]), scores, row["score"]))
+    groups: dict[tuple, list[_Run]] = {}
+    for key, found in settings.items():
+        if matched_memory:
+            groups.update({key + (label,): cell for label, cell in _memory_cells(found).items()})
+        else:
+            for run in found:
+                groups.setdefault(key + (run.kept,), []).append(run)
     out = []
-    for key, methods in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+    for key, cell_runs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        methods = {r.name: (r.scores, r.score, r.kept) for r in cell_runs}
         if len(methods) < 2:
             continue
         order = sorted(methods, key=lambda m: -methods[m][1])
-        pairs = list(itertools.combinations(order, 2))
+        pairs = [(a, b) for a, b in itertools.combinations(order, 2) if methods[a][2] != methods[b][2]
+                 or not matched_memory]
         cell = Cell(*key, methods=order)
         for a, b in pairs:
             mean, lo, hi, n = paired_difference(methods[a][0], methods[b][0])
@@ -84,6 +129,10 @@ def cells(df: pd.DataFrame, task: str | None = None,
     return out, sorted(missing)
 
 
+def _where(c: Cell) -> str:
+    return c.kept if c.kept.startswith("measured") else f"kept {c.kept}"
+
+
 def _verdict(p: Pair) -> str:
     return "separated, family" if p.family else "separated" if p.separated else "not separated"
 
@@ -96,31 +145,39 @@ def to_markdown(found: list[Cell]) -> str:
         rows = [f"| {p.first} | {p.second} | {p.mean:+.1f} [{p.lo:+.1f}, {p.hi:+.1f}] | {p.n} | {_verdict(p)} |"
                 for p in c.pairs]
         counts = (sum(p.separated for p in c.pairs), sum(p.family for p in c.pairs), len(c.pairs))
-        parts.append(f"### {c.task}: {c.model}, {c.protocol} [{c.setting}], kept {c.kept}\n\n"
+        parts.append(f"### {c.task}: {c.model}, {c.protocol} [{c.setting}], {_where(c)}\n\n"
                      "| first | second | difference | n | verdict |\n|---|---|---|---|---|\n" + "\n".join(rows)
                      + f"\n\n{counts[0]} of {counts[2]} pairs separated at 95% ({counts[1]} at the family level).\n")
     return "\n".join(parts)
 
 
-def to_html(found: list[Cell]) -> str:
+def to_html(found: list[Cell], matched_memory: bool = False) -> str:
     """Per cell, a methods x methods matrix: row minus column, [95% interval]; bold when separated."""
     parts = []
     for c in found:
         by = {(p.first, p.second): p for p in c.pairs}
-        head = "".join(f"<th>{html.escape(m)}</th>" for m in c.methods[1:])
+        # only rows and columns with a pair in them (with matched memory, two runs of one budget have none)
+        rows = [m for m in c.methods if any(p.first == m for p in c.pairs)]
+        columns = [m for m in c.methods if any(p.second == m for p in c.pairs)]
+        head = "".join(f"<th>{html.escape(m)}</th>" for m in columns)
         body = []
-        for a in c.methods[:-1]:
+        for a in rows:
             tds = []
-            for b in c.methods[1:]:
+            for b in columns:
                 p = by.get((a, b))
                 text = f"{p.mean:+.1f} [{p.lo:+.1f}, {p.hi:+.1f}]" if p else ""
                 tds.append(f"<td>{'<b>' + text + ('*' if p.family else '') + '</b>' if p and p.separated else text}</td>")
             body.append(f"<tr><th>{html.escape(a)}</th>{''.join(tds)}</tr>")
         parts.append(f"<h3>{html.escape(c.task)}: {html.escape(c.model)}, {html.escape(c.protocol)} "
-                     f"[{c.setting}], kept {html.escape(str(c.kept))}</h3><table class='board'><tr><th></th>{head}"
+                     f"[{c.setting}], {html.escape(_where(c))}</h3><table class='board'><tr><th></th>{head}"
                      f"</tr>{''.join(body)}</table>")
     if not parts:
         return ""
+    if matched_memory:
+        return ("<h2>Paired comparisons at matched memory (different budgets)</h2><p>As above, between runs of "
+                "different budgets whose measured KV ratios lie within 5% of each other (a composition, a codec or a "
+                "token budget against the evictors at its bytes); same-budget cells are left blank (above).</p>"
+                + "\n".join(parts))
     return ("<h2>Paired comparisons (same samples)</h2><p>Row method minus column method, the headline score's mean "
             "per-sample difference [95% paired bootstrap interval]; bold: the interval excludes 0; *: also at the "
             "Bonferroni level of the table. Only runs whose samples are at hand (run folders, or stored beside an "

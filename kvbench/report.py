@@ -102,6 +102,7 @@ def build(root: str | Path = "results", out: str | Path | None = None, plots_dir
             _kept_fraction_tables(df) if runs else "",
             leaderboard.render_html_tables(df, ratio) if runs else "<p>No runs yet.</p>",
             paired.to_html(paired.cells(df, drop=drop)[0]) if runs else "",
+            paired.to_html(paired.cells(df, drop=drop, matched_memory=True)[0], matched_memory=True) if runs else "",
             _bench_section(benches)]
     if pngs:
         body.append("<h2>Plots</h2>" + "\n".join(_figure(p) for p in pngs))

@@ -595,7 +595,8 @@ def test_kept_tables_never_mix_settings_and_order_budgets_by_value(tmp_path):
     narrow = next(t for t in tables.values() if "1024" not in t.columns)
     assert list(narrow.columns) == ["method", "0.25"] and narrow.iloc[0]["0.25"].startswith("33")
     page = report.build(tmp_path, tmp_path / "report.html").read_text()
-    assert page.count("niah: tiny-model, query-aware [") == 2 and "task settings: " in page
+    tables = page.split("<h2>Paired comparisons")[0]  # (the matched-memory pairs have a cell of their own)
+    assert tables.count("niah: tiny-model, query-aware [") == 2 and "task settings: " in tables
 
 
 def test_report_embeds_the_bench_results_it_is_given(board, tmp_path):
@@ -629,6 +630,31 @@ def test_pairs_compare_methods_on_the_samples_both_ran(board, tmp_path):
     assert "Paired comparisons (same samples)" in page and "<b>+5.0 [+5.0, +5.0]*</b>" in page
     res = CliRunner().invoke(main, ["pairs", "--root", str(tmp_path / "empty")])
     assert res.exit_code == 2 and "no two methods with samples share a cell" in res.output
+
+
+def test_pairs_at_matched_memory_compare_runs_of_different_budgets_within_five_percent(tmp_path):
+    """A composition keeping more tokens in an evictor's bytes is compared with it on the same samples: cells are
+    measured ratios within 5% of each other, and only pairs of two budgets (the kept-fraction cells have the rest)."""
+    from kvbench import paired
+    make_run(tmp_path, "alpha", 0.25, "query-aware", 60.0, 0.250)
+    make_run(tmp_path, "gamma", 0.25, "query-aware", 55.0, 0.252)
+    make_run(tmp_path, "evict+code", 0.32, "query-aware", 50.0, 0.242)  # more tokens kept, each coded
+    make_run(tmp_path, "evict+code", 0.64, "query-aware", 70.0, 0.485)  # nothing else near its bytes
+    make_run(tmp_path, "alpha", 0.3, "query-aware", 65.0, 0.300)  # 20% more memory than 0.25: another cell
+    found, missing = paired.cells(lb.collect(tmp_path), "niah", matched_memory=True)
+    assert not missing
+    (cell,) = found
+    assert cell.kept == "measured KV ratio 0.242-0.252"
+    assert cell.methods == ["alpha @0.25", "gamma @0.25", "evict+code @0.32"]
+    assert [(p.first, p.second, p.mean) for p in cell.pairs] == [("alpha @0.25", "evict+code @0.32", 10.0),
+                                                                 ("gamma @0.25", "evict+code @0.32", 5.0)]
+    res = CliRunner().invoke(main, ["pairs", "--root", str(tmp_path), "--matched-memory"])
+    assert res.exit_code == 0 and "niah: tiny-model, query-aware" in res.output, res.output
+    assert "measured KV ratio 0.242-0.252" in res.output and "| gamma @0.25 | evict+code @0.32 | +5.0" in res.output
+    by_kept = {c.kept: c.methods for c in paired.cells(lb.collect(tmp_path), "niah")[0]}
+    assert by_kept == {"0.25": ["alpha", "gamma"]}  # without the flag: one kept fraction, as before
+    page = report.build(tmp_path, tmp_path / "r.html", tmp_path / "plots", make_plots=False).read_text()
+    assert "Paired comparisons at matched memory" in page and "<th>evict+code @0.32</th>" in page
 
 
 def test_a_task_run_under_two_settings_plots_a_figure_for_each(tmp_path):
