@@ -36,6 +36,7 @@ from typing import Callable
 import yaml
 
 from kvbench import registry, results
+from kvbench.artifact import ArtifactError
 from kvbench.engine import free_memory, resolve_device, resolve_dtype
 from kvbench.harness import PROTOCOLS, RunConfig, check_config, failure
 from kvbench.task import TaskError
@@ -45,9 +46,10 @@ _SCALARS = {f.name for f in fields(RunConfig)} - {"method", "task", "budget", "m
                                                     "task_params", "protocol", "data", "out"}
 
 
-def load_config(path: str | Path, methods: tuple[str, ...] = ()) -> dict:
+def load_config(path: str | Path, methods: tuple[str, ...] = (), plan: bool = False) -> dict:
     """The sweep config, checked: a ``TaskError`` names the first problem in one line. ``methods``: run only
-    these of its methods (the others are not checked: an artifact one of them lacks does not stop the rest)."""
+    these of its methods (the others are not checked: an artifact one of them lacks does not stop the rest);
+    ``plan``: for ``plan_sweep``, where an artifact not made yet is a point still to run, not an error."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"no sweep config at {path}")
@@ -90,7 +92,11 @@ def load_config(path: str | Path, methods: tuple[str, ...] = ()) -> dict:
         for params in _variants(method_params, m):
             if not isinstance(params, dict):
                 raise TaskError(f"{path}: method_params.{m} is a mapping of parameters, or a list of them (one run each)")
-            registry.build_method(m, 1.0, params)  # unknown names and parameters fail here
+            try:
+                registry.build_method(m, 1.0, params)  # unknown names and parameters fail here
+            except ArtifactError:
+                if not plan:  # a plan for the GPU machine may name artifacts trained there first
+                    raise
     for t, params in cfg["tasks"].items():
         registry.build_task(t, params or {})
     from kvbench.method import BudgetError, parse_budget
@@ -230,16 +236,19 @@ def plan_sweep(path: str | Path, tables: tuple = (), device: str | None = None,
     """What ``run_sweep`` would do now, without loading a model: each point with ``finished`` (its run folder
     under the config's out), ``recorded`` (an earlier table lists it) or ``to run``. ``device`` stands for the
     config's ``auto``: a plan made here for the GPU machine (its device and dtype are in the recorded keys)."""
-    cfg = load_config(path, methods)
+    cfg = load_config(path, methods, plan=True)
     plan = _for_device(points(cfg), device)
     known, in_tables = existing_runs(Path(cfg.get("out", "results"))), recorded(tables)
     out = []
     for i, point in enumerate(plan, 1):
-        status = ("finished" if is_finished(known.get(identity(point))) else
-                  "recorded" if point_key(point) in in_tables else "to run")
+        try:
+            status = ("finished" if is_finished(known.get(identity(point))) else
+                      "recorded" if point_key(point) in in_tables else "to run")
+        except ArtifactError as e:  # not here: it cannot be recorded (a table's run read another artifact)
+            status = f"to run, once its artifact is made ({e})"
         echo(f"[{i}/{len(plan)}] {label(point)}: {status}")
         out.append((point, status))
-    counts = {s: sum(st == s for _, st in out) for s in ("to run", "recorded", "finished")}
+    counts = {s: sum(st.startswith(s) for _, st in out) for s in ("to run", "recorded", "finished")}
     echo(f"plan {cfg['name']}: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
     here = {resolve_device(p.device).split(":")[0] for p in plan}
     elsewhere = sorted({json.loads(key)[-2] for key in in_tables} - here)

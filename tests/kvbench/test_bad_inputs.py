@@ -465,6 +465,14 @@ data: {haystack}
     assert "2 to run, 0 recorded" in res.stdout and "note:" not in res.stdout, res.stdout
     res = cli("sweep", second, "--recorded", table, "--plan", "--methods", "full")  # not one of its methods
     assert res.exit_code == 2 and "--methods full is not one of its methods (snapkv)" in res.output, res.output
+    codec = _yaml(tmp_path, "codec", f"out: {there}\n" + body.replace("[snapkv]", "[snapkv, snapkv+kvcar]")
+                  + f"method_params: {{snapkv+kvcar: {{artifact: {tmp_path / 'trained-on-the-gpu'}}}}}\n")
+    res = cli("sweep", codec, "--recorded", table, "--plan")  # the codec is trained where the sweep will run
+    assert res.exit_code == 0, res.output
+    assert "snapkv+kvcar@0.25: to run, once its artifact is made (no kvcar artifact at" in res.stdout, res.stdout
+    assert "3 to run, 1 recorded, 0 finished" in res.stdout, res.stdout
+    res = cli("sweep", codec, "--recorded", table)  # running it still refuses, before any run
+    assert res.exit_code == 2 and "no kvcar artifact at" in res.output and not (there / "runs").exists()
     res = cli("sweep", second, "--recorded", table)
     assert res.exit_code == 0, res.output
     assert f"snapkv@0.5: recorded in {table}" in res.stdout and "snapkv@0.25: done" in res.stdout, res.stdout
