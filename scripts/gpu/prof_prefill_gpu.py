@@ -9,7 +9,9 @@ what is built per length, such as cuDNN's plans): the engine's prefill with the 
 torch.profiler: cudaStreamSynchronize, cudaDeviceSynchronize, cudaEventSynchronize, D2H copies); with
 ``--attention`` the causal attention of one layer through each PyTorch kernel that returns the log-sum-exp
 (what merging with a store needs) against SDPA's GQA call; with ``--profile`` the top operators of one full
-prefill at that context by host and by device time.
+prefill at that context by host and by device time (``--profile-method``: another method's prefill, e.g.
+kvsculpt, whose named ranges are printed with their wall time: ``--methods full,kvsculpt --profile 8192
+--profile-method kvsculpt``).
 """
 import argparse
 import statistics
@@ -191,6 +193,9 @@ def main() -> None:
             eng.prefill(sample)
             torch.cuda.synchronize()
         avg = prof.key_averages()
+        for e in avg:  # a method's own named ranges (e.g. kvsculpt.key_step, kvsculpt.value_solve): wall time inside
+            if "." in e.key and not e.key.startswith(("aten::", "cuda", "void", "triton")):
+                print(f"  range {e.key}: {e.count} x, {e.cpu_time_total / 1e3:.1f} ms in all (host, children included)")
         print(avg.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
         print(avg.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
 
