@@ -69,18 +69,24 @@ class BatchedLBFGS:
             use = (i >= self.h - self.count).float()
             b = use * self.rho[:, i] * (self.Y[:, i] * r).sum(-1)
             r += (a - b)[:, None] * self.S[:, i]
-        steepest = -g * (self.initial_step * x.norm(dim=-1) / g.norm(dim=-1).clamp(min=1e-30))[:, None]
-        return torch.where((self.count == 0)[:, None], steepest, -r)
+        return torch.where((self.count == 0)[:, None], self.steepest(x, g), -r)
+
+    def steepest(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return -g * (self.initial_step * x.norm(dim=-1) / g.norm(dim=-1).clamp(min=1e-30))[:, None]
 
     def step(self, fn, x: torch.Tensor, f: torch.Tensor, g: torch.Tensor):
-        """One iteration. ``fn(idx, x_sub) -> (f_sub, g_sub)`` evaluates the problems ``idx``."""
+        """One iteration. ``fn(idx, x_sub) -> (f_sub, g_sub)`` evaluates the problems ``idx``.
+
+        Masks (``torch.where``) rather than boolean indexing wherever the shapes allow: each boolean index is a
+        host sync on the GPU, and KVSculpt's compression runs 100 of these steps beside other work. The one
+        sync left per backtracking round is the list of problems still searching (it sizes the next
+        evaluation and ends the search)."""
         d = self.direction(x, g)
         slope = (g * d).sum(-1)
-        uphill = ~(slope < 0)
-        if bool(uphill.any()):  # stale curvature: restart those problems from steepest descent
-            self.count[uphill] = 0
-            d = self.direction(x, g)
-            slope = (g * d).sum(-1)
+        uphill = ~(slope < 0)  # stale curvature: those problems restart from steepest descent
+        self.count = torch.where(uphill, 0, self.count)
+        d = torch.where(uphill[:, None], self.steepest(x, g), d)  # what direction() gives at count 0
+        slope = (g * d).sum(-1)
         x_new, f_new, g_new = x.clone(), f.clone(), g.clone()
         t = torch.ones_like(f)
         todo = torch.arange(len(f), device=f.device)
@@ -88,8 +94,9 @@ class BatchedLBFGS:
             xt = x[todo] + t[todo, None] * d[todo]
             ft, gt = fn(todo, xt)
             ok = torch.isfinite(ft) & (ft <= f[todo] + self.armijo * t[todo] * slope[todo])
-            won = todo[ok]
-            x_new[won], f_new[won], g_new[won] = xt[ok], ft[ok], gt[ok]
+            x_new[todo] = torch.where(ok[:, None], xt, x_new[todo])
+            f_new[todo] = torch.where(ok, ft, f_new[todo])
+            g_new[todo] = torch.where(ok[:, None], gt, g_new[todo])
             todo = todo[~ok]
             if len(todo) == 0:
                 break
@@ -98,11 +105,11 @@ class BatchedLBFGS:
         s, y = x_new - x, g_new - g
         sy = (s * y).sum(-1)
         push = sy > 1e-10 * s.norm(dim=-1) * y.norm(dim=-1)
-        if bool(push.any()):
-            self.S[push] = torch.cat([self.S[push, 1:], s[push, None]], dim=1)
-            self.Y[push] = torch.cat([self.Y[push, 1:], y[push, None]], dim=1)
-            self.rho[push] = torch.cat([self.rho[push, 1:], (1.0 / sy[push])[:, None]], dim=1)
-            self.count[push] = (self.count[push] + 1).clamp(max=self.h)
+        self.S = torch.where(push[:, None, None], torch.cat([self.S[:, 1:], s[:, None]], dim=1), self.S)
+        self.Y = torch.where(push[:, None, None], torch.cat([self.Y[:, 1:], y[:, None]], dim=1), self.Y)
+        rho = torch.where(push, 1.0 / torch.where(push, sy, 1.0), 0.0)  # (a pair not pushed divides nothing)
+        self.rho = torch.where(push[:, None], torch.cat([self.rho[:, 1:], rho[:, None]], dim=1), self.rho)
+        self.count = torch.where(push, (self.count + 1).clamp(max=self.h), self.count)
         return x_new, f_new, g_new
 
 

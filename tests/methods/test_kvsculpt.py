@@ -99,6 +99,31 @@ def test_lbfgs_solves_quadratics_and_rejects_bad_steps():
     assert torch.equal(x1, x0) and torch.equal(f1, f0) and bool((opt.count == 0).all())
 
 
+def test_an_lbfgs_step_waits_for_the_device_once_per_backtracking_round():
+    """KVSculpt runs 100 steps a compression, in lanes beside other runs: each boolean index is a host sync on
+    the GPU (nonzero), each .any() too (item). A step whose first try is accepted everywhere syncs once (the
+    problems still searching); one where some must backtrack, once a round (the boolean-indexed step before
+    synced 20 times in the first case)."""
+    from torch.profiler import ProfilerActivity, profile
+    P, n = 6, 5
+    target = torch.arange(float(P * n)).view(P, n) / 10
+
+    def quad(idx, x):
+        return ((x - target[idx]) ** 2).sum(-1), 2 * (x - target[idx])
+
+    def syncs(opt, x):
+        f, g = quad(torch.arange(P), x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            opt.step(quad, x, f, g)
+        counts = {e.key: e.count for e in prof.key_averages()}
+        return counts.get("aten::nonzero", 0) + counts.get("aten::item", 0) + counts.get("aten::is_nonzero", 0)
+
+    assert syncs(BatchedLBFGS(P, n, history=4, initial_step=0.5, max_backtracks=8, device="cpu"), target + 1) == 1
+    # a first move 40x the keys' norm overshoots everywhere: rounds of halving until Armijo holds
+    overshoot = BatchedLBFGS(P, n, history=4, initial_step=40.0, max_backtracks=8, device="cpu")
+    assert 2 <= syncs(overshoot, target + 1) <= 9
+
+
 def test_full_middle_budget_reproduces_attention():
     """Free slots as many as the middle, started from it: the optimum is the original cache and the
     optimisation stays there (within the ridge)."""
