@@ -53,6 +53,11 @@ class Cell:
     kept: str  # the kept fraction or budget; with matched memory, the measured ratios the cell spans
     methods: list[str]  # by score, best first
     pairs: list[Pair] = field(default_factory=list)
+    matched_memory: bool = False
+
+    @property
+    def where(self) -> str:
+        return self.kept if self.matched_memory else f"kept {self.kept}"
 
 
 @dataclass
@@ -114,7 +119,7 @@ def cells(df: pd.DataFrame, task: str | None = None, drop: list[tuple[str, str]]
         order = sorted(methods, key=lambda m: -methods[m][1])
         pairs = [(a, b) for a, b in itertools.combinations(order, 2) if methods[a][2] != methods[b][2]
                  or not matched_memory]
-        cell = Cell(*key, methods=order)
+        cell = Cell(*key, methods=order, matched_memory=matched_memory)
         for a, b in pairs:
             mean, lo, hi, n = paired_difference(methods[a][0], methods[b][0])
             if n == 0:
@@ -129,10 +134,6 @@ def cells(df: pd.DataFrame, task: str | None = None, drop: list[tuple[str, str]]
     return out, sorted(missing)
 
 
-def _where(c: Cell) -> str:
-    return c.kept if c.kept.startswith("measured") else f"kept {c.kept}"
-
-
 def _verdict(p: Pair) -> str:
     return "separated, family" if p.family else "separated" if p.separated else "not separated"
 
@@ -145,7 +146,7 @@ def to_markdown(found: list[Cell]) -> str:
         rows = [f"| {p.first} | {p.second} | {p.mean:+.1f} [{p.lo:+.1f}, {p.hi:+.1f}] | {p.n} | {_verdict(p)} |"
                 for p in c.pairs]
         counts = (sum(p.separated for p in c.pairs), sum(p.family for p in c.pairs), len(c.pairs))
-        parts.append(f"### {c.task}: {c.model}, {c.protocol} [{c.setting}], {_where(c)}\n\n"
+        parts.append(f"### {c.task}: {c.model}, {c.protocol} [{c.setting}], {c.where}\n\n"
                      "| first | second | difference | n | verdict |\n|---|---|---|---|---|\n" + "\n".join(rows)
                      + f"\n\n{counts[0]} of {counts[2]} pairs separated at 95% ({counts[1]} at the family level).\n")
     return "\n".join(parts)
@@ -169,13 +170,14 @@ def to_html(found: list[Cell], matched_memory: bool = False) -> str:
                 tds.append(f"<td>{'<b>' + text + ('*' if p.family else '') + '</b>' if p and p.separated else text}</td>")
             body.append(f"<tr><th>{html.escape(a)}</th>{''.join(tds)}</tr>")
         parts.append(f"<h3>{html.escape(c.task)}: {html.escape(c.model)}, {html.escape(c.protocol)} "
-                     f"[{c.setting}], {html.escape(_where(c))}</h3><table class='board'><tr><th></th>{head}"
+                     f"[{c.setting}], {html.escape(c.where)}</h3><table class='board'><tr><th></th>{head}"
                      f"</tr>{''.join(body)}</table>")
     if not parts:
         return ""
     if matched_memory:
         return ("<h2>Paired comparisons at matched memory (different budgets)</h2><p>As above, between runs of "
-                "different budgets whose measured KV ratios lie within 5% of each other (a composition, a codec or a "
+                f"different budgets whose measured KV ratios lie within {MEMORY_TOLERANCE:.0%} of each other (a "
+                "composition, a codec or a "
                 "token budget against the evictors at its bytes); same-budget cells are left blank (above).</p>"
                 + "\n".join(parts))
     return ("<h2>Paired comparisons (same samples)</h2><p>Row method minus column method, the headline score's mean "
