@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import html
 import itertools
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -69,6 +70,12 @@ class _Run:
     score: float
 
 
+def _natural(value) -> tuple:
+    """A sort key that puts numbers in their order inside labels: kept 128 before kept 1024, ~0.1 before ~0.25."""
+    parts = re.split(r"(\d+(?:\.\d+)?)", str(value))
+    return tuple((0, float(p), "") if i % 2 else (1, 0.0, p) for i, p in enumerate(parts))
+
+
 def _memory_cells(runs: list[_Run]) -> dict[str, list[_Run]]:
     """Runs grouped by measured ratio: sorted, a new cell where a ratio passes the cell's smallest by more than
     the tolerance; cells of one budget only are left out (the kept-fraction cells have their pairs)."""
@@ -112,7 +119,7 @@ def cells(df: pd.DataFrame, task: str | None = None, drop: list[tuple[str, str]]
             for run in found:
                 groups.setdefault(key + (run.kept,), []).append(run)
     out = []
-    for key, cell_runs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+    for key, cell_runs in sorted(groups.items(), key=lambda kv: tuple(map(_natural, kv[0]))):
         methods = {r.name: (r.scores, r.score, r.kept) for r in cell_runs}
         if len(methods) < 2:
             continue

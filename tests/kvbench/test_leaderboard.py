@@ -632,6 +632,16 @@ def test_pairs_compare_methods_on_the_samples_both_ran(board, tmp_path):
     assert res.exit_code == 2 and "no two methods with samples share a cell" in res.output
 
 
+def test_pairs_cells_come_in_the_order_of_their_budgets(tmp_path):
+    """Token budgets 128 / 256 / 1024 read in that order, not as strings (1024 before 128)."""
+    from kvbench import paired
+    for budget, ratio in ((1024, 0.18), (128, 0.03), (256, 0.05)):
+        for method, score in (("alpha", 10.0), ("beta", 5.0)):
+            make_run(tmp_path, method, budget, "query-aware", score, ratio)
+    found, _ = paired.cells(lb.collect(tmp_path), "niah")
+    assert [c.kept for c in found] == ["128", "256", "1024"]
+
+
 def test_pairs_at_matched_memory_compare_runs_of_different_budgets_within_five_percent(tmp_path):
     """A composition keeping more tokens in an evictor's bytes is compared with it on the same samples: cells are
     measured ratios within 5% of each other, and only pairs of two budgets (the kept-fraction cells have the rest)."""
