@@ -9,9 +9,13 @@
 #      rewrites .carry/whl with the gguf wheel only, so run the two pip lines after it)
 #   1. one call per part, carry [".carry/pNN"]:  bash scripts/gpu/qwen.sh part .carry/pNN
 #      back to back, nothing between them: the machine is given back 30 s after a call, and the parts with it
+#      (up to setup too: on 2026-12-03 three minutes of local work between `wheels` and `setup` lost the machine
+#      and its 32 parts, 300 s of device time)
 #   2. carry [".carry/whl", ".carry/data"]:       bash scripts/gpu/qwen.sh setup   (joins, checks, converts once)
 #      (when tree + whl + data pass 64 MiB: first `qwen.sh wheels` carrying .carry/whl, then setup without it)
 #   3. then, while the machine stays warm:        bash scripts/gpu/qwen.sh sweep A.yaml[,B.yaml][+C.yaml] [SECONDS]
+#      (chained after setup, which takes about 110 s, give the sweep at most 460 SECONDS: a call past the device's
+#      600 s is killed before the sweep writes $OUT/runs.tar.gz; the runs stay on the warm machine, not here)
 #      or, to keep every lane busy to the end:    bash scripts/gpu/qwen.sh share A.yaml,B.yaml,C.yaml 4 [SECONDS]
 #   The sweeps skip every point the committed leaderboard (results/qwen/leaderboard.json) lists as complete
 #   (`kvbench sweep --recorded`): a sweep config names its whole grid and the GPU runs only what is missing;
