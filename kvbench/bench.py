@@ -7,8 +7,9 @@ One invocation measures, on the device it runs on:
   prefill time (all sequences), time to first token, decode time per token, decode tokens/s, peak memory
   (allocated and reserved on CUDA, resident on the CPU) and the KV bytes each sequence holds.
 - the largest batch that fits, per (context, method, budget), on CUDA: a line through the measured peak
-  memory of two or more batch sizes predicts it; it is then run in full, and stepped down after an
-  out-of-memory error, so the reported batch is one that really ran.
+  memory of two or more batch sizes predicts it; it is then run in full, and after an out-of-memory error
+  run at what the line through the reserved peaks predicts (the allocator's fragmentation included) or 5%
+  less, so the reported batch is one that really ran.
 - peers, each in its own Python process (``python -m kvbench.bench --peer SPEC``) on the same token ids:
   ``hf``, transformers ``generate`` with its default dynamic cache and SDPA attention; ``kvpress``, the
   kvpress presses with the same method and kept fraction, prefilled and decoded the way kvpress's own
@@ -583,17 +584,17 @@ class Bench:
                                           "error": "needs two batch sizes that ran, to fit memory against batch"}))
                     continue
                 xs = [p["batch"] for p in ok]
-                ys = [p["peak"]["allocated"] for p in ok]
-                slope, intercept = _line_fit(xs, ys)
                 cap = self.capacity()
-                guess = max(1, int((0.97 * cap - intercept) / max(slope, 1)))
+                slope, intercept = _line_fit(xs, [p["peak"]["allocated"] for p in ok])
+                guess = _fitting_batch(slope, intercept, cap)
                 model = {"bytes_per_sequence": slope, "fixed_bytes": intercept, "capacity": cap, "predicted": guess}
-                rec, batch = None, guess
-                for _ in range(4):
-                    rec = self._measured("kvbench", method, budget, context, batch, bw, kind="largest_batch")
-                    if rec["status"] != "oom" or batch == 1:
-                        break
-                    batch = max(1, batch - max(1, batch // 20))
+                if all(p["peak"].get("reserved") for p in ok):
+                    r_slope, r_intercept = _line_fit(xs, [p["peak"]["reserved"] for p in ok])
+                    model["predicted_reserved"] = _fitting_batch(r_slope, r_intercept, cap)
+                rec, tried = largest_batch_search(
+                    guess, model.get("predicted_reserved", guess),
+                    lambda b: self._measured("kvbench", method, budget, context, b, bw, kind="largest_batch"))
+                model["tried"] = tried
                 rec["memory_model"] = model
                 self.emit({**rec, "kind": "largest_batch_result"})
                 out.append({**rec, "kind": "largest_batch_result"})
@@ -634,6 +635,26 @@ class Bench:
             self.echo("  " + ", ".join(f"{k}={_fmt(v)}" for k, v in rec.items() if k not in ("kind", "impl")))
             out.append(self.emit(rec))
         return out
+
+
+def _fitting_batch(bytes_per_sequence: float, fixed_bytes: float, capacity: float) -> int:
+    return max(1, int((0.97 * capacity - fixed_bytes) / max(bytes_per_sequence, 1)))
+
+
+def largest_batch_search(guess: int, cautious: int, run, attempts: int = 4) -> tuple[dict, list[str]]:
+    """The largest batch that runs: ``guess`` first (the line through the allocated peaks), and after an
+    out-of-memory error ``cautious`` (the line through the reserved peaks: what the allocator held, its
+    fragmentation included) when that is smaller, else 5% less. Each attempt prefills every sequence, which at
+    32k is minutes: on 2026-12-03 kvcar failed at 55, 53 and 51 in the same place (117 GiB allocated, 139 GiB
+    reserved), where its reserved peaks predicted 40. Returns the last attempt and what was tried."""
+    batch, tried, rec = guess, [], None
+    for _ in range(attempts):
+        rec = run(batch)
+        tried.append(f"{batch} {rec['status']}")
+        if rec["status"] != "oom" or batch == 1:
+            break
+        batch = max(1, min(batch - max(1, batch // 20), cautious))
+    return rec, tried
 
 
 def _line_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -792,7 +813,10 @@ def render(records: list[dict]) -> str:
             m = r["memory_model"]
             parts.append(f"- {r['method']}@{_fmt(r['budget'])}, ctx {r['context']}: peak = "
                          f"{m['fixed_bytes'] / GIB:.2f} GiB + {m['bytes_per_sequence'] / GIB:.3f} GiB x batch; capacity "
-                         f"{m['capacity'] / GIB:.2f} GiB; predicted {m['predicted']}, ran {r['batch']} ({r['status']})")
+                         f"{m['capacity'] / GIB:.2f} GiB; predicted {m['predicted']}"
+                         + (f" ({m['predicted_reserved']} by the reserved peaks)" if "predicted_reserved" in m else "")
+                         + f", ran {r['batch']} ({r['status']})"
+                         + (f"; tried {', '.join(m['tried'])}" if len(m.get("tried", [])) > 1 else ""))
     return "\n".join(parts) + "\n"
 
 

@@ -179,3 +179,23 @@ def test_bench_compiles_the_decoding_step_when_asked(tmp_path):
     assert next(r for r in recs if r["kind"] == "env")["config"]["compile_decode"] is True
     assert [r["status"] for r in recs if r["kind"] == "point"] == ["ok"]
     assert "decoding step is compiled (torch.compile)" in (out / "bench.md").read_text()
+
+
+def test_largest_batch_search_falls_back_to_the_reserved_peaks_after_an_out_of_memory_error():
+    """An allocator that fragments: 55 (the allocated peaks' line) does not run, 40 (the reserved peaks') does;
+    without a smaller cautious guess the search steps down 5% at a time and stops after four attempts."""
+    from kvbench.bench import largest_batch_search, render
+    run = lambda b: {"status": "oom" if b > 45 else "ok", "batch": b}  # noqa: E731
+    rec, tried = largest_batch_search(55, 40, run)
+    assert rec == {"status": "ok", "batch": 40} and tried == ["55 oom", "40 ok"]
+    rec, tried = largest_batch_search(55, 55, run)
+    assert rec["status"] == "oom" and tried == ["55 oom", "53 oom", "51 oom", "49 oom"]
+    assert largest_batch_search(47, 60, run)[1] == ["47 oom", "45 ok"]  # a larger cautious guess is no help
+    model = {"bytes_per_sequence": 2 * 2**30, "fixed_bytes": 20 * 2**30, "capacity": 139 * 2**30, "predicted": 55,
+             "predicted_reserved": 40, "tried": ["55 oom", "53 oom", "51 oom", "49 oom"]}
+    measured = Path(__file__).resolve().parents[2] / "results/bench/h200-llama-3.1-8b-compiled-2/bench-kvcar-kernel-5d2cd44.jsonl"
+    records = [json.loads(line) for line in measured.read_text().splitlines()]
+    (last,) = [r for r in records if r.get("kind") == "largest_batch_result" and r["method"] == "kvcar"]
+    last.update(batch=49, status="oom", memory_model=model)
+    text = render(records)
+    assert "predicted 55 (40 by the reserved peaks), ran 49 (oom); tried 55 oom, 53 oom, 51 oom, 49 oom" in text
