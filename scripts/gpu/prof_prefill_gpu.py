@@ -10,14 +10,16 @@ torch.profiler: cudaStreamSynchronize, cudaDeviceSynchronize, cudaEventSynchroni
 ``--attention`` the causal attention of one layer through each PyTorch kernel that returns the log-sum-exp
 (what merging with a store needs) against SDPA's GQA call; with ``--profile`` the top operators of one full
 prefill at that context by host and by device time (``--profile-method``: another method's prefill, e.g.
-kvsculpt, whose named ranges are printed with their wall time: ``--methods full,kvsculpt --profile 8192
---profile-method kvsculpt``).
+kvsculpt, whose named ranges are printed with their wall time: ``"" --methods kvsculpt --param
+kvsculpt.adaptive=true --profile 8192 --profile-method kvsculpt``; the empty context list skips the timed
+prefills, five more compressions of a slow method).
 """
 import argparse
 import statistics
 import time
 
 import torch
+import yaml
 
 from kvbench import cache, models, registry
 from kvbench.engine import Engine
@@ -146,14 +148,23 @@ def main() -> None:
     ap.add_argument("--kernels", default="cudnn", help="prefill attention kernels to time the engine with (flash,cudnn)")
     ap.add_argument("--compile", action="store_true", help="the decoding step through torch.compile (Engine.compile_decode)")
     ap.add_argument("--profile-method", default="full", help="the method whose prefill --profile traces")
+    ap.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                    help="a method's parameter (repeatable), e.g. kvsculpt.adaptive=true")
     args = ap.parse_args()
+    params: dict[str, dict] = {}
+    for p in args.param:
+        target, _, value = p.partition("=")
+        method, _, key = target.partition(".")
+        if not (method and key and value):
+            ap.error(f"--param {p}: write METHOD.KEY=VALUE, e.g. kvsculpt.adaptive=true")
+        params.setdefault(method, {})[key] = yaml.safe_load(value)
     contexts = [int(c) for c in args.contexts.split(",") if c]  # "": no prefill timings (--decode alone)
     lm = models.load(args.preset, torch.bfloat16, "cuda", random_weights=True)
     lm.tokenizer = models.IdTokenizer()
     model = lm.model
     print(f"{args.preset}: torch {torch.__version__}, {torch.cuda.get_device_name()}")
-    engines = {m: Engine(lm, registry.build_method(m, 1.0 if m == "full" else 0.25), compile_decode=args.compile)
-               for m in args.methods.split(",")}
+    engines = {m: Engine(lm, registry.build_method(m, 1.0 if m == "full" else 0.25, params.get(m)),
+                         compile_decode=args.compile) for m in args.methods.split(",")}
     for T in contexts:
         ids = list(range(1000, 1000 + T))
         sample = Sample("s", ids[:-32], ids[-32:], [], 1)  # a context and a 32-token question
