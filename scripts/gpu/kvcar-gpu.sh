@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# KV-CAR on the GPU machine (issue 19). Run from the repository root after prepare-device-carry's calls (the
-# GGUF of the model in /tmp/kvbench-assets; `source scripts/gpu/gpu-setup.sh` assembles SmolLM2's and installs kvbench).
+# KV-CAR on the GPU machine (issue 19). Run from the repository root after the model's parts are carried
+# (SmolLM2: three calls `bash scripts/gpu/qwen.sh part .carry/smollm2/pNN /tmp/kvbench-assets`, see
+# scripts/gpu/gpu-setup.sh, which assembles it and installs kvbench; Qwen: scripts/gpu/qwen.sh setup).
 # Carry the training corpus (scripts/deltakv-corpus.py OUT.txt.gz; KVCAR_CORPUS, default
 # .deltakv/general-english.txt.gz) and, for NIAH, the essays (KVCAR_HAYSTACK, default .deltakv/paul_graham_essays).
 #   scripts/gpu/kvcar-gpu.sh train smollm2 "32"        # one artifact per latent size (per head; smollm2 head_dim 64:
@@ -17,6 +18,10 @@
 #                                                  # then tokens/s against full at the Llama-3.1-8B shape, 32k, batch 1 / 8
 #                                                  # and each one's largest (random weights: nothing to carry; ~9 min)
 #   scripts/gpu/kvcar-gpu.sh quick                     # the smallest useful set: train smollm2 latents 16:48, eval it (~5 min)
+#   the issue's SmolLM2 grid (25 / 50 / 75% smaller: latents 48 / 32 / 16 of 64), in three calls of at most 600 s,
+#   each one beside sweep lanes if wanted: train smollm2 "48 32 16", then eval smollm2 "48 32 16", then
+#   ruler smollm2 "48 32 16" and bench smollm2; with OUT=/tmp/kvcar-out and a tar of it into the call's $OUT (a
+#   call returns at most 8 files)
 #   scripts/gpu/kvcar-gpu.sh quick-qwen                # the same on Qwen2.5-Coder-1.5B (latents 32:96, 50%), after
 #                                                  # `scripts/gpu/qwen.sh setup` (its GGUF, wheels and .carry/data, which
 #                                                  # holds the corpus): it can run beside the sweeps' lanes

@@ -45,8 +45,8 @@ install_kvbench() {
 shared_data() {  # the sweep configs read ../shared/data, which does not travel: point it at the carried copy
   [ -d /tmp/kvbench-data ] && mkdir -p "$root/../shared" && ln -sfn /tmp/kvbench-data "$root/../shared/data"; }
 case "${1:-}" in
-part)
-  mkdir -p $assets/parts && cp "$2"/* $assets/parts/ && ls $assets/parts | wc -l ;;
+part)  # part DIR [DEST]: DEST /tmp/kvbench-assets for SmolLM2's parts (scripts/gpu/gpu-setup.sh), which setup keeps
+  dest=${3:-$assets/parts}; mkdir -p "$dest" && cp "$2"/* "$dest"/ && ls "$dest" | wc -l ;;
 wheels)  # optional, before setup, carry [".carry/whl"]: when the tree + whl + data outgrow 64 MiB
   mkdir -p /tmp/kvbench-whl && cp .carry/whl/*.whl /tmp/kvbench-whl/ && ls /tmp/kvbench-whl ;;
 setup)
