@@ -65,6 +65,7 @@ class BenchConfig:
     new_tokens: int = 256
     largest_batch: bool = True
     compile_decode: bool = False  # the decoding step through torch.compile (kvbench.engine.Engine.compile_decode)
+    skinny_gemm: bool = False  # the model's linear layers of <= 16 rows through kvbench.kernels.skinny_gemm
     peers: list[str] = field(default_factory=lambda: ["hf", "kvpress"])
     kvpress_path: str | None = None
     chunked_prefill: int | None = None
@@ -312,6 +313,9 @@ class Bench:
         else:
             lm = models.load(cfg.model, self.dtype, self.device, seed=cfg.seed)
         self.lm = models.LoadedModel(lm.model, models.IdTokenizer(), lm.name, lm.window)
+        if cfg.skinny_gemm:  # the decoding step's weight GEMMs through kvbench's kernel (prefill keeps cuBLAS)
+            from kvbench.kernels.skinny_gemm import use_skinny_linear
+            use_skinny_linear(self.lm.model)
         too_long = [c for c in cfg.contexts if c + cfg.new_tokens > self.lm.window]
         if too_long:
             raise BenchError(f"context {too_long[0]} + {cfg.new_tokens} new tokens exceeds the model's window "
@@ -793,7 +797,9 @@ def render(records: list[dict]) -> str:
              f"(read + write); a decoding step must read {env.get('weight_bytes_read', 0) / GIB:.3g} GiB of weights "
              f"plus {env.get('kv_token_bytes', 0) / 1024:.3g} KiB of keys and values per token held. kvbench's "
              f"decoding step is {'compiled (torch.compile)' if (env.get('config') or {}).get('compile_decode') else 'eager'}, "
-             f"replayed as a CUDA graph where the method allows.", "",
+             f"replayed as a CUDA graph where the method allows"
+             + ("; its weight GEMMs of at most 16 rows through kvbench's skinny GEMM kernel"
+                if (env.get('config') or {}).get('skinny_gemm') else "") + ".", "",
              markdown(TABLE_COLUMNS, table_rows(records))]
     chunked = [r for r in records if r.get("kind") == "chunked_prefill"]
     if chunked:

@@ -148,6 +148,8 @@ def main() -> None:
     ap.add_argument("--kernels", default="cudnn", help="prefill attention kernels to time the engine with (flash,cudnn)")
     ap.add_argument("--compile", action="store_true", help="the decoding step through torch.compile (Engine.compile_decode)")
     ap.add_argument("--profile-method", default="full", help="the method whose prefill --profile traces")
+    ap.add_argument("--skinny-gemm", action="store_true",
+                    help="the linear layers of <= 16 rows through kvbench.kernels.skinny_gemm (as kvbench bench --skinny-gemm)")
     ap.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE",
                     help="a method's parameter (repeatable), e.g. kvsculpt.adaptive=true")
     args = ap.parse_args()
@@ -162,6 +164,9 @@ def main() -> None:
     lm = models.load(args.preset, torch.bfloat16, "cuda", random_weights=True)
     lm.tokenizer = models.IdTokenizer()
     model = lm.model
+    if args.skinny_gemm:
+        from kvbench.kernels.skinny_gemm import use_skinny_linear
+        print(f"skinny GEMM kernel in {use_skinny_linear(model)} linear layers")
     print(f"{args.preset}: torch {torch.__version__}, {torch.cuda.get_device_name()}")
     engines = {m: Engine(lm, registry.build_method(m, 1.0 if m == "full" else 0.25, params.get(m)),
                          compile_decode=args.compile) for m in args.methods.split(",")}

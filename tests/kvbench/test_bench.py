@@ -181,6 +181,27 @@ def test_bench_compiles_the_decoding_step_when_asked(tmp_path):
     assert "decoding step is compiled (torch.compile)" in (out / "bench.md").read_text()
 
 
+def test_bench_puts_the_skinny_gemm_kernel_in_the_compiled_step_when_asked(tmp_path, monkeypatch):
+    """--skinny-gemm: the decoding step's linear layers through the Triton kernel (here Triton's interpreter),
+    inside the compiled step; the env record and the table say so."""
+    from kvbench.kernels import skinny_gemm
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("KVBENCH_TRITON", "1")
+    launches = []
+    launch = skinny_gemm._launch_shape
+    monkeypatch.setattr(skinny_gemm, "_launch_shape", lambda *a: (launches.append(a[0].shape[0]), launch(*a)))
+    out = tmp_path / "bench-skinny"
+    args = ["bench", "--preset", "tiny-llama", "--contexts", "40", "--batches", "2", "--methods", "full",
+            "--new-tokens", "4", "--peers", "", "--compile", "--skinny-gemm", "--device", "cpu", "--out", str(out)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(x) for x in (out / "bench.jsonl").read_text().splitlines()]
+    assert next(r for r in recs if r["kind"] == "env")["config"]["skinny_gemm"] is True
+    assert [r["status"] for r in recs if r["kind"] == "point"] == ["ok"]
+    assert launches.count(2) > 0  # decoding steps of the batch of two went through the kernel
+    assert "through kvbench's skinny GEMM kernel" in (out / "bench.md").read_text()
+
+
 def test_largest_batch_search_falls_back_to_the_reserved_peaks_after_an_out_of_memory_error():
     """An allocator that fragments: 55 (the allocated peaks' line) does not run, 40 (the reserved peaks') does;
     without a smaller cautious guess the search steps down 5% at a time and stops after four attempts."""

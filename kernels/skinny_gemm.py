@@ -1,0 +1,232 @@
+"""The decoding step's weight GEMMs (a few rows of activations times a large weight) as one Triton kernel.
+
+At batch 1-16 a decoding step's linear layers read every weight once and do almost no arithmetic: their time
+is the weight bytes over the memory bandwidth. On the H200 cuBLAS reached 83% of the copy bandwidth on these
+1-row GEMMs (results/bench/h200-llama-3.1-8b-compiled: 4.41 ms of a 6.30 ms step against 3.68 ms to read the
+14 GiB), which alone keeps full's step at 1.32x its floor where issue 21 asks 1.15x.
+
+The kernel: one program per ``BLOCK_N`` output features streams those rows of the weight (contiguous along K,
+so the loads coalesce) through the whole K once, multiplying the activations' rows (at most 16, padded to the
+tensor cores' 16) with ``tl.dot``; float32 accumulation, one write of the output in the input's dtype. No split
+over K: the partial sums would need a second kernel per GEMM, which at a few microseconds each in a CUDA graph
+costs what the kernel saves; the grid (N / BLOCK_N programs) fills the GPU for every projection of the models
+timed here except the small K/V projections (N = 1024), a few percent of the bytes.
+
+Public API
+----------
+``skinny_linear(x, weight, bias=None)``: ``x [..., K]`` with at most ``MAX_ROWS`` rows, ``weight [N, K]``
+(contiguous, float16/bfloat16/float32), as ``F.linear``. Triton when on CUDA or ``KVBENCH_TRITON=1``
+(``TRITON_INTERPRET=1`` on the CPU); otherwise, or for more rows, ``F.linear``. Registered as the custom op
+``kvbench::skinny_linear`` so that ``torch.compile`` keeps it whole (and a CUDA graph captures it).
+``SkinnyLinear``: an ``nn.Linear``'s replacement holding the same parameters; ``use_skinny_linear(model)`` puts
+it in place of every ``nn.Linear`` of a loaded model (opt-in: ``kvbench bench --skinny-gemm``), the model's
+class and code untouched. ``python -m kvbench.kernels.skinny_gemm``: the kernel's launch shapes against
+``F.linear`` (cuBLAS) on Llama-3.1-8B's projections at 1 and 8 rows, in GB/s and as a share of the copy
+bandwidth.
+
+Launch shape: per (N, K, rows bucket), timed once on the first call outside a CUDA-graph capture (the
+candidates of ``CONFIGS``), else ``DEFAULT``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .decode_attention import _env_true, _launch, use_triton
+
+__all__ = ["skinny_linear", "SkinnyLinear", "use_skinny_linear", "MAX_ROWS"]
+
+MAX_ROWS = 16  # tl.dot's smallest M; more rows are a GEMM cuBLAS serves well
+
+try:  # triton is a dependency, but keep the fallback usable without it
+    import triton.language as tl
+except Exception:  # pragma: no cover
+    tl = None
+
+
+def _skinny_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, s_xm, s_om,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    n_ok = rn < N
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * K
+    x_rows = x_ptr + rm[:, None] * s_xm
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + rk
+        k_ok = k < K
+        w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(x_rows + k[None, :], mask=(rm[:, None] < M) & k_ok[None, :], other=0.0)
+        if DOT_F32:  # Triton's interpreter multiplies bfloat16 wrongly (as in decode_attention.py)
+            w = w.to(tl.float32)
+            x = x.to(tl.float32)
+        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION, out_dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm[:, None] * s_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & n_ok[None, :])
+
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages). Each candidate is one more Triton compilation (about a second) the
+# first time a process tunes, so the list stays short: tiles of 8-16 KiB of weight, 3-4 loads in flight.
+DEFAULT = (16, 256, 4, 4)
+CONFIGS = [(bn, bk, w, s) for bn in (16, 32) for bk in (256, 512) for w in (4, 8) for s in (3, 4)] + [(64, 128, 4, 4)]
+_TUNED: dict = {}
+
+
+def _rows_bucket(m: int) -> int:
+    return 1 if m == 1 else (8 if m <= 8 else MAX_ROWS)
+
+
+def _launch_shape(x2, weight, bias, out, config) -> None:
+    M, K = x2.shape
+    N = weight.shape[0]
+    block_n, block_k, warps, stages = config
+    grid = ((N + block_n - 1) // block_n,)
+    kwargs = {} if x2.device.type != "cuda" else {"num_warps": warps, "num_stages": stages}
+    dot_f32 = _env_true("TRITON_INTERPRET") and x2.dtype == torch.bfloat16
+    _launch(_skinny_kernel, grid, x2, weight, bias if bias is not None else weight, out, M, N, K,
+            x2.stride(0), out.stride(0), HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=block_n,
+            BLOCK_K=block_k, PRECISION="ieee" if x2.dtype == torch.float32 or dot_f32 else "tf32",
+            DOT_F32=dot_f32, **kwargs)
+
+
+def _time(fn, reps: int = 20) -> float:
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps / 1e3
+
+
+def _config_for(x2, weight, bias, out):
+    if x2.device.type != "cuda":
+        return DEFAULT
+    key = (weight.shape[0], weight.shape[1], _rows_bucket(x2.shape[0]), weight.dtype, x2.device)
+    config = _TUNED.get(key)
+    if config is None:
+        if torch.cuda.is_current_stream_capturing():  # no timing inside a capture: the default, not remembered
+            return DEFAULT
+        timings = {}
+        for c in CONFIGS:
+            try:
+                timings[c] = _time(lambda: _launch_shape(x2, weight, bias, out, c))
+            except Exception:  # a shape this GPU's shared memory refuses
+                continue
+        config = _TUNED[key] = min(timings, key=timings.get) if timings else DEFAULT
+    return config
+
+
+def _skinny_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(x2.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    _launch_shape(x2, weight, bias, out, _config_for(x2, weight, bias, out))
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    rows = x.numel() // max(x.shape[-1], 1)
+    return (0 < rows <= MAX_ROWS and use_triton(x) and weight.is_contiguous() and x.dtype == weight.dtype
+            and x.dtype in (torch.float16, torch.bfloat16, torch.float32))
+
+
+@torch.library.custom_op("kvbench::skinny_linear", mutates_args=())
+def _skinny_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _skinny_triton(x, weight, bias) if _fits(x, weight) else F.linear(x, weight, bias)
+
+
+@_skinny_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; through the kernel when ``x`` has at most ``MAX_ROWS`` rows on CUDA."""
+    if not _fits(x, weight) or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return F.linear(x, weight, bias)  # training and prefill: cuBLAS (the op has no backward)
+    return _skinny_op(x, weight, bias)
+
+
+class SkinnyLinear(nn.Module):
+    """An ``nn.Linear`` whose few-row products go through ``skinny_linear``; the same parameters (and names)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return skinny_linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def use_skinny_linear(model: nn.Module) -> int:
+    """Every ``nn.Linear`` of ``model`` replaced by a ``SkinnyLinear`` on the same parameters; returns how many
+    (0 when done before). The output layer too: at batch 1 it is the largest single read after the layers'."""
+    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if type(child) is nn.Linear]
+    for parent, name, child in swaps:
+        setattr(parent, name, SkinnyLinear(child))
+    return len(swaps)
+
+
+def main() -> None:  # pragma: no cover - GPU only
+    """Llama-3.1-8B's projections at 1 and 8 rows: cuBLAS against every launch shape of the kernel."""
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    x = torch.empty(2 << 30, dtype=torch.uint8, device=dev)
+    y = torch.empty_like(x)
+    bw = 2 * x.numel() / _time(lambda: y.copy_(x), reps=10)
+    del x, y
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
+    shapes = {"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (14336, 4096), "down": (4096, 14336),
+              "lm_head": (128256, 4096)}
+    total = {}
+    for rows in (1, 8):
+        for name, (N, K) in shapes.items():
+            w = torch.randn(N, K, device=dev, dtype=dt) / K ** 0.5
+            a = torch.randn(rows, K, device=dev, dtype=dt)
+            ref = F.linear(a, w)
+            t_cublas = _time(lambda: F.linear(a, w), reps=50)
+            out = torch.empty(rows, N, device=dev, dtype=dt)
+            timed = {}
+            for c in CONFIGS:
+                try:
+                    _launch_shape(a, w, None, out, c)
+                    timed[c] = _time(lambda: _launch_shape(a, w, None, out, c), reps=50)
+                except Exception as e:
+                    timed[c] = float("inf")
+                    print(f"    {c}: {str(e).splitlines()[0][:80]}")
+            best = min(timed, key=timed.get)
+            _launch_shape(a, w, None, out, best)
+            err = (out.float() - ref.float()).abs().max().item()
+            nbytes = w.numel() * w.element_size()
+            print(f"  rows {rows} {name:8s} N={N:6d} K={K:5d}: cuBLAS {t_cublas * 1e6:7.1f} us "
+                  f"({nbytes / t_cublas / bw:5.1%} of copy bw), kernel best {timed[best] * 1e6:7.1f} us "
+                  f"({nbytes / timed[best] / bw:5.1%}) at {best}, default {timed.get(DEFAULT, float('inf')) * 1e6:7.1f} us;"
+                  f" max |diff| {err:.3g}")
+            per_layer = {"q/o": 2, "k/v": 2, "gate/up": 2, "down": 1}.get(name, 0)
+            if per_layer:
+                total.setdefault(rows, [0.0, 0.0])
+                total[rows][0] += per_layer * t_cublas
+                total[rows][1] += per_layer * timed[best]
+    for rows, (c, k) in total.items():
+        print(f"rows {rows}: one layer's 7 projections, cuBLAS {c * 1e6:.1f} us, kernel {k * 1e6:.1f} us "
+              f"({k / c:.3f}x); x 32 layers: {(c - k) * 32 * 1e3:.3f} ms a step saved")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Issue 21: the decoding step's weight GEMMs through kvbench's kernel (kernels/skinny_gemm.py) against cuBLAS, on
+# the H200, random weights (nothing to carry; it can be the session's first call, before any parts):
+#   bash scripts/gpu/skinny-h200.sh kernel   -> $OUT/skinny-kernel.log, $OUT/prof-{cublas,skinny}-b{1,8}.log (~8 min)
+#     the kernel's launch shapes against F.linear on Llama-3.1-8B's projections at 1 and 8 rows (GB/s, share of
+#     the copy bandwidth), then the compiled steady decoding step of full and snapkv at 32k, batch 1 and 8, with
+#     cuBLAS and with the kernel (prof_prefill_gpu.py: the step against its floor, and one eager step by kernel);
+#   bash scripts/gpu/skinny-h200.sh bench    -> $OUT/bench-skinny/ (the committed table's figures, ~8 min)
+# Before (c095eb5, results/bench/h200-llama-3.1-8b-compiled): full's steady step 6.30 ms at batch 1 against a
+# 4.78 ms floor (1.32x), of which cuBLAS's GEMMs 4.41 ms where reading the weights takes 3.68 ms.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v WARNING
+P=scripts/gpu/prof_prefill_gpu.py
+case "${1:-kernel}" in
+kernel)
+  timeout 150 python3 -m kvbench.kernels.skinny_gemm 2>&1 | tee "$OUT/skinny-kernel.log"
+  for b in 1 8; do
+    for v in cublas skinny; do
+      timeout 110 python3 $P llama-3.1-8b "" --decode 32768 --batch $b --methods full,snapkv --compile \
+        $([ $v = skinny ] && echo --skinny-gemm) 2>&1 | grep --line-buffered -v "^Loading" \
+        | tee "$OUT/prof-$v-b$b.log" | grep "steady step"
+    done
+  done ;;
+bench)
+  timeout 560 kvbench bench --preset llama-3.1-8b --contexts 32768 --batches 1,8 --compile --skinny-gemm \
+    --methods full,snapkv,pyramidkv,adakv --budgets 0.25 --new-tokens 256 --peers "" --no-largest-batch \
+    --time-limit 500 --out "$OUT/bench-skinny" 2>&1 | grep --line-buffered -v "^Loading" | tail -30 ;;
+*) echo "usage: $0 kernel|bench" >&2; exit 2 ;;
+esac
