@@ -142,8 +142,10 @@ def _fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.dtype in (torch.float16, torch.bfloat16, torch.float32))
 
 
-@torch.library.custom_op("kvbench::skinny_linear", mutates_args=())
-def _skinny_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+# The schema written out: inferring it from this module's (string) annotations depends on the torch version.
+@torch.library.custom_op("kvbench::skinny_linear", mutates_args=(),
+                         schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+def _skinny_op(x, weight, bias):
     return _skinny_triton(x, weight, bias) if _fits(x, weight) else F.linear(x, weight, bias)
 
 
