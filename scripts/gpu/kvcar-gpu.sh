@@ -17,6 +17,9 @@
 #   scripts/gpu/kvcar-gpu.sh speed                     # the read kernel (kernels/kvcar_decode.py) against the PyTorch path,
 #                                                  # then tokens/s against full at the Llama-3.1-8B shape, 32k, batch 1 / 8
 #                                                  # and each one's largest (random weights: nothing to carry; ~9 min)
+#   scripts/gpu/kvcar-gpu.sh largest                   # kvcar's largest batch at the Llama-3.1-8B shape, 32k (one call;
+#                                                  # after an out-of-memory error the bench tries what its reserved
+#                                                  # peaks predict: 40 where 55 failed on 2026-12-03)
 #   scripts/gpu/kvcar-gpu.sh quick                     # the smallest useful set: train smollm2 latents 16:48, eval it (~5 min)
 #   the issue's SmolLM2 grid (25 / 50 / 75% smaller: latents 48 / 32 / 16 of 64), in three calls of at most 600 s,
 #   each one beside sweep lanes if wanted: train smollm2 "48 32 16", then eval smollm2 "48 32 16", then
@@ -27,7 +30,7 @@
 #                                                  # holds the corpus): it can run beside the sweeps' lanes
 # Every command is bounded (timeout); the summaries land in $OUT (default results/kvcar), run dirs in /tmp.
 set -uo pipefail
-if [ "${2:-}" = qwen ] || [ "${1:-quick}" = quick-qwen ] || [ "${1:-}" = speed ]; then  # qwen.sh's environment
+if [ "${2:-}" = qwen ] || [ "${1:-quick}" = quick-qwen ] || [ "${1:-}" = speed ] || [ "${1:-}" = largest ]; then  # qwen.sh's environment
   export KVBENCH_CACHE=/tmp/kvbench-cache PYTHONPATH=/tmp/kvbench-site:${PYTHONPATH:-} PYTHONUNBUFFERED=1 CI=1 HF_HUB_OFFLINE=1
   python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v WARNING
 else
@@ -123,6 +126,12 @@ bench() {  # decode throughput: kvcar's random codec (latent head_dim/2) times l
     | tee "$OUT/bench-$m.log"
 }
 
+largest() {  # kvcar's largest batch at 32k (its 1 and 8 first: the memory lines): one call, alone on the GPU
+  timeout 590 python3 -m kvbench.cli bench --preset llama-3.1-8b --contexts 32768 --batches 1,8 --compile \
+    --methods kvcar --budgets 1.0 --peers '' --time-limit 570 --out "$OUT/bench-kvcar-largest" 2>&1 \
+    | grep -v "^Loading" | tail -30
+}
+
 speed() {  # alone on the GPU: timings beside other work measure the contention
   timeout 150 python3 -m kvbench.kernels.kvcar_decode 2>&1 | tee "$OUT/kernel-kvcar.log"
   timeout 400 python3 -m kvbench.cli bench --preset llama-3.1-8b --contexts 32768 --batches 1,8 --compile \
@@ -158,8 +167,9 @@ eval) evaluate "${2:-smollm2}" "${3:-32}" ;;
 ruler) ruler "${2:-smollm2}" "${3:-32}" ;;
 bench) bench "${2:-smollm2}" ;;
 speed) speed ;;
+largest) largest ;;
 summary) summary ;;
 quick) train smollm2 16:48; evaluate smollm2 16:48 ;;
 quick-qwen) train qwen 32:96; evaluate qwen 32:96 ;;
-*) echo "usage: $0 train|eval|ruler|bench|speed|summary|quick|quick-qwen [smollm2|qwen] [\"LATENTS\"]" >&2; exit 2 ;;
+*) echo "usage: $0 train|eval|ruler|bench|speed|largest|summary|quick|quick-qwen [smollm2|qwen] [\"LATENTS\"]" >&2; exit 2 ;;
 esac
