@@ -148,8 +148,9 @@ def main() -> None:
     ap.add_argument("--kernels", default="cudnn", help="prefill attention kernels to time the engine with (flash,cudnn)")
     ap.add_argument("--compile", action="store_true", help="the decoding step through torch.compile (Engine.compile_decode)")
     ap.add_argument("--profile-method", default="full", help="the method whose prefill --profile traces")
-    ap.add_argument("--skinny-gemm", action="store_true",
-                    help="the linear layers of <= 16 rows through kvbench.kernels.skinny_gemm (as kvbench bench --skinny-gemm)")
+    ap.add_argument("--skinny-gemm", choices=("off", "on", "both"), default="off",
+                    help="the linear layers of <= 16 rows through kvbench.kernels.skinny_gemm (as kvbench bench "
+                         "--skinny-gemm); both: --decode with cuBLAS, then again with the kernel, one model load")
     ap.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE",
                     help="a method's parameter (repeatable), e.g. kvsculpt.adaptive=true")
     args = ap.parse_args()
@@ -164,8 +165,8 @@ def main() -> None:
     lm = models.load(args.preset, torch.bfloat16, "cuda", random_weights=True)
     lm.tokenizer = models.IdTokenizer()
     model = lm.model
-    if args.skinny_gemm:
-        from kvbench.kernels.skinny_gemm import use_skinny_linear
+    from kvbench.kernels.skinny_gemm import use_skinny_linear
+    if args.skinny_gemm == "on":
         print(f"skinny GEMM kernel in {use_skinny_linear(model)} linear layers")
     print(f"{args.preset}: torch {torch.__version__}, {torch.cuda.get_device_name()}")
     engines = {m: Engine(lm, registry.build_method(m, 1.0 if m == "full" else 0.25, params.get(m)),
@@ -198,6 +199,11 @@ def main() -> None:
             attention_kernels(model.config, T)
     if args.decode:
         decode_profile(lm, engines, args.decode, args.batch)
+        if args.skinny_gemm == "both":
+            print(f"skinny GEMM kernel in {use_skinny_linear(model)} linear layers; the same again:")
+            engines = {m: Engine(lm, registry.build_method(m, 1.0 if m == "full" else 0.25, params.get(m)),
+                                 compile_decode=args.compile) for m in args.methods.split(",")}
+            decode_profile(lm, engines, args.decode, args.batch)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
         ids = list(range(1000, 1000 + args.profile))

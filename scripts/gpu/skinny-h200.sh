@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 21: the decoding step's weight GEMMs through kvbench's kernel (kernels/skinny_gemm.py) against cuBLAS, on
 # the H200, random weights (nothing to carry; it can be the session's first call, before any parts):
-#   bash scripts/gpu/skinny-h200.sh kernel   -> $OUT/skinny-kernel.log, $OUT/prof-{cublas,skinny}-b{1,8}.log (~8 min)
+#   bash scripts/gpu/skinny-h200.sh kernel   -> $OUT/skinny-kernel.log, $OUT/prof-b{1,8}.log (~6 min)
 #     the kernel's launch shapes against F.linear on Llama-3.1-8B's projections at 1 and 8 rows (GB/s, share of
 #     the copy bandwidth), then the compiled steady decoding step of full and snapkv at 32k, batch 1 and 8, with
 #     cuBLAS and with the kernel (prof_prefill_gpu.py: the step against its floor, and one eager step by kernel);
@@ -15,12 +15,9 @@ P=scripts/gpu/prof_prefill_gpu.py
 case "${1:-kernel}" in
 kernel)
   timeout 150 python3 -m kvbench.kernels.skinny_gemm 2>&1 | tee "$OUT/skinny-kernel.log"
-  for b in 1 8; do
-    for v in cublas skinny; do
-      timeout 110 python3 $P llama-3.1-8b "" --decode 32768 --batch $b --methods full,snapkv --compile \
-        $([ $v = skinny ] && echo --skinny-gemm) 2>&1 | grep --line-buffered -v "^Loading" \
-        | tee "$OUT/prof-$v-b$b.log" | grep "steady step"
-    done
+  for b in 1 8; do  # cuBLAS, then the kernel swapped in, in one process (one model load)
+    timeout 200 python3 $P llama-3.1-8b "" --decode 32768 --batch $b --methods full,snapkv --compile \
+      --skinny-gemm both 2>&1 | grep --line-buffered -v "^Loading" | tee "$OUT/prof-b$b.log" | grep "steady step\|skinny"
   done ;;
 bench)
   timeout 560 kvbench bench --preset llama-3.1-8b --contexts 32768 --batches 1,8 --compile --skinny-gemm \
