@@ -649,8 +649,8 @@ def largest_batch_search(guess: int, cautious: int, run, attempts: int = 4) -> t
     """The largest batch that runs: ``guess`` first (the line through the allocated peaks), and after an
     out-of-memory error ``cautious`` (the line through the reserved peaks: what the allocator held, its
     fragmentation included) when that is smaller, else 5% less. Each attempt prefills every sequence, which at
-    32k is minutes: on 2026-12-03 kvcar failed at 55, 53 and 51 in the same place (117 GiB allocated, 139 GiB
-    reserved), where its reserved peaks predicted 40. Returns the last attempt and what was tried."""
+    32k is minutes, so the second guess should be a safe one (why: results/kvcar/README.md, kvcar's largest
+    batch). Returns the last attempt and what was tried."""
     batch, tried, rec = guess, [], None
     for _ in range(attempts):
         rec = run(batch)
