@@ -17,6 +17,4 @@ if [ ! -f "$gguf" ]; then
 fi
 python3 -c "import gguf" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/kvbench-site \
   $(ls $assets/gguf-*.whl /tmp/kvbench-whl/gguf-*.whl "$root"/.carry/whl/gguf-*.whl 2>/dev/null | head -1) || exit 1
-# once: reinstalling while sweep lanes run rewrites the `kvbench` script under them (scripts/gpu/qwen.sh)
-python3 -c "import kvbench, sys; sys.exit(not kvbench.__file__.startswith('$root/'))" 2>/dev/null \
-  || python3 -m pip install -q --no-deps --no-build-isolation -e "$root" 2>&1 | grep -v WARNING
+source "$root/scripts/gpu/install-kvbench.sh" && install_kvbench

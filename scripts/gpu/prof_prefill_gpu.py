@@ -169,8 +169,11 @@ def main() -> None:
     if args.skinny_gemm == "on":
         print(f"skinny GEMM kernel in {use_skinny_linear(model)} linear layers")
     print(f"{args.preset}: torch {torch.__version__}, {torch.cuda.get_device_name()}")
-    engines = {m: Engine(lm, registry.build_method(m, 1.0 if m == "full" else 0.25, params.get(m)),
-                         compile_decode=args.compile) for m in args.methods.split(",")}
+    def build_engines() -> dict:
+        return {m: Engine(lm, registry.build_method(m, 1.0 if m == "full" else 0.25, params.get(m)),
+                          compile_decode=args.compile) for m in args.methods.split(",")}
+
+    engines = build_engines()
     for T in contexts:
         ids = list(range(1000, 1000 + T))
         sample = Sample("s", ids[:-32], ids[-32:], [], 1)  # a context and a 32-token question
@@ -201,9 +204,7 @@ def main() -> None:
         decode_profile(lm, engines, args.decode, args.batch)
         if args.skinny_gemm == "both":
             print(f"skinny GEMM kernel in {use_skinny_linear(model)} linear layers; the same again:")
-            engines = {m: Engine(lm, registry.build_method(m, 1.0 if m == "full" else 0.25, params.get(m)),
-                                 compile_decode=args.compile) for m in args.methods.split(",")}
-            decode_profile(lm, engines, args.decode, args.batch)
+            decode_profile(lm, build_engines(), args.decode, args.batch)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
         ids = list(range(1000, 1000 + args.profile))

@@ -37,11 +37,7 @@ assets=/tmp/kvbench-assets
 name=qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
 sha=cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046
 export KVBENCH_CACHE=/tmp/kvbench-cache PYTHONPATH=/tmp/kvbench-site:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-# once per machine: a second install while another call's lanes run rewrites the `kvbench` script under them (on
-# 2026-12-03 a sweep lane started beside `train-kvcar` found no `kvbench` and ran nothing)
-install_kvbench() {
-  command -v kvbench >/dev/null && python3 -c "import kvbench, sys; sys.exit(not kvbench.__file__.startswith('$root/'))" 2>/dev/null \
-    || python3 -m pip install -q --no-deps --no-build-isolation -e "$root" 2>&1 | grep -v WARNING; }
+source "$(dirname "${BASH_SOURCE[0]}")/install-kvbench.sh"  # install_kvbench: once per machine
 shared_data() {  # the sweep configs read ../shared/data, which does not travel: point it at the carried copy
   [ -d /tmp/kvbench-data ] && mkdir -p "$root/../shared" && ln -sfn /tmp/kvbench-data "$root/../shared/data"; }
 case "${1:-}" in
