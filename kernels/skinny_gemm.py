@@ -4,12 +4,15 @@ At batch 1-16 a decoding step's linear layers read every weight once and do almo
 is the weight bytes over the memory bandwidth, and cuBLAS's few-row GEMMs stay well below it (the profile and
 the numbers: kernels/NOTES.md, "The decoding step's weight GEMMs"), which keeps the step off issue 21's floor.
 
-The kernel: one program per ``BLOCK_N`` output features streams those rows of the weight (contiguous along K,
-so the loads coalesce) through the whole K once, multiplying the activations' rows (at most 16, padded to the
-tensor cores' 16) with ``tl.dot``; float32 accumulation, one write of the output in the input's dtype. No split
-over K: the partial sums would need a second kernel per GEMM, which at a few microseconds each in a CUDA graph
-costs what the kernel saves; the grid (N / BLOCK_N programs) fills the GPU for every projection of the models
-timed here except the small K/V projections (N = 1024), a few percent of the bytes.
+Two kernels, both streaming each weight row once, contiguous along K (coalesced loads), float32 accumulation,
+one write of the output in the input's dtype:
+- up to ``GEMV_ROWS`` rows (batch 1-4): one program per ``BLOCK_N`` (2-8) weight rows multiplies them with every
+  activation row on the CUDA cores (no tensor cores: padding one row to ``tl.dot``'s 16 wastes nothing but
+  forces ``BLOCK_N >= 16``, which leaves the small projections, N = 1024-4096, with too few programs to keep
+  enough loads in flight on 132 SMs);
+- 5-16 rows: ``tl.dot`` on the rows padded to 16, one program per ``BLOCK_N`` (16-64) weight rows.
+No split over K: the partial sums would need a second kernel per GEMM, which at a few microseconds each in a
+CUDA graph costs what it would save.
 
 Public API
 ----------
@@ -24,7 +27,10 @@ class and code untouched. ``python -m kvbench.kernels.skinny_gemm``: the kernel'
 bandwidth.
 
 Launch shape: per (N, K, rows bucket), timed once on the first call outside a CUDA-graph capture (the
-candidates of ``CONFIGS``), else ``DEFAULT``.
+candidates of ``GEMV_CONFIGS`` or ``DOT_CONFIGS``), else the first of them. The timing replays the launches as
+a CUDA graph (as the decoding step runs them: timed eagerly, the Python launch's 20-30 us hides the kernel's
+2-30 us) over copies of the weight that together overflow the L2 cache (a step reads each weight once; timed
+on one 8 MiB weight again and again, the small projections would be read from the L2).
 """
 from __future__ import annotations
 
@@ -34,9 +40,10 @@ from torch import nn
 
 from .decode_attention import _env_true, _launch, use_triton
 
-__all__ = ["skinny_linear", "SkinnyLinear", "use_skinny_linear", "MAX_ROWS"]
+__all__ = ["skinny_linear", "SkinnyLinear", "use_skinny_linear", "MAX_ROWS", "GEMV_ROWS"]
 
 MAX_ROWS = 16  # tl.dot's smallest M; more rows are a GEMM cuBLAS serves well
+GEMV_ROWS = 4  # at 8 rows the CUDA cores' multiply-adds (16 flops a weight) would take half the bytes' time
 
 try:  # triton is a dependency, but keep the fallback usable without it
     import triton.language as tl
@@ -72,15 +79,47 @@ def _skinny_kernel(
              mask=(rm[:, None] < M) & n_ok[None, :])
 
 
+def _gemv_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, s_xm, s_om,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    n_ok = rn < N
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * K
+    x_rows = x_ptr + rm[:, None] * s_xm
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced over K once, after the loop
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + rk
+        k_ok = k < K
+        w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        x = tl.load(x_rows + k[None, :], mask=(rm[:, None] < M) & k_ok[None, :], other=0.0).to(tl.float32)
+        acc += x[:, None, :] * w[None, :, :]
+    out = tl.sum(acc, axis=2)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm[:, None] * s_om + rn[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & n_ok[None, :])
+
+
 # (BLOCK_N, BLOCK_K, num_warps, num_stages). Each candidate is one more Triton compilation (about a second) the
-# first time a process tunes, so the list stays short: tiles of 8-16 KiB of weight, 3-4 loads in flight.
-DEFAULT = (16, 256, 4, 4)
-CONFIGS = [(bn, bk, w, s) for bn in (16, 32) for bk in (256, 512) for w in (4, 8) for s in (3, 4)] + [(64, 128, 4, 4)]
+# first time a process tunes, so the lists stay short. GEMV: 4-16 KiB of weight a tile (with the accumulator at
+# most 64 float32 registers a thread at 4 rows); dot: tiles of 8-16 KiB of weight, 3-4 loads in flight.
+GEMV_CONFIGS = [(bn, bk, w, 3) for bn, bk, w in ((2, 1024, 4), (4, 512, 4), (4, 1024, 4), (4, 1024, 8), (8, 256, 4),
+                                                 (8, 512, 4), (8, 512, 8), (8, 1024, 8), (2, 2048, 8), (16, 256, 8))]
+DOT_CONFIGS = [(bn, bk, w, s) for bn in (16, 32) for bk in (256, 512) for w in (4, 8) for s in (3, 4)] + [(64, 128, 4, 4)]
 _TUNED: dict = {}
 
 
 def _rows_bucket(m: int) -> int:
-    return 1 if m == 1 else (8 if m <= 8 else MAX_ROWS)
+    """The padded row count (a power of two): the kernel and its tuning key."""
+    return 1 if m == 1 else (2 if m == 2 else (GEMV_ROWS if m <= GEMV_ROWS else MAX_ROWS))
+
+
+def _candidates(m: int) -> list:
+    return GEMV_CONFIGS if m <= GEMV_ROWS else DOT_CONFIGS
 
 
 def _launch_shape(x2, weight, bias, out, config) -> None:
@@ -89,39 +128,60 @@ def _launch_shape(x2, weight, bias, out, config) -> None:
     block_n, block_k, warps, stages = config
     grid = ((N + block_n - 1) // block_n,)
     kwargs = {} if x2.device.type != "cuda" else {"num_warps": warps, "num_stages": stages}
+    common = (x2, weight, bias if bias is not None else weight, out, M, N, K, x2.stride(0), out.stride(0))
+    if M <= GEMV_ROWS:
+        _launch(_gemv_kernel, grid, *common, HAS_BIAS=bias is not None, BLOCK_M=_rows_bucket(M), BLOCK_N=block_n,
+                BLOCK_K=block_k, **kwargs)
+        return
     dot_f32 = _env_true("TRITON_INTERPRET") and x2.dtype == torch.bfloat16
-    _launch(_skinny_kernel, grid, x2, weight, bias if bias is not None else weight, out, M, N, K,
-            x2.stride(0), out.stride(0), HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=block_n,
+    _launch(_skinny_kernel, grid, *common, HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=block_n,
             BLOCK_K=block_k, PRECISION="ieee" if x2.dtype == torch.float32 or dot_f32 else "tf32",
             DOT_F32=dot_f32, **kwargs)
 
 
-def _time(fn, reps: int = 20) -> float:
-    fn()
+L2_OVERFLOW = 256 << 20  # bytes of weight copies a timing cycles through: above any GPU's L2 cache (H200: 60 MiB)
+
+
+def _time(launch, weight: torch.Tensor, reps: int = 20) -> float:
+    """Seconds per ``launch(w)`` with ``w`` a copy of ``weight`` (uninitialised: the time does not depend on the
+    values), the copies cycling so that each is read from memory, ``reps`` launches replayed as a CUDA graph."""
+    copies = [weight] + [torch.empty_like(weight) for _ in range(min(L2_OVERFLOW // max(weight.nbytes, 1), 63))]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # compile and load outside the capture
+        for w in copies[:2]:
+            launch(w)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        for i in range(reps):
+            launch(copies[i % len(copies)])
+    graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(reps):
-        fn()
+    for _ in range(3):
+        graph.replay()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) / reps / 1e3
+    return start.elapsed_time(end) / (3 * reps) / 1e3
 
 
 def _config_for(x2, weight, bias, out):
+    candidates = _candidates(x2.shape[0])
     if x2.device.type != "cuda":
-        return DEFAULT
+        return candidates[0]
     key = (weight.shape[0], weight.shape[1], _rows_bucket(x2.shape[0]), weight.dtype, x2.device)
     config = _TUNED.get(key)
     if config is None:
-        if torch.cuda.is_current_stream_capturing():  # no timing inside a capture: the default, not remembered
-            return DEFAULT
+        if torch.cuda.is_current_stream_capturing():  # no timing inside a capture: the first, not remembered
+            return candidates[0]
         timings = {}
-        for c in CONFIGS:
+        for c in candidates:
             try:
-                timings[c] = _time(lambda: _launch_shape(x2, weight, bias, out, c))
-            except Exception:  # a shape this GPU's shared memory refuses
+                timings[c] = _time(lambda w: _launch_shape(x2, w, bias, out, c), weight)
+            except Exception:  # a shape this GPU's shared memory or registers refuse
                 continue
-        config = _TUNED[key] = min(timings, key=timings.get) if timings else DEFAULT
+        config = _TUNED[key] = min(timings, key=timings.get) if timings else candidates[0]
     return config
 
 
@@ -186,47 +246,46 @@ def use_skinny_linear(model: nn.Module) -> int:
 
 
 def main() -> None:  # pragma: no cover - GPU only
-    """Llama-3.1-8B's projections at 1 and 8 rows: cuBLAS against every launch shape of the kernel."""
+    """Llama-3.1-8B's projections at 1, 4 and 8 rows: cuBLAS against every launch shape of the kernel, each timed
+    as the step runs them (``_time``: CUDA graph, weights read from memory)."""
     dev, dt = torch.device("cuda"), torch.bfloat16
     x = torch.empty(2 << 30, dtype=torch.uint8, device=dev)
     y = torch.empty_like(x)
-    bw = 2 * x.numel() / _time(lambda: y.copy_(x), reps=10)
+    bw = 2 * x.numel() / _time(lambda src: y.copy_(src), x, reps=10)
     del x, y
-    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s (read + write); shares below are "
+          "of it, weight bytes over time")
     shapes = {"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (14336, 4096), "down": (4096, 14336),
               "lm_head": (128256, 4096)}
+    per_layer = {"q/o": 2, "k/v": 2, "gate/up": 2, "down": 1, "lm_head": 0}
     total = {}
-    for rows in (1, 8):
+    for rows in (1, 4, 8):
         for name, (N, K) in shapes.items():
             w = torch.randn(N, K, device=dev, dtype=dt) / K ** 0.5
             a = torch.randn(rows, K, device=dev, dtype=dt)
             ref = F.linear(a, w)
-            t_cublas = _time(lambda: F.linear(a, w), reps=50)
+            t_cublas = _time(lambda wc: F.linear(a, wc), w)
             out = torch.empty(rows, N, device=dev, dtype=dt)
             timed = {}
-            for c in CONFIGS:
+            for c in _candidates(rows):
                 try:
-                    _launch_shape(a, w, None, out, c)
-                    timed[c] = _time(lambda: _launch_shape(a, w, None, out, c), reps=50)
+                    timed[c] = _time(lambda wc: _launch_shape(a, wc, None, out, c), w)
                 except Exception as e:
-                    timed[c] = float("inf")
                     print(f"    {c}: {str(e).splitlines()[0][:80]}")
             best = min(timed, key=timed.get)
             _launch_shape(a, w, None, out, best)
             err = (out.float() - ref.float()).abs().max().item()
             nbytes = w.numel() * w.element_size()
             print(f"  rows {rows} {name:8s} N={N:6d} K={K:5d}: cuBLAS {t_cublas * 1e6:7.1f} us "
-                  f"({nbytes / t_cublas / bw:5.1%} of copy bw), kernel best {timed[best] * 1e6:7.1f} us "
-                  f"({nbytes / timed[best] / bw:5.1%}) at {best}, default {timed.get(DEFAULT, float('inf')) * 1e6:7.1f} us;"
-                  f" max |diff| {err:.3g}")
-            per_layer = {"q/o": 2, "k/v": 2, "gate/up": 2, "down": 1}.get(name, 0)
-            if per_layer:
-                total.setdefault(rows, [0.0, 0.0])
-                total[rows][0] += per_layer * t_cublas
-                total[rows][1] += per_layer * timed[best]
+                  f"({nbytes / t_cublas / bw:6.1%}), kernel {timed[best] * 1e6:7.1f} us ({nbytes / timed[best] / bw:6.1%}) "
+                  f"at {best}; max |diff| {err:.3g}")
+            t = total.setdefault(rows, [0.0, 0.0])
+            t[0] += per_layer[name] * t_cublas * 32 + (t_cublas if name == "lm_head" else 0.0)
+            t[1] += per_layer[name] * timed[best] * 32 + (timed[best] if name == "lm_head" else 0.0)
+            del w
     for rows, (c, k) in total.items():
-        print(f"rows {rows}: one layer's 7 projections, cuBLAS {c * 1e6:.1f} us, kernel {k * 1e6:.1f} us "
-              f"({k / c:.3f}x); x 32 layers: {(c - k) * 32 * 1e3:.3f} ms a step saved")
+        print(f"rows {rows}: a step's 225 weight GEMMs (32 layers and the output layer), cuBLAS {c * 1e3:.3f} ms, "
+              f"kernel {k * 1e3:.3f} ms ({k / c:.3f}x)")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,9 @@
 """kernels/skinny_gemm.py: the few-row linear kernel computes F.linear, falls back where it does not apply, and
 a model with it swapped in decodes the same tokens (eagerly and through torch.compile)."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,8 +25,8 @@ def _interpreter(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows,N,K,bias", [(1, 37, 300, True), (3, 64, 256, False), (16, 100, 513, True),
-                                           (8, 16, 16, False)])
+@pytest.mark.parametrize("rows,N,K,bias", [(1, 37, 300, True), (2, 9, 1100, False), (3, 64, 256, False),
+                                           (16, 100, 513, True), (8, 16, 16, False)])
 def test_the_kernel_computes_f_linear(rows, N, K, bias, dtype):
     """Row counts 1-16, N and K off the blocks' multiples (masked edges), with and without a bias."""
     g = torch.Generator().manual_seed(rows * 1000 + N)
@@ -36,6 +40,19 @@ def test_the_kernel_computes_f_linear(rows, N, K, bias, dtype):
         torch.testing.assert_close(got.double(), exact, atol=1e-4, rtol=1e-5)
     else:  # one rounding of a float32 sum (the interpreter rounds toward zero): well within bfloat16's 2^-8
         assert ((got.double() - exact).abs() / exact.abs().max()).max() < 2e-2
+
+
+def test_up_to_four_rows_take_the_gemv_kernel_and_more_the_dot_kernel(monkeypatch):
+    """The split between the CUDA-core kernel and the tensor-core one, with each one's first launch shape."""
+    used = []
+    monkeypatch.setattr(skinny_gemm, "_launch", lambda fn, grid, *a, **kw: used.append((fn, grid, kw["BLOCK_M"])))
+    w = torch.randn(40, 32)
+    for rows in (1, 2, 3, 4, 5, 16):
+        skinny_linear(torch.randn(rows, 32), w)
+    gemv, dot = skinny_gemm._gemv_kernel, skinny_gemm._skinny_kernel
+    bn_gemv, bn_dot = skinny_gemm.GEMV_CONFIGS[0][0], skinny_gemm.DOT_CONFIGS[0][0]
+    assert used == [(gemv, (-(-40 // bn_gemv),), 1), (gemv, (-(-40 // bn_gemv),), 2), (gemv, (-(-40 // bn_gemv),), 4),
+                    (gemv, (-(-40 // bn_gemv),), 4), (dot, (-(-40 // bn_dot),), 16), (dot, (-(-40 // bn_dot),), 16)]
 
 
 def test_more_rows_or_a_strided_weight_go_to_f_linear(monkeypatch):
@@ -98,3 +115,34 @@ def test_the_op_compiles_whole():
         use_skinny_linear(m)
         got = torch.compile(m, fullgraph=True)(x)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+AOT_COMPILE = """
+import re, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kvbench.kernels import skinny_gemm as sg
+sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
+       "s_xm": "i32", "s_om": "i32"}
+aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 3, 6, 7, 8)}  # as a launch specialises K = 4096
+jobs = [(sg._gemv_kernel, dict(BLOCK_M=m), c) for m in (1, 2, 4) for c in sg.GEMV_CONFIGS]
+jobs += [(sg._skinny_kernel, dict(BLOCK_M=16, PRECISION="tf32", DOT_F32=False), c) for c in sg.DOT_CONFIGS]
+for fn, extra, (bn, bk, warps, stages) in jobs:
+    const = dict(HAS_BIAS=True, BLOCK_N=bn, BLOCK_K=bk, **extra)
+    src = ASTSource(fn=triton.jit(fn), signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const,
+                    attrs=aligned)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages}).asm["ptx"]
+    assert "ld.global.v4" in ptx or "cp.async" in ptx, (fn.__name__, const)  # 16-byte loads of the weight
+print("compiled", len(jobs))
+"""
+
+
+def test_every_launch_shape_compiles_for_the_h200_with_wide_loads():
+    """The interpreter accepts what the compiler may refuse: every candidate launch shape of both kernels compiled
+    ahead of time for sm_90 (bf16, K a multiple of 16 as at a launch on the models' shapes), in a process of its
+    own (the interpreter, once run in a process, leaves code generation broken there), each loading the weight
+    16 bytes at a time."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "KVBENCH_TRITON")}
+    out = subprocess.run([sys.executable, "-c", AOT_COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
