@@ -6,11 +6,11 @@ the numbers: kernels/NOTES.md, "The decoding step's weight GEMMs"), which keeps 
 
 Two kernels, both streaming each weight row once, contiguous along K (coalesced loads), float32 accumulation,
 one write of the output in the input's dtype:
-- up to ``GEMV_ROWS`` rows (batch 1-4): one program per ``BLOCK_N`` (2-8) weight rows multiplies them with every
-  activation row on the CUDA cores (no tensor cores: padding one row to ``tl.dot``'s 16 wastes nothing but
-  forces ``BLOCK_N >= 16``, which leaves the small projections, N = 1024-4096, with too few programs to keep
-  enough loads in flight on 132 SMs);
-- 5-16 rows: ``tl.dot`` on the rows padded to 16, one program per ``BLOCK_N`` (16-64) weight rows.
+- one row (batch 1): one program per ``BLOCK_N`` (2-16) weight rows multiplies them with the activations on
+  the CUDA cores (no tensor cores: padding the row to ``tl.dot``'s 16 costs nothing but forces ``BLOCK_N >= 16``,
+  which leaves the small projections, N = 1024-4096, with too few programs to keep enough loads in flight on
+  132 SMs). On the CUDA cores more rows do not pay: at 4 rows the H200 took 1.8x cuBLAS's time;
+- 2-16 rows: ``tl.dot`` on the rows padded to 16, one program per ``BLOCK_N`` (16-64) weight rows.
 No split over K: the partial sums would need a second kernel per GEMM, which at a few microseconds each in a
 CUDA graph costs what it would save.
 
@@ -40,10 +40,9 @@ from torch import nn
 
 from .decode_attention import _env_true, _launch, use_triton
 
-__all__ = ["skinny_linear", "SkinnyLinear", "use_skinny_linear", "MAX_ROWS", "GEMV_ROWS"]
+__all__ = ["skinny_linear", "SkinnyLinear", "use_skinny_linear", "MAX_ROWS"]
 
 MAX_ROWS = 16  # tl.dot's smallest M; more rows are a GEMM cuBLAS serves well
-GEMV_ROWS = 4  # at 8 rows the CUDA cores' multiply-adds (16 flops a weight) would take half the bytes' time
 
 try:  # triton is a dependency, but keep the fallback usable without it
     import triton.language as tl
@@ -80,33 +79,29 @@ def _skinny_kernel(
 
 
 def _gemv_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, s_xm, s_om,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, w_ptr, b_ptr, out_ptr, N, K,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
     n_ok = rn < N
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * K
-    x_rows = x_ptr + rm[:, None] * s_xm
-    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced over K once, after the loop
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced over K once, after the loop
     for k0 in range(0, K, BLOCK_K):
         k = k0 + rk
         k_ok = k < K
         w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        x = tl.load(x_rows + k[None, :], mask=(rm[:, None] < M) & k_ok[None, :], other=0.0).to(tl.float32)
-        acc += x[:, None, :] * w[None, :, :]
-    out = tl.sum(acc, axis=2)
+        x = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+        acc += w * x[None, :]
+    out = tl.sum(acc, axis=1)
     if HAS_BIAS:
-        out += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rm[:, None] * s_om + rn[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & n_ok[None, :])
+        out += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rn, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages). Each candidate is one more Triton compilation (about a second) the
-# first time a process tunes, so the lists stay short. GEMV: 4-16 KiB of weight a tile (with the accumulator at
-# most 64 float32 registers a thread at 4 rows); dot: tiles of 8-16 KiB of weight, 3-4 loads in flight.
+# first time a process tunes, so the lists stay short. GEMV: 4-16 KiB of weight a tile; dot: tiles of 8-16 KiB of weight, 3-4 loads in flight.
 GEMV_CONFIGS = [(bn, bk, w, 3) for bn, bk, w in ((2, 1024, 4), (4, 512, 4), (4, 1024, 4), (4, 1024, 8), (8, 256, 4),
                                                  (8, 512, 4), (8, 512, 8), (8, 1024, 8), (2, 2048, 8), (16, 256, 8))]
 DOT_CONFIGS = [(bn, bk, w, s) for bn in (16, 32) for bk in (256, 512) for w in (4, 8) for s in (3, 4)] + [(64, 128, 4, 4)]
@@ -114,12 +109,12 @@ _TUNED: dict = {}
 
 
 def _rows_bucket(m: int) -> int:
-    """The padded row count (a power of two): the kernel and its tuning key."""
-    return 1 if m == 1 else (2 if m == 2 else (GEMV_ROWS if m <= GEMV_ROWS else MAX_ROWS))
+    """The tuning key's row count: 1 (the GEMV), 8 or 16 (the dot kernel, rows padded to 16)."""
+    return 1 if m == 1 else (8 if m <= 8 else MAX_ROWS)
 
 
 def _candidates(m: int) -> list:
-    return GEMV_CONFIGS if m <= GEMV_ROWS else DOT_CONFIGS
+    return GEMV_CONFIGS if m == 1 else DOT_CONFIGS
 
 
 def _launch_shape(x2, weight, bias, out, config) -> None:
@@ -128,13 +123,13 @@ def _launch_shape(x2, weight, bias, out, config) -> None:
     block_n, block_k, warps, stages = config
     grid = ((N + block_n - 1) // block_n,)
     kwargs = {} if x2.device.type != "cuda" else {"num_warps": warps, "num_stages": stages}
-    common = (x2, weight, bias if bias is not None else weight, out, M, N, K, x2.stride(0), out.stride(0))
-    if M <= GEMV_ROWS:
-        _launch(_gemv_kernel, grid, *common, HAS_BIAS=bias is not None, BLOCK_M=_rows_bucket(M), BLOCK_N=block_n,
+    b = bias if bias is not None else weight
+    if M == 1:
+        _launch(_gemv_kernel, grid, x2, weight, b, out, N, K, HAS_BIAS=bias is not None, BLOCK_N=block_n,
                 BLOCK_K=block_k, **kwargs)
         return
     dot_f32 = _env_true("TRITON_INTERPRET") and x2.dtype == torch.bfloat16
-    _launch(_skinny_kernel, grid, *common, HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=block_n,
+    _launch(_skinny_kernel, grid, x2, weight, b, out, M, N, K, x2.stride(0), out.stride(0), HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=block_n,
             BLOCK_K=block_k, PRECISION="ieee" if x2.dtype == torch.float32 or dot_f32 else "tf32",
             DOT_F32=dot_f32, **kwargs)
 
@@ -246,7 +241,7 @@ def use_skinny_linear(model: nn.Module) -> int:
 
 
 def main() -> None:  # pragma: no cover - GPU only
-    """Llama-3.1-8B's projections at 1, 4 and 8 rows: cuBLAS against every launch shape of the kernel, each timed
+    """Llama-3.1-8B's projections at 1, 2 and 8 rows: cuBLAS against every launch shape of the kernel, each timed
     as the step runs them (``_time``: CUDA graph, weights read from memory)."""
     dev, dt = torch.device("cuda"), torch.bfloat16
     x = torch.empty(2 << 30, dtype=torch.uint8, device=dev)
@@ -259,7 +254,7 @@ def main() -> None:  # pragma: no cover - GPU only
               "lm_head": (128256, 4096)}
     per_layer = {"q/o": 2, "k/v": 2, "gate/up": 2, "down": 1, "lm_head": 0}
     total = {}
-    for rows in (1, 4, 8):
+    for rows in (1, 2, 8):
         for name, (N, K) in shapes.items():
             w = torch.randn(N, K, device=dev, dtype=dt) / K ** 0.5
             a = torch.randn(rows, K, device=dev, dtype=dt)
