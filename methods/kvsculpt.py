@@ -40,36 +40,41 @@ import torch
 from torch.profiler import record_function
 
 from kvbench.method import BudgetError
-from kvbench.methods.selectfit import Problems, SelectFit, objective, solve_values
+from kvbench.methods.selectfit import Problems, SelectFit, objective_and_key_grad, solve_values
 
 
 class BatchedLBFGS:
-    """L-BFGS over P independent problems at once (x: [P, n]); each keeps its own history and step."""
+    """L-BFGS over P independent problems at once (x: [P, n]); each keeps its own history and step.
+
+    The direction is the compact form of the inverse-Hessian product (Byrd, Nocedal and Schnabel 1994):
+    the same vector as the textbook two-loop recursion, from a few batched products and two triangular solves
+    over the ``history`` x ``history`` matrices, where the two-loop takes about six kernels per stored pair and
+    direction (launches were the compression's time on the GPU)."""
 
     def __init__(self, n_problems: int, n: int, history: int, initial_step: float, max_backtracks: int,
                  device, armijo: float = 1e-4):
         self.h, self.initial_step, self.max_backtracks, self.armijo = history, initial_step, max_backtracks, armijo
-        self.S = torch.zeros(n_problems, history, n, device=device)
+        self.S = torch.zeros(n_problems, history, n, device=device)  # newest pair last
         self.Y = torch.zeros(n_problems, history, n, device=device)
-        self.rho = torch.zeros(n_problems, history, device=device)
         self.count = torch.zeros(n_problems, dtype=torch.long, device=device)
 
     def direction(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        q = g.clone()
-        alphas = []
-        for i in reversed(range(self.h)):
-            use = (i >= self.h - self.count).float()
-            a = use * self.rho[:, i] * (self.S[:, i] * q).sum(-1)
-            q -= a[:, None] * self.Y[:, i]
-            alphas.append(a)
+        """-H g with H the L-BFGS inverse Hessian (H0 = gamma I, gamma = s.y / y.y of the newest pair) of each
+        problem's ``count`` newest pairs. The others are zeroed, with a unit diagonal in R, which removes them
+        from every product below exactly."""
+        used = torch.arange(self.h, device=g.device)[None, :] >= self.h - self.count[:, None]  # [P, h]
+        S, Y = self.S * used[..., None], self.Y * used[..., None]
         s, y = self.S[:, -1], self.Y[:, -1]
-        gamma = (s * y).sum(-1) / (y * y).sum(-1).clamp(min=1e-30)
-        r = gamma[:, None] * q
-        for i, a in zip(range(self.h), reversed(alphas)):
-            use = (i >= self.h - self.count).float()
-            b = use * self.rho[:, i] * (self.Y[:, i] * r).sum(-1)
-            r += (a - b)[:, None] * self.S[:, i]
-        return torch.where((self.count == 0)[:, None], self.steepest(x, g), -r)
+        gamma = ((s * y).sum(-1) / (y * y).sum(-1).clamp(min=1e-30))[:, None, None]
+        SY = S @ Y.transpose(1, 2)  # (s_i . y_j)
+        R = torch.triu(SY) + torch.diag_embed((~used).to(SY.dtype))
+        a = S @ g[..., None]  # [P, h, 1]
+        r_a = torch.linalg.solve_triangular(R, a, upper=True)  # R^-1 S'g
+        inner = SY.diagonal(dim1=-2, dim2=-1)[..., None] * r_a + gamma * (Y @ (Y.transpose(1, 2) @ r_a)) \
+            - gamma * (Y @ g[..., None])
+        p1 = torch.linalg.solve_triangular(R.transpose(1, 2), inner, upper=False)
+        hg = gamma[..., 0] * g + (S.transpose(1, 2) @ p1)[..., 0] - gamma[..., 0] * (Y.transpose(1, 2) @ r_a)[..., 0]
+        return torch.where((self.count == 0)[:, None], self.steepest(x, g), -hg)
 
     def steepest(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         return -g * (self.initial_step * x.norm(dim=-1) / g.norm(dim=-1).clamp(min=1e-30))[:, None]
@@ -107,8 +112,6 @@ class BatchedLBFGS:
         push = sy > 1e-10 * s.norm(dim=-1) * y.norm(dim=-1)
         self.S = torch.where(push[:, None, None], torch.cat([self.S[:, 1:], s[:, None]], dim=1), self.S)
         self.Y = torch.where(push[:, None, None], torch.cat([self.Y[:, 1:], y[:, None]], dim=1), self.Y)
-        rho = torch.where(push, 1.0 / torch.where(push, sy, 1.0), 0.0)  # (a pair not pushed divides nothing)
-        self.rho = torch.where(push[:, None], torch.cat([self.rho[:, 1:], rho[:, None]], dim=1), self.rho)
         self.count = torch.where(push, (self.count + 1).clamp(max=self.h), self.count)
         return x_new, f_new, g_new
 
@@ -122,11 +125,8 @@ def sculpt(pb: Problems, keys: torch.Tensor, ridge: float, lse_weight: float, it
 
     def fn(idx: torch.Tensor | None, x: torch.Tensor):
         sub, vals = (pb, values) if idx is None else (pb.select(idx), values[idx])
-        with torch.enable_grad():
-            k = x.detach().view(-1, M, D).requires_grad_(True)
-            f = objective(sub, k, vals, lse_weight)
-            (g,) = torch.autograd.grad(f.sum(), k)
-        return f.detach(), g.reshape(len(f), -1)
+        f, g = objective_and_key_grad(sub, x.view(-1, M, D), vals, lse_weight)
+        return f, g.reshape(len(f), -1)
 
     x = keys.reshape(P, -1).clone()
     f, g = fn(None, x)

@@ -117,6 +117,10 @@ def attend(pb: Problems, keys: torch.Tensor, values: torch.Tensor):
 def objective(pb: Problems, keys: torch.Tensor, values: torch.Tensor, lse_weight: float) -> torch.Tensor:
     """[P] relative output error + ``lse_weight`` x mean squared log-sum-exp error + ridge penalty."""
     out, lse, _ = attend(pb, keys, values)
+    return _objective_of(pb, out, lse, values, lse_weight)
+
+
+def _objective_of(pb: Problems, out: torch.Tensor, lse: torch.Tensor, values: torch.Tensor, lse_weight: float):
     rows = pb.queries.shape[1]
     err = ((out - pb.out) ** 2).sum(-1).mean(-1) / pb.out_scale
     penalty = pb.ridge / (rows * pb.out_scale) * ((values - pb.prior_values) ** 2).sum(dim=(-1, -2))
@@ -124,6 +128,24 @@ def objective(pb: Problems, keys: torch.Tensor, values: torch.Tensor, lse_weight
     if lse_weight:
         f = f + lse_weight * ((lse - pb.lse) ** 2).mean(-1)
     return f
+
+
+def objective_and_key_grad(pb: Problems, keys: torch.Tensor, values: torch.Tensor, lse_weight: float):
+    """``objective`` [P] and its gradient in the free keys [P, M, D], written out: autograd's graph for this
+    took about four times the kernel launches, and KVSculpt evaluates it a few hundred times a compression
+    (the launches, not the arithmetic, were its time on the H200).
+
+    With p the attention probabilities of a target row over all slots, out = sum p v and lse its log-sum-exp,
+    d out / d logit_m = p_m (v_m - out) and d lse / d logit_m = p_m; a free logit is scale x q . k_m."""
+    out, lse, p_free = attend(pb, keys, values)
+    rows = pb.queries.shape[1]
+    diff = out - pb.out
+    grad_out = diff * (2.0 / (rows * pb.out_scale))[:, None, None]  # d f / d out, [P, R, D]
+    grad_logit = torch.einsum("prd,pmd->prm", grad_out, values) - (grad_out * out).sum(-1, keepdim=True)
+    if lse_weight:
+        grad_logit = grad_logit + (2.0 * lse_weight / rows) * (lse - pb.lse)[..., None]
+    grad_keys = torch.einsum("prm,prd->pmd", p_free * grad_logit, pb.queries) * pb.scale
+    return _objective_of(pb, out, lse, values, lse_weight), grad_keys
 
 
 def solve_values(pb: Problems, keys: torch.Tensor, ridge: float) -> torch.Tensor:

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from kvbench import registry
 from kvbench.cli import main
 from kvbench.methods.kvsculpt import BatchedLBFGS, sculpt
-from kvbench.methods.selectfit import Problems, attend, objective, redistribute, solve_values
+from kvbench.methods.selectfit import Problems, attend, objective, objective_and_key_grad, redistribute, solve_values
 from kvbench.engine import Engine
 from tests.conftest import prompt, sample, tiny
 
@@ -67,6 +67,71 @@ def test_objective_never_increases_and_drops():
     assert bool((final < 0.7 * start).all()), (start, final)
     torch.testing.assert_close(final, objective(pb, new_keys, values, 0.5), rtol=1e-4, atol=1e-7)
     assert bool((new_keys[-1, -4:] == 0).all())  # padded free slots stay untouched
+
+
+@pytest.mark.parametrize("lse_weight", [0.0, 0.5])
+def test_the_written_out_key_gradient_is_autograds(lse_weight):
+    """In float64, padded free slots included (their gradient is zero)."""
+    pb, keys, _ = random_problems(seed=4)
+    values = solve_values(pb, keys, 0.1)
+    pb64 = Problems(*(t.double() if torch.is_floating_point(t) else t for t in
+                      (pb.queries, pb.out, pb.lse, pb.exact_scores, pb.exact_values, pb.free_mask, pb.prior_values,
+                       pb.out_scale)), pb.scale, pb.ridge.double())
+    k = (keys.double() + 0.3 * torch.randn(keys.shape, generator=torch.Generator().manual_seed(1)).double())
+    k = k.masked_fill(~pb.free_mask[..., None], 0.0)
+    f, g = objective_and_key_grad(pb64, k, values.double(), lse_weight)
+    with torch.enable_grad():
+        kg = k.clone().requires_grad_(True)
+        f_ref = objective(pb64, kg, values.double(), lse_weight)
+        (g_ref,) = torch.autograd.grad(f_ref.sum(), kg)
+    torch.testing.assert_close(f, f_ref.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-12)
+    assert bool((g[~pb.free_mask] == 0).all())
+
+
+def two_loop_direction(opt: BatchedLBFGS, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The textbook two-loop recursion (Nocedal and Wright, algorithm 7.4) per problem: the reference."""
+    out = []
+    for p in range(len(g)):
+        c = int(opt.count[p])
+        if c == 0:
+            out.append(opt.steepest(x[p:p + 1], g[p:p + 1])[0])
+            continue
+        S, Y = opt.S[p, -c:].double(), opt.Y[p, -c:].double()
+        q, alphas = g[p].double().clone(), []
+        for s, y in zip(reversed(S), reversed(Y)):
+            a = (s @ q) / (s @ y)
+            q -= a * y
+            alphas.append(a)
+        r = q * (S[-1] @ Y[-1]) / (Y[-1] @ Y[-1])
+        for s, y, a in zip(S, Y, reversed(alphas)):
+            r += (a - (y @ r) / (s @ y)) * s
+        out.append(-r)
+    return torch.stack(out).to(g.dtype)
+
+
+def test_the_compact_lbfgs_direction_is_the_two_loop_recursions():
+    """Histories of every length (0 to full, after rejected steps reset some), on an ill-conditioned quadratic."""
+    g = torch.Generator().manual_seed(3)
+    P, n = 5, 12
+    scales = torch.logspace(0, 3, n)[None, :] * torch.tensor([1.0, 2.0, 5.0, 0.5, 3.0])[:, None]
+    target = torch.randn(P, n, generator=g)
+
+    def quad(idx, x):
+        diff = x - target[idx]
+        return (scales[idx] * diff ** 2).sum(-1), 2 * scales[idx] * diff
+
+    x = torch.randn(P, n, generator=g)
+    opt = BatchedLBFGS(P, n, history=4, initial_step=0.1, max_backtracks=20, device="cpu")
+    f, grad = quad(torch.arange(P), x)
+    seen = set()
+    for it in range(9):
+        if it == 5:
+            opt.count[1:3] = torch.tensor([0, 2])  # as a rejected step or a short history leaves them
+        seen.update(opt.count.tolist())
+        torch.testing.assert_close(opt.direction(x, grad), two_loop_direction(opt, x, grad), rtol=2e-4, atol=1e-6)
+        x, f, grad = opt.step(quad, x, f, grad)
+    assert {0, 2, 4} <= seen
 
 
 def test_lbfgs_solves_quadratics_and_rejects_bad_steps():
