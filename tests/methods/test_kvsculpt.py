@@ -89,6 +89,19 @@ def test_the_written_out_key_gradient_is_autograds(lse_weight):
     assert bool((g[~pb.free_mask] == 0).all())
 
 
+def quadratics(scales: torch.Tensor, seed: int):
+    """P diagonal quadratics sum scales (x - target)^2 as an L-BFGS ``fn``, and a random start."""
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randn(scales.shape, generator=g)
+
+    def quad(idx, x):
+        diff = x - target[idx]
+        return (scales[idx] * diff ** 2).sum(-1), 2 * scales[idx] * diff
+
+    quad.target, quad.generator = target, g
+    return quad, torch.randn(scales.shape, generator=g)
+
+
 def two_loop_direction(opt: BatchedLBFGS, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """The textbook two-loop recursion (Nocedal and Wright, algorithm 7.4) per problem: the reference."""
     out = []
@@ -112,16 +125,8 @@ def two_loop_direction(opt: BatchedLBFGS, x: torch.Tensor, g: torch.Tensor) -> t
 
 def test_the_compact_lbfgs_direction_is_the_two_loop_recursions():
     """Histories of every length (0 to full, after rejected steps reset some), on an ill-conditioned quadratic."""
-    g = torch.Generator().manual_seed(3)
     P, n = 5, 12
-    scales = torch.logspace(0, 3, n)[None, :] * torch.tensor([1.0, 2.0, 5.0, 0.5, 3.0])[:, None]
-    target = torch.randn(P, n, generator=g)
-
-    def quad(idx, x):
-        diff = x - target[idx]
-        return (scales[idx] * diff ** 2).sum(-1), 2 * scales[idx] * diff
-
-    x = torch.randn(P, n, generator=g)
+    quad, x = quadratics(torch.logspace(0, 3, n)[None, :] * torch.tensor([1.0, 2.0, 5.0, 0.5, 3.0])[:, None], seed=3)
     opt = BatchedLBFGS(P, n, history=4, initial_step=0.1, max_backtracks=20, device="cpu")
     f, grad = quad(torch.arange(P), x)
     seen = set()
@@ -135,16 +140,10 @@ def test_the_compact_lbfgs_direction_is_the_two_loop_recursions():
 
 
 def test_lbfgs_solves_quadratics_and_rejects_bad_steps():
-    g = torch.Generator().manual_seed(0)
     P, n = 4, 10
-    scales = torch.logspace(0, 2, n)[None, :] * torch.tensor([1.0, 3.0, 10.0, 0.3])[:, None]
-    target = torch.randn(P, n, generator=g)
-
-    def quad(idx, x):
-        diff = x - target[idx]
-        return (scales[idx] * diff ** 2).sum(-1), 2 * scales[idx] * diff
-
-    x = torch.randn(P, n, generator=g)
+    quad, x = quadratics(torch.logspace(0, 2, n)[None, :] * torch.tensor([1.0, 3.0, 10.0, 0.3])[:, None], seed=0)
+    target = quad.target
+    g = quad.generator
     opt = BatchedLBFGS(P, n, history=8, initial_step=0.1, max_backtracks=20, device="cpu")
     f, grad = quad(torch.arange(P), x)
     for _ in range(60):
