@@ -46,35 +46,64 @@ from kvbench.methods.selectfit import Problems, SelectFit, objective_and_key_gra
 class BatchedLBFGS:
     """L-BFGS over P independent problems at once (x: [P, n]); each keeps its own history and step.
 
-    The direction is the compact form of the inverse-Hessian product (Byrd, Nocedal and Schnabel 1994):
-    the same vector as the textbook two-loop recursion, from a few batched products and two triangular solves
-    over the ``history`` x ``history`` matrices, where the two-loop takes about six kernels per stored pair and
-    direction (launches were the compression's time on the GPU)."""
+    Built for the GPU, where the history (P x 2 x ``history`` x n floats, hundreds of MB for a long prompt) and
+    the kernel launches are the cost: the direction is the compact form of the inverse-Hessian product (Byrd,
+    Nocedal and Schnabel 1994), the same vector as the textbook two-loop recursion, from two passes over the
+    history (its products with the gradient, then one combination of its rows) and small ``history`` x
+    ``history`` algebra; the pairs' mutual products are kept up to date as pairs arrive (one more pass), and a
+    new pair overwrites the oldest in place (a ring; the order lives in ``age``), where shifting the history
+    rewrote all of it every step."""
 
     def __init__(self, n_problems: int, n: int, history: int, initial_step: float, max_backtracks: int,
                  device, armijo: float = 1e-4):
         self.h, self.initial_step, self.max_backtracks, self.armijo = history, initial_step, max_backtracks, armijo
-        self.S = torch.zeros(n_problems, history, n, device=device)  # newest pair last
-        self.Y = torch.zeros(n_problems, history, n, device=device)
-        self.count = torch.zeros(n_problems, dtype=torch.long, device=device)
+        self.pairs = torch.zeros(n_problems, 2 * history, n, device=device)  # s of slot i in row i, its y in h + i
+        self.sy = torch.zeros(n_problems, history, history, device=device)  # s_i . y_j over slots
+        self.yy = torch.zeros(n_problems, history, history, device=device)  # y_i . y_j
+        self.age = torch.full((n_problems, history), -1, dtype=torch.long, device=device)  # push number, -1 empty
+        self.count = torch.zeros(n_problems, dtype=torch.long, device=device)  # newest pairs in use
+        self.pushes = 0
 
     def direction(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """-H g with H the L-BFGS inverse Hessian (H0 = gamma I, gamma = s.y / y.y of the newest pair) of each
-        problem's ``count`` newest pairs. The others are zeroed, with a unit diagonal in R, which removes them
-        from every product below exactly."""
-        used = torch.arange(self.h, device=g.device)[None, :] >= self.h - self.count[:, None]  # [P, h]
-        S, Y = self.S * used[..., None], self.Y * used[..., None]
-        s, y = self.S[:, -1], self.Y[:, -1]
-        gamma = ((s * y).sum(-1) / (y * y).sum(-1).clamp(min=1e-30))[:, None, None]
-        SY = S @ Y.transpose(1, 2)  # (s_i . y_j)
-        R = torch.triu(SY) + torch.diag_embed((~used).to(SY.dtype))
-        a = S @ g[..., None]  # [P, h, 1]
-        r_a = torch.linalg.solve_triangular(R, a, upper=True)  # R^-1 S'g
-        inner = SY.diagonal(dim1=-2, dim2=-1)[..., None] * r_a + gamma * (Y @ (Y.transpose(1, 2) @ r_a)) \
-            - gamma * (Y @ g[..., None])
-        p1 = torch.linalg.solve_triangular(R.transpose(1, 2), inner, upper=False)
-        hg = gamma[..., 0] * g + (S.transpose(1, 2) @ p1)[..., 0] - gamma[..., 0] * (Y.transpose(1, 2) @ r_a)[..., 0]
+        problem's ``count`` newest pairs. The small algebra runs oldest pair first; pairs not in use are zeroed
+        there, with a unit diagonal in R, which removes them from every product exactly."""
+        h = self.h
+        order = torch.argsort(self.age, dim=-1)  # slots, oldest first (empty ones before any pair)
+        used = torch.arange(h, device=g.device)[None, :] >= h - self.count[:, None]
+        both = used[:, :, None] & used[:, None, :]
+        rows, cols = order[:, :, None].expand(-1, -1, h), order[:, None, :].expand(-1, h, -1)
+        sy = self.sy.gather(1, rows).gather(2, cols) * both
+        yy = self.yy.gather(1, rows).gather(2, cols) * both
+        with_g = (self.pairs @ g[..., None])[..., 0]  # one pass: s_i . g and y_i . g
+        a = with_g[:, :h].gather(1, order) * used
+        b = with_g[:, h:].gather(1, order) * used
+        gamma = (sy[:, -1, -1] / yy[:, -1, -1].clamp(min=1e-30))[:, None]
+        R = torch.triu(sy) + torch.diag_embed((~used).to(sy.dtype))
+        r_a = torch.linalg.solve_triangular(R, a[..., None], upper=True)[..., 0]  # R^-1 S'g
+        inner = sy.diagonal(dim1=-2, dim2=-1) * r_a + gamma * (yy @ r_a[..., None])[..., 0] - gamma * b
+        p1 = torch.linalg.solve_triangular(R.transpose(1, 2), inner[..., None], upper=False)[..., 0]
+        coef = torch.cat([torch.zeros_like(a).scatter(1, order, p1),  # back to slot order
+                          torch.zeros_like(a).scatter(1, order, -gamma * r_a)], dim=1)
+        hg = gamma * g + (coef[:, None, :] @ self.pairs)[:, 0]  # the second pass: S p1 - gamma Y R^-1 S'g
         return torch.where((self.count == 0)[:, None], self.steepest(x, g), -hg)
+
+    def push(self, s: torch.Tensor, y: torch.Tensor, push: torch.Tensor) -> None:
+        """Store (s, y) where ``push`` in place of each problem's oldest pair, and its products with the others."""
+        h, rows = self.h, torch.arange(len(s), device=s.device)
+        slot = self.age.argmin(-1)
+        keep = ~push[:, None]
+        self.pairs[rows, slot] = torch.where(keep, self.pairs[rows, slot], s)
+        self.pairs[rows, h + slot] = torch.where(keep, self.pairs[rows, h + slot], y)
+        self.age[rows, slot] = torch.where(push, self.pushes, self.age[rows, slot])
+        self.pushes += 1
+        with_y = (self.pairs @ y[..., None])[..., 0]  # s_i . y and y_i . y, the new pair included
+        y_with_s = (self.pairs[:, h:] @ s[..., None])[..., 0]  # y_j . s
+        self.sy[rows, :, slot] = torch.where(keep, self.sy[rows, :, slot], with_y[:, :h])
+        self.sy[rows, slot, :] = torch.where(keep, self.sy[rows, slot, :], y_with_s)
+        self.yy[rows, :, slot] = torch.where(keep, self.yy[rows, :, slot], with_y[:, h:])
+        self.yy[rows, slot, :] = torch.where(keep, self.yy[rows, slot, :], with_y[:, h:])
+        self.count = torch.where(push, (self.count + 1).clamp(max=h), self.count)
 
     def steepest(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         return -g * (self.initial_step * x.norm(dim=-1) / g.norm(dim=-1).clamp(min=1e-30))[:, None]
@@ -110,9 +139,7 @@ class BatchedLBFGS:
         s, y = x_new - x, g_new - g
         sy = (s * y).sum(-1)
         push = sy > 1e-10 * s.norm(dim=-1) * y.norm(dim=-1)
-        self.S = torch.where(push[:, None, None], torch.cat([self.S[:, 1:], s[:, None]], dim=1), self.S)
-        self.Y = torch.where(push[:, None, None], torch.cat([self.Y[:, 1:], y[:, None]], dim=1), self.Y)
-        self.count = torch.where(push, (self.count + 1).clamp(max=self.h), self.count)
+        self.push(s, y, push)
         return x_new, f_new, g_new
 
 

@@ -110,7 +110,8 @@ def two_loop_direction(opt: BatchedLBFGS, x: torch.Tensor, g: torch.Tensor) -> t
         if c == 0:
             out.append(opt.steepest(x[p:p + 1], g[p:p + 1])[0])
             continue
-        S, Y = opt.S[p, -c:].double(), opt.Y[p, -c:].double()
+        newest = torch.argsort(opt.age[p])[-c:]  # the slots in use, oldest first
+        S, Y = opt.pairs[p, newest].double(), opt.pairs[p, opt.h + newest].double()
         q, alphas = g[p].double().clone(), []
         for s, y in zip(reversed(S), reversed(Y)):
             a = (s @ q) / (s @ y)
@@ -130,7 +131,7 @@ def test_the_compact_lbfgs_direction_is_the_two_loop_recursions():
     opt = BatchedLBFGS(P, n, history=4, initial_step=0.1, max_backtracks=20, device="cpu")
     f, grad = quad(torch.arange(P), x)
     seen = set()
-    for it in range(9):
+    for it in range(14):  # more pushes than slots: the ring wraps
         if it == 5:
             opt.count[1:3] = torch.tensor([0, 2])  # as a rejected step or a short history leaves them
         seen.update(opt.count.tolist())
