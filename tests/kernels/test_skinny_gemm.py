@@ -54,6 +54,15 @@ def test_one_row_takes_the_gemv_kernel_and_more_the_dot_kernel(monkeypatch):
     assert used == [(gemv, (-(-40 // bn_gemv),)), (dot, (-(-40 // bn_dot),)), (dot, (-(-40 // bn_dot),))]
 
 
+def test_a_shape_tuned_to_cublas_goes_to_f_linear(monkeypatch):
+    """Where the timing found cuBLAS faster the op returns F.linear's result and launches nothing."""
+    launched = []
+    monkeypatch.setattr(skinny_gemm, "_launch_shape", lambda *a: launched.append(a))
+    monkeypatch.setattr(skinny_gemm, "_config_for", lambda *a: skinny_gemm.CUBLAS)
+    x, w, b = torch.randn(1, 1, 32), torch.randn(24, 32), torch.randn(24)
+    assert torch.equal(skinny_linear(x, w, b), F.linear(x, w, b)) and not launched
+
+
 def test_more_rows_or_a_strided_weight_go_to_f_linear(monkeypatch):
     """17 rows (a prefill), a transposed weight, mixed dtypes, autograd: F.linear itself, bit for bit; the kernel
     is never launched."""
