@@ -516,8 +516,10 @@ def main(argv=None):
     best = None
     sweep_rows = []
     if args.sweep:
-        shapes = ([(1, 4096, False), (1, 16384, True), (1, 131072, False), (8, 4096, True),
-                   (8, 131072, False), (32, 1024, False), (64, 4096, False)]
+        # the bench's decoding shapes too (Llama-3.1-8B at 32k, batch 1 and 8: full, and 8k held at a quarter)
+        shapes = ([(1, 4096, False), (1, 8192, False), (1, 16384, True), (1, 32768, False), (1, 131072, False),
+                   (8, 4096, True), (8, 8192, False), (8, 32768, False), (8, 131072, False), (32, 1024, False),
+                   (64, 4096, False)]
                   if not args.tiny else [(1, 64, False), (2, 100, True)])
         best, sweep_rows = sweep_decode(dev, shapes, max(5, reps // 2), log, gen)
         if best:
