@@ -66,6 +66,7 @@ class BenchConfig:
     largest_batch: bool = True
     compile_decode: bool = False  # the decoding step through torch.compile (kvbench.engine.Engine.compile_decode)
     skinny_gemm: bool = False  # the model's linear layers of <= 16 rows through kvbench.kernels.skinny_gemm
+    freeze_weights: bool = False  # the compiled decoding step with the weights as constants (Engine.freeze)
     peers: list[str] = field(default_factory=lambda: ["hf", "kvpress"])
     kvpress_path: str | None = None
     chunked_prefill: int | None = None
@@ -291,6 +292,8 @@ class Bench:
             raise BenchError("give at least one context length, batch size and method")
         if min(cfg.contexts) < 2 or min(cfg.batches) < 1 or cfg.new_tokens < 2:
             raise BenchError("contexts need at least 2 tokens, batches at least 1, --new-tokens at least 2")
+        if cfg.freeze_weights and not cfg.compile_decode:
+            raise BenchError("--freeze-weights freezes the compiled decoding step: add --compile")
         for p in cfg.peers:
             if p not in ("hf", "kvpress"):
                 raise BenchError(f"unknown peer '{p}'; peers are hf and kvpress")
@@ -400,7 +403,8 @@ class Bench:
         ids = prompt_ids(self.cfg.seed, context, batch, self.vocab)
         samples = [Sample(f"b{i}", ids[i].tolist(), [], [], new) for i in range(batch)]
         del ids
-        engine = Engine(self.lm, registry.build_for_timing(method, budget), compile_decode=self.cfg.compile_decode)
+        engine = Engine(self.lm, registry.build_for_timing(method, budget), compile_decode=self.cfg.compile_decode,
+                        freeze=self.cfg.freeze_weights)
         engine.eos = set()  # exactly ``new`` tokens, like the peers' min_new_tokens
         failure = None
         try:
@@ -622,7 +626,7 @@ class Bench:
                 continue
             self.echo(f"prefill {n} tokens: {method}@{budget}, chunk {chunk} ...")
             engine = Engine(self.lm, registry.build_for_timing(method, budget), prefill_chunk=chunk,
-                            compile_decode=self.cfg.compile_decode)
+                            compile_decode=self.cfg.compile_decode, freeze=self.cfg.freeze_weights)
             peak = PeakMemory(self.device)
             try:
                 cache, _, info = engine.prefill(sample)
@@ -799,7 +803,9 @@ def render(records: list[dict]) -> str:
              f"decoding step is {'compiled (torch.compile)' if (env.get('config') or {}).get('compile_decode') else 'eager'}, "
              f"replayed as a CUDA graph where the method allows"
              + ("; its weight GEMMs of at most 16 rows through kvbench's skinny GEMM kernel"
-                if (env.get('config') or {}).get('skinny_gemm') else "") + ".", "",
+                if (env.get('config') or {}).get('skinny_gemm') else "")
+             + ("; its weights frozen (constants of the compiled step: q/k/v and gate/up fused into one GEMM each)"
+                if (env.get('config') or {}).get('freeze_weights') else "") + ".", "",
              markdown(TABLE_COLUMNS, table_rows(records))]
     chunked = [r for r in records if r.get("kind") == "chunked_prefill"]
     if chunked:

@@ -83,12 +83,21 @@ def compile_mode() -> str | None:
     return mode
 
 
+def freeze_weights() -> bool:
+    """KVBENCH_FREEZE_WEIGHTS=1: the compiled decoding step takes the weights as constants (inductor's freezing),
+    which lets inductor fuse the linear layers that share an input (q/k/v into one GEMM, gate/up into another:
+    at batch 1-8 a GEMM's time is its weight bytes plus a fixed few microseconds, paid per GEMM). It costs the
+    fused weights' memory beside the originals (which prefill still reads; 9 GiB for Llama-3.1-8B) and a compile
+    per layer instead of one for all."""
+    return os.environ.get("KVBENCH_FREEZE_WEIGHTS", "0") == "1"
+
+
 class Engine:
     """Drives one loaded model with one method."""
 
     def __init__(self, lm: LoadedModel, method, protocol: str = "query-agnostic",
                  prefill_chunk: int | None = None, temperature: float = 0.0, seed: int = 0,
-                 compile_decode: bool | None = None):
+                 compile_decode: bool | None = None, freeze: bool | None = None):
         self.lm, self.model, self.tok, self.method = lm, lm.model, lm.tokenizer, method
         self.protocol, self.chunk, self.temperature, self.seed = protocol, prefill_chunk, temperature, seed
         self.device = next(self.model.parameters()).device
@@ -110,24 +119,32 @@ class Engine:
         # ``KVCache.attention``), and the whole step is then captured in the CUDA graph as before.
         self.compile_decode = (os.environ.get("KVBENCH_COMPILE", "0") == "1") if compile_decode is None else compile_decode
         self.compile_mode = compile_mode()
+        self.freeze = freeze_weights() if freeze is None else freeze  # only with compile_decode
         self._compiled_model = None
         self.head_shard = distributed.head_shard(self.model)  # [distributed] None unless tensor parallel
         method.prepare(lm)
 
     def _compiled_step(self, kwargs: dict):
         import torch._dynamo
+        import torch._inductor.config
         if self._compiled_model is None:
             self._compiled_model = torch.compile(self.model, mode=self.compile_mode)
         # A layer's index is an int attribute of its module: static by default, so every layer would compile again
-        # (past dynamo's recompile limit, the rest eagerly); dynamic, one compiled layer serves them all.
-        with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
+        # (past dynamo's recompile limit, the rest eagerly); dynamic, one compiled layer serves them all. Frozen
+        # weights are constants of the compiled code, so then each layer compiles on its own: room for all of them
+        # (past the limit the rest would run eagerly, unfrozen, without a word).
+        dynamo = {"allow_unspec_int_on_nn_module": True}
+        if self.freeze:
+            layers = self.model.config.num_hidden_layers
+            dynamo["recompile_limit"] = max(torch._dynamo.config.recompile_limit, 2 * layers + 8)
+        with torch._dynamo.config.patch(**dynamo), torch._inductor.config.patch(freezing=self.freeze):
             return self._compiled_model(**kwargs)
 
     def full_reference(self) -> "Engine":
         """The same model, protocol and prefill chunk with the full cache: what a compressed run is compared with."""
         from kvbench import registry
         return Engine(self.lm, registry.build_method("full", 1.0), self.protocol, self.chunk, self.temperature,
-                      self.seed, self.compile_decode)
+                      self.seed, self.compile_decode, self.freeze)
 
     def new_cache(self, batch: int = 1) -> KVCache:
         return KVCache(self.method, self.model.config, batch, self.dtype, self.device, self.rope,

@@ -148,6 +148,9 @@ def main() -> None:
     ap.add_argument("--kernels", default="cudnn", help="prefill attention kernels to time the engine with (flash,cudnn)")
     ap.add_argument("--compile", action="store_true", help="the decoding step through torch.compile (Engine.compile_decode)")
     ap.add_argument("--profile-method", default="full", help="the method whose prefill --profile traces")
+    ap.add_argument("--freeze", choices=("off", "on", "both"), default="off",
+                    help="with --compile: the weights frozen into the compiled decoding step (Engine.freeze: q/k/v "
+                         "and gate/up fused); both: --decode unfrozen, then frozen, one model load")
     ap.add_argument("--skinny-gemm", choices=("off", "on", "both"), default="off",
                     help="the linear layers of <= 16 rows through kvbench.kernels.skinny_gemm (as kvbench bench "
                          "--skinny-gemm); both: --decode with cuBLAS, then again with the kernel, one model load")
@@ -169,9 +172,9 @@ def main() -> None:
     if args.skinny_gemm == "on":
         print(f"skinny GEMM kernel in {use_skinny_linear(model)} linear layers")
     print(f"{args.preset}: torch {torch.__version__}, {torch.cuda.get_device_name()}")
-    def build_engines() -> dict:
+    def build_engines(freeze: bool = args.freeze == "on") -> dict:
         return {m: Engine(lm, registry.build_method(m, 1.0 if m == "full" else 0.25, params.get(m)),
-                          compile_decode=args.compile) for m in args.methods.split(",")}
+                          compile_decode=args.compile, freeze=freeze) for m in args.methods.split(",")}
 
     engines = build_engines()
     for T in contexts:
@@ -202,6 +205,11 @@ def main() -> None:
             attention_kernels(model.config, T)
     if args.decode:
         decode_profile(lm, engines, args.decode, args.batch)
+        if args.freeze == "both":
+            import torch._dynamo
+            torch._dynamo.reset()  # dynamo's compiled code is keyed by the code, not by inductor's options
+            print("weights frozen into the compiled step; the same again:")
+            decode_profile(lm, build_engines(freeze=True), args.decode, args.batch)
         if args.skinny_gemm == "both":
             print(f"skinny GEMM kernel in {use_skinny_linear(model)} linear layers; the same again:")
             decode_profile(lm, build_engines(), args.decode, args.batch)

@@ -6,6 +6,9 @@
 #     the copy bandwidth), then the compiled steady decoding step of full and snapkv at 32k, batch 1 and 8, with
 #     cuBLAS and with the kernel (prof_prefill_gpu.py: the step against its floor, and one eager step by kernel);
 #   bash scripts/gpu/skinny-h200.sh bench    -> $OUT/bench-skinny/ (the committed table's figures, ~8 min)
+#   bash scripts/gpu/skinny-h200.sh freeze   -> $OUT/freeze-b{1,8}.log: the compiled steady step of full and snapkv at
+#     32k, batch 1 and 8, unfrozen then with the weights frozen (q/k/v and gate/up one GEMM each; every layer
+#     compiles on its own: minutes of compiling); what the skinny GEMM could not win (kernels/NOTES.md)
 #   bash scripts/gpu/skinny-h200.sh attention -> $OUT/kernels-h200/ (the decode attention's launch shapes swept on
 #     the H200, whose defaults come from the H100: snapkv's 8k held per sequence ran at 3.3 TB/s at batch 8 where
 #     full's 32k ran at 4.15, 2026-12-04; then the kernel table with the best)
@@ -26,7 +29,12 @@ bench)
   timeout 560 kvbench bench --preset llama-3.1-8b --contexts 32768 --batches 1,8 --compile --skinny-gemm \
     --methods full,snapkv,pyramidkv,adakv --budgets 0.25 --new-tokens 256 --peers "" --no-largest-batch \
     --time-limit 500 --out "$OUT/bench-skinny" 2>&1 | grep --line-buffered -v "^Loading" | tail -30 ;;
+freeze)
+  for b in 1 8; do
+    timeout 285 python3 $P llama-3.1-8b "" --decode 32768 --batch $b --methods full,snapkv --compile --freeze both \
+      2>&1 | grep --line-buffered -v "^Loading" | tee "$OUT/freeze-b$b.log" | grep "steady step\|frozen\|nvjet\|gemm\|Error"
+  done ;;
 attention)
   timeout 560 python3 -m kvbench.kernels.bench --sweep --skip-windows --out "$OUT/kernels-h200" 2>&1 | tail -45 ;;
-*) echo "usage: $0 kernel|bench|attention" >&2; exit 2 ;;
+*) echo "usage: $0 kernel|bench|freeze|attention" >&2; exit 2 ;;
 esac

@@ -162,7 +162,8 @@ def test_bench_errors_are_one_line(tmp_path):
              (["--preset", "tiny-llama", "--peers", "vllm"], "unknown peer 'vllm'"),
              (["--preset", "tiny-llama", "--methods", "nope"], "unknown method 'nope'"),
              (["--preset", "tiny-llama", "--contexts", "4090"], "exceeds the model's window"),
-             (["--preset", "tiny-llama", "--batches", "x"], "comma-separated list of ints")]
+             (["--preset", "tiny-llama", "--batches", "x"], "comma-separated list of ints"),
+             (["--preset", "tiny-llama", "--freeze-weights"], "--freeze-weights freezes the compiled decoding step")]
     for extra, needle in cases:
         res = CliRunner().invoke(main, ["bench", "--device", "cpu", "--out", str(tmp_path / "b")] + extra)
         lines = [x for x in res.output.strip().splitlines() if x]
