@@ -121,20 +121,23 @@ class BatchedLBFGS:
         self.count = torch.where(uphill, 0, self.count)
         d = torch.where(uphill[:, None], self.steepest(x, g), d)  # what direction() gives at count 0
         slope = (g * d).sum(-1)
-        x_new, f_new, g_new = x.clone(), f.clone(), g.clone()
-        t = torch.ones_like(f)
-        todo = torch.arange(len(f), device=f.device)
-        for _ in range(self.max_backtracks + 1):
-            xt = x[todo] + t[todo, None] * d[todo]
+        every = torch.arange(len(f), device=f.device)
+        xt = x + d  # the first try, t = 1, evaluates every problem: whole tensors, no gathers
+        ft, gt = fn(every, xt)
+        ok = torch.isfinite(ft) & (ft <= f + self.armijo * slope)
+        x_new, f_new, g_new = torch.where(ok[:, None], xt, x), torch.where(ok, ft, f), torch.where(ok[:, None], gt, g)
+        todo, t = every[~ok], 1.0  # the problems still searching halve their step together
+        for _ in range(self.max_backtracks):
+            if len(todo) == 0:
+                break
+            t *= 0.5
+            xt = x[todo] + t * d[todo]
             ft, gt = fn(todo, xt)
-            ok = torch.isfinite(ft) & (ft <= f[todo] + self.armijo * t[todo] * slope[todo])
+            ok = torch.isfinite(ft) & (ft <= f[todo] + self.armijo * t * slope[todo])
             x_new[todo] = torch.where(ok[:, None], xt, x_new[todo])
             f_new[todo] = torch.where(ok, ft, f_new[todo])
             g_new[todo] = torch.where(ok[:, None], gt, g_new[todo])
             todo = todo[~ok]
-            if len(todo) == 0:
-                break
-            t[todo] *= 0.5
         self.count[todo] = 0  # rejected: x stays, history restarts
         s, y = x_new - x, g_new - g
         sy = (s * y).sum(-1)
