@@ -9,7 +9,7 @@ one write of the output in the input's dtype:
 - one row (batch 1): one program per ``BLOCK_N`` (2-16) weight rows multiplies them with the activations on
   the CUDA cores (no tensor cores: padding the row to ``tl.dot``'s 16 costs nothing but forces ``BLOCK_N >= 16``,
   which leaves the small projections, N = 1024-4096, with too few programs to keep enough loads in flight on
-  132 SMs). On the CUDA cores more rows do not pay: at 4 rows the H200 took 1.8x cuBLAS's time;
+  132 SMs). More rows do not pay on the CUDA cores (kernels/NOTES.md);
 - 2-16 rows: ``tl.dot`` on the rows padded to 16, one program per ``BLOCK_N`` (16-64) weight rows.
 No split over K: the partial sums would need a second kernel per GEMM, which at a few microseconds each in a
 CUDA graph costs what it would save.
@@ -28,7 +28,7 @@ bandwidth.
 
 Launch shape: per (N, K, rows bucket), timed once on the first call outside a CUDA-graph capture (the
 candidates of ``GEMV_CONFIGS`` or ``DOT_CONFIGS``, and ``F.linear`` itself, which keeps the shapes where cuBLAS
-is faster: on the H200 the large projections at one row), else the first of them. The timing replays the launches as
+is faster), else the first of them. The timing replays the launches as
 a CUDA graph (as the decoding step runs them: timed eagerly, the Python launch's 20-30 us hides the kernel's
 2-30 us) over copies of the weight that together overflow the L2 cache (a step reads each weight once; timed
 on one 8 MiB weight again and again, the small projections would be read from the L2).
@@ -102,7 +102,8 @@ def _gemv_kernel(
 
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages). Each candidate is one more Triton compilation (about a second) the
-# first time a process tunes, so the lists stay short. GEMV: 4-16 KiB of weight a tile; dot: tiles of 8-16 KiB of weight, 3-4 loads in flight.
+# first time a process tunes, so the lists stay short. GEMV: 4-16 KiB of weight a tile; dot: tiles of 8-16 KiB
+# of weight, 3-4 loads in flight.
 GEMV_CONFIGS = [(bn, bk, w, 3) for bn, bk, w in ((2, 1024, 4), (4, 512, 4), (4, 1024, 4), (4, 1024, 8), (8, 256, 4),
                                                  (8, 512, 4), (8, 512, 8), (8, 1024, 8), (2, 2048, 8), (16, 256, 8))]
 DOT_CONFIGS = [(bn, bk, w, s) for bn in (16, 32) for bk in (256, 512) for w in (4, 8) for s in (3, 4)] + [(64, 128, 4, 4)]
@@ -131,8 +132,8 @@ def _launch_shape(x2, weight, bias, out, config) -> None:
                 BLOCK_K=block_k, **kwargs)
         return
     dot_f32 = _env_true("TRITON_INTERPRET") and x2.dtype == torch.bfloat16
-    _launch(_skinny_kernel, grid, x2, weight, b, out, M, N, K, x2.stride(0), out.stride(0), HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=block_n,
-            BLOCK_K=block_k, PRECISION="ieee" if x2.dtype == torch.float32 or dot_f32 else "tf32",
+    _launch(_skinny_kernel, grid, x2, weight, b, out, M, N, K, x2.stride(0), out.stride(0),
+            HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION="ieee" if x2.dtype == torch.float32 or dot_f32 else "tf32",
             DOT_F32=dot_f32, **kwargs)
 
 
@@ -163,7 +164,7 @@ def _time(launch, weight: torch.Tensor, reps: int = 20) -> float:
     return start.elapsed_time(end) / (3 * reps) / 1e3
 
 
-def _config_for(x2, weight, bias, out):
+def _config_for(x2, weight, bias):
     candidates = _candidates(x2.shape[0])
     if x2.device.type != "cuda":
         return candidates[0]
@@ -173,6 +174,7 @@ def _config_for(x2, weight, bias, out):
         if torch.cuda.is_current_stream_capturing():  # no timing inside a capture: the first, not remembered
             return candidates[0]
         timings = {CUBLAS: _time(lambda w: F.linear(x2, w, bias), weight)}  # the kernel only where it is faster
+        out = torch.empty(x2.shape[0], weight.shape[0], dtype=x2.dtype, device=x2.device)
         for c in candidates:
             try:
                 timings[c] = _time(lambda w: _launch_shape(x2, w, bias, out, c), weight)
@@ -187,10 +189,10 @@ def _skinny_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    out = torch.empty(x2.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-    config = _config_for(x2, weight, bias, out)
+    config = _config_for(x2, weight, bias)
     if config == CUBLAS:
         return F.linear(x, weight, bias)
+    out = torch.empty(x2.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
     _launch_shape(x2, weight, bias, out, config)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 

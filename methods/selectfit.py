@@ -132,8 +132,8 @@ def _objective_of(pb: Problems, out: torch.Tensor, lse: torch.Tensor, values: to
 
 def objective_and_key_grad(pb: Problems, keys: torch.Tensor, values: torch.Tensor, lse_weight: float):
     """``objective`` [P] and its gradient in the free keys [P, M, D], written out: autograd's graph for this
-    took about four times the kernel launches, and KVSculpt evaluates it a few hundred times a compression
-    (the launches, not the arithmetic, were its time on the H200).
+    launches several times the kernels, and KVSculpt evaluates it a few hundred times a compression, whose time
+    on the GPU was the launches, not the arithmetic (results/kvsculpt/README.md).
 
     With p the attention probabilities of a target row over all slots, out = sum p v and lse its log-sum-exp,
     d out / d logit_m = p_m (v_m - out) and d lse / d logit_m = p_m; a free logit is scale x q . k_m."""
