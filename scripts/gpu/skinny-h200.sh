@@ -11,7 +11,7 @@
 #     compiles on its own: minutes of compiling); what the skinny GEMM could not win (kernels/NOTES.md)
 #   bash scripts/gpu/skinny-h200.sh attention -> $OUT/kernels-h200/ (the decode attention's launch shapes swept on
 #     the H200, whose defaults come from the H100: snapkv's 8k held per sequence ran at 3.3 TB/s at batch 8 where
-#     full's 32k ran at 4.15, 2026-12-04; then the kernel table with the best)
+#     full's 32k ran at 4.46 (eager profile of one step, 2026-12-04); then the kernel table with the best)
 # Before (c095eb5, results/bench/h200-llama-3.1-8b-compiled): full's steady step 6.30 ms at batch 1 against a
 # 4.78 ms floor (1.32x), of which cuBLAS's GEMMs 4.41 ms where reading the weights takes 3.68 ms.
 set -uo pipefail
