@@ -19,6 +19,7 @@ import statistics
 import time
 
 import torch
+import torch._dynamo
 import yaml
 
 from kvbench import cache, models, registry
@@ -206,7 +207,6 @@ def main() -> None:
     if args.decode:
         decode_profile(lm, engines, args.decode, args.batch)
         if args.freeze == "both":
-            import torch._dynamo
             torch._dynamo.reset()  # dynamo's compiled code is keyed by the code, not by inductor's options
             print("weights frozen into the compiled step; the same again:")
             decode_profile(lm, build_engines(freeze=True), args.decode, args.batch)
