@@ -214,6 +214,10 @@ def leaderboard(root, out, model, task, protocol, budget, levels, drop, tables, 
         click.echo(f"warning: {bad['error']}", err=True)
     if df.empty:
         fail(f"no runs under {root}/runs" + (" or in " + ", ".join(tables) if tables else "") + " match")
+    for table in tables:  # the new samples file would silently lack those runs' samples
+        if not (Path(table).parent / lb.SAMPLES_FILE).exists():
+            click.echo(f"warning: no {lb.SAMPLES_FILE} beside {table}: the tables written now keep its runs' scores "
+                       "but not their samples (paired tests, breakdowns); copy that file next to it first", err=True)
     paths = lb.write(df, out or root, ratio, at, lb.drop_text(drop), drop)
     click.echo(lb.render_markdown(df, ratio, at, lb.drop_text(drop)))
     click.echo("written: " + ", ".join(map(str, paths)))

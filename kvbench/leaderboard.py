@@ -404,11 +404,13 @@ def budget_table(df: pd.DataFrame, task: str, model: str | None = None, protocol
 
 
 def default_levels(group: pd.DataFrame, col: str) -> list[float]:
-    """The median measured ratio of each budget's runs (full excluded), rounded to 3 decimals; medians within
-    the tolerance of each other are one level (their mean): a run then fills one column, not two, and counts
-    once in the mean rank (a token budget of 512 and a fraction of 0.1 both hold about a tenth of the KV)."""
+    """The median measured ratio of each method's runs at each budget (full excluded), rounded to 3 decimals,
+    each distinct value once; values within the tolerance of each other are one level (their mean): a run then
+    fills one column, not two, and counts once in the mean rank (a token budget of 512 and a fraction of 0.1
+    both hold about a tenth of the KV). Per method, not per budget: codecs all run at budget 1.0 and hold
+    different memory, and a median between them would be a level no run is near."""
     comp = group[group["method"] != results.FULL]
-    medians = sorted(float(v) for v in comp.groupby("budget")[col].median().dropna())
+    medians = sorted({round(float(v), 3) for v in comp.groupby(["budget", "method"])[col].median().dropna()})
     clusters: list[list[float]] = []
     for m in medians:
         if clusters and m - clusters[-1][0] <= TOLERANCE:
@@ -436,7 +438,8 @@ def interpolate(points: list[tuple[float, float]], level: float, tolerance: floa
 
 def ranking(df: pd.DataFrame, ratio: str = "prefill", levels: list[float] | None = None) -> pd.DataFrame:
     """Methods ranked at matched measured memory, separately for every setting (model, protocol, task and
-    everything else but the method: ``setting_of``)."""
+    everything else but the method: ``setting_of``); a level where fewer than two methods have a score ranks
+    nothing and gets no column."""
     col = f"kv_ratio_{ratio}"
     done = _complete(df).dropna(subset=[col])
     rows, order = [], []
@@ -451,6 +454,9 @@ def ranking(df: pd.DataFrame, ratio: str = "prefill", levels: list[float] | None
                 found = {m: tuple(interpolate(c[what], level) for what in ("score", "score_lo", "score_hi"))
                          for m, c in curves.items()}
                 found = {m: v for m, v in found.items() if v[0] is not None}
+                if len(found) < 2:  # alone at a memory level: "rank 1 of 1" would lift its mean rank for nothing
+                    continue
+                order += [c for c in (f"{task} score@{level:g}", f"{task} rank@{level:g}") if c not in order]
                 # ties: two methods share a rank unless one's interval lies wholly above the other's
                 ranks = interval_ranks({m: (v[0], v[1] if v[1] is not None else v[0],
                                             v[2] if v[2] is not None else v[0]) for m, v in found.items()})
@@ -459,8 +465,7 @@ def ranking(df: pd.DataFrame, ratio: str = "prefill", levels: list[float] | None
                     cells[m][f"{task} rank@{level:g}"] = ("=" if list(ranks.values()).count(ranks[m]) > 1 else "") \
                         + str(ranks[m]) + (f" [{lo:.3g}, {hi:.3g}]" if lo is not None and not math.isnan(lo) else "")
                     cells[m].setdefault("_ranks", []).append(float(ranks[m]))
-            order += [c for level in lv for c in (f"{task} score@{level:g}", f"{task} rank@{level:g}")
-                      if c not in order] + [c for c in [f"{task} full (ratio, score)"] if c not in order]
+            order += [c for c in [f"{task} full (ratio, score)"] if c not in order]
             for _, ref in tgroup[tgroup["method"] == results.FULL].iterrows():
                 cells.setdefault("full", {})[f"{task} full (ratio, score)"] = f"{ref[col]:.3g}, {ref['score']:.3g}"
         for method, vals in cells.items():

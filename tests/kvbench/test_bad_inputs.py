@@ -502,6 +502,12 @@ data: {haystack}
     (tmp_path / "bad.json").write_text('{"runs": [{"score": 1}]}')
     res = cli("report", "--root", there, "--with", tmp_path / "bad.json", "--out", tmp_path / "r.html")
     assert res.exit_code == 2 and "not a kvbench leaderboard.json" in res.output
+    # a table copied away without its samples file: its scores still join, with a warning that its samples won't
+    alone = tmp_path / "alone" / "leaderboard.json"
+    alone.parent.mkdir()
+    shutil.copy(table, alone)
+    res = cli("leaderboard", "--root", there, "--with", alone, "--drop", "length=999", "--out", tmp_path / "lb3")
+    assert res.exit_code == 0 and f"no {lb.SAMPLES_FILE} beside {alone}" in res.output, res.output
 
 
 def _checkpoint(tiny_dir: Path, where: Path) -> Path:

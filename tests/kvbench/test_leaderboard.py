@@ -159,9 +159,26 @@ def test_budgets_of_about_the_same_memory_make_one_level(tmp_path):
     df = lb.collect(tmp_path)
     assert lb.default_levels(df, "kv_ratio_prefill") == [0.105, 0.5]
     by = lb.ranking(df).set_index("method")
-    assert [c for c in by.columns if "score@" in c] == ["niah score@0.105", "niah score@0.5"]
+    assert [c for c in by.columns if "score@" in c] == ["niah score@0.105"]  # beta alone at 0.5: not ranked
     assert by.loc["alpha", "cells ranked"] == 1 and by.loc["alpha", "niah score@0.105"] == 40.0
     assert by.loc["beta", "niah score@0.105"] == pytest.approx(20 + 10 * 0.008 / 0.015)
+
+
+def test_codecs_at_one_budget_each_make_their_own_level(tmp_path):
+    # codecs run at budget 1.0 and hold what their latents hold: a level at the median of that budget's runs
+    # (0.49 here) would lie away from every run, leaving a ranked column no method has a score in
+    make_run(tmp_path, "alpha", 1.0, "query-agnostic", 70.0, 0.53)
+    make_run(tmp_path, "beta", 1.0, "query-agnostic", 55.0, 0.455)
+    make_run(tmp_path, "gamma", 1.0, "query-agnostic", 60.0, 0.27)
+    make_run(tmp_path, "gamma", 0.9, "query-agnostic", 62.0, 0.79)
+    df = lb.collect(tmp_path)
+    assert lb.default_levels(df, "kv_ratio_prefill") == [0.27, 0.455, 0.53, 0.79]
+    by = lb.ranking(df).set_index("method")
+    assert by.loc["alpha", "niah score@0.53"] == 70.0 and by.loc["beta", "niah score@0.455"] == 55.0
+    # gamma is alone at its own two points (rank 1 of 1 would flatter it): those levels rank nothing
+    assert [c for c in by.columns if "score@" in c] == ["niah score@0.455", "niah score@0.53"]
+    assert by.loc["gamma", "cells ranked"] == 2 and by.loc["alpha", "cells ranked"] == 1
+    assert lb.render_markdown(df)  # every ranked column belongs to some method
 
 
 def test_a_parameter_added_later_at_its_default_ranks_beside_the_runs_before_it(tmp_path):
