@@ -17,4 +17,7 @@ if [ ! -f "$gguf" ]; then
 fi
 python3 -c "import gguf" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/kvbench-site \
   $(ls $assets/gguf-*.whl /tmp/kvbench-whl/gguf-*.whl "$root"/.carry/whl/gguf-*.whl 2>/dev/null | head -1) || exit 1
+# RULER's word lists (optional: only RULER runs need it; they say so in one line when it is missing)
+python3 -c "import wonderwords" 2>/dev/null || for w in "$root"/.carry/whl/wonderwords-*.whl /tmp/kvbench-whl/wonderwords-*.whl; do
+  [ -f "$w" ] && { python3 -m pip install -q --no-index --no-deps --target /tmp/kvbench-site "$w"; break; }; done
 source "$root/scripts/gpu/install-kvbench.sh" && install_kvbench

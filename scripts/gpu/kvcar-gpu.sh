@@ -2,7 +2,7 @@
 # KV-CAR on the GPU machine (issue 19). Run from the repository root after the model's parts are carried
 # (SmolLM2: three calls `bash scripts/gpu/qwen.sh part .carry/smollm2/pNN /tmp/kvbench-assets`, see
 # scripts/gpu/gpu-setup.sh, which assembles it and installs kvbench; Qwen: scripts/gpu/qwen.sh setup).
-# Carry the training corpus (scripts/deltakv-corpus.py OUT.txt.gz; KVCAR_CORPUS, default
+# Carry .carry/whl with the gguf and wonderwords wheels (RULER's word lists) and the training corpus (scripts/deltakv-corpus.py OUT.txt.gz; KVCAR_CORPUS, default
 # .deltakv/general-english.txt.gz) and, for NIAH, the essays (KVCAR_HAYSTACK, default .deltakv/paul_graham_essays).
 #   scripts/gpu/kvcar-gpu.sh train smollm2 "32"        # one artifact per latent size (per head; smollm2 head_dim 64:
 #                                                  # 48/32/16 = 25/50/75% smaller; qwen head_dim 128: 96/64/32;
@@ -110,7 +110,10 @@ evaluate() {  # evaluate MODEL "LATENTS"
 ruler() {  # ruler MODEL "LATENTS"
   local m=$1 M lengths='[4096]'; M=$(model_path "$1")
   [ "$m" = qwen ] && lengths='[4096,16384]'
-  R=(--task ruler -t "lengths=$lengths" -t n_per_task=5 --data "$RULER_DATA" --batch-size 8 --model "$M")
+  # the leaderboard's RULER tasks (results/sweep-qwen-ruler.yaml): qa_1/qa_2 need SQuAD/HotpotQA, not shipped
+  local tasks='tasks=[niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2,niah_multikey_3,niah_multivalue,niah_multiquery,vt,cwe,fwe]'
+  R=(--task ruler -t "lengths=$lengths" -t "$tasks" -t n_per_task=5 --data "$RULER_DATA" --batch-size 8 --model "$M")
+  run "ruler-$m" --method full "${R[@]}"
   run "ruler-$m" --method snapkv --budget 0.25 "${R[@]}"
   for L in $2; do
     run "ruler-$m" --method kvcar --artifact "$ART/$m-l${L/:/v}" "${R[@]}"
