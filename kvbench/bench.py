@@ -804,7 +804,7 @@ def render(records: list[dict]) -> str:
              f"replayed as a CUDA graph where the method allows"
              + ("; its weight GEMMs of at most 16 rows through kvbench's skinny GEMM kernel"
                 if (env.get('config') or {}).get('skinny_gemm') else "")
-             + ("; its weights frozen into the compiled step (on CUDA inductor then fuses q/k/v and gate/up into one GEMM each)"
+             + ("; its weights frozen into the compiled step (inductor fusing the linear layers that share an input where its patterns match)"
                 if (env.get('config') or {}).get('freeze_weights') else "") + ".", "",
              markdown(TABLE_COLUMNS, table_rows(records))]
     chunked = [r for r in records if r.get("kind") == "chunked_prefill"]

@@ -85,10 +85,10 @@ def compile_mode() -> str | None:
 
 def freeze_weights() -> bool:
     """KVBENCH_FREEZE_WEIGHTS=1: the compiled decoding step takes the weights as constants (inductor's freezing),
-    which lets inductor fuse the linear layers that share an input (q/k/v into one GEMM, gate/up into another:
-    at batch 1-8 a GEMM's time is its weight bytes plus a fixed few microseconds, paid per GEMM). It costs the
-    fused weights' memory beside the originals (which prefill still reads: kernels/NOTES.md) and a compile
-    per layer instead of one for all."""
+    which lets inductor fuse the linear layers that share an input where its patterns match (q/k/v and gate/up
+    on the CPU; gate/up alone on the H200, with no faster step: kernels/NOTES.md). At batch 1-8 a GEMM's time is
+    its weight bytes plus a fixed few microseconds, paid per GEMM. It costs the fused weights' memory beside
+    the originals (which prefill still reads) and a compile per layer instead of one for all."""
     return os.environ.get("KVBENCH_FREEZE_WEIGHTS", "0") == "1"
 
 
