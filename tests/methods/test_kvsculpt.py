@@ -36,8 +36,9 @@ def random_problems(P=3, R=96, E=6, M=12, D=8, seed=0, pad_last=4, N=None) -> tu
     return pb, keys, (km, vm)
 
 
-def test_value_solve_matches_direct_least_squares():
-    pb, keys, _ = random_problems()
+@pytest.mark.parametrize("rows, slots", [(96, 12), (8, 40)])  # the M x M system, then the R x R (dual) one
+def test_value_solve_matches_direct_least_squares(rows, slots):
+    pb, keys, _ = random_problems(R=rows, M=slots)
     values = solve_values(pb, keys, ridge=0.3)
     fixed, _, p_free = attend(pb, keys, torch.zeros_like(keys))  # the exact part's share of the output
     for p in range(len(keys)):
