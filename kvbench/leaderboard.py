@@ -439,7 +439,7 @@ def interpolate(points: list[tuple[float, float]], level: float, tolerance: floa
 def ranking(df: pd.DataFrame, ratio: str = "prefill", levels: list[float] | None = None) -> pd.DataFrame:
     """Methods ranked at matched measured memory, separately for every setting (model, protocol, task and
     everything else but the method: ``setting_of``); a level where fewer than two methods have a score ranks
-    nothing and gets no column."""
+    nothing and gets no column (a method with no ranked cell keeps its row: 0 cells ranked, no mean rank)."""
     col = f"kv_ratio_{ratio}"
     done = _complete(df).dropna(subset=[col])
     rows, order = [], []
@@ -468,6 +468,8 @@ def ranking(df: pd.DataFrame, ratio: str = "prefill", levels: list[float] | None
             order += [c for c in [f"{task} full (ratio, score)"] if c not in order]
             for _, ref in tgroup[tgroup["method"] == results.FULL].iterrows():
                 cells.setdefault("full", {})[f"{task} full (ratio, score)"] = f"{ref[col]:.3g}, {ref['score']:.3g}"
+        for method in sorted(set(group["method"]) - {results.FULL}):  # alone at its memory: listed, not ranked
+            cells.setdefault(method, {})
         for method, vals in cells.items():
             ranks = vals.pop("_ranks", [])
             rows.append({"model": model, "protocol": protocol, "setting": setting, "method": method,

@@ -178,6 +178,9 @@ def test_codecs_at_one_budget_each_make_their_own_level(tmp_path):
     # gamma is alone at its own two points (rank 1 of 1 would flatter it): those levels rank nothing
     assert [c for c in by.columns if "score@" in c] == ["niah score@0.455", "niah score@0.53"]
     assert by.loc["gamma", "cells ranked"] == 2 and by.loc["alpha", "cells ranked"] == 1
+    make_run(tmp_path, "delta", 1.0, "query-agnostic", 50.0, 0.05)  # near no other method: listed, unranked
+    by = lb.ranking(lb.collect(tmp_path)).set_index("method")
+    assert by.loc["delta", "cells ranked"] == 0 and pd.isna(by.loc["delta", "mean rank"])
     assert lb.render_markdown(df)  # every ranked column belongs to some method
 
 
