@@ -351,14 +351,21 @@ def choose_chunk(total_tokens: int, device: torch.device, block_n: Optional[int]
     """Chunk (slots per work item): about ``items_per_sm`` items per SM for the
     given number of tokens, less one item per segment for the ragged tails
     (while that leaves at least half), a multiple of BLOCK_N, at most
-    ``max_chunk``."""
+    ``max_chunk``; then evened out over a segment of the mean length (as many
+    items, none longer: 8 x 8192-slot heads at batch 8 were cut 2688 x 3 + 128,
+    a quarter of the items nearly empty; results/bench/h200-kernels/)."""
     cfg = DECODE_CONFIG
     bn = block_n or cfg["BLOCK_N"]
     slots = max(1, cfg["items_per_sm"] * _num_sms(device))
     target = max(slots - n_seg, (slots + 1) // 2)
     c = -(-max(int(total_tokens), 1) // target)
     c = -(-c // bn) * bn
-    return int(min(max(c, bn), max(cfg["max_chunk"], bn)))
+    c = min(max(c, bn), max(cfg["max_chunk"], bn))
+    mean = -(-int(total_tokens) // n_seg) if n_seg else 0
+    if mean > c:
+        items = -(-mean // c)
+        c = -(-(-(-mean // items)) // bn) * bn
+    return int(c)
 
 
 def ragged_attention_triton(

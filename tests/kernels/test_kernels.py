@@ -172,6 +172,21 @@ def test_ragged_attention_odd_head_dim_and_strided_q():
     _check_attention(q, k, v, ss, sl, 0.2, seed, chunk=64, block_n=16)
 
 
+def test_chunks_split_a_typical_head_evenly(monkeypatch):
+    """On 132 SMs (an H100 / H200), 8 sequences of 8 heads x 8192 slots were cut 2688 x 3 + 128: the chunk is
+    now evened out over a head of the mean length, as many items and none longer, the last one not a sliver."""
+    monkeypatch.setattr(da, "_num_sms", lambda device: 132)
+    cpu = torch.device("cpu")
+    assert da.choose_chunk(8 * 8 * 8192, cpu, 64, 64) == 2048
+    for batch in (1, 2, 4, 8, 16, 27, 32, 64):
+        for length in (1000, 1024, 4096, 5000, 8192, 16384, 32768, 131072):
+            chunk = da.choose_chunk(batch * 8 * length, cpu, 64, batch * 8)
+            items = -(-length // chunk)
+            assert chunk % 64 == 0 and chunk <= da.DECODE_CONFIG["max_chunk"], (batch, length, chunk)
+            # as even as whole tiles allow: the smallest multiple of the tile that cuts a head into that many items
+            assert items == 1 or chunk == -(-(-(-length // items)) // 64) * 64, (batch, length, chunk)
+
+
 def test_all_segments_empty():
     g, seed = _fresh_gen()
     k, v, ss, sl = make_store([0, 0, 0], 32, torch.float32, g)
