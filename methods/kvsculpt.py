@@ -63,6 +63,14 @@ class BatchedLBFGS:
         self.age = torch.full((n_problems, history), -1, dtype=torch.long, device=device)  # push number, -1 empty
         self.count = torch.zeros(n_problems, dtype=torch.long, device=device)  # newest pairs in use
         self.pushes = 0
+        # Problems whose last step searched along steepest descent and found nothing: from the same x, f, g they
+        # would search the same way again (converged to float32 noise, e.g. a head fitted exactly), and every
+        # step's backtracking rounds, one host sync each, ran for them alone. Cleared by ``objective_changed``.
+        self.stuck = torch.zeros(n_problems, dtype=torch.bool, device=device)
+
+    def objective_changed(self) -> None:
+        """The function itself changed (KVSculpt's value solve): stuck problems may move again."""
+        self.stuck.zero_()
 
     def direction(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """-H g with H the L-BFGS inverse Hessian (H0 = gamma I, gamma = s.y / y.y of the newest pair) of each
@@ -118,6 +126,7 @@ class BatchedLBFGS:
         d = self.direction(x, g)
         slope = (g * d).sum(-1)
         uphill = ~(slope < 0)  # stale curvature: those problems restart from steepest descent
+        steepest = uphill | (self.count == 0)
         self.count = torch.where(uphill, 0, self.count)
         d = torch.where(uphill[:, None], self.steepest(x, g), d)  # what direction() gives at count 0
         slope = (g * d).sum(-1)
@@ -126,7 +135,9 @@ class BatchedLBFGS:
         ft, gt = fn(every, xt)
         ok = torch.isfinite(ft) & (ft <= f + self.armijo * slope)
         x_new, f_new, g_new = torch.where(ok[:, None], xt, x), torch.where(ok, ft, f), torch.where(ok[:, None], gt, g)
-        todo, t = every[~ok], 1.0  # the problems still searching halve their step together
+        # the problems still searching halve their step together; a stuck one's search would fail as before
+        skipped = ~ok & self.stuck
+        todo, t = every[~ok & ~self.stuck], 1.0
         for _ in range(self.max_backtracks):
             if len(todo) == 0:
                 break
@@ -139,6 +150,7 @@ class BatchedLBFGS:
             g_new[todo] = torch.where(ok[:, None], gt, g_new[todo])
             todo = todo[~ok]
         self.count[todo] = 0  # rejected: x stays, history restarts
+        self.stuck = (skipped | torch.zeros_like(skipped).index_fill_(0, todo, True)) & steepest
         s, y = x_new - x, g_new - g
         sy = (s * y).sum(-1)
         push = sy > 1e-10 * s.norm(dim=-1) * y.norm(dim=-1)
@@ -170,6 +182,7 @@ def sculpt(pb: Problems, keys: torch.Tensor, ridge: float, lse_weight: float, it
             with record_function("kvsculpt.value_solve"):
                 values = solve_values(pb, x.view(P, M, D), ridge)
             f, g = fn(None, x)
+            opt.objective_changed()
             trace.append(f)
     return x.view(P, M, D), values, f, torch.stack(trace)
 
