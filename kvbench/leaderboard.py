@@ -13,10 +13,11 @@ protocols measure different things, so no row, score or rank combines them):
 - *matched memory*: the methods ranked per task at the same measured memory, not at the same knob value
   (a budget of 0.25 means a different memory for each method: per-slot state, protected windows, the
   question appended after compression). Each method's scores are interpolated linearly along its own
-  measured KV ratios, at memory levels that default to the median measured ratio of each budget's runs
-  (medians closer than the tolerance merged into one level); a level outside a method's measured range
-  (beyond a tolerance of 0.02) is left empty, never extrapolated.
-  A method's rank is its mean rank over the (task, level) cells it has.
+  measured KV ratios, at memory levels that default to the median measured ratio of each method's runs at
+  each budget (medians closer than the tolerance merged into one level); a level outside a method's measured
+  range (beyond a tolerance of 0.02) is left empty, never extrapolated, and a level where fewer than two
+  methods have a score ranks nothing. A method's rank is its mean rank over the (task, level) cells it has
+  (none: listed last, unranked).
 
 The measured ratio is ``kv_ratio_prefill`` by default: bytes the cache holds when decoding starts over the
 bytes a plain full cache would hold for the same tokens (``--ratio end``: at the end of decoding). The

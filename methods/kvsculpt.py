@@ -66,6 +66,8 @@ class BatchedLBFGS:
         # Problems whose last step searched along steepest descent and found nothing: from the same x, f, g they
         # would search the same way again (converged to float32 noise, e.g. a head fitted exactly), and every
         # step's backtracking rounds, one host sync each, ran for them alone. Cleared by ``objective_changed``.
+        # (Identical iterates where a problem's arithmetic does not depend on the others evaluated beside it: on
+        # the CPU, tested; a GPU GEMM may round differently as that set changes, a retry then tried again.)
         self.stuck = torch.zeros(n_problems, dtype=torch.bool, device=device)
 
     def objective_changed(self) -> None:
