@@ -364,7 +364,8 @@ def choose_chunk(total_tokens: int, device: torch.device, block_n: Optional[int]
     mean = -(-int(total_tokens) // n_seg) if n_seg else 0
     if mean > c:
         items = -(-mean // c)
-        c = -(-(-(-mean // items)) // bn) * bn
+        per_item = -(-mean // items)
+        c = -(-per_item // bn) * bn
     return int(c)
 
 

@@ -347,8 +347,8 @@ def sweep(config, tables, plan, device, methods):
                    "kernel instead of cuBLAS (kvbench.kernels.skinny_gemm)")
 @click.option("--freeze-weights/--no-freeze-weights", default=False, show_default=True,
               help="with --compile: the weights as constants of the compiled decoding step, so that inductor fuses "
-                   "the linear layers that share an input where its patterns match (more memory: the fused copies; on "
-                   "the H200 it fused gate/up, not q/k/v, and the step was no faster: kernels/NOTES.md)")
+                   "the linear layers that share an input where its patterns match (more memory: the fused copies; "
+                   "what it fused and gained: kernels/NOTES.md)")
 @click.option("--peers", default="hf,kvpress", show_default=True, help="peers to run beside kvbench ('' for none)")
 @click.option("--kvpress-path", default=None, help="PYTHONPATH entry holding kvpress and transformers<5.3 "
               "(default: $KVBENCH_KVPRESS_PATH)")

@@ -85,8 +85,8 @@ def compile_mode() -> str | None:
 
 def freeze_weights() -> bool:
     """KVBENCH_FREEZE_WEIGHTS=1: the compiled decoding step takes the weights as constants (inductor's freezing),
-    which lets inductor fuse the linear layers that share an input where its patterns match (q/k/v and gate/up
-    on the CPU; gate/up alone on the H200, with no faster step: kernels/NOTES.md). At batch 1-8 a GEMM's time is
+    which lets inductor fuse the linear layers that share an input where its patterns match (what it fused on
+    the CPU and on the GPU, and what that gained: kernels/NOTES.md). At batch 1-8 a GEMM's time is
     its weight bytes plus a fixed few microseconds, paid per GEMM. It costs the fused weights' memory beside
     the originals (which prefill still reads) and a compile per layer instead of one for all."""
     return os.environ.get("KVBENCH_FREEZE_WEIGHTS", "0") == "1"

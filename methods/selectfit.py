@@ -154,7 +154,7 @@ def solve_values(pb: Problems, keys: torch.Tensor, ridge: float) -> torch.Tensor
     With A the free attention probabilities [R, M], r what the exact part leaves of the target outputs and
     V_0 the prior values, V = V_0 + (A'A + c I)^-1 A'(r - A V_0) = V_0 + A'(AA' + c I)^-1 (r - A V_0): the
     Cholesky runs on the smaller of the two systems, M x M or R x R (KVSculpt's 128-position target window
-    gives fewer rows than free slots; its M x M solves took 43% of a compression on the H200).
+    gives fewer rows than free slots; what the solves cost: results/kvsculpt/README.md).
     The first call fixes each problem's ridge c (``ridge`` x the mean diagonal of A'A), so the objective
     stays one function of the keys and values from then on."""
     with torch.no_grad():
@@ -162,13 +162,13 @@ def solve_values(pb: Problems, keys: torch.Tensor, ridge: float) -> torch.Tensor
         fixed, _, p_free = attend(pb, keys, zero)  # output of the exact part alone
         residual = pb.out - fixed
         rows, slots = p_free.shape[1], p_free.shape[2]
+        a = p_free.double()
         if pb.ridge is None:
-            diag_mean = (p_free.double() ** 2).sum(dim=(1, 2)) / pb.free_counts.clamp(min=1)  # trace of A'A / M
+            diag_mean = (a ** 2).sum(dim=(1, 2)) / pb.free_counts.clamp(min=1)  # trace of A'A / M
             pb.ridge = (ridge * diag_mean).clamp(min=1e-30).float()
         c = pb.ridge.double()[:, None, None]
         prior = pb.prior_values.double()
         if rows < slots:  # the dual system, R x R
-            a = p_free.double()
             system = torch.einsum("prm,psm->prs", a, a)
             rhs = residual.double() - torch.einsum("prm,pmd->prd", a, prior)
         else:
