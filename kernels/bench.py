@@ -274,16 +274,14 @@ def bench_decode(dev, batches, lengths, copy_bw, gen, reps, log):
     return rows
 
 
-def sweep_decode(dev, shapes, reps, log, gen):
-    """Try launch configurations on a few (B, L, ragged) shapes; returns
-    (best cfg by geometric-mean time, results)."""
+def sweep_decode(dev, shapes, reps, log, gen, cands=None):
+    """Try launch configurations (``cands``, else a grid of 30) on a few
+    (B, L, ragged) shapes; returns (best cfg by geometric-mean time, results)."""
     scale = D ** -0.5
-    cands = []
-    for bn, nw, ns in [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (32, 4, 4)]:
-        for ips in (2, 4, 8):
-            for mc in (1024, 4096):
-                cands.append({"BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "items_per_sm": ips,
-                              "max_chunk": mc})
+    if not cands:
+        cands = [{"BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "items_per_sm": ips, "max_chunk": mc}
+                 for bn, nw, ns in [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (32, 4, 4)]
+                 for ips in (2, 4, 8) for mc in (1024, 4096)]
     data = []
     for (B, L, ragged) in shapes:
         tokens = B * HKV * L
@@ -474,7 +472,13 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="minute sizes, to check the script")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--skip-windows", action="store_true")
+    ap.add_argument("--configs", type=json.loads, default=None, metavar="JSON",
+                    help="with --sweep: only these launch configs, a JSON list of objects with the keys "
+                         f"{', '.join(_CFG_KEYS)} (e.g. the default against one rival, in seconds not minutes)")
     args = ap.parse_args(argv)
+    if args.configs is not None and not (isinstance(args.configs, list) and args.configs and all(
+            isinstance(c, dict) and set(c) == set(_CFG_KEYS) for c in args.configs)):
+        ap.error(f"--configs: a non-empty JSON list of objects with exactly the keys {', '.join(_CFG_KEYS)}")
 
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
@@ -521,7 +525,7 @@ def main(argv=None):
                    (8, 4096, True), (8, 8192, False), (8, 32768, False), (8, 131072, False), (32, 1024, False),
                    (64, 4096, False)]
                   if not args.tiny else [(1, 64, False), (2, 100, True)])
-        best, sweep_rows = sweep_decode(dev, shapes, max(5, reps // 2), log, gen)
+        best, sweep_rows = sweep_decode(dev, shapes, max(5, reps // 2), log, gen, args.configs)
         if best:
             da.DECODE_CONFIG.update({k: best[k] for k in _CFG_KEYS})
             log(f"sweep best: {best}")
