@@ -9,6 +9,8 @@
 #      rewrites .carry/whl with the gguf wheel only, so run the two pip lines after it)
 #   1. one call per part, carry [".carry/pNN"]:  bash scripts/gpu/qwen.sh part .carry/pNN
 #      back to back, nothing between them: the machine is given back 30 s after a call, and the parts with it
+#      (send every part, setup and the first sweep as one batch of calls: on 2026-12-04 the pause between two
+#      batches of calls lost the machine twice, 8 parts each time, though `status` had just said it was warm)
 #      (up to setup too: on 2026-12-03 three minutes of local work between `wheels` and `setup` lost the machine
 #      and its 32 parts, 300 s of device time)
 #   2. carry [".carry/whl", ".carry/data"]:       bash scripts/gpu/qwen.sh setup   (joins, checks, converts once)
@@ -46,7 +48,9 @@ part)  # part DIR [DEST]: DEST /tmp/kvbench-assets for SmolLM2's parts (scripts/
 wheels)  # optional, before setup, carry [".carry/whl"]: when the tree + whl + data outgrow 64 MiB
   mkdir -p /tmp/kvbench-whl && cp .carry/whl/*.whl /tmp/kvbench-whl/ && ls /tmp/kvbench-whl ;;
 setup)
-  cd $assets && { [ -f $name ] || cat $(ls -v parts/part*) > $name; } && echo "$sha  $name" | sha256sum -c \
+  # a join that fails its checksum is removed, so that setup run again (the missing parts carried) joins anew
+  cd $assets && { [ -f $name ] || cat $(ls -v parts/part*) > $name; } && { echo "$sha  $name" | sha256sum -c \
+    || { echo "$(ls parts 2>/dev/null | wc -l) parts here: carry the missing ones, then setup again" >&2; rm -f $name; exit 1; }; } \
     && rm -rf parts && python3 -m pip install -q --no-index --no-deps --target /tmp/kvbench-site \
        $(ls "$root"/.carry/whl/*.whl 2>/dev/null || ls /tmp/kvbench-whl/*.whl)
   PYTHONPATH=/tmp/kvbench-site python3 -c "import gguf, wonderwords, jieba, rouge" || { echo "carry the gguf, wonderwords, jieba and rouge wheels in .carry/whl" >&2; exit 1; }
@@ -60,6 +64,8 @@ setup)
   python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
   time python3 -c "from kvbench import models; lm = models.load('qwen2.5-coder-1.5b'); print(lm.name, lm.window)" 2>&1 | grep -v "^Loading" ;;
 sweep)
+  # without the converted model every run would crash on a PyPI fetch the machine cannot make (2026-12-04: 100 s)
+  [ -f $KVBENCH_CACHE/gguf/$name ] || { echo "no $name in $KVBENCH_CACHE/gguf: run setup first" >&2; exit 2; }
   shared_data; install_kvbench >/dev/null
   # CONFIG may be several: comma-separated ones run one after the other, '+' separates lanes that run at once on
   # the one GPU (a 1.5B model leaves it mostly idle); lanes' runs record KVBENCH_SHARED_DEVICE, so the leaderboard
