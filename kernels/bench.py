@@ -215,7 +215,7 @@ def bench_decode(dev, batches, lengths, copy_bw, gen, reps, log):
             seg_len = torch.full((B * HKV,), L, device=dev, dtype=torch.int32)
             ours = [
                 (lambda q=q, kd=kd, vd=vd: da.ragged_attention_triton(
-                    q, kd.view(-1, D), vd.view(-1, D), seg_start, seg_len, scale))
+                    q, kd.view(-1, D), vd.view(-1, D), seg_start, seg_len, scale, longest=L))
                 for (q, kd, vd) in sets
             ]
             sdpa = []
@@ -243,14 +243,14 @@ def bench_decode(dev, batches, lengths, copy_bw, gen, reps, log):
                 k = torch.randn(tokens, D, device=dev, dtype=torch.bfloat16)
                 v = torch.randn(tokens, D, device=dev, dtype=torch.bfloat16)
                 q = torch.randn(B, HQ, 1, D, device=dev, dtype=torch.bfloat16)
-                sets.append((q, k, v, starts.to(dev), lens.to(dev, torch.int32)))
+                sets.append((q, k, v, starts.to(dev), lens.to(dev, torch.int32), int(lens.max())))
             row["ragged_min_max"] = [int(sets[0][4].min()), int(sets[0][4].max())]
             rag = [
-                (lambda q=q, k=k, v=v, s=s, l=l: da.ragged_attention_triton(q, k, v, s, l, scale))
-                for (q, k, v, s, l) in sets
+                (lambda q=q, k=k, v=v, s=s, l=l, m=m: da.ragged_attention_triton(q, k, v, s, l, scale, longest=m))
+                for (q, k, v, s, l, m) in sets
             ]
             if B * L <= 8 * 4096:  # check ragged output against the reference once
-                q, k, v, s, l = sets[0]
+                q, k, v, s, l, _ = sets[0]
                 o, lse = rag[0]()
                 ro, rl = da.ragged_attention_reference(q, k, v, s, l, scale)
                 row["ragged_err_vs_ref"] = ((o.float() - ro.float()).norm() / ro.float().norm()).item()
@@ -295,10 +295,12 @@ def sweep_decode(dev, shapes, reps, log, gen, cands=None):
                 lens = ragged_lengths(B, L, 10.0, gen)
                 ss = (torch.cumsum(lens, 0) - lens).to(dev)
                 sl = lens.to(dev, torch.int32)
+                longest = int(lens.max())
             else:
                 ss = torch.arange(B * HKV, device=dev, dtype=torch.int64) * L
                 sl = torch.full((B * HKV,), L, device=dev, dtype=torch.int32)
-            sets.append((q, k, v, ss, sl))
+                longest = L
+            sets.append((q, k, v, ss, sl, longest))
         data.append(((B, L, ragged), sets))
     results = []
     saved = dict(da.DECODE_CONFIG)
@@ -307,8 +309,8 @@ def sweep_decode(dev, shapes, reps, log, gen, cands=None):
         ts = []
         try:
             for (shape, sets) in data:
-                calls = [(lambda q=q, k=k, v=v, ss=ss, sl=sl: da.ragged_attention_triton(q, k, v, ss, sl, scale))
-                         for (q, k, v, ss, sl) in sets]
+                calls = [(lambda q=q, k=k, v=v, ss=ss, sl=sl, m=m: da.ragged_attention_triton(
+                    q, k, v, ss, sl, scale, longest=m)) for (q, k, v, ss, sl, m) in sets]
                 ts.append(time_calls(calls, reps)[0] * 1e3)
         except Exception as e:  # noqa: BLE001
             log(f"  sweep {c}: failed {type(e).__name__}: {str(e)[:100]}")

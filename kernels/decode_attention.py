@@ -347,13 +347,16 @@ def _check_inputs(q, k, v, seg_start, seg_len):
 
 
 def choose_chunk(total_tokens: int, device: torch.device, block_n: Optional[int] = None,
-                 n_seg: int = 0) -> int:
+                 n_seg: int = 0, longest: Optional[int] = None) -> int:
     """Chunk (slots per work item): about ``items_per_sm`` items per SM for the
     given number of tokens, less one item per segment for the ragged tails
     (while that leaves at least half), a multiple of BLOCK_N, at most
-    ``max_chunk``; then evened out over a segment of the mean length (as many
-    items, none longer: 8 x 8192-slot heads at batch 8 were cut 2688 x 3 + 128,
-    a quarter of the items nearly empty; results/bench/h200-kernels/)."""
+    ``max_chunk``. ``longest`` (the longest segment, when the caller knows it on
+    the host): the chunk is then evened out over it, as many items and none
+    longer, so the critical path has no sliver: 8 x 8192-slot heads at batch 8
+    were cut 2688 x 3 + 128. Evened over the mean head instead it cost ragged
+    layouts time, the shorter chunk adding items to every other head
+    (results/bench/h200-kernels/)."""
     cfg = DECODE_CONFIG
     bn = block_n or cfg["BLOCK_N"]
     slots = max(1, cfg["items_per_sm"] * _num_sms(device))
@@ -361,10 +364,9 @@ def choose_chunk(total_tokens: int, device: torch.device, block_n: Optional[int]
     c = -(-max(int(total_tokens), 1) // target)
     c = -(-c // bn) * bn
     c = min(max(c, bn), max(cfg["max_chunk"], bn))
-    mean = -(-int(total_tokens) // n_seg) if n_seg else 0
-    if mean > c:
-        items = -(-mean // c)
-        per_item = -(-mean // items)
+    if longest is not None and longest > c:
+        items = -(-int(longest) // c)        # the longest segment's items at this chunk
+        per_item = -(-int(longest) // items)  # the same number of items, evenly long
         c = -(-per_item // bn) * bn
     return int(c)
 
@@ -374,7 +376,7 @@ def ragged_attention_triton(
     seg_start: torch.Tensor, seg_len: torch.Tensor, scale: float,
     *, chunk: Optional[int] = None, total_tokens: Optional[int] = None,
     block_n: Optional[int] = None, num_warps: Optional[int] = None,
-    num_stages: Optional[int] = None,
+    num_stages: Optional[int] = None, longest: Optional[int] = None,
     out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
     slot_logits: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -382,7 +384,9 @@ def ragged_attention_triton(
 
     ``chunk`` forces the split size (slots per work item); by default it is
     chosen from ``total_tokens`` (default: ``S``, an upper bound on the valid
-    slots, so pass the real total when the store has much spare capacity).
+    slots, so pass the real total when the store has much spare capacity) and
+    ``longest`` (an upper bound on the longest segment, known on the host: the
+    chunk is evened out over it; ``choose_chunk``).
     No host synchronisation; capturable in a CUDA graph.  ``out`` / ``lse``
     may be given (any strides, shapes ``[B, Hq, Tq, D]`` / ``[B, Hq, Tq]``);
     every element is written.
@@ -396,7 +400,7 @@ def ragged_attention_triton(
     S = k.shape[0]
     n_seg = B * hkv
     if chunk is None:
-        chunk = choose_chunk(total_tokens if total_tokens is not None else S, q.device, BLOCK_N, n_seg)
+        chunk = choose_chunk(total_tokens if total_tokens is not None else S, q.device, BLOCK_N, n_seg, longest)
         large = cfg.get("large")
         if large and block_n is None and chunk >= large["min_chunk"]:
             # long chunks: wider tiles stream slightly better (H100 sweep, NOTES.md)

@@ -187,7 +187,9 @@ class RaggedKV:
     def attend(self, q: torch.Tensor, scale: float, slot_logits: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """(out, lse); ``slot_logits`` (decoding): ``[S, G]`` float32 filled with each valid slot's logit."""
-        return ragged_attention(q, self.k, self.v, self.start, self.length, scale, slot_logits=slot_logits)
+        # the largest capacity bounds the longest segment on the host: the kernel's chunk is evened out over it
+        return ragged_attention(q, self.k, self.v, self.start, self.length, scale, slot_logits=slot_logits,
+                                longest=self.cap_max)
 
     # ---- changing what it holds -----------------------------------------------------------------
     def _relayout(self, src_slots: torch.Tensor | None, counts: torch.Tensor, capacity: torch.Tensor,
