@@ -213,6 +213,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="the default launch shape only, with and without the keys' rotation, and the rate of the "
+                         "matmuls it executes (where its time goes, without a profiler)")
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tiny = dev.type == "cpu"  # without a GPU: minute sizes in Triton's interpreter, to check the script
@@ -250,12 +253,20 @@ def main(argv=None):
                   f"{floor * 1e3:.0f} us", flush=True)
             configs = [(64, 4, 2)] if tiny else [(bt, nw, ns) for bt in (32, 64, 128) for nw in (4, 8)
                                                       for ns in (1, 2, 3)]
-            for bt, nw, ns in configs:
-                call = lambda: kvcar_decode(z[0], z[1], pos, perm, rows, rows, method.decoders[0],  # noqa: E731
-                                            method.kernel_rope(), block_t=bt, num_warps=nw, num_stages=ns)
+            dec = method.decoders[0]
+            if args.diagnose:  # the default launch shape (kvcar_decode's), rotating the keys and not
+                configs = [(128, 8, 2, True), (128, 8, 2, False)] if not tiny else [(64, 4, 2, True), (64, 4, 2, False)]
+            # the multiply-adds the kernel executes per token and kind: both code halves into the kind's hidden
+            # columns (one half zero rows for this kind), those into the output
+            macs = n * sum(dec.w3.shape[2] * h + h * dec.w4.shape[3] for h in dec.hidden)
+            for bt, nw, ns, *rotate in configs:
+                rot = method.kernel_rope() if (rotate or [True])[0] else None
+                call = lambda: kvcar_decode(z[0], z[1], pos, perm, rows, rows, dec,  # noqa: E731
+                                            rot, block_t=bt, num_warps=nw, num_stages=ns)
                 ms, _ = time_calls([call], reps=3 if tiny else 15)
-                print(f"  kernel block_t {bt:3d} warps {nw} stages {ns}: {ms * 1e3:7.1f} us "
-                      f"({floor / ms:.0%} of the bytes floor)", flush=True)
+                print(f"  kernel block_t {bt:3d} warps {nw} stages {ns}{'' if rot is not None else ' (keys not rotated)'}"
+                      f": {ms * 1e3:7.1f} us ({floor / ms:.0%} of the bytes floor, "
+                      f"{2 * macs / ms / 1e9:.0f} TFLOP/s of matmuls)", flush=True)
 
 
 if __name__ == "__main__":

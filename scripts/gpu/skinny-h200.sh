@@ -9,6 +9,8 @@
 #   bash scripts/gpu/skinny-h200.sh freeze   -> $OUT/freeze-b{1,8}.log: the compiled steady step of full and snapkv at
 #     32k, batch 1 and 8, unfrozen then with the weights frozen (q/k/v and gate/up one GEMM each; every layer
 #     compiles on its own: minutes of compiling); what the skinny GEMM could not win (kernels/NOTES.md)
+#   bash scripts/gpu/skinny-h200.sh chunk    -> the three launch shapes only (~100 s; the chunk rule's check)
+#   bash scripts/gpu/skinny-h200.sh kvcar    -> KV-CAR's read kernel with and without the rotation (~30 s)
 #   bash scripts/gpu/skinny-h200.sh attention -> $OUT/kernels-h200/ (the decode attention's launch shapes swept on
 #     the H200, whose defaults come from the H100: snapkv's 8k held per sequence ran at 3.3 TB/s at batch 8 where
 #     full's 32k ran at 4.46 (eager profile of one step, 2026-12-04); then the kernel table with the best)
@@ -36,5 +38,14 @@ freeze)
   done ;;
 attention)
   timeout 560 python3 -m kvbench.kernels.bench --sweep --skip-windows --out "$OUT/kernels-h200" 2>&1 | tail -45 ;;
-*) echo "usage: $0 kernel|bench|freeze|attention" >&2; exit 2 ;;
+chunk)  # the chunk's rule against the last table (results/bench/h200-kernels/evened-a571824/), in about 100 s:
+  # the default launch shape, the H200's best (3 stages) and 4 items per SM, on the sweep's 11 shapes
+  C='[{"BLOCK_N":64,"num_warps":4,"num_stages":4,"items_per_sm":2,"max_chunk":4096},
+      {"BLOCK_N":64,"num_warps":4,"num_stages":3,"items_per_sm":2,"max_chunk":4096},
+      {"BLOCK_N":64,"num_warps":4,"num_stages":2,"items_per_sm":4,"max_chunk":4096}]'
+  timeout 240 python3 -m kvbench.kernels.bench --sweep --skip-windows --configs "$C" --out "$OUT/kernels-h200" \
+    > "$OUT/kernels-h200.log" 2>&1; grep "sweep" "$OUT/kernels-h200.log" ;;
+kvcar)  # where KV-CAR's read kernel spends its time: with and without the keys' rotation, its matmuls' rate (~30 s)
+  timeout 200 python3 -m kvbench.kernels.kvcar_decode --diagnose 2>&1 | grep -v "^Loading" | tee "$OUT/kvcar-diagnose.log" ;;
+*) echo "usage: $0 kernel|bench|freeze|attention|chunk|kvcar" >&2; exit 2 ;;
 esac
