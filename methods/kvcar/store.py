@@ -35,6 +35,13 @@ class KVCARStore:
         self.sources = sources  # reused head -> the store that owns its entries
         self.own_t = torch.tensor(self.own, dtype=torch.int64, device=device)
         self.codes = RaggedKV(batch, len(self.own), method.code_width_, dtype, device)
+        # What this layer has seen of each reused head: its owner's lengths as of this layer's last append. The
+        # owner, an earlier layer, appends a prefill chunk before this layer attends over its past, so reading the
+        # owner's lengths then would attend the chunk twice, the second time without the causal mask.
+        self.reused = sorted(sources)
+        self.reused_t = torch.tensor(self.reused, dtype=torch.int64, device=device)
+        self.seen = torch.zeros(batch, heads, dtype=torch.int64, device=device)
+        self.seen_any = False  # on the host: whether this layer has appended anything (its sources then hold it)
         self._layout_key = None
         self._layout = None
         self._int_cache: dict[tuple, torch.Tensor] = {}
@@ -50,9 +57,9 @@ class KVCARStore:
         return self.codes.seq_nbytes()
 
     def head_lengths(self, head: int) -> torch.Tensor:
-        """[B] tokens held for one head (own or reused)."""
+        """[B] tokens held for one head (own, or reused: as far as this layer has seen its owner's)."""
         if head in self.sources:
-            return self.sources[head].head_lengths(head)
+            return self.seen[:, head]
         return self.codes.length.view(self.B, len(self.own))[:, self.own.index(head)]
 
     def token_counts(self) -> torch.Tensor:
@@ -62,7 +69,7 @@ class KVCARStore:
     def has_tokens(self) -> bool:  # known on the host (no device sync), as RaggedKV's
         if self.own:
             return self.codes.has_tokens()
-        return any(src.has_tokens() for src in self.sources.values())
+        return self.seen_any
 
     @property
     def length(self) -> torch.Tensor:
@@ -73,7 +80,12 @@ class KVCARStore:
 
     # ---- changing what it holds ----
     def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
-        """k, v [B, H, T, d] as the model made them (keys post-RoPE); only this layer's own heads are coded."""
+        """k, v [B, H, T, d] as the model made them (keys post-RoPE); only this layer's own heads are coded; a
+        reused head's tokens are its owner's, which appended them before this layer (``seen`` catches up)."""
+        if self.sources:
+            lengths = torch.stack([self.sources[h].head_lengths(h) for h in self.reused], dim=1)
+            self.seen.index_copy_(1, self.reused_t, lengths)
+            self.seen_any = True
         if not self.own:
             return
         zk, zv = self.method.encode(self.layer, k[:, self.own_t], v[:, self.own_t], pos, self.own_t)
@@ -156,7 +168,7 @@ class KVCARStore:
             k, v, s, n = owner.decode_heads(heads)
             cols = self._ints(heads)
             start[:, cols] = s + offset
-            length[:, cols] = n
+            length[:, cols] = n if owner is self else self.seen[:, cols]
             ks.append(k)
             vs.append(v)
             offset += k.shape[0]
@@ -188,6 +200,8 @@ class KVCARStore:
         out.sources = {h: src._copy() for h, src in first.sources.items()}
         if any(s is None for s in out.sources.values()):
             raise RuntimeError("KV-CAR stores must be joined in layer order (a reused head's owner first)")
+        out.reused, out.reused_t, out.seen = first.reused, first.reused_t, torch.cat([s.seen for s in stores])
+        out.seen_any = any(s.seen_any for s in stores)
         out._layout_key = out._layout = None
         out._int_cache = {}
         out._copy = None

@@ -156,6 +156,37 @@ def test_no_reuse_below_threshold_and_reused_heads_point_at_their_owner(tmp_path
     assert off.stores[1].own == list(range(H)) and not off.stores[1].sources
 
 
+def test_heads_equal_to_the_layer_before_are_found_and_reused_exactly(tmp_path):
+    """Reuse end to end against full: a model whose layer 1 computes the same keys and values as layer 0 (layer 0
+    leaves the residual stream unchanged and layer 1 has its key, value and norm weights). The calibration finds
+    every head of layer 1 at similarity 1, a zero threshold reuses them all, and with an identity codec the
+    generation is full's: layer 1 attends over layer 0's store through the pointers (a head read from the wrong
+    owner, head or position would change it)."""
+    from kvbench.cache import rope_inverse_factory
+    from kvbench.methods.kvcar.train import similarity
+    lm = tiny("llama")
+    first, second = lm.model.model.layers[:2]
+    with torch.no_grad():
+        first.self_attn.o_proj.weight.zero_()
+        first.mlp.down_proj.weight.zero_()
+        for a, b in ((second.self_attn.k_proj, first.self_attn.k_proj), (second.self_attn.v_proj, first.self_attn.v_proj),
+                     (second.input_layernorm, first.input_layernorm)):
+            a.weight.copy_(b.weight)
+    H = lm.model.config.num_key_value_heads
+    ids = torch.tensor([prompt(48, 3), prompt(48, 4)])
+    sim = similarity(lm.model, ids, rope_inverse_factory(lm.model.model.rotary_emb), 2)
+    assert sim[0] == [None] * H and all(abs(x - 1.0) < 1e-5 for x in sim[1]), sim
+    path = save_codec(lm, tmp_path / "c", identity=True, similarity=sim, threshold=0.0)
+    eng = Engine(lm, registry.build_method("kvcar", 1.0, {"artifact": str(path)}))
+    cache, ours, _ = eng.prefill(samples()[1])
+    assert cache.stores[1].own == [] and all(src is cache.stores[0] for src in cache.stores[1].sources.values())
+    assert cache.stores[1].nbytes() < cache.stores[0].nbytes() / 4
+    _, want, _ = Engine(lm, registry.build_method("full", 1.0)).prefill(samples()[1])
+    torch.testing.assert_close(ours, want, atol=1e-4, rtol=1e-4)
+    full = Engine(lm, registry.build_method("full", 1.0)).generate(samples())
+    assert [r["prediction"] for r in eng.generate(samples())] == [r["prediction"] for r in full]
+
+
 def test_decoding_with_reuse_runs_batched(tmp_path):
     lm = tiny("qwen2")
     cfg = lm.model.config
