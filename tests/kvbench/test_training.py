@@ -55,6 +55,26 @@ def test_kvcar_trains_an_artifact_its_method_loads(tiny_dir, corpus, tmp_path):
     Engine(models.load(str(tiny_dir)), registry.build_method("kvcar", 1.0, {"artifact": str(path)}))
 
 
+def test_the_kvcar_trainers_full_width_start_generates_what_full_generates(tiny_dir, corpus, tmp_path):
+    """The trainer's artifact end to end (calibration, the PCA start, the artifact written, BatchNorm folded at
+    load, decoding with rotation): latents as wide as the head start as the identity, so with no step taken the
+    artifact must reproduce the full cache's greedy tokens. (A step, however small, moves BatchNorm's running
+    statistics toward its batches and the codec away from the identity: 0.02 of the output after three.)"""
+    from tests.conftest import prompt, sample
+
+    from kvbench.methods.kvcar.train import train
+    lm = models.load(str(tiny_dir))
+    d = lm.model.config.head_dim
+    path = train(str(tiny_dir), str(corpus), str(tmp_path / "k"), latent_dim=d, recon_steps=0, lm_steps=0,
+                 batch=2, seq_len=64, calib_samples=2, log=lambda _: None)
+    meta = json.loads((path / "artifact.json").read_text())
+    assert meta["latent_dim"] == d and meta["hidden"] == 2 * d
+    samples = [sample(prompt(60 + 17 * i, i), prompt(5, 40 + i), new=12, sid=str(i)) for i in range(2)]
+    full = Engine(lm, registry.build_method("full", 1.0)).generate(samples)
+    got = Engine(lm, registry.build_method("kvcar", 1.0, {"artifact": str(path)})).generate(samples)
+    assert [r["prediction"] for r in got] == [r["prediction"] for r in full]
+
+
 def test_the_corpus_is_packed_into_consecutive_windows_with_the_last_held_out(tokenizer):
     from kvbench.task import TaskError
     from kvbench.training import pack_corpus
