@@ -335,6 +335,19 @@ def test_composition_evicts_and_codes(tmp_path):
     assert all(r["new_tokens"] == 10 for r in h2o)
 
 
+@pytest.mark.parametrize("evictor,params", [("h2o", {"evict_during_decoding": True}), ("tova", {}),
+                                            ("streamingllm", {}), ("adakv", {}), ("pyramidkv", {})])
+def test_any_evictor_with_an_identity_codec_is_the_evictor_alone(tmp_path, evictor, params):
+    """The composition keeps what the evictor keeps, through prefill and decoding-time eviction alike (H2O, TOVA and
+    StreamingLLM evict every step, AdaKV and PyramidKV give heads and layers different budgets): with a codec
+    that decodes exactly, the tokens are the evictor's own."""
+    lm = tiny("llama")
+    ident = save_codec(lm, tmp_path / "ident", identity=True)
+    alone = Engine(lm, registry.build_method(evictor, 0.5, params)).generate(samples())
+    both = Engine(lm, registry.build_method(f"{evictor}+kvcar", 0.5, {**params, "artifact": str(ident)})).generate(samples())
+    assert [r["prediction"] for r in both] == [r["prediction"] for r in alone]
+
+
 def test_composition_refuses_what_does_not_compose():
     with pytest.raises(ValueError, match="not a per-token codec"):
         registry.build_method("snapkv+snapkv", 0.5)
