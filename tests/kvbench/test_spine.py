@@ -157,13 +157,17 @@ def test_ends_line_agrees_with_decoding_the_whole_answer():
             assert stops[:1] == old_stops[:1], (tok.decode(seq), seq)
 
 
-def test_batched_decode_matches_single():
+@pytest.mark.parametrize("name,params", [(n, {}) for n in EVICTION] + [
+    ("h2o", {"evict_during_decoding": True}), ("selectfit", {}), ("selectfit", {"adaptive": True}), ("kvsculpt", {}),
+    ("kvsculpt", {"adaptive": True}), ("kvcar", {}), ("deltakv", {"random_init": True})])
+def test_batched_decode_matches_single(name, params):
+    """A sample's answer does not depend on the samples batched with it (ragged stores, per-sequence budgets and
+    compression, decode-time eviction, adaptive allocations; prompts of three lengths)."""
     lm = tiny("llama")
     samples = [sample(prompt(70 + 30 * i, 10 + i), prompt(4, 20 + i), new=10, sid=str(i)) for i in range(3)]
-    method = registry.build_method("snapkv", 0.5)
-    batched = Engine(lm, method).generate(samples)
+    batched = Engine(lm, registry.build_method(name, 0.5, params)).generate(samples)
     for s, rec in zip(samples, batched):
-        assert Engine(lm, method).generate([s])[0]["prediction"] == rec["prediction"]
+        assert Engine(lm, registry.build_method(name, 0.5, params)).generate([s])[0]["prediction"] == rec["prediction"]
 
 
 def test_query_aware_differs_from_agnostic_in_what_is_compressed():
