@@ -183,6 +183,8 @@ def test_heads_equal_to_the_layer_before_are_found_and_reused_exactly(tmp_path):
     assert cache.stores[1].nbytes() < cache.stores[0].nbytes() / 4
     _, want, _ = Engine(lm, registry.build_method("full", 1.0)).prefill(samples()[1])
     torch.testing.assert_close(ours, want, atol=1e-4, rtol=1e-4)
+    chunked = Engine(lm, registry.build_method("kvcar", 1.0, {"artifact": str(path)}), prefill_chunk=16)
+    torch.testing.assert_close(chunked.prefill(samples()[1])[1], want, atol=1e-4, rtol=1e-4)
     full = Engine(lm, registry.build_method("full", 1.0)).generate(samples())
     assert [r["prediction"] for r in eng.generate(samples())] == [r["prediction"] for r in full]
 
