@@ -104,6 +104,20 @@ def test_budget_holds_what_it_claims(name):
     assert info["kv_bytes_prefill"] < 0.3 * info["kv_bytes_full_prefill"]
 
 
+@pytest.mark.parametrize("name,params", [("selectfit", {}), ("selectfit", {"adaptive": True}), ("kvsculpt", {}),
+                                         ("kvsculpt", {"adaptive": True})])
+def test_fitting_methods_hold_what_they_claim(name, params):
+    """The methods that fit what they keep count every slot a head holds against the kept fraction; adaptive
+    budgets move slots between heads of a sequence and conserve the total exactly."""
+    lm = tiny("llama")
+    cache, _, info = Engine(lm, registry.build_method(name, 0.25, params)).prefill(sample(prompt(200, 5), []))
+    counts = cache.token_counts()  # [layers, B, H]
+    assert int(counts.sum()) == 50 * counts.numel()  # int(0.25 * 200) a head on average
+    if not params:
+        assert (counts == 50).all()
+    assert info["kv_bytes_prefill"] == cache.nbytes() < 0.3 * info["kv_bytes_full_prefill"]
+
+
 @pytest.mark.parametrize("name", ["streamingllm", "h2o", "tova"])
 def test_decode_time_eviction_holds_budget(name):
     lm = tiny("llama")
