@@ -1,6 +1,7 @@
 """Fidelity: the continuation fed as one chunk, or token by token through the decoding steps (``stepwise``)."""
 from __future__ import annotations
 
+import pytest
 import torch
 from tests.conftest import prompt, tiny
 
@@ -20,6 +21,16 @@ def test_stepwise_equals_the_chunk_with_the_full_cache():
     chunk, _ = engine.continuation_logprobs(_sample())
     steps, info = engine.continuation_logprobs(_sample(), stepwise=True)
     assert steps.shape == chunk.shape == (19, lm.model.config.vocab_size)
+    torch.testing.assert_close(steps, chunk, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["snapkv", "pyramidkv", "adakv", "knorm", "random", "selectfit", "kvsculpt"])
+def test_stepwise_equals_the_chunk_for_a_method_that_only_appends_after_compressing(name):
+    """After the prefill's compression these methods only append: the decoding steps read the compressed store
+    (its fitted keys and values too) as the continuation's chunk does, so the log-probabilities agree."""
+    engine = Engine(tiny("llama"), registry.build_method(name, 0.5))
+    chunk, _ = engine.continuation_logprobs(_sample())
+    steps, _ = engine.continuation_logprobs(_sample(), stepwise=True)
     torch.testing.assert_close(steps, chunk, atol=1e-4, rtol=1e-4)
 
 
