@@ -120,6 +120,10 @@ def test_identity_compressor_reproduces_full(family):
     full = Engine(lm, registry.build_method("full", 1.0)).generate(samples)
     got = Engine(lm, m).generate(samples)
     assert [r["prediction"] for r in got] == [r["prediction"] for r in full]
+    # prefilled in chunks that do not divide the flushes, and with the question seen first: still full's
+    for proto in ("query-agnostic", "query-aware"):
+        chunked = Engine(lm, m, prefill_chunk=37, protocol=proto).generate(samples)
+        assert [r["prediction"] for r in chunked] == [r["prediction"] for r in full], proto
     cache, logits, _ = Engine(lm, m).prefill(samples[1])
     _, want, _ = Engine(lm, registry.build_method("full", 1.0)).prefill(samples[1])
     torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)

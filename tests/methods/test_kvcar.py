@@ -100,6 +100,9 @@ def test_identity_codec_reproduces_full(tmp_path, family, rope_keys):
     eng = Engine(lm, registry.build_method("kvcar", 1.0, {"artifact": str(path)}))
     got = eng.generate(samples())
     assert [r["prediction"] for r in got] == [r["prediction"] for r in full]
+    chunked = Engine(lm, registry.build_method("kvcar", 1.0, {"artifact": str(path)}), prefill_chunk=37,
+                     protocol="query-aware").generate(samples())
+    assert [r["prediction"] for r in chunked] == [r["prediction"] for r in full]
     _, want, _ = Engine(lm, registry.build_method("full", 1.0)).prefill(samples()[1])
     cache, ours, _ = eng.prefill(samples()[1])
     torch.testing.assert_close(ours, want, atol=1e-4, rtol=1e-4)
