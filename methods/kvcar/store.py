@@ -40,7 +40,7 @@ class KVCARStore:
         # owner's lengths then would attend the chunk twice, the second time without the causal mask.
         self.reused = sorted(sources)
         self.reused_t = torch.tensor(self.reused, dtype=torch.int64, device=device)
-        self.seen = torch.zeros(batch, heads, dtype=torch.int64, device=device)
+        self.seen = torch.zeros(batch, heads if sources else 0, dtype=torch.int64, device=device)  # counted in nbytes
         self.seen_any = False  # on the host: whether this layer has appended anything (its sources then hold it)
         self._layout_key = None
         self._layout = None
@@ -49,12 +49,13 @@ class KVCARStore:
 
     # ---- what it holds ----
     def nbytes(self) -> int:
-        return self.codes.nbytes() if self.own else 0
+        return (self.codes.nbytes() if self.own else 0) + self.seen.numel() * self.seen.element_size()
 
     def seq_nbytes(self) -> torch.Tensor:
+        seen = self.seen.shape[1] * self.seen.element_size()
         if not self.own:
-            return torch.zeros(self.B, dtype=torch.int64, device=self.codes.length.device)
-        return self.codes.seq_nbytes()
+            return torch.full((self.B,), seen, dtype=torch.int64, device=self.codes.length.device)
+        return self.codes.seq_nbytes() + seen
 
     def head_lengths(self, head: int) -> torch.Tensor:
         """[B] tokens held for one head (own, or reused: as far as this layer has seen its owner's)."""
