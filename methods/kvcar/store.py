@@ -5,7 +5,8 @@ and value *latents* (``[S, latent]``), so the packing, growth, batching and evic
 ragged store applies to codes unchanged (``keep``/``remove_one`` move codes, an evicting method may
 compose with it). A head the layer reuses from an earlier layer keeps nothing: the store holds a pointer
 to that layer's store and decodes its codes for that head when it attends. Bytes: the codes, their
-positions and bookkeeping (``RaggedKV.nbytes``); a reused head's entries are counted once, by their owner.
+positions and bookkeeping (``RaggedKV.nbytes``); a reused head's entries are counted once, by their owner (the
+reusing layer holds only how many of them it has seen: 8 bytes a sequence).
 
 Reading (``attend``): every slot of a head is decoded into a padded ``[heads * N, d]`` layout, head ``i``'s
 slots in row block ``i`` (the gather indices depend only on the layout and are kept until it changes, so a
@@ -39,8 +40,7 @@ class KVCARStore:
         # owner, an earlier layer, appends a prefill chunk before this layer attends over its past, so reading the
         # owner's lengths then would attend the chunk twice, the second time without the causal mask.
         self.reused = sorted(sources)
-        self.reused_t = torch.tensor(self.reused, dtype=torch.int64, device=device)
-        self.seen = torch.zeros(batch, heads if sources else 0, dtype=torch.int64, device=device)  # counted in nbytes
+        self.seen = torch.zeros(batch, len(self.reused), dtype=torch.int64, device=device)  # [B, reused heads]
         self.seen_any = False  # on the host: whether this layer has appended anything (its sources then hold it)
         self._layout_key = None
         self._layout = None
@@ -60,11 +60,11 @@ class KVCARStore:
     def head_lengths(self, head: int) -> torch.Tensor:
         """[B] tokens held for one head (own, or reused: as far as this layer has seen its owner's)."""
         if head in self.sources:
-            return self.seen[:, head]
+            return self.seen[:, self.reused.index(head)]
         return self.codes.length.view(self.B, len(self.own))[:, self.own.index(head)]
 
     def token_counts(self) -> torch.Tensor:
-        """[B, H] tokens per (sequence, KV head); a reused head reports its owner's."""
+        """[B, H] tokens per (sequence, KV head); a reused head: as many of its owner's as this layer has seen."""
         return torch.stack([self.head_lengths(h) for h in range(self.H)], dim=1)
 
     def has_tokens(self) -> bool:  # known on the host (no device sync), as RaggedKV's
@@ -74,7 +74,7 @@ class KVCARStore:
 
     @property
     def length(self) -> torch.Tensor:
-        """Tokens per segment; a layer reusing every head reports its sources'."""
+        """Tokens per segment; a layer reusing every head reports what it has seen of its sources'."""
         if self.own:
             return self.codes.length
         return self.token_counts().reshape(-1)
@@ -84,8 +84,7 @@ class KVCARStore:
         """k, v [B, H, T, d] as the model made them (keys post-RoPE); only this layer's own heads are coded; a
         reused head's tokens are its owner's, which appended them before this layer (``seen`` catches up)."""
         if self.sources:
-            lengths = torch.stack([self.sources[h].head_lengths(h) for h in self.reused], dim=1)
-            self.seen.index_copy_(1, self.reused_t, lengths)
+            self.seen.copy_(torch.stack([self.sources[h].head_lengths(h) for h in self.reused], dim=1))
             self.seen_any = True
         if not self.own:
             return
@@ -169,7 +168,7 @@ class KVCARStore:
             k, v, s, n = owner.decode_heads(heads)
             cols = self._ints(heads)
             start[:, cols] = s + offset
-            length[:, cols] = n if owner is self else self.seen[:, cols]
+            length[:, cols] = n if owner is self else self.seen[:, self._ints([self.reused.index(h) for h in heads])]
             ks.append(k)
             vs.append(v)
             offset += k.shape[0]
@@ -178,7 +177,11 @@ class KVCARStore:
 
     def attend(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         k, v, start, length = self.decoded()
-        return ragged_attention(q, k.to(q.dtype), v.to(q.dtype), start, length, scale)
+        # every segment fits its owner's padded width, known on the host (the layouts are kept): the attention
+        # kernel evens its chunk out over the widest, as it does over a ragged store's largest capacity
+        owners = {id(o): o for o in (self.sources.get(h, self) for h in range(self.H))}.values()
+        widest = max(owner._gather_index()[0].shape[1] for owner in owners)
+        return ragged_attention(q, k.to(q.dtype), v.to(q.dtype), start, length, scale, longest=widest)
 
     def decoded_view(self) -> "DecodedView":
         """This layer's tokens decoded in the codes' own slot layout, for an evicting method to score; its
@@ -201,7 +204,7 @@ class KVCARStore:
         out.sources = {h: src._copy() for h, src in first.sources.items()}
         if any(s is None for s in out.sources.values()):
             raise RuntimeError("KV-CAR stores must be joined in layer order (a reused head's owner first)")
-        out.reused, out.reused_t, out.seen = first.reused, first.reused_t, torch.cat([s.seen for s in stores])
+        out.reused, out.seen = first.reused, torch.cat([s.seen for s in stores])
         out.seen_any = any(s.seen_any for s in stores)
         out._layout_key = out._layout = None
         out._int_cache = {}

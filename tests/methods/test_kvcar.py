@@ -192,6 +192,39 @@ def test_heads_equal_to_the_layer_before_are_found_and_reused_exactly(tmp_path):
     assert [r["prediction"] for r in eng.generate(samples())] == [r["prediction"] for r in full]
 
 
+def test_mixed_and_chained_reuse_reproduces_full(tmp_path, monkeypatch):
+    """Three layers computing the same keys and values: layer 1 reuses head 0 from layer 0 and keeps head 1, layer 2
+    keeps nothing (head 0 through layer 1 back to layer 0, head 1 from layer 1). With an identity codec that is
+    full's attention in every layer, whole, in chunks, batched, and in a clone of the cache."""
+    from kvbench import models
+    monkeypatch.setitem(models.PRESETS, "tiny-llama", {**models.PRESETS["tiny-llama"], "num_hidden_layers": 3})
+    lm = tiny("llama")
+    layers = lm.model.model.layers
+    with torch.no_grad():
+        for layer in layers[:2]:  # the residual stream reaches every layer unchanged
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        for layer in layers[1:]:
+            for name in ("k_proj", "v_proj"):
+                getattr(layer.self_attn, name).weight.copy_(getattr(layers[0].self_attn, name).weight)
+            layer.input_layernorm.weight.copy_(layers[0].input_layernorm.weight)
+    sim = [[None, None], [1.0, 0.0], [1.0, 1.0]]
+    assert choose_reuse(sim, 0.5) == {1: {0: 0}, 2: {0: 0, 1: 1}}
+    path = save_codec(lm, tmp_path / "c", identity=True, similarity=sim, threshold=0.5)
+    method = registry.build_method("kvcar", 1.0, {"artifact": str(path)})
+    _, want, _ = Engine(lm, registry.build_method("full", 1.0)).prefill(samples()[1])
+    for chunk in (None, 7, 16):
+        cache, ours, _ = Engine(lm, method, prefill_chunk=chunk).prefill(samples()[1])
+        torch.testing.assert_close(ours, want, atol=1e-4, rtol=1e-4)
+    first, second, third = cache.stores
+    assert second.own == [1] and third.own == [] and third.sources == {0: first, 1: second}
+    twin = cache.clone()
+    assert twin.stores[2].sources == {0: twin.stores[0], 1: twin.stores[1]}
+    assert torch.equal(twin.token_counts(), cache.token_counts())
+    full = Engine(lm, registry.build_method("full", 1.0)).generate(samples())
+    assert [r["prediction"] for r in Engine(lm, method).generate(samples())] == [r["prediction"] for r in full]
+
+
 def test_decoding_with_reuse_runs_batched(tmp_path):
     lm = tiny("qwen2")
     cfg = lm.model.config
