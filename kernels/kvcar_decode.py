@@ -251,16 +251,17 @@ def main(argv=None):
             floor = n * (4 * method.code_width_ + 4 * 128) / bw * 1e3  # codes read, keys and values written
             print(f"{label}, batch {B}, {args.context} tokens: PyTorch {ms * 1e3:.0f} us; bytes floor "
                   f"{floor * 1e3:.0f} us", flush=True)
-            configs = [(64, 4, 2)] if tiny else [(bt, nw, ns) for bt in (32, 64, 128) for nw in (4, 8)
-                                                      for ns in (1, 2, 3)]
+            configs = [(64, 4, 2, True)] if tiny else [(bt, nw, ns, True) for bt in (32, 64, 128) for nw in (4, 8)
+                                                            for ns in (1, 2, 3)]
+            if args.diagnose:  # one launch shape (kvcar_decode's default), rotating the keys and not
+                bt, nw, ns = (64, 4, 2) if tiny else (128, 8, 2)
+                configs = [(bt, nw, ns, True), (bt, nw, ns, False)]
             dec = method.decoders[0]
-            if args.diagnose:  # the default launch shape (kvcar_decode's), rotating the keys and not
-                configs = [(128, 8, 2, True), (128, 8, 2, False)] if not tiny else [(64, 4, 2, True), (64, 4, 2, False)]
             # the multiply-adds the kernel executes per token and kind: both code halves into the kind's hidden
             # columns (one half zero rows for this kind), those into the output
             macs = n * sum(dec.w3.shape[2] * h + h * dec.w4.shape[3] for h in dec.hidden)
-            for bt, nw, ns, *rotate in configs:
-                rot = method.kernel_rope() if (rotate or [True])[0] else None
+            for bt, nw, ns, rotate in configs:
+                rot = method.kernel_rope() if rotate else None
                 call = lambda: kvcar_decode(z[0], z[1], pos, perm, rows, rows, dec,  # noqa: E731
                                             rot, block_t=bt, num_warps=nw, num_stages=ns)
                 ms, _ = time_calls([call], reps=3 if tiny else 15)

@@ -156,6 +156,10 @@ class KVCARStore:
     def decoded(self):
         """Every head's decoded keys and values (own and reused) as one ragged layout: ``k, v [S', d]``,
         ``start, length [B*H]``."""
+        return self._decode_all()[:4]
+
+    def _decode_all(self):
+        """``decoded()``'s four, and the widest owner's padded width (a host int: it bounds every segment)."""
         groups: dict[int, tuple[KVCARStore, list[int]]] = {}
         for h in range(self.H):
             owner = self.sources.get(h, self)
@@ -163,7 +167,7 @@ class KVCARStore:
         ks, vs = [], []
         start = torch.zeros(self.B, self.H, dtype=torch.int64, device=self.codes.k.device)
         length = torch.zeros_like(start)
-        offset = 0
+        offset = widest = 0
         for owner, heads in groups.values():
             k, v, s, n = owner.decode_heads(heads)
             cols = self._ints(heads)
@@ -172,15 +176,13 @@ class KVCARStore:
             ks.append(k)
             vs.append(v)
             offset += k.shape[0]
+            widest = max(widest, k.shape[0] // len(heads))
         cat = (lambda xs: xs[0]) if len(ks) == 1 else torch.cat
-        return cat(ks), cat(vs), start.reshape(-1), length.reshape(-1)
+        return cat(ks), cat(vs), start.reshape(-1), length.reshape(-1), widest
 
     def attend(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v, start, length = self.decoded()
-        # every segment fits its owner's padded width, known on the host (the layouts are kept): the attention
-        # kernel evens its chunk out over the widest, as it does over a ragged store's largest capacity
-        owners = {id(o): o for o in (self.sources.get(h, self) for h in range(self.H))}.values()
-        widest = max(owner._gather_index()[0].shape[1] for owner in owners)
+        # the attention kernel evens its chunk out over the widest padded head, as over a ragged store's capacity
+        k, v, start, length, widest = self._decode_all()
         return ragged_attention(q, k.to(q.dtype), v.to(q.dtype), start, length, scale, longest=widest)
 
     def decoded_view(self) -> "DecodedView":

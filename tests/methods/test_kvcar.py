@@ -159,6 +159,21 @@ def test_no_reuse_below_threshold_and_reused_heads_point_at_their_owner(tmp_path
     assert off.stores[1].own == list(range(H)) and not off.stores[1].sources
 
 
+def with_identical_layers(lm):
+    """``lm`` with every layer computing layer 0's keys and values: the layers before the last leave the residual
+    stream unchanged, and every layer has layer 0's key, value and norm weights."""
+    layers = lm.model.model.layers
+    with torch.no_grad():
+        for layer in layers[:-1]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        for layer in layers[1:]:
+            for name in ("k_proj", "v_proj"):
+                getattr(layer.self_attn, name).weight.copy_(getattr(layers[0].self_attn, name).weight)
+            layer.input_layernorm.weight.copy_(layers[0].input_layernorm.weight)
+    return lm
+
+
 def test_heads_equal_to_the_layer_before_are_found_and_reused_exactly(tmp_path):
     """Reuse end to end against full: a model whose layer 1 computes the same keys and values as layer 0 (layer 0
     leaves the residual stream unchanged and layer 1 has its key, value and norm weights). The calibration finds
@@ -167,14 +182,7 @@ def test_heads_equal_to_the_layer_before_are_found_and_reused_exactly(tmp_path):
     owner, head or position would change it)."""
     from kvbench.cache import rope_inverse_factory
     from kvbench.methods.kvcar.train import similarity
-    lm = tiny("llama")
-    first, second = lm.model.model.layers[:2]
-    with torch.no_grad():
-        first.self_attn.o_proj.weight.zero_()
-        first.mlp.down_proj.weight.zero_()
-        for a, b in ((second.self_attn.k_proj, first.self_attn.k_proj), (second.self_attn.v_proj, first.self_attn.v_proj),
-                     (second.input_layernorm, first.input_layernorm)):
-            a.weight.copy_(b.weight)
+    lm = with_identical_layers(tiny("llama"))
     H = lm.model.config.num_key_value_heads
     ids = torch.tensor([prompt(48, 3), prompt(48, 4)])
     sim = similarity(lm.model, ids, rope_inverse_factory(lm.model.model.rotary_emb), 2)
@@ -198,16 +206,7 @@ def test_mixed_and_chained_reuse_reproduces_full(tmp_path, monkeypatch):
     full's attention in every layer, whole, in chunks, batched, and in a clone of the cache."""
     from kvbench import models
     monkeypatch.setitem(models.PRESETS, "tiny-llama", {**models.PRESETS["tiny-llama"], "num_hidden_layers": 3})
-    lm = tiny("llama")
-    layers = lm.model.model.layers
-    with torch.no_grad():
-        for layer in layers[:2]:  # the residual stream reaches every layer unchanged
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        for layer in layers[1:]:
-            for name in ("k_proj", "v_proj"):
-                getattr(layer.self_attn, name).weight.copy_(getattr(layers[0].self_attn, name).weight)
-            layer.input_layernorm.weight.copy_(layers[0].input_layernorm.weight)
+    lm = with_identical_layers(tiny("llama"))
     sim = [[None, None], [1.0, 0.0], [1.0, 1.0]]
     assert choose_reuse(sim, 0.5) == {1: {0: 0}, 2: {0: 0, 1: 1}}
     path = save_codec(lm, tmp_path / "c", identity=True, similarity=sim, threshold=0.5)
