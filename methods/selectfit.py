@@ -31,6 +31,10 @@ Choices the paper leaves open (shared with ``kvsculpt``, which starts from this 
   ``ridge`` times the mean diagonal of the initial normal matrix; solved by Cholesky in float64. Pulling
   towards the selected values (not towards zero) matters: with few targets a fit towards zero generalised
   worse than no fit at all; ``ridge = 1`` was the best of 0.01 to 10 (results/kvsculpt/README.md).
+- Precision of the normal matrix (``gram_precision``): A'A is R x M x M multiply-adds, the solve's largest cost
+  when the targets outnumber the free slots (12,288 rows at 16k); "tf32" forms it from inputs rounded to 10
+  mantissa bits on CUDA (float32 sums; the CPU computes float32 either way). The right-hand side stays float32
+  and the Cholesky float64.
 - Budget: the kept fraction counts every slot a head holds (exact and free alike); a budget smaller than
   ``sinks + recent`` shrinks the recent window first. A head whose budget covers its middle keeps it exact.
 - Adaptive budgets (``adaptive=True``; the KVSculpt paper's allocation, here for both methods, so its effect
@@ -49,9 +53,11 @@ Choices the paper leaves open (shared with ``kvsculpt``, which starts from this 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import record_function
 
 from kvbench.cache import LayerCall, RaggedKV, fraction_target
 from kvbench.kernels.decode_attention import ragged_attention_reference
@@ -148,7 +154,23 @@ def objective_and_key_grad(pb: Problems, keys: torch.Tensor, values: torch.Tenso
     return _objective_of(pb, out, lse, values, lse_weight), grad_keys
 
 
-def solve_values(pb: Problems, keys: torch.Tensor, ridge: float) -> torch.Tensor:
+GRAM_PRECISIONS = ("float32", "tf32")
+
+
+@contextlib.contextmanager
+def fp32_matmul_precision(precision: str):
+    """CUDA's float32 matrix products in ``precision`` ("tf32": inputs rounded to 10 mantissa bits, float32
+    sums) inside the block, as they were after it. The CPU computes in float32 either way."""
+    backend = torch.backends.cuda.matmul
+    before = backend.fp32_precision
+    backend.fp32_precision = "tf32" if precision == "tf32" else "ieee"
+    try:
+        yield
+    finally:
+        backend.fp32_precision = before
+
+
+def solve_values(pb: Problems, keys: torch.Tensor, ridge: float, gram: str = "float32") -> torch.Tensor:
     """The free values minimising ``objective`` for fixed keys: the ridge normal equations, in float64.
 
     With A the free attention probabilities [R, M], r what the exact part leaves of the target outputs and
@@ -156,23 +178,26 @@ def solve_values(pb: Problems, keys: torch.Tensor, ridge: float) -> torch.Tensor
     Cholesky runs on the smaller of the two systems, M x M or R x R (KVSculpt's 128-position target window
     gives fewer rows than free slots; what the solves cost: results/kvsculpt/README.md).
     The first call fixes each problem's ridge c (``ridge`` x the mean diagonal of A'A), so the objective
-    stays one function of the keys and values from then on."""
+    stays one function of the keys and values from then on. ``gram``: the precision of the products that
+    form A'A (R x M x M multiply-adds, the solve's largest cost when targets outnumber free slots); the
+    right-hand side and the Cholesky stay float32 / float64."""
     with torch.no_grad():
         zero = torch.zeros(keys.shape, dtype=keys.dtype, device=keys.device)
         fixed, _, p_free = attend(pb, keys, zero)  # output of the exact part alone
         residual = pb.out - fixed
         rows, slots = p_free.shape[1], p_free.shape[2]
-        a = p_free.double()
-        if pb.ridge is None:
-            diag_mean = (a ** 2).sum(dim=(1, 2)) / pb.free_counts.clamp(min=1)  # trace of A'A / M
+        if pb.ridge is None:  # trace of A'A / M, summed in float64
+            diag_mean = p_free.square().sum(dim=(1, 2), dtype=torch.float64) / pb.free_counts.clamp(min=1)
             pb.ridge = (ridge * diag_mean).clamp(min=1e-30).float()
         c = pb.ridge.double()[:, None, None]
         prior = pb.prior_values.double()
         if rows < slots:  # the dual system, R x R
+            a = p_free.double()
             system = torch.einsum("prm,psm->prs", a, a)
             rhs = residual.double() - torch.einsum("prm,pmd->prd", a, prior)
         else:
-            system = torch.einsum("prm,prn->pmn", p_free, p_free).double()
+            with fp32_matmul_precision(gram):
+                system = torch.einsum("prm,prn->pmn", p_free, p_free).double()
             rhs = torch.einsum("prm,prd->pmd", p_free, residual).double() + c * prior
         eye = torch.eye(system.shape[-1], dtype=system.dtype, device=system.device)
         system = system + c * eye
@@ -180,7 +205,7 @@ def solve_values(pb: Problems, keys: torch.Tensor, ridge: float) -> torch.Tensor
         if bool((info > 0).any()):  # float64 with a positive ridge: only for a pathological problem
             chol, _ = torch.linalg.cholesky_ex(system + 1e-8 * system.diagonal(dim1=-2, dim2=-1).amax(-1)[:, None, None] * eye)
         solved = torch.cholesky_solve(rhs, chol)
-        values = prior + torch.einsum("prm,prd->pmd", a, solved) if rows < slots else solved
+        values = prior + torch.einsum("prm,prd->pmd", p_free.double(), solved) if rows < slots else solved
         return values.float().masked_fill(~pb.free_mask[..., None], 0.0)
 
 
@@ -257,10 +282,14 @@ class SelectFit(Method):
     floor: float = 0.25
     cap: float = 4.0
     allocation_power: float = 1.0
+    gram_precision: str = "float32"
 
     def __post_init__(self):
         if self.targets not in TARGET_KINDS:
             raise UnknownNameError(f"unknown targets '{self.targets}'; use one of {', '.join(TARGET_KINDS)}")
+        if self.gram_precision not in GRAM_PRECISIONS:
+            raise UnknownNameError(f"unknown gram_precision '{self.gram_precision}'; use one of "
+                                   f"{', '.join(GRAM_PRECISIONS)}")
         if self.ridge <= 0:
             raise BudgetError(f"ridge must be positive (got {self.ridge}): the value solve needs it")
         if min(self.sinks, self.recent, self.pilot_iterations) < 0 or min(self.max_targets, self.future_span,
@@ -283,6 +312,7 @@ class SelectFit(Method):
         if pending:
             self.compress_layers(cache, pending)
 
+    @record_function("selectfit.targets")  # named for torch.profiler: where the compression time goes
     def layer_targets(self, call: LayerCall, target: torch.Tensor) -> LayerTargets:
         store: RaggedKV = call.store
         q, positions = call.queries, call.positions
@@ -438,7 +468,8 @@ class SelectFit(Method):
 
     def fit(self, pb: Problems, keys: torch.Tensor, iterations: int | None = None):
         """Select+Fit: the selected keys, the values solved once. Returns keys, values, objective [P]."""
-        values = solve_values(pb, keys, self.ridge)
+        with record_function("selectfit.value_solve"):
+            values = solve_values(pb, keys, self.ridge, self.gram_precision)
         return keys, values, objective(pb, keys, values, 0.0)
 
     def write_back(self, store: RaggedKV, plan: LayerPlan, segs: list[int], keys: list[torch.Tensor],

@@ -149,6 +149,7 @@ def main() -> None:
     ap.add_argument("--kernels", default="cudnn", help="prefill attention kernels to time the engine with (flash,cudnn)")
     ap.add_argument("--compile", action="store_true", help="the decoding step through torch.compile (Engine.compile_decode)")
     ap.add_argument("--profile-method", default="full", help="the method whose prefill --profile traces")
+    ap.add_argument("--budget", type=float, default=0.25, help="the kept fraction of every method but full")
     ap.add_argument("--freeze", choices=("off", "on", "both"), default="off",
                     help="with --compile: the weights frozen into the compiled decoding step (Engine.freeze: q/k/v "
                          "and gate/up fused); both: --decode unfrozen, then frozen, one model load")
@@ -174,7 +175,7 @@ def main() -> None:
         print(f"skinny GEMM kernel in {use_skinny_linear(model)} linear layers")
     print(f"{args.preset}: torch {torch.__version__}, {torch.cuda.get_device_name()}")
     def build_engines(freeze: bool = args.freeze == "on") -> dict:
-        return {m: Engine(lm, registry.build_method(m, 1.0 if m == "full" else 0.25, params.get(m)),
+        return {m: Engine(lm, registry.build_method(m, 1.0 if m == "full" else args.budget, params.get(m)),
                           compile_decode=args.compile, freeze=freeze) for m in args.methods.split(",")}
 
     engines = build_engines()

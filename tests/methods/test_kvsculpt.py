@@ -310,11 +310,25 @@ def test_sculpt_beats_select_fit_beats_selection():
 
 def test_bad_parameters_are_one_line_errors(tmp_path):
     cases = [(["-m", "targets=somewhere"], "unknown targets"), (["-m", "floor=2"], "floor"),
-             (["-m", "ridge=0"], "ridge")]
+             (["-m", "ridge=0"], "ridge"), (["-m", "gram_precision=bf16"], "unknown gram_precision")]
     for args, needle in cases:
         res = CliRunner().invoke(main, ["run", "--method", "kvsculpt", "--task", "niah", *args, "--out", str(tmp_path)])
         lines = [line for line in res.output.strip().splitlines() if line]
         assert res.exit_code == 2 and len(lines) == 1 and needle in lines[0], res.output
+
+
+def test_the_matmul_precision_is_set_inside_the_block_only():
+    from kvbench.methods.selectfit import fp32_matmul_precision
+    backend = torch.backends.cuda.matmul
+    before = backend.fp32_precision
+    with fp32_matmul_precision("tf32"):
+        assert backend.fp32_precision == "tf32"
+        with fp32_matmul_precision("float32"):
+            assert backend.fp32_precision == "ieee"
+        assert backend.fp32_precision == "tf32"
+    with pytest.raises(RuntimeError), fp32_matmul_precision("tf32"):
+        raise RuntimeError("the block failed")
+    assert backend.fp32_precision == before
 
 
 def test_batches_bound_padding_and_memory():
