@@ -2,7 +2,7 @@
 4.3-5.6 s a sample in a lane of four): time and objective with the normal matrix A'A formed in float32 and in
 TF32 (``SelectFit.gram_precision``).
 
-    python scripts/gpu/selectfit_gram.py [SEED] [--smoke]
+    python scripts/gpu/selectfit_gram.py [SEED] [--smoke] [--profile]
 
 A problem per (free size M, 2 KV heads): 2,048 targets x 6 query heads = 12,288 rows (the method's
 ``max_targets`` and Qwen2.5-1.5B's grouping), head dim 128, a 16k store whose logits have a standard deviation
@@ -76,6 +76,13 @@ def main():
         gap = (values - reference).norm() / reference.norm()
         line.append(f"values tf32 vs float32: relative difference {gap:.2e}")
         print(" | ".join(line), flush=True)
+        if "--profile" in sys.argv and free == FREE[-1]:  # where one solve's time goes, by kernel
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])) as prof:
+                solve_values(pb, keys, 1.0, "tf32")
+                sync()
+            sort = "self_cuda_time_total" if DEV == "cuda" else "self_cpu_time_total"
+            print(prof.key_averages().table(sort_by=sort, row_limit=20, max_name_column_width=70))
 
 
 if __name__ == "__main__":
