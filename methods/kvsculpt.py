@@ -161,12 +161,11 @@ class BatchedLBFGS:
 
 
 def sculpt(pb: Problems, keys: torch.Tensor, ridge: float, lse_weight: float, iterations: int,
-           value_every: int, history: int = 10, initial_step: float = 0.05, max_backtracks: int = 8,
-           gram: str = "float32"):
+           value_every: int, history: int = 10, initial_step: float = 0.05, max_backtracks: int = 8):
     """Alternating optimisation from ``keys`` [P, M, D]. Returns keys, values, objective [P] and the
     objective after every key step and value solve ([steps, P]: never increasing)."""
     P, M, D = keys.shape
-    values = solve_values(pb, keys, ridge, gram)
+    values = solve_values(pb, keys, ridge)
 
     def fn(idx: torch.Tensor | None, x: torch.Tensor):
         sub, vals = (pb, values) if idx is None else (pb.select(idx), values[idx])
@@ -183,7 +182,7 @@ def sculpt(pb: Problems, keys: torch.Tensor, ridge: float, lse_weight: float, it
         trace.append(f)
         if (it + 1) % value_every == 0 or it == iterations - 1:
             with record_function("kvsculpt.value_solve"):
-                values = solve_values(pb, x.view(P, M, D), ridge, gram)
+                values = solve_values(pb, x.view(P, M, D), ridge)
             f, g = fn(None, x)
             opt.objective_changed()
             trace.append(f)
@@ -210,5 +209,5 @@ class KVSculpt(SelectFit):
     def fit(self, pb: Problems, keys: torch.Tensor, iterations: int | None = None):
         n = self.iterations if iterations is None else iterations
         keys, values, loss, _ = sculpt(pb, keys, self.ridge, self.lse_weight, n, self.value_every,
-                                       self.history, self.initial_step, self.max_backtracks, self.gram_precision)
+                                       self.history, self.initial_step, self.max_backtracks)
         return keys, values, loss

@@ -31,10 +31,11 @@ Choices the paper leaves open (shared with ``kvsculpt``, which starts from this 
   ``ridge`` times the mean diagonal of the initial normal matrix; solved by Cholesky in float64. Pulling
   towards the selected values (not towards zero) matters: with few targets a fit towards zero generalised
   worse than no fit at all; ``ridge = 1`` was the best of 0.01 to 10 (results/kvsculpt/README.md).
-- Precision of the normal matrix (``gram_precision``): A'A is R x M x M multiply-adds, the solve's largest cost
-  when the targets outnumber the free slots (12,288 rows at 16k); "tf32" forms it from inputs rounded to 10
-  mantissa bits on CUDA (float32 sums; the CPU computes float32 either way). The right-hand side stays float32
-  and the Cholesky float64.
+- Precision: on CUDA the normal matrix A'A (R x M x M multiply-adds, the solve's largest product when the
+  targets outnumber the free slots: 12,288 rows at 16k) is formed from TF32-rounded probabilities with float32
+  sums; it moved the solved values by about 1e-4 relative in a 16k-sized problem, 30x below the bfloat16
+  rounding they are stored with (results/kvsculpt/README.md). The right-hand side is float32, the Cholesky
+  float64; the CPU computes the normal matrix in float32.
 - Budget: the kept fraction counts every slot a head holds (exact and free alike); a budget smaller than
   ``sinks + recent`` shrinks the recent window first. A head whose budget covers its middle keeps it exact.
 - Adaptive budgets (``adaptive=True``; the KVSculpt paper's allocation, here for both methods, so its effect
@@ -109,15 +110,26 @@ class Problems:
         return self.free_mask.sum(dim=1)
 
 
-def attend(pb: Problems, keys: torch.Tensor, values: torch.Tensor):
-    """Attention of the targets over exact + free slots: (out [P, R, D], lse [P, R], free probs [P, R, M])."""
+def probabilities(pb: Problems, keys: torch.Tensor):
+    """The targets' attention over exact + free slots: (lse [P, R], exact probs [P, R, E], free probs [P, R, M])."""
     free = torch.einsum("prd,pmd->prm", pb.queries, keys) * pb.scale
     free = free.masked_fill(~pb.free_mask[:, None, :], float("-inf"))
     lse = torch.logsumexp(torch.cat([pb.exact_scores, free], dim=-1), dim=-1)
-    p_exact = torch.exp(pb.exact_scores - lse[..., None])
-    p_free = torch.exp(free - lse[..., None])
+    return lse, torch.exp(pb.exact_scores - lse[..., None]), torch.exp(free - lse[..., None])
+
+
+def attend(pb: Problems, keys: torch.Tensor, values: torch.Tensor):
+    """Attention of the targets over exact + free slots: (out [P, R, D], lse [P, R], free probs [P, R, M])."""
+    lse, p_exact, p_free = probabilities(pb, keys)
     out = torch.einsum("pre,ped->prd", p_exact, pb.exact_values) + torch.einsum("prm,pmd->prd", p_free, values)
     return out, lse, p_free
+
+
+def exact_output(pb: Problems, keys: torch.Tensor):
+    """What the exact slots alone add to the targets' outputs [P, R, D] (the free part's share of the softmax
+    given by ``keys``), and the free probabilities [P, R, M]."""
+    _, p_exact, p_free = probabilities(pb, keys)
+    return torch.einsum("pre,ped->prd", p_exact, pb.exact_values), p_free
 
 
 def objective(pb: Problems, keys: torch.Tensor, values: torch.Tensor, lse_weight: float) -> torch.Tensor:
@@ -154,9 +166,6 @@ def objective_and_key_grad(pb: Problems, keys: torch.Tensor, values: torch.Tenso
     return _objective_of(pb, out, lse, values, lse_weight), grad_keys
 
 
-GRAM_PRECISIONS = ("float32", "tf32")
-
-
 @contextlib.contextmanager
 def fp32_matmul_precision(precision: str):
     """CUDA's float32 matrix products in ``precision`` ("tf32": inputs rounded to 10 mantissa bits, float32
@@ -170,7 +179,7 @@ def fp32_matmul_precision(precision: str):
         backend.fp32_precision = before
 
 
-def solve_values(pb: Problems, keys: torch.Tensor, ridge: float, gram: str = "float32") -> torch.Tensor:
+def solve_values(pb: Problems, keys: torch.Tensor, ridge: float, gram: str = "tf32") -> torch.Tensor:
     """The free values minimising ``objective`` for fixed keys: the ridge normal equations, in float64.
 
     With A the free attention probabilities [R, M], r what the exact part leaves of the target outputs and
@@ -178,12 +187,10 @@ def solve_values(pb: Problems, keys: torch.Tensor, ridge: float, gram: str = "fl
     Cholesky runs on the smaller of the two systems, M x M or R x R (KVSculpt's 128-position target window
     gives fewer rows than free slots; what the solves cost: results/kvsculpt/README.md).
     The first call fixes each problem's ridge c (``ridge`` x the mean diagonal of A'A), so the objective
-    stays one function of the keys and values from then on. ``gram``: the precision of the products that
-    form A'A (R x M x M multiply-adds, the solve's largest cost when targets outnumber free slots); the
-    right-hand side and the Cholesky stay float32 / float64."""
+    stays one function of the keys and values from then on. ``gram``: the precision of CUDA's products that
+    form A'A ("tf32" or "float32"; the docstring's Precision)."""
     with torch.no_grad():
-        zero = torch.zeros(keys.shape, dtype=keys.dtype, device=keys.device)
-        fixed, _, p_free = attend(pb, keys, zero)  # output of the exact part alone
+        fixed, p_free = exact_output(pb, keys)
         residual = pb.out - fixed
         rows, slots = p_free.shape[1], p_free.shape[2]
         if pb.ridge is None:  # trace of A'A / M, summed in float64
@@ -199,14 +206,28 @@ def solve_values(pb: Problems, keys: torch.Tensor, ridge: float, gram: str = "fl
             with fp32_matmul_precision(gram):
                 system = torch.einsum("prm,prn->pmn", p_free, p_free).double()
             rhs = torch.einsum("prm,prd->pmd", p_free, residual).double() + c * prior
-        eye = torch.eye(system.shape[-1], dtype=system.dtype, device=system.device)
-        system = system + c * eye
-        chol, info = torch.linalg.cholesky_ex(system)
-        if bool((info > 0).any()):  # float64 with a positive ridge: only for a pathological problem
-            chol, _ = torch.linalg.cholesky_ex(system + 1e-8 * system.diagonal(dim1=-2, dim2=-1).amax(-1)[:, None, None] * eye)
-        solved = torch.cholesky_solve(rhs, chol)
+        system.diagonal(dim1=-2, dim2=-1).add_(c[..., 0])
+        solved = cholesky_solve(system, rhs)
         values = prior + torch.einsum("prm,prd->pmd", p_free.double(), solved) if rows < slots else solved
         return values.float().masked_fill(~pb.free_mask[..., None], 0.0)
+
+
+def cholesky_solve(system: torch.Tensor, rhs: torch.Tensor, batched_up_to: int = 1024) -> torch.Tensor:
+    """``system^-1 rhs`` for a batch of symmetric positive definite systems [P, N, N]. Systems larger than
+    ``batched_up_to`` are factorised one at a time: for a batch, torch calls batched cuSOLVER / MAGMA kernels
+    meant for many small matrices, which factorised 8k x 8k float64 systems at about 5 TFLOP/s on the H200
+    (1.9 of a 16k Select+Fit prefill's 3.8 s of device time; results/kvsculpt/README.md)."""
+    if system.shape[-1] <= batched_up_to:
+        return _cholesky_solve_batch(system, rhs)
+    return torch.stack([_cholesky_solve_batch(s[None], r[None])[0] for s, r in zip(system, rhs)])
+
+
+def _cholesky_solve_batch(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    chol, info = torch.linalg.cholesky_ex(system)
+    if bool((info > 0).any()):  # float64 with a positive ridge: only for a pathological problem
+        jitter = 1e-8 * system.diagonal(dim1=-2, dim2=-1).amax(-1)
+        chol, _ = torch.linalg.cholesky_ex(system + torch.diag_embed(jitter[:, None].expand(-1, system.shape[-1])))
+    return torch.cholesky_solve(rhs, chol)
 
 
 def pack_columns(mask: torch.Tensor, order_key: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,14 +303,10 @@ class SelectFit(Method):
     floor: float = 0.25
     cap: float = 4.0
     allocation_power: float = 1.0
-    gram_precision: str = "float32"
 
     def __post_init__(self):
         if self.targets not in TARGET_KINDS:
             raise UnknownNameError(f"unknown targets '{self.targets}'; use one of {', '.join(TARGET_KINDS)}")
-        if self.gram_precision not in GRAM_PRECISIONS:
-            raise UnknownNameError(f"unknown gram_precision '{self.gram_precision}'; use one of "
-                                   f"{', '.join(GRAM_PRECISIONS)}")
         if self.ridge <= 0:
             raise BudgetError(f"ridge must be positive (got {self.ridge}): the value solve needs it")
         if min(self.sinks, self.recent, self.pilot_iterations) < 0 or min(self.max_targets, self.future_span,
@@ -469,7 +486,7 @@ class SelectFit(Method):
     def fit(self, pb: Problems, keys: torch.Tensor, iterations: int | None = None):
         """Select+Fit: the selected keys, the values solved once. Returns keys, values, objective [P]."""
         with record_function("selectfit.value_solve"):
-            values = solve_values(pb, keys, self.ridge, self.gram_precision)
+            values = solve_values(pb, keys, self.ridge)
         return keys, values, objective(pb, keys, values, 0.0)
 
     def write_back(self, store: RaggedKV, plan: LayerPlan, segs: list[int], keys: list[torch.Tensor],

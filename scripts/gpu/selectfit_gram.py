@@ -1,6 +1,7 @@
 """Select+Fit's value solve on the GPU at the sizes a 16k RULER prompt gives (issue 16: its RULER runs took
 4.3-5.6 s a sample in a lane of four): time and objective with the normal matrix A'A formed in float32 and in
-TF32 (``SelectFit.gram_precision``).
+TF32 (``solve_values``'s ``gram``), and the float64 Cholesky of its systems batched and one at a time
+(``cholesky_solve``'s ``batched_up_to``).
 
     python scripts/gpu/selectfit_gram.py [SEED] [--smoke] [--profile]
 
@@ -17,7 +18,7 @@ import time
 
 import torch
 
-from kvbench.methods.selectfit import Problems, objective, solve_values
+from kvbench.methods.selectfit import Problems, cholesky_solve, exact_output, objective, solve_values
 
 SMOKE = "--smoke" in sys.argv  # a small rehearsal on the CPU
 DEV = "cpu" if SMOKE else "cuda"
@@ -75,6 +76,20 @@ def main():
                 reference = values
         gap = (values - reference).norm() / reference.norm()
         line.append(f"values tf32 vs float32: relative difference {gap:.2e}")
+        _, p_free = exact_output(pb, keys)
+        system = torch.einsum("prm,prn->pmn", p_free, p_free).double()
+        system.diagonal(dim1=-2, dim2=-1).add_(pb.ridge.double()[:, None])
+        rhs = torch.randn(len(system), free, D, dtype=torch.float64, device=DEV)
+        solved = {}
+        for name, limit in (("batched", 10 ** 9), ("one at a time", 0)):
+            cholesky_solve(system, rhs, limit)
+            sync()
+            t0 = time.perf_counter()
+            solved[name] = cholesky_solve(system, rhs, limit)
+            sync()
+            line.append(f"Cholesky {name} {(time.perf_counter() - t0) * 1e3:.1f} ms")
+        gap = (solved["batched"] - solved["one at a time"]).norm() / solved["batched"].norm()
+        line.append(f"difference {gap:.1e}")
         print(" | ".join(line), flush=True)
         if "--profile" in sys.argv and free == FREE[-1]:  # where one solve's time goes, by kernel
             from torch.profiler import ProfilerActivity, profile
