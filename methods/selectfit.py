@@ -61,7 +61,7 @@ import torch
 from torch.profiler import record_function
 
 from kvbench.cache import LayerCall, RaggedKV, fraction_target
-from kvbench.kernels.decode_attention import ragged_attention_reference
+from kvbench.kernels.decode_attention import ragged_attention_many_queries
 from kvbench.kernels.window_scores import pool_scores
 from kvbench.method import BudgetError, Method
 from kvbench.methods.snapkv import observation_scores
@@ -346,8 +346,7 @@ class SelectFit(Method):
             future = call.seen[:, None] + offsets[None, :]
             q = call.cache.rope(call.cache.rope(q.float(), positions[:, rows], inverse=True), future)
         q = q.float()
-        out, lse = ragged_attention_reference(q, store.k.float(), store.v.float(), store.start, store.length,
-                                              call.scale)
+        out, lse = ragged_attention_many_queries(q, store.k, store.v, store.start, store.length, call.scale)
         scores = observation_scores(call, self.window)
         if self.kernel > 1:
             scores = pool_scores(scores, store.start, store.length, self.kernel, "max")

@@ -151,6 +151,23 @@ def test_ragged_attention_matches_reference(dtype, G):
             _check_attention(q, k, v, ss, sl, scale, seed, total_tokens=10**8)
 
 
+@pytest.mark.parametrize("G", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_queries_attention_is_the_oracles(dtype, G):
+    from kvbench.kernels.decode_attention import ragged_attention_many_queries
+    g, seed = _fresh_gen()
+    B, Hkv, D = 2, 2, 32
+    for lens in (ragged_lengths(B * Hkv, g, 300), [40] * (B * Hkv)):  # ragged with an empty segment; all alike
+        k, v, ss, sl = make_store(lens, D, dtype, g)
+        q = torch.randn(B, Hkv * G, 37, D, generator=g).to(dtype).to(DEV)
+        ro, rl = ragged_attention_reference(q.float(), k, v, ss, sl, 0.3)  # float32 out, as the new one's
+        o, l = ragged_attention_many_queries(q, k, v, ss, sl, 0.3)
+        assert o.dtype == l.dtype == torch.float32 and o.shape == q.shape
+        torch.testing.assert_close(o, ro, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+        torch.testing.assert_close(l, rl, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+        assert bool((o[~torch.isfinite(l)] == 0).all())
+
+
 def test_ragged_attention_long_tq_and_row_tiles():
     """Tq large enough that the G*Tq rows span several row tiles."""
     g, seed = _fresh_gen()
