@@ -34,6 +34,8 @@ its own targets. Choices the paper leaves open:
 """
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -160,16 +162,29 @@ class BatchedLBFGS:
         return x_new, f_new, g_new
 
 
+@functools.cache
+def compiled_key_grad():
+    """``objective_and_key_grad`` through torch.compile, its shapes dynamic (the backtracking evaluates subsets
+    of the problems): its thirty-odd small kernels fused into a few, where the eager key steps spent more
+    time launching kernels than running them (results/kvsculpt/README.md). Built on first use."""
+    return torch.compile(objective_and_key_grad, dynamic=True)
+
+
 def sculpt(pb: Problems, keys: torch.Tensor, ridge: float, lse_weight: float, iterations: int,
-           value_every: int, history: int = 10, initial_step: float = 0.05, max_backtracks: int = 8):
+           value_every: int, history: int = 10, initial_step: float = 0.05, max_backtracks: int = 8,
+           compiled: bool | None = None):
     """Alternating optimisation from ``keys`` [P, M, D]. Returns keys, values, objective [P] and the
-    objective after every key step and value solve ([steps, P]: never increasing)."""
+    objective after every key step and value solve ([steps, P]: never increasing). ``compiled``: the
+    objective and gradient through torch.compile (default: on CUDA, unless KVBENCH_COMPILE_FIT=0)."""
     P, M, D = keys.shape
     values = solve_values(pb, keys, ridge)
+    if compiled is None:
+        compiled = keys.is_cuda and os.environ.get("KVBENCH_COMPILE_FIT", "1") != "0"
+    key_grad = compiled_key_grad() if compiled else objective_and_key_grad
 
     def fn(idx: torch.Tensor | None, x: torch.Tensor):
         sub, vals = (pb, values) if idx is None else (pb.select(idx), values[idx])
-        f, g = objective_and_key_grad(sub, x.view(-1, M, D), vals, lse_weight)
+        f, g = key_grad(sub, x.view(-1, M, D), vals, lse_weight)
         return f, g.reshape(len(f), -1)
 
     x = keys.reshape(P, -1).clone()
