@@ -204,6 +204,35 @@ def test_an_lbfgs_step_waits_for_the_device_once_per_backtracking_round():
     assert 2 <= syncs(overshoot, target + 1) <= 9
 
 
+def test_halvings_tried_in_blocks_find_the_one_at_a_time_iterates():
+    """After the first halving, ``block`` step lengths are evaluated at once (one host sync a round instead of
+    one a halving) and each problem keeps its first acceptable one: the same iterates, bit for bit, as halving
+    one at a time, in fewer rounds."""
+    P, n = 8, 9
+    quad, x0 = quadratics(torch.logspace(0, 2, n)[None, :] * torch.linspace(0.5, 4.0, P)[:, None], seed=5)
+    cliff = torch.zeros(P)
+    cliff[:2] = 1e6  # two problems may move only 1e-3 from where they start: many halvings each step
+
+    def fn(rows, xs):
+        f, g = quad(rows, xs)
+        away = xs - x0[rows]
+        over = (away.norm(dim=-1) - 1e-3).clamp(min=0)
+        pull = (cliff[rows] * 2 * over / away.norm(dim=-1).clamp(min=1e-30))[:, None] * away
+        return f + cliff[rows] * over ** 2, g + pull
+
+    runs = []
+    for block in (1, 4):
+        opt = BatchedLBFGS(P, n, history=4, initial_step=0.1, max_backtracks=16, device="cpu", block=block)
+        calls, x = [], x0.clone()
+        f, g = fn(torch.arange(P), x)
+        for _ in range(10):
+            x, f, g = opt.step(lambda rows, xs: calls.append(len(rows)) or fn(rows, xs), x, f, g)
+        runs.append((x, f, len(calls)))
+    (x1, f1, calls1), (x4, f4, calls4) = runs
+    assert torch.equal(x1, x4) and torch.equal(f1, f4)
+    assert calls4 < calls1 * 0.6, (calls4, calls1)
+
+
 def test_problems_stuck_at_their_optimum_are_not_searched_again(monkeypatch):
     """A problem fitted exactly (as many free slots as middle tokens) converges to float32 noise, where every
     try fails: from the same point along steepest descent it would search the same way again, so it is left
