@@ -76,7 +76,8 @@ def _changed(name: str | None, params: dict | None) -> dict:
         fields = dataclasses.fields(registry.load(registry.METHODS, "method", name))
     except (registry.UnknownNameError, TypeError, ImportError):
         return {}
-    defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in fields if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
     changed = {k: v for k, v in (params or {}).items() if k != "budget" and k in defaults and defaults[k] != v}
     # artifacts are named by their directory (checkpoints/compresskv-qwen2.5-coder-1.5b -> its last part)
     return {k: Path(v).name if k in ("artifact", "checkpoint") and isinstance(v, str) else v

@@ -179,10 +179,12 @@ def existing_runs(out: str | Path) -> dict[str, Path]:
 def _recorded_key(model, task, protocol, method, budget, method_params: dict, task_params: dict, batch_size, limit,
                   device, dtype, artifact: str | None = None) -> str:
     """``artifact``: the first 12 hex of the artifact's identity (``kvbench.artifact.identity``), None without one:
-    a codec retrained under the same directory name is another method, so its points are not recorded."""
+    a codec retrained under the same directory name is another method, so its points are not recorded. The
+    method's parameters count by what they change from its current defaults (its label), so a parameter added
+    to a method later, at a default that keeps what the method did, leaves the recorded rows recorded."""
     from kvbench.leaderboard import comparable_task_params, method_label, model_label
     return _normal([model_label(model), task, protocol, method_label(method.split("(")[0], method_params),
-                    float(budget), method_params, comparable_task_params(task, task_params), int(batch_size),
+                    float(budget), comparable_task_params(task, task_params), int(batch_size),
                     None if limit is None else int(limit), device, dtype, artifact])
 
 

@@ -260,6 +260,18 @@ def test_a_sweep_does_not_run_again_what_was_recorded_before_a_parameter_existed
     assert key(old) == key({**old, "stepwise": False}) != key({**old, "stepwise": True})
 
 
+def test_a_sweep_does_not_run_again_what_was_recorded_before_a_method_parameter_existed():
+    from dataclasses import asdict
+    from kvbench import sweep
+    key = lambda method, params: sweep._recorded_key("tiny-model", "fidelity", "query-agnostic", method, 0.25, params,
+                                                     {}, 1, None, "cpu", "float32")
+    now = asdict(registry.build_method("snapkv", 0.25))
+    before = {k: v for k, v in now.items() if k != "kernel"}  # a row made before snapkv had that parameter
+    assert key("snapkv", before) == key("snapkv", now) != key("snapkv", {**now, "kernel": now["kernel"] + 2})
+    composed = {"evict": now, "codec": {"latent_dim": 32}}  # a composition's parts count apart
+    assert key("snapkv+kvcar", composed) != key("snapkv+kvcar", {**composed, "codec": {"latent_dim": 16}})
+
+
 def test_breakdown_tags_the_rows_it_keeps_from_an_earlier_table_as_their_runs(tmp_path):
     # fidelity runs recorded in a table without their samples, printed once without a settings tag; a run of
     # another setting joins: the kept rows get their runs' tag, so no row looks like a setting of its own
