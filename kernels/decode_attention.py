@@ -513,17 +513,21 @@ def ragged_attention_reference(
 
 def ragged_attention_many_queries(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    seg_start: torch.Tensor, seg_len: torch.Tensor, scale: float,
+    seg_start: torch.Tensor, seg_len: torch.Tensor, scale: float, host_lengths: Optional[list] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The oracle's float32 attention for thousands of query rows at once (the fitting methods' targets), its
     score tensor normalised in place: one [B * Hkv, G * Tq, L] float32 tensor where the oracle makes several
     (0.8 GB each for 12 x 2,048 rows over a 16k store; the oracle took 20 ms a layer there on the H200).
-    Returns ``out [B, Hq, Tq, D]`` and ``lse [B, Hq, Tq]``, both float32."""
+    Returns ``out [B, Hq, Tq, D]`` and ``lse [B, Hq, Tq]``, both float32. ``host_lengths``: ``seg_len`` as
+    the caller knows it on the host (else read back: one device sync)."""
     B, Hq, Tq, D, hkv, G = _check_inputs(q, k, v, seg_start, seg_len)
-    kp, mask, _ = _gather_segments(k, seg_start, seg_len)      # [n_seg, L, D]
-    vp, _, _ = _gather_segments(v, seg_start, seg_len)
+    if host_lengths is None:
+        host_lengths = torch.stack([seg_len.min(), seg_len.max()]).tolist() if seg_len.numel() else [0]
+    shortest, longest = min(host_lengths), max(host_lengths)
+    kp, mask, _ = _gather_segments(k, seg_start, seg_len, width=longest)      # [n_seg, L, D]
+    vp, _, _ = _gather_segments(v, seg_start, seg_len, width=longest)
     scores = torch.bmm((q.float() * float(scale)).reshape(B * hkv, G * Tq, D), kp.transpose(1, 2))
-    if not bool(mask.all()):
+    if shortest < longest:
         scores.masked_fill_(~mask[:, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1) if kp.shape[1] else scores.new_full(scores.shape[:-1], float("-inf"))
     probs = scores.sub_(lse.clamp_min(torch.finfo(torch.float32).min).unsqueeze(-1)).exp_()

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch.profiler import record_function
@@ -80,6 +81,16 @@ class LayerTargets:
     scores: torch.Tensor  # [S] selection scores of the store's slots
     target: torch.Tensor  # [B] slots each head may hold
     scale: float  # the layer's softmax scale
+
+
+class Item(NamedTuple):
+    """A problem to fit: a (layer, segment) and its slot counts, read back from the device once a layer."""
+
+    layer: int
+    seg: int
+    exact: int
+    free: int
+    middle: int
 
 
 @dataclass
@@ -230,16 +241,10 @@ def _cholesky_solve_batch(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tens
     return torch.cholesky_solve(rhs, chol)
 
 
-def pack_columns(mask: torch.Tensor, order_key: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Columns of the True entries of ``mask [N, L]``, packed left (ascending ``order_key``, else slot
-    order): ``cols [N, W]`` and ``valid [N, W]`` with W the largest row count."""
-    width = int(mask.sum(1).max()) if mask.numel() else 0
-    if order_key is None:
-        order_key = torch.arange(mask.shape[1], device=mask.device, dtype=torch.float32).expand(mask.shape)
-    key = torch.where(mask, order_key.float(), torch.full_like(order_key.float(), float("inf")))
-    cols = torch.sort(key, dim=1, stable=True).indices[:, :width]
-    valid = torch.arange(width, device=mask.device)[None, :] < mask.sum(1, keepdim=True)
-    return cols, valid
+def slots_first(mask: torch.Tensor) -> torch.Tensor:
+    """``[N, L]`` column order putting each row's True entries first, in slot order: row ``n``'s first
+    ``mask[n].sum()`` columns are its True ones (a count the caller knows on the host: no device sync)."""
+    return torch.sort((~mask).to(torch.int16), dim=1, stable=True).indices
 
 
 def redistribute(difficulty: torch.Tensor, base: torch.Tensor, most: torch.Tensor, floor: float, cap: float,
@@ -346,16 +351,19 @@ class SelectFit(Method):
             future = call.seen[:, None] + offsets[None, :]
             q = call.cache.rope(call.cache.rope(q.float(), positions[:, rows], inverse=True), future)
         q = q.float()
-        out, lse = ragged_attention_many_queries(q, store.k, store.v, store.start, store.length, call.scale)
+        lengths = store.host_length  # known on the host while prefilling: no device sync
+        out, lse = ragged_attention_many_queries(q, store.k, store.v, store.start, store.length, call.scale,
+                                                 host_lengths=lengths)
         scores = observation_scores(call, self.window)
         if self.kernel > 1:
-            scores = pool_scores(scores, store.start, store.length, self.kernel, "max")
+            scores = pool_scores(scores, store.start, store.length, self.kernel, "max",
+                                 width=None if lengths is None else max(lengths, default=0))
         return LayerTargets(q, out.float(), lse, scores, target, call.scale)
 
     # ---- all layers at once -----------------------------------------------------------------------------
     def plan(self, layer: int, store: RaggedKV, target: torch.Tensor) -> LayerPlan:
         """Exact and middle slots of every segment, and the free slots of a uniform budget."""
-        idx, valid = store.slot_index()
+        idx, valid = store.padded_slots()  # as wide as the largest capacity: known on the host, no sync
         pos = torch.where(valid, store.pos[idx].long(), torch.full_like(idx, -1))
         per_seg = target.repeat_interleave(store.H).to(idx.device)
         sinks = per_seg.clamp(max=self.sinks)
@@ -377,14 +385,20 @@ class SelectFit(Method):
         if not pool:
             return
         H = cache.stores[plans[0].layer].H
+        moved: dict[int, tuple[list[int], list[int]]] = {}  # layer -> its segments and their new free counts
         for b in sorted({seg // H for _, seg, _ in pool}):
             mine = [(layer, seg, loss) for layer, seg, loss in pool if seg // H == b]
-            base = torch.stack([by_layer[layer].free[seg] for layer, seg, _ in mine])
-            most = torch.stack([by_layer[layer].middle[seg].sum() for layer, seg, _ in mine])
-            difficulty = torch.tensor([loss for _, _, loss in mine], device=base.device)
-            counts = redistribute(difficulty, base, most, self.floor, self.cap, self.allocation_power)
+            # on the host: the allocation's bisection reads its sums a few hundred times (each a device sync)
+            base, most = torch.stack([torch.stack([by_layer[layer].free[seg], by_layer[layer].middle[seg].sum()])
+                                      for layer, seg, _ in mine], dim=1).cpu()
+            difficulty = torch.tensor([loss for _, _, loss in mine], dtype=torch.float64)
+            counts = redistribute(difficulty, base, most, self.floor, self.cap, self.allocation_power).tolist()
             for (layer, seg, _), c in zip(mine, counts):
-                by_layer[layer].free[seg] = c
+                moved.setdefault(layer, ([], []))[0].append(seg)
+                moved[layer][1].append(c)
+        for layer, (segs, counts) in moved.items():  # one copy to the device a layer
+            free = by_layer[layer].free
+            free[torch.tensor(segs, device=free.device)] = torch.tensor(counts, dtype=free.dtype, device=free.device)
 
 
     def compress_layers(self, cache, pending: dict[int, LayerTargets]) -> None:
@@ -394,33 +408,38 @@ class SelectFit(Method):
         for plan in plans:
             self.write_back(cache.stores[plan.layer], plan, *fitted[plan.layer])
 
-    def problems_of(self, cache, plans: list[LayerPlan], pending: dict[int, LayerTargets]):
-        """(layer, segment) pairs to fit: those whose budget is smaller than their middle."""
+    def problems_of(self, cache, plans: list[LayerPlan], pending: dict[int, LayerTargets]) -> list[Item]:
+        """The problems to fit: the segments whose budget is smaller than their middle, with their slot counts.
+        One host sync a layer (each is a wait for the device)."""
         out = []
         for plan in plans:
             n_mid = plan.middle.sum(1)
-            for seg in torch.nonzero((plan.free > 0) & (plan.free < n_mid)).flatten().tolist():
-                out.append((plan.layer, seg))
+            fits = (plan.free > 0) & (plan.free < n_mid)
+            rows = torch.stack([fits.long(), plan.exact.sum(1), plan.free.long(), n_mid], dim=1).tolist()
+            out += [Item(plan.layer, seg, *counts) for seg, (fit, *counts) in enumerate(rows) if fit]
         return out
 
     def build(self, cache, plans: dict[int, LayerPlan], pending: dict[int, LayerTargets],
-              items: list[tuple[int, int]]) -> tuple[Problems, torch.Tensor]:
+              items: list[Item]) -> tuple[Problems, torch.Tensor]:
         """The padded problem batch for ``items`` and its initial free keys [P, M, D] (the best-scored
         middle tokens)."""
         q_rows, outs, lses, e_keys, e_vals, f_keys, f_vals = [], [], [], [], [], [], []
-        for layer, seg in items:
+        packed = {}  # per layer: the exact and the middle slots of every segment first (``slots_first``)
+        for layer, seg, exact, free, middle in items:
             plan, t, store = plans[layer], pending[layer], cache.stores[layer]
+            if layer not in packed:
+                packed[layer] = slots_first(plan.exact), slots_first(plan.middle)
             b, h = divmod(seg, store.H)
             G = t.queries.shape[1] // store.H
             q_rows.append(t.queries[b, h * G:(h + 1) * G].reshape(-1, store.D))
             outs.append(t.out[b, h * G:(h + 1) * G].reshape(-1, store.D))
             lses.append(t.lse[b, h * G:(h + 1) * G].reshape(-1))
             slots = plan.idx[seg]
-            e_slots = slots[plan.exact[seg]]
+            e_slots = slots[packed[layer][0][seg, :exact]]
             e_keys.append(store.k[e_slots].float())
             e_vals.append(store.v[e_slots].float())
-            mid = slots[plan.middle[seg]]
-            best = torch.argsort(t.scores[mid].float(), descending=True, stable=True)[: int(plan.free[seg])]
+            mid = slots[packed[layer][1][seg, :middle]]
+            best = torch.argsort(t.scores[mid].float(), descending=True, stable=True)[:free]
             chosen = mid[best.sort().values]
             f_keys.append(store.k[chosen].float())
             f_vals.append(store.v[chosen].float())
@@ -464,22 +483,21 @@ class SelectFit(Method):
         by_layer = {p.layer: p for p in plans}
         items = self.problems_of(cache, plans, pending)
         sizes = []
-        for layer, seg in items:
-            plan, t, store = by_layer[layer], pending[layer], cache.stores[layer]
-            rows = t.queries.shape[1] // store.H * t.queries.shape[2]
-            sizes.append((rows, int(plan.exact[seg].sum()), int(plan.free[seg])))
+        for item in items:
+            t, store = pending[item.layer], cache.stores[item.layer]
+            sizes.append((t.queries.shape[1] // store.H * t.queries.shape[2], item.exact, item.free))
         fitted = {p.layer: ([], [], [], []) for p in plans}
         for group in self.groups(sizes):
             chosen = [items[i] for i in group]
             pb, keys = self.build(cache, by_layer, pending, chosen)
             keys, values, loss = self.fit(pb, keys, iterations)
-            for j, (layer, seg) in enumerate(chosen):
-                n = int(pb.free_mask[j].sum())
-                segs, ks, vs, ls = fitted[layer]
-                segs.append(seg)
-                ks.append(keys[j, :n])
-                vs.append(values[j, :n])
-                ls.append(float(loss[j]) * float(pb.out_scale[j]))
+            absolute = (loss.double() * pb.out_scale.double()).tolist()  # one sync a group, not two a problem
+            for j, item in enumerate(chosen):  # a fitted problem fills its free slots
+                segs, ks, vs, ls = fitted[item.layer]
+                segs.append(item.seg)
+                ks.append(keys[j, :item.free])
+                vs.append(values[j, :item.free])
+                ls.append(absolute[j])
         return fitted
 
     def fit(self, pb: Problems, keys: torch.Tensor, iterations: int | None = None):

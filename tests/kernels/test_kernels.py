@@ -161,11 +161,12 @@ def test_many_queries_attention_is_the_oracles(dtype, G):
         k, v, ss, sl = make_store(lens, D, dtype, g)
         q = torch.randn(B, Hkv * G, 37, D, generator=g).to(dtype).to(DEV)
         ro, rl = ragged_attention_reference(q.float(), k, v, ss, sl, 0.3)  # float32 out, as the new one's
-        o, l = ragged_attention_many_queries(q, k, v, ss, sl, 0.3)
-        assert o.dtype == l.dtype == torch.float32 and o.shape == q.shape
-        torch.testing.assert_close(o, ro, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
-        torch.testing.assert_close(l, rl, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
-        assert bool((o[~torch.isfinite(l)] == 0).all())
+        for known in (None, sl.tolist()):  # the lengths read back, or given as the host knows them
+            o, l = ragged_attention_many_queries(q, k, v, ss, sl, 0.3, host_lengths=known)
+            assert o.dtype == l.dtype == torch.float32 and o.shape == q.shape
+            torch.testing.assert_close(o, ro, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+            torch.testing.assert_close(l, rl, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+            assert bool((o[~torch.isfinite(l)] == 0).all())
 
 
 def test_ragged_attention_long_tq_and_row_tiles():
