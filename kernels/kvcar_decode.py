@@ -25,12 +25,15 @@ RoPE rotates together, so the rotation needs no shuffle), accumulating in float3
 once per program and serves ``BLOCK_T`` tokens. Widths that ``tl.dot`` or ``tl.arange`` cannot take (under
 16, not a power of two) are padded in the kernel with masked loads.
 
-RoPE: cos and sin are computed in the kernel from the rotary module's ``inv_freq`` and ``attention_scaling``,
-as transformers computes them (``position * inv_freq`` in float32, cosine and sine in float32, times the
-scaling, cast to the model's dtype), so no table has to grow with the context. On the GPU they come from
-libdevice's ``cosf``/``sinf`` (full range reduction, as PyTorch's CUDA ``cos``): a position of tens of
-thousands times ``inv_freq`` up to 1 is far outside the range where an approximate ``cos`` is accurate.
-The decoded key is rounded to the model's dtype before the rotation, as the PyTorch path's is.
+RoPE: cos and sin as transformers computes them (``position * inv_freq`` in float32, cosine and sine in
+float32, times the scaling, cast to the model's dtype), read from a table of them for positions below its
+length (``Rope.cos``/``Rope.sin``, made once by PyTorch for the model's position range: 8 MB for Qwen2.5's 32k
+x 64 frequencies in bfloat16), else computed in the kernel: a tile with a position past the table computes
+them all, with libdevice's ``cosf``/``sinf`` on the GPU (full range reduction, as PyTorch's CUDA ``cos``: a
+position of tens of thousands times ``inv_freq`` up to 1 is far outside the range where an approximate ``cos``
+is accurate). Computing them for every held key at every step was a third to two fifths of the kernel's time
+on the H200 (results/kvcar/README.md). The decoded key is rounded to the model's dtype before the rotation,
+as the PyTorch path's is.
 
 Everything is sized from tensor shapes and read from device memory: no host synchronisation, so a captured
 decoding step (CUDA graph) replays it.
@@ -38,6 +41,7 @@ decoding step (CUDA graph) replays it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -84,8 +88,8 @@ def pack_decoders(key: tuple, value: tuple, block_h: int = 64) -> Decoders:
 
 
 def _decode_kernel(
-    CK, CV, POS, PERM, ROWS, HEADS, W3, B3, W4, B4, INV_FREQ, KOUT, VOUT,
-    width, n_rows, n_heads, stride_perm, rope_scale,
+    CK, CV, POS, PERM, ROWS, HEADS, W3, B3, W4, B4, INV_FREQ, COS, SIN, KOUT, VOUT,
+    width, n_rows, n_heads, stride_perm, rope_scale, n_table,
     W: tl.constexpr, W_P: tl.constexpr, HID: tl.constexpr, HID_K: tl.constexpr, HID_V: tl.constexpr,
     BLOCK_H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_T: tl.constexpr,
     SLOPE: tl.constexpr, ROPE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
@@ -143,14 +147,19 @@ def _decode_kernel(
             dt = KOUT.dtype.element_ty
             x_lo = x_lo.to(dt).to(tl.float32)
             x_hi = x_hi.to(dt).to(tl.float32)
-            p = tl.load(POS + slot, mask=tmask, other=0).to(tl.float32)
-            angle = p[:, None] * tl.load(INV_FREQ + offs_d, mask=dmask, other=0.0)[None, :]
-            if PRECISE_TRIG:
-                cos, sin = libdevice.cos(angle), libdevice.sin(angle)
-            else:  # the interpreter has no libdevice (and uses numpy's accurate float32 ones)
-                cos, sin = tl.cos(angle), tl.sin(angle)
-            cos = (cos * rope_scale).to(dt).to(tl.float32)
-            sin = (sin * rope_scale).to(dt).to(tl.float32)
+            p = tl.load(POS + slot, mask=tmask, other=0)
+            if tl.max(p, axis=0) < n_table:  # the tile's cos and sin from the table
+                at = p.to(tl.int64)[:, None] * HALF + offs_d[None, :]
+                cos = tl.load(COS + at, mask=dmask[None, :], other=0.0).to(tl.float32)
+                sin = tl.load(SIN + at, mask=dmask[None, :], other=0.0).to(tl.float32)
+            else:
+                angle = p.to(tl.float32)[:, None] * tl.load(INV_FREQ + offs_d, mask=dmask, other=0.0)[None, :]
+                if PRECISE_TRIG:
+                    cos, sin = libdevice.cos(angle), libdevice.sin(angle)
+                else:  # the interpreter has no libdevice (and uses numpy's accurate float32 ones)
+                    cos, sin = tl.cos(angle), tl.sin(angle)
+                cos = (cos * rope_scale).to(dt).to(tl.float32)
+                sin = (sin * rope_scale).to(dt).to(tl.float32)
             x_lo, x_hi = x_lo * cos - x_hi * sin, x_hi * cos + x_lo * sin
     row = i.to(tl.int64) * width + c
     omask = tmask[:, None] & dmask[None, :]
@@ -159,13 +168,30 @@ def _decode_kernel(
     tl.store(dst + HALF, x_hi.to(out.dtype.element_ty), mask=omask)
 
 
+class Rope(NamedTuple):
+    """What the kernel rotates keys with: the rotary module's ``inv_freq`` and ``attention_scaling``, and
+    optionally ``cos``/``sin`` ``[n, d/2]`` (the keys' dtype) for positions 0 .. n-1 (``rope_table``)."""
+
+    inv_freq: torch.Tensor
+    scale: float
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+
+
+def rope_table(inv_freq: torch.Tensor, scale: float, n: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin ``[n, d/2]`` of positions 0 .. n-1 as transformers' rotary module makes them: the angle and
+    its cosine and sine in float32, times ``scale``, cast to ``dtype``."""
+    angle = torch.arange(n, device=inv_freq.device, dtype=torch.float32)[:, None] * inv_freq.float()[None, :]
+    return (angle.cos() * scale).to(dtype), (angle.sin() * scale).to(dtype)
+
+
 def kvcar_decode(codes_k: torch.Tensor, codes_v: torch.Tensor, pos: torch.Tensor, perm: torch.Tensor,
-                 rows: torch.Tensor, heads: torch.Tensor, dec: Decoders, rope: tuple[torch.Tensor, float] | None,
+                 rows: torch.Tensor, heads: torch.Tensor, dec: Decoders, rope: Rope | None,
                  block_t: int = 128, num_warps: int = 8, num_stages: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """Decoded keys and values ``[n * width, d]`` (the decoders' dtype) of rows ``rows`` (``[n]``) of ``perm``
     (``[n_own, width]`` slot numbers), row ``i`` with the decoders of head ``heads[i]``. ``codes_k``,
-    ``codes_v`` ``[S, W]``, ``pos [S]`` (int32); ``rope``: ``(inv_freq, attention_scaling)`` of the model's
-    rotary module to rotate the keys to their positions, or None. The launch shape's default is within 2% of the
+    ``codes_v`` ``[S, W]``, ``pos [S]`` (int32); ``rope``: how to rotate the keys to their positions (``Rope``),
+    or None. The launch shape's default is within 2% of the
     fastest of `python -m kvbench.kernels.kvcar_decode`'s 18 at both codecs' shapes, batch 1 and 8, on the H200 (64 / 8 / 2,
     the first default, was 27-40% slower: results/bench/h200-llama-3.1-8b-compiled-2/kernel-kvcar-5d2cd44.log)."""
     n, width = rows.numel(), perm.shape[1]
@@ -180,14 +206,18 @@ def kvcar_decode(codes_k: torch.Tensor, codes_v: torch.Tensor, pos: torch.Tensor
         return k_out, v_out
     interp = _env_true("TRITON_INTERPRET")
     dot_f32 = interp and dec.w4.dtype != torch.float32
-    inv_freq, scale = (rope[0].float(), rope[1]) if rope is not None else (dec.b4, 1.0)  # unread without rope
+    inv_freq, scale = (rope.inv_freq.float(), rope.scale) if rope is not None else (dec.b4, 1.0)  # unread: no rope
+    table = rope is not None and rope.cos is not None
+    if table and (rope.cos.shape[1] != d // 2 or rope.cos.dtype != k_out.dtype or rope.sin.shape != rope.cos.shape):
+        raise ValueError(f"a rope table of {tuple(rope.cos.shape)} {rope.cos.dtype} for keys of {d} {k_out.dtype}")
+    cos, sin, n_table = (rope.cos, rope.sin, rope.cos.shape[0]) if table else (k_out, k_out, 0)  # unread at 0
     # Launch shape from the sm_90 compile (not yet timed): at 64 tokens, 8 warps hold the two float32 halves of
     # the output and the rotation's operands in about 120 registers a thread (4 warps: over 200), and 2 stages
     # (the hidden loop is a few blocks long) leave the shared memory for two programs per SM (3 stages: one).
     _launch(
         _decode_kernel, (-(-width // block_t) * n * 2,),
-        codes_k, codes_v, pos, perm, rows, heads, dec.w3, dec.b3, dec.w4, dec.b4, inv_freq, k_out, v_out,
-        width, n, dec.w3.shape[1], perm.stride(0), float(scale),
+        codes_k, codes_v, pos, perm, rows, heads, dec.w3, dec.b3, dec.w4, dec.b4, inv_freq, cos, sin, k_out, v_out,
+        width, n, dec.w3.shape[1], perm.stride(0), float(scale), n_table,
         W=W, W_P=max(16, _next_pow2(W)), HID=dec.w3.shape[3], HID_K=dec.hidden[0], HID_V=dec.hidden[1],
         BLOCK_H=dec.block_h, D=d, HALF=d // 2, HALF_P=max(16, _next_pow2(d // 2)), BLOCK_T=block_t,
         SLOPE=SLOPE, ROPE=rope is not None, DOT_F32=dot_f32,

@@ -69,7 +69,7 @@ import torch
 
 from kvbench import artifact as artifacts
 from kvbench.method import BudgetError, Method
-from kvbench.kernels.kvcar_decode import pack_decoders
+from kvbench.kernels.kvcar_decode import Rope, pack_decoders, rope_table
 from kvbench.methods.kvcar.codec import FoldedAutoencoder, LayerCodec
 
 NAME = "kvcar"
@@ -178,6 +178,8 @@ class KVCAR(Method):
                        for layer, mod in modules.to(self.device).items()}
         self.rotary = lm.model.model.rotary_emb
         self.rope = rope_inverse_factory(self.rotary)
+        self.max_positions = lm.model.config.max_position_embeddings
+        self._rope_table: tuple = (None, None)  # (what it was made for, (cos, sin)): ``kernel_rope``
         # The decode kernel's layout of the decoders (kernels/kvcar_decode.py). Not for a RoPE whose frequencies
         # follow the positions asked for (transformers' dynamic types): the rotary module itself rotates those.
         rope_type = getattr(self.rotary, "rope_type", "default")
@@ -186,6 +188,8 @@ class KVCAR(Method):
                                             for layer, (ck, cv) in self.codecs.items()}
         self._building: dict[int, object] = {}
         self._prepared_for = (id(lm.model), artifacts.weights_fingerprint(lm.model))
+        if self.decoders:
+            self.kernel_rope()  # its table now, so the bytes counted do not change at the first decode
 
     def own_heads(self, layer: int) -> list[int]:
         heads = self.codecs[layer][0].w1.shape[0]
@@ -196,14 +200,21 @@ class KVCAR(Method):
         weights, held once, not per sequence)."""
         packed = sum(t.numel() * t.element_size() for dec in self.decoders.values()
                      for t in (dec.w3, dec.b3, dec.w4, dec.b4))
+        packed += sum(t.numel() * t.element_size() for t in (self._rope_table[1] or ()))
         return packed + sum(k.nbytes() + v.nbytes() for k, v in self.codecs.values())
 
-    def kernel_rope(self) -> tuple[torch.Tensor, float] | None:
-        """What the decode kernel rotates keys with: the rotary module's ``inv_freq`` and ``attention_scaling``
-        (read at each call: moving the model replaces the buffer), or None for keys coded after RoPE."""
+    def kernel_rope(self) -> Rope | None:
+        """What the decode kernel rotates keys with (None for keys coded after RoPE): the rotary module's
+        ``inv_freq`` and ``attention_scaling`` (read at each call: moving the model replaces the buffer) and
+        their cos and sin for the model's position range, made once for that buffer (``codec_nbytes`` counts
+        them)."""
         if self.rope_keys_ != "pre":
             return None
-        return self.rotary.inv_freq, float(getattr(self.rotary, "attention_scaling", 1.0))
+        inv_freq, scale = self.rotary.inv_freq, float(getattr(self.rotary, "attention_scaling", 1.0))
+        made_for = (inv_freq.data_ptr(), inv_freq.device, scale)
+        if self._rope_table[0] != made_for:
+            self._rope_table = made_for, rope_table(inv_freq, scale, self.max_positions, self.dtype)
+        return Rope(inv_freq, scale, *self._rope_table[1])
 
     # ---- coding ----
     def encode(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, heads: torch.Tensor):

@@ -27,11 +27,15 @@ LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_fre
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 1024}
 
 
-@pytest.fixture(autouse=True)
 def _triton(monkeypatch):
     monkeypatch.setenv("KVBENCH_TRITON", "1")
     if not HAS_CUDA:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _kernels(monkeypatch):
+    _triton(monkeypatch)
 
 
 def bound_method(dtype, head_dim, heads, latent, latent_v, hidden, hidden_v, rope_keys="pre", rope=DEFAULT,
@@ -53,7 +57,7 @@ def bound_method(dtype, head_dim, heads, latent, latent_v, hidden, hidden_v, rop
     return method
 
 
-def filled_store(method: KVCAR, layer: int, batch: int, seed: int):
+def filled_store(method: KVCAR, layer: int, batch: int, seed: int, max_pos: int = 40000):
     """Layer ``layer``'s store (made in layer order) holding random codes, a ragged count per segment."""
     heads, head_dim = method.codecs[0][0].w1.shape[:2]
     stores = [method.new_store(i, batch, heads, head_dim, method.dtype, DEV) for i in range(layer + 1)]
@@ -63,7 +67,7 @@ def filled_store(method: KVCAR, layer: int, batch: int, seed: int):
     counts[0] = 70  # one head's row much longer than the others: the rest are padded
     n = int(counts.sum())
     z = [torch.randn(n, method.code_width_, generator=g).to(DEV, method.dtype) for _ in range(2)]
-    pos = torch.randint(0, 40000, (n,), generator=g, dtype=torch.int32)
+    pos = torch.randint(0, max_pos, (n,), generator=g, dtype=torch.int32)
     store.codes.replace(*z, pos.to(DEV), counts.to(DEV))
     return store
 
@@ -111,6 +115,22 @@ def test_kernel_rotates_as_the_models_rope(rope, monkeypatch):
     assert (method.kernel_rope()[1] != 1.0) == (rope is YARN)
     store = filled_store(method, 0, 1, seed=2)
     assert_same(*decode_both(store, [0, 1], monkeypatch), torch.float32)
+
+
+def test_positions_below_the_table_take_cos_and_sin_from_it(monkeypatch):
+    """The model's position range (4096 here) comes from the table, the same values as the rotary module's;
+    a tile holding a later position computes its own (the other tests: positions up to 40,000)."""
+    method = bound_method(torch.float32, 32, 2, 32, 32, 64, 64)
+    store = filled_store(method, 0, 2, seed=5, max_pos=4096)
+    assert_same(*decode_both(store, [0, 1], monkeypatch), torch.float32)
+    _triton(monkeypatch)  # decode_both undid it
+    rope = method.kernel_rope()
+    assert rope.cos.shape == (4096, 16) and method.kernel_rope().cos is rope.cos  # made once
+    rope.cos.zero_(), rope.sin.zero_()  # what the kernel reads: keys rotated by a zero matrix are zero
+    k, v, _, _ = store.decode_heads([0, 1])
+    assert bool((k == 0).all()) and bool((v != 0).any())
+    far = filled_store(method, 0, 2, seed=5, max_pos=40000)  # past the table: computed, not read
+    assert bool((far.decode_heads([0, 1])[0] != 0).any())
 
 
 @pytest.mark.parametrize("heads", [[2], [1, 2]])
@@ -166,8 +186,9 @@ from kvbench.kernels import kvcar_decode as kd
 W, hidden, hidden_k, hidden_v = json.loads(sys.argv[1])
 launch = {k: p.default for k, p in inspect.signature(kd.kvcar_decode).parameters.items()}  # the shape it launches
 sig = {"CK": "*bf16", "CV": "*bf16", "POS": "*i32", "PERM": "*i64", "ROWS": "*i64", "HEADS": "*i64", "W3": "*bf16",
-       "B3": "*bf16", "W4": "*bf16", "B4": "*bf16", "INV_FREQ": "*fp32", "KOUT": "*bf16", "VOUT": "*bf16",
-       "width": "i32", "n_rows": "i32", "n_heads": "i32", "stride_perm": "i64", "rope_scale": "fp32"}
+       "B3": "*bf16", "W4": "*bf16", "B4": "*bf16", "INV_FREQ": "*fp32", "COS": "*bf16", "SIN": "*bf16",
+       "KOUT": "*bf16", "VOUT": "*bf16", "width": "i32", "n_rows": "i32", "n_heads": "i32", "stride_perm": "i64",
+       "rope_scale": "fp32", "n_table": "i32"}
 const = dict(W=W, W_P=W, HID=hidden, HID_K=hidden_k, HID_V=hidden_v, BLOCK_H=64, D=128, HALF=64, HALF_P=64,
              BLOCK_T=launch["block_t"], SLOPE=kd.SLOPE, ROPE=True, DOT_F32=False, PRECISION="tf32", PRECISE_TRIG=True)
 src = ASTSource(fn=triton.jit(kd._decode_kernel), signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const)
