@@ -517,7 +517,7 @@ def ragged_attention_many_queries(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The oracle's float32 attention for thousands of query rows at once (the fitting methods' targets), its
     score tensor normalised in place: one [B * Hkv, G * Tq, L] float32 tensor where the oracle makes several
-    (0.8 GB each for 12 x 2,048 rows over a 16k store; the oracle took 20 ms a layer there on the H200).
+    (0.8 GB each for 12 x 2,048 rows over a 16k store; timings: results/kvsculpt/README.md).
     Returns ``out [B, Hq, Tq, D]`` and ``lse [B, Hq, Tq]``, both float32. ``host_lengths``: ``seg_len`` as
     the caller knows it on the host (else read back: one device sync)."""
     B, Hq, Tq, D, hkv, G = _check_inputs(q, k, v, seg_start, seg_len)

@@ -31,9 +31,9 @@ length (``Rope.cos``/``Rope.sin``, made once by PyTorch for the model's position
 x 64 frequencies in bfloat16), else computed in the kernel: a tile with a position past the table computes
 them all, with libdevice's ``cosf``/``sinf`` on the GPU (full range reduction, as PyTorch's CUDA ``cos``: a
 position of tens of thousands times ``inv_freq`` up to 1 is far outside the range where an approximate ``cos``
-is accurate). Computing them for every held key at every step was a third to two fifths of the kernel's time
-on the H200 (results/kvcar/README.md). The decoded key is rounded to the model's dtype before the rotation,
-as the PyTorch path's is.
+is accurate). Computing them for every held key at every step was a large part of the kernel's time
+(results/kvcar/README.md). The decoded key is rounded to the model's dtype before the rotation, as the
+PyTorch path's is.
 
 Everything is sized from tensor shapes and read from device memory: no host synchronisation, so a captured
 decoding step (CUDA graph) replays it.

@@ -33,9 +33,9 @@ Choices the paper leaves open (shared with ``kvsculpt``, which starts from this 
   worse than no fit at all; ``ridge = 1`` was the best of 0.01 to 10 (results/kvsculpt/README.md).
 - Precision: on CUDA the normal matrix A'A (R x M x M multiply-adds, the solve's largest product when the
   targets outnumber the free slots: 12,288 rows at 16k) is formed from TF32-rounded probabilities with float32
-  sums; it moved the solved values by about 1e-4 relative in a 16k-sized problem, 30x below the bfloat16
-  rounding they are stored with (results/kvsculpt/README.md). The right-hand side is float32, the Cholesky
-  float64; the CPU computes the normal matrix in float32.
+  sums: its effect on the solved values is far below the bfloat16 rounding they are stored with (measured:
+  results/kvsculpt/README.md). The right-hand side is float32, the Cholesky float64; the CPU computes the
+  normal matrix in float32.
 - Budget: the kept fraction counts every slot a head holds (exact and free alike); a budget smaller than
   ``sinks + recent`` shrinks the recent window first. A head whose budget covers its middle keeps it exact.
 - Adaptive budgets (``adaptive=True``; the KVSculpt paper's allocation, here for both methods, so its effect
@@ -136,13 +136,6 @@ def attend(pb: Problems, keys: torch.Tensor, values: torch.Tensor):
     return out, lse, p_free
 
 
-def exact_output(pb: Problems, keys: torch.Tensor):
-    """What the exact slots alone add to the targets' outputs [P, R, D] (the free part's share of the softmax
-    given by ``keys``), and the free probabilities [P, R, M]."""
-    _, p_exact, p_free = probabilities(pb, keys)
-    return torch.einsum("pre,ped->prd", p_exact, pb.exact_values), p_free
-
-
 def objective(pb: Problems, keys: torch.Tensor, values: torch.Tensor, lse_weight: float) -> torch.Tensor:
     """[P] relative output error + ``lse_weight`` x mean squared log-sum-exp error + ridge penalty."""
     out, lse, _ = attend(pb, keys, values)
@@ -201,8 +194,8 @@ def solve_values(pb: Problems, keys: torch.Tensor, ridge: float, gram: str = "tf
     stays one function of the keys and values from then on. ``gram``: the precision of CUDA's products that
     form A'A ("tf32" or "float32"; the docstring's Precision)."""
     with torch.no_grad():
-        fixed, p_free = exact_output(pb, keys)
-        residual = pb.out - fixed
+        _, p_exact, p_free = probabilities(pb, keys)
+        residual = pb.out - torch.einsum("pre,ped->prd", p_exact, pb.exact_values)  # what the exact part leaves
         rows, slots = p_free.shape[1], p_free.shape[2]
         if pb.ridge is None:  # trace of A'A / M, summed in float64
             diag_mean = p_free.square().sum(dim=(1, 2), dtype=torch.float64) / pb.free_counts.clamp(min=1)
@@ -226,8 +219,7 @@ def solve_values(pb: Problems, keys: torch.Tensor, ridge: float, gram: str = "tf
 def cholesky_solve(system: torch.Tensor, rhs: torch.Tensor, batched_up_to: int = 1024) -> torch.Tensor:
     """``system^-1 rhs`` for a batch of symmetric positive definite systems [P, N, N]. Systems larger than
     ``batched_up_to`` are factorised one at a time: for a batch, torch calls batched cuSOLVER / MAGMA kernels
-    meant for many small matrices, which factorised 8k x 8k float64 systems at about 5 TFLOP/s on the H200
-    (1.9 of a 16k Select+Fit prefill's 3.8 s of device time; results/kvsculpt/README.md)."""
+    meant for many small matrices, several times slower on large ones (results/kvsculpt/README.md)."""
     if system.shape[-1] <= batched_up_to:
         return _cholesky_solve_batch(system, rhs)
     return torch.stack([_cholesky_solve_batch(s[None], r[None])[0] for s, r in zip(system, rhs)])

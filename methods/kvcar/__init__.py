@@ -69,6 +69,7 @@ import torch
 
 from kvbench import artifact as artifacts
 from kvbench.method import BudgetError, Method
+from kvbench.kernels.decode_attention import use_triton
 from kvbench.kernels.kvcar_decode import Rope, pack_decoders, rope_table
 from kvbench.methods.kvcar.codec import FoldedAutoencoder, LayerCodec
 
@@ -188,8 +189,8 @@ class KVCAR(Method):
                                             for layer, (ck, cv) in self.codecs.items()}
         self._building: dict[int, object] = {}
         self._prepared_for = (id(lm.model), artifacts.weights_fingerprint(lm.model))
-        if self.decoders:
-            self.kernel_rope()  # its table now, so the bytes counted do not change at the first decode
+        if self.decoders and use_triton(param):  # where the kernel reads: its table now, so the bytes
+            self.kernel_rope()                       # counted do not change at the first decode
 
     def own_heads(self, layer: int) -> list[int]:
         heads = self.codecs[layer][0].w1.shape[0]

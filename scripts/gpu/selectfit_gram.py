@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from kvbench.methods.selectfit import Problems, cholesky_solve, exact_output, objective, solve_values
+from kvbench.methods.selectfit import Problems, cholesky_solve, objective, probabilities, solve_values
 
 SMOKE = "--smoke" in sys.argv  # a small rehearsal on the CPU
 DEV = "cpu" if SMOKE else "cuda"
@@ -76,7 +76,7 @@ def main():
                 reference = values
         gap = (values - reference).norm() / reference.norm()
         line.append(f"values tf32 vs float32: relative difference {gap:.2e}")
-        _, p_free = exact_output(pb, keys)
+        _, _, p_free = probabilities(pb, keys)
         system = torch.einsum("prm,prn->pmn", p_free, p_free).double()
         system.diagonal(dim1=-2, dim2=-1).add_(pb.ridge.double()[:, None])
         rhs = torch.randn(len(system), free, D, dtype=torch.float64, device=DEV)
