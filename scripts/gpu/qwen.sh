@@ -72,13 +72,17 @@ sweep)
   # shows no speed for them (their timings measure the contention, not the method).
   # METHODS=a,b (the environment): only those methods of every config (`kvbench sweep --methods`)
   lanes=(${2//+/ }); export KVBENCH_SHARED_DEVICE=${#lanes[@]} RECORDED=${RECORDED-results/qwen/leaderboard.json} METHODS=${METHODS-}
+  # every minute a snapshot of the runs into $OUT (written whole, then renamed): a call the device cuts at its
+  # limit (the session's device time running out) returns what was left in $OUT, so the samples then come back too
+  ( while sleep 60; do tar czf "$OUT/.runs.tar.gz" results/runs results/sweeps 2>/dev/null \
+      && mv "$OUT/.runs.tar.gz" "$OUT/runs.tar.gz"; done ) & snapshots=$!
   for i in "${!lanes[@]}"; do
     timeout "${3:-540}" bash -c 'for c in ${0//,/ }; do case $c in *@all) kvbench sweep "${c%@all}" ${METHODS:+--methods "$METHODS"} ;;
       *) kvbench sweep "$c" ${RECORDED:+--recorded "$RECORDED"} ${METHODS:+--methods "$METHODS"} ;; esac; done' \
       "${lanes[$i]}" > "$OUT/sweep-$i.log" 2>&1 &
-  done; wait
+  done; wait $(jobs -p | grep -vx "$snapshots"); kill $snapshots
   for i in "${!lanes[@]}"; do grep -v "^Loading" "$OUT/sweep-$i.log" | tail -25; done
-  tar czf "$OUT/runs.tar.gz" results/runs results/sweeps 2>/dev/null; ls -la "$OUT" ;;
+  tar czf "$OUT/.runs.tar.gz" results/runs results/sweeps 2>/dev/null && mv "$OUT/.runs.tar.gz" "$OUT/runs.tar.gz"; ls -la "$OUT" ;;
 share)
   # `share A.yaml,B.yaml,... N [SECONDS]`: N lanes that all walk the whole list, each from another place in it
   # (lane i starts at config i), so no lane idles while points are left: a point another lane holds is skipped
