@@ -78,10 +78,17 @@ def _changed(name: str | None, params: dict | None) -> dict:
         return {}
     defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
                 for f in fields if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
-    changed = {k: v for k, v in (params or {}).items() if k != "budget" and k in defaults and defaults[k] != v}
+    changed = {k: v for k, v in (params or {}).items()
+               if k != "budget" and k in defaults and _as_recorded(defaults[k]) != _as_recorded(v)}
     # artifacts are named by their directory (checkpoints/compresskv-qwen2.5-coder-1.5b -> its last part)
     return {k: Path(v).name if k in ("artifact", "checkpoint") and isinstance(v, str) else v
             for k, v in changed.items()}
+
+
+def _as_recorded(value):
+    """A parameter as a run's config.json holds it (``asdict`` of the method, then JSON): a default made by a
+    factory (AdaKV's ``scorer``, a SnapKV) is a dataclass here and a dict there, a tuple a list."""
+    return json.loads(json.dumps(dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value, default=str))
 
 
 def _labelled(name: str, changed: dict) -> str:

@@ -92,6 +92,24 @@ def test_method_variants_stay_apart():
     assert lb.method_label("alpha", {"x": 1}) == "alpha"  # not a registered method: its name as it is
 
 
+@pytest.mark.parametrize("name", sorted(registry.METHODS))
+def test_default_parameters_as_recorded_label_the_bare_name(name):
+    """A run at a method's defaults records ``asdict`` of it through JSON (a factory-made default such as AdaKV's
+    SnapKV scorer as a dict, tuples as lists): its label is the bare name, or every recorded row of the method
+    would look like a variant (and `sweep --recorded` would run it again)."""
+    try:
+        recorded = json.loads(json.dumps(dataclasses.asdict(registry.build_method(name, 0.25, {})), default=str))
+    except (ValueError, FileNotFoundError, OSError) as err:  # a method that needs an artifact to be built
+        pytest.skip(f"{name} needs more than defaults here: {err}")
+    assert lb.method_label(name, recorded) == name
+
+
+def test_a_changed_nested_default_is_a_variant():
+    recorded = json.loads(json.dumps(dataclasses.asdict(registry.build_method("adakv", 0.25, {}))))
+    recorded["scorer"]["window"] = 8
+    assert lb.method_label("adakv", recorded).startswith("adakv(scorer=")
+
+
 @dataclasses.dataclass
 class _EvictWithSeed:
     budget: float = 1.0
