@@ -57,7 +57,10 @@ setup)
   cd "$root" && rm -rf /tmp/kvbench-data && cp -r .carry/data /tmp/kvbench-data
   # a machine lost mid-session: the last call's runs (its $OUT/runs.tar.gz, carried as .carry/runs.tar.gz) come
   # back, so cut runs resume where they stopped and finished ones are skipped (their locks are flocks: not held)
-  [ -f .carry/runs.tar.gz ] && tar xzf .carry/runs.tar.gz && echo "restored $(ls results/runs | wc -l) run folders"
+  # results/qwen/in-flight/*.tar.gz: a session's cut runs committed, for a next session whose checkout has no .carry
+  # (fold them, then delete the file); .carry/runs.tar.gz, if newer, after it
+  for t in results/qwen/in-flight/*.tar.gz .carry/runs.tar.gz; do
+    [ -f "$t" ] && tar xzf "$t" && echo "restored $t: $(ls results/runs | wc -l) run folders"; done
   mkdir -p $KVBENCH_CACHE/gguf && ln -f $assets/$name $KVBENCH_CACHE/gguf/$name
   install_kvbench
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
