@@ -77,7 +77,9 @@ sweep)
   lanes=(${2//+/ }); export KVBENCH_SHARED_DEVICE=${#lanes[@]} RECORDED=${RECORDED-results/qwen/leaderboard.json} METHODS=${METHODS-}
   # every minute a snapshot of the runs into $OUT (written whole, then renamed): a call the device cuts at its
   # limit (the session's device time running out) returns what was left in $OUT, so the samples then come back too
-  ( while sleep 60; do tar czf "$OUT/.runs.tar.gz" results/runs results/sweeps 2>/dev/null \
+  # (tar exits 1 when a file changed as it read it, which a lane's appends do: the archive is whole, and a torn
+  # last line is trimmed when the run resumes)
+  ( while sleep 60; do tar czf "$OUT/.runs.tar.gz" results/runs results/sweeps 2>/dev/null; [ $? -le 1 ] \
       && mv "$OUT/.runs.tar.gz" "$OUT/runs.tar.gz"; done ) & snapshots=$!
   for i in "${!lanes[@]}"; do
     timeout "${3:-540}" bash -c 'for c in ${0//,/ }; do case $c in *@all) kvbench sweep "${c%@all}" ${METHODS:+--methods "$METHODS"} ;;
