@@ -224,6 +224,17 @@ def is_finished(run_dir: Path | None) -> bool:
     return isinstance(metrics, dict) and metrics.get("complete") is True
 
 
+def _resumes(run_dir: Path | None) -> str:
+    """`` (resumes after N samples)`` for a cut run whose folder holds N whole sample lines (what a GPU session
+    has left to do depends on it), else nothing."""
+    path = run_dir / "samples.jsonl" if run_dir is not None else None
+    if path is None or not path.is_file():
+        return ""
+    with open(path, "rb") as f:
+        n = sum(1 for line in f if line.endswith(b"\n") and line.strip())  # a torn last line is not a sample
+    return f" (resumes after {n} samples)" if n else ""
+
+
 def label(cfg: RunConfig) -> str:
     return f"{cfg.model} {cfg.task} {cfg.protocol} {cfg.method}@{cfg.budget}"
 
@@ -244,8 +255,9 @@ def plan_sweep(path: str | Path, tables: tuple = (), device: str | None = None,
     out = []
     for i, point in enumerate(plan, 1):
         try:
-            status = ("finished" if is_finished(known.get(identity(point))) else
-                      "recorded" if point_key(point) in in_tables else "to run")
+            run_dir = known.get(identity(point))
+            status = ("finished" if is_finished(run_dir) else
+                      "recorded" if point_key(point) in in_tables else "to run" + _resumes(run_dir))
         except ArtifactError as e:  # not here: it cannot be recorded (a table's run read another artifact)
             status = f"to run, once its artifact is made ({e})"
         echo(f"[{i}/{len(plan)}] {label(point)}: {status}")

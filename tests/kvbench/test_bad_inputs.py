@@ -441,6 +441,28 @@ data: {haystack}
     print(f"\ntwo lanes: {[sum(': done ->' in x for x in log.splitlines()) for log in logs]} points each")
 
 
+def test_the_plan_says_how_far_a_cut_run_got(tmp_path, tiny_dir, haystack):
+    """A GPU session is planned from `--plan`: a run cut by the end of a call shows the samples it resumes after
+    (whole lines only: a torn last line is trimmed on resume, so it is not counted)."""
+    out = tmp_path / "out"
+    cfg = _yaml(tmp_path, "cut", f"""out: {out}
+models: [{tiny_dir}]
+methods: [snapkv]
+budgets: [0.5]
+tasks: {{niah: {{lengths: [160], depths: [0.0, 0.5, 1.0], max_new_tokens: 4}}}}
+data: {haystack}
+""")
+    assert cli("sweep", cfg).exit_code == 0
+    (run_dir,) = (out / "runs").iterdir()
+    (run_dir / "metrics.json").unlink()  # as a call cut before the run's end leaves it
+    kept = (run_dir / "samples.jsonl").read_text().splitlines(keepends=True)[:2]
+    (run_dir / "samples.jsonl").write_text("".join(kept) + '{"id": "torn')
+    res = cli("sweep", cfg, "--plan")
+    assert res.exit_code == 0, res.output
+    assert "snapkv@0.5: to run (resumes after 2 samples)" in res.stdout, res.stdout
+    assert "1 to run, 0 recorded, 0 finished" in res.stdout, res.stdout
+
+
 def test_a_sweep_extends_a_committed_table_whose_run_folders_are_gone(tmp_path, tiny_dir, haystack):
     """The committed leaderboard.json is the record (run folders are not kept): `sweep --recorded` runs only what
     it lacks, nothing twice, and `leaderboard --with` joins its rows to the new runs."""
