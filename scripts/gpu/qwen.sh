@@ -87,7 +87,9 @@ sweep)
       "${lanes[$i]}" > "$OUT/sweep-$i.log" 2>&1 &
   done; wait $(jobs -p | grep -vx "$snapshots"); kill $snapshots
   for i in "${!lanes[@]}"; do grep -v "^Loading" "$OUT/sweep-$i.log" | tail -25; done
-  tar czf "$OUT/.runs.tar.gz" results/runs results/sweeps 2>/dev/null && mv "$OUT/.runs.tar.gz" "$OUT/runs.tar.gz"; ls -la "$OUT" ;;
+  # its own temporary name: a snapshot's tar may outlive the loop killed above
+  tar czf "$OUT/.runs-end.tar.gz" results/runs results/sweeps 2>/dev/null && mv "$OUT/.runs-end.tar.gz" "$OUT/runs.tar.gz"
+  ls -la "$OUT" ;;
 share)
   # `share A.yaml,B.yaml,... N [SECONDS]`: N lanes that all walk the whole list, each from another place in it
   # (lane i starts at config i), so no lane idles while points are left: a point another lane holds is skipped
