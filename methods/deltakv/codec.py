@@ -157,8 +157,10 @@ def read_checkpoint_config(directory: str | Path) -> dict:
     loaded; a ``ModelError`` in one line for anything wrong."""
     path = Path(directory).expanduser()
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(f"no DeltaKV checkpoint at {directory} (expected {CONFIG_FILE} and {WEIGHTS_FILE}; "
-                                "make one with `kvbench train deltakv`)")
+        # an ArtifactError, as for every trained method: a sweep planned for the GPU machine, where the
+        # checkpoint is trained first, lists its points as still to run instead of stopping
+        raise artifact.ArtifactError(f"no DeltaKV checkpoint at {directory} (expected {CONFIG_FILE} and "
+                                     f"{WEIGHTS_FILE}; make one with `kvbench train deltakv`)")
     try:
         config = json.loads((path / CONFIG_FILE).read_text())
     except ValueError as e:

@@ -748,7 +748,8 @@ def test_a_task_run_under_two_settings_plots_a_figure_for_each(tmp_path):
 def test_a_sweep_restricted_to_some_methods_plans_and_checks_only_those(tmp_path):
     """`sweep --methods`: the trained configs name three methods; an artifact one of them lacks must not stop
     the others (the ninth round lost DeltaKV's runs to KV-CAR's missing artifact)."""
-    from kvbench.sweep import load_config, points
+    from kvbench.artifact import ArtifactError
+    from kvbench.sweep import load_config, plan_sweep, points
     cfg = tmp_path / "two.yaml"
     cfg.write_text("""
 models: [tiny-llama]
@@ -757,8 +758,12 @@ budgets: [0.25, 0.5]
 method_params: {deltakv: {checkpoint: no/such/checkpoint}}
 tasks: {niah: {lengths: [300], depths: [0.0]}}
 """)
-    with pytest.raises(FileNotFoundError, match="no DeltaKV checkpoint"):
+    with pytest.raises(ArtifactError, match="no DeltaKV checkpoint"):
         load_config(cfg)
+    # planned for the GPU machine, where the checkpoint is trained first: its points are still to run
+    statuses = [status for _, status in plan_sweep(cfg, echo=lambda line: None)]
+    assert statuses[:2] == ["to run", "to run"] and all(
+        s.startswith("to run, once its artifact is made (no DeltaKV checkpoint") for s in statuses[2:]), statuses
     only = load_config(cfg, ("snapkv",))
     assert only["methods"] == ["snapkv"] and [(p.method, p.budget) for p in points(only)] == [("snapkv", 0.25),
                                                                                                  ("snapkv", 0.5)]
