@@ -243,10 +243,11 @@ def bench_decode(dev, batches, lengths, copy_bw, gen, reps, log):
                 k = torch.randn(tokens, D, device=dev, dtype=torch.bfloat16)
                 v = torch.randn(tokens, D, device=dev, dtype=torch.bfloat16)
                 q = torch.randn(B, HQ, 1, D, device=dev, dtype=torch.bfloat16)
-                sets.append((q, k, v, starts.to(dev), lens.to(dev, torch.int32), int(lens.max())))
+                sets.append((q, k, v, starts.to(dev), lens.to(dev, torch.int32), lens.tolist()))
             row["ragged_min_max"] = [int(sets[0][4].min()), int(sets[0][4].max())]
-            rag = [
-                (lambda q=q, k=k, v=v, s=s, l=l, m=m: da.ragged_attention_triton(q, k, v, s, l, scale, longest=m))
+            rag = [  # the lengths on the host, as the cache knows its capacities
+                (lambda q=q, k=k, v=v, s=s, l=l, m=m: da.ragged_attention_triton(q, k, v, s, l, scale, longest=max(m),
+                                                                                 lengths=m))
                 for (q, k, v, s, l, m) in sets
             ]
             if B * L <= 8 * 4096:  # check ragged output against the reference once
@@ -295,12 +296,12 @@ def sweep_decode(dev, shapes, reps, log, gen, cands=None):
                 lens = ragged_lengths(B, L, 10.0, gen)
                 ss = (torch.cumsum(lens, 0) - lens).to(dev)
                 sl = lens.to(dev, torch.int32)
-                longest = int(lens.max())
+                host_lengths = lens.tolist()
             else:
                 ss = torch.arange(B * HKV, device=dev, dtype=torch.int64) * L
                 sl = torch.full((B * HKV,), L, device=dev, dtype=torch.int32)
-                longest = L
-            sets.append((q, k, v, ss, sl, longest))
+                host_lengths = [L] * (B * HKV)
+            sets.append((q, k, v, ss, sl, host_lengths))
         data.append(((B, L, ragged), sets))
     results = []
     saved = dict(da.DECODE_CONFIG)
@@ -310,7 +311,7 @@ def sweep_decode(dev, shapes, reps, log, gen, cands=None):
         try:
             for (shape, sets) in data:
                 calls = [(lambda q=q, k=k, v=v, ss=ss, sl=sl, m=m: da.ragged_attention_triton(
-                    q, k, v, ss, sl, scale, longest=m)) for (q, k, v, ss, sl, m) in sets]
+                    q, k, v, ss, sl, scale, longest=max(m), lengths=m)) for (q, k, v, ss, sl, m) in sets]
                 ts.append(time_calls(calls, reps)[0] * 1e3)
         except Exception as e:  # noqa: BLE001
             log(f"  sweep {c}: failed {type(e).__name__}: {str(e)[:100]}")

@@ -38,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -347,7 +347,8 @@ def _check_inputs(q, k, v, seg_start, seg_len):
 
 
 def choose_chunk(total_tokens: int, device: torch.device, block_n: Optional[int] = None,
-                 n_seg: int = 0, longest: Optional[int] = None) -> int:
+                 n_seg: int = 0, longest: Optional[int] = None, lengths: Optional[Sequence[int]] = None,
+                 wide: bool = False) -> int:
     """Chunk (slots per work item): about ``items_per_sm`` items per SM for the
     given number of tokens, less one item per segment for the ragged tails
     (while that leaves at least half), a multiple of BLOCK_N, at most
@@ -356,7 +357,14 @@ def choose_chunk(total_tokens: int, device: torch.device, block_n: Optional[int]
     longer, so the critical path has no sliver: 8 x 8192-slot heads at batch 8
     were cut 2688 x 3 + 128. Evened over the mean head instead it cost ragged
     layouts time, the shorter chunk adding items to every other head
-    (results/bench/h200-kernels/)."""
+    (results/bench/h200-kernels/). ``lengths`` (every segment's length or an
+    upper bound, on the host): the evened chunk is kept only if it adds no
+    items past one item per slot, or past what the plain chunk already made;
+    evening 8 x 16k ragged heads (the longest 39,590 slots) from 4096 to 3968
+    slots added 16 items to a second wave (272 -> 288 on 264 slots) and cost
+    9%, where 8 x 4k ragged (224 -> 240) and 8 x 8k uniform (256 -> 256) gained.
+    ``wide``: the chunk as the launch will round it when long chunks take wide
+    tiles (``DECODE_CONFIG["large"]``), so that items are counted as launched."""
     cfg = DECODE_CONFIG
     bn = block_n or cfg["BLOCK_N"]
     slots = max(1, cfg["items_per_sm"] * _num_sms(device))
@@ -364,11 +372,29 @@ def choose_chunk(total_tokens: int, device: torch.device, block_n: Optional[int]
     c = -(-max(int(total_tokens), 1) // target)
     c = -(-c // bn) * bn
     c = min(max(c, bn), max(cfg["max_chunk"], bn))
+    plain = c
+    if longest is None and lengths:
+        longest = max(lengths)
     if longest is not None and longest > c:
         items = -(-int(longest) // c)        # the longest segment's items at this chunk
         per_item = -(-int(longest) // items)  # the same number of items, evenly long
         c = -(-per_item // bn) * bn
+    if wide:
+        plain, c = _widened(plain), _widened(c)
+    if lengths is not None and c != plain:
+        def items_at(chunk: int) -> int:
+            return sum(-(-int(n) // chunk) for n in lengths)
+        if items_at(c) > max(items_at(plain), slots):
+            c = plain
     return int(c)
+
+
+def _widened(chunk: int) -> int:
+    """``chunk`` rounded up to the wide tile, where long chunks take one."""
+    large = DECODE_CONFIG.get("large")
+    if large and chunk >= large["min_chunk"]:
+        return -(-chunk // large["BLOCK_N"]) * large["BLOCK_N"]
+    return chunk
 
 
 def ragged_attention_triton(
@@ -377,6 +403,7 @@ def ragged_attention_triton(
     *, chunk: Optional[int] = None, total_tokens: Optional[int] = None,
     block_n: Optional[int] = None, num_warps: Optional[int] = None,
     num_stages: Optional[int] = None, longest: Optional[int] = None,
+    lengths: Optional[Sequence[int]] = None,
     out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
     slot_logits: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -386,7 +413,9 @@ def ragged_attention_triton(
     chosen from ``total_tokens`` (default: ``S``, an upper bound on the valid
     slots, so pass the real total when the store has much spare capacity) and
     ``longest`` (an upper bound on the longest segment, known on the host: the
-    chunk is evened out over it; ``choose_chunk``).
+    chunk is evened out over it) and ``lengths`` (upper bounds of every
+    segment's length, on the host: the evening then adds no second-wave items;
+    ``choose_chunk``).
     No host synchronisation; capturable in a CUDA graph.  ``out`` / ``lse``
     may be given (any strides, shapes ``[B, Hq, Tq, D]`` / ``[B, Hq, Tq]``);
     every element is written.
@@ -400,7 +429,8 @@ def ragged_attention_triton(
     S = k.shape[0]
     n_seg = B * hkv
     if chunk is None:
-        chunk = choose_chunk(total_tokens if total_tokens is not None else S, q.device, BLOCK_N, n_seg, longest)
+        chunk = choose_chunk(total_tokens if total_tokens is not None else S, q.device, BLOCK_N, n_seg, longest,
+                             lengths, wide=block_n is None)
         large = cfg.get("large")
         if large and block_n is None and chunk >= large["min_chunk"]:
             # long chunks: wider tiles stream slightly better (H100 sweep, NOTES.md)

@@ -187,9 +187,10 @@ class RaggedKV:
     def attend(self, q: torch.Tensor, scale: float, slot_logits: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """(out, lse); ``slot_logits`` (decoding): ``[S, G]`` float32 filled with each valid slot's logit."""
-        # the largest capacity bounds the longest segment on the host: the kernel's chunk is evened out over it
+        # the capacities bound the segments on the host: the kernel's chunk is evened out over the largest, as long
+        # as that adds no second-wave items over all of them (a CUDA graph keeps its chunk while the layout holds)
         return ragged_attention(q, self.k, self.v, self.start, self.length, scale, slot_logits=slot_logits,
-                                longest=self.cap_max)
+                                longest=self.cap_max, lengths=self.host_capacity)
 
     # ---- changing what it holds -----------------------------------------------------------------
     def _relayout(self, src_slots: torch.Tensor | None, counts: torch.Tensor, capacity: torch.Tensor,

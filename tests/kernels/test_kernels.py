@@ -190,6 +190,38 @@ def test_ragged_attention_odd_head_dim_and_strided_q():
     _check_attention(q, k, v, ss, sl, 0.2, seed, chunk=64, block_n=16)
 
 
+def test_an_evened_chunk_adds_no_second_wave(monkeypatch):
+    """Given every segment's length, the chunk evened over the longest head is kept only if it adds no items past
+    one a slot (264 on 132 SMs), or past the plain chunk's: on the H200 the ragged 8 x 16k bench layout evened from
+    4096 to 3968 slots gained 8-16 second-wave items and ran 9% slower (results/bench/h200-kernels/), where 8 x 4k
+    ragged and 8 x 8k uniform gained from it."""
+    from kvbench.kernels.bench import HKV, ragged_lengths
+    monkeypatch.setattr(da, "_num_sms", lambda device: 132)
+    cpu = torch.device("cpu")
+
+    def chunks(B, L, lengths):
+        n = B * HKV
+        return (da.choose_chunk(n * L, cpu, 64, n, max(lengths), wide=True),
+                da.choose_chunk(n * L, cpu, 64, n, max(lengths), lengths, wide=True))
+
+    def items(chunk, lengths):
+        return sum(-(-x // chunk) for x in lengths)
+
+    rag = {L: ragged_lengths(8, L, 10.0, torch.Generator().manual_seed(0)).tolist() for L in (4096, 16384, 32768)}
+    assert chunks(8, 16384, rag[16384]) == (3968, 4096)  # 288 items against 280
+    assert (items(3968, rag[16384]), items(4096, rag[16384])) == (288, 280)
+    assert chunks(8, 32768, rag[32768]) == (3968, 4096)
+    assert chunks(8, 4096, rag[4096]) == (1280, 1280)  # 240 items, under one a slot: kept
+    assert chunks(8, 8192, [8192] * 64) == (2048, 2048)  # uniform: as many items, none a sliver
+    g = torch.Generator().manual_seed(1)
+    for _ in range(200):  # whatever the layout, never more items than one a slot or the plain chunk's
+        n = int(torch.randint(1, 256, (1,), generator=g))
+        lengths = torch.randint(1, 200_000, (n,), generator=g).tolist()
+        chosen = da.choose_chunk(sum(lengths), cpu, 64, n, max(lengths), lengths, wide=True)
+        plain = da.choose_chunk(sum(lengths), cpu, 64, n, wide=True)
+        assert items(chosen, lengths) <= max(items(plain, lengths), 264), (n, chosen, plain)
+
+
 def test_chunks_split_the_longest_head_evenly(monkeypatch):
     """On 132 SMs (an H100 / H200), 8 sequences of 8 heads x 8192 slots were cut 2688 x 3 + 128: given the longest
     segment, the chunk is evened out over it, as many items and none longer, the last one not a sliver. Without it
