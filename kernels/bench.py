@@ -246,8 +246,7 @@ def bench_decode(dev, batches, lengths, copy_bw, gen, reps, log):
                 sets.append((q, k, v, starts.to(dev), lens.to(dev, torch.int32), lens.tolist()))
             row["ragged_min_max"] = [int(sets[0][4].min()), int(sets[0][4].max())]
             rag = [  # the lengths on the host, as the cache knows its capacities
-                (lambda q=q, k=k, v=v, s=s, l=l, m=m: da.ragged_attention_triton(q, k, v, s, l, scale, longest=max(m),
-                                                                                 lengths=m))
+                (lambda q=q, k=k, v=v, s=s, l=l, m=m: da.ragged_attention_triton(q, k, v, s, l, scale, lengths=m))
                 for (q, k, v, s, l, m) in sets
             ]
             if B * L <= 8 * 4096:  # check ragged output against the reference once
@@ -311,7 +310,7 @@ def sweep_decode(dev, shapes, reps, log, gen, cands=None):
         try:
             for (shape, sets) in data:
                 calls = [(lambda q=q, k=k, v=v, ss=ss, sl=sl, m=m: da.ragged_attention_triton(
-                    q, k, v, ss, sl, scale, longest=max(m), lengths=m)) for (q, k, v, ss, sl, m) in sets]
+                    q, k, v, ss, sl, scale, lengths=m)) for (q, k, v, ss, sl, m) in sets]
                 ts.append(time_calls(calls, reps)[0] * 1e3)
         except Exception as e:  # noqa: BLE001
             log(f"  sweep {c}: failed {type(e).__name__}: {str(e)[:100]}")

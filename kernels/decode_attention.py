@@ -359,10 +359,10 @@ def choose_chunk(total_tokens: int, device: torch.device, block_n: Optional[int]
     layouts time, the shorter chunk adding items to every other head
     (results/bench/h200-kernels/). ``lengths`` (every segment's length or an
     upper bound, on the host): the evened chunk is kept only if it adds no
-    items past one item per slot, or past what the plain chunk already made;
+    items past one item per slot, or past what the plain chunk already made:
     evening 8 x 16k ragged heads (the longest 39,590 slots) from 4096 to 3968
-    slots added 16 items to a second wave (272 -> 288 on 264 slots) and cost
-    9%, where 8 x 4k ragged (224 -> 240) and 8 x 8k uniform (256 -> 256) gained.
+    slots added 16 items to a second wave (272 -> 288 on 264 slots), which the
+    H200 ran slower (results/bench/h200-kernels/).
     ``wide``: the chunk as the launch will round it when long chunks take wide
     tiles (``DECODE_CONFIG["large"]``), so that items are counted as launched."""
     cfg = DECODE_CONFIG
@@ -435,8 +435,7 @@ def ragged_attention_triton(
         if large and block_n is None and chunk >= large["min_chunk"]:
             # long chunks: wider tiles stream slightly better (H100 sweep, NOTES.md)
             BLOCK_N = int(large["BLOCK_N"])
-            ns = int(num_stages or large["num_stages"])
-            chunk = -(-chunk // BLOCK_N) * BLOCK_N
+            ns = int(num_stages or large["num_stages"])  # the chunk is already a multiple of it (``wide``)
     chunk = int(chunk)
     if chunk <= 0:
         raise ValueError("chunk must be positive")
