@@ -78,8 +78,16 @@ def _changed(name: str | None, params: dict | None) -> dict:
         return {}
     defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
                 for f in fields if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
-    changed = {k: v for k, v in (params or {}).items()
-               if k != "budget" and k in defaults and _as_recorded(defaults[k]) != _as_recorded(v)}
+    changed = {}
+    for k, v in (params or {}).items():
+        if k == "budget" or k not in defaults:
+            continue
+        default, v = _as_recorded(defaults[k]), _as_recorded(v)
+        if isinstance(default, dict) and isinstance(v, dict):  # a nested method (AdaKV's scorer): its changed keys
+            changed.update({f"{k}.{sub}": x for sub, x in v.items()
+                            if sub != "budget" and sub in default and default[sub] != x})
+        elif default != v:
+            changed[k] = v
     # artifacts are named by their directory (checkpoints/compresskv-qwen2.5-coder-1.5b -> its last part)
     return {k: Path(v).name if k in ("artifact", "checkpoint") and isinstance(v, str) else v
             for k, v in changed.items()}

@@ -15,8 +15,14 @@ the budget by rounding, as in the reference).
 ``allocation="kvpress"``, kvpress 0.5.5's ``AdaKVPress``: each head's top ``max(1, int(n * alpha))``
 scores are protected, then the layer keeps its ``H * n`` best (protected and pinned first).
 
-Choices: the default scorer is SnapKV's (``scorer`` names any scored method); each head's tokens are
-really freed (ragged segments).
+The default scorer is the reference's: SnapKV's observation window of 32 with max pooling over 7 positions
+(FFY0/AdaKV ``config_compress(window_size=32, kernel_size=7, pooling="maxpool")``, its LongBench scripts'
+``w32_k7_maxpool``), not ``snapkv``'s own defaults (average over 5, as SnapKV's code); before 2026-12-04 it was
+the latter: those runs are labelled ``adakv(scorer.kernel=5,scorer.pooling=avg)``, and ``-m scorer=snapkv``
+(a scorer named is built with its own defaults) runs them again. ``scorer`` names any scored method.
+
+Choices: each head's tokens are really freed (ragged segments); a budget below the window keeps the newest
+tokens (the reference refuses it).
 """
 from dataclasses import dataclass, field
 
@@ -33,7 +39,7 @@ from kvbench.registry import UnknownNameError
 class AdaKV(ScoredEviction):
     alpha: float = field(default=0.2, metadata=in_range(0, 1))
     allocation: str = "official"
-    scorer: ScoredEviction = field(default_factory=SnapKV)
+    scorer: ScoredEviction = field(default_factory=lambda: SnapKV(kernel=7, pooling="max"))
 
     def __post_init__(self):
         if self.allocation not in ("official", "kvpress"):
@@ -77,5 +83,6 @@ class AdaKV(ScoredEviction):
             1, best.indices // ranked.shape[1], taken.to(all_choose.dtype)).view(-1)
         counts = own_heads(shard, counts, B)
         if self.allocation == "official":
-            counts = torch.round(counts.double() * (1 - self.alpha) + floor).long() + pinned
+            # a head holds its pinned tokens (the window) on top, but never more of them than its budget
+            counts = torch.round(counts.double() * (1 - self.alpha) + floor).long() + torch.minimum(pinned, per_head)
         return torch.minimum(counts, store.length)

@@ -161,14 +161,15 @@ def selection_scores(call: LayerCall, heads: torch.Tensor, window: int, kernel: 
         raise RuntimeError("compresskv expects every KV head of a layer to hold the same tokens")
     L = idx.shape[1]
     per_query_head = per_head[idx].view(B, H, L, G).permute(0, 1, 3, 2).reshape(B, Hq, L)
-    layer = per_query_head[:, heads].mean(dim=1)  # [B, L]
+    chosen = per_query_head[:, heads]  # [B, first_k, L]
     ok = valid.view(B, H, L)[:, 0]
     pos = store.pos[idx].view(B, H, L)[:, 0].long()
     in_window = ok & (pos > call.positions[:, -1:].long() - w)
-    layer = layer.masked_fill(in_window | ~ok, 0.0)
-    if kernel > 1:
+    chosen = chosen.masked_fill((in_window | ~ok)[:, None], 0.0)
+    if kernel > 1:  # pooled per head, then averaged over the heads (the reference's order)
         pool = F.avg_pool1d if pooling == "avg" else F.max_pool1d
-        layer = pool(layer[:, None], kernel_size=kernel, stride=1, padding=kernel // 2)[:, 0, :L]
+        chosen = pool(chosen, kernel_size=kernel, stride=1, padding=kernel // 2)[:, :, :L]
+    layer = chosen.mean(dim=1)  # [B, L]
     layer = torch.where(in_window, torch.full_like(layer, KEEP_ALWAYS), layer)
     layer = torch.where(ok, layer, torch.full_like(layer, float("-inf")))
     # back per slot with fixed shapes (a boolean index would read its count back): padding goes to a spare slot
