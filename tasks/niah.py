@@ -104,6 +104,8 @@ class NIAH(Task):
         joined = "".join(texts)  # the files in order (sorted: the original globs), then again and again
         reps = 1 + longest // max(len(tokenizer.encode(joined, add_special_tokens=False)), 1)
         haystack = tokenizer.encode(joined * reps, add_special_tokens=False)
+        if not haystack:
+            raise TaskError(f"NIAH: the haystack at {source or 'the built-in filler'} has no text")
         out = []
         for length in self.lengths:
             budget = length - ORIGINAL_BUFFER

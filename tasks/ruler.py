@@ -184,6 +184,8 @@ def _essay_words(path: str) -> tuple[str, ...]:
                         "point --data at the official PaulGrahamEssays.json") from None
     if not isinstance(essay, str):
         raise TaskError(f"{path}: 'text' is not a string; point --data at the official PaulGrahamEssays.json")
+    if not essay.strip():
+        raise TaskError(f"{path}: 'text' is empty; point --data at the official PaulGrahamEssays.json")
     return tuple(re.sub(r"\s+", " ", essay).split(" "))
 
 
@@ -544,6 +546,8 @@ class Ruler(Task):
         per_unit = max((count(make(2 * incremental)) - c1) / incremental, 1e-3)  # fixed parts excluded
         lo, hi = incremental, incremental + max(int((budget - c1) / per_unit * 2), incremental)
         while count(make(hi)) <= budget:  # the estimate was low: widen
+            if count(make(hi)) <= c1:  # the haystack does not grow with n (an empty source)
+                raise TaskError(f"RULER {what}: the haystack stays empty however large; check the data")
             lo, hi = hi, hi * 2
         best = None
         while lo <= hi:

@@ -47,3 +47,10 @@ def test_style_and_length_checks():
         NIAH(style="sideways").samples(make_tokenizer(), TaskContext(4096))
     with pytest.raises(TaskError, match="no room for a haystack"):
         NIAH(style="original", lengths=[210]).samples(make_tokenizer(), TaskContext(4096))
+
+
+def test_an_empty_haystack_is_one_clear_error(tmp_path):
+    """Without text, the original style would make 'long' prompts of the needle alone, scored as usual."""
+    (tmp_path / "a.txt").write_text("")
+    with pytest.raises(TaskError, match="has no text"):
+        NIAH(style="original", lengths=[600], haystack=str(tmp_path)).samples(make_tokenizer(), TaskContext(4096))

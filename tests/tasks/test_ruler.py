@@ -289,3 +289,6 @@ def test_corrupt_essay_file_is_one_clear_error(tmp_path):
     bad.write_text('{"text": 3}')
     with pytest.raises(TaskError, match="'text' is not a string"):
         ruler._essay_words(str(bad))
+    bad.write_text('{"text": "  "}')  # an empty haystack would widen the search without end (out of memory)
+    with pytest.raises(TaskError, match="'text' is empty"):
+        ruler._essay_words(str(bad))
