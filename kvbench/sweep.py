@@ -313,6 +313,10 @@ def run_sweep(path: str | Path, echo: Callable[[str], None] = print, load_model:
     ledger = out / "sweeps" / f"{cfg['name']}.jsonl"
     ledger.parent.mkdir(parents=True, exist_ok=True)
     ranks = ranks or distributed.SINGLE  # [distributed]
+    # A line cut off by an earlier sweep that was killed is trimmed now: the next append would join it and corrupt
+    # the ledger's middle. Rank 0 appends to the ledger itself too, at the end (merge_ledger). [distributed]
+    for path in {distributed.ledger_path(ledger, ranks), *([ledger] if ranks.main else [])}:
+        results.read_jsonl(path, repair=True)
     # The points' own model options: random weights and remote code are loaded as each point says.
     load_model = load_model or (lambda spec, dtype, device, seed, random_weights=False, trust_remote_code=False:
                                 models.load(spec, dtype, device, random_weights, trust_remote_code, seed=seed))

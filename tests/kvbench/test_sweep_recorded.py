@@ -63,3 +63,17 @@ def test_settings_text_reads_values_that_hold_commas_and_equals():
     text = lb._setting_text({"data": "d", "task_params": {"needle": "x, seed=3"}, "seed": 2, "limit": None})
     assert sweep.settings_text(text) == {"data": "d", "task_params": {"needle": "x, seed=3"}, "seed": 2,
                                          "limit": None}
+
+
+def test_the_ledger_is_repaired_before_a_sweep_appends_to_it(tmp_path, monkeypatch):
+    """A ledger line cut off by a killed sweep is trimmed; the next outcome does not join it."""
+    from kvbench import harness
+    config = tmp_path / "cut.yaml"
+    config.write_text(f"out: {tmp_path / 'out'}\nmodels: [tiny-model]\nmethods: [snapkv]\nbudgets: [0.5]\n"
+                      "tasks: {niah: {lengths: [512]}}\ndevice: cpu\n")
+    ledger = tmp_path / "out" / "sweeps" / "cut.jsonl"
+    ledger.parent.mkdir(parents=True)
+    ledger.write_text('{"status": "done"}\n{"status": "do')
+    monkeypatch.setattr(harness, "run", lambda point, lm, progress, sample_memo: tmp_path)
+    sweep.run_sweep(config, echo=lambda line: None, load_model=lambda *args, **kwargs: None)
+    assert [r["status"] for r in results.read_jsonl(ledger)] == ["done", "incomplete"]
