@@ -172,7 +172,8 @@ def run(cfg: RunConfig, lm: LoadedModel | None = None, progress: bool = True,
                     memo[memo_key] = samples
             _run_locked(cfg, lm, method, task, samples, config, run_dir, progress, ranks)
         except Exception as e:  # marked, so the directory shows as failed (with why), not as unfinished
-            mark_failure(run_dir, config, e)
+            if not isinstance(e, results.ResumeRefusedError):  # refused before anything ran: the run is as it was
+                mark_failure(run_dir, config, e)
             raise
     (run_dir / FAILURE_FILE).unlink(missing_ok=True)  # an earlier failure of this run, now finished
     distributed.barrier(ranks)  # [distributed] every rank returns once rank 0 wrote the metrics
@@ -205,6 +206,13 @@ def _run_locked(cfg: RunConfig, lm: LoadedModel, method, task, samples: list[Sam
     samples_path, trace_path = distributed.record_files(run_dir, ranks)
     config_path = run_dir / "config.json"
     done = distributed.finished_ids(run_dir, ranks)
+    outside = done - {s.id for s in samples}
+    if outside:  # ``limit`` is not in the run id: a smaller one would score fewer samples than the records hold
+        ran = (results.read_json(config_path) or {}).get("limit")
+        raise results.ResumeRefusedError(
+            f"{run_dir} already holds {len(outside)} finished sample(s) outside this call's {len(samples)} (it ran "
+            f"with limit={ran}, this call with limit={cfg.limit}): rerun with that limit or a larger one, or give "
+            "another --out")
     share = distributed.shard(samples, ranks)  # [distributed]
     todo = [s for s in share if s.id not in done]
     # A task may ask for sampling (AIME's pass@1 over n samples); the command line's --temperature wins.
