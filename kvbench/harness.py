@@ -172,7 +172,8 @@ def run(cfg: RunConfig, lm: LoadedModel | None = None, progress: bool = True,
                     memo[memo_key] = samples
             _run_locked(cfg, lm, method, task, samples, config, run_dir, progress, ranks)
         except Exception as e:  # marked, so the directory shows as failed (with why), not as unfinished
-            mark_failure(run_dir, config, e)
+            if not isinstance(e, results.ResumeRefusedError):  # refused before anything ran: the run is as it was
+                mark_failure(run_dir, config, e)
             raise
     (run_dir / FAILURE_FILE).unlink(missing_ok=True)  # an earlier failure of this run, now finished
     distributed.barrier(ranks)  # [distributed] every rank returns once rank 0 wrote the metrics
@@ -205,6 +206,13 @@ def _run_locked(cfg: RunConfig, lm: LoadedModel, method, task, samples: list[Sam
     samples_path, trace_path = distributed.record_files(run_dir, ranks)
     config_path = run_dir / "config.json"
     done = distributed.finished_ids(run_dir, ranks)
+    outside = done - {s.id for s in samples}
+    if outside:  # ``limit`` is not in the run id: a smaller one would score fewer samples than the records hold
+        ran = (results.read_json(config_path) or {}).get("limit")
+        raise results.ResumeRefusedError(
+            f"{run_dir} already holds {len(outside)} finished sample(s) outside this call's {len(samples)} (it ran "
+            f"with limit={ran}, this call with limit={cfg.limit}): rerun with that limit or a larger one, or give "
+            "another --out")
     share = distributed.shard(samples, ranks)  # [distributed]
     todo = [s for s in share if s.id not in done]
     # A task may ask for sampling (AIME's pass@1 over n samples); the command line's --temperature wins.
@@ -228,7 +236,7 @@ def _run_locked(cfg: RunConfig, lm: LoadedModel, method, task, samples: list[Sam
                           if k in rec})
             if not config_path.exists():  # with the first finished sample: a directory is never just a config
                 results.write_json(config_path, config)
-            results.append_jsonl(trace_path, {"id": s.id, **trace})
+            results.append_jsonl(trace_path, {"id": s.id, **trace, "timed_under": config["versions"]})
             results.append_jsonl(samples_path, {"id": s.id, "meta": s.meta, "answers": s.answers, **rec})
             bar.update(1)
     bar.close()
@@ -241,6 +249,13 @@ def _run_locked(cfg: RunConfig, lm: LoadedModel, method, task, samples: list[Sam
                "model": lm.name, "n_samples": len(ordered), "complete": len(ordered) == len(samples),
                "summary": task.summarize(ordered), **_run_stats(ordered)}
     stored = json.loads(config_path.read_text()) if config_path.exists() else config
+    # A run resumed under other conditions (a shared device, the compiled decode, another GPU or torch) keeps its
+    # scores, but an average of timings taken under both measures neither: no speed. A record written before
+    # records kept their conditions counts as timed under the run's first session's (its config's versions).
+    timed_under = {json.dumps(t.get("timed_under", stored.get("versions")), sort_keys=True)
+                   for t in results.read_jsonl(run_dir / "trace.jsonl")}
+    if len(timed_under) > 1:
+        metrics.update(dict.fromkeys(SPEED))
     if stored.get("limit") != cfg.limit:  # the same run resumed with another --limit: the config says which
         results.write_json(config_path, {**stored, "limit": cfg.limit})
     results.write_json(run_dir / "metrics.json", metrics)
@@ -259,6 +274,9 @@ def _evaluate(engine: Engine, task, group: list[Sample], cfg: RunConfig) -> list
     for s, rec in zip(group, recs):
         rec["scores"] = task.score(s, rec["prediction"])
     return recs
+
+
+SPEED = ("prefill_s", "decode_s", "tpot_s", "tokens_per_s")  # the run's mean timings (``_run_stats``)
 
 
 def _run_stats(records: list[dict]) -> dict:

@@ -211,7 +211,8 @@ def _per_context(run_dir: Path) -> pd.DataFrame:
 
 
 def throughput(df: pd.DataFrame, out: Path) -> list[Path]:
-    done = df[(df["status"] == "complete") & (df["protocol"] == "query-agnostic")]
+    # a run without speed (timed on a shared device, or resumed under other conditions) has no throughput to draw
+    done = df[(df["status"] == "complete") & (df["protocol"] == "query-agnostic") & df["tokens_per_s"].notna()]
     paths = []
     for model, g in done.groupby("model", sort=True):
         task = "niah" if (g["task"] == "niah").any() else sorted(g["task"])[0]

@@ -38,6 +38,11 @@ class RunLockedError(ResultsError):
     pass
 
 
+class ResumeRefusedError(ResultsError):
+    """A run directory this command would not cover whole (finished samples its metrics would leave out): nothing
+    in it is touched."""
+
+
 def run_id(config: dict) -> str:
     """Deterministic id: the same command on the same kind of device resumes the same run."""
     stable = {k: v for k, v in sorted(config.items()) if k not in VOLATILE}

@@ -22,7 +22,8 @@ sweep's ledger ``OUT/sweeps/<config name>.jsonl``, which lists every point's out
 ``recorded``: earlier ``leaderboard.json`` tables (``kvbench sweep --recorded``); a point one of them lists as
 complete is skipped too, so a sweep extends a committed leaderboard whose run folders are gone. A table row
 matches a point on what the table keeps: model, task, protocol, method and its parameters, budget, task
-parameters, batch size, limit, device and dtype.
+parameters, batch size, limit, device, dtype, and from its ``settings`` text seed, temperature, context, prefill
+chunk, data and tensor parallelism (``SETTINGS``).
 """
 from __future__ import annotations
 
@@ -176,16 +177,37 @@ def existing_runs(out: str | Path) -> dict[str, Path]:
     return found
 
 
+# Run settings that change a run's numbers and that a table keeps only in its ``settings`` text, with their
+# defaults: that text leaves out a value that is 0, None or False (``leaderboard._setting_text``), so a key
+# missing there is at its default, and a point that sets another value is not recorded by that row.
+SETTINGS = {"seed": 0, "temperature": 0.0, "max_context": None, "prefill_chunk": None, "data": None,
+            "tensor_parallel": None}
+
+
+def settings_text(text) -> dict:
+    """A table row's ``settings`` (``key=<json>, key=<json>, ...``) as a dict; {} for none. Read value by value
+    with the JSON decoder: a value (a needle's text) may itself hold ``, key=``."""
+    out, decode, i = {}, json.JSONDecoder().raw_decode, 0
+    while isinstance(text, str) and i < len(text):
+        key = text[i:text.index("=", i)]
+        out[key], i = decode(text, i + len(key) + 1)
+        i += len(", ")
+    return out
+
+
 def _recorded_key(model, task, protocol, method, budget, method_params: dict, task_params: dict, batch_size, limit,
-                  device, dtype, artifact: str | None = None) -> str:
+                  device, dtype, artifact: str | None = None, settings: dict | None = None) -> str:
     """``artifact``: the first 12 hex of the artifact's identity (``kvbench.artifact.identity``), None without one:
     a codec retrained under the same directory name is another method, so its points are not recorded. The
     method's parameters count by what they change from its current defaults (its label), so a parameter added
-    to a method later, at a default that keeps what the method did, leaves the recorded rows recorded."""
+    to a method later, at a default that keeps what the method did, leaves the recorded rows recorded.
+    ``settings``: the run's values of ``SETTINGS``; one left out is at its default."""
     from kvbench.leaderboard import comparable_task_params, method_label, model_label
+    settings = {k: (settings or {}).get(k, default) for k, default in SETTINGS.items()}
+    settings["temperature"] = float(settings["temperature"])  # 1 and 1.0 are one temperature
     return _normal([model_label(model), task, protocol, method_label(method.split("(")[0], method_params),
                     float(budget), comparable_task_params(task, task_params), int(batch_size),
-                    None if limit is None else int(limit), device, dtype, artifact])
+                    None if limit is None else int(limit), settings, device, dtype, artifact])
 
 
 def point_key(cfg: RunConfig) -> str:
@@ -199,7 +221,8 @@ def point_key(cfg: RunConfig) -> str:
                          json.loads(_normal(asdict(method))),
                          json.loads(_normal(asdict(registry.build_task(cfg.task, cfg.task_params)))), cfg.batch_size,
                          cfg.limit, device.split(":")[0], str(resolve_dtype(cfg.dtype, device)).replace("torch.", ""),
-                         results.short_artifact(identity(paths)) if paths else None)
+                         results.short_artifact(identity(paths)) if paths else None,
+                         {k: getattr(cfg, k, default) for k, default in SETTINGS.items()})
 
 
 def recorded(tables) -> dict[str, str]:
@@ -213,7 +236,7 @@ def recorded(tables) -> dict[str, str]:
             artifact = row.artifact if isinstance(row.artifact, str) else None  # NaN: a table from before the column
             out[_recorded_key(row.model, row.task, row.protocol, row.method, row.budget, json.loads(row.method_params),
                               json.loads(row.task_params), row.batch_size, limit, row.device, row.dtype,
-                              artifact)] = str(table)
+                              artifact, settings_text(row.settings))] = str(table)
     return out
 
 
@@ -265,7 +288,7 @@ def plan_sweep(path: str | Path, tables: tuple = (), device: str | None = None,
     counts = {s: sum(st.startswith(s) for _, st in out) for s in ("to run", "recorded", "finished")}
     echo(f"plan {cfg['name']}: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
     here = {resolve_device(p.device).split(":")[0] for p in plan}
-    elsewhere = sorted({json.loads(key)[-2] for key in in_tables} - here)
+    elsewhere = sorted({json.loads(key)[-3] for key in in_tables} - here)  # the keys' device
     if elsewhere and not device:  # the table's runs cannot match points planned for this machine's device
         echo(f"note: the tables record runs on {', '.join(elsewhere)}; this plan is for {', '.join(sorted(here))} "
              f"(--device {elsewhere[0]} plans for that machine)")
@@ -290,6 +313,10 @@ def run_sweep(path: str | Path, echo: Callable[[str], None] = print, load_model:
     ledger = out / "sweeps" / f"{cfg['name']}.jsonl"
     ledger.parent.mkdir(parents=True, exist_ok=True)
     ranks = ranks or distributed.SINGLE  # [distributed]
+    # A line cut off by an earlier sweep that was killed is trimmed now: the next append would join it and corrupt
+    # the ledger's middle. Rank 0 appends to the ledger itself too, at the end (merge_ledger). [distributed]
+    for path in {distributed.ledger_path(ledger, ranks), *([ledger] if ranks.main else [])}:
+        results.read_jsonl(path, repair=True)
     # The points' own model options: random weights and remote code are loaded as each point says.
     load_model = load_model or (lambda spec, dtype, device, seed, random_weights=False, trust_remote_code=False:
                                 models.load(spec, dtype, device, random_weights, trust_remote_code, seed=seed))
