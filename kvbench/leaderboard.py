@@ -334,13 +334,16 @@ def row_samples(row) -> list[dict] | None:
 
 
 def newest(df: pd.DataFrame) -> pd.DataFrame:
-    """One run per configuration (setting, method and its parameters, budget): the newest by ``created``."""
+    """One run per configuration (setting, method and its parameters, budget): the newest by ``created`` (none
+    recorded: the oldest)."""
     if df.empty:
         return df
     key = ["model", "protocol", "setting", "task", "method", "method_params", "budget"]
-    # the same run read from its folder and from an earlier table (--with): the folder's row (it has the samples)
-    ordered = df.assign(_created=df["created"].fillna(""), _folder=df["run_dir"].notna()).sort_values(
-        ["_created", "_folder"], kind="stable")
+    # the same run read from its folder and from an earlier table (--with): the folder's row (it has the samples);
+    # times compared as times: ``created`` carries the device's UTC offset (%z)
+    created = pd.to_datetime(df["created"], utc=True, errors="coerce", format="ISO8601")
+    ordered = df.assign(_created=created, _folder=df["run_dir"].notna()).sort_values(
+        ["_created", "_folder"], kind="stable", na_position="first")
     return ordered.drop_duplicates(subset=key, keep="last").drop(columns=["_created", "_folder"]).sort_index()
 
 

@@ -508,6 +508,17 @@ def test_drop_leaves_out_a_part_and_rescores_the_run(tmp_path):
     assert res.exit_code == 2 and "--drop takes KEY=VALUE" in res.output
 
 
+# ---- one run per configuration; a score and its interval are one statistic ----------------------------
+
+def test_newest_compares_created_as_times():
+    """10:00 at +0200 is 08:00 UTC, before 09:00 at +0000 (as text it sorts after); none recorded is oldest."""
+    df = pd.DataFrame({"run_id": ["a", "b", "c"], "created": ["2026-03-01T10:00:00+0200", "2026-03-01T09:00:00+0000",
+                                                              None], "run_dir": ["x", "y", "z"]}).assign(
+        model="m", protocol="p", setting="s", task="niah", method="snapkv", method_params="{}", budget=0.25)
+    assert list(lb.newest(df)["run_id"]) == ["b"]
+    assert list(lb.newest(df.iloc[[0, 2]])["run_id"]) == ["a"]
+
+
 # ---- sweeps ------------------------------------------------------------------------------------------
 
 def _tiny_loader(spec, dtype, device, seed):
