@@ -338,7 +338,9 @@ def newest(df: pd.DataFrame) -> pd.DataFrame:
     recorded: the oldest)."""
     if df.empty:
         return df
-    key = ["model", "protocol", "setting", "task", "method", "method_params", "budget"]
+    # ``method`` is the label: the parameters that differ from the method's defaults, as every table tells runs
+    # apart (a parameter one run recorded at its default and another did not leaves one configuration)
+    key = ["model", "protocol", "setting", "task", "method", "budget"]
     # the same run read from its folder and from an earlier table (--with): the folder's row (it has the samples);
     # times compared as times: ``created`` carries the device's UTC offset (%z)
     created = pd.to_datetime(df["created"], utc=True, errors="coerce", format="ISO8601")
@@ -364,6 +366,9 @@ def select(df: pd.DataFrame, model: str | None = None, task: str | None = None, 
 
 
 def _complete(df: pd.DataFrame) -> pd.DataFrame:
+    """What the tables show: the newest run of each configuration (an older one is replaced, never averaged with
+    it), if complete."""
+    df = newest(df)
     return df[(df["status"] == "complete") & df["score"].notna()]
 
 
@@ -374,11 +379,11 @@ def runs_table(df: pd.DataFrame, ratio: str = "prefill") -> pd.DataFrame:
     if done.empty:
         return pd.DataFrame()
     keys = ["model", "protocol", "setting", "method", "budget"]
-    scores = done.pivot_table(index=keys, columns="task", values="score", aggfunc="mean")
+    scores = done.pivot_table(index=keys, columns="task", values="score", aggfunc="first")
     done = done.assign(ci=[_interval_text(lo, hi, n) for lo, hi, n in
                            zip(done["score_lo"], done["score_hi"], done["n_samples"])])
     intervals = done.pivot_table(index=keys, columns="task", values="ci", aggfunc="first")
-    ratios = done.pivot_table(index=keys, columns="task", values=col, aggfunc="mean")
+    ratios = done.pivot_table(index=keys, columns="task", values=col, aggfunc="first")
     table = pd.concat({"score": scores, "score 95% CI": intervals, "kv ratio": ratios},
                       axis=1).swaplevel(0, 1, axis=1).sort_index(axis=1)
     table.columns = [f"{task} {what}" for task, what in table.columns]

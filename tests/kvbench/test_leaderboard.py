@@ -519,6 +519,42 @@ def test_newest_compares_created_as_times():
     assert list(lb.newest(df.iloc[[0, 2]])["run_id"]) == ["a"]
 
 
+def write_run(root: Path, name: str, task: str, records: list[dict], *, method: str = "snapkv",
+              created: str | None = None, **config) -> Path:
+    """A finished run of ``records`` (id, meta, scores), its metrics' summary the task's own ``summarize``."""
+    run_dir = root / "runs" / name
+    run_dir.mkdir(parents=True)
+    results.write_json(run_dir / "config.json", {
+        "task": task, "method": method, "budget": 0.25, "protocol": "query-agnostic", "model": "m", "model_name": "m",
+        "method_params": {}, "task_params": {}, "created": created, "trace_every": 64, **config})
+    for rec in records:
+        results.append_jsonl(run_dir / "samples.jsonl", {**rec, "kv_ratio_prefill": 0.25, "kv_ratio_end": 0.25})
+    results.write_json(run_dir / "metrics.json", {"complete": True, "summary": registry.build_task(task).summarize(
+        records), "kv_ratio_prefill": 0.25, "kv_ratio_end": 0.25})
+    return run_dir
+
+
+def niah_records(scores: list[float]) -> list[dict]:
+    return [{"id": f"s{i}", "meta": {"length": 1000 * (1 + i % 2), "depth": 0.5}, "scores": {"score": s}}
+            for i, s in enumerate(scores)]
+
+
+def test_the_tables_keep_the_newest_run_of_a_configuration_not_the_mean(tmp_path):
+    """A run made again (differing in trace_every, no part of the configuration, and recording a parameter the
+    older one did not, at its default) replaces the older one in both tables: neither averaged with it (50) nor
+    ranked by it (0)."""
+    write_run(tmp_path, "old", "niah", niah_records([0.0] * 4), created="2026-01-01T00:00:00+0000")
+    write_run(tmp_path, "new", "niah", niah_records([100.0] * 4), created="2026-02-01T00:00:00+0000",
+              trace_every=32, method_params={"budget": 0.25})
+    write_run(tmp_path, "other", "niah", niah_records([60.0] * 4), method="h2o")
+    df = lb.collect(tmp_path)
+    assert sorted(lb.newest(df)["run_id"]) == ["new", "other"]
+    runs = lb.runs_table(df).set_index("method")
+    assert runs.loc["snapkv", "niah score"] == 100.0 and runs.loc["snapkv", "niah score 95% CI"] == "[100, 100] n=4"
+    rank = lb.ranking(df).set_index("method")
+    assert rank.loc["snapkv", "niah score@0.25"] == 100.0 and rank.loc["snapkv", "mean rank"] == 1.0
+
+
 # ---- sweeps ------------------------------------------------------------------------------------------
 
 def _tiny_loader(spec, dtype, device, seed):
