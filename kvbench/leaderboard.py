@@ -197,7 +197,8 @@ def collect(root: str | Path = "results", drop: list[tuple[str, str]] | None = N
         if drop:
             kept = [r for r in samples if not any(str(r.get("meta", {}).get(k)) == v for k, v in drop)]
             if len(kept) < len(samples):  # the run's aggregates covered the dropped samples: recompute them
-                samples = kept
+                ids = {r.get("id") for r in kept}
+                samples, trace = kept, [t for t in trace if "id" not in t or t["id"] in ids]
                 metrics = {"complete": metrics.get("complete")} if metrics else None
                 if metrics:
                     scores = [r["scores"]["score"] for r in samples if "score" in r.get("scores", {})]

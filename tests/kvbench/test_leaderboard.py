@@ -520,7 +520,7 @@ def test_newest_compares_created_as_times():
 
 
 def write_run(root: Path, name: str, task: str, records: list[dict], *, method: str = "snapkv",
-              created: str | None = None, **config) -> Path:
+              created: str | None = None, trace: list[dict] = (), **config) -> Path:
     """A finished run of ``records`` (id, meta, scores), its metrics' summary the task's own ``summarize``."""
     run_dir = root / "runs" / name
     run_dir.mkdir(parents=True)
@@ -529,6 +529,8 @@ def write_run(root: Path, name: str, task: str, records: list[dict], *, method: 
         "method_params": {}, "task_params": {}, "created": created, "trace_every": 64, **config})
     for rec in records:
         results.append_jsonl(run_dir / "samples.jsonl", {**rec, "kv_ratio_prefill": 0.25, "kv_ratio_end": 0.25})
+    for rec in trace:
+        results.append_jsonl(run_dir / "trace.jsonl", rec)
     results.write_json(run_dir / "metrics.json", {"complete": True, "summary": registry.build_task(task).summarize(
         records), "kv_ratio_prefill": 0.25, "kv_ratio_end": 0.25})
     return run_dir
@@ -553,6 +555,16 @@ def test_the_tables_keep_the_newest_run_of_a_configuration_not_the_mean(tmp_path
     assert runs.loc["snapkv", "niah score"] == 100.0 and runs.loc["snapkv", "niah score 95% CI"] == "[100, 100] n=4"
     rank = lb.ranking(df).set_index("method")
     assert rank.loc["snapkv", "niah score@0.25"] == 100.0 and rank.loc["snapkv", "mean rank"] == 1.0
+
+
+def test_drop_leaves_out_the_dropped_samples_trace_too(tmp_path):
+    """Peak memory after --drop is the kept samples' (1 GiB), not the dropped 32k needle's (9 GiB)."""
+    trace = [{"id": "s0", "peak_decode": {"rss": 2 ** 30}}, {"id": "s1", "peak_decode": {"rss": 9 * 2 ** 30}}]
+    write_run(tmp_path, "r", "niah", [{"id": "s0", "meta": {"length": 1024, "depth": 0.5}, "scores": {"score": 100.0}},
+                                      {"id": "s1", "meta": {"length": 32768, "depth": 0.5}, "scores": {"score": 0.0}}],
+              trace=trace)
+    assert lb.collect(tmp_path).iloc[0]["peak_gib"] == 9.0
+    assert lb.collect(tmp_path, [("length", "32768")]).iloc[0]["peak_gib"] == 1.0
 
 
 # ---- sweeps ------------------------------------------------------------------------------------------
