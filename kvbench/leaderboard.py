@@ -8,7 +8,8 @@ sweep point that failed: out of memory or a crash).
 Two tables come out, per model and protocol (protocols are never mixed: the query-agnostic and query-aware
 protocols measure different things, so no row, score or rank combines them):
 
-- *runs*: methods (with their budget) as rows; per task the headline score (the task's ``score``) and the
+- *runs*: methods (with their budget) as rows; per task the headline score (the task's ``score``), its 95%
+  bootstrap interval (of that score: ``Task.score_units``; n counts what the score averages over) and the
   measured KV ratio; decode tokens/s and peak memory where measured.
 - *matched memory*: the methods ranked per task at the same measured memory, not at the same knob value
   (a budget of 0.25 means a different memory for each method: per-slot state, protected windows, the
@@ -38,7 +39,8 @@ from pathlib import Path
 import pandas as pd
 
 from kvbench import registry, results
-from kvbench.stats import bootstrap_interval, interval_ranks
+from kvbench.stats import interval_ranks, stratified_interval
+from kvbench.task import TaskError, mean_units, summarize_mean
 
 TOLERANCE = 0.02
 RATIOS = ("prefill", "end")
@@ -140,6 +142,17 @@ def _added_later(task: str | None) -> dict:
     return {f.name: f.default for f in dataclasses.fields(cls) if f.metadata.get("added_later")}
 
 
+@functools.lru_cache(maxsize=None)
+def scorer(task: str | None, task_params: str):
+    """The task's ``summarize`` and ``score_units`` (``task_params``: JSON); a task no longer known, or parameters it
+    no longer takes: the plain mean's."""
+    try:
+        built = registry.build_task(task, json.loads(task_params))
+    except (TaskError, TypeError, ValueError, ImportError):
+        return summarize_mean, mean_units
+    return built.summarize, built.score_units
+
+
 def _setting_text(key: dict) -> str:
     return ", ".join(f"{k}={json.dumps(v, sort_keys=True, default=str)}" for k, v in key.items()
                      if v not in (None, {}, [], False) or k in ("limit",))
@@ -194,6 +207,7 @@ def collect(root: str | Path = "results", drop: list[tuple[str, str]] | None = N
             rows.append(_unreadable(run_dir, str(e)))
             continue
         setting = setting_of(config)
+        summarize, units = scorer(config.get("task"), json.dumps(config.get("task_params") or {}, sort_keys=True))
         if drop:
             kept = [r for r in samples if not any(str(r.get("meta", {}).get(k)) == v for k, v in drop)]
             if len(kept) < len(samples):  # the run's aggregates covered the dropped samples: recompute them
@@ -201,14 +215,12 @@ def collect(root: str | Path = "results", drop: list[tuple[str, str]] | None = N
                 samples, trace = kept, [t for t in trace if "id" not in t or t["id"] in ids]
                 metrics = {"complete": metrics.get("complete")} if metrics else None
                 if metrics:
-                    scores = [r["scores"]["score"] for r in samples if "score" in r.get("scores", {})]
-                    metrics["summary"] = {"score": sum(scores) / len(scores)} if scores else {}
+                    metrics["summary"] = summarize(samples) if samples else {}
         summary = (metrics or {}).get("summary") or {}
-        sample_scores = [s["scores"]["score"] for s in samples if isinstance(s.get("scores", {}).get("score"), (int, float))]
-        score_lo, score_hi = bootstrap_interval(sample_scores)
         if metrics is None and samples:  # unfinished: what its finished samples say
-            scores = [s["scores"]["score"] for s in samples if "score" in s.get("scores", {})]
-            summary = {"score": sum(scores) / len(scores)} if scores else {}
+            summary = summarize(samples)
+        parts = units(samples)  # the interval is of the score's own statistic, resampling what it averages over
+        score_lo, score_hi = stratified_interval([(w, list(u.values())) for w, u in parts])
 
         def mean(key):
             vals = [s[key] for s in samples if isinstance(s.get(key), (int, float))]
@@ -226,7 +238,7 @@ def collect(root: str | Path = "results", drop: list[tuple[str, str]] | None = N
             "model": model_label(config.get("model_name") or config.get("model")),
             "task": config.get("task"), "method": method_label(config.get("method"), config.get("method_params")),
             "budget": config.get("budget"),
-            "protocol": config.get("protocol"), "n_samples": len(samples),
+            "protocol": config.get("protocol"), "n_samples": sum(len(u) for _, u in parts),
             "score": summary.get("score"), "score_lo": score_lo, "score_hi": score_hi,
             "kv_ratio_prefill": (metrics or {}).get("kv_ratio_prefill", mean("kv_ratio_prefill")),
             "kv_ratio_end": (metrics or {}).get("kv_ratio_end", mean("kv_ratio_end")),

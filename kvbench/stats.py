@@ -1,11 +1,14 @@
-"""Uncertainty for the leaderboard: bootstrap intervals of a mean, and ranks that only separate what the
+"""Uncertainty for the leaderboard: bootstrap intervals of a task's score, and ranks that only separate what the
 intervals separate.
 
-A cell of the leaderboard is a mean over samples (a found rate, a mean F1); with 20-100 samples its 95%
-interval is often wider than the gap between two methods. ``bootstrap_interval`` gives the percentile
-bootstrap interval of the mean (resampling samples with replacement, a fixed seed, so a table is
-reproducible). ``interval_ranks`` ranks methods by their means but gives two methods the same rank unless
-one's interval lies wholly above the other's: rank = 1 + the number of methods that are separated above.
+A cell of the leaderboard is a task's score: a mean over samples (a found rate, a mean F1), or a macro average
+of such means (LongBench's subsets, RULER's tasks and lengths); with 20-100 samples its 95% interval is often
+wider than the gap between two methods.
+``bootstrap_interval`` gives the percentile bootstrap interval of a mean (resampling samples with replacement, a
+fixed seed, so a table is reproducible); ``stratified_interval`` that of a weighted sum of group means, each group
+resampled within itself (``Task.score_units`` says how a task's score is made of them). ``interval_ranks`` ranks
+methods by their means but gives two methods the same rank unless one's interval lies wholly above the other's:
+rank = 1 + the number of methods that are separated above.
 ``paired_difference`` compares two methods on the same samples: the interval of the mean of their per-sample
 differences, much narrower than two separate intervals when the samples' difficulty varies more than the
 methods do (the samples' own variance cancels).
@@ -27,6 +30,25 @@ def bootstrap_interval(values: list[float], level: float = 0.95, n_boot: int = 2
     rng = random.Random(seed)
     n = len(vals)
     return _percentile_interval(sorted(sum(rng.choices(vals, k=n)) / n for _ in range(n_boot)), level)
+
+
+def stratified_interval(parts: list[tuple[float, list[float]]], level: float = 0.95, n_boot: int = 2000,
+                        seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``sum(weight * mean(values))`` over ``parts`` = [(weight, values)], every
+    part resampled within itself (its size kept: the groups of a macro average are fixed, the samples drawn). One
+    part of weight 1 is the plain mean: ``bootstrap_interval``, the same numbers."""
+    parts = [(w, v) for w, v in parts if len(v)]
+    if len(parts) == 1 and parts[0][0] == 1.0:
+        return bootstrap_interval(parts[0][1], level, n_boot, seed)
+    if not parts:
+        return math.nan, math.nan
+    import numpy as np  # a RULER run is 26 groups x 2000 resamples
+    rng = np.random.default_rng(seed)
+    total = np.zeros(n_boot)
+    for weight, values in parts:
+        v = np.asarray(values, dtype=float)
+        total += weight * v[rng.integers(0, len(v), (n_boot, len(v)))].mean(1)
+    return tuple(float(x) for x in _percentile_interval(np.sort(total), level))
 
 
 def _percentile_interval(means, level: float) -> tuple[float, float]:

@@ -557,6 +557,26 @@ def test_the_tables_keep_the_newest_run_of_a_configuration_not_the_mean(tmp_path
     assert rank.loc["snapkv", "niah score@0.25"] == 100.0 and rank.loc["snapkv", "mean rank"] == 1.0
 
 
+def test_a_macro_score_and_its_interval_are_one_statistic(tmp_path):
+    """LongBench's score is the mean of its subsets' means: its interval resamples each subset's samples and
+    recomputes that mean, so it holds the score (the plain mean's interval, 40 samples of lcc outweighing the
+    rest, lay about 56, far above the score); --drop scores the rest as the task does, not by the plain mean."""
+    from kvbench.stats import stratified_interval
+    records = [{"id": f"{d}{i}", "meta": {"dataset": d}, "scores": {"score": base + 10.0 * (i % 3)}}
+               for d, n, base in (("lcc", 42, 70.0), ("qasper", 12, 0.0), ("hotpotqa", 12, 10.0)) for i in range(n)]
+    write_run(tmp_path, "lb", "longbench", records)
+    row = lb.collect(tmp_path).iloc[0]
+    assert row["score"] == pytest.approx((80.0 + 10.0 + 20.0) / 3)
+    assert row["score_lo"] < row["score"] < row["score_hi"] and row["n_samples"] == 66
+    from kvbench.tasks.longbench import LONGBENCH_TASKS
+    parts = [[r["scores"]["score"] for r in records if r["meta"]["dataset"] == d]
+             for d in sorted(("lcc", "qasper", "hotpotqa"), key=LONGBENCH_TASKS.index)]
+    assert (row["score_lo"], row["score_hi"]) == stratified_interval([(1 / 3, p) for p in parts])
+    kept = lb.collect(tmp_path, [("dataset", "hotpotqa")]).iloc[0]
+    assert kept["score"] == pytest.approx((80.0 + 10.0) / 2) and kept["n_samples"] == 54
+    assert kept["score_lo"] < kept["score"] < kept["score_hi"]
+
+
 def test_drop_leaves_out_the_dropped_samples_trace_too(tmp_path):
     """Peak memory after --drop is the kept samples' (1 GiB), not the dropped 32k needle's (9 GiB)."""
     trace = [{"id": "s0", "peak_decode": {"rss": 2 ** 30}}, {"id": "s1", "peak_decode": {"rss": 9 * 2 ** 30}}]
