@@ -9,8 +9,8 @@ Two tables come out, per model and protocol (protocols are never mixed: the quer
 protocols measure different things, so no row, score or rank combines them):
 
 - *runs*: methods (with their budget) as rows; per task the headline score (the task's ``score``), its 95%
-  bootstrap interval (of that score: ``Task.score_units``; n counts what the score averages over) and the
-  measured KV ratio; decode tokens/s and peak memory where measured.
+  bootstrap interval (of that score: ``Task.score_units``; n counts what the score averages over, AIME's problems
+  rather than their generations) and the measured KV ratio; decode tokens/s and peak memory where measured.
 - *matched memory*: the methods ranked per task at the same measured memory, not at the same knob value
   (a budget of 0.25 means a different memory for each method: per-slot state, protected windows, the
   question appended after compression). Each method's scores are interpolated linearly along its own

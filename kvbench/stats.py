@@ -2,15 +2,15 @@
 intervals separate.
 
 A cell of the leaderboard is a task's score: a mean over samples (a found rate, a mean F1), or a macro average
-of such means (LongBench's subsets, RULER's tasks and lengths); with 20-100 samples its 95% interval is often
-wider than the gap between two methods.
+of such means (LongBench's subsets, RULER's tasks and lengths), or a mean over units of several samples (AIME's
+problems); with 20-100 samples its 95% interval is often wider than the gap between two methods.
 ``bootstrap_interval`` gives the percentile bootstrap interval of a mean (resampling samples with replacement, a
 fixed seed, so a table is reproducible); ``stratified_interval`` that of a weighted sum of group means, each group
 resampled within itself (``Task.score_units`` says how a task's score is made of them). ``interval_ranks`` ranks
 methods by their means but gives two methods the same rank unless one's interval lies wholly above the other's:
 rank = 1 + the number of methods that are separated above.
-``paired_difference`` compares two methods on the same samples: the interval of the mean of their per-sample
-differences, much narrower than two separate intervals when the samples' difficulty varies more than the
+``paired_difference`` compares two methods on the same samples (units): the interval of the mean of their
+per-sample differences, much narrower than two separate intervals when the samples' difficulty varies more than the
 methods do (the samples' own variance cancels).
 """
 from __future__ import annotations

@@ -577,6 +577,30 @@ def test_a_macro_score_and_its_interval_are_one_statistic(tmp_path):
     assert kept["score_lo"] < kept["score"] < kept["score_hi"]
 
 
+def aime_records(rates: list[float], n: int = 8) -> list[dict]:
+    return [{"id": f"{p}#{k}", "meta": {"problem_id": str(p), "sample_index": k},
+             "scores": {"score": 100.0 * ok, "correct": ok}}
+            for p, rate in enumerate(rates) for k in range(n) for ok in [float(k < round(rate * n))]]
+
+
+def test_aime_resamples_problems_not_generations(tmp_path):
+    """30 problems x 8 generations, each problem mostly solved always or never: pass@1's interval resamples the
+    30 problems (n=30), as wide as their spread says, not the 240 generations as if independent; the paired
+    comparison pairs problems too."""
+    from kvbench import paired
+    from kvbench.stats import bootstrap_interval
+    rates = [[0.0, 0.125, 0.875, 1.0][p % 4] for p in range(30)]
+    write_run(tmp_path, "a", "aime24", aime_records(rates), task_params={"n_samples": 8})
+    row = lb.collect(tmp_path).iloc[0]
+    assert row["n_samples"] == 30 and row["score"] == pytest.approx(100 * sum(rates) / 30)
+    assert (row["score_lo"], row["score_hi"]) == bootstrap_interval([100.0 * r for r in rates])
+    assert row["score_hi"] - row["score_lo"] > 25  # the generations' bootstrap: about 12
+    write_run(tmp_path, "b", "aime24", aime_records([min(1.0, r + 0.125) for r in rates]), method="h2o",
+              task_params={"n_samples": 8})
+    (cell,), _ = paired.cells(lb.collect(tmp_path), "aime24")
+    assert cell.pairs[0].n == 30
+
+
 def test_drop_leaves_out_the_dropped_samples_trace_too(tmp_path):
     """Peak memory after --drop is the kept samples' (1 GiB), not the dropped 32k needle's (9 GiB)."""
     trace = [{"id": "s0", "peak_decode": {"rss": 2 ** 30}}, {"id": "s1", "peak_decode": {"rss": 9 * 2 ** 30}}]

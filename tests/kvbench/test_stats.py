@@ -72,6 +72,8 @@ def test_stratified_interval():
                for i in range(n)]),
     ("scbench", [{"id": f"{t}{i}", "meta": {"task": t}, "scores": {"score": float(i * 5 % 9)}}
                  for t, n in (("scbench_kv", 2), ("scbench_vt", 6)) for i in range(n)]),
+    ("aime24", [{"id": f"{p}#{k}", "meta": {"problem_id": str(p)}, "scores": {"correct": float((p + k) % 3 == 0)}}
+                for p in range(5) for k in range(4)]),
 ])
 def test_score_units_make_the_score_summarize_makes(task, records):
     """Each task's units, weighted, give its ``summarize``'s score (uneven groups: a plain mean would not)."""
