@@ -487,7 +487,7 @@ def ranking(df: pd.DataFrame, ratio: str = "prefill", levels: list[float] | None
                 if len(found) < 2:  # alone at a memory level: "rank 1 of 1" would lift its mean rank for nothing
                     continue
                 order += [c for c in (f"{task} score@{level:g}", f"{task} rank@{level:g}") if c not in order]
-                # ties: two methods share a rank unless one's interval lies wholly above the other's
+                # a rank counts the methods whose interval lies wholly above (interval_ranks), not separations
                 ranks = interval_ranks({m: (v[0], v[1] if v[1] is not None else v[0],
                                             v[2] if v[2] is not None else v[0]) for m, v in found.items()})
                 for m, (s, lo, hi) in found.items():
@@ -561,7 +561,11 @@ def render_markdown(df: pd.DataFrame, ratio: str = "prefill", levels=None, note:
     parts = ["# kvbench leaderboard", "",
              f"Ranked at matched measured memory (KV ratio at {'the start of decoding' if ratio == 'prefill' else 'the end'}"
              "; see `kvbench/leaderboard.py`): `score@r` is a method's score interpolated along its own measured "
-             "ratios at ratio r; `—` where r is outside what the method was measured at. `full` is the reference "
+             "ratios at ratio r; `—` where r is outside what the method was measured at. `rank@r` is 1 + the "
+             "number of methods whose 95% interval at r lies wholly above the method's (`=`: a rank shared), as "
+             "LMSYS's arena ranks: two methods of one rank have overlapping intervals, but two of different ranks may "
+             "overlap too (a rank is no verdict on a pair: the pairs tables, `kvbench pairs`, say which two differ). "
+             "`full` is the reference "
              "(its ratio is slightly above 1: positions and growth slack). Protocols are never mixed." + (
                  f" {note}" if note else "")]
     for title, shared, r, t in _sections(df, ratio, levels):

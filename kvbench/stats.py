@@ -1,5 +1,5 @@
-"""Uncertainty for the leaderboard: bootstrap intervals of a task's score, and ranks that only separate what the
-intervals separate.
+"""Uncertainty for the leaderboard: bootstrap intervals of a task's score, and ranks that count the methods whose
+intervals lie wholly above.
 
 A cell of the leaderboard is a task's score: a mean over samples (a found rate, a mean F1), or a macro average
 of such means (LongBench's subsets, RULER's tasks and lengths), or a mean over units of several samples (AIME's
@@ -7,8 +7,7 @@ problems); with 20-100 samples its 95% interval is often wider than the gap betw
 ``bootstrap_interval`` gives the percentile bootstrap interval of a mean (resampling samples with replacement, a
 fixed seed, so a table is reproducible); ``stratified_interval`` that of a weighted sum of group means, each group
 resampled within itself (``Task.score_units`` says how a task's score is made of them). ``interval_ranks`` ranks
-methods by their means but gives two methods the same rank unless one's interval lies wholly above the other's:
-rank = 1 + the number of methods that are separated above.
+methods by how many intervals lie wholly above theirs (below, for a lower-is-better score).
 ``paired_difference`` compares two methods on the same samples (units): the interval of the mean of their
 per-sample differences, much narrower than two separate intervals when the samples' difficulty varies more than the
 methods do (the samples' own variance cancels).
@@ -73,7 +72,12 @@ def paired_difference(a: dict, b: dict, level: float = 0.95, n_boot: int = 2000,
 
 
 def interval_ranks(cells: dict[str, tuple[float, float, float]], higher_is_better: bool = True) -> dict[str, int]:
-    """``{name: (mean, lo, hi)}`` -> ``{name: rank}``; equal ranks are ties the intervals cannot separate."""
+    """``{name: (mean, lo, hi)}`` -> ``{name: rank}``: 1 + the number of methods whose interval lies wholly
+    above this one's (below, when lower is better), as LMSYS's arena ranks. A rank counts the methods clearly
+    better; it does not say which pairs the intervals separate. Equal ranks overlap (were one interval wholly above
+    the other, the lower would count it and all above it), but different ranks may too: A [8, 10], B [5, 9],
+    C [1, 6] rank 1, 1, 2, B overlapping C (only A's interval lies above C's). Whether two methods differ:
+    ``paired_difference``."""
     ranks = {}
     for name, (_, lo, hi) in cells.items():
         if higher_is_better:

@@ -611,6 +611,13 @@ def test_drop_leaves_out_the_dropped_samples_trace_too(tmp_path):
     assert lb.collect(tmp_path, [("length", "32768")]).iloc[0]["peak_gib"] == 1.0
 
 
+def test_the_legend_says_what_a_rank_counts(board):
+    """Ranks count the methods whose interval lies wholly above; the legend says so, and where pairs are told apart."""
+    text = lb.render_markdown(lb.collect(board))
+    assert "1 + the number of methods whose 95% interval at r lies wholly above" in text
+    assert "two of different ranks may overlap" in text and "`kvbench pairs`" in text
+
+
 # ---- sweeps ------------------------------------------------------------------------------------------
 
 def _tiny_loader(spec, dtype, device, seed):

@@ -51,6 +51,12 @@ def test_paired_difference_separates_what_overlapping_intervals_cannot():
     assert paired_difference({"a": 1.0}, {"b": 1.0})[3] == 0
 
 
+def test_ranks_count_what_lies_wholly_above_not_which_pairs_are_apart():
+    """B overlaps C yet ranks above it: only A's interval lies wholly above C's (the docstring's example)."""
+    cells = {"A": (9.0, 8.0, 10.0), "B": (7.0, 5.0, 9.0), "C": (3.0, 1.0, 6.0)}
+    assert interval_ranks(cells) == {"A": 1, "B": 1, "C": 2}
+
+
 def test_stratified_interval():
     """One part of weight 1 is the plain mean's interval, the same numbers; parts are resampled within themselves,
     so a macro of constant parts has no spread and one of varied parts holds the macro."""
@@ -64,7 +70,8 @@ def test_stratified_interval():
 
 
 @pytest.mark.parametrize("task,records", [
-    ("niah", [{"id": f"s{i}", "meta": {"length": 1000, "depth": 0.5}, "scores": {"score": 10.0 * i}} for i in range(7)]),
+    ("niah", [{"id": f"s{i}", "meta": {"length": 1000, "depth": 0.5}, "scores": {"score": 10.0 * i}}
+              for i in range(7)]),
     ("longbench", [{"id": f"{d}{i}", "meta": {"dataset": d}, "scores": {"score": float(i * 7 % 11)}}
                    for d, n in (("qasper", 3), ("lcc", 9), ("trec", 1)) for i in range(n)]),
     ("ruler", [{"id": f"{t}{L}{i}", "meta": {"task": t, "length": L}, "scores": {"score": float(i * 13 % 17)}}
