@@ -208,18 +208,23 @@ def collect(root: str | Path = "results", drop: list[tuple[str, str]] | None = N
             continue
         setting = setting_of(config)
         summarize, units = scorer(config.get("task"), json.dumps(config.get("task_params") or {}, sort_keys=True))
-        if drop:
-            kept = [r for r in samples if not any(str(r.get("meta", {}).get(k)) == v for k, v in drop)]
-            if len(kept) < len(samples):  # the run's aggregates covered the dropped samples: recompute them
-                ids = {r.get("id") for r in kept}
-                samples, trace = kept, [t for t in trace if "id" not in t or t["id"] in ids]
-                metrics = {"complete": metrics.get("complete")} if metrics else None
-                if metrics:
-                    metrics["summary"] = summarize(samples) if samples else {}
-        summary = (metrics or {}).get("summary") or {}
-        if metrics is None and samples:  # unfinished: what its finished samples say
-            summary = summarize(samples)
-        parts = units(samples)  # the interval is of the score's own statistic, resampling what it averages over
+        try:  # the task's own statistic: records it cannot read make this run an error, not the whole table's
+            if drop:
+                kept = [r for r in samples if not any(str(r.get("meta", {}).get(k)) == v for k, v in drop)]
+                if len(kept) < len(samples):  # the run's aggregates covered the dropped samples: recompute them
+                    ids = {r.get("id") for r in kept}
+                    samples, trace = kept, [t for t in trace if "id" not in t or t["id"] in ids]
+                    metrics = {"complete": metrics.get("complete")} if metrics else None
+                    if metrics:
+                        metrics["summary"] = summarize(samples) if samples else {}
+            summary = (metrics or {}).get("summary") or {}
+            if metrics is None and samples:  # unfinished: what its finished samples say
+                summary = summarize(samples)
+            parts = units(samples)  # the interval is of the score's own statistic, resampling what it averages over
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+            rows.append(_unreadable(run_dir, f"samples.jsonl: the task cannot score its records ({type(e).__name__}: "
+                                             f"{e}); rerun it"))
+            continue
         score_lo, score_hi = stratified_interval([(w, list(u.values())) for w, u in parts])
 
         def mean(key):

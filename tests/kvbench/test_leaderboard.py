@@ -575,6 +575,11 @@ def test_a_macro_score_and_its_interval_are_one_statistic(tmp_path):
     kept = lb.collect(tmp_path, [("dataset", "hotpotqa")]).iloc[0]
     assert kept["score"] == pytest.approx((80.0 + 10.0) / 2) and kept["n_samples"] == 54
     assert kept["score_lo"] < kept["score"] < kept["score_hi"]
+    bad = write_run(tmp_path / "bad", "r", "niah", niah_records([1.0, 0.0]))  # records the task cannot score
+    (bad / "samples.jsonl").write_text('{"id": "s0", "meta": {"length": 1000}, "scores": {"score": 1.0}}\n'
+                                       '{"id": "s1", "meta": {"length": 2000}, "scores": {"score": 0.0}}\n')
+    row = lb.collect(tmp_path / "bad", [("length", "2000")]).iloc[0]
+    assert row["status"] == "unreadable" and "cannot score its records (KeyError: 'depth')" in row["error"]
 
 
 def aime_records(rates: list[float], n: int = 8) -> list[dict]:
