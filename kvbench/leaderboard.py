@@ -8,8 +8,9 @@ sweep point that failed: out of memory or a crash).
 Two tables come out, per model and protocol (protocols are never mixed: the query-agnostic and query-aware
 protocols measure different things, so no row, score or rank combines them):
 
-- *runs*: methods (with their budget) as rows; per task the headline score (the task's ``score``) and the
-  measured KV ratio; decode tokens/s and peak memory where measured.
+- *runs*: methods (with their budget) as rows; per task the headline score (the task's ``score``), its 95%
+  bootstrap interval (of that score: ``Task.score_units``; n counts what the score averages over, AIME's problems
+  rather than their generations) and the measured KV ratio; decode tokens/s and peak memory where measured.
 - *matched memory*: the methods ranked per task at the same measured memory, not at the same knob value
   (a budget of 0.25 means a different memory for each method: per-slot state, protected windows, the
   question appended after compression). Each method's scores are interpolated linearly along its own
@@ -38,7 +39,8 @@ from pathlib import Path
 import pandas as pd
 
 from kvbench import registry, results
-from kvbench.stats import bootstrap_interval, interval_ranks
+from kvbench.stats import interval_ranks, stratified_interval
+from kvbench.task import TaskError, mean_units, summarize_mean
 
 TOLERANCE = 0.02
 RATIOS = ("prefill", "end")
@@ -148,6 +150,17 @@ def _added_later(task: str | None) -> dict:
     return {f.name: f.default for f in dataclasses.fields(cls) if f.metadata.get("added_later")}
 
 
+@functools.lru_cache(maxsize=None)
+def scorer(task: str | None, task_params: str):
+    """The task's ``summarize`` and ``score_units`` (``task_params``: JSON); a task no longer known, or parameters it
+    no longer takes: the plain mean's."""
+    try:
+        built = registry.build_task(task, json.loads(task_params))
+    except (TaskError, TypeError, ValueError, ImportError):
+        return summarize_mean, mean_units
+    return built.summarize, built.score_units
+
+
 def _setting_text(key: dict) -> str:
     return ", ".join(f"{k}={json.dumps(v, sort_keys=True, default=str)}" for k, v in key.items()
                      if v not in (None, {}, [], False) or k in ("limit",))
@@ -202,20 +215,25 @@ def collect(root: str | Path = "results", drop: list[tuple[str, str]] | None = N
             rows.append(_unreadable(run_dir, str(e)))
             continue
         setting = setting_of(config)
-        if drop:
-            kept = [r for r in samples if not any(str(r.get("meta", {}).get(k)) == v for k, v in drop)]
-            if len(kept) < len(samples):  # the run's aggregates covered the dropped samples: recompute them
-                samples = kept
-                metrics = {"complete": metrics.get("complete")} if metrics else None
-                if metrics:
-                    scores = [r["scores"]["score"] for r in samples if "score" in r.get("scores", {})]
-                    metrics["summary"] = {"score": sum(scores) / len(scores)} if scores else {}
-        summary = (metrics or {}).get("summary") or {}
-        sample_scores = [s["scores"]["score"] for s in samples if isinstance(s.get("scores", {}).get("score"), (int, float))]
-        score_lo, score_hi = bootstrap_interval(sample_scores)
-        if metrics is None and samples:  # unfinished: what its finished samples say
-            scores = [s["scores"]["score"] for s in samples if "score" in s.get("scores", {})]
-            summary = {"score": sum(scores) / len(scores)} if scores else {}
+        summarize, units = scorer(config.get("task"), json.dumps(config.get("task_params") or {}, sort_keys=True))
+        try:  # the task's own statistic: records it cannot read make this run an error, not the whole table's
+            if drop:
+                kept = [r for r in samples if not any(str(r.get("meta", {}).get(k)) == v for k, v in drop)]
+                if len(kept) < len(samples):  # the run's aggregates covered the dropped samples: recompute them
+                    ids = {r.get("id") for r in kept}
+                    samples, trace = kept, [t for t in trace if "id" not in t or t["id"] in ids]
+                    metrics = {"complete": metrics.get("complete")} if metrics else None
+                    if metrics:
+                        metrics["summary"] = summarize(samples) if samples else {}
+            summary = (metrics or {}).get("summary") or {}
+            if metrics is None and samples:  # unfinished: what its finished samples say
+                summary = summarize(samples)
+            parts = units(samples)  # the interval is of the score's own statistic, resampling what it averages over
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+            rows.append(_unreadable(run_dir, f"samples.jsonl: the task cannot score its records ({type(e).__name__}: "
+                                             f"{e}); rerun it"))
+            continue
+        score_lo, score_hi = stratified_interval([(w, list(u.values())) for w, u in parts])
 
         def mean(key):
             vals = [s[key] for s in samples if isinstance(s.get(key), (int, float))]
@@ -233,7 +251,7 @@ def collect(root: str | Path = "results", drop: list[tuple[str, str]] | None = N
             "model": model_label(config.get("model_name") or config.get("model")),
             "task": config.get("task"), "method": method_label(config.get("method"), config.get("method_params")),
             "budget": config.get("budget"),
-            "protocol": config.get("protocol"), "n_samples": len(samples),
+            "protocol": config.get("protocol"), "n_samples": sum(len(u) for _, u in parts),
             "score": summary.get("score"), "score_lo": score_lo, "score_hi": score_hi,
             "kv_ratio_prefill": (metrics or {}).get("kv_ratio_prefill", mean("kv_ratio_prefill")),
             "kv_ratio_end": (metrics or {}).get("kv_ratio_end", mean("kv_ratio_end")),
@@ -342,13 +360,18 @@ def row_samples(row) -> list[dict] | None:
 
 
 def newest(df: pd.DataFrame) -> pd.DataFrame:
-    """One run per configuration (setting, method and its parameters, budget): the newest by ``created``."""
+    """One run per configuration (setting, method and its parameters, budget): the newest by ``created`` (none
+    recorded: the oldest)."""
     if df.empty:
         return df
-    key = ["model", "protocol", "setting", "task", "method", "method_params", "budget"]
-    # the same run read from its folder and from an earlier table (--with): the folder's row (it has the samples)
-    ordered = df.assign(_created=df["created"].fillna(""), _folder=df["run_dir"].notna()).sort_values(
-        ["_created", "_folder"], kind="stable")
+    # ``method`` is the label: the parameters that differ from the method's defaults, as every table tells runs
+    # apart (a parameter one run recorded at its default and another did not leaves one configuration)
+    key = ["model", "protocol", "setting", "task", "method", "budget"]
+    # the same run read from its folder and from an earlier table (--with): the folder's row (it has the samples);
+    # times compared as times: ``created`` carries the device's UTC offset (%z)
+    created = pd.to_datetime(df["created"], utc=True, errors="coerce", format="ISO8601")
+    ordered = df.assign(_created=created, _folder=df["run_dir"].notna()).sort_values(
+        ["_created", "_folder"], kind="stable", na_position="first")
     return ordered.drop_duplicates(subset=key, keep="last").drop(columns=["_created", "_folder"]).sort_index()
 
 
@@ -369,6 +392,9 @@ def select(df: pd.DataFrame, model: str | None = None, task: str | None = None, 
 
 
 def _complete(df: pd.DataFrame) -> pd.DataFrame:
+    """What the tables show: the newest run of each configuration (an older one is replaced, never averaged with
+    it), if complete."""
+    df = newest(df)
     return df[(df["status"] == "complete") & df["score"].notna()]
 
 
@@ -379,11 +405,11 @@ def runs_table(df: pd.DataFrame, ratio: str = "prefill") -> pd.DataFrame:
     if done.empty:
         return pd.DataFrame()
     keys = ["model", "protocol", "setting", "method", "budget"]
-    scores = done.pivot_table(index=keys, columns="task", values="score", aggfunc="mean")
+    scores = done.pivot_table(index=keys, columns="task", values="score", aggfunc="first")
     done = done.assign(ci=[_interval_text(lo, hi, n) for lo, hi, n in
                            zip(done["score_lo"], done["score_hi"], done["n_samples"])])
     intervals = done.pivot_table(index=keys, columns="task", values="ci", aggfunc="first")
-    ratios = done.pivot_table(index=keys, columns="task", values=col, aggfunc="mean")
+    ratios = done.pivot_table(index=keys, columns="task", values=col, aggfunc="first")
     table = pd.concat({"score": scores, "score 95% CI": intervals, "kv ratio": ratios},
                       axis=1).swaplevel(0, 1, axis=1).sort_index(axis=1)
     table.columns = [f"{task} {what}" for task, what in table.columns]
@@ -474,7 +500,7 @@ def ranking(df: pd.DataFrame, ratio: str = "prefill", levels: list[float] | None
                 if len(found) < 2:  # alone at a memory level: "rank 1 of 1" would lift its mean rank for nothing
                     continue
                 order += [c for c in (f"{task} score@{level:g}", f"{task} rank@{level:g}") if c not in order]
-                # ties: two methods share a rank unless one's interval lies wholly above the other's
+                # a rank counts the methods whose interval lies wholly above (interval_ranks), not separations
                 ranks = interval_ranks({m: (v[0], v[1] if v[1] is not None else v[0],
                                             v[2] if v[2] is not None else v[0]) for m, v in found.items()})
                 for m, (s, lo, hi) in found.items():
@@ -548,7 +574,11 @@ def render_markdown(df: pd.DataFrame, ratio: str = "prefill", levels=None, note:
     parts = ["# kvbench leaderboard", "",
              f"Ranked at matched measured memory (KV ratio at {'the start of decoding' if ratio == 'prefill' else 'the end'}"
              "; see `kvbench/leaderboard.py`): `score@r` is a method's score interpolated along its own measured "
-             "ratios at ratio r; `—` where r is outside what the method was measured at. `full` is the reference "
+             "ratios at ratio r; `—` where r is outside what the method was measured at. `rank@r` is 1 + the "
+             "number of methods whose 95% interval at r lies wholly above the method's (`=`: a rank shared), as "
+             "LMSYS's arena ranks: two methods of one rank have overlapping intervals, but two of different ranks may "
+             "overlap too (a rank is no verdict on a pair: the pairs tables, `kvbench pairs`, say which two differ). "
+             "`full` is the reference "
              "(its ratio is slightly above 1: positions and growth slack). Protocols are never mixed." + (
                  f" {note}" if note else "")]
     for title, shared, r, t in _sections(df, ratio, levels):

@@ -4,7 +4,8 @@ The leaderboard calls two methods tied when their 95% intervals overlap; each in
 the samples' difficulty, which both methods share when they ran the same samples. Here, per model, protocol,
 task, task settings and kept fraction, every two methods are compared on the samples both ran: the mean of
 their per-sample differences of the headline score and its 95% bootstrap interval
-(``kvbench.stats.paired_difference``); a pair is *separated* when that interval excludes 0. A cell compares
+(``kvbench.stats.paired_difference``; per unit where the task's score averages over units of several samples:
+AIME's problems, ``Task.score_units``); a pair is *separated* when that interval excludes 0. A cell compares
 many pairs (21 for 7 methods), so at 95% a pair with no true difference shows as separated one time in 20:
 each pair also says whether it stays separated at the Bonferroni level of its cell (``family``: 95% for all
 its pairs together, each interval at 1 - 0.05 / pairs). Runs need their samples: a run folder, or a table's
@@ -106,8 +107,10 @@ def cells(df: pd.DataFrame, task: str | None = None, drop: list[tuple[str, str]]
             missing.append(row["run_id"])
             continue
         kept = results.kept_label(row["method"].split("(")[0], row["budget"])
-        scores = {s["id"]: s["scores"]["score"] for s in samples if "score" in (s.get("scores") or {})
-                  and not any(str((s.get("meta") or {}).get(k)) == v for k, v in drop or [])}
+        samples = [s for s in samples if not any(str((s.get("meta") or {}).get(k)) == v for k, v in drop or [])]
+        # paired by the units the task's score averages over: AIME's problems, not their correlated generations
+        scores = {u: v for _, part in leaderboard.scorer(row["task"], row["task_params"])[1](samples)
+                  for u, v in part.items()}
         name = f"{row['method']} @{kept}" if matched_memory else row["method"]
         settings[(row["model"], row["protocol"], row["task"], row["setting"])].append(
             _Run(name, kept, float(row["kv_ratio_prefill"]), scores, row["score"]))

@@ -1,13 +1,15 @@
-"""Uncertainty for the leaderboard: bootstrap intervals of a mean, and ranks that only separate what the
-intervals separate.
+"""Uncertainty for the leaderboard: bootstrap intervals of a task's score, and ranks that count the methods whose
+intervals lie wholly above.
 
-A cell of the leaderboard is a mean over samples (a found rate, a mean F1); with 20-100 samples its 95%
-interval is often wider than the gap between two methods. ``bootstrap_interval`` gives the percentile
-bootstrap interval of the mean (resampling samples with replacement, a fixed seed, so a table is
-reproducible). ``interval_ranks`` ranks methods by their means but gives two methods the same rank unless
-one's interval lies wholly above the other's: rank = 1 + the number of methods that are separated above.
-``paired_difference`` compares two methods on the same samples: the interval of the mean of their per-sample
-differences, much narrower than two separate intervals when the samples' difficulty varies more than the
+A cell of the leaderboard is a task's score: a mean over samples (a found rate, a mean F1), or a macro average
+of such means (LongBench's subsets, RULER's tasks and lengths), or a mean over units of several samples (AIME's
+problems); with 20-100 samples its 95% interval is often wider than the gap between two methods.
+``bootstrap_interval`` gives the percentile bootstrap interval of a mean (resampling samples with replacement, a
+fixed seed, so a table is reproducible); ``stratified_interval`` that of a weighted sum of group means, each group
+resampled within itself (``Task.score_units`` says how a task's score is made of them). ``interval_ranks`` ranks
+methods by how many intervals lie wholly above theirs (below, for a lower-is-better score).
+``paired_difference`` compares two methods on the same samples (units): the interval of the mean of their
+per-sample differences, much narrower than two separate intervals when the samples' difficulty varies more than the
 methods do (the samples' own variance cancels).
 """
 from __future__ import annotations
@@ -27,6 +29,25 @@ def bootstrap_interval(values: list[float], level: float = 0.95, n_boot: int = 2
     rng = random.Random(seed)
     n = len(vals)
     return _percentile_interval(sorted(sum(rng.choices(vals, k=n)) / n for _ in range(n_boot)), level)
+
+
+def stratified_interval(parts: list[tuple[float, list[float]]], level: float = 0.95, n_boot: int = 2000,
+                        seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``sum(weight * mean(values))`` over ``parts`` = [(weight, values)], every
+    part resampled within itself (its size kept: the groups of a macro average are fixed, the samples drawn). One
+    part of weight 1 is the plain mean: ``bootstrap_interval``, the same numbers."""
+    parts = [(w, v) for w, v in parts if len(v)]
+    if len(parts) == 1 and parts[0][0] == 1.0:
+        return bootstrap_interval(parts[0][1], level, n_boot, seed)
+    if not parts:
+        return math.nan, math.nan
+    import numpy as np  # a RULER run is 26 groups x 2000 resamples
+    rng = np.random.default_rng(seed)
+    total = np.zeros(n_boot)
+    for weight, values in parts:
+        v = np.asarray(values, dtype=float)
+        total += weight * v[rng.integers(0, len(v), (n_boot, len(v)))].mean(1)
+    return tuple(float(x) for x in _percentile_interval(np.sort(total), level))
 
 
 def _percentile_interval(means, level: float) -> tuple[float, float]:
@@ -51,7 +72,12 @@ def paired_difference(a: dict, b: dict, level: float = 0.95, n_boot: int = 2000,
 
 
 def interval_ranks(cells: dict[str, tuple[float, float, float]], higher_is_better: bool = True) -> dict[str, int]:
-    """``{name: (mean, lo, hi)}`` -> ``{name: rank}``; equal ranks are ties the intervals cannot separate."""
+    """``{name: (mean, lo, hi)}`` -> ``{name: rank}``: 1 + the number of methods whose interval lies wholly
+    above this one's (below, when lower is better), as LMSYS's arena ranks. A rank counts the methods clearly
+    better; it does not say which pairs the intervals separate. Equal ranks overlap (were one interval wholly above
+    the other, the lower would count it and all above it), but different ranks may too: A [8, 10], B [5, 9],
+    C [1, 6] rank 1, 1, 2, B overlapping C (only A's interval lies above C's). Whether two methods differ:
+    ``paired_difference``."""
     ranks = {}
     for name, (_, lo, hi) in cells.items():
         if higher_is_better:

@@ -116,6 +116,33 @@ class Task(ABC):
     def summarize(self, records: list[dict]) -> dict:
         return summarize_mean(records)
 
+    def score_units(self, records: list[dict]) -> list[tuple[float, dict[str, float]]]:
+        """``summarize``'s ``score`` as ``[(weight, {unit: value})]``: the sum over parts of weight x the mean of the
+        part's values. The leaderboard's bootstrap resamples the units, each part within itself; a paired comparison
+        pairs them by unit. A task whose score is not the plain mean of the samples' ``score`` (a macro average over
+        subsets, a mean over problems) overrides both."""
+        return mean_units(records)
+
+
+def mean_units(records: list[dict]) -> list[tuple[float, dict[str, float]]]:
+    """The plain mean of the samples' ``score`` (``summarize_mean``) as one part, the samples its units."""
+    return [(1.0, {r["id"]: r["scores"]["score"] for r in records if _scored(r)})]
+
+
+def macro_units(records: list[dict], key: str, order) -> list[tuple[float, dict[str, float]]]:
+    """A macro average (LongBench's, SCBench's): the mean over the groups ``meta[key]`` named in ``order`` of their
+    samples' mean ``score``; each group an equal part, its samples the units."""
+    groups: dict[str, dict[str, float]] = {}
+    for r in records:
+        if _scored(r):
+            groups.setdefault(r.get("meta", {}).get(key), {})[r["id"]] = r["scores"]["score"]
+    parts = [groups[g] for g in order if g in groups]
+    return [(1.0 / len(parts), p) for p in parts]
+
+
+def _scored(record: dict) -> bool:
+    return isinstance(record.get("scores", {}).get("score"), (int, float))
+
 
 def summarize_mean(records: list[dict], group_by: str | None = None) -> dict:
     """Mean of every score key over the records, optionally also per value of ``meta[group_by]``."""

@@ -202,15 +202,20 @@ class AIME(Task):
                 "unboxed_answer": 1.0 if source in ("answer is", "last number") else 0.0}
 
     def summarize(self, records: list[dict]) -> dict:
+        rates = self.score_units(records)[0][1]
+        pass1 = sum(rates.values()) / len(rates) if rates else float("nan")
+        boxed = [r.get("scores", {}).get("boxed", 0.0) for r in records]
+        return {"n": len(records), "n_problems": len(rates), "score": pass1, "pass@1": pass1,
+                "boxed_rate": 100.0 * sum(boxed) / len(boxed) if boxed else float("nan")}
+
+    def score_units(self, records: list[dict]) -> list[tuple[float, dict[str, float]]]:
+        """The problems, each its % correct over its generations: a problem's generations are alike (mostly all
+        right or all wrong), so the problems, not the generations, are what a bootstrap may draw."""
         per_problem: dict[str, list[float]] = {}
         for r in records:
             per_problem.setdefault(str(r.get("meta", {}).get("problem_id", r.get("id"))), []).append(
                 r.get("scores", {}).get("correct", 0.0))
-        rates = [sum(v) / len(v) for v in per_problem.values()]
-        pass1 = 100.0 * sum(rates) / len(rates) if rates else float("nan")
-        boxed = [r.get("scores", {}).get("boxed", 0.0) for r in records]
-        return {"n": len(records), "n_problems": len(per_problem), "score": pass1, "pass@1": pass1,
-                "boxed_rate": 100.0 * sum(boxed) / len(boxed) if boxed else float("nan")}
+        return [(1.0, {p: 100.0 * sum(v) / len(v) for p, v in per_problem.items()})]
 
 
 @dataclass

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from kvbench.io import find_file, read_records
-from kvbench.task import Sample, Task, TaskContext, TaskError, as_names, hub_dataset
+from kvbench.task import Sample, Task, TaskContext, TaskError, as_names, hub_dataset, macro_units
 
 from .metrics import LONGBENCH_FIRST_LINE, longbench_score, missing_packages
 
@@ -360,3 +360,6 @@ class LongBench(Task):
                 if vals:
                     out["bucket"][b] = sum(vals) / len(vals)
         return out
+
+    def score_units(self, records: list[dict]) -> list[tuple[float, dict[str, float]]]:
+        return macro_units(records, "dataset", LONGBENCH_TASKS)

@@ -677,3 +677,12 @@ class Ruler(Task):
         skipped = sorted({L for r in records for L in r.get("meta", {}).get("skipped_lengths") or []})
         return {"n": len(records), "score": sum(per_length.values()) / len(per_length) if per_length else float("nan"),
                 "per_length": per_length, "per_task": per_task, "skipped_lengths": skipped}
+
+    def score_units(self, records: list[dict]) -> list[tuple[float, dict[str, float]]]:
+        """As ``summarize`` scores: every length an equal share, split equally among the tasks run at it."""
+        cells: dict[int, dict[str, dict[str, float]]] = {}
+        for r in records:
+            m = r.get("meta", {})
+            if m.get("task") is not None:
+                cells.setdefault(m.get("length"), {}).setdefault(m["task"], {})[r["id"]] = r["scores"]["score"]
+        return [(1.0 / len(cells) / len(tasks), units) for tasks in cells.values() for units in tasks.values()]

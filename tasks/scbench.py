@@ -64,7 +64,7 @@ from typing import Any, ClassVar
 
 from kvbench.io import find_file, read_records
 from kvbench.task import (MULTI_TURN, Sample, Task, TaskContext, TaskError, Turn, as_names, build_prompt,
-                          hub_dataset)
+                          hub_dataset, macro_units)
 
 from .metrics import f1_score, normalize_zh_answer, rouge_lsum_f, string_match_all
 
@@ -623,6 +623,9 @@ class SCBench(Task):
         heads = [v["score"] for v in per_task.values() if "score" in v]
         return {"n": len(records), "mode": self.mode, "own_answers": self.own_answers,
                 "score": sum(heads) / len(heads) if heads else float("nan"), "per_task": per_task}
+
+    def score_units(self, records: list[dict]) -> list[tuple[float, dict[str, float]]]:
+        return macro_units(records, "task", SCBENCH_TASKS)
 
 
 def _needles(sample: Sample) -> list[tuple[str, str]]:

@@ -508,6 +508,121 @@ def test_drop_leaves_out_a_part_and_rescores_the_run(tmp_path):
     assert res.exit_code == 2 and "--drop takes KEY=VALUE" in res.output
 
 
+# ---- one run per configuration; a score and its interval are one statistic ----------------------------
+
+def test_newest_compares_created_as_times():
+    """10:00 at +0200 is 08:00 UTC, before 09:00 at +0000 (as text it sorts after); none recorded is oldest."""
+    df = pd.DataFrame({"run_id": ["a", "b", "c"], "created": ["2026-03-01T10:00:00+0200", "2026-03-01T09:00:00+0000",
+                                                              None], "run_dir": ["x", "y", "z"]}).assign(
+        model="m", protocol="p", setting="s", task="niah", method="snapkv", method_params="{}", budget=0.25)
+    assert list(lb.newest(df)["run_id"]) == ["b"]
+    assert list(lb.newest(df.iloc[[0, 2]])["run_id"]) == ["a"]
+
+
+def write_run(root: Path, name: str, task: str, records: list[dict], *, method: str = "snapkv",
+              created: str | None = None, trace: list[dict] = (), **config) -> Path:
+    """A finished run of ``records`` (id, meta, scores), its metrics' summary the task's own ``summarize``."""
+    run_dir = root / "runs" / name
+    run_dir.mkdir(parents=True)
+    results.write_json(run_dir / "config.json", {
+        "task": task, "method": method, "budget": 0.25, "protocol": "query-agnostic", "model": "m", "model_name": "m",
+        "method_params": {}, "task_params": {}, "created": created, "trace_every": 64, **config})
+    for rec in records:
+        results.append_jsonl(run_dir / "samples.jsonl", {**rec, "kv_ratio_prefill": 0.25, "kv_ratio_end": 0.25})
+    for rec in trace:
+        results.append_jsonl(run_dir / "trace.jsonl", rec)
+    results.write_json(run_dir / "metrics.json", {"complete": True, "summary": registry.build_task(task).summarize(
+        records), "kv_ratio_prefill": 0.25, "kv_ratio_end": 0.25})
+    return run_dir
+
+
+def niah_records(scores: list[float]) -> list[dict]:
+    return [{"id": f"s{i}", "meta": {"length": 1000 * (1 + i % 2), "depth": 0.5}, "scores": {"score": s}}
+            for i, s in enumerate(scores)]
+
+
+def test_the_tables_keep_the_newest_run_of_a_configuration_not_the_mean(tmp_path):
+    """A run made again (differing in trace_every, no part of the configuration, and recording a parameter the
+    older one did not, at its default) replaces the older one in both tables: neither averaged with it (50) nor
+    ranked by it (0)."""
+    write_run(tmp_path, "old", "niah", niah_records([0.0] * 4), created="2026-01-01T00:00:00+0000")
+    write_run(tmp_path, "new", "niah", niah_records([100.0] * 4), created="2026-02-01T00:00:00+0000",
+              trace_every=32, method_params={"budget": 0.25})
+    write_run(tmp_path, "other", "niah", niah_records([60.0] * 4), method="h2o")
+    df = lb.collect(tmp_path)
+    assert sorted(lb.newest(df)["run_id"]) == ["new", "other"]
+    runs = lb.runs_table(df).set_index("method")
+    assert runs.loc["snapkv", "niah score"] == 100.0 and runs.loc["snapkv", "niah score 95% CI"] == "[100, 100] n=4"
+    rank = lb.ranking(df).set_index("method")
+    assert rank.loc["snapkv", "niah score@0.25"] == 100.0 and rank.loc["snapkv", "mean rank"] == 1.0
+
+
+def test_a_macro_score_and_its_interval_are_one_statistic(tmp_path):
+    """LongBench's score is the mean of its subsets' means: its interval resamples each subset's samples and
+    recomputes that mean, so it holds the score (the plain mean's interval, 40 samples of lcc outweighing the
+    rest, lay about 56, far above the score); --drop scores the rest as the task does, not by the plain mean."""
+    from kvbench.stats import stratified_interval
+    records = [{"id": f"{d}{i}", "meta": {"dataset": d}, "scores": {"score": base + 10.0 * (i % 3)}}
+               for d, n, base in (("lcc", 42, 70.0), ("qasper", 12, 0.0), ("hotpotqa", 12, 10.0)) for i in range(n)]
+    write_run(tmp_path, "lb", "longbench", records)
+    row = lb.collect(tmp_path).iloc[0]
+    assert row["score"] == pytest.approx((80.0 + 10.0 + 20.0) / 3)
+    assert row["score_lo"] < row["score"] < row["score_hi"] and row["n_samples"] == 66
+    from kvbench.tasks.longbench import LONGBENCH_TASKS
+    parts = [[r["scores"]["score"] for r in records if r["meta"]["dataset"] == d]
+             for d in sorted(("lcc", "qasper", "hotpotqa"), key=LONGBENCH_TASKS.index)]
+    assert (row["score_lo"], row["score_hi"]) == stratified_interval([(1 / 3, p) for p in parts])
+    kept = lb.collect(tmp_path, [("dataset", "hotpotqa")]).iloc[0]
+    assert kept["score"] == pytest.approx((80.0 + 10.0) / 2) and kept["n_samples"] == 54
+    assert kept["score_lo"] < kept["score"] < kept["score_hi"]
+    bad = write_run(tmp_path / "bad", "r", "niah", niah_records([1.0, 0.0]))  # records the task cannot score
+    (bad / "samples.jsonl").write_text('{"id": "s0", "meta": {"length": 1000}, "scores": {"score": 1.0}}\n'
+                                       '{"id": "s1", "meta": {"length": 2000}, "scores": {"score": 0.0}}\n')
+    row = lb.collect(tmp_path / "bad", [("length", "2000")]).iloc[0]
+    assert row["status"] == "unreadable" and "cannot score its records (KeyError: 'depth')" in row["error"]
+
+
+def aime_records(rates: list[float], n: int = 8) -> list[dict]:
+    return [{"id": f"{p}#{k}", "meta": {"problem_id": str(p), "sample_index": k},
+             "scores": {"score": 100.0 * ok, "correct": ok}}
+            for p, rate in enumerate(rates) for k in range(n) for ok in [float(k < round(rate * n))]]
+
+
+def test_aime_resamples_problems_not_generations(tmp_path):
+    """30 problems x 8 generations, each problem mostly solved always or never: pass@1's interval resamples the
+    30 problems (n=30), as wide as their spread says, not the 240 generations as if independent; the paired
+    comparison pairs problems too."""
+    from kvbench import paired
+    from kvbench.stats import bootstrap_interval
+    rates = [[0.0, 0.125, 0.875, 1.0][p % 4] for p in range(30)]
+    write_run(tmp_path, "a", "aime24", aime_records(rates), task_params={"n_samples": 8})
+    row = lb.collect(tmp_path).iloc[0]
+    assert row["n_samples"] == 30 and row["score"] == pytest.approx(100 * sum(rates) / 30)
+    assert (row["score_lo"], row["score_hi"]) == bootstrap_interval([100.0 * r for r in rates])
+    assert row["score_hi"] - row["score_lo"] > 25  # the generations' bootstrap: about 12
+    write_run(tmp_path, "b", "aime24", aime_records([min(1.0, r + 0.125) for r in rates]), method="h2o",
+              task_params={"n_samples": 8})
+    (cell,), _ = paired.cells(lb.collect(tmp_path), "aime24")
+    assert cell.pairs[0].n == 30
+
+
+def test_drop_leaves_out_the_dropped_samples_trace_too(tmp_path):
+    """Peak memory after --drop is the kept samples' (1 GiB), not the dropped 32k needle's (9 GiB)."""
+    trace = [{"id": "s0", "peak_decode": {"rss": 2 ** 30}}, {"id": "s1", "peak_decode": {"rss": 9 * 2 ** 30}}]
+    write_run(tmp_path, "r", "niah", [{"id": "s0", "meta": {"length": 1024, "depth": 0.5}, "scores": {"score": 100.0}},
+                                      {"id": "s1", "meta": {"length": 32768, "depth": 0.5}, "scores": {"score": 0.0}}],
+              trace=trace)
+    assert lb.collect(tmp_path).iloc[0]["peak_gib"] == 9.0
+    assert lb.collect(tmp_path, [("length", "32768")]).iloc[0]["peak_gib"] == 1.0
+
+
+def test_the_legend_says_what_a_rank_counts(board):
+    """Ranks count the methods whose interval lies wholly above; the legend says so, and where pairs are told apart."""
+    text = lb.render_markdown(lb.collect(board))
+    assert "1 + the number of methods whose 95% interval at r lies wholly above" in text
+    assert "two of different ranks may overlap" in text and "`kvbench pairs`" in text
+
+
 # ---- sweeps ------------------------------------------------------------------------------------------
 
 def _tiny_loader(spec, dtype, device, seed):

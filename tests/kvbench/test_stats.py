@@ -1,6 +1,8 @@
 """Bootstrap intervals and interval-separated ranks."""
 import math
 
+import pytest
+
 from kvbench.stats import bootstrap_interval, format_cell, interval_ranks
 
 
@@ -47,3 +49,42 @@ def test_paired_difference_separates_what_overlapping_intervals_cannot():
     assert n == 60 and mean == 0.0 and lo < 0 < hi  # no difference: not separated
     assert paired_difference({**easy, "extra": 99.0}, {"s0": 1.0, "s1": 5.0})[3] == 2
     assert paired_difference({"a": 1.0}, {"b": 1.0})[3] == 0
+
+
+def test_ranks_count_what_lies_wholly_above_not_which_pairs_are_apart():
+    """B overlaps C yet ranks above it: only A's interval lies wholly above C's (the docstring's example)."""
+    cells = {"A": (9.0, 8.0, 10.0), "B": (7.0, 5.0, 9.0), "C": (3.0, 1.0, 6.0)}
+    assert interval_ranks(cells) == {"A": 1, "B": 1, "C": 2}
+
+
+def test_stratified_interval():
+    """One part of weight 1 is the plain mean's interval, the same numbers; parts are resampled within themselves,
+    so a macro of constant parts has no spread and one of varied parts holds the macro."""
+    from kvbench.stats import stratified_interval
+    found = [100.0] * 15 + [0.0] * 5
+    assert stratified_interval([(1.0, found)]) == bootstrap_interval(found)
+    assert all(math.isnan(x) for x in stratified_interval([]))
+    assert stratified_interval([(0.5, [80.0] * 40), (0.5, [10.0] * 10)]) == (45.0, 45.0)
+    lo, hi = stratified_interval([(0.5, [60.0, 100.0] * 20), (0.5, [0.0, 20.0] * 5)])
+    assert lo < 45.0 < hi and hi - lo < 15
+
+
+@pytest.mark.parametrize("task,records", [
+    ("niah", [{"id": f"s{i}", "meta": {"length": 1000, "depth": 0.5}, "scores": {"score": 10.0 * i}}
+              for i in range(7)]),
+    ("longbench", [{"id": f"{d}{i}", "meta": {"dataset": d}, "scores": {"score": float(i * 7 % 11)}}
+                   for d, n in (("qasper", 3), ("lcc", 9), ("trec", 1)) for i in range(n)]),
+    ("ruler", [{"id": f"{t}{L}{i}", "meta": {"task": t, "length": L}, "scores": {"score": float(i * 13 % 17)}}
+               for t, L, n in (("niah_single_1", 4096, 2), ("vt", 4096, 5), ("cwe", 4096, 3), ("vt", 16384, 4))
+               for i in range(n)]),
+    ("scbench", [{"id": f"{t}{i}", "meta": {"task": t}, "scores": {"score": float(i * 5 % 9)}}
+                 for t, n in (("scbench_kv", 2), ("scbench_vt", 6)) for i in range(n)]),
+    ("aime24", [{"id": f"{p}#{k}", "meta": {"problem_id": str(p)}, "scores": {"correct": float((p + k) % 3 == 0)}}
+                for p in range(5) for k in range(4)]),
+])
+def test_score_units_make_the_score_summarize_makes(task, records):
+    """Each task's units, weighted, give its ``summarize``'s score (uneven groups: a plain mean would not)."""
+    from kvbench import registry
+    built = registry.build_task(task)
+    parts = built.score_units(records)
+    assert sum(w * sum(u.values()) / len(u) for w, u in parts) == pytest.approx(built.summarize(records)["score"])
