@@ -229,7 +229,7 @@ class DecodedView(RaggedKV):
         c = store.codes
         self.store, self.B, self.H, self.D = store, c.B, c.H, store.hd
         self.pos, self.start, self.length, self.capacity, self.extra = c.pos, c.start, c.length, c.capacity, c.extra
-        self.free, self.cap_max, self.layout, self._slot_seg = c.free, c.cap_max, c.layout, None
+        self.free, self.cap_max, self.layout, self.derived = c.free, c.cap_max, c.layout, {}
         self.host_length = self.host_capacity = None  # sizes come from the device (a view, not the codes' owner)
         perm, valid, _ = store._gather_index()
         k, v, _, _ = store.decode_heads(store.own)
