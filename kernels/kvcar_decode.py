@@ -273,7 +273,7 @@ def main(argv=None):
             z = [torch.randn(n, method.code_width_, device=dev, dtype=torch.bfloat16) for _ in range(2)]
             pos = torch.arange(args.context, device=dev, dtype=torch.int32).repeat(B * H)
             store.codes.replace(*z, pos, torch.full((B * H,), args.context, device=dev))
-            perm, _, _ = store._gather_index()
+            perm, _ = store._gather_index()
             rows = torch.arange(H, device=dev)
             slots = perm[rows]
             ref = lambda: method.decode(0, z[0][slots], z[1][slots], pos[slots], rows)  # noqa: E731

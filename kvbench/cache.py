@@ -132,11 +132,15 @@ class RaggedKV:
         # ``_first_layout``/``_relayout``/``replace``: ``layout`` counts the changes (a CUDA graph captured at
         # one layout replays while it holds); ``cap_max`` is the largest capacity.
         self.layout, self.cap_max = 0, 0
-        self._slot_seg: tuple[int, torch.Tensor] | None = None
+        # Device tensors derived from the layout alone (``slot_segments``, a codec's gather index), kept while it
+        # holds so that a replayed decoding step reads them without the host: dropped when it changes (a stale
+        # one would outlive compression unseen), counted in ``nbytes`` while held.
+        self.derived: dict[str, torch.Tensor] = {}
 
     # ---- what it holds -------------------------------------------------------------------------
     def nbytes(self) -> int:
-        tensors = [self.k, self.v, self.pos, self.start, self.length, self.capacity, *self.extra.values()]
+        tensors = [self.k, self.v, self.pos, self.start, self.length, self.capacity, *self.extra.values(),
+                   *self.derived.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def has_tokens(self) -> bool:
@@ -150,19 +154,30 @@ class RaggedKV:
         return self.length.view(self.B, self.H)
 
     def seq_nbytes(self) -> torch.Tensor:
-        """[B] bytes held for each sequence (its slots, their per-slot state, its bookkeeping)."""
+        """[B] bytes held for each sequence (its slots, their per-slot state, its bookkeeping, and a share of
+        the ``derived`` tensors in proportion to its slots: exact for the [S] slot index, the rounding
+        remainder of a padded one going to the last sequence, so that the sum is ``nbytes``)."""
         per_slot = sum(t.element_size() * t.shape[1:].numel()
                        for t in (self.k, self.v, self.pos, *self.extra.values()))
         per_seg = self.start.element_size() + self.length.element_size() + self.capacity.element_size()
-        return (self.capacity * per_slot + per_seg).view(self.B, self.H).sum(dim=1)
+        out = (self.capacity * per_slot + per_seg).view(self.B, self.H).sum(dim=1)
+        derived = sum(t.numel() * t.element_size() for t in self.derived.values())
+        if derived:
+            share = self.capacity.view(self.B, self.H).sum(dim=1) * derived // max(self.k.shape[0], 1)
+            share[-1] += derived - share.sum()
+            out += share
+        return out
 
-    def slot_segments(self) -> torch.Tensor:
-        """[S] the segment of every slot (slack included), kept for the layout: no device sync to read it."""
-        if self._slot_seg is None or self._slot_seg[0] != self.layout:
-            seg = torch.repeat_interleave(torch.arange(self.B * self.H, device=self.k.device), self.capacity,
-                                          output_size=self.k.shape[0])
-            self._slot_seg = (self.layout, seg)
-        return self._slot_seg[1]
+    def slot_segments(self, keep: bool = True) -> torch.Tensor:
+        """[S] int32 the segment of every slot (slack included), made without a device sync and, with ``keep``,
+        kept (and counted) until the layout changes."""
+        seg = self.derived.get("slot_seg")
+        if seg is None:
+            seg = torch.repeat_interleave(torch.arange(self.B * self.H, dtype=torch.int32, device=self.k.device),
+                                          self.capacity, output_size=self.k.shape[0])
+            if keep:
+                self.derived["slot_seg"] = seg
+        return seg
 
     def slot_valid(self) -> torch.Tensor:
         """[S] whether a slot holds a token (not slack)."""
@@ -207,7 +222,7 @@ class RaggedKV:
             total, self.cap_max, free, n_slots = (
                 torch.stack([capacity.sum(), capacity.max(), (capacity - counts).min(), counts.sum()]).tolist()
                 if len(capacity) else (0, 0, 0, 0))
-        self.layout += 1
+        self._new_layout()
         seg = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts, output_size=n_slots)
         first = torch.zeros_like(counts)
         first[1:] = torch.cumsum(counts, 0)[:-1]
@@ -227,6 +242,11 @@ class RaggedKV:
         self.host_length = None if host_counts is None else list(host_counts)
         self.host_capacity = None if host_counts is None or host_capacity is None else list(host_capacity)
         self.free = free
+
+    def _new_layout(self) -> None:
+        """The slots moved or were resized: what was derived from the old layout is stale (and freed)."""
+        self.layout += 1
+        self.derived = {}
 
     def keep(self, slots: torch.Tensor, counts: torch.Tensor, host_counts: list[int] | None = None) -> None:
         """Keep only ``slots`` (flat slot numbers, grouped by segment, ``counts[i]`` for segment i), packed
@@ -287,7 +307,7 @@ class RaggedKV:
         self.extra = {name: t.new_zeros((n * cap, *t.shape[1:])) for name, t in self.extra.items()}
         self.free, self.cap_max = cap, cap
         self.host_length, self.host_capacity = [0] * n, [cap] * n
-        self.layout += 1
+        self._new_layout()
 
     def replayed(self, steps: int) -> None:
         """``steps`` decoding steps ran as graph replays (no Python ran): the host mirror follows."""
@@ -312,7 +332,7 @@ class RaggedKV:
         self.host_length = self.host_capacity = None
         self.free = 0
         self.cap_max = int(counts.max()) if len(counts) else 0
-        self.layout += 1
+        self._new_layout()
 
     @classmethod
     def concat(cls, stores: list["RaggedKV"]) -> "RaggedKV":

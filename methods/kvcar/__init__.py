@@ -188,6 +188,7 @@ class KVCAR(Method):
         self.decoders = {} if dynamic else {layer: pack_decoders(ck.decoder(), cv.decoder())
                                             for layer, (ck, cv) in self.codecs.items()}
         self._building: dict[int, object] = {}
+        self._head_lists: dict[tuple, torch.Tensor] = {}
         self._prepared_for = (id(lm.model), artifacts.weights_fingerprint(lm.model))
         if self.decoders and use_triton(param):  # where the kernel reads: its table now, so the bytes
             self.kernel_rope()                       # counted do not change at the first decode
@@ -195,6 +196,14 @@ class KVCAR(Method):
     def own_heads(self, layer: int) -> list[int]:
         heads = self.codecs[layer][0].w1.shape[0]
         return [h for h in range(heads) if h not in self.reuse_.get(layer, {})]
+
+    def head_list(self, heads: list[int], device) -> torch.Tensor:
+        """Head numbers as an int64 device tensor, made once: a decoding step captured as a CUDA graph must not
+        copy from the host. Held here, with the decoders: a few bytes a layer, the same for every cache."""
+        key = (tuple(heads), torch.device(device))
+        if key not in self._head_lists:
+            self._head_lists[key] = torch.tensor(heads, dtype=torch.int64, device=device)
+        return self._head_lists[key]
 
     def codec_nbytes(self) -> int:
         """Bytes of the autoencoders' weights and of the decode kernel's padded copy of the decoders (model

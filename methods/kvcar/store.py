@@ -4,9 +4,11 @@
 and value *latents* (``[S, latent]``), so the packing, growth, batching and eviction machinery of the
 ragged store applies to codes unchanged (``keep``/``remove_one`` move codes, an evicting method may
 compose with it). A head the layer reuses from an earlier layer keeps nothing: the store holds a pointer
-to that layer's store and decodes its codes for that head when it attends. Bytes: the codes, their
-positions and bookkeeping (``RaggedKV.nbytes``); a reused head's entries are counted once, by their owner (the
-reusing layer holds only how many of them it has seen: 8 bytes a sequence).
+to that layer's store and decodes its codes for that head when it attends. Bytes (``RaggedKV.nbytes``): the
+codes, their positions and bookkeeping, and the gather index kept with their layout for reading (``RaggedKV.derived``:
+an int32 slot number a slot, plus the padding of a head's row shorter than the longest, and 8 bytes a segment); a
+reused head's entries are counted once, by their owner (the reusing layer holds only how many of them it has seen:
+8 bytes a sequence). The head lists the reads index with are the method's (``KVCAR.head_list``).
 
 Reading (``attend``): every slot of a head is decoded into a padded ``[heads * N, d]`` layout, head ``i``'s
 slots in row block ``i`` (the gather indices depend only on the layout and are kept until it changes, so a
@@ -34,7 +36,6 @@ class KVCARStore:
         self.method, self.layer, self.B, self.H, self.hd = method, layer, batch, heads, head_dim
         self.own: list[int] = method.own_heads(layer)  # heads whose codes this store keeps, ascending
         self.sources = sources  # reused head -> the store that owns its entries
-        self.own_t = torch.tensor(self.own, dtype=torch.int64, device=device)
         self.codes = RaggedKV(batch, len(self.own), method.code_width_, dtype, device)
         # What this layer has seen of each reused head: its owner's lengths as of this layer's last append. The
         # owner, an earlier layer, appends a prefill chunk before this layer attends over its past, so reading the
@@ -42,9 +43,6 @@ class KVCARStore:
         self.reused = sorted(sources)
         self.seen = torch.zeros(batch, len(self.reused), dtype=torch.int64, device=device)  # [B, reused heads]
         self.seen_any = False  # on the host: whether this layer has appended anything (its sources then hold it)
-        self._layout_key = None
-        self._layout = None
-        self._int_cache: dict[tuple, torch.Tensor] = {}
         self._copy = None  # weakref to this store's copy while a cache is being concatenated or cloned
 
     # ---- what it holds ----
@@ -100,45 +98,42 @@ class KVCARStore:
             self.codes.replayed(steps)
 
     # ---- reading ----
-    def _gather_index(self):
+    def _gather_index(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per own head: the slots of its segments, all sequences in order, padded to one width.
 
-        Returns ``perm [n_own, N]`` (slot numbers; padding points at slot 0), ``valid [n_own, N]`` and
-        ``first [B, n_own]`` (where each sequence's segment starts in its head's row). Depends only on
-        ``start``/``capacity``, which change only when the codes are relaid out."""
+        Returns ``perm [n_own, N]`` int32 (slot numbers; padding points at slot 0) and ``first [B, n_own]``
+        (where each sequence's segment starts in its head's row; head ``h``'s row holds slots up to column
+        ``capacity.view(B, n_own)[:, h].sum()``, padding after). They depend only on the codes' layout, and are
+        kept (and counted) with it: ``RaggedKV.derived``, dropped when the codes are relaid out."""
         c = self.codes
-        key = (id(c.start), id(c.capacity), c.k.shape[0])
-        if self._layout_key == key:
-            return self._layout
+        if "kvcar perm" in c.derived:
+            return c.derived["kvcar perm"], c.derived["kvcar first"]
         n_own = len(self.own)
         cap = c.capacity.view(self.B, n_own)
         first = torch.cumsum(cap, 0) - cap  # [B, n_own]
         per_head = cap.sum(0)
         width = int(per_head.max()) if per_head.numel() else 0
         S = c.k.shape[0]
-        seg = c.slot_segments()
+        seg = c.slot_segments(keep=False)  # the index needs it only here: not kept, 4 bytes a slot less
         head, seq = seg % n_own, seg // n_own
         col = first[seq, head] + torch.arange(S, device=cap.device) - c.start[seg]
-        perm = torch.zeros(n_own, max(width, 1), dtype=torch.int64, device=cap.device)
-        valid = torch.zeros_like(perm, dtype=torch.bool)
-        perm[head, col] = torch.arange(S, device=cap.device)
-        valid[head, col] = True
-        self._layout_key, self._layout = key, (perm, valid, first)
-        self._layout_ref = (c.start, c.capacity)  # keeps the ids in the key from being reused
-        return self._layout
+        # int32 slot numbers (the kernel widens them as it loads): half the bytes, held for the whole decode
+        perm = torch.zeros(n_own, max(width, 1), dtype=torch.int32, device=cap.device)
+        perm[head, col] = torch.arange(S, dtype=torch.int32, device=cap.device)
+        c.derived["kvcar perm"], c.derived["kvcar first"] = perm, first
+        return perm, first
 
     def _ints(self, values: list[int]) -> torch.Tensor:
-        """Head lists as device tensors, made once (a decoding step captured as a CUDA graph must not copy
-        from the host)."""
-        key = tuple(values)
-        if key not in self._int_cache:
-            self._int_cache[key] = torch.tensor(values, dtype=torch.int64, device=self.codes.k.device)
-        return self._int_cache[key]
+        return self.method.head_list(values, self.codes.k.device)
+
+    @property
+    def own_t(self) -> torch.Tensor:
+        return self._ints(self.own)
 
     def decode_heads(self, heads: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Decoded keys (post-RoPE) and values of some own heads: ``k, v [n*N, d]`` (head ``i``'s slots in
         row block ``i``) and ``start, length [B, n]`` of each (sequence, head) segment in them."""
-        perm, _valid, first = self._gather_index()
+        perm, first = self._gather_index()
         idx = self._ints([self.own.index(h) for h in heads])
         n, width = len(heads), perm.shape[1]
         decoders = self.method.decoders.get(self.layer)
@@ -198,7 +193,6 @@ class KVCARStore:
         first = stores[0]
         out = cls.__new__(cls)
         out.method, out.layer, out.H, out.hd, out.own = first.method, first.layer, first.H, first.hd, first.own
-        out.own_t = first.own_t
         out.B = sum(s.B for s in stores)
         out.codes = RaggedKV.concat([s.codes for s in stores]) if first.own else \
             RaggedKV(out.B, 0, first.codes.D, first.codes.k.dtype, first.codes.k.device)
@@ -208,8 +202,6 @@ class KVCARStore:
             raise RuntimeError("KV-CAR stores must be joined in layer order (a reused head's owner first)")
         out.reused, out.seen = first.reused, torch.cat([s.seen for s in stores])
         out.seen_any = any(s.seen_any for s in stores)
-        out._layout_key = out._layout = None
-        out._int_cache = {}
         out._copy = None
         for s in stores:
             s._copy = weakref.ref(out)
@@ -229,11 +221,14 @@ class DecodedView(RaggedKV):
         c = store.codes
         self.store, self.B, self.H, self.D = store, c.B, c.H, store.hd
         self.pos, self.start, self.length, self.capacity, self.extra = c.pos, c.start, c.length, c.capacity, c.extra
-        self.free, self.cap_max, self.layout, self._slot_seg = c.free, c.cap_max, c.layout, None
+        self.free, self.cap_max, self.layout, self.derived = c.free, c.cap_max, c.layout, {}
         self.host_length = self.host_capacity = None  # sizes come from the device (a view, not the codes' owner)
-        perm, valid, _ = store._gather_index()
+        perm, _ = store._gather_index()
         k, v, _, _ = store.decode_heads(store.own)
         n, width = perm.shape
+        per_head = c.capacity.view(c.B, n).sum(0)
+        # head h's slots fill the first per_head[h] columns of its row (slack included), the padding follows
+        valid = torch.arange(width, device=perm.device)[None, :] < per_head[:, None]
         self.k = k.new_zeros(c.k.shape[0], k.shape[1])
         self.v = torch.zeros_like(self.k)
         flat = valid.reshape(-1)

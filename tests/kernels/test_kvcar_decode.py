@@ -185,7 +185,7 @@ from kvbench.kernels import kvcar_decode as kd
 
 W, hidden, hidden_k, hidden_v = json.loads(sys.argv[1])
 launch = {k: p.default for k, p in inspect.signature(kd.kvcar_decode).parameters.items()}  # the shape it launches
-sig = {"CK": "*bf16", "CV": "*bf16", "POS": "*i32", "PERM": "*i64", "ROWS": "*i64", "HEADS": "*i64", "W3": "*bf16",
+sig = {"CK": "*bf16", "CV": "*bf16", "POS": "*i32", "PERM": "*i32", "ROWS": "*i64", "HEADS": "*i64", "W3": "*bf16",
        "B3": "*bf16", "W4": "*bf16", "B4": "*bf16", "INV_FREQ": "*fp32", "COS": "*bf16", "SIN": "*bf16",
        "KOUT": "*bf16", "VOUT": "*bf16", "width": "i32", "n_rows": "i32", "n_heads": "i32", "stride_perm": "i64",
        "rope_scale": "fp32", "n_table": "i32"}

@@ -118,7 +118,11 @@ def test_latent_store_bytes_are_the_codes(tmp_path):
     store = cache.stores[0]
     assert store.codes.k.shape[1] == d // 4
     slots = int(store.codes.capacity.sum())
-    assert store.nbytes() == slots * (2 * (d // 4) * 4 + 4) + 3 * 8 * store.codes.start.numel()
+    perm, first = store._gather_index()  # kept with the codes' layout since the question's tokens read them
+    assert perm.dtype == torch.int32 and perm.numel() == slots and first.numel() == store.codes.start.numel()
+    # a slot: its float32 key and value codes, its position, its gather-index entry; a segment: start, length,
+    # capacity and where it starts in its head's gathered row
+    assert store.nbytes() == slots * (2 * (d // 4) * 4 + 4 + 4) + 4 * 8 * store.codes.start.numel()
     full = Engine(lm, registry.build_method("full", 1.0)).prefill(samples()[0])[2]
     assert info["kv_bytes_prefill"] < 0.35 * full["kv_bytes_prefill"]
 
