@@ -2,8 +2,9 @@
 
 ``--method snapkv+kvcar`` builds ``Composed(evict=SnapKV(...), codec=KVCAR(...))``. The cache's stores are
 the codec's; before the eviction method runs, the layer's codes are decoded into a ``RaggedKV``-shaped view
-(``store.decoded_view()``: same slots, same positions, same per-slot state) so the method scores the keys
-it would have scored uncompressed; its ``keep``/``remove_one`` are applied to the codes. The memory is the
+(``store.decoded_view()``: same slots, same positions, same per-slot state) so the method scores keys
+in the form it would have scored uncompressed (post-RoPE); they are the codec's reconstructions, not the
+original keys, which the cache no longer holds; its ``keep``/``remove_one`` are applied to the codes. The memory is the
 codec's store after eviction, measured as always.
 
 Any eviction method (a method whose store is the plain ``RaggedKV``, i.e. that only chooses tokens) composes

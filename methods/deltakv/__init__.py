@@ -17,7 +17,13 @@ kernel for the rest, as the official runtime splits it (``kvbench.kernels.deltak
 Choices the paper leaves open, made here:
 - The reference phase is global: after the ``sinks`` sink tokens, every position ``p`` with ``(p - sinks)
   % s == 0`` is a reference. The density is the paper's (1 in ``s``); no positions need storing, since a
-  position's row (reference or latent) follows from arithmetic.
+  position's row (reference or latent) follows from arithmetic. The official runtime instead restarts the
+  phase at each evicted block (``range(evict_start, evict_end, s)``), so when ``W`` is not a multiple of
+  ``s`` (the defaults 128 and 10) its references after the first block sit at other positions than these
+  (``ceil(W / s)`` a block there, about ``W / s`` here); with ``W % s == 0`` the two coincide.
+- References are read back exactly (their stored pre-RoPE vector, re-rotated). The official less-memory
+  runtime also stores a latent for each reference and reconstructs a selected reference from it, keeping
+  the raw vector only as a neighbour for later tokens; here the exact vector serves both.
 - "Visible" references of a token are the references at earlier positions (the sinks included), as in
   training, where a token's reconstruction must not depend on later tokens.
 - Multi-token queries (prefill chunks, a question fed after compression, the fidelity continuation)
