@@ -29,8 +29,10 @@ is emptied, the peers get ``min_new_tokens``), so all implementations do the sam
 random token ids (seeded; the same ids for every implementation). A random-weight preset draws its
 weights in each process with the same seed; their values change neither time nor memory. Decode tokens/s
 counts the tokens produced after the first (the first comes out of the prefill) over the time after it.
-The floor's KV bytes assume the kept tokens of the context plus half the generated ones, on average over
-the decoding.
+The floor's KV bytes are what the method holds on average over the decoding: for kvbench's points the mean
+of the bytes its stores hold per sequence after the prefill and at the end (measured: a codec's codes, a
+decode-time evictor held at its budget, a method that ignores the budget keeping every token); for the peers'
+plain caches, full-size keys and values of the kept tokens plus half the generated ones.
 """
 from __future__ import annotations
 
@@ -362,9 +364,13 @@ class Bench:
         from kvbench.cache import fraction_target
         return int(fraction_target(budget, torch.tensor([context]))[0])
 
-    def floor_s(self, method: str, budget, context: int, batch: int, bandwidth: float) -> float:
-        kv = batch * self.kv_token_bytes * (self.kept_tokens(method, budget, context) + (self.cfg.new_tokens - 1) / 2)
-        return (self.weight_bytes + kv) / bandwidth
+    def floor_s(self, method: str, budget, context: int, batch: int, bandwidth: float,
+                kv_seq: float | None = None) -> float:
+        """``kv_seq``: the bytes a sequence holds on average over the decoding, as measured; without it (the
+        peers' plain caches) full-size keys and values of the kept tokens plus half the generated ones."""
+        if kv_seq is None:
+            kv_seq = self.kv_token_bytes * (self.kept_tokens(method, budget, context) + (self.cfg.new_tokens - 1) / 2)
+        return (self.weight_bytes + batch * kv_seq) / bandwidth
 
     def method_points(self) -> list[tuple[str, float | int]]:
         from kvbench.method import parse_budget
@@ -428,6 +434,7 @@ class Bench:
                "decode_tok_s": batch * steps / max(r["decode_s"], 1e-9), "peak_prefill": r["peak_prefill"],
                "peak_batching": r.get("peak_batching"), "peak_decode": r["peak_decode"], "peak": peak_of(*phases),
                "kv_bytes_seq": sum(x["kv_bytes_end"] for x in recs) / batch,
+               "kv_bytes_prefill_seq": sum(x["kv_bytes_prefill"] for x in recs) / batch,
                "kv_ratio_end": sum(x["kv_ratio_end"] for x in recs) / batch}
         del recs, engine, samples
         free_memory()
@@ -491,7 +498,10 @@ class Bench:
         return self.emit(self._with_floor(rec, bw))
 
     def _with_floor(self, rec: dict, bw: float) -> dict:
-        floor = self.floor_s(rec["method"], rec["budget"], rec["context"], rec["batch"], bw)
+        held = None  # what kvbench's method holds (a codec's codes, a decode-time evictor's budget), measured
+        if rec.get("kv_bytes_prefill_seq") is not None and rec.get("kv_bytes_seq") is not None:
+            held = (rec["kv_bytes_prefill_seq"] + rec["kv_bytes_seq"]) / 2
+        floor = self.floor_s(rec["method"], rec["budget"], rec["context"], rec["batch"], bw, held)
         rec["floor_s"] = floor
         if rec.get("status") == "ok":
             rec["x_floor"] = rec["tpot_s"] / floor

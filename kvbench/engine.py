@@ -395,19 +395,20 @@ class Engine:
 
     @torch.no_grad()
     def continuation_logprobs(self, sample: Sample, stepwise: bool = False) -> tuple[torch.Tensor, dict]:
-        """Log-probabilities [T-1, V] of the continuation (teacher-forced) on the compressed context: fed as one
-        chunk (its own keys and values exact, as a prefill chunk's), or ``stepwise`` through the decoding steps
-        (each token reads the cache as the method keeps it while decoding: its evictions, its codes)."""
+        """Log-probabilities [T, V] of the continuation's T tokens (teacher-forced) on the compressed context, row t
+        predicting token t (row 0 from the prefill's last logits): fed as one chunk (its own keys and values
+        exact, as a prefill chunk's), or ``stepwise`` through the decoding steps (each token reads the cache as
+        the method keeps it while decoding: its evictions, its codes)."""
         cache, first, info = self.prefill(Sample(sample.id, sample.context_ids, sample.question_ids, [], 0))
         ids = sample.continuation_ids
         if stepwise:
-            rows: list[torch.Tensor] = []
+            rows = [F.log_softmax(first[0].float(), dim=-1)]
             self.decode(cache, first, [len(ids)], [False], trace_every=0,
                         forced=[ids], on_logits=lambda logits: rows.append(F.log_softmax(logits[0].float(), dim=-1)))
             logp = torch.stack(rows)
         else:
             logits = self.feed(cache, ids, compress=False, all_logits=True)
-            logp = F.log_softmax(logits[0, :-1].float(), dim=-1)
+            logp = F.log_softmax(torch.cat([first, logits[0, :-1]]).float(), dim=-1)
         info["kv_ratio_prefill"] = kv_ratio(info["kv_bytes_prefill"], info["kv_bytes_full_prefill"])
         info["kv_ratio_end"] = kv_ratio(cache.nbytes(), cache.full_nbytes())
         return logp, info

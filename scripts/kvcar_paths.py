@@ -40,7 +40,7 @@ ctx, cont = bos + ids[:C], ids[C:]
 dev = next(model.parameters()).device
 seq = torch.tensor(ctx + cont, device=dev)[None]
 n_ctx = len(ctx)
-target = torch.tensor(cont[1:], device=dev)
+target = torch.tensor(cont, device=dev)  # row t predicts token t (the fidelity task's rows)
 
 meta, tensors = artifacts.load(art, "kvcar")
 sig = artifacts.model_signature(model.config)
@@ -97,7 +97,7 @@ class Reco(Reconstructed):
 @torch.no_grad()
 def run_ref(attn):
     logits = model(input_ids=seq, position_ids=pos, use_cache=False, kvbench_cache=attn).logits[0]
-    return F.log_softmax(logits[n_ctx: -1].float(), -1)
+    return F.log_softmax(logits[n_ctx - 1: -1].float(), -1)
 
 
 @torch.no_grad()
@@ -106,8 +106,8 @@ def run_engine(method, stepwise=False, chunk=None):
     sample = Sample("s", ctx, [], [], 0, continuation_ids=cont)
     if not stepwise:
         return eng.continuation_logprobs(sample)[0]
-    cache, _, _ = eng.prefill(Sample("s", ctx, [], [], 0))
-    outs = [eng.forward(cache, torch.tensor([[t]], device=dev), compress=False) for t in cont]
+    cache, first, _ = eng.prefill(Sample("s", ctx, [], [], 0))
+    outs = [first[:, None]] + [eng.forward(cache, torch.tensor([[t]], device=dev), compress=False) for t in cont]
     return F.log_softmax(torch.cat(outs, 1)[0, :-1].float(), -1)
 
 

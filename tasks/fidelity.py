@@ -1,7 +1,8 @@
 """Fidelity: how far the compressed cache moves the model's next-token distribution.
 
 Teacher-forced: the context is prefilled (and compressed), then a held-out continuation of the same text
-is fed; at every continuation position we compare the log-probabilities with those under the full cache.
+is fed; at every continuation position (the first token's, predicted from the context alone, included) we
+compare the log-probabilities with those under the full cache.
 The continuation goes in as one chunk by default (kvpress's and KVSculpt's setting: its own keys and values
 exact, as a prefill chunk's are); ``stepwise=true`` feeds it token by token through the decoding steps, so
 each token reads the cache as the method keeps it while decoding: the methods that evict while decoding
@@ -78,7 +79,7 @@ class Fidelity(Task):
         """Run the compressed engine and its full-cache reference on the same sample."""
         logp, info = engine.continuation_logprobs(sample, self.stepwise)
         ref, _ = engine.full_reference().continuation_logprobs(sample, self.stepwise)
-        target = torch.tensor(sample.continuation_ids[1:], device=logp.device)
+        target = torch.tensor(sample.continuation_ids, device=logp.device)  # row t predicts token t
         kl = (ref.exp() * (ref - logp)).sum(-1).mean().item()
         nll = -logp.gather(1, target[:, None]).mean().item()
         nll_full = -ref.gather(1, target[:, None]).mean().item()

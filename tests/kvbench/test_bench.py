@@ -221,3 +221,25 @@ def test_largest_batch_search_falls_back_to_the_reserved_peaks_after_an_out_of_m
     last.update(batch=49, status="oom", memory_model=model)
     text = render(records)
     assert "predicted 55 (40 by the reserved peaks), ran 49 (oom); tried 55 oom, 53 oom, 51 oom, 49 oom" in text
+
+
+def test_the_step_floor_counts_the_bytes_the_method_holds(tmp_path):
+    """The floor's KV is what the method holds while decoding (measured after the prefill and at the end), not
+    full-size keys and values of ``budget`` x the context: kvcar ignores the budget (it keeps every token, as
+    codes), h2o holds its budget while decoding. The floor had kvcar reading full-size bytes of half its tokens."""
+    out = tmp_path / "bench-held"
+    args = ["bench", "--preset", "tiny-llama", "--contexts", "64", "--batches", "1,2", "--methods", "full,kvcar,h2o",
+            "--budgets", "0.5", "--new-tokens", "8", "--peers", "", "--device", "cpu", "--out", str(out)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(x) for x in (out / "bench.jsonl").read_text().splitlines()]
+    env = next(r for r in recs if r["kind"] == "env")
+    points = [r for r in recs if r["kind"] == "point"]
+    assert sorted(r["method"] for r in points) == ["full", "full", "h2o", "h2o", "kvcar", "kvcar"]
+    for r in points:
+        assert r["status"] == "ok", r
+        kv_seq = (r["floor_s"] * env["copy_bandwidth"] - env["weight_bytes_read"]) / r["batch"]
+        assert kv_seq == pytest.approx((r["kv_bytes_prefill_seq"] + r["kv_bytes_seq"]) / 2, rel=1e-6), r["method"]
+    kvcar = next(r for r in points if r["method"] == "kvcar" and r["batch"] == 1)
+    half_context = env["kv_token_bytes"] * (32 + 7 / 2)  # the old floor: full-size bytes of half the context
+    assert kvcar["kv_bytes_prefill_seq"] > 1.1 * half_context

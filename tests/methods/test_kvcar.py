@@ -342,7 +342,7 @@ def test_teacher_forced_continuation_reads_decoded_past_and_exact_chunk(chunk):
     with torch.no_grad():
         logits = lm.model(input_ids=ids, position_ids=positions, use_cache=False,
                           kvbench_cache=ExactChunkDecodedPast()).logits
-    want = F.log_softmax(logits[0, len(ctx): -1].float(), -1)
+    want = F.log_softmax(logits[0, len(ctx) - 1: -1].float(), -1)
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
 
 

@@ -20,7 +20,7 @@ def test_stepwise_equals_the_chunk_with_the_full_cache():
     engine = Engine(lm, registry.build_method("full", 1.0))
     chunk, _ = engine.continuation_logprobs(_sample())
     steps, info = engine.continuation_logprobs(_sample(), stepwise=True)
-    assert steps.shape == chunk.shape == (19, lm.model.config.vocab_size)
+    assert steps.shape == chunk.shape == (20, lm.model.config.vocab_size)
     torch.testing.assert_close(steps, chunk, atol=1e-4, rtol=1e-4)
 
 
@@ -47,7 +47,7 @@ def test_stepwise_holds_a_decode_time_evictor_to_its_budget_and_reads_what_it_ke
     assert step_info["kv_ratio_end"] < chunk_info["kv_ratio_end"] - 0.1  # (both include the stores' growth slack)
     assert not torch.allclose(steps, chunk, atol=1e-3)
     cache, first, _ = engine.prefill(Sample("s", s.context_ids, [], [], 0))
-    by_hand = [engine.feed(cache, [t], compress=False)[0, -1] for t in s.continuation_ids[:-1]]
+    by_hand = [first[0]] + [engine.feed(cache, [t], compress=False)[0, -1] for t in s.continuation_ids[:-1]]
     want = torch.log_softmax(torch.stack(by_hand).float(), -1)
     torch.testing.assert_close(steps, want, atol=1e-4, rtol=1e-4)
 
@@ -55,3 +55,23 @@ def test_stepwise_holds_a_decode_time_evictor_to_its_budget_and_reads_what_it_ke
 def test_fidelity_task_takes_stepwise_as_a_parameter():
     task = registry.build_task("fidelity", {"stepwise": "true", "context_len": 64, "continuation_len": 16})
     assert task.stepwise is True
+
+
+@pytest.mark.parametrize("stepwise", [False, True])
+def test_fidelity_scores_every_continuation_token_the_first_included(stepwise):
+    """Perplexity, KL and agreement cover all T continuation tokens: the first one's prediction (from the
+    context alone) is one of them, and with chunked prefill it already reads the compressed cache. By hand:
+    the full cache's perplexity is the model's over ``context + continuation`` at the continuation's tokens."""
+    lm = tiny("llama")
+    s = _sample()
+    task = registry.build_task("fidelity", {"stepwise": str(stepwise).lower()})
+    rec = task.score_logprobs(Engine(lm, registry.build_method("snapkv", 0.5), prefill_chunk=16), s)
+    full = Engine(lm, registry.build_method("full", 1.0))  # one pass over context + continuation
+    logits = full.feed(full.new_cache(1), s.context_ids + s.continuation_ids, False, all_logits=True)[0].float()
+    n = len(s.context_ids)
+    logp = torch.log_softmax(logits[n - 1: -1], -1)
+    nll = -logp.gather(1, torch.tensor(s.continuation_ids)[:, None]).mean().item()
+    assert rec["scores"]["ppl_full"] == pytest.approx(torch.tensor(nll).exp().item(), rel=1e-4)
+    one = Sample("s1", s.context_ids, [], [], 0, continuation_ids=s.continuation_ids[:1])
+    scores = task.score_logprobs(Engine(lm, registry.build_method("snapkv", 0.5), prefill_chunk=16), one)["scores"]
+    assert all(torch.isfinite(torch.tensor(v)) for v in scores.values()), scores
