@@ -56,6 +56,10 @@ class Fidelity(Task):
     n_samples: int = 8
     source: str | None = None
     stepwise: bool = field(default=False, metadata=ADDED_LATER)  # runs before it existed were teacher-forced
+    # Runs before 2026-12-04 (commit 0e497c7) scored tokens 2..T, leaving out the first, whose prediction is the
+    # prefill's last logits. Not ADDED_LATER on purpose: new runs rank apart from those, and False scores as
+    # they did (``-t first_token=false``), to extend them comparably.
+    first_token: bool = True
 
     def samples(self, tokenizer, ctx: TaskContext) -> list[Sample]:
         src = self.source or ctx.data
@@ -80,6 +84,8 @@ class Fidelity(Task):
         logp, info = engine.continuation_logprobs(sample, self.stepwise)
         ref, _ = engine.full_reference().continuation_logprobs(sample, self.stepwise)
         target = torch.tensor(sample.continuation_ids, device=logp.device)  # row t predicts token t
+        if not self.first_token:
+            logp, ref, target = logp[1:], ref[1:], target[1:]
         kl = (ref.exp() * (ref - logp)).sum(-1).mean().item()
         nll = -logp.gather(1, target[:, None]).mean().item()
         nll_full = -ref.gather(1, target[:, None]).mean().item()

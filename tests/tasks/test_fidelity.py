@@ -75,3 +75,22 @@ def test_fidelity_scores_every_continuation_token_the_first_included(stepwise):
     one = Sample("s1", s.context_ids, [], [], 0, continuation_ids=s.continuation_ids[:1])
     scores = task.score_logprobs(Engine(lm, registry.build_method("snapkv", 0.5), prefill_chunk=16), one)["scores"]
     assert all(torch.isfinite(torch.tensor(v)) for v in scores.values()), scores
+
+
+def test_first_token_false_scores_as_the_runs_before_it_existed():
+    """``first_token=false`` leaves out the first continuation token, as runs before 0e497c7 did; the parameter
+    is in the comparability key, so the two kinds of run never share a table cell."""
+    lm = tiny("llama")
+    s = _sample()
+    old = registry.build_task("fidelity", {"first_token": "false"})
+    rec = old.score_logprobs(Engine(lm, registry.build_method("full", 1.0)), s)
+    full = Engine(lm, registry.build_method("full", 1.0))
+    logits = full.feed(full.new_cache(1), s.context_ids + s.continuation_ids, False, all_logits=True)[0].float()
+    n = len(s.context_ids)
+    logp = torch.log_softmax(logits[n: -1], -1)  # tokens 2..T
+    nll = -logp.gather(1, torch.tensor(s.continuation_ids[1:])[:, None]).mean().item()
+    assert rec["scores"]["ppl_full"] == pytest.approx(torch.tensor(nll).exp().item(), rel=1e-4)
+    from kvbench import leaderboard as lb
+    before = {"context_len": 8192, "continuation_len": 256, "n_samples": 8, "name": "fidelity", "source": None}
+    assert lb.comparable_task_params("fidelity", before) != \
+        lb.comparable_task_params("fidelity", {**before, "first_token": True})
