@@ -24,3 +24,26 @@ def test_sliding_window_layers_are_refused(family):
     models.check_drivable(_tiny_model(family, use_sliding_window=True, sliding_window=8, max_window_layers=2))
     with pytest.raises(models.ModelError, match="sliding-window"):
         models.check_drivable(_tiny_model("mistral", sliding_window=8))
+
+
+def _bos_in_post_processor_tokenizer():
+    """A Llama-3-style tokenizer: the BOS is added by the post-processor, and add_bos_token reads False."""
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, "a": 3, "b": 4}
+    tok = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def test_plain_prompt_starts_as_the_tokenizer_starts_a_text():
+    """Without a chat template the prompt lost a BOS that the tokenizer adds in its post-processor."""
+    from kvbench.task import build_prompt
+    from tests.conftest import make_tokenizer
+    tok = _bos_in_post_processor_tokenizer()
+    ctx, q = build_prompt(tok, "a b", " b", chat=False)
+    assert ctx + q == tok.encode("a b") + [4] == [0, 3, 4, 4]
+    plain = make_tokenizer(chat_template=False)  # adds nothing of its own: nothing added
+    ctx, q = build_prompt(plain, "The grass", " is green", chat=True)
+    assert ctx + q == plain.encode("The grass", add_special_tokens=False) + plain.encode(" is green", add_special_tokens=False)
