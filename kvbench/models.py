@@ -239,6 +239,9 @@ def check_model_dir(path: Path, trust_remote_code: bool) -> None:
     if model_type not in SUPPORTED_TYPES:
         raise ModelError(f"model type '{model_type}' of {path} is not supported by kvbench's cache interface "
                          f"(supported: {', '.join(SUPPORTED_TYPES)})")
+    from transformers import AutoConfig  # the config's own rules (Qwen2's layer_types), still no weights read
+    if uses_sliding_window(_local(f"the config of {path}", lambda: AutoConfig.from_pretrained(str(path)))):
+        raise ModelError(f"{path} uses sliding-window attention, which kvbench's cache does not support")
 
 
 def check_gguf(path: Path) -> None:

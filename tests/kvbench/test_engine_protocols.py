@@ -47,3 +47,10 @@ def test_plain_prompt_starts_as_the_tokenizer_starts_a_text():
     plain = make_tokenizer(chat_template=False)  # adds nothing of its own: nothing added
     ctx, q = build_prompt(plain, "The grass", " is green", chat=True)
     assert ctx + q == plain.encode("The grass", add_special_tokens=False) + plain.encode(" is green", add_special_tokens=False)
+
+
+def test_sliding_window_directory_is_refused_before_its_weights(tmp_path):
+    """One line from config.json, before the weights are read (there are none here)."""
+    _tiny_model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=0).config.save_pretrained(tmp_path)
+    with pytest.raises(models.ModelError, match="sliding-window"):
+        models.check_model_dir(tmp_path, trust_remote_code=False)
