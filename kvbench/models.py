@@ -239,6 +239,9 @@ def check_model_dir(path: Path, trust_remote_code: bool) -> None:
     if model_type not in SUPPORTED_TYPES:
         raise ModelError(f"model type '{model_type}' of {path} is not supported by kvbench's cache interface "
                          f"(supported: {', '.join(SUPPORTED_TYPES)})")
+    from transformers import AutoConfig  # the config's own rules (Qwen2's layer_types), still no weights read
+    if uses_sliding_window(_local(f"the config of {path}", lambda: AutoConfig.from_pretrained(str(path)))):
+        raise ModelError(f"{path} uses sliding-window attention, which kvbench's cache does not support")
 
 
 def check_gguf(path: Path) -> None:
@@ -437,12 +440,23 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def uses_sliding_window(cfg) -> bool:
+    """Whether some layer attends within a window: kvbench's cache attends to every token it holds, so such a
+    model would run as another model. Qwen2/Qwen3 say it per layer (``layer_types``, from use_sliding_window and
+    max_window_layers); Mistral by ``sliding_window`` alone."""
+    types = getattr(cfg, "layer_types", None)
+    if types is not None:
+        return "sliding_attention" in types
+    return bool(getattr(cfg, "sliding_window", None)) and getattr(cfg, "use_sliding_window", True) is not False
+
+
 def check_drivable(model) -> None:
     cfg = model.config
     if cfg.model_type not in SUPPORTED_TYPES:
         raise ModelError(f"model type '{cfg.model_type}' is not supported by kvbench's cache interface "
                          f"(supported: {', '.join(SUPPORTED_TYPES)})")
-    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) and cfg.model_type == "mistral":
-        raise ModelError("sliding-window attention is not supported; load the model with sliding_window=None")
+    if uses_sliding_window(cfg):
+        raise ModelError("sliding-window attention is not supported; load the model with sliding_window=None "
+                         "(or use_sliding_window=False)")
     if getattr(model.config, "_attn_implementation", None) != attention.NAME:
         raise ModelError("model was not loaded with kvbench's attention implementation")

@@ -186,6 +186,18 @@ def middle_truncate(ids: list[int], max_len: int) -> list[int]:
     return ids[:half] + ids[len(ids) - (max_len - half):]
 
 
+def leading_special_ids(tokenizer) -> list[int]:
+    """The ids the tokenizer itself puts before a text (its BOS, if it adds one), as ``tokenizer(text)`` gives them.
+    Asked of the tokenizer, not of ``add_bos_token``: a Llama-3 tokenizer adds its BOS in the post-processor and
+    says add_bos_token=False."""
+    bare = tokenizer.encode("x", add_special_tokens=False)
+    full = tokenizer.encode("x")
+    for k in range(len(full) - len(bare) + 1):
+        if full[k:k + len(bare)] == bare:
+            return full[:k]
+    return []
+
+
 def build_prompt(tokenizer, prefix: str, suffix: str, chat: bool, max_len: int | None = None,
                  system: str | None = None) -> tuple[list[int], list[int]]:
     """Token ids of ``prefix`` (the context part) and ``suffix`` (the question part) of one prompt.
@@ -202,8 +214,7 @@ def build_prompt(tokenizer, prefix: str, suffix: str, chat: bool, max_len: int |
         n_suffix = min(len(s_ids), max_len - max_len // 2)
         p_ids, s_ids = ids[: len(ids) - n_suffix], ids[len(ids) - n_suffix:]
     if not chat or getattr(tokenizer, "chat_template", None) is None:
-        bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None else []
-        return bos + p_ids, s_ids
+        return leading_special_ids(tokenizer) + p_ids, s_ids
     # The template is rendered around a marker and tokenized apart from the prompt, so truncation stays
     # exact in tokens (no decode/re-encode round trip).
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": _SPLIT}]
