@@ -136,10 +136,10 @@ def segment_view(store: RaggedKV, per_slot: torch.Tensor, fill=float("-inf"),
 
 
 def keep_top(store: RaggedKV, scores: torch.Tensor, counts: torch.Tensor, host_counts: list[int] | None = None) -> None:
-    """Keep the ``counts[i]`` best-scoring slots of every segment i, in slot order. A segment asked to keep
-    fewer than its always-kept slots (a budget below SnapKV's window: a short prompt at a small fraction, which
-    the reference implementations refuse) keeps the newest of them: without that, ``topk`` chose among equal
-    ``KEEP_ALWAYS`` scores arbitrarily, e.g. dropping the prompt's last token.
+    """Keep the ``counts[i]`` best-scoring slots of every segment i (ties: the earlier slot), in slot order. A
+    segment asked to keep fewer than its always-kept slots (a budget below SnapKV's window: a short prompt at a
+    small fraction, which the reference implementations refuse) keeps the newest of them, not the earliest (it
+    would drop the prompt's last token).
     ``host_counts``: ``counts`` on the host, when the caller knows them: with the store's host lengths the work is
     sized without reading the device back (a prefill then never waits for the GPU between layers); otherwise
     one read-back."""
@@ -164,7 +164,9 @@ def keep_top(store: RaggedKV, scores: torch.Tensor, counts: torch.Tensor, host_c
     too_many = pinned.sum(dim=1) > counts  # rank those rows' pinned slots by position, the rest out (no sync)
     newest_first = torch.where(pinned, store.pos[idx].float(), torch.full_like(vals, float("-inf")))
     vals = torch.where(too_many[:, None], newest_first, vals)
-    top = torch.topk(vals, kmax, dim=1, sorted=True).indices  # [BH, kmax]
+    # a stable sort, not topk: equal scores (max pooling's plateaus) go to the earlier slot whatever the tensor's
+    # shape, so a head keeps the same tokens alone (tensor parallel) as beside the others
+    top = torch.sort(vals, dim=1, descending=True, stable=True).indices[:, :kmax]  # [BH, kmax]
     chosen = torch.arange(kmax, device=top.device)[None, :] < counts[:, None]
     top = torch.where(chosen, top, torch.full_like(top, vals.shape[1]))  # push unchosen to the end
     top = torch.sort(top, dim=1).values
