@@ -331,7 +331,29 @@ def earlier(table: str | Path, drop: list[tuple[str, str]] | None = None, any_dr
     # methods carried no parameters until 2026-12-03) names its runs as their re-runs are named
     frame["method"] = [method_label(m.split("(")[0].split("#")[0], json.loads(p))
                        for m, p in zip(frame["method"], frame["method_params"])]
+    if stored.exists() and not any_drop:
+        frame = _rescored(frame, _stored_samples(str(stored)), drop)
     return frame.assign(run_dir=None, samples_from=str(stored) if stored.exists() else None)
+
+
+def _rescored(frame: pd.DataFrame, stored: dict[str, list[dict]], drop) -> pd.DataFrame:
+    """A recorded run whose samples are stored gets its score, n and interval as a run folder gets them now
+    (the task's own statistic and its stratified bootstrap, ``collect``), not as the table that recorded it
+    computed them: a table folded before a statistic changed would otherwise rank runs by two rules at once."""
+    frame = frame.copy()
+    for i, row in frame.iterrows():
+        samples = stored.get(row["run_id"])
+        if not samples or row["status"] != "complete":
+            continue
+        samples = [r for r in samples if not any(str((r.get("meta") or {}).get(k)) == v for k, v in drop or [])]
+        summarize, units = scorer(row["task"], row["task_params"])
+        try:
+            score, parts = summarize(samples).get("score"), units(samples)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            continue  # as the table recorded it: its samples file lacks what this task's statistic reads
+        lo, hi = stratified_interval([(w, list(u.values())) for w, u in parts])
+        frame.loc[i, ["score", "score_lo", "score_hi", "n_samples"]] = [score, lo, hi, sum(len(u) for _, u in parts)]
+    return frame
 
 
 @functools.lru_cache(maxsize=4)

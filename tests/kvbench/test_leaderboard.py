@@ -896,3 +896,22 @@ def test_ruler_samples_are_split_by_where_their_needles_sit():
     assert half({"needles": [{"depth": 3.0}, {"depth": 49.9}]}) == "before 50%"
     assert half({"needles": [{"depth": 10.0}, {"depth": 90.0}]}) == "both halves"
     assert half({"task": "cwe"}) is None and half({"needles": []}) is None
+
+
+def test_a_recorded_run_with_stored_samples_is_scored_as_a_folder_is_now(tmp_path):
+    """A table folded before the interval became the score's own statistic (or with any other rule) does not keep
+    its old interval when folded again: a run whose samples the table stored is scored again from them, dropped
+    samples left out, so old and new runs in one table are ranked by one rule."""
+    records = [{"id": f"{d}{i}", "meta": {"dataset": d, "length": 100 * (i % 2)},
+                "scores": {"score": base + 10.0 * (i % 3)}}
+               for d, n, base in (("lcc", 42, 70.0), ("qasper", 12, 0.0)) for i in range(n)]
+    write_run(tmp_path / "a", "lb", "longbench", records)
+    drop = [("length", "100")]
+    lb.write(lb.collect(tmp_path / "a", drop), tmp_path / "t", drop=drop)
+    fresh = lb.collect(tmp_path / "a", drop).iloc[0]
+    table = json.loads((tmp_path / "t" / "leaderboard.json").read_text())
+    table["runs"][0].update(score_lo=0.0, score_hi=100.0, n_samples=999)  # as an older rule wrote it
+    (tmp_path / "t" / "leaderboard.json").write_text(json.dumps(table))
+    row = lb.earlier(tmp_path / "t" / "leaderboard.json", drop).iloc[0]
+    assert (row["score_lo"], row["score_hi"], row["n_samples"]) == (fresh["score_lo"], fresh["score_hi"], 27)
+    assert row["score"] == pytest.approx(fresh["score"])
