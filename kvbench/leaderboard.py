@@ -218,7 +218,7 @@ def collect(root: str | Path = "results", drop: list[tuple[str, str]] | None = N
         summarize, units = scorer(config.get("task"), json.dumps(config.get("task_params") or {}, sort_keys=True))
         try:  # the task's own statistic: records it cannot read make this run an error, not the whole table's
             if drop:
-                kept = [r for r in samples if not any(str(r.get("meta", {}).get(k)) == v for k, v in drop)]
+                kept = _kept(samples, drop)
                 if len(kept) < len(samples):  # the run's aggregates covered the dropped samples: recompute them
                     ids = {r.get("id") for r in kept}
                     samples, trace = kept, [t for t in trace if "id" not in t or t["id"] in ids]
@@ -233,7 +233,7 @@ def collect(root: str | Path = "results", drop: list[tuple[str, str]] | None = N
             rows.append(_unreadable(run_dir, f"samples.jsonl: the task cannot score its records ({type(e).__name__}: "
                                              f"{e}); rerun it"))
             continue
-        score_lo, score_hi = stratified_interval([(w, list(u.values())) for w, u in parts])
+        score_lo, score_hi, n = _interval(parts)
 
         def mean(key):
             vals = [s[key] for s in samples if isinstance(s.get(key), (int, float))]
@@ -251,7 +251,7 @@ def collect(root: str | Path = "results", drop: list[tuple[str, str]] | None = N
             "model": model_label(config.get("model_name") or config.get("model")),
             "task": config.get("task"), "method": method_label(config.get("method"), config.get("method_params")),
             "budget": config.get("budget"),
-            "protocol": config.get("protocol"), "n_samples": sum(len(u) for _, u in parts),
+            "protocol": config.get("protocol"), "n_samples": n,
             "score": summary.get("score"), "score_lo": score_lo, "score_hi": score_hi,
             "kv_ratio_prefill": (metrics or {}).get("kv_ratio_prefill", mean("kv_ratio_prefill")),
             "kv_ratio_end": (metrics or {}).get("kv_ratio_end", mean("kv_ratio_end")),
@@ -345,15 +345,25 @@ def _rescored(frame: pd.DataFrame, stored: dict[str, list[dict]], drop) -> pd.Da
         samples = stored.get(row["run_id"])
         if not samples or row["status"] != "complete":
             continue
-        samples = [r for r in samples if not any(str((r.get("meta") or {}).get(k)) == v for k, v in drop or [])]
+        samples = _kept(samples, drop)
         summarize, units = scorer(row["task"], row["task_params"])
         try:
             score, parts = summarize(samples).get("score"), units(samples)
         except (KeyError, TypeError, ValueError, ZeroDivisionError):
             continue  # as the table recorded it: its samples file lacks what this task's statistic reads
-        lo, hi = stratified_interval([(w, list(u.values())) for w, u in parts])
-        frame.loc[i, ["score", "score_lo", "score_hi", "n_samples"]] = [score, lo, hi, sum(len(u) for _, u in parts)]
+        frame.loc[i, ["score", "score_lo", "score_hi", "n_samples"]] = [score, *_interval(parts)]
     return frame
+
+
+def _kept(samples: list[dict], drop) -> list[dict]:
+    """The samples ``drop`` leaves (none of its (KEY, VALUE) pairs in their meta)."""
+    return [r for r in samples if not any(str((r.get("meta") or {}).get(k)) == v for k, v in drop or [])]
+
+
+def _interval(parts) -> tuple[float, float, int]:
+    """The 95% interval of the score's own statistic from the task's ``score_units``, and its n."""
+    lo, hi = stratified_interval([(w, list(u.values())) for w, u in parts])
+    return lo, hi, sum(len(u) for _, u in parts)
 
 
 @functools.lru_cache(maxsize=4)
