@@ -67,7 +67,7 @@ class _Run:
     name: str  # the method; with matched memory, method@kept
     kept: str
     ratio: float
-    scores: dict[str, float]
+    scores: list[tuple[float, dict[str, float]]]  # the task's score_units
     score: float
 
 
@@ -108,9 +108,9 @@ def cells(df: pd.DataFrame, task: str | None = None, drop: list[tuple[str, str]]
             continue
         kept = results.kept_label(row["method"].split("(")[0], row["budget"])
         samples = [s for s in samples if not any(str((s.get("meta") or {}).get(k)) == v for k, v in drop or [])]
-        # paired by the units the task's score averages over: AIME's problems, not their correlated generations
-        scores = {u: v for _, part in leaderboard.scorer(row["task"], row["task_params"])[1](samples)
-                  for u, v in part.items()}
+        # paired by the units the task's score averages over (AIME's problems, not their correlated generations),
+        # each part of a macro average (RULER's task x length, LongBench's datasets) resampled within itself
+        scores = leaderboard.scorer(row["task"], row["task_params"])[1](samples)
         name = f"{row['method']} @{kept}" if matched_memory else row["method"]
         settings[(row["model"], row["protocol"], row["task"], row["setting"])].append(
             _Run(name, kept, float(row["kv_ratio_prefill"]), scores, row["score"]))

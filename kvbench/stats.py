@@ -57,18 +57,31 @@ def _percentile_interval(means, level: float) -> tuple[float, float]:
     return means[max(0, int(math.floor(tail * n_boot)))], means[min(n_boot - 1, int(math.ceil((1.0 - tail) * n_boot)) - 1)]
 
 
-def paired_difference(a: dict, b: dict, level: float = 0.95, n_boot: int = 2000,
+def paired_difference(a: dict | list, b: dict | list, level: float = 0.95, n_boot: int = 2000,
                       seed: int = 0) -> tuple[float, float, float, int]:
-    """``a``, ``b``: sample id -> score. Mean of ``a - b`` over the ids both have, its percentile bootstrap
-    interval (the samples resampled together) and that count; NaNs when they share no sample."""
+    """``a``, ``b``: unit id -> score, or a task's ``score_units`` parts ``[(weight, {unit: score})]`` (a macro
+    average's groups). The difference of the two scores over the units both have (per part: weight x the mean of
+    the differences, parts both lack left out and the weights renormalised), its percentile bootstrap interval
+    (the units resampled together, each part within itself, as the leaderboard's interval) and the count of
+    units; NaNs when they share none."""
     import numpy as np  # vectorised: a cell's family-level intervals take 20,000 resamples of each pair
-    common = sorted(set(a) & set(b), key=str)
-    diffs = np.array([float(a[k]) - float(b[k]) for k in common])
-    if not len(diffs):
+    a_parts = a if isinstance(a, list) else [(1.0, a)]
+    b_all = {k: v for _, part in (b if isinstance(b, list) else [(1.0, b)]) for k, v in part.items()}
+    parts = []
+    for weight, part in a_parts:
+        common = sorted(set(part) & set(b_all), key=str)
+        if common:
+            parts.append((weight, np.array([float(part[k]) - float(b_all[k]) for k in common])))
+    if not parts:
         return math.nan, math.nan, math.nan, 0
-    means = np.sort(diffs[np.random.default_rng(seed).integers(0, len(diffs), (n_boot, len(diffs)))].mean(1))
-    lo, hi = _percentile_interval(means, level)
-    return float(diffs.mean()), float(lo), float(hi), len(diffs)
+    total = sum(w for w, _ in parts)
+    rng = np.random.default_rng(seed)
+    means = np.zeros(n_boot)
+    for weight, diffs in parts:
+        means += weight / total * diffs[rng.integers(0, len(diffs), (n_boot, len(diffs)))].mean(1)
+    lo, hi = _percentile_interval(np.sort(means), level)
+    mean = sum(w / total * d.mean() for w, d in parts)
+    return float(mean), float(lo), float(hi), sum(len(d) for _, d in parts)
 
 
 def interval_ranks(cells: dict[str, tuple[float, float, float]], higher_is_better: bool = True) -> dict[str, int]:

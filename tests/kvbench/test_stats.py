@@ -51,6 +51,20 @@ def test_paired_difference_separates_what_overlapping_intervals_cannot():
     assert paired_difference({"a": 1.0}, {"b": 1.0})[3] == 0
 
 
+def test_a_paired_macro_difference_is_the_difference_of_the_macro_scores():
+    """Parts of a macro average (LongBench's datasets), unequal in size: the paired difference is the difference
+    of the two macro scores (not of the plain means), its interval resamples each part within itself (a shift
+    constant within each part: no spread at all), and a plain dict is one part of weight 1, as before."""
+    from kvbench.stats import paired_difference
+    big = {f"a{i}": float(i % 5) for i in range(40)}
+    small = {f"b{i}": float(i % 3) for i in range(8)}
+    mine = [(0.5, {k: v + 10.0 for k, v in big.items()}), (0.5, {k: v + 2.0 for k, v in small.items()})]
+    theirs = [(0.5, big), (0.5, small)]
+    assert paired_difference(mine, theirs) == (6.0, 6.0, 6.0, 48)  # (10 + 2) / 2; the plain mean: 8.67
+    one = {k: v + (1.0 if i % 2 else -1.0) for i, (k, v) in enumerate(big.items())}
+    assert paired_difference(one, big) == paired_difference([(1.0, one)], [(1.0, big)])
+
+
 def test_ranks_count_what_lies_wholly_above_not_which_pairs_are_apart():
     """B overlaps C yet ranks above it: only A's interval lies wholly above C's (the docstring's example)."""
     cells = {"A": (9.0, 8.0, 10.0), "B": (7.0, 5.0, 9.0), "C": (3.0, 1.0, 6.0)}
