@@ -238,6 +238,11 @@ class CompressKV(ScoredEviction):
                                   f"{min(len(h) for h in heads)} heads in some layer")
         return meta, heads, scores
 
+    def artifact_paths(self) -> list[str]:
+        """The calibration read, whichever form: the artifact or the official files (their bytes go into the
+        run's id, so files replaced at the same paths never resume a run made with the old ones)."""
+        return [str(p) for p in (self.artifact, self.head_idx, self.layer_scores) if p]
+
     def prepare(self, lm) -> None:
         cfg = lm.model.config
         where = self.artifact or self.head_idx

@@ -356,3 +356,19 @@ def test_calibration_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
 
 def progress_lines(out: Path) -> list[str]:
     return (out.parent / f".{out.name}.progress.jsonl").read_text().splitlines()
+
+
+def test_official_calibration_files_enter_the_run_identity(tmp_path):
+    """The official head_idx/layer_scores files are the calibration as much as an artifact is: replaced at the
+    same paths, they must change the run's id (artifact.identity), or the old run's samples are resumed."""
+    import shutil
+
+    from kvbench import artifact
+    head, layers = tmp_path / "head_idx.json", tmp_path / "layer_score.jsonl"
+    shutil.copy(HEAD_IDX, head)
+    shutil.copy(LAYER_SCORES, layers)
+    m = CompressKV(budget=40, head_idx=str(head), layer_scores=str(layers))
+    assert m.artifact_paths() == [str(head), str(layers)]
+    before = artifact.identity(m.artifact_paths())
+    layers.write_text(layers.read_text().replace("0.", "0.1", 1))
+    assert artifact.identity(m.artifact_paths()) != before
