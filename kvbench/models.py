@@ -201,6 +201,8 @@ def _from_pretrained(source: str, dtype, device, trust_remote_code: bool, local_
     if gguf_file:
         kw["gguf_file"] = gguf_file
     tok = AutoTokenizer.from_pretrained(source, **kw)
+    if not gguf_file:  # weights from safetensors only: a .bin is a pickle, which can run code when read
+        kw["use_safetensors"] = True
     if tensor_parallel:  # [distributed] heads split over the torchrun job (kvbench/distributed.py)
         from transformers import AutoConfig
         from kvbench.distributed import tensor_parallel_config
@@ -235,6 +237,10 @@ def check_model_dir(path: Path, trust_remote_code: bool) -> None:
     if config.get("auto_map") and not trust_remote_code:
         raise ModelError(f"{path} ships its own Python code (auto_map in config.json), which kvbench does not run "
                          "unless you pass --trust-remote-code")
+    pickles = sorted(f.name for f in path.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles and not any(f.suffix == ".safetensors" for f in path.iterdir()):
+        raise ModelError(f"{path} holds its weights as pickle files ({', '.join(pickles[:3])}), which can run code "
+                         "when read; kvbench loads safetensors only: convert the weights to .safetensors")
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_TYPES:
         raise ModelError(f"model type '{model_type}' of {path} is not supported by kvbench's cache interface "

@@ -54,3 +54,19 @@ def test_sliding_window_directory_is_refused_before_its_weights(tmp_path):
     _tiny_model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=0).config.save_pretrained(tmp_path)
     with pytest.raises(models.ModelError, match="sliding-window"):
         models.check_model_dir(tmp_path, trust_remote_code=False)
+
+
+def test_pickled_weights_are_refused(tmp_path):
+    """Weights load from safetensors only: a directory whose weights are a pickle (pytorch_model.bin) is refused
+    in one line before anything is unpickled."""
+    from safetensors.torch import load_file
+    model = _tiny_model("llama")
+    model.config._attn_implementation = "sdpa"
+    model.save_pretrained(tmp_path)
+    from tests.conftest import make_tokenizer
+    make_tokenizer().save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with pytest.raises(models.ModelError, match="pickle"):
+        models.load(str(tmp_path))
