@@ -394,6 +394,15 @@ def calibrate(model: str, out: str, grid: str | None = None, haystack: str | Non
     return calibrate_model(lm, out, grid, haystack, longbench, layer_samples, prefill_chunk, log)
 
 
+def progress_header(identity: dict, g: "Grid", texts: list[str], source: str) -> dict:
+    """What a progress file must match to be resumed: the model, the grid, the settings and the haystacks' text
+    (its sha256: ``source`` names only the folder, and another folder of that name is other text)."""
+    import hashlib
+    digest = hashlib.sha256("\0".join(texts).encode("utf-8", errors="replace")).hexdigest()
+    return {"identity": identity, "grid": [g.lengths, g.depths], "haystack": source, "haystack_sha256": digest,
+            "settings": SETTINGS}
+
+
 def calibrate_model(lm, out: str, grid: str | None = None, haystack: str | None = None, longbench: str | None = None,
                     layer_samples: int = 8, prefill_chunk: int | None = None, log=print) -> Path:
     """``calibrate`` on a loaded model."""
@@ -407,7 +416,7 @@ def calibrate_model(lm, out: str, grid: str | None = None, haystack: str | None 
     texts, source = read_haystacks(haystack)
     identity = artifacts.model_identity(lm)
     out_dir = Path(out).expanduser()
-    header = {"identity": identity, "grid": [g.lengths, g.depths], "haystack": source, "settings": SETTINGS}
+    header = progress_header(identity, g, texts, source)
     progress = Progress(out_dir, header)
     log(f"compresskv calibration of {lm.name}: {len(NEEDLES)} needles x {len(g.lengths)} lengths x "
         f"{len(g.depths)} depths, haystack {source}"

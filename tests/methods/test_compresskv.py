@@ -372,3 +372,21 @@ def test_official_calibration_files_enter_the_run_identity(tmp_path):
     before = artifact.identity(m.artifact_paths())
     layers.write_text(layers.read_text().replace("0.", "0.1", 1))
     assert artifact.identity(m.artifact_paths()) != before
+
+
+def test_calibration_progress_of_another_haystack_of_the_same_name_is_not_resumed(tmp_path):
+    """The progress file's header named the haystack by its folder's name only: a calibration with another
+    folder of that name (other text) resumed the finished tests of the first."""
+    from kvbench.methods.compresskv import calibrate as cal
+    texts = []
+    for root, word in ((tmp_path / "a" / "hay", "alpha"), (tmp_path / "b" / "hay", "beta")):
+        root.mkdir(parents=True)
+        for i in range(3):
+            (root / f"{i}.txt").write_text(f"{word} {i}. " * 50)
+        texts.append(cal.read_haystacks(str(root)))
+    assert texts[0][1] == texts[1][1]  # the same description
+    g = cal.Grid([300], [50.0])
+    first = cal.progress_header({"model": "m"}, g, *texts[0])
+    cal.Progress(tmp_path / "out", first).add({"key": "done-test"})
+    second = cal.Progress(tmp_path / "out", cal.progress_header({"model": "m"}, g, *texts[1]))
+    assert not second.done
