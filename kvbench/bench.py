@@ -283,6 +283,12 @@ class Bench:
         self.cfg, self.echo = cfg, echo
         self.device = resolve_device(cfg.device)
         self.cuda = self.device.startswith("cuda")
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise BenchError(f"unknown --device '{cfg.device}': give auto, cpu, cuda or cuda:N") from None
+        if self.cuda and not torch.cuda.is_available():
+            raise BenchError(f"--device {cfg.device}: no CUDA device is available here (use --device cpu)")
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         if cfg.model is None:
             self.preset = cfg.preset or ("llama-3.1-8b" if self.cuda else "tiny-llama")
@@ -306,6 +312,8 @@ class Bench:
             registry.build_for_timing(m, 0.5 if m != results.FULL else 1.0)  # unknown names fail here, before loading
         name = self.preset or Path(cfg.model).name
         self.out = Path(cfg.out or f"results/bench/{name}-{self.device.split(':')[0]}")
+        if self.out.exists() and not self.out.is_dir():
+            raise BenchError(f"--out {self.out} is a file: give a directory for the bench results")
         self.out.mkdir(parents=True, exist_ok=True)
         # Records go to a partial file, renamed over bench.jsonl when the bench ends: a bench that is killed
         # or fails leaves the previous bench.jsonl whole.

@@ -91,6 +91,8 @@ def check_config(cfg: RunConfig) -> None:
             raise TaskError(f"{name} must be a whole number >= {least}, got {value!r}")
     if not isinstance(cfg.temperature, (int, float)) or not 0 <= cfg.temperature < float("inf"):
         raise TaskError(f"temperature must be a finite number >= 0, got {cfg.temperature!r}")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise TaskError(f"--out {cfg.out} is a file: give a directory for the results")
     if cfg.random_weights:
         raise TaskError("tasks need a tokenizer, which random-weight presets lack: give a real --model "
                         "(random weights are for `kvbench bench`)")

@@ -82,6 +82,8 @@ def build(root: str | Path = "results", out: str | Path | None = None, plots_dir
     results to embed (files or directories, ``bench_files``; default: ``bench_root``'s)."""
     root = Path(root)
     out = Path(out) if out else root / "report.html"
+    if out.is_dir():
+        raise results.ResultsError(f"--out {out} is a directory: give the HTML file to write, e.g. {out / 'report.html'}")
     plots_dir = Path(plots_dir) if plots_dir else root / "plots"
     bench_root = Path(bench_root) if bench_root else root / "bench"
     benches = bench_files(bench or ([bench_root] if bench_root.is_dir() else []))  # a wrong path: before any work

@@ -55,6 +55,14 @@ def one_line_error(res, needle: str) -> str:
     return err[0]
 
 
+def each_one_line_error(cases) -> None:
+    for args, needle in cases:
+        try:
+            one_line_error(cli(*args), needle)
+        except AssertionError as e:
+            raise AssertionError(f"{args}: {e}") from None
+
+
 def lines(path: Path) -> list[bytes]:
     return path.read_bytes().splitlines(keepends=True) if path.exists() else []
 
@@ -250,12 +258,7 @@ def test_bad_inputs_are_one_clear_line(tmp_path, tiny_dir, haystack):
         (["train", "deltakv", "--model", "x", "--data", "y", "--out", tmp_path, "--steps", "0"], "at least 1"),
     ]
     started = time.perf_counter()
-    for args, needle in cases:
-        res = cli(*args)
-        try:
-            one_line_error(res, needle)
-        except AssertionError as e:
-            raise AssertionError(f"{args}: {e}") from None
+    each_one_line_error(cases)
     assert len(cases) >= 40
     assert not (out / "runs").exists() or not any((out / "runs").iterdir()), "a refused run left a directory"
     print(f"\n{len(cases)} bad inputs, {len(cases)} one-line errors, {time.perf_counter() - started:.1f}s")
@@ -668,3 +671,16 @@ def test_out_of_memory_mid_run_is_one_line_and_keeps_the_finished(tmp_path, tiny
     assert cli(*run_args(tiny_dir, haystack, tmp_path)).exit_code == 0
     after = lines(run_dir / "samples.jsonl")
     assert after[:2] == kept and len(after) == 4 and not (run_dir / "error.json").exists()
+
+
+def test_an_out_of_the_wrong_kind_or_a_bad_device_is_one_line(tmp_path, tiny_dir, haystack):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    cases = [
+        (run_args(tiny_dir, haystack, a_file), "is a file"),
+        (["report", "--root", tmp_path, "--out", tmp_path, "--plots", tmp_path], "is a directory"),
+        (["bench", "--preset", "tiny-llama", "--device", "cpu", "--contexts", "64", "--batches", "1", "--peers", "",
+          "--out", a_file], "is a file"),
+        (["bench", "--preset", "tiny-llama", "--device", "nope", "--peers", ""], "unknown --device 'nope'"),
+    ]
+    each_one_line_error(cases)
