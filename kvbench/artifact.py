@@ -88,8 +88,9 @@ def identity(paths: list[str]) -> str:
     return h.hexdigest()
 
 
-def read_meta(directory: str | Path, method: str) -> dict:
-    """The artifact's JSON, checked to be a ``method`` artifact (cheap: call it before loading a model)."""
+def read_meta(directory: str | Path, method: str, verify: bool = False) -> dict:
+    """The artifact's JSON, checked to be a ``method`` artifact (cheap: call it before loading a model);
+    ``verify``: the tensor file's checksum too (one read of it, still before the model is loaded)."""
     path = Path(directory).expanduser()
     meta_path = path / META_FILE
     if not meta_path.is_file():
@@ -105,7 +106,15 @@ def read_meta(directory: str | Path, method: str) -> dict:
         raise ArtifactError(f"{directory} holds a {meta.get('method')} artifact, not a {method} one")
     if "tensors_sha256" in meta and not (path / TENSOR_FILE).is_file():
         raise ArtifactError(f"{path / TENSOR_FILE} is missing; make the artifact again")
+    if verify and "tensors_sha256" in meta:
+        _check_tensors(path / TENSOR_FILE, meta)
     return meta
+
+
+def _check_tensors(tensor_path: Path, meta: dict) -> None:
+    if file_sha256(tensor_path) != meta["tensors_sha256"]:
+        raise ArtifactError(f"{tensor_path} does not match the checksum in {META_FILE} (corrupt or replaced); "
+                            "make the artifact again")
 
 
 def load(directory: str | Path, method: str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -115,9 +124,7 @@ def load(directory: str | Path, method: str) -> tuple[dict, dict[str, torch.Tens
     if "tensors_sha256" not in meta:
         return meta, {}
     tensor_path = Path(directory).expanduser() / TENSOR_FILE
-    if file_sha256(tensor_path) != meta["tensors_sha256"]:
-        raise ArtifactError(f"{tensor_path} does not match the checksum in {META_FILE} (corrupt or replaced); "
-                            "make the artifact again")
+    _check_tensors(tensor_path, meta)
     return meta, load_file(str(tensor_path))
 
 

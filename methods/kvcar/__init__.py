@@ -131,7 +131,7 @@ class KVCAR(Method):
                 raise BudgetError(f"kvcar {name} must be a positive whole number, got {value!r}")
         self._meta = None
         if self.artifact is not None:
-            self._meta = artifacts.read_meta(self.artifact, NAME)  # fail before a model is loaded
+            self._meta = artifacts.read_meta(self.artifact, NAME, verify=True)  # fail before a model is loaded
             for name in ("latent_dim", "hidden"):
                 if getattr(self, name) is not None and getattr(self, name) != self._meta[name]:
                     raise BudgetError(f"kvcar {name}={getattr(self, name)} but artifact {self.artifact} was trained "

@@ -354,6 +354,12 @@ def test_artifact_refused_for_another_model(tmp_path):
         registry.build_method("kvcar", 1.0, {"artifact": str(tmp_path / "missing")})
     with pytest.raises(ValueError, match="latent_dim=3 but artifact"):
         registry.build_method("kvcar", 1.0, {"artifact": str(path), "latent_dim": 3})
+    tensors = next(p for p in path.iterdir() if p.suffix == ".safetensors")
+    data = bytearray(tensors.read_bytes())
+    data[-1] ^= 1  # one bit of a weight changed: refused when the method is built, before any model is loaded
+    tensors.write_bytes(bytes(data))
+    with pytest.raises(artifact.ArtifactError, match="does not match the checksum"):
+        registry.build_method("kvcar", 1.0, {"artifact": str(path)})
 
 
 def test_composition_evicts_and_codes(tmp_path):
