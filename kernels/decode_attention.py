@@ -67,6 +67,31 @@ def use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda or _env_true("KVBENCH_TRITON")
 
 
+_CAPABILITY: dict = {}
+
+
+def pdl_enabled() -> bool:
+    """KVBENCH_PDL=1: programmatic dependent launch in the decoding step (issue 21; kernels/NOTES.md)."""
+    return _env_true("KVBENCH_PDL")
+
+
+def pdl_kwargs(x: torch.Tensor) -> dict:
+    """A kernel's ``PDL`` constexpr (and Triton's ``launch_pdl``) for a launch on ``x``'s device.
+
+    With programmatic dependent launch (KVBENCH_PDL=1, compiled kernels on Hopper or newer) a kernel may start
+    while the one before it in the stream is still finishing: at a few rows a step's ~700 kernels are each a
+    few microseconds of ramp-up and tail, which then overlap. A kernel launched so must wait (``gdc_wait``)
+    before it touches anything an earlier kernel of the step writes, and reads before that only what no
+    kernel writes (weights); it lets the next kernel start (``gdc_launch_dependents``) once all its programs
+    have waited, so the next one's wait still covers every kernel before. Without PDL both are no-ops."""
+    if not (x.is_cuda and pdl_enabled()) or _env_true("TRITON_INTERPRET"):
+        return {"PDL": False}
+    idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if idx not in _CAPABILITY:
+        _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)[0]
+    return {"PDL": True, "launch_pdl": True} if _CAPABILITY[idx] >= 9 else {"PDL": False}
+
+
 _JIT_CACHE: dict = {}
 
 
@@ -169,7 +194,11 @@ def _ragged_decode_kernel(
     n_seg, n_kv_heads, group, tq, chunk, qk_scale,
     HEAD_DIM: tl.constexpr, NSEG_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr, WRITE_LOGITS: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # everything below reads what earlier kernels of the step wrote (pdl_kwargs)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)       # work item: (segment, chunk)
     pid_m = tl.program_id(1)     # tile of the G*Tq query rows
 
@@ -264,12 +293,15 @@ def _ragged_reduce_kernel(
     stride_lb, stride_lh, stride_lt,
     n_seg, n_kv_heads, group, tq, chunk,
     HEAD_DIM: tl.constexpr, NSEG_P2: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """One program per (segment, BLOCK_R query rows): merges the segment's
     chunk partials BLOCK_C at a time (vector loads of BLOCK_C partials, not a
     serial loop over chunks), or writes out = 0, lse = -inf if it is empty.
     BLOCK_R = 1 on the GPU (parallelism); larger under the interpreter."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     seg = tl.program_id(0)
     pid_r = tl.program_id(1)
     segs = tl.arange(0, NSEG_P2)
@@ -481,6 +513,7 @@ def ragged_attention_triton(
         n_seg, hkv, G, Tq, chunk, float(scale) * _LOG2E,
         HEAD_DIM=D, NSEG_P2=NSEG_P2, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         PRECISION=precision, DOT_F32=dot_f32, WRITE_LOGITS=slot_logits is not None, num_warps=nw, num_stages=ns,
+        **pdl_kwargs(q),
     )
     if q.is_cuda:
         BLOCK_R, BLOCK_C = 1, 64
@@ -493,7 +526,7 @@ def ragged_attention_triton(
         lse.stride(0), lse.stride(1), lse.stride(2),
         n_seg, hkv, G, Tq, chunk,
         HEAD_DIM=D, NSEG_P2=NSEG_P2, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
-        num_warps=4, num_stages=2,
+        num_warps=4, num_stages=2, **pdl_kwargs(q),
     )
     return out, lse
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decode_attention import _env_true, _launch, use_triton
+from .decode_attention import _env_true, _launch, pdl_kwargs, use_triton
 
 __all__ = ["skinny_linear", "SkinnyLinear", "use_skinny_linear", "MAX_ROWS"]
 
@@ -54,7 +54,7 @@ except Exception:  # pragma: no cover
 def _skinny_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, s_xm, s_om,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -63,16 +63,25 @@ def _skinny_kernel(
     n_ok = rn < N
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * K
     x_rows = x_ptr + rm[:, None] * s_xm
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    # The first tile of weights is read before waiting for the kernel before (PDL): no kernel writes weights.
+    w = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & (rk < K)[None, :], other=0.0)
+    if PDL:  # the activations come from the kernel before (decode_attention.pdl_kwargs)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    x = tl.load(x_rows + rk[None, :], mask=(rm[:, None] < M) & (rk < K)[None, :], other=0.0)
+    if DOT_F32:  # Triton's interpreter multiplies bfloat16 wrongly (as in decode_attention.py)
+        w = w.to(tl.float32)
+        x = x.to(tl.float32)
+    acc = tl.dot(x, tl.trans(w), input_precision=PRECISION, out_dtype=tl.float32)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + rk
         k_ok = k < K
-        w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        x = tl.load(x_rows + k[None, :], mask=(rm[:, None] < M) & k_ok[None, :], other=0.0)
-        if DOT_F32:  # Triton's interpreter multiplies bfloat16 wrongly (as in decode_attention.py)
-            w = w.to(tl.float32)
-            x = x.to(tl.float32)
-        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION, out_dtype=tl.float32)
+        wk = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        xk = tl.load(x_rows + k[None, :], mask=(rm[:, None] < M) & k_ok[None, :], other=0.0)
+        if DOT_F32:
+            wk = wk.to(tl.float32)
+            xk = xk.to(tl.float32)
+        acc += tl.dot(xk, tl.trans(wk), input_precision=PRECISION, out_dtype=tl.float32)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rm[:, None] * s_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -81,20 +90,26 @@ def _skinny_kernel(
 
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, N, K,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     n_ok = rn < N
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * K
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced over K once, after the loop
-    for k0 in range(0, K, BLOCK_K):
+    # The first tile of weights is read before waiting for the kernel before (PDL): no kernel writes weights.
+    w = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & (rk < K)[None, :], other=0.0)
+    if PDL:  # the activations come from the kernel before (decode_attention.pdl_kwargs)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    x = tl.load(x_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
+    acc = w.to(tl.float32) * x[None, :]  # [BLOCK_N, BLOCK_K], reduced over K once, after the loop
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + rk
         k_ok = k < K
-        w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-        acc += w * x[None, :]
+        wk = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        xk = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+        acc += wk * xk[None, :]
     out = tl.sum(acc, axis=1)
     if HAS_BIAS:
         out += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
@@ -129,12 +144,12 @@ def _launch_shape(x2, weight, bias, out, config) -> None:
     b = bias if bias is not None else weight
     if M == 1:
         _launch(_gemv_kernel, grid, x2, weight, b, out, N, K, HAS_BIAS=bias is not None, BLOCK_N=block_n,
-                BLOCK_K=block_k, **kwargs)
+                BLOCK_K=block_k, **kwargs, **pdl_kwargs(x2))
         return
     dot_f32 = _env_true("TRITON_INTERPRET") and x2.dtype == torch.bfloat16
     _launch(_skinny_kernel, grid, x2, weight, b, out, M, N, K, x2.stride(0), out.stride(0),
             HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION="ieee" if x2.dtype == torch.float32 or dot_f32 else "tf32",
-            DOT_F32=dot_f32, **kwargs)
+            DOT_F32=dot_f32, **kwargs, **pdl_kwargs(x2))
 
 
 L2_OVERFLOW = 256 << 20  # bytes of weight copies a timing cycles through: above any GPU's L2 cache (H200: 60 MiB)
@@ -262,8 +277,10 @@ def main() -> None:  # pragma: no cover - GPU only
     end.synchronize()
     bw = 2 * x.numel() * 10 / (start.elapsed_time(end) / 1e3)
     del x, y
+    pdl = pdl_kwargs(torch.empty(0, device=dev))["PDL"]
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s (read + write); shares below are "
-          "of it, weight bytes over time")
+          f"of it, weight bytes over time; the kernel's launches {'with' if pdl else 'without'} programmatic "
+          "dependent launch (KVBENCH_PDL)")
     shapes = {"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (14336, 4096), "down": (4096, 14336),
               "lm_head": (128256, 4096)}
     per_layer = {"q/o": 2, "k/v": 2, "gate/up": 2, "down": 1, "lm_head": 0}

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .decode_attention import _launch, _next_pow2, use_triton
+from .decode_attention import _launch, _next_pow2, pdl_kwargs, use_triton
 
 __all__ = ["append_tokens", "append_tokens_triton", "append_tokens_reference"]
 
@@ -35,8 +35,11 @@ def _append_kernel(
     k_ptr, v_ptr, pos_ptr, start_ptr, len_ptr, kn_ptr, vn_ptr, pn_ptr,
     s_kn_b, s_kn_h, s_kn_t, s_kn_d, s_vn_b, s_vn_h, s_vn_t, s_vn_d, s_pn_b, s_pn_t,
     H, T, D,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    if PDL:  # the new rows and the lengths come from earlier kernels of the step (decode_attention.pdl_kwargs)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     seg = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1).to(tl.int64)
     b = seg // H
@@ -69,7 +72,7 @@ def append_tokens_triton(k, v, pos, seg_start, seg_len, k_new, v_new, pos_new) -
     # The model's keys and values already have the store's dtype, so the decoding step never pays for it.
     k_new, v_new = k_new.to(k.dtype), v_new.to(v.dtype)
     _launch(_append_kernel, (B * H, T), k, v, pos, seg_start, seg_len, k_new, v_new, pos_new,
-            *k_new.stride(), *v_new.stride(), *pos_new.stride(), H, T, D, BLOCK_D=max(16, _next_pow2(D)))
+            *k_new.stride(), *v_new.stride(), *pos_new.stride(), H, T, D, BLOCK_D=max(16, _next_pow2(D)), **pdl_kwargs(k))
 
 
 def append_tokens(k, v, pos, seg_start, seg_len, k_new, v_new, pos_new) -> None:

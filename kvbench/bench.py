@@ -459,6 +459,7 @@ class Bench:
         import torch
         cfg = self.cfg
         from kvbench.engine import compile_mode
+        from kvbench.kernels.decode_attention import pdl_enabled
         env = {"kind": "env", "device": self.device, "device_name": torch.cuda.get_device_name() if self.cuda else
                (os.uname().machine + " CPU"), "torch": torch.__version__, "model": self.lm.name,
                "dtype": str(self.dtype).replace("torch.", ""), "new_tokens": cfg.new_tokens,
@@ -466,6 +467,7 @@ class Bench:
         import transformers
         env["transformers"] = transformers.__version__
         env["compile_mode"] = compile_mode() if cfg.compile_decode else None
+        env["pdl"] = pdl_enabled() and self.cuda  # KVBENCH_PDL=1: programmatic dependent launch (kernels/NOTES.md)
         bw = self.bandwidth()
         env["copy_bandwidth"] = bw
         self.emit(env)
@@ -823,7 +825,9 @@ def render(records: list[dict]) -> str:
              + ("; its weight GEMMs of at most 16 rows through kvbench's skinny GEMM kernel"
                 if (env.get('config') or {}).get('skinny_gemm') else "")
              + ("; its weights frozen into the compiled step (inductor fusing the linear layers that share an input where its patterns match)"
-                if (env.get('config') or {}).get('freeze_weights') else "") + ".", "",
+                if (env.get('config') or {}).get('freeze_weights') else "")
+             + ("; its kernels launched with programmatic dependent launch (KVBENCH_PDL=1)" if env.get("pdl") else "")
+             + ".", "",
              markdown(TABLE_COLUMNS, table_rows(records))]
     chunked = [r for r in records if r.get("kind") == "chunked_prefill"]
     if chunked:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from kvbench import distributed
 from kvbench.cache import KVCache, ints_on, rope_inverse_factory
+from kvbench.kernels.decode_attention import pdl_enabled
 from kvbench.models import LoadedModel, cache_argument
 from kvbench.registry import ParameterError
 from kvbench.task import Sample
@@ -92,6 +93,12 @@ def freeze_weights() -> bool:
     return os.environ.get("KVBENCH_FREEZE_WEIGHTS", "0") == "1"
 
 
+def inductor_has_pdl() -> bool:
+    """Whether this torch's inductor can launch its Triton kernels with programmatic dependent launch."""
+    import torch._inductor.config as inductor_config
+    return hasattr(inductor_config.triton, "enable_pdl")
+
+
 class Engine:
     """Drives one loaded model with one method."""
 
@@ -121,6 +128,9 @@ class Engine:
         self.compile_mode = compile_mode()
         self.freeze = freeze_weights() if freeze is None else freeze  # only with compile_decode
         self._compiled_model = None
+        if self.compile_decode and pdl_enabled() and not inductor_has_pdl():
+            raise ParameterError(f"KVBENCH_PDL=1 with a compiled decoding step needs inductor's triton.enable_pdl "
+                                 f"(torch >= 2.9; this is {torch.__version__}): upgrade torch or unset KVBENCH_PDL")
         self.head_shard = distributed.head_shard(self.model)  # [distributed] None unless tensor parallel
         method.prepare(lm)
 
@@ -137,7 +147,10 @@ class Engine:
         if self.freeze:
             layers = self.model.config.num_hidden_layers
             dynamo["recompile_limit"] = max(torch._dynamo.config.recompile_limit, 2 * layers + 8)
-        with torch._dynamo.config.patch(**dynamo), torch._inductor.config.patch(freezing=self.freeze):
+        inductor = {"freezing": self.freeze}
+        if pdl_enabled():  # inductor's own kernels launched as kvbench's are (KVBENCH_PDL, kernels/NOTES.md)
+            inductor["triton.enable_pdl"] = True
+        with torch._dynamo.config.patch(**dynamo), torch._inductor.config.patch(**inductor):
             return self._compiled_model(**kwargs)
 
     def full_reference(self) -> "Engine":

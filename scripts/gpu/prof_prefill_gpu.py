@@ -15,6 +15,7 @@ kvsculpt.adaptive=true --profile 8192 --profile-method kvsculpt``; the empty con
 prefills, five more compressions of a slow method).
 """
 import argparse
+import os
 import statistics
 import time
 
@@ -156,6 +157,9 @@ def main() -> None:
     ap.add_argument("--skinny-gemm", choices=("off", "on", "both"), default="off",
                     help="the linear layers of <= 16 rows through kvbench.kernels.skinny_gemm (as kvbench bench "
                          "--skinny-gemm); both: --decode with cuBLAS, then again with the kernel, one model load")
+    ap.add_argument("--pdl", choices=("off", "on", "both"), default="off",
+                    help="programmatic dependent launch (KVBENCH_PDL=1: kvbench's kernels, and inductor's with "
+                         "--compile); both: --decode without, then again with, one model load")
     ap.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE",
                     help="a method's parameter (repeatable), e.g. kvsculpt.adaptive=true")
     args = ap.parse_args()
@@ -166,6 +170,8 @@ def main() -> None:
         if not (method and key and value):
             ap.error(f"--param {p}: write METHOD.KEY=VALUE, e.g. kvsculpt.adaptive=true")
         params.setdefault(method, {})[key] = yaml.safe_load(value)
+    if args.pdl == "on":
+        os.environ["KVBENCH_PDL"] = "1"
     contexts = [int(c) for c in args.contexts.split(",") if c]  # "": no prefill timings (--decode alone)
     lm = models.load(args.preset, torch.bfloat16, "cuda", random_weights=True)
     lm.tokenizer = models.IdTokenizer()
@@ -213,6 +219,11 @@ def main() -> None:
             decode_profile(lm, build_engines(freeze=True), args.decode, args.batch)
         if args.skinny_gemm == "both":
             print(f"skinny GEMM kernel in {use_skinny_linear(model)} linear layers; the same again:")
+            decode_profile(lm, build_engines(), args.decode, args.batch)
+        if args.pdl == "both":
+            os.environ["KVBENCH_PDL"] = "1"
+            torch._dynamo.reset()  # inductor's kernels compiled again, with PDL
+            print("programmatic dependent launch (KVBENCH_PDL=1); the same again:")
             decode_profile(lm, build_engines(), args.decode, args.batch)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile

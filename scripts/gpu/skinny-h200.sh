@@ -9,6 +9,11 @@
 #   bash scripts/gpu/skinny-h200.sh freeze   -> $OUT/freeze-b{1,8}.log: the compiled steady step of full and snapkv at
 #     32k, batch 1 and 8, unfrozen then with the weights frozen (q/k/v and gate/up one GEMM each; every layer
 #     compiles on its own: minutes of compiling); what the skinny GEMM could not win (kernels/NOTES.md)
+#   bash scripts/gpu/skinny-h200.sh pdl      -> $OUT/pdl-*.log (~8 min): programmatic dependent launch (KVBENCH_PDL=1:
+#     each kernel of the step may start while the one before finishes; kernels/NOTES.md): the kernel and engine
+#     tests on the GPU with it, the skinny GEMM's shapes with it (consecutive launches overlap in the timing
+#     graph), then the compiled steady step of full and snapkv at 32k without and with it: batch 1 with the
+#     skinny GEMM (its first weight tile is loaded before the wait) and with cuBLAS, batch 8 with cuBLAS
 #   bash scripts/gpu/skinny-h200.sh chunk    -> the three launch shapes only (~100 s; the chunk rule's check)
 #   bash scripts/gpu/skinny-h200.sh kvcar    -> KV-CAR's read kernel with and without the rotation (~30 s)
 #   bash scripts/gpu/skinny-h200.sh attention -> $OUT/kernels-h200/ (the decode attention's launch shapes swept on
@@ -36,6 +41,18 @@ freeze)
     timeout 285 python3 $P llama-3.1-8b "" --decode 32768 --batch $b --methods full,snapkv --compile --freeze both \
       2>&1 | grep --line-buffered -v "^Loading" | tee "$OUT/freeze-b$b.log" | grep "steady step\|frozen\|nvjet\|gemm\|Error"
   done ;;
+pdl)
+  if python3 -c "import pytest" 2>/dev/null; then
+    KVBENCH_PDL=1 timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_kernels.py \
+      tests/kernels/test_store_append.py tests/kernels/test_skinny_gemm.py tests/kvbench/test_compiled_decode.py \
+      -k "not compiles_for" 2>&1 | tail -4 | tee "$OUT/pdl-tests.log"
+  else echo "pytest missing: the GPU tests were not run" | tee "$OUT/pdl-tests.log"; fi
+  KVBENCH_PDL=1 timeout 120 python3 -m kvbench.kernels.skinny_gemm 2>&1 | tee "$OUT/pdl-skinny-kernel.log" | tail -3
+  for run in "1 on" "1 off" "8 off"; do
+    set -- $run
+    timeout 220 python3 $P llama-3.1-8b "" --decode 32768 --batch $1 --methods full,snapkv --compile --skinny-gemm $2 \
+      --pdl both 2>&1 | grep --line-buffered -v "^Loading" | tee "$OUT/pdl-b$1-skinny-$2.log" | grep "steady step\|dependent\|Error"
+  done ;;
 attention)
   timeout 560 python3 -m kvbench.kernels.bench --sweep --skip-windows --out "$OUT/kernels-h200" 2>&1 | tail -45 ;;
 chunk)  # the chunk's rule against the last table (results/bench/h200-kernels/evened-a571824/), in about 100 s:
@@ -47,5 +64,5 @@ chunk)  # the chunk's rule against the last table (results/bench/h200-kernels/ev
     > "$OUT/kernels-h200.log" 2>&1; grep "sweep" "$OUT/kernels-h200.log" ;;
 kvcar)  # where KV-CAR's read kernel spends its time: with and without the keys' rotation, its matmuls' rate (~30 s)
   timeout 200 python3 -m kvbench.kernels.kvcar_decode --diagnose 2>&1 | grep -v "^Loading" | tee "$OUT/kvcar-diagnose.log" ;;
-*) echo "usage: $0 kernel|bench|freeze|attention|chunk|kvcar" >&2; exit 2 ;;
+*) echo "usage: $0 kernel|bench|freeze|pdl|attention|chunk|kvcar" >&2; exit 2 ;;
 esac

@@ -134,14 +134,21 @@ ptrs = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16"
 sig_gemv = {**ptrs, "N": "i32", "K": "i32"}
 sig_dot = {**ptrs, "M": "i32", "N": "i32", "K": "i32", "s_xm": "i32", "s_om": "i32"}
 aligned = {(i,): [["tt.divisibility", 16]] for i in range(len(sig_dot)) if i not in (2, 4)}  # as at K = 4096
-jobs = [(sg._gemv_kernel, sig_gemv, {}, c) for c in sg.GEMV_CONFIGS]
-jobs += [(sg._skinny_kernel, sig_dot, dict(BLOCK_M=16, PRECISION="tf32", DOT_F32=False), c) for c in sg.DOT_CONFIGS]
+dot = dict(BLOCK_M=16, PRECISION="tf32", DOT_F32=False)
+# every launch shape with programmatic dependent launch (the kernel's longer form); the first without it
+jobs = [(sg._gemv_kernel, sig_gemv, {"PDL": i > 0}, c) for i, c in enumerate(sg.GEMV_CONFIGS[:1] + sg.GEMV_CONFIGS)]
+jobs += [(sg._skinny_kernel, sig_dot, {**dot, "PDL": i > 0}, c) for i, c in enumerate(sg.DOT_CONFIGS[:1] + sg.DOT_CONFIGS)]
 for fn, sig, extra, (bn, bk, warps, stages) in jobs:
     const = dict(HAS_BIAS=True, BLOCK_N=bn, BLOCK_K=bk, **extra)
     src = ASTSource(fn=triton.jit(fn), signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const,
                     attrs={k: v for k, v in aligned.items() if k[0] < len(sig)})
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages}).asm["ptx"]
+    options = {"num_warps": warps, "num_stages": stages, "launch_pdl": extra["PDL"]}
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
     assert "ld.global.v4" in ptx or "cp.async" in ptx, (fn.__name__, const)  # 16-byte loads of the weight
+    # with PDL: the wait before the activations, and after the first weight tile's load
+    waits = ptx.find("griddepcontrol.wait")
+    assert (waits >= 0) == extra["PDL"], (fn.__name__, const)
+    assert waits < 0 or "ld.global" in ptx[:waits] or "cp.async" in ptx[:waits], (fn.__name__, const)
 print("compiled", len(jobs))
 """
 
@@ -150,7 +157,8 @@ def test_every_launch_shape_compiles_for_the_h200_with_wide_loads():
     """The interpreter accepts what the compiler may refuse: every candidate launch shape of both kernels compiled
     ahead of time for sm_90 (bf16, K a multiple of 16 as at a launch on the models' shapes), in a process of its
     own (the interpreter, once run in a process, leaves code generation broken there), each loading the weight
-    16 bytes at a time."""
+    16 bytes at a time; with programmatic dependent launch (``PDL``), waiting for the kernel before only after
+    the first weight tile's load was issued."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "KVBENCH_TRITON")}
     out = subprocess.run([sys.executable, "-c", AOT_COMPILE], env=env, capture_output=True, text=True, timeout=600)
