@@ -480,10 +480,15 @@ class Bench:
         # the first decoding step at a batch compiles the decode kernel's variant for its tiles (Triton picks wider
         # tiles and more segments past 2,048 slots a work item; most likely the ~1 s that full's and snapkv's first
         # batch-8 point at 32k paid, TPOT 1.35-2.1x the floor against 1.09-1.38x steady): either would land in
-        # whichever method is measured first there.
+        # whichever method is measured first there. A method's own kernels have size-dependent variants too (the
+        # decode-time evictors' argmin splits its search past 1,024 slots, and Triton specialises integer
+        # arguments by their divisibility): tova's, h2o's and streamingllm's first points at 32k paid 0.3-0.8 s
+        # more before their steady state than snapkv's (TPOT against steady, bench-evictors-83f073e), so every
+        # method warms at every (context, batch): one prefill and one eager decoding step each.
         for context in cfg.contexts:
             for batch in cfg.batches:
-                self.kvbench_point(*next(iter(self.method_points())), context, batch, new_tokens=2)
+                for method, budget in self.method_points():
+                    self.kvbench_point(method, budget, context, batch, new_tokens=2)
         points = []
         for context in cfg.contexts:
             for method, budget in self.method_points():
