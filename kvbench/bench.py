@@ -69,6 +69,7 @@ class BenchConfig:
     compile_decode: bool = False  # the decoding step through torch.compile (kvbench.engine.Engine.compile_decode)
     skinny_gemm: bool = False  # the model's linear layers of <= 16 rows through kvbench.kernels.skinny_gemm
     freeze_weights: bool = False  # the compiled decoding step with the weights as constants (Engine.freeze)
+    pdl: bool = False  # programmatic dependent launch (KVBENCH_PDL=1 for the bench's run; kernels/NOTES.md)
     peers: list[str] = field(default_factory=lambda: ["hf", "kvpress"])
     kvpress_path: str | None = None
     chunked_prefill: int | None = None
@@ -308,6 +309,11 @@ class Bench:
         from kvbench import registry
         from kvbench.engine import compile_mode
         compile_mode()  # a KVBENCH_COMPILE_MODE it cannot use fails here, before loading
+        from kvbench import engine
+        from kvbench.kernels.decode_attention import pdl_enabled
+        if cfg.compile_decode and pdl_enabled() and not engine.inductor_has_pdl():
+            raise BenchError(f"--pdl with --compile needs inductor's triton.enable_pdl (torch >= 2.9; this is "
+                             f"{torch.__version__}): upgrade torch or drop --pdl")
         for m in cfg.methods + ([cfg.chunk_method] if cfg.chunked_prefill else []):
             registry.build_for_timing(m, 0.5 if m != results.FULL else 1.0)  # unknown names fail here, before loading
         name = self.preset or Path(cfg.model).name
@@ -459,7 +465,7 @@ class Bench:
         import torch
         cfg = self.cfg
         from kvbench.engine import compile_mode
-        from kvbench.kernels.decode_attention import pdl_enabled
+        from kvbench.kernels.decode_attention import pdl_kwargs
         env = {"kind": "env", "device": self.device, "device_name": torch.cuda.get_device_name() if self.cuda else
                (os.uname().machine + " CPU"), "torch": torch.__version__, "model": self.lm.name,
                "dtype": str(self.dtype).replace("torch.", ""), "new_tokens": cfg.new_tokens,
@@ -467,7 +473,8 @@ class Bench:
         import transformers
         env["transformers"] = transformers.__version__
         env["compile_mode"] = compile_mode() if cfg.compile_decode else None
-        env["pdl"] = pdl_enabled() and self.cuda  # KVBENCH_PDL=1: programmatic dependent launch (kernels/NOTES.md)
+        # in effect, not only asked for: KVBENCH_PDL=1 on a GPU of compute capability 9 or more (kernels/NOTES.md)
+        env["pdl"] = pdl_kwargs(torch.empty(0, device=self.device))["PDL"]
         bw = self.bandwidth()
         env["copy_bandwidth"] = bw
         self.emit(env)
@@ -864,8 +871,17 @@ def write_table(path: Path, records: list[dict]) -> None:
 
 
 def run_bench(cfg: BenchConfig, echo=print) -> tuple[Path, list[dict]]:
-    bench = Bench(cfg, echo)
-    records = bench.run()
+    before = os.environ.get("KVBENCH_PDL")
+    if cfg.pdl:  # read by kvbench's kernels at every launch and by the engine when it compiles the step
+        os.environ["KVBENCH_PDL"] = "1"
+    try:
+        bench = Bench(cfg, echo)
+        records = bench.run()
+    finally:
+        if before is None:
+            os.environ.pop("KVBENCH_PDL", None)
+        else:
+            os.environ["KVBENCH_PDL"] = before
     return bench.out, records
 
 

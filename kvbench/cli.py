@@ -349,6 +349,10 @@ def sweep(config, tables, plan, device, methods):
               help="with --compile: the weights as constants of the compiled decoding step, so that inductor fuses "
                    "the linear layers that share an input where its patterns match (more memory: the fused copies; "
                    "what it fused and gained: kernels/NOTES.md)")
+@click.option("--pdl/--no-pdl", default=False, show_default=True,
+              help="programmatic dependent launch (Hopper or newer): each kernel of the decoding step may start "
+                   "while the one before it ends (kvbench's kernels, and inductor's with --compile); the same as "
+                   "KVBENCH_PDL=1")
 @click.option("--peers", default="hf,kvpress", show_default=True, help="peers to run beside kvbench ('' for none)")
 @click.option("--kvpress-path", default=None, help="PYTHONPATH entry holding kvpress and transformers<5.3 "
               "(default: $KVBENCH_KVPRESS_PATH)")
@@ -362,7 +366,7 @@ def sweep(config, tables, plan, device, methods):
 @click.option("--time-limit", type=float, default=None, help="seconds; later points are recorded as skipped")
 @click.option("--out", default=None, help="output directory (default results/bench/<model>-<device>)")
 def bench(preset, model, contexts, batches, methods, budgets, new_tokens, largest_batch, compile_decode, skinny_gemm,
-          freeze_weights, peers, kvpress_path,
+          freeze_weights, pdl, peers, kvpress_path,
           chunked_prefill, prefill_chunk, chunk_method, chunk_budget, device, dtype, seed, time_limit, out):
     """Throughput and memory: contexts x batches x methods x budgets, beside transformers and kvpress."""
     from kvbench.bench import BenchConfig, BenchError, run_bench
@@ -371,7 +375,7 @@ def bench(preset, model, contexts, batches, methods, budgets, new_tokens, larges
     cfg = BenchConfig(model=model, preset=preset, contexts=_csv(contexts, int, "--contexts"),
                       batches=_csv(batches, int, "--batches"), methods=_csv(methods, str, "--methods"),
                       budgets=_csv(budgets, float, "--budgets"), new_tokens=new_tokens, largest_batch=largest_batch,
-                      compile_decode=compile_decode, skinny_gemm=skinny_gemm, freeze_weights=freeze_weights, peers=_csv(peers, str, "--peers"), kvpress_path=kvpress_path, chunked_prefill=chunked_prefill,
+                      compile_decode=compile_decode, skinny_gemm=skinny_gemm, freeze_weights=freeze_weights, pdl=pdl, peers=_csv(peers, str, "--peers"), kvpress_path=kvpress_path, chunked_prefill=chunked_prefill,
                       prefill_chunk=prefill_chunk, chunk_method=chunk_method, chunk_budget=chunk_budget, device=device,
                       dtype=dtype, seed=seed, time_limit=time_limit, out=out)
     try:

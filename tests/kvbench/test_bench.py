@@ -268,3 +268,28 @@ def test_every_method_warms_at_every_context_and_batch_before_any_point_is_timed
     first_timed = calls.index(timed[0])
     warmed = {c[:4] for c in calls[:first_timed] if c[4] == 2}
     assert {c[:4] for c in timed} == warmed and len(timed) == 2 * 2 * 2
+
+
+def test_bench_pdl_is_recorded_as_asked_and_in_effect_and_the_environment_restored(tmp_path, monkeypatch):
+    """``--pdl``: KVBENCH_PDL=1 for the bench's run only; the config records it was asked for, the env record
+    whether it was in effect (never on the CPU); with --compile on a torch whose inductor lacks the option, one
+    line before any model is loaded."""
+    import os
+
+    from kvbench import engine
+    monkeypatch.delenv("KVBENCH_PDL", raising=False)
+    out = tmp_path / "bench-pdl"
+    args = ["bench", "--preset", "tiny-llama", "--contexts", "40", "--batches", "1", "--methods", "full",
+            "--new-tokens", "3", "--peers", "", "--no-largest-batch", "--pdl", "--device", "cpu", "--out", str(out)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    env = next(r for r in map(json.loads, (out / "bench.jsonl").read_text().splitlines()) if r["kind"] == "env")
+    assert env["config"]["pdl"] is True and env["pdl"] is False
+    assert "KVBENCH_PDL" not in os.environ
+    monkeypatch.setattr(engine, "inductor_has_pdl", lambda: False)
+    loads = []
+    monkeypatch.setattr("kvbench.models.load", lambda *a, **k: loads.append(a))
+    res = CliRunner().invoke(main, args + ["--compile"])
+    assert res.exit_code != 0 and "--pdl with --compile needs inductor's triton.enable_pdl" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and not loads
+    assert "KVBENCH_PDL" not in os.environ
