@@ -275,8 +275,7 @@ class RaggedKV:
             dest = ((self.start + self.length)[:, None] + torch.arange(T, device=k.device)[None, :]).reshape(-1)
             for t in self.extra.values():
                 t.index_fill_(0, dest, 0)  # not ``t[dest] = 0``: that makes a host tensor of the 0 and copies it over
-        append_tokens(self.k, self.v, self.pos, self.start, self.length, k, v, pos)  # one kernel on CUDA
-        self.length += T
+        append_tokens(self.k, self.v, self.pos, self.start, self.length, k, v, pos)  # advances length; one kernel on CUDA
         if self.host_length is not None:
             self.host_length = [n + T for n in self.host_length]
         if self.free >= T:

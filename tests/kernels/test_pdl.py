@@ -54,7 +54,7 @@ append = {"k_ptr": "*bf16", "v_ptr": "*bf16", "pos_ptr": "*i32", "start_ptr": "*
 jobs = [(da._ragged_decode_kernel, decode, dict(HEAD_DIM=128, NSEG_P2=16, BLOCK_M=16, BLOCK_N=64, BLOCK_D=128,
                                                 PRECISION="tf32", DOT_F32=False, WRITE_LOGITS=True)),
         (da._ragged_reduce_kernel, reduce, dict(HEAD_DIM=128, NSEG_P2=16, BLOCK_C=64, BLOCK_R=1, BLOCK_D=128)),
-        (sa._append_kernel, append, dict(BLOCK_D=128))]
+        (sa._append_kernel, append, dict(BLOCK_D=128, ADVANCE=True))]
 for fn, sig, const in jobs:
     const = {**const, "PDL": pdl}
     src = ASTSource(fn=triton.jit(fn), signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const)
