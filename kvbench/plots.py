@@ -52,14 +52,24 @@ def _save(fig, out: Path, name: str) -> list[Path]:
 MARKERS = ("o", "s", "^", "D")
 
 
+def method_styles(methods) -> dict[str, dict]:
+    """A colour and marker per method (``full`` aside: the black star), by its place among ``methods`` sorted: given
+    every method the figures show, a method looks the same in each figure, whichever others ran that task. The
+    colour cycle repeats after ten methods: the marker tells the eleventh from the first."""
+    names = sorted({str(m) for m in methods} - {results.FULL})
+    cycle = plt.get_cmap("tab10")
+    return {m: {"color": cycle(i % 10), "marker": MARKERS[i // 10 % len(MARKERS)]} for i, m in enumerate(names)}
+
+
 def _ratio_label(ratio: str) -> str:
     when = "when decoding starts" if ratio == "prefill" else "at the end of decoding"
     return f"measured KV ratio {when}\n(bytes held / bytes of a plain full cache)"
 
 
-def score_vs_ratio(df: pd.DataFrame, out: Path, ratio: str = "prefill") -> list[Path]:
+def score_vs_ratio(df: pd.DataFrame, out: Path, ratio: str = "prefill", styles: dict | None = None) -> list[Path]:
     col = f"kv_ratio_{ratio}"
     done = df[(df["status"] == "complete") & df["score"].notna() & df[col].notna()]
+    styles = styles or method_styles(done["method"])  # one style per method across all the figures
     paths = []
     for (model, protocol, task), whole in done.groupby(["model", "protocol", "task"], sort=True):
         # runs of one task under different settings (e.g. fidelity teacher-forced and stepwise) are not one
@@ -67,7 +77,7 @@ def score_vs_ratio(df: pd.DataFrame, out: Path, ratio: str = "prefill") -> list[
         apart = _what_differs(whole)
         for setting, g in whole.groupby("setting", sort=True):
             paths += _score_figure(g, out, col, ratio, model, protocol, task,
-                                   (setting, apart[setting]) if len(apart) > 1 else None)
+                                   (setting, apart[setting]) if len(apart) > 1 else None, styles)
     return paths
 
 
@@ -88,15 +98,19 @@ def _what_differs(runs: pd.DataFrame) -> dict[str, str]:
 
 
 def _score_figure(g: pd.DataFrame, out: Path, col: str, ratio: str, model: str, protocol: str, task: str,
-                  setting: tuple[str, str] | None) -> list[Path]:
+                  setting: tuple[str, str] | None, styles: dict | None = None) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    for i, (method, mg) in enumerate(g[g["method"] != results.FULL].groupby("method", sort=True)):
+    styles = styles or method_styles(g["method"])
+    for method, mg in g[g["method"] != results.FULL].groupby("method", sort=True):
         mg = mg.sort_values(col)
-        # the colour cycle repeats after ten methods: the marker tells the eleventh from the first
-        line, = ax.plot(mg[col], mg["score"], marker=MARKERS[i // 10 % len(MARKERS)], label=method)
-        if mg["score_lo"].notna().all():  # the 95% bootstrap interval of each point, as a band
-            ax.fill_between(mg[col].astype(float), mg["score_lo"].astype(float), mg["score_hi"].astype(float),
-                            color=line.get_color(), alpha=0.12, linewidth=0)
+        x, lo, hi = mg[col].astype(float), mg["score_lo"].astype(float), mg["score_hi"].astype(float)
+        line, = ax.plot(x, mg["score"], label=method, **styles[method])
+        if len(mg) > 1 and lo.notna().all():  # the 95% bootstrap interval of each point, as a band
+            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.12, linewidth=0)
+        else:  # a band through one point has no width: its interval as a bar
+            known = lo.notna() & hi.notna()
+            if known.any():
+                ax.vlines(x[known], lo[known], hi[known], color=line.get_color(), alpha=0.5, linewidth=2)
         for _, r in mg.iterrows():
             ax.annotate(f"{r['budget']:g}", (r[col], r["score"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points", alpha=0.7)
@@ -106,7 +120,7 @@ def _score_figure(g: pd.DataFrame, out: Path, col: str, ratio: str, model: str, 
     ax.set_xlabel(_ratio_label(ratio))
     ax.set_ylabel(f"{task} score (task's headline metric, 0-100)")
     ax.set_title(f"{task}: score against measured KV memory\n{model}, {protocol} protocol "
-                 "(labels: each point's budget; bands: 95% intervals)"
+                 "(labels: each point's budget; bands, or bars for\na method measured at one point: 95% intervals)"
                  + (f"\nsetting [{setting[0]}]: {setting[1]}" if setting else ""))
     ax.grid(alpha=0.3)
     # beside the axes, not on them: the best points sit at the top right, where a legend inside would go
@@ -210,7 +224,7 @@ def _per_context(run_dir: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def throughput(df: pd.DataFrame, out: Path) -> list[Path]:
+def throughput(df: pd.DataFrame, out: Path, styles: dict | None = None) -> list[Path]:
     # a run without speed (timed on a shared device, or resumed under other conditions) has no throughput to draw
     done = df[(df["status"] == "complete") & (df["protocol"] == "query-agnostic") & df["tokens_per_s"].notna()]
     paths = []
@@ -226,12 +240,13 @@ def throughput(df: pd.DataFrame, out: Path) -> list[Path]:
             continue
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 5), layout="constrained")
         batch = sorted({int(b) for b in g["batch_size"].dropna()})
-        methods = sorted({r["method"] for r, _ in lines})
+        colours = styles or method_styles(r["method"] for r, _ in lines)
         budgets = sorted({float(r["budget"]) for r, _ in lines if r["method"] != results.FULL})
         styles = ["-", "--", ":", "-."]
         for r, pc in lines:
-            # One color per method, one line style per budget: a reader can follow a method across budgets.
-            style = dict(color=plt.get_cmap("tab10")(methods.index(r["method"]) % 10), marker="o",
+            # One color per method (as in the score figures; full in black, as its star), one line style per
+            # budget: a reader can follow a method across budgets.
+            style = dict(color="black" if r["method"] == results.FULL else colours[r["method"]]["color"], marker="o",
                          linestyle="-" if r["method"] == results.FULL else styles[budgets.index(float(r["budget"])) % 4])
             label = results.point_label(r["method"], r["budget"])
             a1.plot(pc.index, pc["tps"], label=label, **style)
@@ -300,8 +315,9 @@ def make_all(root: str | Path = "results", out: str | Path | None = None, ratio:
     out = Path(out) if out else root / "plots"
     df = leaderboard.newest(leaderboard.collect(root) if df is None else df)
     folders = df[df["run_dir"].notna()]  # rows from earlier tables have no traces (their samples may be stored)
-    makers = {"score": lambda: score_vs_ratio(df, out, ratio), "niah": lambda: niah_heatmaps(df, out, drop),
-              "kv-steps": lambda: kv_over_steps(folders, out), "throughput": lambda: throughput(folders, out)}
+    styles = method_styles(df[df["status"] == "complete"]["method"])  # a method's colour in every figure
+    makers = {"score": lambda: score_vs_ratio(df, out, ratio, styles), "niah": lambda: niah_heatmaps(df, out, drop),
+              "kv-steps": lambda: kv_over_steps(folders, out), "throughput": lambda: throughput(folders, out, styles)}
     paths = []
     for kind in kinds:
         if kind == "bench":

@@ -915,3 +915,53 @@ def test_a_recorded_run_with_stored_samples_is_scored_as_a_folder_is_now(tmp_pat
     row = lb.earlier(tmp_path / "t" / "leaderboard.json", drop).iloc[0]
     assert (row["score_lo"], row["score_hi"], row["n_samples"]) == (fresh["score_lo"], fresh["score_hi"], 27)
     assert row["score"] == pytest.approx(fresh["score"])
+
+
+def _drawn(monkeypatch) -> dict:
+    """Stand in for ``plots._save``: each figure's axes (lines and collections) by file stem, nothing written."""
+    figures = {}
+
+    def keep(fig, out, name):
+        figures[name] = fig.axes
+        return [Path(out) / f"{name}.png"]
+    monkeypatch.setattr(plots, "_save", keep)
+    return figures
+
+
+def test_a_method_keeps_its_colour_and_marker_in_every_score_figure(tmp_path, monkeypatch):
+    """A reader follows a method from one task's figure to the next by its colour: a colour given by the method's
+    place among the methods of one figure made beta blue on RULER, where alpha did not run, and orange on NIAH."""
+    import matplotlib.colors as mcolors
+    for task, methods in (("niah", ("alpha", "beta", "gamma")), ("ruler", ("beta", "gamma"))):
+        make_run(tmp_path, "full", 1.0, "query-agnostic", 100.0, 1.03, task=task)
+        for m in methods:
+            for budget in (0.25, 0.5):
+                make_run(tmp_path, m, budget, "query-agnostic", 40.0 + 10 * budget, budget, task=task)
+    drawn = _drawn(monkeypatch)
+    plots.score_vs_ratio(lb.newest(lb.collect(tmp_path)), tmp_path / "plots")
+    styles = {}
+    for name, axes in drawn.items():
+        for line in axes[0].get_lines():
+            if line.get_label() in ("alpha", "beta", "gamma"):
+                styles.setdefault(line.get_label(), set()).add(
+                    (mcolors.to_hex(line.get_color()), line.get_marker()))
+    assert set(styles) == {"alpha", "beta", "gamma"} and len(drawn) == 2
+    assert all(len(s) == 1 for s in styles.values()), styles  # one style per method across the figures
+    assert len({next(iter(s)) for s in styles.values()}) == 3  # and no two methods share one
+
+
+def test_a_method_with_one_point_shows_its_interval(tmp_path, monkeypatch):
+    """A band needs two points: a method measured at one budget (a codec at 1.0, fidelity's stepwise setting) drew
+    no interval at all under a title promising 95% intervals; it gets a bar from its lower to its upper bound."""
+    from matplotlib.collections import LineCollection
+    make_run(tmp_path, "full", 1.0, "query-agnostic", 100.0, 1.03)
+    make_run(tmp_path, "alpha", 0.25, "query-agnostic", 50.0, 0.25, lengths=(1000, 2000, 3000))
+    df = lb.newest(lb.collect(tmp_path))
+    # the samples all score 50: give the run a known interval to look for
+    df.loc[df["method"] == "alpha", ["score_lo", "score_hi"]] = [35.0, 62.0]
+    drawn = _drawn(monkeypatch)
+    plots.score_vs_ratio(df, tmp_path / "plots")
+    (axes,) = drawn.values()
+    bars = [seg for c in axes[0].collections if isinstance(c, LineCollection) for seg in c.get_segments()]
+    spans = {(round(float(s[0][0]), 6), *sorted(round(float(y), 6) for y in (s[0][1], s[-1][1]))) for s in bars}
+    assert (0.25, 35.0, 62.0) in spans, spans
