@@ -97,6 +97,14 @@ def _what_differs(runs: pd.DataFrame) -> dict[str, str]:
     return {s: ", ".join(f"{k}={f.get(k)}" for k in differ) for s, f in flat.items()}
 
 
+def _settings(runs: pd.DataFrame):
+    """(setting, its runs, (setting, what sets it apart) or None when the runs have one setting): runs of other
+    settings of a task measure different things, so no figure draws them together."""
+    apart = _what_differs(runs)
+    for setting, g in runs.groupby("setting", sort=True):
+        yield setting, g, ((setting, apart[setting]) if len(apart) > 1 else None)
+
+
 def _score_figure(g: pd.DataFrame, out: Path, col: str, ratio: str, model: str, protocol: str, task: str,
                   setting: tuple[str, str] | None, styles: dict | None = None) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7.5, 5))
@@ -143,40 +151,49 @@ def _niah_grid(row, drop: list[tuple[str, str]] | None = None) -> list[dict]:
 def niah_heatmaps(df: pd.DataFrame, out: Path, drop: list[tuple[str, str]] | None = None) -> list[Path]:
     done = df[(df["status"] == "complete") & (df["task"] == "niah")]
     paths = []
-    for (model, protocol), g in done.groupby(["model", "protocol"], sort=True):
-        budgets = sorted({float(b) for b in g[g["method"] != results.FULL]["budget"]}) or [1.0]
-        ref = g[g["method"] == results.FULL]
-        for budget in budgets:
-            runs = [r for _, r in ref.iterrows()] + [r for _, r in g[(g["method"] != results.FULL) & (
-                g["budget"].astype(float) == budget)].sort_values("method").iterrows()]
-            grids = [(r, _niah_grid(r, drop)) for r in runs]
-            grids = [(r, gr) for r, gr in grids if gr]
-            if not grids:
-                continue
-            cols = min(4, len(grids))
-            rows = -(-len(grids) // cols)
-            fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols + 1, 3.0 * rows + 1), squeeze=False,
-                                     layout="constrained")
-            image = None
-            for ax, (r, grid) in zip(axes.flat, grids):
-                cells = pd.DataFrame(grid).pivot_table(index="depth", columns="length", values="score", aggfunc="mean")
-                image = ax.imshow(cells.values, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto", origin="upper")
-                ax.set_xticks(range(len(cells.columns)), [str(c) for c in cells.columns], fontsize=7)
-                ax.set_yticks(range(len(cells.index)), [f"{d:.0%}" for d in cells.index], fontsize=7)
-                ax.set_xlabel("context length (tokens)", fontsize=8)
-                ax.set_ylabel("needle depth", fontsize=8)
-                label = results.point_label(r["method"], r["budget"])
-                # wrapped: a method with an artifact is named at length, and titles side by side would overlap
-                ax.set_title(textwrap.fill(f"{label} (KV ratio {r['kv_ratio_prefill']:.2f})", 44), fontsize=8)
-                for (i, j), v in pd.DataFrame(cells.values).stack().items():
-                    ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=6)
-            for ax in list(axes.flat)[len(grids):]:
-                ax.axis("off")
-            fig.suptitle(f"Needle in a haystack, budget {budget:g}: score per length x depth\n{model}, {protocol} "
-                         "protocol (score: the run's headline metric, %; found: the needle's key phrase in the "
-                         "answer)", fontsize=10)
-            fig.colorbar(image, ax=axes, shrink=0.8, label="score (%)")
-            paths += _save(fig, out, f"niah-{slug(model)}-{slug(protocol)}-budget{budget:g}")
+    for (model, protocol), whole in done.groupby(["model", "protocol"], sort=True):
+        for _, g, setting in _settings(whole):
+            paths += _niah_figures(g, out, drop, model, protocol, setting)
+    return paths
+
+
+def _niah_figures(g: pd.DataFrame, out: Path, drop, model: str, protocol: str,
+                  setting: tuple[str, str] | None) -> list[Path]:
+    paths = []
+    budgets = sorted({float(b) for b in g[g["method"] != results.FULL]["budget"]}) or [1.0]
+    ref = g[g["method"] == results.FULL]
+    for budget in budgets:
+        runs = [r for _, r in ref.iterrows()] + [r for _, r in g[(g["method"] != results.FULL) & (
+            g["budget"].astype(float) == budget)].sort_values("method").iterrows()]
+        grids = [(r, _niah_grid(r, drop)) for r in runs]
+        grids = [(r, gr) for r, gr in grids if gr]
+        if not grids:
+            continue
+        cols = min(4, len(grids))
+        rows = -(-len(grids) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols + 1, 3.0 * rows + 1), squeeze=False,
+                                 layout="constrained")
+        image = None
+        for ax, (r, grid) in zip(axes.flat, grids):
+            cells = pd.DataFrame(grid).pivot_table(index="depth", columns="length", values="score", aggfunc="mean")
+            image = ax.imshow(cells.values, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto", origin="upper")
+            ax.set_xticks(range(len(cells.columns)), [str(c) for c in cells.columns], fontsize=7)
+            ax.set_yticks(range(len(cells.index)), [f"{d:.0%}" for d in cells.index], fontsize=7)
+            ax.set_xlabel("context length (tokens)", fontsize=8)
+            ax.set_ylabel("needle depth", fontsize=8)
+            label = results.point_label(r["method"], r["budget"])
+            # wrapped: a method with an artifact is named at length, and titles side by side would overlap
+            ax.set_title(textwrap.fill(f"{label} (KV ratio {r['kv_ratio_prefill']:.2f})", 44), fontsize=8)
+            for (i, j), v in pd.DataFrame(cells.values).stack().items():
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=6)
+        for ax in list(axes.flat)[len(grids):]:
+            ax.axis("off")
+        fig.suptitle(f"Needle in a haystack, budget {budget:g}: score per length x depth\n{model}, {protocol} "
+                     "protocol (score: the run's headline metric, %; found: the needle's key phrase in the "
+                     "answer)" + (f"\nsetting [{setting[0]}]: {setting[1]}" if setting else ""), fontsize=10)
+        fig.colorbar(image, ax=axes, shrink=0.8, label="score (%)")
+        paths += _save(fig, out, f"niah-{slug(model)}-{slug(protocol)}-budget{budget:g}"
+                       + (f"-{setting[0]}" if setting else ""))
     return paths
 
 
@@ -194,21 +211,24 @@ def _trace_series(run_dir: Path) -> list[tuple[int, float]] | None:
 def kv_over_steps(df: pd.DataFrame, out: Path) -> list[Path]:
     done = df[df["status"] == "complete"]
     paths = []
-    for (model, task, protocol), g in done.groupby(["model", "task", "protocol"], sort=True):
-        series = [(r, _trace_series(r["run_dir"])) for _, r in g.sort_values(["method", "budget"]).iterrows()]
-        series = [(r, s) for r, s in series if s]
-        if not series:
-            continue
-        fig, ax = plt.subplots(figsize=(7.5, 5))
-        for r, s in series:
-            label = results.point_label(r["method"], r["budget"])
-            ax.plot([x for x, _ in s], [y / 1024 ** 2 for _, y in s], marker=".", label=label)
-        ax.set_xlabel("decoding step (0: end of prefill)")
-        ax.set_ylabel("KV bytes held, all layers (MiB, measured from the stores)")
-        ax.set_title(f"KV memory while decoding: {task}, one sample at batch size 1\n{model}, {protocol} protocol")
-        ax.grid(alpha=0.3)
-        ax.legend(title="method @ budget", fontsize=8)
-        paths += _save(fig, out, f"kv-steps-{slug(model)}-{slug(task)}-{slug(protocol)}")
+    for (model, task, protocol), whole in done.groupby(["model", "task", "protocol"], sort=True):
+        for _, g, setting in _settings(whole):
+            series = [(r, _trace_series(r["run_dir"])) for _, r in g.sort_values(["method", "budget"]).iterrows()]
+            series = [(r, s) for r, s in series if s]
+            if not series:
+                continue
+            fig, ax = plt.subplots(figsize=(7.5, 5))
+            for r, s in series:
+                label = results.point_label(r["method"], r["budget"])
+                ax.plot([x for x, _ in s], [y / 1024 ** 2 for _, y in s], marker=".", label=label)
+            ax.set_xlabel("decoding step (0: end of prefill)")
+            ax.set_ylabel("KV bytes held, all layers (MiB, measured from the stores)")
+            ax.set_title(f"KV memory while decoding: {task}, one sample at batch size 1\n{model}, {protocol} protocol"
+                         + (f"\nsetting [{setting[0]}]: {setting[1]}" if setting else ""))
+            ax.grid(alpha=0.3)
+            ax.legend(title="method @ budget", fontsize=8)
+            paths += _save(fig, out, f"kv-steps-{slug(model)}-{slug(task)}-{slug(protocol)}"
+                           + (f"-{setting[0]}" if setting else ""))
     return paths
 
 
@@ -230,41 +250,47 @@ def throughput(df: pd.DataFrame, out: Path, styles: dict | None = None) -> list[
     paths = []
     for model, g in done.groupby("model", sort=True):
         task = "niah" if (g["task"] == "niah").any() else sorted(g["task"])[0]
-        g = g[g["task"] == task]
-        lines = []
-        for _, r in g.sort_values(["method", "budget"]).iterrows():
-            pc = _per_context(r["run_dir"]).dropna(subset=["length", "tokens_per_s"])
-            if pc["length"].nunique() >= 2:
-                lines.append((r, pc.groupby("length").agg(tps=("tokens_per_s", "mean"), peak=("peak", "max"))))
-        if not lines:
-            continue
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 5), layout="constrained")
-        batch = sorted({int(b) for b in g["batch_size"].dropna()})
-        colours = styles or method_styles(r["method"] for r, _ in lines)
-        budgets = sorted({float(r["budget"]) for r, _ in lines if r["method"] != results.FULL})
-        styles = ["-", "--", ":", "-."]
-        for r, pc in lines:
-            # One color per method (as in the score figures; full in black, as its star), one line style per
-            # budget: a reader can follow a method across budgets.
-            style = dict(color="black" if r["method"] == results.FULL else colours[r["method"]]["color"], marker="o",
-                         linestyle="-" if r["method"] == results.FULL else styles[budgets.index(float(r["budget"])) % 4])
-            label = results.point_label(r["method"], r["budget"])
-            a1.plot(pc.index, pc["tps"], label=label, **style)
-            if pc["peak"].notna().any():
-                a2.plot(pc.index, pc["peak"] / GIB, label=label, **style)
-        a1.set_xlabel("context length (tokens)")
-        a1.set_ylabel("decode tokens/s (all sequences of a batch)")
-        a1.set_title("decode throughput")
-        a2.set_xlabel("context length (tokens)")
-        a2.set_ylabel("peak memory while decoding (GiB)")
-        a2.set_title("peak memory (allocated on CUDA, resident on the CPU)")
-        for ax in (a1, a2):
-            ax.grid(alpha=0.3)
-            ax.legend(title="method @ budget", fontsize=7, ncol=2)
-        fig.suptitle(f"Throughput and memory against context length: {model}, {task} runs "
-                     f"(query-agnostic, batch size {', '.join(map(str, batch))})")
-        paths += _save(fig, out, f"throughput-{slug(model)}")
+        for _, runs, setting in _settings(g[g["task"] == task]):
+            paths += _throughput_figure(runs, out, styles, model, task, setting)
     return paths
+
+
+def _throughput_figure(g: pd.DataFrame, out: Path, styles: dict | None, model: str, task: str,
+                       setting: tuple[str, str] | None) -> list[Path]:
+    lines = []
+    for _, r in g.sort_values(["method", "budget"]).iterrows():
+        pc = _per_context(r["run_dir"]).dropna(subset=["length", "tokens_per_s"])
+        if pc["length"].nunique() >= 2:
+            lines.append((r, pc.groupby("length").agg(tps=("tokens_per_s", "mean"), peak=("peak", "max"))))
+    if not lines:
+        return []
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 5), layout="constrained")
+    batch = sorted({int(b) for b in g["batch_size"].dropna()})
+    colours = styles or method_styles(r["method"] for r, _ in lines)
+    budgets = sorted({float(r["budget"]) for r, _ in lines if r["method"] != results.FULL})
+    dashes = ["-", "--", ":", "-."]
+    for r, pc in lines:
+        # One color per method (as in the score figures; full in black, as its star), one line style per
+        # budget: a reader can follow a method across budgets.
+        style = dict(color="black" if r["method"] == results.FULL else colours[r["method"]]["color"], marker="o",
+                     linestyle="-" if r["method"] == results.FULL else dashes[budgets.index(float(r["budget"])) % 4])
+        label = results.point_label(r["method"], r["budget"])
+        a1.plot(pc.index, pc["tps"], label=label, **style)
+        if pc["peak"].notna().any():
+            a2.plot(pc.index, pc["peak"] / GIB, label=label, **style)
+    a1.set_xlabel("context length (tokens)")
+    a1.set_ylabel("decode tokens/s (all sequences of a batch)")
+    a1.set_title("decode throughput")
+    a2.set_xlabel("context length (tokens)")
+    a2.set_ylabel("peak memory while decoding (GiB)")
+    a2.set_title("peak memory (allocated on CUDA, resident on the CPU)")
+    for ax in (a1, a2):
+        ax.grid(alpha=0.3)
+        ax.legend(title="method @ budget", fontsize=7, ncol=2)
+    fig.suptitle(f"Throughput and memory against context length: {model}, {task} runs "
+                 f"(query-agnostic, batch size {', '.join(map(str, batch))})"
+                 + (f"\nsetting [{setting[0]}]: {setting[1]}" if setting else ""))
+    return _save(fig, out, f"throughput-{slug(model)}" + (f"-{setting[0]}" if setting else ""))
 
 
 def bench_plots(bench_root: Path, out: Path) -> list[Path]:

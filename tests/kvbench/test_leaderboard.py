@@ -965,3 +965,38 @@ def test_a_method_with_one_point_shows_its_interval(tmp_path, monkeypatch):
     bars = [seg for c in axes[0].collections if isinstance(c, LineCollection) for seg in c.get_segments()]
     spans = {(round(float(s[0][0]), 6), *sorted(round(float(y), 6) for y in (s[0][1], s[-1][1]))) for s in bars}
     assert (0.25, 35.0, 62.0) in spans, spans
+
+
+def test_niah_grids_and_memory_traces_of_two_settings_are_not_one_figure(tmp_path, monkeypatch):
+    """Two settings of one task (NIAH at other lengths, fidelity stepwise or not) measure different things: their
+    heatmaps and KV traces were drawn into one figure per budget, two panels or lines of one name ("alpha @ 0.25")
+    that a reader cannot tell apart. A figure per setting, named and titled by what sets it apart."""
+    for sub, params, lengths in (("a", {"haystack": "x"}, (1000, 2000)),
+                                 ("b", {"haystack": "x", "needle": "y"}, (1000, 2000, 3000))):
+        for method, budget, score, ratio in (("full", 1.0, 100.0, 1.03), ("alpha", 0.25, 40.0, 0.25)):
+            make_run(tmp_path, method, budget, "query-agnostic", score, ratio, task_params=params, lengths=lengths,
+                     kv_steps=True)
+    df = lb.newest(lb.collect(tmp_path))
+    assert df["setting"].nunique() == 2
+    drawn = _drawn(monkeypatch)
+    plots.niah_heatmaps(df, tmp_path / "plots")
+    plots.kv_over_steps(df, tmp_path / "plots")
+    plots.throughput(df, tmp_path / "plots")
+    heat = {n: a for n, a in drawn.items() if n.startswith("niah-")}
+    steps = {n: a for n, a in drawn.items() if n.startswith("kv-steps-")}
+    speed = {n: a for n, a in drawn.items() if n.startswith("throughput-")}
+    assert len([n for n in heat if "budget0.25" in n]) == 2 and len(steps) == 2 and len(speed) == 2, sorted(drawn)
+    for name, axes in heat.items():
+        titles = [ax.get_title() for ax in axes if ax.get_title()]
+        assert len(titles) == len(set(titles)), (name, titles)
+    for name, axes in {**steps, **speed}.items():
+        labels = [line.get_label() for line in axes[0].get_lines()]
+        assert sorted(labels) == ["alpha @ 0.25", "full"], (name, labels)
+
+
+def test_throughput_figures_of_two_models_are_both_drawn(tmp_path):
+    for model in ("tiny-model", "other-model"):
+        for method, budget, ratio in (("full", 1.0, 1.03), ("alpha", 0.25, 0.25)):
+            make_run(tmp_path, method, budget, "query-agnostic", 50.0, ratio, model=model)
+    written = plots.make_all(tmp_path, tmp_path / "plots", kinds=("throughput",))
+    assert {p.stem for p in written} == {"throughput-tiny-model", "throughput-other-model"}
