@@ -1000,3 +1000,15 @@ def test_throughput_figures_of_two_models_are_both_drawn(tmp_path):
             make_run(tmp_path, method, budget, "query-agnostic", 50.0, ratio, model=model)
     written = plots.make_all(tmp_path, tmp_path / "plots", kinds=("throughput",))
     assert {p.stem for p in written} == {"throughput-tiny-model", "throughput-other-model"}
+
+
+def test_the_html_tables_say_what_the_markdown_says_of_ranks_and_unfinished_runs(board, tmp_path):
+    """leaderboard.html and the report showed `=1 [..]` with no word on what a rank or `=` means, and said nothing of
+    the unfinished runs they leave out, where leaderboard.md says both."""
+    df = lb.collect(board)
+    lb.write(df, tmp_path / "out")
+    page = report.build(board, tmp_path / "r.html", tmp_path / "plots", make_plots=False).read_text()
+    for text in ((tmp_path / "out" / "leaderboard.html").read_text(), page):
+        assert "lies wholly above" in text and "<code>=</code>: a rank shared" in text
+        assert "1 unfinished run(s) are left out of the tables: niah-gamma-0.25" in text
+    assert "1 unfinished run(s) are left out of the tables: niah-gamma-0.25" in lb.render_markdown(df)
