@@ -573,7 +573,8 @@ def _fmt_frame(frame: pd.DataFrame) -> pd.DataFrame:
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return "—"
         if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+            # 3 significant digits; from 999.5 up, .3g would round to 1e+03: whole numbers
+            return f"{v:.3g}" if abs(v) < 999.5 else f"{v:.0f}"
         return str(v)
     return frame.apply(lambda col: col.map(fmt))
 

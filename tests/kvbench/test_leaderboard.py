@@ -1012,3 +1012,9 @@ def test_the_html_tables_say_what_the_markdown_says_of_ranks_and_unfinished_runs
         assert "lies wholly above" in text and "<code>=</code>: a rank shared" in text
         assert "1 unfinished run(s) are left out of the tables: niah-gamma-0.25" in text
     assert "1 unfinished run(s) are left out of the tables: niah-gamma-0.25" in lb.render_markdown(df)
+
+
+def test_table_numbers_just_under_a_thousand_are_not_printed_in_exponent_notation():
+    """Three significant digits printed 999.7 decode tokens/s as '1e+03' in the tables."""
+    frame = lb._fmt_frame(pd.DataFrame({"decode tok/s": [999.7, 999.4, 1234.5, 0.0189]}))
+    assert list(frame["decode tok/s"]) == ["1000", "999", "1234", "0.0189"]
