@@ -1018,3 +1018,11 @@ def test_table_numbers_just_under_a_thousand_are_not_printed_in_exponent_notatio
     """Three significant digits printed 999.7 decode tokens/s as '1e+03' in the tables."""
     frame = lb._fmt_frame(pd.DataFrame({"decode tok/s": [999.7, 999.4, 1234.5, 0.0189]}))
     assert list(frame["decode tok/s"]) == ["1000", "999", "1234", "0.0189"]
+
+
+def test_the_reports_pairs_header_says_what_a_pair_compares(board, tmp_path):
+    """Since pairs compare the two scores' own statistic (a macro average's parts, AIME's problems), the report's
+    header calling each entry the 'mean per-sample difference' was wrong for RULER and LongBench."""
+    page = report.build(board, tmp_path / "r.html", tmp_path / "plots", make_plots=False).read_text()
+    assert "mean per-sample difference" not in page
+    assert "the difference of their headline scores over the samples both ran, as the score averages them" in page
