@@ -66,7 +66,9 @@ def _ratio_label(ratio: str) -> str:
     return f"measured KV ratio {when}\n(bytes held / bytes of a plain full cache)"
 
 
-def score_vs_ratio(df: pd.DataFrame, out: Path, ratio: str = "prefill", styles: dict | None = None) -> list[Path]:
+def score_vs_ratio(df: pd.DataFrame, out: Path, ratio: str = "prefill", styles: dict | None = None,
+                   drop: list[tuple[str, str]] | None = None) -> list[Path]:
+    """``drop``: the samples ``df`` was scored without (``leaderboard.collect``), said in each title."""
     col = f"kv_ratio_{ratio}"
     done = df[(df["status"] == "complete") & df["score"].notna() & df[col].notna()]
     styles = styles or method_styles(done["method"])  # one style per method across all the figures
@@ -77,7 +79,7 @@ def score_vs_ratio(df: pd.DataFrame, out: Path, ratio: str = "prefill", styles: 
         apart = _what_differs(whole)
         for setting, g in whole.groupby("setting", sort=True):
             paths += _score_figure(g, out, col, ratio, model, protocol, task,
-                                   (setting, apart[setting]) if len(apart) > 1 else None, styles)
+                                   (setting, apart[setting]) if len(apart) > 1 else None, styles, drop)
     return paths
 
 
@@ -106,7 +108,8 @@ def _settings(runs: pd.DataFrame):
 
 
 def _score_figure(g: pd.DataFrame, out: Path, col: str, ratio: str, model: str, protocol: str, task: str,
-                  setting: tuple[str, str] | None, styles: dict | None = None) -> list[Path]:
+                  setting: tuple[str, str] | None, styles: dict | None = None,
+                  drop: list[tuple[str, str]] | None = None) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7.5, 5))
     styles = styles or method_styles(g["method"])
     for method, mg in g[g["method"] != results.FULL].groupby("method", sort=True):
@@ -129,7 +132,8 @@ def _score_figure(g: pd.DataFrame, out: Path, col: str, ratio: str, model: str, 
     ax.set_ylabel(f"{task} score (task's headline metric, 0-100)")
     ax.set_title(f"{task}: score against measured KV memory\n{model}, {protocol} protocol "
                  "(labels: each point's budget; bands, or bars for\na method measured at one point: 95% intervals)"
-                 + (f"\nsetting [{setting[0]}]: {setting[1]}" if setting else ""))
+                 + (f"\nsetting [{setting[0]}]: {setting[1]}" if setting else "")
+                 + (f"\n{leaderboard.drop_text(drop)}" if drop else ""))
     ax.grid(alpha=0.3)
     # beside the axes, not on them: the best points sit at the top right, where a legend inside would go
     ax.legend(title="method", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
@@ -190,7 +194,8 @@ def _niah_figures(g: pd.DataFrame, out: Path, drop, model: str, protocol: str,
             ax.axis("off")
         fig.suptitle(f"Needle in a haystack, budget {budget:g}: score per length x depth\n{model}, {protocol} "
                      "protocol (score: the run's headline metric, %; found: the needle's key phrase in the "
-                     "answer)" + (f"\nsetting [{setting[0]}]: {setting[1]}" if setting else ""), fontsize=10)
+                     "answer)" + (f"\nsetting [{setting[0]}]: {setting[1]}" if setting else "")
+                     + (f"\n{leaderboard.drop_text(drop)}" if drop else ""), fontsize=10)
         fig.colorbar(image, ax=axes, shrink=0.8, label="score (%)")
         paths += _save(fig, out, f"niah-{slug(model)}-{slug(protocol)}-budget{budget:g}"
                        + (f"-{setting[0]}" if setting else ""))
@@ -342,7 +347,7 @@ def make_all(root: str | Path = "results", out: str | Path | None = None, ratio:
     df = leaderboard.newest(leaderboard.collect(root) if df is None else df)
     folders = df[df["run_dir"].notna()]  # rows from earlier tables have no traces (their samples may be stored)
     styles = method_styles(df[df["status"] == "complete"]["method"])  # a method's colour in every figure
-    makers = {"score": lambda: score_vs_ratio(df, out, ratio, styles), "niah": lambda: niah_heatmaps(df, out, drop),
+    makers = {"score": lambda: score_vs_ratio(df, out, ratio, styles, drop), "niah": lambda: niah_heatmaps(df, out, drop),
               "kv-steps": lambda: kv_over_steps(folders, out), "throughput": lambda: throughput(folders, out, styles)}
     paths = []
     for kind in kinds:

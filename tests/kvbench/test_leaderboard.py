@@ -1026,3 +1026,16 @@ def test_the_reports_pairs_header_says_what_a_pair_compares(board, tmp_path):
     page = report.build(board, tmp_path / "r.html", tmp_path / "plots", make_plots=False).read_text()
     assert "mean per-sample difference" not in page
     assert "the difference of their headline scores over the samples both ran, as the score averages them" in page
+
+
+def test_figures_scored_without_some_samples_say_so(board, tmp_path, monkeypatch):
+    """`--drop length=...` scores every run without those samples: the score figures and NIAH grids drawn from those
+    scores said nothing of it (results/qwen's query-aware NIAH figure is titled lengths=[..., 31744], which no point
+    on it measured)."""
+    drop = [("length", "2000")]
+    drawn = _drawn(monkeypatch)
+    plots.make_all(board, tmp_path / "plots", df=lb.collect(board, drop), kinds=("score", "niah"), drop=drop)
+    titles = {n: axes[0].get_title() if n.startswith("score-") else axes[0].figure.get_suptitle()
+              for n, axes in drawn.items()}
+    assert any(n.startswith("score-") for n in titles) and any(n.startswith("niah-") for n in titles)
+    assert all("Samples left out of every run: length=2000." in t for t in titles.values()), titles
