@@ -573,7 +573,8 @@ def _fmt_frame(frame: pd.DataFrame) -> pd.DataFrame:
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return "—"
         if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+            # 3 significant digits; from 999.5 up, .3g would round to 1e+03: whole numbers
+            return f"{v:.3g}" if abs(v) < 999.5 else f"{v:.0f}"
         return str(v)
     return frame.apply(lambda col: col.map(fmt))
 
@@ -602,33 +603,42 @@ def _sections(df: pd.DataFrame, ratio: str, levels):
         yield f"{model}, {protocol}, {tasks} [{setting}]", g["settings"].iloc[0], part(rank), part(runs)
 
 
+def legend(ratio: str = "prefill") -> str:
+    """What the matched-memory tables' columns mean (markdown: `code` in backticks), above them in every rendering."""
+    return (f"Ranked at matched measured memory (KV ratio at {'the start of decoding' if ratio == 'prefill' else 'the end'}"
+            "; see `kvbench/leaderboard.py`): `score@r` is a method's score interpolated along its own measured "
+            "ratios at ratio r; `—` where r is outside what the method was measured at. `rank@r` is 1 + the "
+            "number of methods whose 95% interval at r lies wholly above the method's (`=`: a rank shared), as "
+            "LMSYS's arena ranks: two methods of one rank have overlapping intervals, but two of different ranks may "
+            "overlap too (a rank is no verdict on a pair: the pairs tables, `kvbench pairs`, say which two differ). "
+            "`full` is the reference "
+            "(its ratio is slightly above 1: positions and growth slack). Protocols are never mixed.")
+
+
+def unfinished_text(df: pd.DataFrame) -> str:
+    """The runs the tables leave out because they did not finish ('' when none)."""
+    incomplete = df[df["status"] == "incomplete"]
+    return (f"{len(incomplete)} unfinished run(s) are left out of the tables: " + ", ".join(incomplete["run_id"])
+            if not incomplete.empty else "")
+
+
 def render_markdown(df: pd.DataFrame, ratio: str = "prefill", levels=None, note: str = "") -> str:
-    parts = ["# kvbench leaderboard", "",
-             f"Ranked at matched measured memory (KV ratio at {'the start of decoding' if ratio == 'prefill' else 'the end'}"
-             "; see `kvbench/leaderboard.py`): `score@r` is a method's score interpolated along its own measured "
-             "ratios at ratio r; `—` where r is outside what the method was measured at. `rank@r` is 1 + the "
-             "number of methods whose 95% interval at r lies wholly above the method's (`=`: a rank shared), as "
-             "LMSYS's arena ranks: two methods of one rank have overlapping intervals, but two of different ranks may "
-             "overlap too (a rank is no verdict on a pair: the pairs tables, `kvbench pairs`, say which two differ). "
-             "`full` is the reference "
-             "(its ratio is slightly above 1: positions and growth slack). Protocols are never mixed." + (
-                 f" {note}" if note else "")]
+    parts = ["# kvbench leaderboard", "", legend(ratio) + (f" {note}" if note else "")]
     for title, shared, r, t in _sections(df, ratio, levels):
         parts += ["", f"## {title}", "", f"Shared settings: {shared}", "", "### Matched memory", "", to_markdown(r),
                   "", "### Runs", "", to_markdown(t)]
     fails = failures(df)
     if not fails.empty:
         parts += ["", "## Failed points and unreadable runs", "", to_markdown(fails)]
-    incomplete = df[df["status"] == "incomplete"]
-    if not incomplete.empty:
-        parts += ["", f"{len(incomplete)} unfinished run(s) are left out of the tables: "
-                      + ", ".join(incomplete["run_id"])]
+    if unfinished_text(df):
+        parts += ["", unfinished_text(df)]
     return "\n".join(parts) + "\n"
 
 
 def render_html_tables(df: pd.DataFrame, ratio: str = "prefill", levels=None) -> str:
-    """The leaderboard as HTML fragments (no page around them): used by the report too."""
-    parts = []
+    """The leaderboard as HTML fragments (no page around them): used by the report too. The legend and the note on
+    unfinished runs as the markdown has them: without them `=2 [..]` and the run count do not read."""
+    parts = [f"<p>{_code(_esc(legend(ratio)))}</p>"]
     for title, shared, r, t in _sections(df, ratio, levels):
         parts.append(f"<h2>{_esc(title)}</h2><p>Shared settings: {_esc(shared)}</p><h3>Matched memory</h3>")
         parts.append(_fmt_frame(r).to_html(index=False, border=0, classes="board") if not r.empty else "<p>(none)</p>")
@@ -637,12 +647,19 @@ def render_html_tables(df: pd.DataFrame, ratio: str = "prefill", levels=None) ->
     fails = failures(df)
     if not fails.empty:
         parts.append("<h2>Failed points and unreadable runs</h2>" + _fmt_frame(fails).to_html(index=False, border=0, classes="board"))
+    if unfinished_text(df):
+        parts.append(f"<p>{_esc(unfinished_text(df))}</p>")
     return "\n".join(parts)
 
 
 def _esc(text: str) -> str:
     import html
     return html.escape(str(text))
+
+
+def _code(escaped: str) -> str:
+    """Markdown's `code` spans of an escaped text as <code>."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
 
 
 PAGE_STYLE = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}"

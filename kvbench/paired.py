@@ -190,7 +190,9 @@ def to_html(found: list[Cell], matched_memory: bool = False) -> str:
                 "composition, a codec or a "
                 "token budget against the evictors at its bytes); same-budget cells are left blank (above).</p>"
                 + "\n".join(parts))
-    return ("<h2>Paired comparisons (same samples)</h2><p>Row method minus column method, the headline score's mean "
-            "per-sample difference [95% paired bootstrap interval]; bold: the interval excludes 0; *: also at the "
+    return ("<h2>Paired comparisons (same samples)</h2><p>Row method minus column method: the difference of their "
+            "headline scores over the samples both ran, as the score averages them (per problem, or per part of a "
+            "macro average such as RULER's task x length, weighted as the score weighs it) [95% paired bootstrap "
+            "interval]; bold: the interval excludes 0; *: also at the "
             "Bonferroni level of the table. Only runs whose samples are at hand (run folders, or stored beside an "
             "earlier table).</p>" + "\n".join(parts))

@@ -52,14 +52,26 @@ def _save(fig, out: Path, name: str) -> list[Path]:
 MARKERS = ("o", "s", "^", "D")
 
 
+def method_styles(methods) -> dict[str, dict]:
+    """A colour and marker per method (``full`` aside: the black star), by its place among ``methods`` sorted: given
+    every method the figures show, a method looks the same in each figure, whichever others ran that task. The
+    colour cycle repeats after ten methods: the marker tells the eleventh from the first."""
+    names = sorted({str(m) for m in methods} - {results.FULL})
+    cycle = plt.get_cmap("tab10")
+    return {m: {"color": cycle(i % 10), "marker": MARKERS[i // 10 % len(MARKERS)]} for i, m in enumerate(names)}
+
+
 def _ratio_label(ratio: str) -> str:
     when = "when decoding starts" if ratio == "prefill" else "at the end of decoding"
     return f"measured KV ratio {when}\n(bytes held / bytes of a plain full cache)"
 
 
-def score_vs_ratio(df: pd.DataFrame, out: Path, ratio: str = "prefill") -> list[Path]:
+def score_vs_ratio(df: pd.DataFrame, out: Path, ratio: str = "prefill", styles: dict | None = None,
+                   drop: list[tuple[str, str]] | None = None) -> list[Path]:
+    """``drop``: the samples ``df`` was scored without (``leaderboard.collect``), said in each title."""
     col = f"kv_ratio_{ratio}"
     done = df[(df["status"] == "complete") & df["score"].notna() & df[col].notna()]
+    styles = styles or method_styles(done["method"])  # one style per method across all the figures
     paths = []
     for (model, protocol, task), whole in done.groupby(["model", "protocol", "task"], sort=True):
         # runs of one task under different settings (e.g. fidelity teacher-forced and stepwise) are not one
@@ -67,7 +79,7 @@ def score_vs_ratio(df: pd.DataFrame, out: Path, ratio: str = "prefill") -> list[
         apart = _what_differs(whole)
         for setting, g in whole.groupby("setting", sort=True):
             paths += _score_figure(g, out, col, ratio, model, protocol, task,
-                                   (setting, apart[setting]) if len(apart) > 1 else None)
+                                   (setting, apart[setting]) if len(apart) > 1 else None, styles, drop)
     return paths
 
 
@@ -87,16 +99,29 @@ def _what_differs(runs: pd.DataFrame) -> dict[str, str]:
     return {s: ", ".join(f"{k}={f.get(k)}" for k in differ) for s, f in flat.items()}
 
 
+def _settings(runs: pd.DataFrame):
+    """(setting, its runs, (setting, what sets it apart) or None when the runs have one setting): runs of other
+    settings of a task measure different things, so no figure draws them together."""
+    apart = _what_differs(runs)
+    for setting, g in runs.groupby("setting", sort=True):
+        yield setting, g, ((setting, apart[setting]) if len(apart) > 1 else None)
+
+
 def _score_figure(g: pd.DataFrame, out: Path, col: str, ratio: str, model: str, protocol: str, task: str,
-                  setting: tuple[str, str] | None) -> list[Path]:
+                  setting: tuple[str, str] | None, styles: dict | None = None,
+                  drop: list[tuple[str, str]] | None = None) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    for i, (method, mg) in enumerate(g[g["method"] != results.FULL].groupby("method", sort=True)):
+    styles = styles or method_styles(g["method"])
+    for method, mg in g[g["method"] != results.FULL].groupby("method", sort=True):
         mg = mg.sort_values(col)
-        # the colour cycle repeats after ten methods: the marker tells the eleventh from the first
-        line, = ax.plot(mg[col], mg["score"], marker=MARKERS[i // 10 % len(MARKERS)], label=method)
-        if mg["score_lo"].notna().all():  # the 95% bootstrap interval of each point, as a band
-            ax.fill_between(mg[col].astype(float), mg["score_lo"].astype(float), mg["score_hi"].astype(float),
-                            color=line.get_color(), alpha=0.12, linewidth=0)
+        x, lo, hi = mg[col].astype(float), mg["score_lo"].astype(float), mg["score_hi"].astype(float)
+        line, = ax.plot(x, mg["score"], label=method, **styles[method])
+        if len(mg) > 1 and lo.notna().all():  # the 95% bootstrap interval of each point, as a band
+            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.12, linewidth=0)
+        else:  # a band through one point has no width: its interval as a bar
+            known = lo.notna() & hi.notna()
+            if known.any():
+                ax.vlines(x[known], lo[known], hi[known], color=line.get_color(), alpha=0.5, linewidth=2)
         for _, r in mg.iterrows():
             ax.annotate(f"{r['budget']:g}", (r[col], r["score"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points", alpha=0.7)
@@ -106,8 +131,9 @@ def _score_figure(g: pd.DataFrame, out: Path, col: str, ratio: str, model: str, 
     ax.set_xlabel(_ratio_label(ratio))
     ax.set_ylabel(f"{task} score (task's headline metric, 0-100)")
     ax.set_title(f"{task}: score against measured KV memory\n{model}, {protocol} protocol "
-                 "(labels: each point's budget; bands: 95% intervals)"
-                 + (f"\nsetting [{setting[0]}]: {setting[1]}" if setting else ""))
+                 "(labels: each point's budget; bands, or bars for\na method measured at one point: 95% intervals)"
+                 + (f"\nsetting [{setting[0]}]: {setting[1]}" if setting else "")
+                 + (f"\n{leaderboard.drop_text(drop)}" if drop else ""))
     ax.grid(alpha=0.3)
     # beside the axes, not on them: the best points sit at the top right, where a legend inside would go
     ax.legend(title="method", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
@@ -129,40 +155,50 @@ def _niah_grid(row, drop: list[tuple[str, str]] | None = None) -> list[dict]:
 def niah_heatmaps(df: pd.DataFrame, out: Path, drop: list[tuple[str, str]] | None = None) -> list[Path]:
     done = df[(df["status"] == "complete") & (df["task"] == "niah")]
     paths = []
-    for (model, protocol), g in done.groupby(["model", "protocol"], sort=True):
-        budgets = sorted({float(b) for b in g[g["method"] != results.FULL]["budget"]}) or [1.0]
-        ref = g[g["method"] == results.FULL]
-        for budget in budgets:
-            runs = [r for _, r in ref.iterrows()] + [r for _, r in g[(g["method"] != results.FULL) & (
-                g["budget"].astype(float) == budget)].sort_values("method").iterrows()]
-            grids = [(r, _niah_grid(r, drop)) for r in runs]
-            grids = [(r, gr) for r, gr in grids if gr]
-            if not grids:
-                continue
-            cols = min(4, len(grids))
-            rows = -(-len(grids) // cols)
-            fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols + 1, 3.0 * rows + 1), squeeze=False,
-                                     layout="constrained")
-            image = None
-            for ax, (r, grid) in zip(axes.flat, grids):
-                cells = pd.DataFrame(grid).pivot_table(index="depth", columns="length", values="score", aggfunc="mean")
-                image = ax.imshow(cells.values, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto", origin="upper")
-                ax.set_xticks(range(len(cells.columns)), [str(c) for c in cells.columns], fontsize=7)
-                ax.set_yticks(range(len(cells.index)), [f"{d:.0%}" for d in cells.index], fontsize=7)
-                ax.set_xlabel("context length (tokens)", fontsize=8)
-                ax.set_ylabel("needle depth", fontsize=8)
-                label = results.point_label(r["method"], r["budget"])
-                # wrapped: a method with an artifact is named at length, and titles side by side would overlap
-                ax.set_title(textwrap.fill(f"{label} (KV ratio {r['kv_ratio_prefill']:.2f})", 44), fontsize=8)
-                for (i, j), v in pd.DataFrame(cells.values).stack().items():
-                    ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=6)
-            for ax in list(axes.flat)[len(grids):]:
-                ax.axis("off")
-            fig.suptitle(f"Needle in a haystack, budget {budget:g}: score per length x depth\n{model}, {protocol} "
-                         "protocol (score: the run's headline metric, %; found: the needle's key phrase in the "
-                         "answer)", fontsize=10)
-            fig.colorbar(image, ax=axes, shrink=0.8, label="score (%)")
-            paths += _save(fig, out, f"niah-{slug(model)}-{slug(protocol)}-budget{budget:g}")
+    for (model, protocol), whole in done.groupby(["model", "protocol"], sort=True):
+        for _, g, setting in _settings(whole):
+            paths += _niah_figures(g, out, drop, model, protocol, setting)
+    return paths
+
+
+def _niah_figures(g: pd.DataFrame, out: Path, drop, model: str, protocol: str,
+                  setting: tuple[str, str] | None) -> list[Path]:
+    paths = []
+    budgets = sorted({float(b) for b in g[g["method"] != results.FULL]["budget"]}) or [1.0]
+    ref = g[g["method"] == results.FULL]
+    for budget in budgets:
+        runs = [r for _, r in ref.iterrows()] + [r for _, r in g[(g["method"] != results.FULL) & (
+            g["budget"].astype(float) == budget)].sort_values("method").iterrows()]
+        grids = [(r, _niah_grid(r, drop)) for r in runs]
+        grids = [(r, gr) for r, gr in grids if gr]
+        if not grids:
+            continue
+        cols = min(4, len(grids))
+        rows = -(-len(grids) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols + 1, 3.0 * rows + 1), squeeze=False,
+                                 layout="constrained")
+        image = None
+        for ax, (r, grid) in zip(axes.flat, grids):
+            cells = pd.DataFrame(grid).pivot_table(index="depth", columns="length", values="score", aggfunc="mean")
+            image = ax.imshow(cells.values, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto", origin="upper")
+            ax.set_xticks(range(len(cells.columns)), [str(c) for c in cells.columns], fontsize=7)
+            ax.set_yticks(range(len(cells.index)), [f"{d:.0%}" for d in cells.index], fontsize=7)
+            ax.set_xlabel("context length (tokens)", fontsize=8)
+            ax.set_ylabel("needle depth", fontsize=8)
+            label = results.point_label(r["method"], r["budget"])
+            # wrapped: a method with an artifact is named at length, and titles side by side would overlap
+            ax.set_title(textwrap.fill(f"{label} (KV ratio {r['kv_ratio_prefill']:.2f})", 44), fontsize=8)
+            for (i, j), v in pd.DataFrame(cells.values).stack().items():
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=6)
+        for ax in list(axes.flat)[len(grids):]:
+            ax.axis("off")
+        fig.suptitle(f"Needle in a haystack, budget {budget:g}: score per length x depth\n{model}, {protocol} "
+                     "protocol (score: the run's headline metric, %; found: the needle's key phrase in the "
+                     "answer)" + (f"\nsetting [{setting[0]}]: {setting[1]}" if setting else "")
+                     + (f"\n{leaderboard.drop_text(drop)}" if drop else ""), fontsize=10)
+        fig.colorbar(image, ax=axes, shrink=0.8, label="score (%)")
+        paths += _save(fig, out, f"niah-{slug(model)}-{slug(protocol)}-budget{budget:g}"
+                       + (f"-{setting[0]}" if setting else ""))
     return paths
 
 
@@ -180,21 +216,24 @@ def _trace_series(run_dir: Path) -> list[tuple[int, float]] | None:
 def kv_over_steps(df: pd.DataFrame, out: Path) -> list[Path]:
     done = df[df["status"] == "complete"]
     paths = []
-    for (model, task, protocol), g in done.groupby(["model", "task", "protocol"], sort=True):
-        series = [(r, _trace_series(r["run_dir"])) for _, r in g.sort_values(["method", "budget"]).iterrows()]
-        series = [(r, s) for r, s in series if s]
-        if not series:
-            continue
-        fig, ax = plt.subplots(figsize=(7.5, 5))
-        for r, s in series:
-            label = results.point_label(r["method"], r["budget"])
-            ax.plot([x for x, _ in s], [y / 1024 ** 2 for _, y in s], marker=".", label=label)
-        ax.set_xlabel("decoding step (0: end of prefill)")
-        ax.set_ylabel("KV bytes held, all layers (MiB, measured from the stores)")
-        ax.set_title(f"KV memory while decoding: {task}, one sample at batch size 1\n{model}, {protocol} protocol")
-        ax.grid(alpha=0.3)
-        ax.legend(title="method @ budget", fontsize=8)
-        paths += _save(fig, out, f"kv-steps-{slug(model)}-{slug(task)}-{slug(protocol)}")
+    for (model, task, protocol), whole in done.groupby(["model", "task", "protocol"], sort=True):
+        for _, g, setting in _settings(whole):
+            series = [(r, _trace_series(r["run_dir"])) for _, r in g.sort_values(["method", "budget"]).iterrows()]
+            series = [(r, s) for r, s in series if s]
+            if not series:
+                continue
+            fig, ax = plt.subplots(figsize=(7.5, 5))
+            for r, s in series:
+                label = results.point_label(r["method"], r["budget"])
+                ax.plot([x for x, _ in s], [y / 1024 ** 2 for _, y in s], marker=".", label=label)
+            ax.set_xlabel("decoding step (0: end of prefill)")
+            ax.set_ylabel("KV bytes held, all layers (MiB, measured from the stores)")
+            ax.set_title(f"KV memory while decoding: {task}, one sample at batch size 1\n{model}, {protocol} protocol"
+                         + (f"\nsetting [{setting[0]}]: {setting[1]}" if setting else ""))
+            ax.grid(alpha=0.3)
+            ax.legend(title="method @ budget", fontsize=8)
+            paths += _save(fig, out, f"kv-steps-{slug(model)}-{slug(task)}-{slug(protocol)}"
+                           + (f"-{setting[0]}" if setting else ""))
     return paths
 
 
@@ -210,46 +249,53 @@ def _per_context(run_dir: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def throughput(df: pd.DataFrame, out: Path) -> list[Path]:
+def throughput(df: pd.DataFrame, out: Path, styles: dict | None = None) -> list[Path]:
     # a run without speed (timed on a shared device, or resumed under other conditions) has no throughput to draw
     done = df[(df["status"] == "complete") & (df["protocol"] == "query-agnostic") & df["tokens_per_s"].notna()]
     paths = []
     for model, g in done.groupby("model", sort=True):
         task = "niah" if (g["task"] == "niah").any() else sorted(g["task"])[0]
-        g = g[g["task"] == task]
-        lines = []
-        for _, r in g.sort_values(["method", "budget"]).iterrows():
-            pc = _per_context(r["run_dir"]).dropna(subset=["length", "tokens_per_s"])
-            if pc["length"].nunique() >= 2:
-                lines.append((r, pc.groupby("length").agg(tps=("tokens_per_s", "mean"), peak=("peak", "max"))))
-        if not lines:
-            continue
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 5), layout="constrained")
-        batch = sorted({int(b) for b in g["batch_size"].dropna()})
-        methods = sorted({r["method"] for r, _ in lines})
-        budgets = sorted({float(r["budget"]) for r, _ in lines if r["method"] != results.FULL})
-        styles = ["-", "--", ":", "-."]
-        for r, pc in lines:
-            # One color per method, one line style per budget: a reader can follow a method across budgets.
-            style = dict(color=plt.get_cmap("tab10")(methods.index(r["method"]) % 10), marker="o",
-                         linestyle="-" if r["method"] == results.FULL else styles[budgets.index(float(r["budget"])) % 4])
-            label = results.point_label(r["method"], r["budget"])
-            a1.plot(pc.index, pc["tps"], label=label, **style)
-            if pc["peak"].notna().any():
-                a2.plot(pc.index, pc["peak"] / GIB, label=label, **style)
-        a1.set_xlabel("context length (tokens)")
-        a1.set_ylabel("decode tokens/s (all sequences of a batch)")
-        a1.set_title("decode throughput")
-        a2.set_xlabel("context length (tokens)")
-        a2.set_ylabel("peak memory while decoding (GiB)")
-        a2.set_title("peak memory (allocated on CUDA, resident on the CPU)")
-        for ax in (a1, a2):
-            ax.grid(alpha=0.3)
-            ax.legend(title="method @ budget", fontsize=7, ncol=2)
-        fig.suptitle(f"Throughput and memory against context length: {model}, {task} runs "
-                     f"(query-agnostic, batch size {', '.join(map(str, batch))})")
-        paths += _save(fig, out, f"throughput-{slug(model)}")
+        for _, runs, setting in _settings(g[g["task"] == task]):
+            paths += _throughput_figure(runs, out, styles, model, task, setting)
     return paths
+
+
+def _throughput_figure(g: pd.DataFrame, out: Path, styles: dict | None, model: str, task: str,
+                       setting: tuple[str, str] | None) -> list[Path]:
+    lines = []
+    for _, r in g.sort_values(["method", "budget"]).iterrows():
+        pc = _per_context(r["run_dir"]).dropna(subset=["length", "tokens_per_s"])
+        if pc["length"].nunique() >= 2:
+            lines.append((r, pc.groupby("length").agg(tps=("tokens_per_s", "mean"), peak=("peak", "max"))))
+    if not lines:
+        return []
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 5), layout="constrained")
+    batch = sorted({int(b) for b in g["batch_size"].dropna()})
+    colours = styles or method_styles(r["method"] for r, _ in lines)
+    budgets = sorted({float(r["budget"]) for r, _ in lines if r["method"] != results.FULL})
+    dashes = ["-", "--", ":", "-."]
+    for r, pc in lines:
+        # One color per method (as in the score figures; full in black, as its star), one line style per
+        # budget: a reader can follow a method across budgets.
+        style = dict(color="black" if r["method"] == results.FULL else colours[r["method"]]["color"], marker="o",
+                     linestyle="-" if r["method"] == results.FULL else dashes[budgets.index(float(r["budget"])) % 4])
+        label = results.point_label(r["method"], r["budget"])
+        a1.plot(pc.index, pc["tps"], label=label, **style)
+        if pc["peak"].notna().any():
+            a2.plot(pc.index, pc["peak"] / GIB, label=label, **style)
+    a1.set_xlabel("context length (tokens)")
+    a1.set_ylabel("decode tokens/s (all sequences of a batch)")
+    a1.set_title("decode throughput")
+    a2.set_xlabel("context length (tokens)")
+    a2.set_ylabel("peak memory while decoding (GiB)")
+    a2.set_title("peak memory (allocated on CUDA, resident on the CPU)")
+    for ax in (a1, a2):
+        ax.grid(alpha=0.3)
+        ax.legend(title="method @ budget", fontsize=7, ncol=2)
+    fig.suptitle(f"Throughput and memory against context length: {model}, {task} runs "
+                 f"(query-agnostic, batch size {', '.join(map(str, batch))})"
+                 + (f"\nsetting [{setting[0]}]: {setting[1]}" if setting else ""))
+    return _save(fig, out, f"throughput-{slug(model)}" + (f"-{setting[0]}" if setting else ""))
 
 
 def bench_plots(bench_root: Path, out: Path) -> list[Path]:
@@ -300,8 +346,9 @@ def make_all(root: str | Path = "results", out: str | Path | None = None, ratio:
     out = Path(out) if out else root / "plots"
     df = leaderboard.newest(leaderboard.collect(root) if df is None else df)
     folders = df[df["run_dir"].notna()]  # rows from earlier tables have no traces (their samples may be stored)
-    makers = {"score": lambda: score_vs_ratio(df, out, ratio), "niah": lambda: niah_heatmaps(df, out, drop),
-              "kv-steps": lambda: kv_over_steps(folders, out), "throughput": lambda: throughput(folders, out)}
+    styles = method_styles(df[df["status"] == "complete"]["method"])  # a method's colour in every figure
+    makers = {"score": lambda: score_vs_ratio(df, out, ratio, styles, drop), "niah": lambda: niah_heatmaps(df, out, drop),
+              "kv-steps": lambda: kv_over_steps(folders, out), "throughput": lambda: throughput(folders, out, styles)}
     paths = []
     for kind in kinds:
         if kind == "bench":

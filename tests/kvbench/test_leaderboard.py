@@ -915,3 +915,127 @@ def test_a_recorded_run_with_stored_samples_is_scored_as_a_folder_is_now(tmp_pat
     row = lb.earlier(tmp_path / "t" / "leaderboard.json", drop).iloc[0]
     assert (row["score_lo"], row["score_hi"], row["n_samples"]) == (fresh["score_lo"], fresh["score_hi"], 27)
     assert row["score"] == pytest.approx(fresh["score"])
+
+
+def _drawn(monkeypatch) -> dict:
+    """Stand in for ``plots._save``: each figure's axes (lines and collections) by file stem, nothing written."""
+    figures = {}
+
+    def keep(fig, out, name):
+        figures[name] = fig.axes
+        return [Path(out) / f"{name}.png"]
+    monkeypatch.setattr(plots, "_save", keep)
+    return figures
+
+
+def test_a_method_keeps_its_colour_and_marker_in_every_score_figure(tmp_path, monkeypatch):
+    """A reader follows a method from one task's figure to the next by its colour: a colour given by the method's
+    place among the methods of one figure made beta blue on RULER, where alpha did not run, and orange on NIAH."""
+    import matplotlib.colors as mcolors
+    for task, methods in (("niah", ("alpha", "beta", "gamma")), ("ruler", ("beta", "gamma"))):
+        make_run(tmp_path, "full", 1.0, "query-agnostic", 100.0, 1.03, task=task)
+        for m in methods:
+            for budget in (0.25, 0.5):
+                make_run(tmp_path, m, budget, "query-agnostic", 40.0 + 10 * budget, budget, task=task)
+    drawn = _drawn(monkeypatch)
+    plots.score_vs_ratio(lb.newest(lb.collect(tmp_path)), tmp_path / "plots")
+    styles = {}
+    for name, axes in drawn.items():
+        for line in axes[0].get_lines():
+            if line.get_label() in ("alpha", "beta", "gamma"):
+                styles.setdefault(line.get_label(), set()).add(
+                    (mcolors.to_hex(line.get_color()), line.get_marker()))
+    assert set(styles) == {"alpha", "beta", "gamma"} and len(drawn) == 2
+    assert all(len(s) == 1 for s in styles.values()), styles  # one style per method across the figures
+    assert len({next(iter(s)) for s in styles.values()}) == 3  # and no two methods share one
+
+
+def test_a_method_with_one_point_shows_its_interval(tmp_path, monkeypatch):
+    """A band needs two points: a method measured at one budget (a codec at 1.0, fidelity's stepwise setting) drew
+    no interval at all under a title promising 95% intervals; it gets a bar from its lower to its upper bound."""
+    from matplotlib.collections import LineCollection
+    make_run(tmp_path, "full", 1.0, "query-agnostic", 100.0, 1.03)
+    make_run(tmp_path, "alpha", 0.25, "query-agnostic", 50.0, 0.25, lengths=(1000, 2000, 3000))
+    df = lb.newest(lb.collect(tmp_path))
+    # the samples all score 50: give the run a known interval to look for
+    df.loc[df["method"] == "alpha", ["score_lo", "score_hi"]] = [35.0, 62.0]
+    drawn = _drawn(monkeypatch)
+    plots.score_vs_ratio(df, tmp_path / "plots")
+    (axes,) = drawn.values()
+    bars = [seg for c in axes[0].collections if isinstance(c, LineCollection) for seg in c.get_segments()]
+    spans = {(round(float(s[0][0]), 6), *sorted(round(float(y), 6) for y in (s[0][1], s[-1][1]))) for s in bars}
+    assert (0.25, 35.0, 62.0) in spans, spans
+
+
+def test_niah_grids_and_memory_traces_of_two_settings_are_not_one_figure(tmp_path, monkeypatch):
+    """Two settings of one task (NIAH at other lengths, fidelity stepwise or not) measure different things: their
+    heatmaps and KV traces were drawn into one figure per budget, two panels or lines of one name ("alpha @ 0.25")
+    that a reader cannot tell apart. A figure per setting, named and titled by what sets it apart."""
+    for sub, params, lengths in (("a", {"haystack": "x"}, (1000, 2000)),
+                                 ("b", {"haystack": "x", "needle": "y"}, (1000, 2000, 3000))):
+        for method, budget, score, ratio in (("full", 1.0, 100.0, 1.03), ("alpha", 0.25, 40.0, 0.25)):
+            make_run(tmp_path, method, budget, "query-agnostic", score, ratio, task_params=params, lengths=lengths,
+                     kv_steps=True)
+    df = lb.newest(lb.collect(tmp_path))
+    assert df["setting"].nunique() == 2
+    drawn = _drawn(monkeypatch)
+    plots.niah_heatmaps(df, tmp_path / "plots")
+    plots.kv_over_steps(df, tmp_path / "plots")
+    plots.throughput(df, tmp_path / "plots")
+    heat = {n: a for n, a in drawn.items() if n.startswith("niah-")}
+    steps = {n: a for n, a in drawn.items() if n.startswith("kv-steps-")}
+    speed = {n: a for n, a in drawn.items() if n.startswith("throughput-")}
+    assert len([n for n in heat if "budget0.25" in n]) == 2 and len(steps) == 2 and len(speed) == 2, sorted(drawn)
+    for name, axes in heat.items():
+        titles = [ax.get_title() for ax in axes if ax.get_title()]
+        assert len(titles) == len(set(titles)), (name, titles)
+    for name, axes in {**steps, **speed}.items():
+        labels = [line.get_label() for line in axes[0].get_lines()]
+        assert sorted(labels) == ["alpha @ 0.25", "full"], (name, labels)
+
+
+def test_throughput_figures_of_two_models_are_both_drawn(tmp_path):
+    for model in ("tiny-model", "other-model"):
+        for method, budget, ratio in (("full", 1.0, 1.03), ("alpha", 0.25, 0.25)):
+            make_run(tmp_path, method, budget, "query-agnostic", 50.0, ratio, model=model)
+    written = plots.make_all(tmp_path, tmp_path / "plots", kinds=("throughput",))
+    assert {p.stem for p in written} == {"throughput-tiny-model", "throughput-other-model"}
+
+
+def test_the_html_tables_say_what_the_markdown_says_of_ranks_and_unfinished_runs(board, tmp_path):
+    """leaderboard.html and the report showed `=1 [..]` with no word on what a rank or `=` means, and said nothing of
+    the unfinished runs they leave out, where leaderboard.md says both."""
+    df = lb.collect(board)
+    lb.write(df, tmp_path / "out")
+    page = report.build(board, tmp_path / "r.html", tmp_path / "plots", make_plots=False).read_text()
+    for text in ((tmp_path / "out" / "leaderboard.html").read_text(), page):
+        assert "lies wholly above" in text and "<code>=</code>: a rank shared" in text
+        assert "1 unfinished run(s) are left out of the tables: niah-gamma-0.25" in text
+    assert "1 unfinished run(s) are left out of the tables: niah-gamma-0.25" in lb.render_markdown(df)
+
+
+def test_table_numbers_just_under_a_thousand_are_not_printed_in_exponent_notation():
+    """Three significant digits printed 999.7 decode tokens/s as '1e+03' in the tables."""
+    frame = lb._fmt_frame(pd.DataFrame({"decode tok/s": [999.7, 999.4, 1234.5, 0.0189]}))
+    assert list(frame["decode tok/s"]) == ["1000", "999", "1234", "0.0189"]
+
+
+def test_the_reports_pairs_header_says_what_a_pair_compares(board, tmp_path):
+    """Since pairs compare the two scores' own statistic (a macro average's parts, AIME's problems), the report's
+    header calling each entry the 'mean per-sample difference' was wrong for RULER and LongBench."""
+    page = report.build(board, tmp_path / "r.html", tmp_path / "plots", make_plots=False).read_text()
+    assert "mean per-sample difference" not in page
+    assert "the difference of their headline scores over the samples both ran, as the score averages them" in page
+
+
+def test_figures_scored_without_some_samples_say_so(board, tmp_path, monkeypatch):
+    """`--drop length=...` scores every run without those samples: the score figures and NIAH grids drawn from those
+    scores said nothing of it (results/qwen's query-aware NIAH figure is titled lengths=[..., 31744], which no point
+    on it measured)."""
+    drop = [("length", "2000")]
+    drawn = _drawn(monkeypatch)
+    plots.make_all(board, tmp_path / "plots", df=lb.collect(board, drop), kinds=("score", "niah"), drop=drop)
+    titles = {n: axes[0].get_title() if n.startswith("score-") else axes[0].figure.get_suptitle()
+              for n, axes in drawn.items()}
+    assert any(n.startswith("score-") for n in titles) and any(n.startswith("niah-") for n in titles)
+    assert all("Samples left out of every run: length=2000." in t for t in titles.values()), titles
