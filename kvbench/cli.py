@@ -76,15 +76,30 @@ def list_cmd(what):
             if name in ("methods", "tasks"):
                 try:
                     cls = registry.load(table, name[:-1], key)
-                    fields = [f"{f.name}={f.default!r}" for f in dataclasses.fields(cls)
-                              if f.name not in ("budget", "name") and f.default is not dataclasses.MISSING]
+                    fields = []
+                    for f in dataclasses.fields(cls):
+                        if f.name in ("budget", "name"):
+                            continue
+                        if f.default is not dataclasses.MISSING:
+                            fields.append(f"{f.name}={f.default!r}")
+                        elif f.default_factory is not dataclasses.MISSING:  # adakv's scorer, NIAH's lengths
+                            fields.append(f"{f.name}={f.default_factory()!r}")
+                    if what is None:  # the overview: one short line each, cut between fields, never inside a value
+                        shown = []
+                        for field in fields:
+                            if len(field) > 60:  # a long value (a needle, a list of subsets): its name only
+                                field = field.split("=", 1)[0] + "=..."
+                            if len(f"  {key}  " + ", ".join(shown + [field]) + ", ...") > 160:
+                                shown.append("...")
+                                break
+                            shown.append(field)
+                        fields = shown
                     detail = "  " + ", ".join(fields)
                 except Exception as e:  # a broken entry is shown, not hidden
                     detail = f"  (cannot load: {e})"
             else:
                 detail = f"  {table[key]}"
-            line = f"  {key}{detail}"
-            click.echo(line if len(line) <= 160 else line[:157] + "...")
+            click.echo(f"  {key}{detail}")
 
 
 @main.command()
