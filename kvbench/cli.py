@@ -243,7 +243,7 @@ def leaderboard(root, out, model, task, protocol, budget, levels, drop, tables, 
 @click.option("--task", default=None, help="only this task")
 @click.option("--out", default=None, help="also write the tables to this markdown file")
 @click.option("--matched-memory", is_flag=True,
-              help="compare runs of different budgets whose measured KV ratios are within 5%% of each other "
+              help="compare runs of different budgets whose measured KV ratios are within 5% of each other "
                    "(a composition against an evictor at its bytes), instead of methods at one kept fraction")
 @_DROP
 @_WITH

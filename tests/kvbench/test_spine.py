@@ -309,3 +309,19 @@ def test_list_shows_every_parameter_and_never_cuts_a_value():
         if line.endswith("..."):
             assert line.endswith(", ...") or line.endswith("=..."), line
     assert "keep=0.1..." not in res.output
+
+
+def test_help_texts_print_as_written():
+    """click does not %-format help texts: a '%%' reaches the reader as is (pairs --matched-memory said '5%%')."""
+    import click
+
+    def walk(cmd, path):
+        yield path
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                yield from walk(sub, path + [name])
+
+    for path in walk(main, []):
+        res = CliRunner().invoke(main, path + ["--help"])
+        assert res.exit_code == 0, (path, res.output)
+        assert "%%" not in res.output, (path, res.output)
