@@ -107,7 +107,8 @@ def list_cmd(what):
 @click.option("--task", required=True, help="benchmark task (kvbench list tasks)")
 @click.option("--budget", default="1.0", show_default=True, help="fraction of the KV kept (0-1], or tokens per head")
 @click.option("--model", default="smollm2-135m", show_default=True, help="HF id, local dir, .gguf file or alias")
-@click.option("--random-weights", is_flag=True, help="untrained model of a preset's shape (kvbench list presets)")
+@click.option("--random-weights", is_flag=True, help="refused: a preset's untrained model has no tokenizer, so no task runs "
+              "on it (random-weight shapes: kvbench bench --preset, kvbench list presets)")
 @click.option("--trust-remote-code", is_flag=True, help="allow a model's own Python code from the hub (off by default)")
 @click.option("--method-arg", "-m", multiple=True, help="method parameter key=value (repeatable)")
 @click.option("--task-arg", "-t", multiple=True, help="task parameter key=value (repeatable)")
