@@ -76,15 +76,30 @@ def list_cmd(what):
             if name in ("methods", "tasks"):
                 try:
                     cls = registry.load(table, name[:-1], key)
-                    fields = [f"{f.name}={f.default!r}" for f in dataclasses.fields(cls)
-                              if f.name not in ("budget", "name") and f.default is not dataclasses.MISSING]
+                    fields = []
+                    for f in dataclasses.fields(cls):
+                        if f.name in ("budget", "name"):
+                            continue
+                        if f.default is not dataclasses.MISSING:
+                            fields.append(f"{f.name}={f.default!r}")
+                        elif f.default_factory is not dataclasses.MISSING:  # adakv's scorer, NIAH's lengths
+                            fields.append(f"{f.name}={f.default_factory()!r}")
+                    if what is None:  # the overview: one short line each, cut between fields, never inside a value
+                        shown = []
+                        for field in fields:
+                            if len(field) > 60:  # a long value (a needle, a list of subsets): its name only
+                                field = field.split("=", 1)[0] + "=..."
+                            if len(f"  {key}  " + ", ".join(shown + [field]) + ", ...") > 160:
+                                shown.append("...")
+                                break
+                            shown.append(field)
+                        fields = shown
                     detail = "  " + ", ".join(fields)
                 except Exception as e:  # a broken entry is shown, not hidden
                     detail = f"  (cannot load: {e})"
             else:
                 detail = f"  {table[key]}"
-            line = f"  {key}{detail}"
-            click.echo(line if len(line) <= 160 else line[:157] + "...")
+            click.echo(f"  {key}{detail}")
 
 
 @main.command()
@@ -92,7 +107,8 @@ def list_cmd(what):
 @click.option("--task", required=True, help="benchmark task (kvbench list tasks)")
 @click.option("--budget", default="1.0", show_default=True, help="fraction of the KV kept (0-1], or tokens per head")
 @click.option("--model", default="smollm2-135m", show_default=True, help="HF id, local dir, .gguf file or alias")
-@click.option("--random-weights", is_flag=True, help="untrained model of a preset's shape (kvbench list presets)")
+@click.option("--random-weights", is_flag=True, help="refused: a preset's untrained model has no tokenizer, so no task runs "
+              "on it (random-weight shapes: kvbench bench --preset, kvbench list presets)")
 @click.option("--trust-remote-code", is_flag=True, help="allow a model's own Python code from the hub (off by default)")
 @click.option("--method-arg", "-m", multiple=True, help="method parameter key=value (repeatable)")
 @click.option("--task-arg", "-t", multiple=True, help="task parameter key=value (repeatable)")
@@ -228,7 +244,7 @@ def leaderboard(root, out, model, task, protocol, budget, levels, drop, tables, 
 @click.option("--task", default=None, help="only this task")
 @click.option("--out", default=None, help="also write the tables to this markdown file")
 @click.option("--matched-memory", is_flag=True,
-              help="compare runs of different budgets whose measured KV ratios are within 5%% of each other "
+              help="compare runs of different budgets whose measured KV ratios are within 5% of each other "
                    "(a composition against an evictor at its bytes), instead of methods at one kept fraction")
 @_DROP
 @_WITH

@@ -9,8 +9,9 @@ codec's store after eviction, measured as always.
 
 Any eviction method (a method whose store is the plain ``RaggedKV``, i.e. that only chooses tokens) composes
 with any codec whose class sets ``token_codec = True`` and whose stores implement ``decoded_view``.
-Parameters are routed by name: ``-m window=64`` goes to whichever part has a field ``window`` (``-m
-kvcar.window=...`` names the part when both have it); the budget is the eviction method's.
+Parameters are routed by name: ``-m window=64`` goes to whichever part has a field ``window``; a name both
+parts have must name its part (``random+kvcar``: ``-m random.seed=1`` or ``-m kvcar.seed=1``); the budget is the
+eviction method's.
 """
 from __future__ import annotations
 

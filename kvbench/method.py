@@ -1,7 +1,7 @@
 """The method extension point.
 
 A method is a dataclass whose fields are its parameters (with its paper's defaults). The base class gives
-it four hooks, all optional:
+it five hooks, all optional:
 
 - ``prepare(lm)``: once per engine, with the loaded model (weights a method trained for that model);
 - ``new_store(layer, batch, heads, head_dim, dtype, device)``: the store a layer uses (``RaggedKV`` unless

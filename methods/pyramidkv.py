@@ -16,6 +16,9 @@ window (SnapKV's uniform budget) when ``T < 2 * base``. The whole budget, window
 ``X = T * budget``: ``min = X / beta``, ``max = 2X - min`` (clipped as above); layer ``l`` keeps
 ``round(max - l * (max - min) / (layers - 1))`` tokens, window included; uniform ``max(1, round(X))``
 when not ``T >= max >= min >= window`` (so whenever ``X / beta < window``).
+
+Choices: the scores are ``snapkv``'s, with its choices and defaults (window 32, average pooling over 5; scores
+averaged over the query heads of a KV head; with chunked prefill each chunk's own last queries are the window).
 """
 from dataclasses import dataclass, field
 

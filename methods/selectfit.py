@@ -1,7 +1,7 @@
 """``selectfit``: attention-score eviction, then a least-squares fit of the kept values.
 
 The Select+Fit baseline of Jiang and Jin, "KVSculpt: KV Cache Compression as Distillation" (arXiv
-2603.27819): keep the tokens the observation window attends to most (scored as SnapKV scores them), then
+2603.27819; no official code): keep the tokens the observation window attends to most (scored as SnapKV scores them), then
 replace the values of the kept tokens by the ridge least-squares solution that best reproduces, for a set
 of target queries, the attention output the whole cache gave them. Keys stay the selected original keys.
 

@@ -10,8 +10,8 @@ Two modes, as in the official ``run_scbench.py``:
   ``multiturn_templates`` entry: the context and the first question in one prompt, prefilled (and so
   compressed) together as the official ``GreedySearch.test`` does, so a query-aware compressor sees turn 1's
   question (``Sample.context_ids`` holds the whole first prompt). ``query_agnostic=True`` compresses the
-  context alone and appends the first question afterwards (then the harness's ``--protocol`` decides, as for
-  single-query tasks). Every follow-up is a new user message after the previous turn's GOLDEN answer
+  context alone and appends the first question afterwards (then the run's protocol decides, ``kvbench run
+  --query-aware`` or not, as for single-query tasks). Every follow-up is a new user message after the previous turn's GOLDEN answer
   as the assistant message (``{pre_ans}`` in the official follow-up templates). Here each follow-up's
   ``question_ids`` begins with the previous golden answer and the chat template's end-of-turn text, so the
   engine must drop what it generated for a turn before feeding the next turn (``Turn.answer_ids`` stays None:

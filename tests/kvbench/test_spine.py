@@ -289,3 +289,39 @@ def test_a_task_without_samples_or_score_cannot_be_built():
 
     with pytest.raises(TypeError, match="score"):
         NoScore()
+
+
+def test_list_shows_every_parameter_and_never_cuts_a_value():
+    """`kvbench list` is where the README sends a newcomer for the -m/-t keys: fields with a default factory
+    (adakv's scorer, NIAH's lengths) are listed, `kvbench list methods` prints every field, and the overview's
+    long lines are cut between fields (deltakv's keep=0.15 once printed as "keep=0.1...")."""
+    res = CliRunner().invoke(main, ["list", "methods"])
+    assert res.exit_code == 0
+    lines = {line.split()[0]: line for line in res.output.splitlines() if line.startswith("  ")}
+    assert "scorer=" in lines["adakv"]
+    assert "keep=0.15" in lines["deltakv"] and "random_init=False" in lines["deltakv"]
+    assert "adaptive=False" in lines["selectfit"] and "adaptive=False" in lines["kvsculpt"]
+    res = CliRunner().invoke(main, ["list", "tasks"])
+    lines = {line.split()[0]: line for line in res.output.splitlines() if line.startswith("  ")}
+    assert "lengths=[1024, 2048]" in lines["niah"] and "style='kvbench'" in lines["niah"]
+    res = CliRunner().invoke(main, ["list"])
+    for line in res.output.splitlines():
+        if line.endswith("..."):
+            assert line.endswith(", ...") or line.endswith("=..."), line
+    assert "keep=0.1..." not in res.output
+
+
+def test_help_texts_print_as_written():
+    """click does not %-format help texts: a '%%' reaches the reader as is (pairs --matched-memory said '5%%')."""
+    import click
+
+    def walk(cmd, path):
+        yield path
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                yield from walk(sub, path + [name])
+
+    for path in walk(main, []):
+        res = CliRunner().invoke(main, path + ["--help"])
+        assert res.exit_code == 0, (path, res.output)
+        assert "%%" not in res.output, (path, res.output)
