@@ -687,7 +687,9 @@ def write(df: pd.DataFrame, out: str | Path = "results", ratio: str = "prefill",
                         f"<style>{PAGE_STYLE}</style></head><body><h1>kvbench leaderboard</h1>"
                         + (f"<p>{_esc(note)}</p>" if note else "")
                         + f"{render_html_tables(df, ratio, levels)}</body></html>\n")
-    with results.atomic_path(paths[4]) as tmp, gzip.GzipFile(tmp, "wb", mtime=0) as f:  # mtime 0: same bytes
+    # the same rows, the same bytes: no time and no (temporary) file name in the gzip header
+    with results.atomic_path(paths[4]) as tmp, open(tmp, "wb") as raw, \
+            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as f:
         for _, row in df[df["status"] != "unreadable"].iterrows():
             samples = row_samples(row)
             if samples is not None:

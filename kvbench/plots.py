@@ -50,15 +50,20 @@ def _save(fig, out: Path, name: str) -> list[Path]:
 
 
 MARKERS = ("o", "s", "^", "D")
+# tab20's ten dark colours, their light twins, then eight of hues tab20 lacks (navy, dark red, magenta, black,
+# dark turquoise, olive, indigo, lime): 28 told apart
+PALETTE = ([plt.get_cmap("tab20")(2 * k) for k in range(10)] + [plt.get_cmap("tab20")(2 * k + 1) for k in range(10)]
+           + ["#000080", "#8b0000", "#ff00ff", "#000000", "#00ced1", "#808000", "#4b0082", "#7cfc00"])
 
 
 def method_styles(methods) -> dict[str, dict]:
     """A colour and marker per method (``full`` aside: the black star), by its place among ``methods`` sorted: given
-    every method the figures show, a method looks the same in each figure, whichever others ran that task. The
-    colour cycle repeats after ten methods: the marker tells the eleventh from the first."""
+    every method the figures show, a method looks the same in each figure, whichever others ran that task.
+    ``PALETTE``'s 28 colours, then the marker tells the 29th from the first: with ten colours the Qwen figures
+    (23 methods) drew snapkv and compresskv, side by side at the top, in one orange."""
     names = sorted({str(m) for m in methods} - {results.FULL})
-    cycle = plt.get_cmap("tab10")
-    return {m: {"color": cycle(i % 10), "marker": MARKERS[i // 10 % len(MARKERS)]} for i, m in enumerate(names)}
+    return {m: {"color": PALETTE[i % len(PALETTE)], "marker": MARKERS[i // len(PALETTE) % len(MARKERS)]}
+            for i, m in enumerate(names)}
 
 
 def _ratio_label(ratio: str) -> str:

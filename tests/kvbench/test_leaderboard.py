@@ -1039,3 +1039,30 @@ def test_figures_scored_without_some_samples_say_so(board, tmp_path, monkeypatch
               for n, axes in drawn.items()}
     assert any(n.startswith("score-") for n in titles) and any(n.startswith("niah-") for n in titles)
     assert all("Samples left out of every run: length=2000." in t for t in titles.values()), titles
+
+
+def test_folding_the_same_runs_again_writes_the_same_bytes(board, tmp_path):
+    """A table folded again from the same runs is the same file, the samples' gzip too: its header held the
+    temporary file's name (with the process id), so every fold changed a 2 MB binary in the repository for
+    nothing. The second fold runs in a process of its own."""
+    import subprocess
+    import sys
+    outs = [tmp_path / "a", tmp_path / "b"]
+    res = CliRunner().invoke(main, ["leaderboard", "--root", str(board), "--out", str(outs[0])])
+    assert res.exit_code == 0, res.output
+    proc = subprocess.run([sys.executable, "-c", "from kvbench.cli import main; main()", "leaderboard", "--root",
+                           str(board), "--out", str(outs[1])], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for f in (lb.SAMPLES_FILE, "leaderboard.json", "leaderboard.md", "leaderboard.csv", "leaderboard.html"):
+        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
+
+
+def test_the_qwen_tables_methods_get_a_colour_each():
+    """The Qwen tables hold 23 methods: with ten colours, methods ten apart (snapkv and compresskv, at the top
+    of the RULER figure) shared one; 28 colours tell them all apart, the marker any more."""
+    from kvbench.plots import method_styles
+    styles = method_styles([f"m{i:02d}" for i in range(30)] + ["full"])
+    assert "full" not in styles
+    colours = [tuple(styles[f"m{i:02d}"]["color"]) for i in range(30)]
+    assert len(set(colours[:28])) == 28
+    assert len({(tuple(v["color"]), v["marker"]) for v in styles.values()}) == 30
