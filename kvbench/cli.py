@@ -116,7 +116,7 @@ def list_cmd(what):
 @click.option("--prefill-chunk", type=int, default=None, help="prefill (and compress) the context N tokens at a time")
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--data", default=None, help="local data path for the task (official schema)")
-@click.option("--limit", type=int, default=None, help="first N samples only")
+@click.option("--limit", type=int, default=None, help="first N samples only (of each part of a multi-part task: LongBench subsets, RULER tasks)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
