@@ -63,7 +63,7 @@ class NIAH(Task):
     question: str = "What is the best thing to do in San Francisco?"
     answer: str = "eat a sandwich and sit in Dolores Park on a sunny day"
     key_phrase: str = "Dolores Park"
-    max_new_tokens: int = 48
+    max_new_tokens: int = field(default=48, metadata=in_range(1))
     style: str = "kvbench"  # or "original" (Kamradt's test: see the module docstring)
 
     def samples(self, tokenizer, ctx: TaskContext) -> list[Sample]:

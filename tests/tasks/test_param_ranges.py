@@ -19,6 +19,8 @@ from kvbench.task import TaskContext, TaskError
     ("fidelity", {"context_len": "0"}, "context_len=0: must be >= 1"),
     ("fidelity", {"continuation_len": "0"}, "continuation_len=0: must be >= 1"),
     ("fidelity", {"n_samples": "0"}, "n_samples=0: must be >= 1"),
+    ("niah", {"max_new_tokens": "0"}, "max_new_tokens=0: must be >= 1"),  # was: empty answers, scored 0
+    ("aime24", {"max_new_tokens": "0"}, "max_new_tokens=0: must be >= 1"),
     ("ruler", {"n_per_task": "0"}, "n_per_task=0: must be >= 1"),  # was: "no samples ...: check the data"
 ])
 def test_parameters_that_make_no_sample_are_refused(task, params, message):
