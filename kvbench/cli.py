@@ -116,7 +116,7 @@ def list_cmd(what):
 @click.option("--prefill-chunk", type=int, default=None, help="prefill (and compress) the context N tokens at a time")
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--data", default=None, help="local data path for the task (official schema)")
-@click.option("--limit", type=int, default=None, help="first N samples only")
+@click.option("--limit", type=int, default=None, help="first N samples only (of each part of a multi-part task: LongBench subsets, RULER tasks)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
@@ -405,7 +405,11 @@ def bench(preset, model, contexts, batches, methods, budgets, new_tokens, larges
 def _budget(text: str):
     from kvbench.method import BudgetError, parse_budget
     try:
-        return parse_budget(text)
+        budget = parse_budget(text)
+        if isinstance(budget, int) and any(c in str(text) for c in ".eE"):  # 2.0: a fraction mistyped, not 2 tokens
+            raise BudgetError(f"budget {text} is above 1 as a fraction: give a fraction in (0, 1] such as 0.25, or a "
+                              f"token count as a whole number without a decimal point, such as {budget}")
+        return budget
     except (BudgetError, ValueError) as e:
         fail(str(e) if isinstance(e, BudgetError) else f"budget '{text}' is not a number: give e.g. 0.25 or 512")
 

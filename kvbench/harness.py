@@ -115,7 +115,19 @@ def task_samples(task, tokenizer, window: int, cfg: RunConfig) -> list[Sample]:
     if dup:
         raise TaskError(f"task {cfg.task} gave {len(dup)} samples an id that another sample has (first: "
                         f"{dup[0]}); each record would count twice: make the task's parameters distinct")
+    if isinstance(cfg.budget, int) and not isinstance(cfg.budget, bool) and registry.uses_budget(cfg.method):
+        longest = max(_sequence_tokens(s) for s in samples)
+        if cfg.budget >= longest:  # a method at this budget is the full cache under another name
+            raise TaskError(f"budget {cfg.budget} tokens holds every sample whole (the longest is {longest} tokens: "
+                            "context, question and answer): nothing would be compressed; give a smaller token count "
+                            "or a fraction such as 0.25")
     return samples
+
+
+def _sequence_tokens(s: Sample) -> int:
+    """Every token a sample can put in the cache: context, question, answer, teacher-forced continuation, turns."""
+    return (len(s.context_ids) + len(s.question_ids) + s.max_new_tokens + len(s.continuation_ids or [])
+            + sum(len(t.question_ids) + t.max_new_tokens + len(t.answer_ids or []) for t in s.turns))
 
 
 def run(cfg: RunConfig, lm: LoadedModel | None = None, progress: bool = True,

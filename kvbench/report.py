@@ -87,6 +87,8 @@ def build(root: str | Path = "results", out: str | Path | None = None, plots_dir
     plots_dir = Path(plots_dir) if plots_dir else root / "plots"
     bench_root = Path(bench_root) if bench_root else root / "bench"
     benches = bench_files(bench or ([bench_root] if bench_root.is_dir() else []))  # a wrong path: before any work
+    if not (root / "runs").is_dir() and not tables and not benches:  # a mistyped --root: not an empty page, exit 0
+        raise results.ResultsError(f"no runs under {root / 'runs'} (nor --with tables or bench results): check --root")
     df = leaderboard.newest(leaderboard.collect(root, drop, tables))
     if make_plots:
         plots.make_all(root, plots_dir, ratio, df=df, bench_root=bench_root, drop=drop)

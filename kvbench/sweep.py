@@ -75,6 +75,20 @@ def load_config(path: str | Path, methods: tuple[str, ...] = (), plan: bool = Fa
             cfg[key] = [cfg[key]]
     if isinstance(cfg["tasks"], list):
         cfg["tasks"] = {name: {} for name in cfg["tasks"]}
+    method_params = cfg.get("method_params") or {}
+    if not isinstance(method_params, dict):
+        raise TaskError(f"{path}: 'method_params' maps method names to their parameters")
+    # A misspelt name would be ignored: its method or task would run with the defaults (NIAH on the built-in
+    # filler, not the essays). A known method or task the sweep does not run is kept (a config copied from
+    # another, or methods left out by --methods).
+    known = {"method_params": lambda k: all(part in registry.METHODS for part in str(k).split("+")),
+             "data": lambda k: k in registry.TASKS}
+    for key, names, what in (("method_params", cfg["methods"], "methods"), ("data", cfg["tasks"], "tasks")):
+        given = cfg.get(key)
+        stray = sorted(str(k) for k in given if k not in names and not known[key](k)) if isinstance(given, dict) else []
+        if stray:
+            raise TaskError(f"{path}: {key} names '{stray[0]}', which is neither one of its {what} "
+                            f"({', '.join(map(str, names))}) nor a known one; fix the name or remove the entry")
     if methods:
         absent = [m for m in methods if m not in cfg["methods"]]
         if absent:
@@ -83,9 +97,6 @@ def load_config(path: str | Path, methods: tuple[str, ...] = (), plan: bool = Fa
     for proto in cfg["protocols"]:
         if proto not in PROTOCOLS:
             raise TaskError(f"{path}: unknown protocol '{proto}' (use {', '.join(PROTOCOLS)})")
-    method_params = cfg.get("method_params") or {}
-    if not isinstance(method_params, dict):
-        raise TaskError(f"{path}: 'method_params' maps method names to their parameters")
     from kvbench.models import check_exists
     for spec in cfg["models"]:
         check_exists(str(spec))  # a path that is not there fails now, not once per point

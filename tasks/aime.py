@@ -25,13 +25,14 @@ url), or a folder holding one (directly or under ``aime24/`` / ``aime25/``); els
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 from kvbench.task import Sample, Task, TaskContext, TaskError, build_prompt, hub_dataset
 
 from kvbench.io import find_file, read_records
+from kvbench.method import in_range
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -134,7 +135,7 @@ class AIME(Task):
     year: int = 2024
     n_samples: int = 1  # generations per problem (pass@1 is averaged over them)
     temperature: float = 0.0  # 0 = greedy; > 0 the harness samples (task.temperature)
-    max_new_tokens: int = 8192
+    max_new_tokens: int = field(default=8192, metadata=in_range(1))
 
     def __post_init__(self):
         self.year, self.n_samples = int(self.year), int(self.n_samples)

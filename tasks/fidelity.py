@@ -25,6 +25,7 @@ import torch
 
 from kvbench.task import ADDED_LATER, LOGPROBS, Sample, Task, TaskContext, TaskError
 from kvbench.io import load_texts
+from kvbench.method import in_range
 
 
 def stdlib_prose(max_chars: int = 2_000_000) -> str:
@@ -51,9 +52,9 @@ def stdlib_prose(max_chars: int = 2_000_000) -> str:
 class Fidelity(Task):
     name: str = "fidelity"
     kind: ClassVar[str] = LOGPROBS
-    context_len: int = 2048
-    continuation_len: int = 256
-    n_samples: int = 8
+    context_len: int = field(default=2048, metadata=in_range(1))
+    continuation_len: int = field(default=256, metadata=in_range(1))
+    n_samples: int = field(default=8, metadata=in_range(1))
     source: str | None = None
     stepwise: bool = field(default=False, metadata=ADDED_LATER)  # runs before it existed were teacher-forced
     # Runs before 2026-12-04 (commit 0e497c7) scored tokens 2..T, leaving out the first, whose prediction is the

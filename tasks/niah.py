@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kvbench.io import load_texts, text_files
+from kvbench.method import in_range
 from kvbench.task import Sample, Task, TaskContext, TaskError, build_prompt, summarize_mean
 from kvbench.tasks.metrics import rouge1_recall
 
@@ -55,14 +56,14 @@ def _depth_id(depth: float) -> str:
 @dataclass
 class NIAH(Task):
     name: str = "niah"
-    lengths: list[int] = field(default_factory=lambda: [1024, 2048])
-    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    lengths: list[int] = field(default_factory=lambda: [1024, 2048], metadata=in_range(1))
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], metadata=in_range(0, 1))
     haystack: str | None = None
     needle: str = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
     question: str = "What is the best thing to do in San Francisco?"
     answer: str = "eat a sandwich and sit in Dolores Park on a sunny day"
     key_phrase: str = "Dolores Park"
-    max_new_tokens: int = 48
+    max_new_tokens: int = field(default=48, metadata=in_range(1))
     style: str = "kvbench"  # or "original" (Kamradt's test: see the module docstring)
 
     def samples(self, tokenizer, ctx: TaskContext) -> list[Sample]:
@@ -83,6 +84,9 @@ class NIAH(Task):
         out = []
         for length in self.lengths:
             room = length - len(needle) - len(tokenizer.encode(suffix, add_special_tokens=False)) - 32
+            if room <= 0:  # hay[:room] would take nearly the whole haystack, not an empty one
+                raise TaskError(f"NIAH length {length} leaves no room for a haystack: the needle, question and prompt "
+                                f"take {length - room} tokens; pick longer lengths with --task-arg lengths=[...]")
             if room > len(hay):
                 raise TaskError(f"haystack has only {len(hay)} tokens, too few for length {length}")
             body = hay[:room]

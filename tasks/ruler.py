@@ -49,6 +49,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+from kvbench.method import in_range
 from kvbench.task import Sample, Task, TaskContext, TaskError, as_names, build_prompt
 
 from .metrics import string_match_all, string_match_part
@@ -497,7 +498,7 @@ class Ruler(Task):
 
     tasks: tuple[str, ...] = RULER_TASKS  # which of the 13 tasks
     lengths: tuple[int, ...] = (4096,)  # total lengths L in tokens (prompt + tokens to generate)
-    n_per_task: int = 25  # samples per task and length
+    n_per_task: int = field(default=25, metadata=in_range(1))  # samples per task and length
     seed: int = 42  # RULER's default random seed
 
     def __post_init__(self):

@@ -182,8 +182,8 @@ def test_bad_inputs_are_one_clear_line(tmp_path, tiny_dir, haystack):
         (base + ["--method", "adakv", "-m", "scorer=nope"], "unknown method 'nope'"),
         # task parameters
         (base + snap + ["-t", "lengths=abc"], "niah parameter lengths='abc'"),
-        (base + snap + ["-t", "lengths=[-3]"], "must be >= 0"),
-        (base + snap + ["-t", "max_new_tokens=-1"], "must be >= 0"),
+        (base + snap + ["-t", "lengths=[-3]"], "must be >= 1"),
+        (base + snap + ["-t", "max_new_tokens=-1"], "must be >= 1"),
         (base + snap + ["-t", "nope=1"], "no parameter 'nope'"),
         # run options
         (base + snap + ["--limit", "0"], "--limit must be at least 1"),
